@@ -1,0 +1,3 @@
+from tabgpt.cli import main
+
+raise SystemExit(main())
