@@ -1,0 +1,725 @@
+"""The only module that talks to WebGPU.
+
+One small async API, two backends chosen automatically:
+- natively, wgpu-py (Vulkan: lavapipe on a CPU, NVIDIA/AMD/Intel drivers on a GPU);
+- in the browser, ``navigator.gpu`` through Pyodide's JS FFI (inside a module Web Worker).
+
+Nothing above this module knows which one runs. The API::
+
+    dev = await open_device()                     # adapter info, features, limits
+    x = dev.buffer(4 * n, "x")                    # storage buffer (also copy src/dst)
+    dev.write(x, data)                            # bytes, memoryview or array.array
+    k = await dev.kernel("selftest.wgsl", "matmul", constants={"TILE": 16})
+    seq = dev.sequence("step")                    # a prebuilt list of dispatches
+    seq.dispatch(k, (gx, gy, 1), a=x, b=y, out=z) # bindings by their WGSL names
+    await seq.build()                             # validation errors raise here
+    seq.run()                                     # submit; no read-back, no wait
+    data = await dev.read(z)                      # bytes
+
+Bindings are matched by the names of the ``var`` declarations in the WGSL file;
+each entry point gets an explicit layout holding only the bindings it uses, so
+one file can hold a forward and a backward entry point with different buffers.
+Bind groups are created once, when the sequence is built, and replayed.
+Natively, coroutines never really suspend, so ``wait(coro)`` runs them without
+an event loop (handy for tests and the CLI).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IN_BROWSER = sys.platform == "emscripten"
+
+# WebGPU's guaranteed defaults: kernels are written for these and ask for more only where granted.
+DEFAULT_LIMITS = {
+    "max-storage-buffer-binding-size": 128 << 20,
+    "max-buffer-size": 256 << 20,
+    "max-compute-workgroup-storage-size": 16384,
+    "max-compute-invocations-per-workgroup": 256,
+    "max-compute-workgroup-size-x": 256,
+    "max-compute-workgroup-size-y": 256,
+    "max-compute-workgroup-size-z": 64,
+    "max-compute-workgroups-per-dimension": 65535,
+    "max-storage-buffers-per-shader-stage": 8,
+    "max-uniform-buffer-binding-size": 65536,
+    "max-bind-groups": 4,
+}
+# Limits worth raising when the adapter grants more (bigger tensors per binding, bigger tiles).
+RAISED_LIMITS = [
+    "max-storage-buffer-binding-size",
+    "max-buffer-size",
+    "max-compute-workgroup-storage-size",
+    "max-compute-invocations-per-workgroup",
+    "max-compute-workgroup-size-x",
+    "max-compute-workgroup-size-y",
+    "max-storage-buffers-per-shader-stage",
+]
+# Optional features, by their WebGPU names; natively wgpu calls subgroups "subgroup".
+WANTED_FEATURES = ["shader-f16", "subgroups", "timestamp-query"]
+
+
+class GPUError(Exception):
+    """A WebGPU error (WGSL compilation, validation, out of memory) with the driver's message."""
+
+
+def wait(coro):
+    """Run a coroutine that never truly suspends (every native call here) to completion."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coro.close()
+    raise RuntimeError("wait() got a coroutine that suspends; await it in an event loop instead")
+
+
+# ---------------------------------------------------------------------------------------------
+# WGSL sources: find files, parse bindings and which entry point uses which binding.
+
+def shader_dir() -> Path:
+    """shaders/ inside the installed wheel, or the repository's shaders/ in a development install."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "shaders", here.parent.parent / "shaders"):
+        if cand.is_dir():
+            return cand
+    raise GPUError(f"no shaders/ folder found next to {here}; reinstall the tabgpt wheel")
+
+
+_BINDING_RE = re.compile(
+    r"@group\(\s*0\s*\)\s*@binding\(\s*(\d+)\s*\)\s*var\s*(<[^>]*>)?\s*(\w+)\s*:")
+_FN_RE = re.compile(r"\bfn\s+(\w+)\s*\(")
+_IDENT_RE = re.compile(r"[A-Za-z_]\w*")
+
+
+@dataclass
+class Binding:
+    index: int
+    name: str
+    kind: str  # "uniform", "read-only-storage" or "storage"
+
+
+def parse_bindings(src: str) -> dict[str, Binding]:
+    out = {}
+    for m in _BINDING_RE.finditer(_strip_comments(src)):
+        space = (m.group(2) or "").replace(" ", "")
+        if space.startswith("<uniform"):
+            kind = "uniform"
+        elif "read_write" in space:
+            kind = "storage"
+        else:
+            kind = "read-only-storage"
+        out[m.group(3)] = Binding(int(m.group(1)), m.group(3), kind)
+    return out
+
+
+def _strip_comments(src: str) -> str:
+    src = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
+    return re.sub(r"//[^\n]*", "", src)
+
+
+def _function_bodies(src: str) -> dict[str, str]:
+    """Map each function name to its body text (brace matched)."""
+    bodies = {}
+    for m in _FN_RE.finditer(src):
+        i = src.find("{", m.end())
+        depth, j = 0, i
+        while j < len(src):
+            c = src[j]
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            j += 1
+        bodies[m.group(1)] = src[i:j + 1]
+    return bodies
+
+
+def used_bindings(src: str, entry: str) -> list[Binding]:
+    """The bindings an entry point reaches, directly or through the functions it calls."""
+    src = _strip_comments(src)
+    bindings = parse_bindings(src)
+    bodies = _function_bodies(src)
+    if entry not in bodies:
+        raise GPUError(f"entry point {entry!r} not found; functions here: {sorted(bodies)}")
+    seen, todo, names = set(), [entry], set()
+    while todo:
+        fn = todo.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        for ident in _IDENT_RE.findall(bodies[fn]):
+            if ident in bodies:
+                todo.append(ident)
+            elif ident in bindings:
+                names.add(ident)
+    return sorted((bindings[n] for n in names), key=lambda b: b.index)
+
+
+def prepare_source(src: str, features: set[str]) -> tuple[str, str]:
+    """Per-backend WGSL differences: the `enable` lines.
+
+    Chrome requires `enable subgroups;` where subgroup builtins are used and the native compiler
+    rejects it; `enable f16;` is needed by both where f16 is used. Returns (code, missing feature or "").
+    """
+    lines = []
+    missing = ""
+    for line in src.splitlines():
+        s = line.strip()
+        if s.startswith("enable ") and s.endswith(";"):
+            ext = s[len("enable "):-1].strip()
+            if ext == "subgroups":
+                if "subgroups" not in features:
+                    missing = "subgroups"
+                if not IN_BROWSER:
+                    line = "// " + line
+            elif ext == "f16" and "shader-f16" not in features:
+                missing = "shader-f16"
+        lines.append(line)
+    return "\n".join(lines) + "\n", missing
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend-neutral objects.
+
+@dataclass(eq=False)
+class Buffer:
+    handle: object
+    size: int
+    label: str
+    uniform: bool = False
+
+    def view(self, offset: int, size: int) -> "View":
+        if offset < 0 or size <= 0 or offset + size > self.size:
+            raise GPUError(f"view [{offset}, {offset + size}) outside buffer {self.label!r} of {self.size} bytes")
+        return View(self, offset, size)
+
+
+@dataclass(frozen=True)
+class View:
+    """A byte range of a buffer, bound in place of a whole buffer (for tensors split across bindings)."""
+    buffer: Buffer
+    offset: int
+    size: int
+
+
+@dataclass(eq=False)
+class Kernel:
+    handle: object          # the compute pipeline
+    layout: object          # its bind group layout
+    file: str
+    entry: str
+    bindings: list[Binding]
+
+    def binding_names(self) -> list[str]:
+        return [b.name for b in self.bindings]
+
+
+@dataclass
+class _Op:
+    kind: str               # "dispatch" or "copy"
+    kernel: Kernel | None = None
+    bind_group: object = None
+    groups: tuple = (1, 1, 1)
+    copy: tuple = ()
+    label: str = ""
+
+
+def _as_bytes(data) -> memoryview:
+    mv = memoryview(data)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+class Sequence:
+    """A list of dispatches and copies, bind groups created once, replayed by run()."""
+
+    def __init__(self, device: "Device", label: str):
+        self.device = device
+        self.label = label
+        self.ops: list[_Op] = []
+        self._built = False
+
+    def dispatch(self, kernel: Kernel, groups, **bindings) -> "Sequence":
+        groups = tuple(int(g) for g in (groups if isinstance(groups, (tuple, list)) else (groups,)))
+        groups = (groups + (1, 1))[:3]
+        limit = self.device.limits["max-compute-workgroups-per-dimension"]
+        if min(groups) < 0 or max(groups) > limit:
+            raise GPUError(f"{kernel.entry}: workgroup grid {groups} outside 0..{limit} per dimension")
+        want = set(kernel.binding_names())
+        got = set(bindings)
+        if want - got:
+            raise GPUError(f"{kernel.file}:{kernel.entry} needs bindings {sorted(want - got)}")
+        # Extra names are allowed (callers may pass a shared dict); only used ones are bound.
+        entries = []
+        for b in kernel.bindings:
+            res = bindings[b.name]
+            if isinstance(res, Buffer):
+                res = View(res, 0, res.size)
+            if not isinstance(res, View):
+                raise GPUError(f"binding {b.name!r} of {kernel.entry} must be a Buffer or View, got {type(res)}")
+            entries.append((b.index, res))
+        bg = self.device._bind_group(kernel, entries, f"{kernel.entry}")
+        self.ops.append(_Op("dispatch", kernel, bg, groups, label=kernel.entry))
+        self._built = False
+        return self
+
+    def copy(self, src: Buffer, dst: Buffer, size: int | None = None, src_offset: int = 0,
+             dst_offset: int = 0) -> "Sequence":
+        size = src.size - src_offset if size is None else size
+        if size % 4 or src_offset % 4 or dst_offset % 4:
+            raise GPUError("buffer copies need sizes and offsets that are multiples of 4")
+        self.ops.append(_Op("copy", copy=(src, src_offset, dst, dst_offset, size), label="copy"))
+        self._built = False
+        return self
+
+    def extend(self, other: "Sequence") -> "Sequence":
+        self.ops.extend(other.ops)
+        self._built = False
+        return self
+
+    async def build(self) -> "Sequence":
+        """Encode once without submitting, so that validation errors surface here as GPUError."""
+        await self.device._validate(self)
+        self._built = True
+        return self
+
+    def run(self, repeat: int = 1):
+        """Submit the whole sequence (repeat times) without waiting for the GPU."""
+        self.device._submit(self, repeat)
+
+    def __len__(self):
+        return len(self.ops)
+
+
+class Device:
+    """Common part of both backends: buffers, kernels, sequences."""
+
+    backend = "?"
+
+    def __init__(self):
+        self.info: dict = {}
+        self.features: set[str] = set()
+        self.limits: dict = dict(DEFAULT_LIMITS)
+        self._sources: dict[str, str] = {}
+        self._kernels: dict[tuple, Kernel] = {}
+        self.bytes_allocated = 0
+
+    # -- sources and kernels
+    def source(self, file: str) -> str:
+        if file not in self._sources:
+            path = shader_dir() / file
+            if not path.is_file():
+                raise GPUError(f"shader file {file!r} not found in {shader_dir()}")
+            self._sources[file] = path.read_text()
+        return self._sources[file]
+
+    async def kernel(self, file: str, entry: str, constants: dict | None = None,
+                     source: str | None = None) -> Kernel:
+        """Compile `entry` of shaders/`file` (or of `source`) with override constants; cached."""
+        constants = dict(constants or {})
+        key = (file, entry, tuple(sorted(constants.items())), source)
+        if key in self._kernels:
+            return self._kernels[key]
+        src = source if source is not None else self.source(file)
+        code, missing = prepare_source(src, self.features)
+        if missing:
+            raise GPUError(f"{file} needs the WebGPU feature {missing!r}, which this adapter lacks")
+        bindings = used_bindings(code, entry)
+        if not bindings:
+            raise GPUError(f"{file}:{entry} uses no bindings")
+        n_storage = sum(b.kind != "uniform" for b in bindings)
+        if n_storage > self.limits["max-storage-buffers-per-shader-stage"]:
+            raise GPUError(f"{file}:{entry} uses {n_storage} storage buffers; this device allows "
+                           f"{self.limits['max-storage-buffers-per-shader-stage']}")
+        k = await self._create_kernel(file, entry, code, bindings, constants)
+        self._kernels[key] = k
+        return k
+
+    def sequence(self, label: str = "sequence") -> Sequence:
+        return Sequence(self, label)
+
+    # -- buffers
+    def buffer(self, nbytes: int, label: str = "buffer", data=None) -> Buffer:
+        """A storage buffer (also copy source and destination), zero-filled or holding `data`."""
+        nbytes = max(4, (int(nbytes) + 3) // 4 * 4)
+        if nbytes > self.limits["max-buffer-size"]:
+            raise GPUError(f"buffer {label!r} of {nbytes / 2**20:.1f} MiB exceeds this device's maximum buffer size "
+                           f"of {self.limits['max-buffer-size'] / 2**20:.0f} MiB; use a smaller model or batch")
+        buf = Buffer(self._create_buffer(nbytes, label, uniform=False), nbytes, label)
+        self.bytes_allocated += nbytes
+        if data is not None:
+            self.write(buf, data)
+        return buf
+
+    def uniform(self, data, label: str = "params") -> Buffer:
+        """A small uniform buffer (sizes, step, learning rate); update it with write()."""
+        mv = _as_bytes(data)
+        nbytes = max(16, (mv.nbytes + 15) // 16 * 16)
+        buf = Buffer(self._create_buffer(nbytes, label, uniform=True), nbytes, label, uniform=True)
+        self.write(buf, mv)
+        return buf
+
+    def write(self, buf: Buffer, data, offset: int = 0):
+        mv = _as_bytes(data)
+        n = mv.nbytes
+        if n % 4:
+            mv = memoryview(bytes(mv) + b"\0" * (4 - n % 4))
+        if offset + mv.nbytes > buf.size:
+            raise GPUError(f"write of {n} bytes at {offset} overflows buffer {buf.label!r} ({buf.size} bytes)")
+        self._write(buf, mv, offset)
+
+    async def read(self, buf: Buffer, offset: int = 0, size: int | None = None) -> bytes:
+        size = buf.size - offset if size is None else size
+        if offset % 4 or offset + size > buf.size:
+            raise GPUError(f"read [{offset}, {offset + size}) outside buffer {buf.label!r} ({buf.size} bytes)")
+        padded = (size + 3) // 4 * 4
+        data = await self._read(buf, offset, padded)
+        return bytes(data[:size])
+
+    async def read_floats(self, buf: Buffer, offset: int = 0, count: int | None = None) -> list[float]:
+        count = (buf.size - offset) // 4 if count is None else count
+        data = await self.read(buf, offset, 4 * count)
+        return list(struct.unpack(f"<{count}f", data))
+
+
+# ---------------------------------------------------------------------------------------------
+# Native backend: wgpu-py.
+
+class NativeDevice(Device):
+    backend = "wgpu-native"
+
+    @classmethod
+    async def open(cls, power_preference="high-performance", limits: dict | None = None):
+        import os
+        if not os.environ.get("XDG_RUNTIME_DIR"):
+            # wgpu's Vulkan loader complains without it; a private folder silences it.
+            d = f"/tmp/tabgpt-xdg-{os.getuid()}"
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            os.environ["XDG_RUNTIME_DIR"] = d
+        try:
+            import wgpu
+        except ImportError as e:  # pragma: no cover - the wheel depends on wgpu natively
+            raise GPUError("wgpu is not installed: pip install wgpu") from e
+        self = cls()
+        self.wgpu = wgpu
+        adapter = wgpu.gpu.request_adapter_sync(power_preference=power_preference)
+        if adapter is None:
+            raise GPUError("no WebGPU adapter: install a Vulkan driver (on a machine without a GPU: "
+                           "apt-get install mesa-vulkan-drivers libvulkan1)")
+        info = dict(adapter.info)
+        self.info = {k: info.get(k, "") for k in ("vendor", "architecture", "device", "description",
+                                                    "adapter_type", "backend_type")}
+        native = set(adapter.features)
+        feats = []
+        for f in WANTED_FEATURES:
+            nf = "subgroup" if f == "subgroups" else f
+            if nf in native:
+                feats.append(nf)
+                self.features.add(f)
+        alim = adapter.limits
+        want = {}
+        for name in RAISED_LIMITS:
+            if name in alim:
+                want[name] = alim[name]
+        # Buffers beyond 2 GiB are not addressable by u32 indices in our kernels.
+        for name in ("max-storage-buffer-binding-size", "max-buffer-size"):
+            if name in want:
+                want[name] = min(want[name], (2 << 30) - 4)
+        if limits:
+            want.update(limits)
+        self.device = adapter.request_device_sync(required_features=feats, required_limits=want)
+        self.adapter = adapter
+        dl = self.device.limits
+        for name in DEFAULT_LIMITS:
+            if name in dl:
+                self.limits[name] = dl[name]
+        return self
+
+    def _create_buffer(self, nbytes, label, uniform):
+        U = self.wgpu.BufferUsage
+        usage = (U.UNIFORM | U.COPY_DST) if uniform else (U.STORAGE | U.COPY_SRC | U.COPY_DST)
+        try:
+            return self.device.create_buffer(size=nbytes, usage=usage, label=label)
+        except Exception as e:
+            raise GPUError(f"could not allocate {label!r} ({nbytes} bytes): {e}") from e
+
+    def _write(self, buf, mv, offset):
+        self.device.queue.write_buffer(buf.handle, offset, mv)
+
+    async def _read(self, buf, offset, size):
+        return self.device.queue.read_buffer(buf.handle, offset, size)
+
+    async def _create_kernel(self, file, entry, code, bindings, constants):
+        B = self.wgpu.ShaderStage.COMPUTE
+        entries = []
+        for b in bindings:
+            entries.append({"binding": b.index, "visibility": B, "buffer": {"type": b.kind}})
+        try:
+            module = self.device.create_shader_module(code=code, label=file)
+            layout = self.device.create_bind_group_layout(entries=entries, label=f"{file}:{entry}")
+            playout = self.device.create_pipeline_layout(bind_group_layouts=[layout])
+            stage = {"module": module, "entry_point": entry}
+            if constants:
+                stage["constants"] = {k: float(v) for k, v in constants.items()}
+            pipeline = self.device.create_compute_pipeline(layout=playout, compute=stage, label=f"{file}:{entry}")
+        except Exception as e:
+            raise GPUError(f"{file}:{entry}: {e}") from e
+        return Kernel(pipeline, layout, file, entry, bindings)
+
+    def _bind_group(self, kernel, entries, label):
+        res = [{"binding": i, "resource": {"buffer": v.buffer.handle, "offset": v.offset, "size": v.size}}
+               for i, v in entries]
+        try:
+            return self.device.create_bind_group(layout=kernel.layout, entries=res, label=label)
+        except Exception as e:
+            raise GPUError(f"{kernel.file}:{kernel.entry}: {e}") from e
+
+    def _encode(self, seq, repeat=1):
+        enc = self.device.create_command_encoder()
+        cpass = None
+        for _ in range(repeat):
+            for op in seq.ops:
+                if op.kind == "dispatch":
+                    if cpass is None:
+                        cpass = enc.begin_compute_pass()
+                    cpass.set_pipeline(op.kernel.handle)
+                    cpass.set_bind_group(0, op.bind_group)
+                    cpass.dispatch_workgroups(*op.groups)
+                else:
+                    if cpass is not None:
+                        cpass.end()
+                        cpass = None
+                    src, so, dst, do, n = op.copy
+                    enc.copy_buffer_to_buffer(src.handle, so, dst.handle, do, n)
+        if cpass is not None:
+            cpass.end()
+        return enc.finish()
+
+    async def _validate(self, seq):
+        try:
+            self._encode(seq)
+        except Exception as e:
+            raise GPUError(f"sequence {seq.label!r}: {e}") from e
+
+    def _submit(self, seq, repeat):
+        try:
+            self.device.queue.submit([self._encode(seq, repeat)])
+        except Exception as e:
+            raise GPUError(f"sequence {seq.label!r}: {e}") from e
+
+    async def sync(self):
+        """Wait until the GPU has finished all submitted work."""
+        if not hasattr(self, "_sync_buf"):
+            self._sync_buf = self.buffer(4, "sync")
+        self.device.queue.read_buffer(self._sync_buf.handle, 0, 4)
+
+    def destroy(self):
+        self.device.destroy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Browser backend: navigator.gpu through Pyodide.
+
+_JS_HELPERS = r"""
+({
+  encode(device, ops, repeat) {
+    const enc = device.createCommandEncoder();
+    let pass = null;
+    for (let r = 0; r < repeat; r++) {
+      for (const op of ops) {
+        if (op.length === 5) {
+          if (pass === null) pass = enc.beginComputePass();
+          pass.setPipeline(op[0]); pass.setBindGroup(0, op[1]);
+          pass.dispatchWorkgroups(op[2], op[3], op[4]);
+        } else {
+          if (pass !== null) { pass.end(); pass = null; }
+          enc.copyBufferToBuffer(op[0], op[1], op[2], op[3], op[4]);
+        }
+      }
+    }
+    if (pass !== null) pass.end();
+    return enc.finish();
+  },
+  submit(device, ops, repeat) {
+    device.queue.submit([this.encode(device, ops, repeat)]);
+  },
+  async read(device, buf, offset, size) {
+    const staging = device.createBuffer({size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
+    const enc = device.createCommandEncoder();
+    enc.copyBufferToBuffer(buf, offset, staging, 0, size);
+    device.queue.submit([enc.finish()]);
+    await staging.mapAsync(GPUMapMode.READ);
+    const out = new Uint8Array(staging.getMappedRange().slice(0));
+    staging.unmap(); staging.destroy();
+    return out;
+  },
+  async compile(device, code, label) {
+    device.pushErrorScope("validation");
+    const module = device.createShaderModule({code, label});
+    const info = await module.getCompilationInfo();
+    const err = await device.popErrorScope();
+    const msgs = [];
+    for (const m of info.messages) {
+      if (m.type === "error") msgs.push(`${label}:${m.lineNum}:${m.linePos}: ${m.message}`);
+    }
+    if (msgs.length || err) {
+      const lines = code.split("\n");
+      for (const m of info.messages) {
+        if (m.type === "error" && m.lineNum > 0) msgs.push(`  ${m.lineNum} | ${lines[m.lineNum - 1]}`);
+      }
+      if (err) msgs.push(err.message);
+      return {error: msgs.join("\n")};
+    }
+    return {module};
+  },
+  async pipeline(device, module, layoutEntries, entry, constants, label) {
+    device.pushErrorScope("validation");
+    const layout = device.createBindGroupLayout({entries: layoutEntries, label});
+    const playout = device.createPipelineLayout({bindGroupLayouts: [layout]});
+    const stage = {module, entryPoint: entry};
+    if (Object.keys(constants).length) stage.constants = constants;
+    let pipeline = null, perr = null;
+    try {
+      pipeline = await device.createComputePipelineAsync({layout: playout, compute: stage, label});
+    } catch (e) { perr = e.message; }
+    const err = await device.popErrorScope();
+    if (perr || err) return {error: [perr, err && err.message].filter(Boolean).join("\n")};
+    return {pipeline, layout};
+  },
+  async validate(device, ops) {
+    device.pushErrorScope("validation");
+    try { this.encode(device, ops, 1); } catch (e) { await device.popErrorScope(); return e.message; }
+    const err = await device.popErrorScope();
+    return err ? err.message : null;
+  },
+})
+"""
+
+
+class BrowserDevice(Device):
+    backend = "webgpu-browser"
+
+    @classmethod
+    async def open(cls, power_preference="high-performance", limits: dict | None = None):
+        from js import navigator, Object, eval as js_eval  # noqa: A001
+        from pyodide.ffi import to_js
+        self = cls()
+        self._to_js = lambda x: to_js(x, dict_converter=Object.fromEntries)
+        self.js = js_eval(_JS_HELPERS)
+        gpu = getattr(navigator, "gpu", None)
+        if gpu is None:
+            raise GPUError("this browser has no WebGPU (navigator.gpu is missing): use a recent Chrome, Edge or "
+                           "Safari 26+, or Firefox 141+ on Windows; pages must be served over https or localhost")
+        adapter = await gpu.requestAdapter(self._to_js({"powerPreference": power_preference}))
+        if adapter is None:
+            raise GPUError("WebGPU is present but no adapter was found: the GPU may be blocklisted; "
+                           "try enabling hardware acceleration in the browser settings")
+        info = adapter.info
+        self.info = {k: str(getattr(info, k, "") or "") for k in ("vendor", "architecture", "device", "description")}
+        self.info["is_fallback_adapter"] = bool(getattr(info, "isFallbackAdapter", False))
+        self.info["backend_type"] = "WebGPU"
+        feats = [f for f in WANTED_FEATURES if adapter.features.has(f)]
+        self.features = set(feats)
+        camel = lambda n: re.sub(r"-(\w)", lambda m: m.group(1).upper(), n)  # noqa: E731
+        want = {}
+        for name in RAISED_LIMITS:
+            v = getattr(adapter.limits, camel(name), None)
+            if v is not None:
+                want[camel(name)] = int(min(v, (2 << 30) - 4))
+        if limits:
+            want.update({camel(k): v for k, v in limits.items()})
+        self.device = await adapter.requestDevice(self._to_js({"requiredFeatures": feats, "requiredLimits": want}))
+        for name in DEFAULT_LIMITS:
+            v = getattr(self.device.limits, camel(name), None)
+            if v is not None:
+                self.limits[name] = int(v)
+        self.adapter = adapter
+        from js import GPUBufferUsage
+        self._usage_storage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST
+        self._usage_uniform = GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST
+        return self
+
+    def _create_buffer(self, nbytes, label, uniform):
+        usage = self._usage_uniform if uniform else self._usage_storage
+        return self.device.createBuffer(self._to_js({"size": nbytes, "usage": usage, "label": label}))
+
+    def _write(self, buf, mv, offset):
+        from pyodide.ffi import to_js
+        self.device.queue.writeBuffer(buf.handle, offset, to_js(mv))
+
+    async def _read(self, buf, offset, size):
+        arr = await self.js.read(self.device, buf.handle, offset, size)
+        return arr.to_bytes()
+
+    async def _create_kernel(self, file, entry, code, bindings, constants):
+        res = await self.js.compile(self.device, code, file)
+        if getattr(res, "error", None):
+            raise GPUError(f"{file}:{entry}: WGSL compilation failed:\n{res.error}")
+        module = res.module
+        entries = [{"binding": b.index, "visibility": 4, "buffer": {"type": b.kind}} for b in bindings]
+        res = await self.js.pipeline(self.device, module, self._to_js(entries), entry,
+                                     self._to_js({k: float(v) for k, v in constants.items()}), f"{file}:{entry}")
+        if getattr(res, "error", None):
+            raise GPUError(f"{file}:{entry}: {res.error}")
+        return Kernel(res.pipeline, res.layout, file, entry, bindings)
+
+    def _bind_group(self, kernel, entries, label):
+        res = [{"binding": i, "resource": {"buffer": v.buffer.handle, "offset": v.offset, "size": v.size}}
+               for i, v in entries]
+        return self.device.createBindGroup(self._to_js({"layout": kernel.layout, "entries": res, "label": label}))
+
+    def _ops(self, seq):
+        """The sequence as a JS array, built once per sequence version and reused by every run."""
+        cached = getattr(seq, "_js", None)
+        if cached is not None and cached[0] == len(seq.ops) and seq._built:
+            return cached[1]
+        from pyodide.ffi import to_js
+        rows = []
+        for op in seq.ops:
+            if op.kind == "dispatch":
+                rows.append([op.kernel.handle, op.bind_group, *op.groups])
+            else:
+                src, so, dst, do, n = op.copy
+                rows.append([src.handle, so, dst.handle, do, n])
+        arr = to_js(rows)
+        seq._js = (len(seq.ops), arr)
+        return arr
+
+    async def _validate(self, seq):
+        seq._built = False
+        err = await self.js.validate(self.device, self._ops(seq))
+        if err:
+            raise GPUError(f"sequence {seq.label!r}: {err}")
+        seq._built = True
+        self._ops(seq)
+
+    def _submit(self, seq, repeat):
+        self.js.submit(self.device, self._ops(seq), repeat)
+
+    async def sync(self):
+        await self.device.queue.onSubmittedWorkDone()
+
+    def destroy(self):
+        self.device.destroy()
+
+
+_device_cache: dict = {}
+
+
+async def open_device(power_preference: str = "high-performance", limits: dict | None = None,
+                      shared: bool = True) -> Device:
+    """Open the WebGPU device (the same one for every caller unless shared=False)."""
+    key = (power_preference, tuple(sorted((limits or {}).items())))
+    if shared and key in _device_cache:
+        return _device_cache[key]
+    cls = BrowserDevice if IN_BROWSER else NativeDevice
+    dev = await cls.open(power_preference, limits)
+    if shared:
+        _device_cache[key] = dev
+    return dev

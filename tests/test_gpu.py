@@ -1,0 +1,98 @@
+"""The GPU core natively: buffers, kernels, sequences, errors, and the self-test kernels vs NumPy."""
+
+import struct
+
+import numpy as np
+import pytest
+
+from tabgpt import gpu, selftest
+from tabgpt.gpu import GPUError, wait
+
+
+def test_device_reports_adapter_features_and_limits(dev):
+    assert dev.info["device"]
+    assert dev.limits["max-storage-buffer-binding-size"] >= 128 << 20
+    assert dev.limits["max-compute-invocations-per-workgroup"] >= 256
+
+
+def test_buffer_round_trip_bytes(dev):
+    data = np.arange(1001, dtype=np.float32) * 0.5
+    buf = dev.buffer(data.nbytes, "rt", data)
+    back = np.frombuffer(wait(dev.read(buf)), dtype=np.float32)
+    np.testing.assert_array_equal(back, data)
+    part = np.frombuffer(wait(dev.read(buf, 40, 12)), dtype=np.float32)
+    np.testing.assert_array_equal(part, data[10:13])
+
+
+@pytest.mark.parametrize("M,N,K", [(37, 45, 53), (1, 1, 1), (16, 16, 16), (65, 3, 129)])
+def test_tiled_matmul_matches_numpy(dev, M, N, K):
+    rng = np.random.default_rng(M * N * K)
+    a = rng.standard_normal((M, K), dtype=np.float32)
+    b = rng.standard_normal((K, N), dtype=np.float32)
+    k = wait(dev.kernel("selftest.wgsl", "matmul"))
+    bo = dev.buffer(4 * M * N, "out")
+    seq = dev.sequence().dispatch(k, ((N + 15) // 16, (M + 15) // 16), mp=dev.uniform(struct.pack("<4I", M, N, K, 0)),
+                                  a=dev.buffer(a.nbytes, "a", a), b=dev.buffer(b.nbytes, "b", b), out=bo)
+    wait(seq.build())
+    seq.run()
+    got = np.frombuffer(wait(dev.read(bo)), dtype=np.float32).reshape(M, N)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    err = np.abs(got - ref).max() / max(1.0, np.abs(ref).max())
+    assert err < 1e-5, f"max relative error {err:.3g} (M={M}, N={N}, K={K})"
+
+
+@pytest.mark.parametrize("n", [1, 1023, 1025, 300_001])
+def test_reduction_matches_numpy_and_is_deterministic(dev, n):
+    res = wait(selftest.check_reduce(dev, n=n, seed=n))
+    assert res["ok"], res
+    again = wait(selftest.check_reduce(dev, n=n, seed=n))
+    assert again["value"] == res["value"], "same input gave a different sum"
+
+
+def test_selftest_passes(dev):
+    res = wait(selftest.run_selftest(dev))
+    assert res["ok"], res
+
+
+def test_replayed_sequence_counts_every_dispatch(dev):
+    res = wait(selftest.dispatch_cost(dev, n=50, reps=2))
+    assert res["counter_ok"], res
+
+
+def test_wgsl_error_is_a_readable_exception(dev):
+    bad = "@group(0) @binding(0) var<storage, read_write> x: array<f32>;\n" \
+          "@compute @workgroup_size(1) fn main() { x[0] = undefined_thing; }\n"
+    with pytest.raises(GPUError) as e:
+        wait(dev.kernel("bad.wgsl", "main", source=bad))
+    assert "undefined_thing" in str(e.value), str(e.value)
+
+
+def test_validation_error_is_a_readable_exception(dev):
+    k = wait(dev.kernel("selftest.wgsl", "matmul"))
+    small = dev.buffer(4, "small")
+    # A uniform buffer bound where the WGSL expects a storage buffer is a validation error.
+    with pytest.raises(GPUError) as e:
+        seq = dev.sequence("bad").dispatch(k, (1, 1), mp=small, a=small, b=small, out=small)
+        wait(seq.build())
+    assert "matmul" in str(e.value)
+
+
+def test_missing_binding_is_named(dev):
+    k = wait(dev.kernel("selftest.wgsl", "matmul"))
+    with pytest.raises(GPUError, match="needs bindings"):
+        dev.sequence().dispatch(k, (1, 1), a=dev.buffer(4))
+
+
+def test_entry_points_get_only_the_bindings_they_use():
+    src = gpu.shader_dir().joinpath("selftest.wgsl").read_text()
+    assert [b.name for b in gpu.used_bindings(src, "matmul")] == ["mp", "a", "b", "out"]
+    assert [b.name for b in gpu.used_bindings(src, "reduce_sum")] == ["rp", "inp", "partial"]
+    assert [b.kind for b in gpu.used_bindings(src, "reduce_sum")] == ["uniform", "read-only-storage", "storage"]
+
+
+def test_subgroups_enable_line_is_handled_per_backend():
+    code, missing = gpu.prepare_source("enable subgroups;\nfn f() {}\n", {"subgroups"})
+    assert missing == ""
+    assert ("// enable subgroups;" in code) != gpu.IN_BROWSER
+    _, missing = gpu.prepare_source("enable f16;\n", set())
+    assert missing == "shader-f16"
