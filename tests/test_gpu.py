@@ -96,3 +96,16 @@ def test_subgroups_enable_line_is_handled_per_backend():
     assert ("// enable subgroups;" in code) != gpu.IN_BROWSER
     _, missing = gpu.prepare_source("enable f16;\n", set())
     assert missing == "shader-f16"
+
+
+def test_fixture_device_is_held_to_webgpu_default_limits(dev):
+    assert dev.limits["max-storage-buffers-per-shader-stage"] == 8
+    assert dev.limits["max-compute-workgroup-storage-size"] == 16384
+
+
+def test_cli_device_passes_and_exits_zero():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "tabgpt", "device"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "pass  matmul" in r.stdout and r.stdout.strip().endswith("OK"), r.stdout

@@ -1,0 +1,121 @@
+"""The native command line: `tabgpt <command>` or `python -m tabgpt <command>`.
+
+Commands (see README.md): device, fetch, tokenizer, train, sample, eval.
+Each command's work lives in its module; this file only parses flags and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_device(args) -> int:
+    from tabgpt import gpu, selftest
+    try:
+        dev = gpu.wait(gpu.open_device())
+    except gpu.GPUError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    res = gpu.wait(selftest.run_selftest(dev))
+    cost = gpu.wait(selftest.dispatch_cost(dev))
+    if args.json:
+        print(json.dumps({"info": dev.info, "backend": dev.backend, "features": sorted(dev.features),
+                          "limits": dev.limits, "selftest": res, "dispatch": cost}, indent=1))
+    else:
+        info = dev.info
+        print(f"adapter   {info.get('device') or info.get('vendor')}  ({info.get('description', '')})")
+        print(f"backend   {dev.backend} / {info.get('backend_type', '')}, type {info.get('adapter_type', '')}")
+        print(f"features  {', '.join(sorted(dev.features)) or '(none of shader-f16, subgroups, timestamp-query)'}")
+        print("limits")
+        for k, v in dev.limits.items():
+            print(f"  {k:40s} {v}")
+        print("self-test")
+        for c in res["checks"]:
+            print(f"  {'pass' if c['ok'] else 'FAIL'}  {c['name']:40s} max rel. error {c['max_rel_err']:.2e}"
+                  f" (tolerance {c['tol']:.0e})")
+        print(f"dispatch  {cost['us_per_dispatch']:.1f} us per replayed dispatch ({cost['dispatches']} in a sequence)")
+        print("OK" if res["ok"] else "FAILED: this device computes wrong results")
+    return 0 if res["ok"] and cost["counter_ok"] else 1
+
+
+def _delegate(module: str, func: str = "cli_main"):
+    def run(args) -> int:
+        import importlib
+        mod = importlib.import_module(f"tabgpt.{module}")
+        return getattr(mod, func)(args)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tabgpt", description="Train a GPT on WebGPU, natively or in a browser tab.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("device", help="the WebGPU adapter, its features and limits, and a kernel self-test")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_device)
+
+    p = sub.add_parser("fetch", help="get a corpus: the bundled default, Gutenberg books, a URL or a file")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--default", action="store_true", help="the bundled default corpus (offline)")
+    g.add_argument("--book", type=int, nargs="+", metavar="ID", help="Project Gutenberg book ids (Gitenberg mirror)")
+    g.add_argument("--url", help="any URL of a plain-text file")
+    g.add_argument("--file", help="a local text file")
+    g.add_argument("--search", metavar="QUERY", help="search the bundled book catalogue and print matches")
+    p.add_argument("--out", help="where to write the cleaned corpus (UTF-8 text)")
+    p.set_defaults(func=_delegate("corpus"))
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    p.add_argument("--input", required=True, help="a text file (for example from `tabgpt fetch`)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--out", required=True, help="tokenizer.json (Hugging Face format)")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=_delegate("bpe"))
+
+    p = sub.add_parser("train", help="train a GPT; writes a run folder")
+    p.add_argument("--data", required=True, help="a text file, or 'default' for the bundled corpus")
+    p.add_argument("--tokenizer", help="an existing tokenizer.json (else one is trained)")
+    p.add_argument("--preset", default="tiny", help="tiny, small, browser or gpt2")
+    p.add_argument("--out", required=True, help="the run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    for name, typ in [("n-layer", int), ("n-head", int), ("n-embd", int), ("block-size", int),
+                      ("batch-size", int), ("grad-accum", int), ("vocab-size", int), ("learning-rate", float),
+                      ("min-lr", float), ("warmup-steps", int), ("max-steps", int), ("weight-decay", float),
+                      ("grad-clip", float), ("eval-interval", int), ("eval-steps", int),
+                      ("sample-interval", int), ("checkpoint-interval", int), ("seed", int)]:
+        p.add_argument(f"--{name}", type=typ, default=None)
+    p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_delegate("train"))
+
+    p = sub.add_parser("sample", help="generate text from a trained run")
+    p.add_argument("--run", required=True)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.set_defaults(func=_delegate("sample"))
+
+    p = sub.add_parser("eval", help="evaluate a trained run on held-out text; prints one JSON object")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True, help="held-out text file, or 'default' for the default validation split")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens")
+    p.set_defaults(func=_delegate("evaluate"))
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
