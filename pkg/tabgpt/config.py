@@ -1,0 +1,120 @@
+"""One flat configuration with nanoGPT's names; the CLI flags and the page's controls fill the same object."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    # model
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
+    block_size: int = 64
+    vocab_size: int = 512            # tokenizer vocabulary (BPE merges + 256 bytes + <|endoftext|>)
+    # data and optimisation
+    batch_size: int = 4
+    grad_accum: int = 1              # micro-batches per optimizer step
+    learning_rate: float = 3e-3
+    min_lr: float = 3e-4             # cosine decay ends here
+    warmup_steps: int = 10
+    max_steps: int = 60
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # bookkeeping
+    eval_interval: int = 20          # validation loss every N steps (and at the end)
+    eval_steps: int = 4              # validation batches per evaluation
+    sample_interval: int = 0         # a sample every N steps (0: only at the end)
+    sample_tokens: int = 64
+    checkpoint_interval: int = 0     # 0: only at the end (and on stop)
+    log_interval: int = 1            # read the loss back every N steps (asynchronously)
+    seed: int = 1337
+    time_limit: float = 0.0          # seconds; 0 = none
+    val_fraction: float = 0.05       # held-out share when the corpus is one text
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The vocabulary rounded up to a multiple of 64 (aligned rows, as llm.c); the loss ignores the padding."""
+        return (self.vocab_size + 63) // 64 * 64
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.block_size * self.grad_accum
+
+    def validate(self) -> "Config":
+        problems = []
+        if self.n_embd % self.n_head:
+            problems.append(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.n_embd % 4:
+            problems.append(f"n_embd ({self.n_embd}) must be a multiple of 4")
+        if self.head_size > 128:
+            problems.append(f"head size n_embd/n_head = {self.head_size} is above 128; use more heads")
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.vocab_size < 257:
+            problems.append(f"vocab_size ({self.vocab_size}) must be at least 257 (256 bytes + end of text)")
+        if not 0 < self.learning_rate < 1:
+            problems.append(f"learning_rate ({self.learning_rate}) must be in (0, 1)")
+        if problems:
+            raise ValueError("bad configuration: " + "; ".join(problems))
+        return self
+
+    def model_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def n_params(self, include_embeddings: bool = True) -> int:
+        C, L, V = self.n_embd, self.n_layer, self.padded_vocab_size
+        per_layer = 2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C)
+        n = L * per_layer + 2 * C
+        if include_embeddings:
+            n += V * C + self.block_size * C
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6N for the weights plus attention (PaLM appendix B, as nanoGPT)."""
+        N = self.n_params(include_embeddings=False) + self.padded_vocab_size * self.n_embd  # lm_head is a matmul
+        return 6 * N + 12 * self.n_layer * self.n_embd * self.block_size
+
+
+# Presets: tiny runs in seconds on a CPU Vulkan driver (CI); small in minutes there; browser suits a laptop GPU;
+# gpt2 is GPT-2 small (124M).
+PRESETS = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=512, batch_size=4,
+                 learning_rate=3e-3, min_lr=3e-4, warmup_steps=5, max_steps=40, eval_interval=20, eval_steps=2),
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=2048, batch_size=16,
+                  learning_rate=2e-3, min_lr=2e-4, warmup_steps=50, max_steps=1000, eval_interval=100,
+                  eval_steps=8, sample_interval=250),
+    "browser": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=4096, batch_size=32,
+                    learning_rate=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=5000, eval_interval=250,
+                    eval_steps=16, sample_interval=1000),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, batch_size=8,
+                 learning_rate=6e-4, min_lr=6e-5, warmup_steps=200, max_steps=5000, eval_interval=500,
+                 eval_steps=8, sample_interval=1000),
+}
+
+
+def preset(name: str, **overrides) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return Config(**PRESETS[name]).replace(**overrides).validate()
