@@ -1,0 +1,119 @@
+"""Evaluation on held-out text: loss, perplexity, bits per byte, top-1 accuracy, and baselines on the same text.
+
+Bits per byte compare across tokenizers: the summed loss in bits over the text's UTF-8 bytes. Baselines:
+gzip, bz2 and lzma at their strongest settings, and a unigram model of the training tokens. For samples: the
+share of generated words that occur in the training text and the rate of repeated 4-grams.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import math
+import sys
+import time
+
+from tabgpt import metrics
+
+
+async def evaluate(model, tokenizer, text: str, train_text: str | None = None, train_tokens=None,
+                   samples: list[str] | None = None, max_tokens: int | None = None) -> dict:
+    t0 = time.perf_counter()
+    ids = array.array("I", tokenizer.encode(text))
+    if max_tokens and len(ids) > max_tokens + 1:
+        ids = ids[:max_tokens + 1]
+        text = tokenizer.decode(ids)
+    B, T = model.B, model.T
+    if len(ids) < 2:
+        raise ValueError("the evaluation text is too short: it needs at least two tokens")
+    # Non-overlapping windows of T tokens cover the text exactly once (the last one shorter), so every token
+    # after the first is scored once and bits per byte cover the whole text.
+    total_loss, n_tok, n_correct = 0.0, 0, 0
+    windows = [(i, min(T, len(ids) - 1 - i)) for i in range(0, len(ids) - 1, T)]
+    batch = []
+    for start, length in windows:
+        batch.append((start, length))
+        if len(batch) == B:
+            l, n, c = await _score(model, ids, batch, B, T)
+            total_loss, n_tok, n_correct = total_loss + l, n_tok + n, n_correct + c
+            batch = []
+    if batch:
+        l, n, c = await _score(model, ids, batch, B, T)
+        total_loss, n_tok, n_correct = total_loss + l, n_tok + n, n_correct + c
+    scored_bytes = len(tokenizer.decode_bytes(ids[1:1 + n_tok]))
+    mean = total_loss / n_tok
+    out = {
+        "val_loss": mean,
+        "perplexity": metrics.perplexity(mean),
+        "bits_per_byte": metrics.bits_per_byte(mean, n_tok, scored_bytes),
+        "top1": n_correct / n_tok,
+        "tokens": n_tok,
+        "bytes": scored_bytes,
+        "bytes_per_token": scored_bytes / n_tok,
+        "baselines": metrics.compression_baselines(text.encode()),
+    }
+    if train_tokens is not None:
+        out["unigram_bits_per_byte"] = metrics.unigram_bits_per_byte(train_tokens, ids[1:1 + n_tok],
+                                                                     model.cfg.vocab_size, scored_bytes)
+    if samples and train_text:
+        words = metrics.word_set(train_text)
+        joined = "\n".join(samples)
+        out["real_word_share"] = metrics.real_word_share(joined, words)
+        out["repetition_rate"] = sum(metrics.repetition_rate(s) for s in samples) / len(samples)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+async def _score(model, ids, windows, B, T):
+    """Score up to B windows of at most T tokens; `valid` (real positions per row) excludes the padding of the
+    last, shorter window and of unused rows from the sums."""
+    x = array.array("I")
+    y = array.array("I")
+    valid = []
+    for start, length in windows:
+        xs = list(ids[start:start + length])
+        ys = list(ids[start + 1:start + 1 + length])
+        pad = T - length
+        x.extend(xs + [0] * pad)
+        y.extend(ys + [0] * pad)
+        valid.append(length)
+    for _ in range(B - len(windows)):
+        x.extend([0] * T)
+        y.extend([0] * T)
+        valid.append(0)
+    return await model.eval_metrics(x, y, valid)
+
+
+def cli_main(args) -> int:
+    import asyncio
+    from tabgpt import gpu
+    from tabgpt.run import RunError, RunFolder, load_model
+
+    async def main():
+        run = RunFolder(args.run)
+        if args.data == "default":
+            from tabgpt.corpus import load_corpus
+            c = await load_corpus("default")
+            text, train_text = c.val_text, c.train_text
+        else:
+            try:
+                raw = open(args.data, "rb").read()
+            except OSError as e:
+                raise RunError(f"cannot read {args.data}: {e.strerror}") from e
+            from tabgpt.corpus import decode_bytes
+            text = decode_bytes(raw, args.data)[0]
+            train_text = None
+        dev = await gpu.open_device()
+        cfg, tok, model, step = await load_model(dev, run, B=8)
+        train_tokens = array.array("I", tok.encode(train_text)) if train_text else None
+        res = await evaluate(model, tok, text, train_text=train_text, train_tokens=train_tokens,
+                             max_tokens=args.max_tokens)
+        res["step"] = step
+        print(json.dumps(res))
+
+    try:
+        asyncio.run(main())
+    except (RunError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

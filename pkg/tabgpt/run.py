@@ -1,0 +1,193 @@
+"""The run folder and the steps that fill it, shared by the CLI and the page.
+
+RUN_DIR/
+    config.json         the model's sizes (n_layer, n_head, n_embd, block_size, vocab_size, ...) and the
+                        training settings; Hugging Face GPT-2 keys too (n_positions, n_ctx, model_type), so that
+                        transformers.GPT2LMHeadModel.from_pretrained(RUN_DIR) loads model.safetensors
+    tokenizer.json      the BPE tokenizer (Hugging Face format)
+    model.safetensors   the weights, Hugging Face GPT-2 names and shapes (wte has vocab_size rows; on the GPU it is
+                        padded to a multiple of 64 rows, which are zero and never used)
+    state.safetensors   AdamW moments, and in its metadata the step, the seed and the data position
+    metrics.jsonl       one JSON event per line: steps, evaluations, samples, checkpoints
+
+Every file is written atomically (temp file + rename), so an interrupted save never loses the previous one.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import time
+from pathlib import Path
+
+from tabgpt.config import Config
+from tabgpt.safetensors import CheckpointError, atomic_write
+from tabgpt import safetensors as st
+
+FORMAT = "tabgpt-run-1"
+
+
+class RunError(Exception):
+    """A run folder is missing, incomplete, corrupt or does not match; the message says what to do."""
+
+
+def hf_config(cfg: Config) -> dict:
+    """config.json: our names plus the keys transformers' GPT2Config reads."""
+    return {
+        "format": FORMAT,
+        **cfg.to_dict(),
+        "padded_vocab_size": cfg.padded_vocab_size,
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": cfg.vocab_size - 1, "eos_token_id": cfg.vocab_size - 1,
+    }
+
+
+def tokens_array(ids) -> array.array:
+    return ids if isinstance(ids, array.array) and ids.typecode == "I" else array.array("I", ids)
+
+
+class RunFolder:
+    def __init__(self, path):
+        self.path = Path(path)
+
+    # -- writing
+    def create(self, cfg: Config, tokenizer_json: str, overwrite: bool = False):
+        if (self.path / "model.safetensors").exists() and not overwrite:
+            raise RunError(f"{self.path} already holds a trained model: pass --resume to continue it, or choose "
+                           f"another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_config(cfg)
+        atomic_write(self.path / "tokenizer.json", tokenizer_json.encode())
+
+    def write_config(self, cfg: Config):
+        atomic_write(self.path / "config.json", json.dumps(hf_config(cfg), indent=1).encode())
+
+    async def save_checkpoint(self, model, step: int, extra: dict | None = None) -> dict:
+        t0 = time.perf_counter()
+        params = await model.get_params()
+        V, C = model.cfg.vocab_size, model.cfg.n_embd
+        tensors = {}
+        for name, (shape, data) in params.items():
+            if name == "transformer.wte.weight":  # drop the padding rows: Hugging Face expects (vocab_size, C)
+                shape, data = (V, C), memoryview(data)[:4 * V * C]
+            tensors[name] = ("F32", tuple(shape), data)
+        meta = {"format": FORMAT, "step": str(step)}
+        model_bytes = st.save(None, tensors, meta)
+        state = await model.get_state()
+        state_tensors = {name: ("F32", (len(data) // 4,), data) for name, data in state.items()}
+        smeta = {"format": FORMAT, "step": str(step), "seed": str(model.cfg.seed),
+                 "data_position": "batches are a pure function of (seed, step)", **(extra or {})}
+        state_bytes = st.save(None, state_tensors, smeta)
+        # model first, state second: a crash between the two leaves a state older than the model, which load()
+        # detects by comparing their steps.
+        atomic_write(self.path / "model.safetensors", bytes(model_bytes))
+        atomic_write(self.path / "state.safetensors", bytes(state_bytes))
+        return {"path": str(self.path), "bytes": len(model_bytes) + len(state_bytes),
+                "seconds": time.perf_counter() - t0}
+
+    def append_metrics(self, event: dict):
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    # -- reading
+    def check(self, need_state: bool = False):
+        if not self.path.is_dir():
+            raise RunError(f"run folder {self.path} does not exist: train one with `tabgpt train --out {self.path}`")
+        need = ["config.json", "tokenizer.json", "model.safetensors"] + (["state.safetensors"] if need_state else [])
+        missing = [n for n in need if not (self.path / n).is_file()]
+        if missing:
+            raise RunError(f"run folder {self.path} is incomplete: {', '.join(missing)} missing. Train with "
+                           f"`tabgpt train --out {self.path}` (a run saves at its end and every "
+                           f"--checkpoint-interval steps)")
+
+    def read_config(self) -> Config:
+        try:
+            d = json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise RunError(f"{self.path / 'config.json'} is unreadable ({e}); restore it or retrain") from e
+        return Config.from_dict(d).validate()
+
+    def read_tokenizer(self):
+        from tabgpt.bpe import Tokenizer
+        try:
+            return Tokenizer.from_json((self.path / "tokenizer.json").read_text())
+        except Exception as e:
+            raise RunError(f"{self.path / 'tokenizer.json'} is not a valid tokenizer ({e})") from e
+
+    def read_model(self, cfg: Config) -> tuple[dict, int]:
+        path = self.path / "model.safetensors"
+        try:
+            tensors, meta = st.load(path)
+        except CheckpointError as e:
+            raise RunError(str(e)) from e
+        from tabgpt.gpt import parameter_specs
+        specs, _ = parameter_specs(cfg)
+        out = {}
+        for spec in specs:
+            if spec.name not in tensors:
+                raise RunError(f"{path} has no tensor {spec.name}: it was not written for this config.json")
+            dtype, shape, data = tensors[spec.name]
+            want = spec.shape
+            if spec.name == "transformer.wte.weight":
+                want = (cfg.vocab_size, cfg.n_embd)
+            if tuple(shape) != want or dtype != "F32":
+                raise RunError(f"{path}: {spec.name} is {dtype}{list(shape)}, config.json needs F32{list(want)}")
+            if spec.name == "transformer.wte.weight":  # zero padding rows back in
+                data = bytes(data) + bytes(4 * (spec.shape[0] - cfg.vocab_size) * cfg.n_embd)
+            out[spec.name] = (spec.shape, data)
+        return out, int((meta or {}).get("step", 0))
+
+    def read_state(self) -> tuple[dict, dict]:
+        path = self.path / "state.safetensors"
+        try:
+            tensors, meta = st.load(path)
+        except CheckpointError as e:
+            raise RunError(str(e)) from e
+        return {k: v[2] for k, v in tensors.items()}, meta or {}
+
+    def read_metrics(self) -> list[dict]:
+        p = self.path / "metrics.jsonl"
+        if not p.exists():
+            return []
+        out = []
+        for line in p.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass  # a line cut by a crash: the events before it still count
+        return out
+
+
+def check_tokenizer_matches(tokenizer, cfg: Config, where: str):
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise RunError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model expects "
+                       f"{cfg.vocab_size}; use the tokenizer.json of the same run")
+
+
+async def load_model(dev, run: RunFolder, B: int = 1, T: int | None = None, with_state: bool = False):
+    """(cfg, tokenizer, model, step) from a run folder, the weights on the GPU."""
+    from tabgpt.gpt import GPT
+    run.check(need_state=with_state)
+    cfg = run.read_config()
+    tok = run.read_tokenizer()
+    check_tokenizer_matches(tok, cfg, str(run.path / "tokenizer.json"))
+    params, step = run.read_model(cfg)
+    model = await GPT.create(dev, cfg, B=B, T=T or cfg.block_size)
+    model.load_params(params)
+    if with_state:
+        state, meta = run.read_state()
+        sstep = int(meta.get("step", -1))
+        if sstep != step:
+            raise RunError(f"{run.path}: model.safetensors is at step {step} but state.safetensors at step {sstep} "
+                           f"(a save was interrupted); the model alone still samples and evaluates")
+        model.load_state(state)
+    return cfg, tok, model, step
