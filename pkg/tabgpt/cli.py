@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_delegate("train"))
+    p.set_defaults(func=_delegate("pipeline", "cli_train"))
 
     p = sub.add_parser("sample", help="generate text from a trained run")
     p.add_argument("--run", required=True)

@@ -183,3 +183,143 @@ def check_fits(dev, cfg: Config):
         if nbytes > limit:
             raise RunError(f"{what} need {nbytes / 2**20:.0f} MiB in one binding, above this GPU's limit of "
                            f"{limit / 2**20:.0f} MiB: lower --batch-size, --block-size or --vocab-size")
+
+
+# ---------------------------------------------------------------------------------------------
+# `tabgpt train`: the native front end of the pipeline (progress bar on stderr, JSONL metrics in the run folder).
+
+FLAG_NAMES = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "vocab_size",
+              "learning_rate", "min_lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "eval_interval",
+              "eval_steps", "sample_interval", "checkpoint_interval", "seed", "time_limit"]
+
+
+class ProgressPrinter:
+    """One updating line on stderr for steps; evaluations, samples and checkpoints on lines of their own."""
+
+    def __init__(self, quiet=False, stream=None):
+        import sys
+        self.quiet = quiet
+        self.out = stream or sys.stderr
+        self.max_steps = 0
+        self.tty = self.out.isatty()
+        self.last_print = 0.0
+
+    def __call__(self, ev):
+        t = ev.get("type")
+        if self.quiet and t not in ("error", "done", "stopped"):
+            return
+        if t == "start":
+            self.max_steps = ev["max_steps"]
+            self._line(f"training {ev['n_params'] / 1e6:.2f} M parameters from step {ev['step']}, "
+                       f"{ev['tokens_per_step']:,} tokens per step, {ev['train_tokens']:,} training tokens\n")
+        elif t == "step":
+            now = time.perf_counter()
+            if not self.tty and now - self.last_print < 5 and ev["step"] != self.max_steps:
+                return
+            self.last_print = now
+            frac = ev["step"] / max(1, self.max_steps)
+            bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
+            eta = ev.get("eta", 0)
+            self._line(f"\r[{bar}] {ev['step']}/{self.max_steps} loss {ev['loss']:.4f} "
+                       f"{ev['tokens_per_s']:,.0f} tok/s {ev['gflops']:.1f} GFLOP/s "
+                       f"ETA {int(eta // 60)}:{int(eta % 60):02d}" + ("" if self.tty else "\n"))
+        elif t == "eval":
+            self._line(f"\nstep {ev['step']}: validation loss {ev['val_loss']:.4f} (train {ev['train_loss']:.4f})\n")
+        elif t == "sample":
+            self._line(f"\n--- sample at step {ev['step']} ---\n{ev['text']}\n---\n")
+        elif t == "checkpoint" and ev.get("saved"):
+            self._line(f"\ncheckpoint at step {ev['step']} -> {ev['path']} ({ev['seconds']:.1f} s)\n")
+        elif t == "nan":
+            self._line(f"\nwarning: {ev['message']}\n")
+        elif t in ("done", "stopped"):
+            self._line(f"\n{t} at step {ev['step']} after {ev['seconds']:.0f} s"
+                       + (f" ({ev['reason']})" if ev.get("reason") else "") + "\n")
+        elif t == "tokenizer_progress":
+            self._line(f"\rtokenizer: {ev.get('stage', '')} {ev.get('done', 0)}/{ev.get('total', 0)}")
+        elif t == "fetch" and ev.get("message"):
+            self._line(f"{ev['message']}\n")
+
+    def _line(self, s):
+        self.out.write(s)
+        self.out.flush()
+
+
+def cli_train(args) -> int:
+    import signal
+    import sys
+    from tabgpt import bpe, corpus as corpus_mod
+    from tabgpt.config import preset
+    from tabgpt.gpu import GPUError
+
+    overrides = {name: getattr(args, name, None) for name in FLAG_NAMES}
+    printer = ProgressPrinter(quiet=args.quiet)
+    pipe = Pipeline(printer, run_dir=args.out)
+
+    async def main():
+        resume = None
+        if args.resume:
+            pipe.run.check(need_state=True)
+            base = pipe.run.read_config()
+            cfg = base.replace(**{k: v for k, v in overrides.items() if k in ("max_steps", "time_limit",
+                                                                                "eval_interval", "sample_interval",
+                                                                                "checkpoint_interval")})
+            resume = pipe.run
+        else:
+            cfg = preset(args.preset, **overrides)
+        source = "default" if args.data == "default" else args.data
+        info = await pipe.load_data(source)
+        print(f"data: {pipe.corpus.summary()}", file=sys.stderr)
+        for n in info["notices"]:
+            print(f"note: {n}", file=sys.stderr)
+        if resume is not None:
+            tok = pipe.run.read_tokenizer()
+            check_tokenizer_matches(tok, cfg, str(pipe.run.path / "tokenizer.json"))
+            pipe.use_tokenizer(tok)
+        elif args.tokenizer:
+            tok = bpe.Tokenizer.load(args.tokenizer)
+            if args.vocab_size is None:
+                cfg = cfg.replace(vocab_size=tok.vocab_size)
+            check_tokenizer_matches(tok, cfg, args.tokenizer)
+            pipe.use_tokenizer(tok)
+        else:
+            r = await pipe.train_tokenizer(cfg.vocab_size)
+            print(f"\ntokenizer: {r['vocab_size']} tokens in {r['seconds']:.1f} s, "
+                  f"{r['bytes_per_token']:.2f} bytes/token", file=sys.stderr)
+        if resume is None:
+            pipe.run.create(cfg.replace(vocab_size=pipe.tokenizer.vocab_size), pipe.tokenizer.to_json())
+        m = await pipe.build_model(cfg, resume_from=resume)
+        print(f"model: {m['n_params'] / 1e6:.2f} M parameters, {m['gpu_bytes'] / 2**20:.0f} MiB on "
+              f"{pipe.dev.info.get('device') or pipe.dev.info.get('vendor')}, {m['kernels']} kernels compiled in "
+              f"{m['compile_seconds']:.1f} s" + (f", resuming at step {m['step']}" if resume else ""),
+              file=sys.stderr)
+        pipe.run.write_config(pipe.cfg)
+
+        def on_sigint(*_):
+            pipe.control.request_stop("interrupted (Ctrl+C); a checkpoint is being written")
+
+        old = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            last = await pipe.train()
+        finally:
+            signal.signal(signal.SIGINT, old)
+        samples = []
+        for seed in range(3):
+            samples.append(await pipe.sample("\n", max_new_tokens=120, temperature=0.8, top_k=50, seed=seed,
+                                             stream=False))
+        for i, s in enumerate(samples):
+            print(f"\n--- sample {i + 1} ---\n{s}")
+        ev = await pipe.evaluate(samples=samples, max_tokens=200_000)
+        pipe.run.append_metrics({"type": "final_eval", "step": pipe.step, **ev})
+        b = ev["baselines"]
+        print(f"\nheld-out: loss {ev['val_loss']:.4f}, perplexity {ev['perplexity']:.1f}, "
+              f"{ev['bits_per_byte']:.3f} bits/byte (gzip {b['gzip']:.3f}, bz2 {b['bz2']:.3f}, "
+              f"lzma {b['lzma']:.3f}), top-1 {100 * ev['top1']:.1f}%, real words "
+              f"{100 * ev.get('real_word_share', 0):.1f}%")
+        print(f"run folder: {pipe.run.path}")
+        return 0 if last and last["type"] in ("done", "stopped") else 1
+
+    try:
+        return asyncio.run(main())
+    except (RunError, TrainingError, GPUError, ValueError, corpus_mod.CorpusError) as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1

@@ -2,24 +2,47 @@
 
 The worker (site/js/tabgpt-worker.js) loads Pyodide, installs this wheel with micropip and then runs small
 Python snippets such as ``await tabgpt.web.check()``. Long jobs report progress with ``post(event)``, which
-becomes a ``message`` event on the page; the page only displays events.
+becomes a ``message`` event on the page; the page only displays events. Every function returns JSON text.
+
+The run folder lives in Pyodide's in-memory file system at /run and is mirrored into the browser's origin
+private file system (OPFS, folder "tabgpt-run") at every checkpoint, so a reload can resume the run.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import os
 import time
+import zipfile
 
 from tabgpt import IN_BROWSER, __version__
+
+RUN_DIR = "/run" if IN_BROWSER else os.path.join(os.environ.get("TMPDIR", "/tmp"), "tabgpt-web-run")
+OPFS_FOLDER = "tabgpt-run"
+RUN_FILES = ["config.json", "tokenizer.json", "model.safetensors", "state.safetensors", "metrics.jsonl",
+             "source.json"]
+
+_pipe = None
+_source = None
 
 
 def post(event: dict) -> None:
     """Send one event (a JSON-able dict) to the page; natively it is printed, which helps when testing."""
     if IN_BROWSER:
         import js
-        js.postMessage(json.dumps({"type": "event", **event}))
+        js.postMessage(json.dumps({"type": "event", **event} if "type" not in event else event))
     else:  # pragma: no cover - only used when running page code natively
         print(json.dumps(event))
+
+
+def _pipeline():
+    global _pipe
+    if _pipe is None:
+        from tabgpt.pipeline import Pipeline
+        _pipe = Pipeline(post, run_dir=RUN_DIR)
+    return _pipe
 
 
 async def check() -> str:
@@ -36,9 +59,256 @@ async def check() -> str:
     out["info"] = dev.info
     out["features"] = sorted(dev.features)
     out["limits"] = dev.limits
-    post({"stage": "selftest", "message": "running the kernel self-test"})
+    post({"type": "status", "message": "running the kernel self-test"})
     out["selftest"] = await selftest.run_selftest(dev)
-    post({"stage": "dispatch", "message": "measuring the cost of a replayed dispatch"})
+    post({"type": "status", "message": "measuring the cost of a replayed dispatch"})
     out["dispatch"] = await selftest.dispatch_cost(dev, n=1000, reps=3)
     out["seconds"] = time.perf_counter() - t0
     return json.dumps(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo's stages.
+
+async def open_session() -> str:
+    from tabgpt import gpu
+    from tabgpt.config import PRESETS, preset
+    from tabgpt.pipeline import check_fits
+    pipe = _pipeline()
+    pipe.dev = await gpu.open_device()
+    presets = {}
+    for name in PRESETS:
+        cfg = preset(name)
+        try:
+            check_fits(pipe.dev, cfg)
+            fits = True
+        except Exception:
+            fits = False
+        presets[name] = {**cfg.model_dict(), "max_steps": cfg.max_steps, "n_params": cfg.n_params(), "fits": fits}
+    info = pipe.dev.info
+    fallback = bool(info.get("is_fallback_adapter")) or info.get("architecture") == "swiftshader"
+    saved = await _saved_run_info()
+    return json.dumps({"adapter": info.get("description") or info.get("device") or info.get("vendor") or "unknown",
+                       "info": info, "fallback": fallback, "presets": presets,
+                       "default_preset": "tiny" if fallback else "browser", "saved": saved})
+
+
+async def load_data(source) -> str:
+    global _source
+    if isinstance(source, dict) and "text" in source and source.get("name"):
+        source = {"text": source["text"]}
+    r = await _pipeline().load_data(source)
+    _source = source
+    return json.dumps(r)
+
+
+async def train_tokenizer(vocab_size: int) -> str:
+    return json.dumps(await _pipeline().train_tokenizer(int(vocab_size)))
+
+
+async def build_model(options: dict) -> str:
+    from tabgpt.config import preset
+    pipe = _pipeline()
+    options = dict(options)
+    cfg = preset(options.pop("preset", "tiny"), **options)
+    r = await pipe.build_model(cfg)
+    os.makedirs(RUN_DIR, exist_ok=True)
+    pipe.run.create(pipe.cfg, pipe.tokenizer.to_json(), overwrite=True)
+    with open(os.path.join(RUN_DIR, "metrics.jsonl"), "w"):
+        pass
+    _write_source()
+    return json.dumps(r)
+
+
+async def train() -> str:
+    pipe = _pipeline()
+    original = pipe.run.save_checkpoint
+
+    async def save_and_mirror(model, step, extra=None):
+        info = await original(model, step, extra)
+        await _mirror_to_opfs()
+        return info
+
+    pipe.run.save_checkpoint = save_and_mirror
+    if not pipe.cfg.checkpoint_interval:
+        pipe.cfg.checkpoint_interval = max(1, min(pipe.cfg.eval_interval or 50, pipe.cfg.max_steps // 4 or 1))
+    try:
+        last = await pipe.train(sample_prompt="\n")
+    finally:
+        pipe.run.save_checkpoint = original
+    sample = next((e["text"] for e in reversed(pipe.history) if e["type"] == "sample"), None)
+    return json.dumps({**last, "sample": sample})
+
+
+def toggle_pause() -> str:
+    c = _pipeline().control
+    c.pause = not c.pause
+    return json.dumps(c.pause)
+
+
+def request_stop() -> str:
+    _pipeline().control.request_stop("stopped by the user")
+    return json.dumps(True)
+
+
+async def sample(options: dict) -> str:
+    pipe = _pipeline()
+    t0 = time.perf_counter()
+    n = [0]
+    emit = pipe.emit
+
+    def counting(ev):
+        n[0] += ev.get("type") == "token"
+        emit(ev)
+
+    pipe.emit = counting
+    try:
+        text = await pipe.sample(options.get("prompt", ""), max_new_tokens=int(options.get("max_new_tokens", 200)),
+                                 temperature=float(options.get("temperature", 0.8)), top_k=options.get("top_k"),
+                                 top_p=options.get("top_p"), seed=int(options.get("seed", 0)))
+    finally:
+        pipe.emit = emit
+    pipe.last_samples = getattr(pipe, "last_samples", [])[-4:] + [text]
+    dt = time.perf_counter() - t0
+    return json.dumps({"text": options.get("prompt", "") + text, "tokens": n[0], "tokens_per_s": n[0] / max(dt, 1e-9)})
+
+
+async def evaluate() -> str:
+    pipe = _pipeline()
+    samples = getattr(pipe, "last_samples", None)
+    if not samples:
+        samples = [await pipe.sample("\n", max_new_tokens=100, temperature=0.8, top_k=50, seed=s, stream=False)
+                   for s in range(2)]
+    r = await pipe.evaluate(samples=samples, max_tokens=50_000)
+    pipe.run.append_metrics({"type": "final_eval", "step": pipe.step, **r})
+    await _mirror_to_opfs()
+    return json.dumps(r)
+
+
+def search_books(query: str) -> str:
+    from tabgpt.corpus import search_catalogue
+    return json.dumps(search_catalogue(query, limit=30))
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving, downloading and resuming runs.
+
+def _write_source():
+    src = _source
+    if isinstance(src, dict) and "text" in src:
+        src = {"text_sha": None, "text": src["text"]} if len(src["text"]) < 20_000_000 else "default"
+    with open(os.path.join(RUN_DIR, "source.json"), "w") as f:
+        json.dump({"source": src}, f)
+
+
+async def _opfs_dir():
+    from js import navigator
+    root = await navigator.storage.getDirectory()
+    return await root.getDirectoryHandle(OPFS_FOLDER, create=True)
+
+
+async def _mirror_to_opfs():
+    if not IN_BROWSER:
+        return
+    from pyodide.ffi import to_js
+    d = await _opfs_dir()
+    for name in RUN_FILES:
+        path = os.path.join(RUN_DIR, name)
+        if not os.path.exists(path):
+            continue
+        with open(path, "rb") as f:
+            data = f.read()
+        # Write under a temporary name, then move: a reload mid-write keeps the previous checkpoint.
+        h = await d.getFileHandle(name + ".tmp", create=True)
+        w = await h.createWritable()
+        await w.write(to_js(memoryview(data)))
+        await w.close()
+        await h.move(name)
+
+
+async def _opfs_read(name: str) -> bytes | None:
+    try:
+        h = await (await _opfs_dir()).getFileHandle(name)
+    except Exception:
+        return None
+    blob = await h.getFile()
+    return (await blob.arrayBuffer()).to_bytes()
+
+
+async def _saved_run_info():
+    if not IN_BROWSER:
+        return None
+    cfg = await _opfs_read("config.json")
+    model = await _opfs_read("model.safetensors")
+    if not cfg or not model:
+        return None
+    from tabgpt.safetensors import load_header
+    try:
+        _, meta = load_header(model)
+        c = json.loads(cfg)
+        return {"step": int((meta or {}).get("step", 0)), "max_steps": int(c.get("max_steps", 0))}
+    except Exception:
+        return None
+
+
+async def resume_saved() -> str:
+    """Restore the run mirrored in OPFS: data (from its source, cached), tokenizer, weights and optimizer state."""
+    from tabgpt.run import RunFolder
+    os.makedirs(RUN_DIR, exist_ok=True)
+    for name in RUN_FILES:
+        data = await _opfs_read(name)
+        if data is not None:
+            with open(os.path.join(RUN_DIR, name), "wb") as f:
+                f.write(data)
+    return json.dumps(await _restore(RunFolder(RUN_DIR)))
+
+
+async def _restore(run) -> dict:
+    global _source
+    pipe = _pipeline()
+    run.check(need_state=True)
+    cfg = run.read_config()
+    try:
+        with open(run.path / "source.json") as f:
+            _source = json.load(f)["source"]
+    except (OSError, ValueError, KeyError):
+        _source = "default"
+    await pipe.load_data(_source)
+    pipe.use_tokenizer(run.read_tokenizer())
+    model = await pipe.build_model(cfg, resume_from=run)
+    metrics = run.read_metrics()
+    losses = [[e["step"], e["loss"]] for e in metrics if e.get("type") == "step"]
+    val = [[e["step"], e["val_loss"]] for e in metrics if e.get("type") == "eval"]
+    return {"step": pipe.step, "max_steps": cfg.max_steps, "model": model, "losses": losses, "val_losses": val}
+
+
+async def run_folder_zip() -> str:
+    """The run folder as a base64 zip, for the page's download button."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in RUN_FILES:
+            path = os.path.join(RUN_DIR, name)
+            if os.path.exists(path):
+                z.write(path, f"tabgpt-run/{name}")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+async def load_run_files(files: dict) -> str:
+    """Load a run folder the visitor picked: its files (or one zip of them), base64-encoded by name."""
+    from tabgpt.run import RunFolder
+    os.makedirs(RUN_DIR, exist_ok=True)
+    for name, b64 in files.items():
+        data = base64.b64decode(b64)
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                for member in z.namelist():
+                    base = member.rsplit("/", 1)[-1]
+                    if base in RUN_FILES:
+                        with open(os.path.join(RUN_DIR, base), "wb") as f:
+                            f.write(z.read(member))
+        elif name in RUN_FILES:
+            with open(os.path.join(RUN_DIR, name), "wb") as f:
+                f.write(data)
+    r = await _restore(RunFolder(RUN_DIR))
+    await _mirror_to_opfs()
+    return json.dumps(r)

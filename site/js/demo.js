@@ -232,7 +232,7 @@ async function main() {
   tg = new TabGPTWorker(onEvent);
   window.tabgptWorker = tg;
   const boot = await tg.ready;
-  const dev = await py(`await tabgpt.web.open()`);
+  const dev = await py(`await tabgpt.web.open_session()`);
   presets = dev.presets;
   for (const [name, p] of Object.entries(presets)) {
     const opt = new Option(`${name}: ${p.n_layer} layers × ${p.n_embd}, context ${p.block_size}` + (p.fits ? "" : " (too big for this GPU)"), name);
