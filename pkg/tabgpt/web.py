@@ -95,8 +95,15 @@ async def open_session() -> str:
 
 async def load_data(source) -> str:
     global _source
-    if isinstance(source, dict) and "text" in source and source.get("name"):
-        source = {"text": source["text"]}
+    if isinstance(source, dict) and "upload" in source:
+        # A file the visitor picked: its bytes go through the file path, so encoding detection applies.
+        up = source["upload"]
+        os.makedirs("/tmp/uploads", exist_ok=True)
+        name = os.path.basename(up.get("name") or "upload.txt") or "upload.txt"
+        path = os.path.join("/tmp/uploads", name)
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(up["b64"]))
+        source = {"file": path}
     r = await _pipeline().load_data(source)
     _source = source
     return json.dumps(r)
@@ -194,9 +201,11 @@ def search_books(query: str) -> str:
 # Saving, downloading and resuming runs.
 
 def _write_source():
+    """Remember where the data came from, so a resumed run reloads it: books and the default are fetched
+    again (from the cache); an upload or pasted text is kept whole (it exists nowhere else)."""
     src = _source
-    if isinstance(src, dict) and "text" in src:
-        src = {"text_sha": None, "text": src["text"]} if len(src["text"]) < 20_000_000 else "default"
+    if isinstance(src, dict) and ("text" in src or "file" in src):
+        src = {"text": _pipeline().corpus.text}
     with open(os.path.join(RUN_DIR, "source.json"), "w") as f:
         json.dump({"source": src}, f)
 

@@ -16,6 +16,11 @@ const human = (n) => n >= 1e9 ? (n / 1e9).toFixed(2) + " G" : n >= 1e6 ? (n / 1e
 const secs = (s) => s >= 3600 ? `${Math.floor(s / 3600)} h ${Math.round(s % 3600 / 60)} min`
                   : s >= 60 ? `${Math.floor(s / 60)} min ${Math.round(s % 60)} s` : `${Math.round(s)} s`;
 let tg = null;
+function toBase64(bytes) {  // chunked: String.fromCharCode(...big) overflows the stack
+  let s = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+  return btoa(s);
+}
 let chart = null;
 let presets = {};
 
@@ -90,7 +95,10 @@ function sourceFromUI() {
     return { books: ids };
   }
   if (kind === "text") return { text: $("paste").value };
-  if (kind === "file") return state.fileText !== undefined ? { text: state.fileText, name: state.fileName } : (() => { throw new Error("choose a file first"); })();
+  if (kind === "file") {
+    if (state.fileB64 === undefined) throw new Error("choose a file first");
+    return { upload: { name: state.fileName, b64: state.fileB64 } };
+  }
   return "default";
 }
 
@@ -255,10 +263,12 @@ async function main() {
   $("btn-eval").onclick = () => evaluate().catch(fail);
   $("btn-download").onclick = () => downloadRun().catch(fail);
   $("btn-resume").onclick = () => resumeSaved().catch(fail);
-  $("file-input").onchange = async (e) => { const f = e.target.files[0]; state.fileName = f.name; state.fileText = await f.text(); };
+  $("file-input").onchange = async (e) => {
+    const f = e.target.files[0]; state.fileName = f.name; state.fileB64 = toBase64(new Uint8Array(await f.arrayBuffer()));
+  };
   $("run-upload").onchange = async (e) => {
     const files = {};
-    for (const f of e.target.files) files[f.name] = btoa(String.fromCharCode(...new Uint8Array(await f.arrayBuffer())));
+    for (const f of e.target.files) files[f.name] = toBase64(new Uint8Array(await f.arrayBuffer()));
     try { const r = await py(`await tabgpt.web.load_run_files(${pyArg(files)})`); setStatus(`Loaded run at step ${r.step}.`, "ok");
           state.dataReady = state.tokReady = state.modelReady = true; enable(true);
     } catch (err) { fail(err); }
