@@ -1,0 +1,186 @@
+"""Speed of our f32 matmul (shaders/matmul.wgsl) natively, beside cuBLAS fp32 when PyTorch sees a CUDA GPU.
+
+For each size M x N x K: out (M, N) = A (M, K) @ B (K, N) (layout nn unless --layout says otherwise), one dispatch
+sequence replayed `repeat` times per submission and waited for with dev.sync(); the best of a few submissions
+gives the time per product and GFLOP/s = 2 M N K / time. A few rows of the result are checked against NumPy.
+cuBLAS runs the same product through torch.matmul with TF32 off (true fp32), timed with CUDA events.
+
+    python bench/bench_matmul.py                       # GPT-2 small shapes (B*T = 8192) and 4096^3
+    python bench/bench_matmul.py --quick --no-write    # tiny sizes: checks that it runs (lavapipe)
+    python bench/bench_matmul.py --sizes 4096x4096x4096 --tiles 128,128,8,8,8 --tiles 64,64,8,4,4
+
+Results are printed as a table and appended to bench/results/matmul.md with the date and the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "pkg"))
+
+from tabgpt import gpu  # noqa: E402
+from tabgpt.gpu import wait  # noqa: E402
+from tabgpt.ops.matmul import Matmul  # noqa: E402
+
+# GPT-2 small (C = 768) at B*T = 8192: c_attn, attn c_proj, c_fc, mlp c_proj; then a square product.
+GPT2_SIZES = ["8192x2304x768", "8192x768x768", "8192x3072x768", "8192x768x3072", "4096x4096x4096"]
+QUICK_SIZES = ["64x64x64", "111x216x72", "256x256x256"]
+TARGET_SECONDS = 0.25   # time per timed submission (repeat is chosen to reach it)
+
+
+def parse_size(s: str) -> tuple[int, int, int]:
+    M, N, K = (int(v) for v in s.lower().split("x"))
+    return M, N, K
+
+
+def parse_tiles(s: str) -> dict:
+    BM, BN, BK, TM, TN = (int(v) for v in s.split(","))
+    return {"BM": BM, "BN": BN, "BK": BK, "TM": TM, "TN": TN}
+
+
+def tiles_name(mm: Matmul) -> str:
+    if mm.variant == "simple":
+        return "simple"
+    t = mm.tiles
+    return f"{t['BM']}x{t['BN']}x{t['BK']} / {t['TM']}x{t['TN']}"
+
+
+def operands(M, N, K, layout, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((K, M) if layout == "tn" else (M, K), dtype=np.float32)
+    b = rng.standard_normal((N, K) if layout == "nt" else (K, N), dtype=np.float32)
+    return a, b
+
+
+def time_ours(dev, M, N, K, layout, variant, tiles, splits, trials):
+    """(seconds per product, max relative error of a few checked rows, Matmul)."""
+    a, b = operands(M, N, K, layout)
+    mm = wait(Matmul.create(dev, M, N, K, layout, variant=variant, tiles=tiles, splits=splits))
+    ba, bb = dev.buffer(a.nbytes, "a", a), dev.buffer(b.nbytes, "b", b)
+    out = dev.buffer(4 * M * N, "out")
+    seq = dev.sequence("bench-matmul")
+    mm.dispatch(seq, out=out, a=ba, b=bb)
+    wait(seq.build())
+    seq.run()
+    wait(dev.sync())
+    t0 = time.perf_counter()
+    seq.run()
+    wait(dev.sync())
+    once = time.perf_counter() - t0
+    repeat = max(1, min(1000, int(TARGET_SECONDS / max(once, 1e-6))))
+    best = float("inf")
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        seq.run(repeat)
+        wait(dev.sync())
+        best = min(best, (time.perf_counter() - t0) / repeat)
+    # Check the first and last rows against float64 NumPy.
+    rows = sorted(set(range(min(8, M))) | set(range(max(0, M - 8), M)))
+    got = np.frombuffer(wait(dev.read(out)), dtype=np.float32).reshape(M, N)[rows]
+    a64 = (a.T if layout == "tn" else a).astype(np.float64)[rows]
+    b64 = (b.T if layout == "nt" else b).astype(np.float64)
+    ref = a64 @ b64
+    err = float(np.abs(got - ref).max() / max(1e-30, np.abs(ref).max()))
+    return best, err, mm
+
+
+def time_cublas(M, N, K, layout, trials):
+    """Seconds per product through torch.matmul on CUDA with TF32 off, or None without a CUDA GPU."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    a, b = operands(M, N, K, layout)
+    ta, tb = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
+    fa = (lambda: ta.t()) if layout == "tn" else (lambda: ta)
+    fb = (lambda: tb.t()) if layout == "nt" else (lambda: tb)
+    out = torch.empty((M, N), device="cuda", dtype=torch.float32)
+    torch.matmul(fa(), fb(), out=out)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.matmul(fa(), fb(), out=out)
+    torch.cuda.synchronize()
+    once = time.perf_counter() - t0
+    repeat = max(1, min(1000, int(TARGET_SECONDS / max(once, 1e-6))))
+    best = float("inf")
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeat):
+            torch.matmul(fa(), fb(), out=out)
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / repeat)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", nargs="+", help="MxNxK, e.g. 4096x4096x4096 (default: GPT-2 small shapes)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one trial: a smoke run for CPU adapters")
+    ap.add_argument("--layout", default="nn", choices=["nn", "nt", "tn"])
+    ap.add_argument("--variant", default=None, choices=["tiled", "simple"])
+    ap.add_argument("--tiles", action="append", type=parse_tiles,
+                    help="BM,BN,BK,TM,TN for the tiled kernel; repeat to compare several (default: per adapter)")
+    ap.add_argument("--splits", action="append", type=int,
+                    help="slices of the reduction (split-K); repeat to compare several (default: per adapter)")
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--no-cublas", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="do not append to bench/results/matmul.md")
+    args = ap.parse_args()
+    sizes = [parse_size(s) for s in (args.sizes or (QUICK_SIZES if args.quick else GPT2_SIZES))]
+    trials = 1 if args.quick else args.trials
+
+    dev = wait(gpu.open_device())
+    device = dev.info.get("device") or dev.info.get("vendor") or "?"
+    rows = []
+    for M, N, K in sizes:
+        flop = 2.0 * M * N * K
+        cublas = None if args.no_cublas else time_cublas(M, N, K, args.layout, trials)
+        for tiles, splits in [(t, s) for t in args.tiles or [None] for s in args.splits or [None]]:
+            sec, err, mm = time_ours(dev, M, N, K, args.layout, args.variant, tiles, splits, trials)
+            rows.append({
+                "size": f"{M}x{N}x{K}", "kernel": tiles_name(mm), "splits": mm.splits, "ms": 1e3 * sec,
+                "gflops": flop / sec / 1e9,
+                "cublas_ms": None if cublas is None else 1e3 * cublas,
+                "cublas_gflops": None if cublas is None else flop / cublas / 1e9, "err": err})
+            r = rows[-1]
+            print(f"{r['size']:>16} {r['kernel']:>18} x{r['splits']:<2} {r['gflops']:10.1f} GFLOP/s  err {err:.1e}",
+                  flush=True)
+
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = [f"## {args.layout.upper()} f32 matmul, {datetime.date.today()}, {device} ({dev.backend})", "",
+             f"`python bench/bench_matmul.py {' '.join(sys.argv[1:])}`: best of {trials}; "
+             "cuBLAS through torch.matmul, TF32 off.", "",
+             "| M x N x K | tiles (BMxBNxBK / TMxTN) | split-K | ms | GFLOP/s | cuBLAS ms | cuBLAS GFLOP/s | "
+             "of cuBLAS | max rel err |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        share = None if r["cublas_gflops"] is None else 100 * r["gflops"] / r["cublas_gflops"]
+        lines.append(f"| {r['size']} | {r['kernel']} | {r['splits']} | {r['ms']:.3f} | {r['gflops']:.1f} | {fmt(r['cublas_ms'], '.3f')} "
+                     f"| {fmt(r['cublas_gflops'], '.1f')} | {fmt(share, '.0f')}{'' if share is None else '%'} "
+                     f"| {r['err']:.1e} |")
+    text = "\n".join(lines) + "\n"
+    print()
+    print(text)
+    if not args.no_write:
+        out = ROOT / "bench" / "results" / "matmul.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            f.write(text + "\n")
+        print(f"appended to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

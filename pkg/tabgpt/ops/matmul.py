@@ -1,0 +1,352 @@
+"""Matrix products (shaders/matmul.wgsl): the four Conv1D layers and the tied lm_head, forward and backward.
+
+    fc = await Conv1D.create(dev, M=B*T, K=C, N=4*C)              # Hugging Face GPT-2 Conv1D: W is (in, out)
+    fc.forward(seq, out=h, inp=x, weight=w, bias=b)               # h (M, N) = x (M, K) @ w (K, N) + b (N,)
+    fc.backward(seq, dinp=dx, dweight=dw, dbias=db, dout=dh, inp=x, weight=w)
+
+    head = await LMHead.create(dev, M=B*T, C=C, Vp=Vp)             # tied: logits = x @ wte^T
+    head.forward(seq, logits=lg, x=x, wte=wte)                     # lg (M, Vp) = x (M, C) @ wte (Vp, C)^T
+    head.backward(seq, dx=dx, dwte=dwte, dlogits=dlg, x=x, wte=wte)
+
+The backwards WRITE the input gradient (dinp, dx: the next op's layernorm backward adds it into the residual
+stream) and ACCUMULATE the parameter gradients (dweight, dbias, dwte: grad += ..., so that micro-batches add up;
+zero them once per optimizer step). GELU is not fused here: elementwise.gelu_forward runs on the c_fc output.
+
+Both build on Matmul, one product of fixed shape and layout: out (M, N) [+]= op(A) (M, K) @ op(B) (K, N) [+ bias],
+layout "nn", "nt" (B stored (N, K)) or "tn" (A stored (K, M)). Two kernels compute it: "tiled" (register-blocked,
+workgroup-memory tiles, vec4 loads; every stored row length a multiple of 4) and "simple" (one thread per output,
+any shape), which the tests hold the tiled one against. Tile sizes are override constants: default_tiles() picks
+them per adapter and shape, and any Matmul takes its own. Where out is small and K long (the weight gradients), the
+tiled kernel splits the reduction into slices run side by side (split-K, default_splits()) and a second pass adds
+them up in order. Every output is a fixed-order fma chain, so results are bit-identical run to run. Operands beyond
+the device's storage binding limit are split into row chunks. On an H100 (Vulkan) the GPT-2 small products run at
+18-25 TFLOP/s, 37-52% of cuBLAS fp32: bench/bench_matmul.py, bench/results/matmul.md.
+"""
+
+from __future__ import annotations
+
+import struct
+import weakref
+
+from tabgpt.gpu import Buffer, Device, GPUError, Sequence, View
+
+FILE = "matmul.wgsl"
+LAYOUTS = ("nn", "nt", "tn")
+SIMPLE_WG = 16        # matmul_simple is 16 x 16 threads
+SUM_WG = 256          # matmul_split_sum: vec4s per workgroup
+SPLIT_TARGET = 1024   # split-K aims at this many workgroups (about 8 per multiprocessor of a 132-SM H100)
+BIAS_COLS = 64        # bias_grad_partial: columns per workgroup
+BIAS_ROWS = 128       # bias_grad_partial: rows per block (one partial sum per block and column)
+MAX_GROUPS = 65535
+ROW_ALIGN = 64        # chunks start at multiples of 64 rows: 64 * 4 bytes * any row length is 256-byte aligned
+
+# Tile shapes (override constants of matmul_tiled). On GPUs: 128 x 128 x 16 blocks (16 KiB of workgroup memory),
+# 8 x 8 outputs per thread, the fastest of ten shapes measured on an H100; 64 x 64 when even split-K leaves too few
+# workgroups to fill the GPU. On lavapipe 64 x 64 x 8 with 8 x 8 per thread was fastest (2-3x over 32 x 32 / 4 x 4).
+TILES_LARGE = {"BM": 128, "BN": 128, "BK": 16, "TM": 8, "TN": 8}
+TILES_MEDIUM = {"BM": 64, "BN": 64, "BK": 8, "TM": 4, "TN": 4}
+TILES_CPU = {"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}
+
+
+def span(x) -> tuple[Buffer, int, int]:
+    """(buffer, byte offset, byte size) of a gpu.Buffer or gpu.View."""
+    if isinstance(x, Buffer):
+        return x, 0, x.size
+    if isinstance(x, View):
+        return x.buffer, x.offset, x.size
+    raise GPUError(f"expected a gpu.Buffer or gpu.View, got {type(x).__name__}")
+
+
+def is_cpu_adapter(dev: Device) -> bool:
+    info = dev.info
+    names = " ".join(str(info.get(k, "")) for k in ("vendor", "architecture", "device")).lower()
+    return (info.get("adapter_type") == "CPU" or bool(info.get("is_fallback_adapter"))
+            or "llvmpipe" in names or "swiftshader" in names)
+
+
+def default_tiles(dev: Device, M: int, N: int, K: int = 1) -> dict:
+    """Tile sizes for an out (M, N) = (M, K) @ (K, N) product on this adapter (measured on an H100 and lavapipe;
+    a starting point elsewhere). Large tiles wherever they, split-K included, make enough workgroups."""
+    if is_cpu_adapter(dev):
+        return dict(TILES_CPU)
+    workgroups = -(-M // TILES_LARGE["BM"]) * -(-N // TILES_LARGE["BN"]) * max(1, min(16, K // 256))
+    return dict(TILES_LARGE if workgroups >= 256 else TILES_MEDIUM)
+
+
+def default_splits(dev: Device, workgroups: int, K: int) -> int:
+    """Slices of the reduction for split-K: enough workgroups to fill a large GPU (a few per multiprocessor),
+    each slice at least 256 long. CPU adapters gain nothing from it."""
+    if is_cpu_adapter(dev):
+        return 1
+    return max(1, min(SPLIT_TARGET // max(1, workgroups), K // 256, 16))
+
+
+_scratch: "weakref.WeakKeyDictionary[Device, dict]" = weakref.WeakKeyDictionary()
+
+
+def shared_scratch(dev: Device, nbytes: int) -> Buffer:
+    """One split-K scratch buffer per device and size: every product of a sequence runs one after another, so
+    the products of all layers share it (a GPT's layers need only a few sizes)."""
+    pool = _scratch.setdefault(dev, {})
+    if nbytes not in pool:
+        pool[nbytes] = dev.buffer(nbytes, "matmul-split-k")
+    return pool[nbytes]
+
+
+def fold_grid(groups: int) -> tuple[int, int, int]:
+    """A 1-D count of workgroups as an (x, y) grid within 65535 per dimension (the kernel flattens it back)."""
+    groups = max(1, groups)
+    gx = min(groups, MAX_GROUPS)
+    return (gx, -(-groups // gx), 1)
+
+
+def check_tiles(dev: Device, t: dict):
+    BM, BN, BK, TM, TN = (t[k] for k in ("BM", "BN", "BK", "TM", "TN"))
+    threads = (BM // TM) * (BN // TN)
+    problems = []
+    if TM not in (4, 8) or TN not in (4, 8):
+        problems.append("TM and TN must be 4 or 8")
+    if BM % TM or BN % TN or BK % 4 or BK <= 0:
+        problems.append("BM % TM, BN % TN and BK % 4 must be 0")
+    if threads > dev.limits["max-compute-invocations-per-workgroup"]:
+        problems.append(f"{threads} threads per workgroup")
+    if 4 * BK * (BM + BN) > dev.limits["max-compute-workgroup-storage-size"]:
+        problems.append(f"{4 * BK * (BM + BN)} bytes of workgroup memory")
+    if problems:
+        raise GPUError(f"tiles {t} do not fit this device: " + "; ".join(problems))
+
+
+class Matmul:
+    """out (M, N) [+]= op(A) (M, K) @ op(B) (K, N) [+ bias (N,)] for one shape and layout.
+
+    layout "nn": A (M, K), B (K, N); "nt": A (M, K), B (N, K); "tn": A (K, M), B (K, N). All f32, row-major.
+    accumulate=True adds into out (out += ...); otherwise out is written.
+    """
+
+    def __init__(self, dev, M, N, K, layout, bias, variant, tiles, splits, kernels, chunks, no_bias, scratch):
+        self.dev, self.M, self.N, self.K = dev, M, N, K
+        self.layout, self.bias, self.variant, self.tiles, self.splits = layout, bias, variant, tiles, splits
+        self.k = kernels          # "product" (+ "sum" with splits): the first chunk's; "*_rest": later chunks'
+        self.chunks = chunks      # [(start row, rows, params uniform, product grid, sum grid)]
+        self.no_bias = no_bias    # bound in place of the bias when there is none (never read)
+        self.scratch = scratch    # (splits, rows, N) f32 partial products, or None
+
+    @classmethod
+    async def create(cls, dev: Device, M: int, N: int, K: int, layout: str = "nn", bias: bool = False,
+                     accumulate: bool = False, variant: str | None = None, tiles: dict | None = None,
+                     splits: int | None = None, max_binding: int | None = None) -> "Matmul":
+        """variant None picks "tiled" where every stored row length is a multiple of 4, else "simple".
+        splits: the tiled kernel cuts the reduction into this many slices run side by side (more workgroups when
+        out is small), then sums them in order; None picks it per adapter and shape. max_binding (bytes) caps the
+        bytes bound per operand below the device limit (tests use it to force row chunks)."""
+        if layout not in LAYOUTS:
+            raise GPUError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if min(M, N, K) <= 0:
+            raise GPUError(f"matmul sizes must be positive, got M={M}, N={N}, K={K}")
+        a_row = M if layout == "tn" else K
+        b_row = K if layout == "nt" else N
+        aligned = a_row % 4 == 0 and b_row % 4 == 0 and N % 4 == 0
+        variant = variant or ("tiled" if aligned else "simple")
+        if variant not in ("tiled", "simple"):
+            raise GPUError(f"variant must be 'tiled' or 'simple', got {variant!r}")
+        if variant == "tiled" and not aligned:
+            raise GPUError(f"the tiled matmul needs row lengths that are multiples of 4 (layout {layout}: "
+                           f"A rows {a_row}, B rows {b_row}, out rows {N}); use variant='simple'")
+        consts = {"A_T": layout == "tn", "B_T": layout == "nt"}
+        if variant == "tiled":
+            tiles = dict(tiles or default_tiles(dev, M, N, K))
+            check_tiles(dev, tiles)
+            consts.update(tiles)
+            entry, bm, bn, bk = "matmul_tiled", tiles["BM"], tiles["BN"], tiles["BK"]
+        else:
+            tiles = None
+            entry, bm, bn, bk = "matmul_simple", SIMPLE_WG, SIMPLE_WG, 1
+        gx = -(-N // bn)
+        if gx > MAX_GROUPS:
+            raise GPUError(f"N = {N} needs {gx} workgroups along x, more than {MAX_GROUPS}")
+
+        # Row chunks: split the long dimension (out rows for nn/nt, the reduction for tn) so that every operand
+        # fits one binding and the grid fits 65535 rows of workgroups. Chunks of a tn reduction add into out.
+        limit = min(dev.limits["max-storage-buffer-binding-size"], max_binding or 1 << 62)
+        if layout == "tn":
+            long, per_row, fixed = K, 4 * max(M, N), 4 * M * N      # A and B rows of the reduction; out whole
+        else:
+            long, per_row, fixed = M, 4 * max(K, N), 4 * K * N      # A and out rows; B whole
+        if fixed > limit:
+            raise GPUError(f"a {M}x{N}x{K} {layout} matmul binds {fixed} bytes at once, over the limit of {limit}")
+        rows = limit // per_row
+        if layout != "tn":
+            rows = min(rows, MAX_GROUPS * bm)
+        if rows < long:
+            rows = rows // ROW_ALIGN * ROW_ALIGN
+            if rows == 0:
+                raise GPUError(f"one {ROW_ALIGN}-row chunk of a {M}x{N}x{K} matmul exceeds the binding limit {limit}")
+        rows = min(rows, long)
+        if layout == "tn" and -(-M // bm) > MAX_GROUPS:
+            raise GPUError(f"M = {M} needs {-(-M // bm)} workgroups along y, more than {MAX_GROUPS}")
+        out_rows = M if layout == "tn" else rows          # the largest chunk's rows of out
+        red_len = min(rows, K) if layout == "tn" else K    # the largest chunk's reduction length
+
+        # Split-K: slices of the reduction as grid z, each into its own (rows, N) slab of a scratch buffer.
+        if variant == "simple":
+            splits = 1
+        elif splits is None:
+            splits = default_splits(dev, gx * -(-out_rows // bm), red_len)
+        splits = max(1, min(int(splits), -(-red_len // bk), limit // (4 * out_rows * N)))
+        chunks = []
+        for start in range(0, long, rows):
+            n = min(rows, long - start)
+            cm, ck = (M, n) if layout == "tn" else (n, K)
+            kc = -(-ck // (splits * bk)) * bk if splits > 1 else ck   # reduction length per slice
+            params = dev.uniform(struct.pack("<4I", cm, N, ck, kc), f"matmul-{layout}-params")
+            chunks.append((start, n, params, (gx, -(-cm // bm), -(-ck // kc)), fold_grid(-(-cm * N // 4 // SUM_WG))))
+
+        # The epilogue (bias, accumulate) belongs to the product, or with split-K to the sum of the slices.
+        # Later chunks of a tn reduction add into what the first wrote, and add the bias no more.
+        more = layout == "tn" and len(chunks) > 1
+        first = dict(HAS_BIAS=bias, ACCUMULATE=accumulate)
+        rest = dict(HAS_BIAS=bias and not more, ACCUMULATE=accumulate or more)
+        kernels = {}
+        if splits == 1:
+            kernels["product"] = await dev.kernel(FILE, entry, dict(consts, **first))
+            kernels["product_rest"] = await dev.kernel(FILE, entry, dict(consts, **rest))
+            scratch = None
+        else:
+            kernels["product"] = kernels["product_rest"] = await dev.kernel(FILE, entry, consts)
+            kernels["sum"] = await dev.kernel(FILE, "matmul_split_sum", first)
+            kernels["sum_rest"] = await dev.kernel(FILE, "matmul_split_sum", rest)
+            scratch = shared_scratch(dev, 4 * splits * out_rows * N)
+        no_bias = None if bias else dev.buffer(16, "matmul-no-bias")
+        return cls(dev, M, N, K, layout, bias, variant, tiles, splits, kernels, chunks, no_bias, scratch)
+
+    def dispatch(self, seq: Sequence, out, a, b, bias=None):
+        """Append the product: out (M, N) [+]= op(a) @ op(b) [+ bias (N,)]. One or two dispatches per chunk."""
+        M, N, K, layout = self.M, self.N, self.K, self.layout
+        a_shape = (K, M) if layout == "tn" else (M, K)
+        b_shape = (N, K) if layout == "nt" else (K, N)
+        spans = {}
+        for name, x, shape in (("out", out, (M, N)), ("a", a, a_shape), ("b", b, b_shape), ("bias", bias, (N,))):
+            if x is None:
+                if name != "bias" or self.bias:
+                    raise GPUError(f"matmul {layout} {M}x{N}x{K}: pass {name}")
+                continue
+            if name == "bias" and not self.bias:
+                raise GPUError("this matmul was created with bias=False: create it with bias=True to add one")
+            buf, off, size = span(x)
+            need = 4 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+            if size < need:
+                raise GPUError(f"matmul {layout} {M}x{N}x{K}: {name} binds {size} bytes, needs {shape} f32 = {need}")
+            spans[name] = (buf, off)
+        if bias is None:
+            bias = self.no_bias           # never read (HAS_BIAS false), but the layout has the binding
+        rows_view = lambda name, start, rows, width: spans[name][0].view(  # noqa: E731
+            spans[name][1] + 4 * start * width, 4 * rows * width)
+        for i, (start, rows, params, grid, sum_grid) in enumerate(self.chunks):
+            if len(self.chunks) == 1:
+                views = {"out": out, "a": a, "b": b, "bias": bias}
+            elif layout == "tn":          # rows of the reduction: of A (K, M) and of B (K, N)
+                views = {"out": out, "bias": bias, "a": rows_view("a", start, rows, M),
+                         "b": rows_view("b", start, rows, N)}
+            else:                         # rows of out: of A (M, K) and of out (M, N)
+                views = {"b": b, "bias": bias, "a": rows_view("a", start, rows, K),
+                         "out": rows_view("out", start, rows, N)}
+            rest = "_rest" if i else ""
+            if self.variant == "simple":
+                seq.dispatch(self.k["product" + rest], grid, mp=params, **views)
+            elif self.splits == 1:
+                seq.dispatch(self.k["product" + rest], grid, mp=params, **{k + "4": v for k, v in views.items()})
+            else:
+                cm = M if layout == "tn" else rows
+                slabs = self.scratch.view(0, 4 * grid[2] * cm * N)
+                seq.dispatch(self.k["product"], grid, mp=params, a4=views["a"], b4=views["b"], bias4=views["bias"],
+                             out4=slabs)
+                seq.dispatch(self.k["sum" + rest], sum_grid, mp=params, split4=slabs, out4=views["out"],
+                             bias4=views["bias"])
+
+
+class BiasGrad:
+    """dbias (N,) += column sums of dout (M, N), without atomics: per 128-row block, then blocks in order."""
+
+    def __init__(self, dev, M, N, kernels, chunks, partial):
+        self.dev, self.M, self.N = dev, M, N
+        self.k = kernels
+        self.chunks = chunks      # [(start row, rows, params uniform)]
+        self.partial = partial    # scratch (n_blocks, N) f32
+
+    @classmethod
+    async def create(cls, dev: Device, M: int, N: int, max_binding: int | None = None) -> "BiasGrad":
+        limit = min(dev.limits["max-storage-buffer-binding-size"], max_binding or 1 << 62)
+        rows = min(M, (limit // (4 * N)) // BIAS_ROWS * BIAS_ROWS, MAX_GROUPS * BIAS_ROWS)
+        if rows <= 0:
+            raise GPUError(f"{BIAS_ROWS} rows of dout ({N} columns) exceed the binding limit {limit}")
+        chunks = []
+        for start in range(0, M, rows):
+            n = min(rows, M - start)
+            chunks.append((start, n, dev.uniform(struct.pack("<4I", n, N, 0, BIAS_ROWS), "bias-grad-params")))
+        kernels = {e: await dev.kernel(FILE, e) for e in ("bias_grad_partial", "bias_grad_sum")}
+        partial = dev.buffer(4 * -(-rows // BIAS_ROWS) * N, "bias-grad-partial")
+        return cls(dev, M, N, kernels, chunks, partial)
+
+    def dispatch(self, seq: Sequence, dbias, dout):
+        """dbias (N,) += dout (M, N) summed over rows. Two dispatches per chunk of rows."""
+        buf, off, size = span(dout)
+        if size < 4 * self.M * self.N:
+            raise GPUError(f"bias grad: dout binds {size} bytes, needs ({self.M}, {self.N}) f32")
+        for start, rows, params in self.chunks:
+            d = dout if len(self.chunks) == 1 else buf.view(off + 4 * start * self.N, 4 * rows * self.N)
+            seq.dispatch(self.k["bias_grad_partial"], (-(-self.N // BIAS_COLS), -(-rows // BIAS_ROWS)),
+                         mp=params, dout=d, partial=self.partial)
+            seq.dispatch(self.k["bias_grad_sum"], (-(-self.N // 64),), mp=params, partial=self.partial, dbias=dbias)
+
+
+class Conv1D:
+    """Hugging Face GPT-2's Conv1D: out (M, N) = inp (M, K) @ weight (K, N) + bias (N,), weight stored (in, out)."""
+
+    def __init__(self, fwd, dinp, dweight, dbias):
+        self.fwd, self.dinp, self.dweight, self.dbias = fwd, dinp, dweight, dbias
+
+    @classmethod
+    async def create(cls, dev: Device, M: int, K: int, N: int, bias: bool = True, variant: str | None = None,
+                     tiles: dict | None = None) -> "Conv1D":
+        fwd = await Matmul.create(dev, M, N, K, "nn", bias=bias, variant=variant, tiles=tiles)
+        dinp = await Matmul.create(dev, M, K, N, "nt", variant=variant, tiles=tiles)
+        dweight = await Matmul.create(dev, K, N, M, "tn", accumulate=True, variant=variant, tiles=tiles)
+        dbias = await BiasGrad.create(dev, M, N) if bias else None
+        return cls(fwd, dinp, dweight, dbias)
+
+    def forward(self, seq: Sequence, out, inp, weight, bias=None):
+        """out (M, N) = inp (M, K) @ weight (K, N) + bias (N,): written."""
+        self.fwd.dispatch(seq, out=out, a=inp, b=weight, bias=bias)
+
+    def backward(self, seq: Sequence, dinp, dweight, dout, inp, weight, dbias=None):
+        """dinp (M, K) = dout @ weight^T (WRITTEN); dweight (K, N) += inp^T @ dout; dbias (N,) += sum of dout rows."""
+        self.dinp.dispatch(seq, out=dinp, a=dout, b=weight)
+        self.dweight.dispatch(seq, out=dweight, a=inp, b=dout)
+        if self.dbias is not None:
+            if dbias is None:
+                raise GPUError("this Conv1D has a bias: pass dbias")
+            self.dbias.dispatch(seq, dbias=dbias, dout=dout)
+
+
+class LMHead:
+    """The tied lm_head: logits (M, Vp) = x (M, C) @ wte (Vp, C)^T, no bias."""
+
+    def __init__(self, fwd, dx, dwte):
+        self.fwd, self.dx, self.dwte = fwd, dx, dwte
+
+    @classmethod
+    async def create(cls, dev: Device, M: int, C: int, Vp: int, variant: str | None = None,
+                     tiles: dict | None = None) -> "LMHead":
+        fwd = await Matmul.create(dev, M, Vp, C, "nt", variant=variant, tiles=tiles)
+        dx = await Matmul.create(dev, M, C, Vp, "nn", variant=variant, tiles=tiles)
+        dwte = await Matmul.create(dev, Vp, C, M, "tn", accumulate=True, variant=variant, tiles=tiles)
+        return cls(fwd, dx, dwte)
+
+    def forward(self, seq: Sequence, logits, x, wte):
+        """logits (M, Vp) = x (M, C) @ wte (Vp, C)^T: written."""
+        self.fwd.dispatch(seq, out=logits, a=x, b=wte)
+
+    def backward(self, seq: Sequence, dx, dwte, dlogits, x, wte):
+        """dx (M, C) = dlogits (M, Vp) @ wte (WRITTEN); dwte (Vp, C) += dlogits^T @ x."""
+        self.dx.dispatch(seq, out=dx, a=dlogits, b=wte)
+        self.dwte.dispatch(seq, out=dwte, a=dlogits, b=x)

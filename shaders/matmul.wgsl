@@ -1,0 +1,300 @@
+// Matrix products of the model, forward and backward, with optional bias and accumulation.
+//
+//   out (M, N) [+]= op(A) (M, K) @ op(B) (K, N) [+ bias (N,)]
+//
+// op(A) = A stored (M, K) row-major, or A^T with A stored (K, M) when A_T;
+// op(B) = B stored (K, N) row-major, or B^T with B stored (N, K) when B_T. The model's products:
+//   Conv1D forward      out = inp @ W + b          nn   inp (M,K), W (K,N)
+//   lm_head forward     logits = x @ wte^T         nt   x (M,C), wte (Vp,C)
+//   Conv1D dinp         dinp = dout @ W^T          nt   dout (M,N), W (K,N)
+//   Conv1D dW           dW += inp^T @ dout         tn   inp (M,K), dout (M,N)   (ACCUMULATE)
+//   lm_head dx          dx = dlogits @ wte         nn   dlogits (M,Vp), wte (Vp,C)
+//   lm_head dwte        dwte += dlogits^T @ x      tn   dlogits (M,Vp), x (M,C) (ACCUMULATE)
+//   bias grad           dbias += column sums of dout (M,N), in two deterministic passes
+//
+// Entry points and bindings (sizes M, N, K in the uniform `mp`; layout and tiles as override constants):
+//   matmul_tiled:  a4 vec4 f32, b4 vec4 f32, bias4 (N/4,) vec4 f32, out4 (M, N/4) vec4 f32
+//                  register-blocked: a workgroup computes a BM x BN block of out from BK-deep slices of A and B
+//                  staged in workgroup memory; each thread owns TM x TN outputs (scalar fma chains).
+//                  Every stored row length (K or M for A, N or K for B, and N) must be a multiple of 4.
+//                  Split-K: workgroup z sums only k in [z*chunk, (z+1)*chunk) and writes slab z of out4, which
+//                  is then a scratch (n_slices, M, N/4) with HAS_BIAS and ACCUMULATE false; then
+//   matmul_split_sum: split4 (n_slices, M, N/4) vec4 f32, bias4 (N/4,), out4 (M, N/4): out (+)= slabs summed in
+//                  slice order (+ bias). More workgroups where out is small and K long (the weight gradients).
+//   matmul_simple: a f32, b f32, bias (N,) f32, out (M, N) f32: one thread per output, any shape.
+//                  The obviously correct reference the tiled kernel is tested against.
+//   bias_grad_partial: dout (M, N) f32 -> partial (n_blocks, N) f32: column sums of blocks of chunk rows
+//   bias_grad_sum:     partial (n_blocks, N) f32 -> dbias (N,) f32: dbias += blocks summed in order
+// Each output is a fixed-order fma chain (per slice, slices then added in order), so runs are bit-identical.
+// The bias binding is always bound (a dummy when HAS_BIAS is false).
+
+struct MatmulParams {
+    M: u32,
+    N: u32,
+    K: u32,
+    chunk: u32,   // matmul_tiled: reduction length per slice (grid z, split-K); bias_grad_*: rows per block
+}
+
+@group(0) @binding(0) var<uniform> mp: MatmulParams;
+@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> bias4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> out4: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> a: array<f32>;
+@group(0) @binding(6) var<storage, read> b: array<f32>;
+@group(0) @binding(7) var<storage, read> bias: array<f32>;
+@group(0) @binding(8) var<storage, read_write> out: array<f32>;
+@group(0) @binding(9) var<storage, read> dout: array<f32>;
+@group(0) @binding(10) var<storage, read_write> partial: array<f32>;
+@group(0) @binding(11) var<storage, read_write> dbias: array<f32>;
+@group(0) @binding(12) var<storage, read> split4: array<vec4<f32>>;
+
+override A_T: bool = false;         // A stored (K, M)
+override B_T: bool = false;         // B stored (N, K)
+override HAS_BIAS: bool = false;    // out += bias broadcast over rows
+override ACCUMULATE: bool = false;  // out += product (parameter gradients) instead of out = product
+
+// ---------------------------------------------------------------------------------------------
+// Register-blocked, workgroup-tiled product. Tile sizes are override constants so that each adapter can
+// get its own: BM % TM == 0, BN % TN == 0, TM and TN in {4, 8}, BK % 4 == 0, (BM/TM)*(BN/TN) <= 256
+// threads, 4*BK*(BM+BN) bytes of workgroup memory. Thread (tx, ty) owns rows ty*TM.. and columns tx*TN...
+
+override BM: u32 = 64u;
+override BN: u32 = 64u;
+override BK: u32 = 8u;
+override TM: u32 = 4u;
+override TN: u32 = 4u;
+override WG_X: u32 = BN / TN;
+override WG_Y: u32 = BM / TM;
+
+// Slices of op(A) and op(B), k-major: as_tile[kk][m] and bs_tile[kk][n], as vec4 along m and n.
+var<workgroup> as_tile: array<vec4<f32>, BK * BM / 4u>;
+var<workgroup> bs_tile: array<vec4<f32>, BK * BN / 4u>;
+
+// Stage the BK-deep slice starting at k0 of op(A) rows m0.. and op(B) columns n0.. (zeros outside).
+fn load_tiles(m0: u32, n0: u32, k0: u32, tid: u32) {
+    let n_threads = WG_X * WG_Y;
+    let M = mp.M;
+    let N = mp.N;
+    let K = mp.K;
+    // op(A): BK * BM / 4 vec4s.
+    for (var v = tid; v < BK * BM / 4u; v += n_threads) {
+        if (A_T) {
+            // A (K, M): a vec4 runs along m, and lands as it is.
+            let kk = v / (BM / 4u);
+            let mq = v % (BM / 4u);
+            let k = k0 + kk;
+            let m = m0 + 4u * mq;
+            var x = vec4(0.0);
+            if (k < K && m < M) { x = a4[(k * M + m) / 4u]; }
+            as_tile[v] = x;
+        } else {
+            // A (M, K): a vec4 runs along k; its 4 values go to 4 k-rows of the tile.
+            let mm = v / (BK / 4u);
+            let kq = v % (BK / 4u);
+            let m = m0 + mm;
+            let k = k0 + 4u * kq;
+            var x = vec4(0.0);
+            if (m < M && k < K) { x = a4[(m * K + k) / 4u]; }
+            let base = 4u * kq * BM + mm;
+            as_tile[(base) / 4u][(base) % 4u] = x.x;
+            as_tile[(base + BM) / 4u][(base + BM) % 4u] = x.y;
+            as_tile[(base + 2u * BM) / 4u][(base + 2u * BM) % 4u] = x.z;
+            as_tile[(base + 3u * BM) / 4u][(base + 3u * BM) % 4u] = x.w;
+        }
+    }
+    // op(B): BK * BN / 4 vec4s.
+    for (var v = tid; v < BK * BN / 4u; v += n_threads) {
+        if (B_T) {
+            // B (N, K): a vec4 runs along k.
+            let nn = v / (BK / 4u);
+            let kq = v % (BK / 4u);
+            let n = n0 + nn;
+            let k = k0 + 4u * kq;
+            var x = vec4(0.0);
+            if (n < N && k < K) { x = b4[(n * K + k) / 4u]; }
+            let base = 4u * kq * BN + nn;
+            bs_tile[(base) / 4u][(base) % 4u] = x.x;
+            bs_tile[(base + BN) / 4u][(base + BN) % 4u] = x.y;
+            bs_tile[(base + 2u * BN) / 4u][(base + 2u * BN) % 4u] = x.z;
+            bs_tile[(base + 3u * BN) / 4u][(base + 3u * BN) % 4u] = x.w;
+        } else {
+            // B (K, N): a vec4 runs along n.
+            let kk = v / (BN / 4u);
+            let nq = v % (BN / 4u);
+            let k = k0 + kk;
+            let n = n0 + 4u * nq;
+            var x = vec4(0.0);
+            if (k < K && n < N) { x = b4[(k * N + n) / 4u]; }
+            bs_tile[v] = x;
+        }
+    }
+}
+
+// acc + x * y for one output row and 4 columns, as 4 scalar fma: scalar chains are far faster than vec4 fma
+// on NVIDIA through Vulkan. (Parameter names differ from the bindings': entry point layouts are found by name.)
+fn outer4(acc: vec4<f32>, x: f32, y: vec4<f32>) -> vec4<f32> {
+    return vec4(fma(x, y.x, acc.x), fma(x, y.y, acc.y), fma(x, y.z, acc.z), fma(x, y.w, acc.w));
+}
+
+// out[m, n..n+4] (+)= v (+ bias), if inside: N % 4 == 0, so 4 columns are wholly inside or wholly outside.
+fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
+    if (m >= mp.M || n >= mp.N) { return; }
+    var y = v;
+    if (HAS_BIAS) { y += bias4[n / 4u]; }
+    let o = slab + (m * mp.N + n) / 4u;
+    if (ACCUMULATE) { y += out4[o]; }
+    out4[o] = y;
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec3u) {
+    let m0 = wg.y * BM;
+    let n0 = wg.x * BN;
+    let tid = lid.y * WG_X + lid.x;
+    // Split-K: workgroup z sums k in [k_begin, k_end) into slab z of out (M, N); chunk is a multiple of BK.
+    let k_begin = wg.z * mp.chunk;
+    let k_end = min(mp.K, k_begin + mp.chunk);
+    let slab = wg.z * mp.M * (mp.N / 4u);
+    // acc[2 * i + q]: row i of the thread's TM rows, columns 4q..4q+3 of its TN columns; zero-initialised.
+    // Every index below is a constant (the code is unrolled by hand), so the array lives in registers: one
+    // dynamic index anywhere would move it to slow local memory.
+    var acc: array<vec4<f32>, 16>;
+
+    for (var k0 = k_begin; k0 < k_end; k0 += BK) {
+        load_tiles(m0, n0, k0, tid);
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            let ia = kk * (BM / 4u) + lid.y * (TM / 4u);
+            let ib = kk * (BN / 4u) + lid.x * (TN / 4u);
+            let a_lo = as_tile[ia];
+            let b_lo = bs_tile[ib];
+            acc[0] = outer4(acc[0], a_lo.x, b_lo);
+            acc[2] = outer4(acc[2], a_lo.y, b_lo);
+            acc[4] = outer4(acc[4], a_lo.z, b_lo);
+            acc[6] = outer4(acc[6], a_lo.w, b_lo);
+            if (TN == 8u) {
+                let b_hi = bs_tile[ib + 1u];
+                acc[1] = outer4(acc[1], a_lo.x, b_hi);
+                acc[3] = outer4(acc[3], a_lo.y, b_hi);
+                acc[5] = outer4(acc[5], a_lo.z, b_hi);
+                acc[7] = outer4(acc[7], a_lo.w, b_hi);
+            }
+            if (TM == 8u) {
+                let a_hi = as_tile[ia + 1u];
+                acc[8] = outer4(acc[8], a_hi.x, b_lo);
+                acc[10] = outer4(acc[10], a_hi.y, b_lo);
+                acc[12] = outer4(acc[12], a_hi.z, b_lo);
+                acc[14] = outer4(acc[14], a_hi.w, b_lo);
+                if (TN == 8u) {
+                    let b_hi = bs_tile[ib + 1u];
+                    acc[9] = outer4(acc[9], a_hi.x, b_hi);
+                    acc[11] = outer4(acc[11], a_hi.y, b_hi);
+                    acc[13] = outer4(acc[13], a_hi.z, b_hi);
+                    acc[15] = outer4(acc[15], a_hi.w, b_hi);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    let m = m0 + lid.y * TM;
+    let n = n0 + lid.x * TN;
+    store4(slab, m, n, acc[0]);
+    store4(slab, m + 1u, n, acc[2]);
+    store4(slab, m + 2u, n, acc[4]);
+    store4(slab, m + 3u, n, acc[6]);
+    if (TN == 8u) {
+        store4(slab, m, n + 4u, acc[1]);
+        store4(slab, m + 1u, n + 4u, acc[3]);
+        store4(slab, m + 2u, n + 4u, acc[5]);
+        store4(slab, m + 3u, n + 4u, acc[7]);
+    }
+    if (TM == 8u) {
+        store4(slab, m + 4u, n, acc[8]);
+        store4(slab, m + 5u, n, acc[10]);
+        store4(slab, m + 6u, n, acc[12]);
+        store4(slab, m + 7u, n, acc[14]);
+        if (TN == 8u) {
+            store4(slab, m + 4u, n + 4u, acc[9]);
+            store4(slab, m + 5u, n + 4u, acc[11]);
+            store4(slab, m + 6u, n + 4u, acc[13]);
+            store4(slab, m + 7u, n + 4u, acc[15]);
+        }
+    }
+}
+
+// Split-K, second pass: out (M, N) (+)= the slabs of split4 (n_slices, M, N) summed in slice order (+ bias).
+@compute @workgroup_size(256)
+fn matmul_split_sum(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                    @builtin(local_invocation_id) lid: vec3u) {
+    let i = (wg.y * nwg.x + wg.x) * 256u + lid.x;
+    let n4 = mp.M * (mp.N / 4u);
+    if (i >= n4) { return; }
+    let n_slices = (mp.K + mp.chunk - 1u) / mp.chunk;
+    var y = split4[i];
+    for (var z = 1u; z < n_slices; z++) { y += split4[z * n4 + i]; }
+    if (HAS_BIAS) { y += bias4[i % (mp.N / 4u)]; }
+    if (ACCUMULATE) { y += out4[i]; }
+    out4[i] = y;
+}
+
+// ---------------------------------------------------------------------------------------------
+// One thread per output, k in order: slow and obviously right, for any shape.
+
+fn a_at(m: u32, k: u32) -> f32 {
+    if (A_T) { return a[k * mp.M + m]; }
+    return a[m * mp.K + k];
+}
+
+fn b_at(k: u32, n: u32) -> f32 {
+    if (B_T) { return b[n * mp.K + k]; }
+    return b[k * mp.N + n];
+}
+
+@compute @workgroup_size(16, 16)
+fn matmul_simple(@builtin(global_invocation_id) gid: vec3u) {
+    let n = gid.x;
+    let m = gid.y;
+    if (m >= mp.M || n >= mp.N) { return; }
+    var s = 0.0;
+    for (var k = 0u; k < mp.K; k++) {
+        s = fma(a_at(m, k), b_at(k, n), s);
+    }
+    if (HAS_BIAS) { s += bias[n]; }
+    let o = m * mp.N + n;
+    if (ACCUMULATE) { s += out[o]; }
+    out[o] = s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bias gradient, without atomics: per block of mp.chunk rows, 4 row lanes per column summed in a fixed
+// order into partial (n_blocks, N); then each column's blocks summed in block order into dbias.
+
+var<workgroup> lanes: array<f32, 256>;
+
+@compute @workgroup_size(64, 4)
+fn bias_grad_partial(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec3u) {
+    let n = wg.x * 64u + lid.x;
+    let r0 = wg.y * mp.chunk;
+    let r1 = min(r0 + mp.chunk, mp.M);
+    var s = 0.0;
+    if (n < mp.N) {
+        for (var r = r0 + lid.y; r < r1; r += 4u) { s += dout[r * mp.N + n]; }
+    }
+    lanes[lid.y * 64u + lid.x] = s;
+    workgroupBarrier();
+    if (lid.y == 0u && n < mp.N) {
+        partial[wg.y * mp.N + n] = (lanes[lid.x] + lanes[64u + lid.x]) + (lanes[128u + lid.x] + lanes[192u + lid.x]);
+    }
+}
+
+@compute @workgroup_size(64)
+fn bias_grad_sum(@builtin(global_invocation_id) gid: vec3u) {
+    let n = gid.x;
+    if (n >= mp.N) { return; }
+    let n_blocks = (mp.M + mp.chunk - 1u) / mp.chunk;
+    var s = 0.0;
+    for (var blk = 0u; blk < n_blocks; blk++) { s += partial[blk * mp.N + n]; }
+    dbias[n] = dbias[n] + s;
+}

@@ -1,0 +1,311 @@
+"""Matrix products (shaders/matmul.wgsl, tabgpt.ops.matmul) natively against float64 NumPy.
+
+Every layout (nn, nt, tn) with both kernels (tiled and simple) and several tile shapes, on awkward sizes
+(M = B*T = 111, C = 72, 3C = 216, Vp = 1024); bias and no bias; accumulation (+= twice gives twice); products
+split into row chunks; the Conv1D and lm_head forward and backward against tests/reference.py; bit-identical
+results run to run. Tolerance: |got - ref| <= RTOL * (|A| @ |B| + |bias|) elementwise, a bound that scales with
+the length and size of each dot product (f32 rounding of K terms is about sqrt(K) * 6e-8 of it).
+"""
+
+import numpy as np
+import pytest
+
+import reference
+from tabgpt.gpu import GPUError, wait
+from tabgpt.ops.matmul import (TILES_CPU, TILES_LARGE, TILES_MEDIUM, BiasGrad, Conv1D, LMHead, Matmul,
+                               check_tiles, default_splits, default_tiles)
+
+RTOL = 1e-5
+B, T, C, Vp = 3, 37, 72, 1024
+M = B * T  # 111 rows
+TILE_SHAPES = {
+    "cpu": TILES_CPU,                                            # 32x32x8, 4x4 per thread
+    "medium": TILES_MEDIUM,                                      # 64x64x8, 4x4
+    "large": TILES_LARGE,                                        # 128x128x8, 8x8, 256 threads
+    "uneven": {"BM": 16, "BN": 64, "BK": 12, "TM": 8, "TN": 4},  # BK not a power of 2, BM != BN, TM != TN
+}
+# (M, N, K) of op(A) (M, K) @ op(B) (K, N) per layout, as the model uses them.
+SHAPES = {"nn": (M, 3 * C, C),          # c_attn forward
+          "nt": (M, C, 4 * C),          # mlp c_proj dinp = dout (M, C) @ W (4C, C)^T
+          "tn": (C, 4 * C, M)}          # c_fc dW (C, 4C) += inp^T @ dout, reduced over the 111 rows
+
+
+def upload(dev, a, label="x"):
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return dev.buffer(a.nbytes, label, a)
+
+
+def download(dev, buf, shape):
+    return np.frombuffer(wait(dev.read(buf)), dtype=np.float32)[:int(np.prod(shape))].reshape(shape)
+
+
+def run(dev, append, times=1):
+    seq = dev.sequence("test")
+    append(seq)
+    wait(seq.build())
+    for _ in range(times):
+        seq.run()
+    wait(dev.sync())
+
+
+def operands(layout, M, N, K, seed):
+    """A and B as stored for the layout, and op(A), op(B) in float64."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((K, M) if layout == "tn" else (M, K)).astype(np.float32)
+    b = rng.standard_normal((N, K) if layout == "nt" else (K, N)).astype(np.float32)
+    a64 = a.astype(np.float64).T if layout == "tn" else a.astype(np.float64)
+    b64 = b.astype(np.float64).T if layout == "nt" else b.astype(np.float64)
+    return a, b, a64, b64
+
+
+def assert_product(name, got, ref, scale):
+    """|got - ref| <= RTOL * scale elementwise; on failure say where and by how much."""
+    got = np.asarray(got, np.float64)
+    assert got.shape == ref.shape, f"{name}: shape {got.shape} != reference {ref.shape}"
+    excess = np.abs(got - ref) / (RTOL * scale + 1e-30)
+    if not (excess <= 1).all():
+        i = np.unravel_index(np.argmax(excess), excess.shape)
+        raise AssertionError(f"{name}: {(excess > 1).sum()} of {excess.size} entries off by more than RTOL={RTOL} "
+                             f"of |A|@|B|; worst at {i}: got {got[i]!r}, reference {ref[i]!r}, "
+                             f"{excess[i]:.2f}x the tolerance; max abs diff {np.abs(got - ref).max():.3g}")
+
+
+def product(dev, layout, M, N, K, seed, bias=False, accumulate=False, variant=None, tiles=None, init=None,
+            times=1, splits=None, max_binding=None):
+    """Run out [+]= op(a) @ op(b) [+ bias] on the GPU `times` times; return (got, reference, error scale)."""
+    a, b, a64, b64 = operands(layout, M, N, K, seed)
+    rng = np.random.default_rng(seed + 1)
+    bv = rng.standard_normal(N).astype(np.float32) if bias else None
+    init = np.zeros((M, N), np.float32) if init is None else init
+    mm = wait(Matmul.create(dev, M, N, K, layout, bias=bias, accumulate=accumulate, variant=variant, tiles=tiles,
+                            splits=splits, max_binding=max_binding))
+    out = upload(dev, init, "out")
+    ba, bb = upload(dev, a, "a"), upload(dev, b, "b")
+    bbias = upload(dev, bv, "bias") if bias else None
+    run(dev, lambda seq: mm.dispatch(seq, out=out, a=ba, b=bb, bias=bbias), times)
+    once = a64 @ b64 + (bv.astype(np.float64) if bias else 0.0)
+    ref = init + times * once if accumulate else once
+    scale = times * (np.abs(a64) @ np.abs(b64) + (np.abs(bv) if bias else 0.0)) + np.abs(init)
+    return download(dev, out, (M, N)), ref, scale, mm
+
+
+# ---------------------------------------------------------------------------------------------
+# The product itself
+
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn"])
+@pytest.mark.parametrize("variant", ["simple", "tiled"])
+def test_product_matches_numpy_for_each_layout_and_kernel(dev, layout, variant):
+    Mm, N, K = SHAPES[layout]
+    got, ref, scale, mm = product(dev, layout, Mm, N, K, seed=1, variant=variant)
+    assert mm.variant == variant
+    assert_product(f"{layout} {variant} {Mm}x{N}x{K}", got, ref, scale)
+
+
+@pytest.mark.parametrize("tiles", list(TILE_SHAPES), ids=list(TILE_SHAPES))
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn"])
+def test_tiled_product_is_right_for_every_tile_shape(dev, layout, tiles):
+    # Sizes that are no multiple of any tile edge: partial tiles at every border, including along K.
+    Mm, N, K = {"nn": (37, 20, 44), "nt": (37, 20, 44), "tn": (20, 44, 37)}[layout]
+    got, ref, scale, _ = product(dev, layout, Mm, N, K, seed=2, variant="tiled", tiles=TILE_SHAPES[tiles])
+    assert_product(f"{layout} tiled {tiles} {Mm}x{N}x{K}", got, ref, scale)
+
+
+def test_tiled_and_simple_kernels_agree(dev):
+    Mm, N, K = SHAPES["nt"]
+    got_t, ref, scale, _ = product(dev, "nt", Mm, N, K, seed=3, variant="tiled")
+    got_s, _, _, _ = product(dev, "nt", Mm, N, K, seed=3, variant="simple")
+    assert_product("tiled vs simple", got_t, got_s.astype(np.float64), scale)
+
+
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn"])
+def test_simple_kernel_handles_sizes_that_are_no_multiple_of_4(dev, layout):
+    got, ref, scale, mm = product(dev, layout, 37, 45, 53, seed=4, bias=True)
+    assert mm.variant == "simple", "unaligned rows must fall back to the simple kernel"
+    assert_product(f"{layout} 37x45x53 with bias", got, ref, scale)
+
+
+@pytest.mark.parametrize("variant", ["simple", "tiled"])
+def test_bias_is_added_to_every_row(dev, variant):
+    got, ref, scale, _ = product(dev, "nn", M, 4 * C, C, seed=5, bias=True, variant=variant)
+    assert_product(f"nn {variant} with bias", got, ref, scale)
+
+
+@pytest.mark.parametrize("variant", ["simple", "tiled"])
+def test_accumulate_adds_into_out_so_two_runs_give_twice(dev, variant):
+    Mm, N, K = SHAPES["tn"]
+    init = np.random.default_rng(6).standard_normal((Mm, N)).astype(np.float32)
+    got, ref, scale, _ = product(dev, "tn", Mm, N, K, seed=6, accumulate=True, variant=variant, init=init, times=2)
+    assert_product(f"tn {variant}: init + 2 * product", got, ref, scale)
+
+
+def test_without_accumulate_out_is_overwritten(dev):
+    init = np.full((M, 3 * C), 1e3, np.float32)   # stale values that must vanish
+    got, ref, scale, _ = product(dev, "nn", M, 3 * C, C, seed=7, init=init, times=2)
+    assert_product("nn written twice", got, ref, scale)
+
+
+@pytest.mark.parametrize("layout,accumulate", [("nn", False), ("nt", False), ("tn", False), ("tn", True)])
+def test_products_split_into_row_chunks_match(dev, layout, accumulate):
+    # A binding limit of a few rows forces several dispatches: out rows for nn/nt, the reduction for tn
+    # (the first chunk writes or adds as asked, the rest add).
+    Mm, N, K = (40, 64, 300) if layout == "tn" else (300, 40, 64)
+    init = np.random.default_rng(8).standard_normal((Mm, N)).astype(np.float32)
+    got, ref, scale, mm = product(dev, layout, Mm, N, K, seed=8, bias=layout == "nn", accumulate=accumulate,
+                                  init=init, max_binding=64 * 4 * 64)
+    assert len(mm.chunks) == 5, [c[:2] for c in mm.chunks]
+    assert_product(f"{layout} in {len(mm.chunks)} chunks, accumulate={accumulate}", got, ref, scale)
+
+
+@pytest.mark.parametrize("layout,bias,accumulate", [("nn", True, False), ("nt", False, False), ("tn", False, True),
+                                                    ("tn", True, False)])
+def test_split_k_slices_summed_in_order_match(dev, layout, bias, accumulate):
+    # K = 72, 288 and 111 in 3 slices of a multiple of BK = 8 (the last one shorter); bias and accumulation
+    # happen once, in the sum of the slices.
+    Mm, N, K = SHAPES[layout]
+    init = np.random.default_rng(14).standard_normal((Mm, N)).astype(np.float32)
+    got, ref, scale, mm = product(dev, layout, Mm, N, K, seed=14, bias=bias, accumulate=accumulate, init=init,
+                                  variant="tiled", splits=3, times=2)
+    assert mm.splits == 3 and mm.chunks[0][3][2] == 3, (mm.splits, mm.chunks[0][3])
+    assert_product(f"{layout} split-K x3, bias={bias}, accumulate={accumulate}", got, ref, scale)
+
+
+def test_split_k_with_row_chunks_matches(dev):
+    init = np.random.default_rng(15).standard_normal((20, 64)).astype(np.float32)
+    got, ref, scale, mm = product(dev, "tn", 20, 64, 300, seed=15, bias=True, init=init, variant="tiled", splits=2,
+                                  max_binding=64 * 4 * 64)
+    assert len(mm.chunks) == 5 and mm.splits == 2
+    assert_product("tn in 5 chunks of 2 slices, with bias", got, ref, scale)
+
+
+class FakeAdapter:
+    def __init__(self, **info):
+        self.info = info
+
+
+def test_default_split_k_fills_a_gpu_but_not_a_cpu():
+    gpu = FakeAdapter(vendor="NVIDIA", device="NVIDIA H100 80GB HBM3", adapter_type="DiscreteGPU")
+    cpu = FakeAdapter(vendor="llvmpipe", device="llvmpipe (LLVM 15.0.6, 256 bits)", adapter_type="CPU")
+    browser_cpu = FakeAdapter(vendor="google", architecture="swiftshader", is_fallback_adapter=True)
+    assert default_splits(cpu, 36, 8192) == 1                   # CPU adapters: no gain from more workgroups
+    assert default_splits(browser_cpu, 36, 8192) == 1
+    assert default_splits(gpu, 144, 8192) == 7                  # C x 4C weight gradient at B*T = 8192, C = 768
+    assert default_splits(gpu, 1152, 768) == 1                  # enough workgroups already
+    assert default_splits(gpu, 4, 600) == 2                     # slices of at least 256
+
+
+@pytest.mark.parametrize("variant,splits", [("tiled", 1), ("tiled", 3), ("simple", 1)])
+def test_product_is_bit_identical_run_to_run(dev, variant, splits):
+    first, _, _, _ = product(dev, "tn", C, 4 * C, M, seed=9, variant=variant, splits=splits)
+    again, _, _, _ = product(dev, "tn", C, 4 * C, M, seed=9, variant=variant, splits=splits)
+    assert np.array_equal(first.view(np.uint32), again.view(np.uint32)), f"{variant} x{splits}: runs differ"
+
+
+# ---------------------------------------------------------------------------------------------
+# The bias gradient
+
+@pytest.mark.parametrize("rows,max_binding", [(M, None), (300, 128 * 4 * 72)])
+def test_bias_grad_accumulates_column_sums_deterministically(dev, rows, max_binding):
+    rng = np.random.default_rng(10)
+    dout = rng.standard_normal((rows, C)).astype(np.float32)
+    init = rng.standard_normal(C).astype(np.float32)
+    bg = wait(BiasGrad.create(dev, rows, C, max_binding=max_binding))
+    assert len(bg.chunks) == (1 if max_binding is None else 3)
+    results = []
+    for _ in range(2):
+        db = upload(dev, init, "dbias")
+        bdout = upload(dev, dout, "dout")
+        run(dev, lambda seq: bg.dispatch(seq, dbias=db, dout=bdout), times=2)
+        results.append(download(dev, db, (C,)))
+    ref = init + 2 * dout.astype(np.float64).sum(axis=0)
+    scale = np.abs(init) + 2 * np.abs(dout).astype(np.float64).sum(axis=0)
+    assert_product(f"dbias += 2 column sums of ({rows}, {C})", results[0], ref, scale)
+    assert np.array_equal(results[0].view(np.uint32), results[1].view(np.uint32)), "bias grad runs differ"
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's layers against tests/reference.py
+
+def test_conv1d_forward_and_backward_match_reference(dev):
+    K, N = C, 3 * C
+    rng = np.random.default_rng(11)
+    inp = rng.standard_normal((M, K)).astype(np.float32)
+    w = (0.1 * rng.standard_normal((K, N))).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    dout = rng.standard_normal((M, N)).astype(np.float32)
+    dw0 = rng.standard_normal((K, N)).astype(np.float32)    # gradients already holding values: += must add
+    db0 = rng.standard_normal(N).astype(np.float32)
+    fc = wait(Conv1D.create(dev, M, K, N))
+    b = {k: upload(dev, v, k) for k, v in dict(inp=inp, w=w, bias=bias, dout=dout, dw=dw0, db=db0).items()}
+    b["out"] = dev.buffer(4 * M * N, "out")
+    b["dinp"] = upload(dev, np.full((M, K), 7.0, np.float32), "dinp")   # stale: dinp is written, not added
+    run(dev, lambda seq: (fc.forward(seq, out=b["out"], inp=b["inp"], weight=b["w"], bias=b["bias"]),
+                          fc.backward(seq, dinp=b["dinp"], dweight=b["dw"], dbias=b["db"], dout=b["dout"],
+                                      inp=b["inp"], weight=b["w"])))
+    out_ref = reference.matmul_forward(inp, w, bias)
+    dinp_ref, dw_ref, db_ref = reference.matmul_backward(dout, inp, w)
+    x, wa, d = np.abs(inp.astype(np.float64)), np.abs(w.astype(np.float64)), np.abs(dout.astype(np.float64))
+    assert_product("out", download(dev, b["out"], (M, N)), out_ref.astype(np.float64), x @ wa + np.abs(bias))
+    assert_product("dinp", download(dev, b["dinp"], (M, K)), dinp_ref.astype(np.float64), d @ wa.T)
+    assert_product("dweight", download(dev, b["dw"], (K, N)), dw0 + dw_ref.astype(np.float64), x.T @ d + np.abs(dw0))
+    assert_product("dbias", download(dev, b["db"], (N,)), db0 + db_ref.astype(np.float64), d.sum(0) + np.abs(db0))
+
+
+def test_conv1d_without_bias(dev):
+    rng = np.random.default_rng(12)
+    inp = rng.standard_normal((M, C)).astype(np.float32)
+    w = rng.standard_normal((C, C)).astype(np.float32)
+    fc = wait(Conv1D.create(dev, M, C, C, bias=False))
+    out = dev.buffer(4 * M * C, "out")
+    run(dev, lambda seq: fc.forward(seq, out=out, inp=upload(dev, inp), weight=upload(dev, w)))
+    x, wa = np.abs(inp.astype(np.float64)), np.abs(w.astype(np.float64))
+    assert_product("out", download(dev, out, (M, C)), reference.matmul_forward(inp, w).astype(np.float64), x @ wa)
+
+
+def test_lm_head_forward_and_backward_match_reference(dev):
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((M, C)).astype(np.float32)
+    wte = (0.1 * rng.standard_normal((Vp, C))).astype(np.float32)
+    dlogits = (rng.standard_normal((M, Vp)) / Vp).astype(np.float32)
+    dwte0 = rng.standard_normal((Vp, C)).astype(np.float32)
+    head = wait(LMHead.create(dev, M, C, Vp))
+    b = {k: upload(dev, v, k) for k, v in dict(x=x, wte=wte, dlogits=dlogits, dwte=dwte0).items()}
+    b["logits"] = dev.buffer(4 * M * Vp, "logits")
+    b["dx"] = upload(dev, np.full((M, C), 7.0, np.float32), "dx")
+    run(dev, lambda seq: (head.forward(seq, logits=b["logits"], x=b["x"], wte=b["wte"]),
+                          head.backward(seq, dx=b["dx"], dwte=b["dwte"], dlogits=b["dlogits"], x=b["x"],
+                                        wte=b["wte"])))
+    logits_ref = reference.matmul_forward(x, wte.T)
+    dx_ref, dwteT_ref, _ = reference.matmul_backward(dlogits, x, wte.T, has_bias=False)
+    xa, wa, da = (np.abs(v.astype(np.float64)) for v in (x, wte, dlogits))
+    assert_product("logits", download(dev, b["logits"], (M, Vp)), logits_ref.astype(np.float64), xa @ wa.T)
+    assert_product("dx", download(dev, b["dx"], (M, C)), dx_ref.astype(np.float64), da @ wa)
+    assert_product("dwte", download(dev, b["dwte"], (Vp, C)), dwte0 + dwteT_ref.T.astype(np.float64),
+                   da.T @ xa + np.abs(dwte0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and choices
+
+def test_tiled_kernel_refuses_rows_that_are_no_multiple_of_4(dev):
+    with pytest.raises(GPUError, match="multiples of 4"):
+        wait(Matmul.create(dev, 37, 45, 53, "nn", variant="tiled"))
+
+
+def test_tiles_beyond_the_webgpu_limits_are_refused(dev):
+    with pytest.raises(GPUError, match="threads per workgroup"):
+        wait(Matmul.create(dev, 64, 64, 64, tiles={"BM": 128, "BN": 128, "BK": 8, "TM": 4, "TN": 4}))
+    with pytest.raises(GPUError, match="workgroup memory"):
+        wait(Matmul.create(dev, 64, 64, 64, tiles={"BM": 128, "BN": 128, "BK": 32, "TM": 8, "TN": 8}))
+
+
+def test_every_preset_tile_shape_fits_the_webgpu_default_limits(dev):
+    for name, t in TILE_SHAPES.items():
+        check_tiles(dev, t)   # the fixture device holds exactly the default limits; raises if a shape exceeds them
+    assert default_tiles(dev, 8192, 768, 768) == TILES_CPU
+
+
+def test_default_tiles_are_large_where_they_fill_a_gpu():
+    gpu = FakeAdapter(vendor="NVIDIA", device="NVIDIA H100 80GB HBM3", adapter_type="DiscreteGPU")
+    assert default_tiles(gpu, 8192, 768, 768) == TILES_LARGE      # 384 workgroups of 128 x 128
+    assert default_tiles(gpu, 768, 768, 8192) == TILES_LARGE      # 36 workgroups, times 16 slices of split-K
+    assert default_tiles(gpu, 2048, 384, 128) == TILES_MEDIUM     # a small model: 48 workgroups, K too short to split
