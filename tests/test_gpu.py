@@ -109,3 +109,13 @@ def test_cli_device_passes_and_exits_zero():
     r = subprocess.run([sys.executable, "-m", "tabgpt", "device"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "pass  matmul" in r.stdout and r.stdout.strip().endswith("OK"), r.stdout
+
+
+def test_parameters_and_locals_that_shadow_a_binding_are_not_uses():
+    src = ("@group(0) @binding(0) var<storage, read> a: array<f32>;\n"
+           "@group(0) @binding(1) var<storage, read_write> out: array<f32>;\n"
+           "fn helper(a: f32) -> f32 { return a * 2.0; }\n"
+           "@compute @workgroup_size(1) fn only_out() { let a = 1.0; out[0] = helper(a); }\n"
+           "@compute @workgroup_size(1) fn both() { out[0] = a[0]; }\n")
+    assert [b.name for b in gpu.used_bindings(src, "only_out")] == ["out"]
+    assert [b.name for b in gpu.used_bindings(src, "both")] == ["a", "out"]

@@ -120,11 +120,12 @@ def _strip_comments(src: str) -> str:
     return re.sub(r"//[^\n]*", "", src)
 
 
-def _function_bodies(src: str) -> dict[str, str]:
-    """Map each function name to its body text (brace matched)."""
+def _function_bodies(src: str) -> dict[str, tuple[str, set[str]]]:
+    """Map each function name to (body text, names it declares: parameters, `let` and `var` locals)."""
     bodies = {}
     for m in _FN_RE.finditer(src):
         i = src.find("{", m.end())
+        signature = src[m.end():i]
         depth, j = 0, i
         while j < len(src):
             c = src[j]
@@ -135,12 +136,16 @@ def _function_bodies(src: str) -> dict[str, str]:
                 if depth == 0:
                     break
             j += 1
-        bodies[m.group(1)] = src[i:j + 1]
+        body = src[i:j + 1]
+        params = signature.split("->")[0]
+        local = set(re.findall(r"(\w+)\s*:", params)) | set(re.findall(r"\b(?:let|var|const)\s+(\w+)", body))
+        bodies[m.group(1)] = (body, local)
     return bodies
 
 
 def used_bindings(src: str, entry: str) -> list[Binding]:
-    """The bindings an entry point reaches, directly or through the functions it calls."""
+    """The bindings an entry point reaches, directly or through the functions it calls. A parameter or local
+    that shadows a binding's name is not a use of the binding."""
     src = _strip_comments(src)
     bindings = parse_bindings(src)
     bodies = _function_bodies(src)
@@ -152,7 +157,10 @@ def used_bindings(src: str, entry: str) -> list[Binding]:
         if fn in seen:
             continue
         seen.add(fn)
-        for ident in _IDENT_RE.findall(bodies[fn]):
+        body, local = bodies[fn]
+        for ident in _IDENT_RE.findall(body):
+            if ident in local:
+                continue
             if ident in bodies:
                 todo.append(ident)
             elif ident in bindings:
