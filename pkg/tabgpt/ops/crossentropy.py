@@ -1,0 +1,57 @@
+"""Fused softmax + cross-entropy (shaders/crossentropy.wgsl) over the real vocabulary V of padded logits.
+
+    ce = await CrossEntropy.create(dev, N=B*T, V=V, Vp=Vp)
+    ce.forward_backward(seq, losses=losses, logits=logits, targets=targets)  # logits become dlogits, in place
+    ce.mean(seq, loss=loss_slot, losses=losses)                             # loss_slot[0] = mean(losses)
+
+Shapes: logits (N, Vp) f32 with Vp a multiple of 4 (the model pads to 64); targets (N,) u32 in [0, V);
+losses (N,) f32; loss a buffer or view of at least one f32. Columns V..Vp are padding: no part of the softmax,
+zero gradient. dlogits = (softmax - onehot) * grad_scale, WRITTEN over the logits (as llm.c: no second
+(N, Vp) buffer). grad_scale and loss_scale default to 1/N, the mean over rows; with gradient accumulation over
+k micro-batches pass 1/(N*k) for both and call mean(..., accumulate=True) after zeroing the slot.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from tabgpt.gpu import Device, GPUError, Sequence
+from tabgpt.ops.elementwise import fold_grid
+
+FILE = "crossentropy.wgsl"
+
+
+class CrossEntropy:
+    def __init__(self, dev, N, V, Vp, kernels, params, mean_params):
+        self.dev, self.N, self.V, self.Vp = dev, N, V, Vp
+        self.k = kernels
+        self.params = params              # uniform CEParams
+        self.mean_params = mean_params    # {accumulate: uniform MeanParams}
+
+    @classmethod
+    async def create(cls, dev: Device, N: int, V: int, Vp: int, grad_scale: float | None = None,
+                     loss_scale: float | None = None) -> "CrossEntropy":
+        if Vp % 4 or not 0 < V <= Vp:
+            raise GPUError(f"CrossEntropy needs 0 < V <= Vp and Vp a multiple of 4, got V={V}, Vp={Vp}")
+        grad_scale = 1.0 / N if grad_scale is None else grad_scale
+        loss_scale = 1.0 / N if loss_scale is None else loss_scale
+        kernels = {name: await dev.kernel(FILE, name)
+                   for name in ("crossentropy_forward", "crossentropy_forward_backward", "loss_mean")}
+        params = dev.uniform(struct.pack("<3If", N, V, Vp // 4, grad_scale), "crossentropy-params")
+        mean_params = {acc: dev.uniform(struct.pack("<2IfI", N, int(acc), loss_scale, 0), "loss-mean-params")
+                       for acc in (False, True)}
+        return cls(dev, N, V, Vp, kernels, params, mean_params)
+
+    def forward(self, seq: Sequence, losses, logits, targets):
+        """losses (N,) = cross-entropy of each row of logits (N, Vp) against targets (N,); logits untouched."""
+        seq.dispatch(self.k["crossentropy_forward"], fold_grid(self.N), cp=self.params,
+                     losses=losses, logits=logits, targets=targets)
+
+    def forward_backward(self, seq: Sequence, losses, logits, targets):
+        """losses (N,) as forward(), and logits (N, Vp) overwritten IN PLACE with dlogits."""
+        seq.dispatch(self.k["crossentropy_forward_backward"], fold_grid(self.N), cp=self.params,
+                     losses=losses, dlogits=logits, targets=targets)
+
+    def mean(self, seq: Sequence, loss, losses, accumulate: bool = False):
+        """loss[0] = loss_scale * sum(losses (N,)) (the mean by default); += instead when accumulate."""
+        seq.dispatch(self.k["loss_mean"], (1,), mp=self.mean_params[bool(accumulate)], loss=loss, losses=losses)

@@ -1,0 +1,433 @@
+"""The training step's other kernels natively (lavapipe in CI) against tests/reference.py (NumPy, float64 inside):
+embedding, layernorm, GELU / residual / fill, fused softmax + cross-entropy, and AdamW with global-norm
+clipping. Awkward shapes on purpose (B=3, T=37, C=72, V=1001, Vp=1024); every backward accumulates into
+gradients that already hold values, and every reduction is checked to be bit-identical run to run."""
+
+import math
+
+import numpy as np
+import pytest
+import reference
+
+from tabgpt.gpu import wait
+from tabgpt.ops.crossentropy import CrossEntropy
+from tabgpt.ops.elementwise import Elementwise, chunk_views
+from tabgpt.ops.embedding import Embedding
+from tabgpt.ops.layernorm import LayerNorm
+from tabgpt.ops.optim import AdamW, decay_mask
+
+B, T, C, V, Vp = 3, 37, 72, 1001, 1024
+N = B * T
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def upload(dev, a, label="x"):
+    a = np.ascontiguousarray(a)
+    return dev.buffer(a.nbytes, label, a)
+
+
+def download(dev, buf, dtype=np.float32, shape=None):
+    out = np.frombuffer(wait(dev.read(buf)), dtype=dtype)
+    return out.reshape(shape) if shape is not None else out
+
+
+def run(dev, append):
+    """Build a sequence from append(seq), run it once and wait for it."""
+    seq = dev.sequence("test")
+    append(seq)
+    wait(seq.build())
+    seq.run()
+    wait(dev.sync())
+
+
+def assert_close(name, got, ref, atol, rtol=0.0):
+    """|got - ref| <= atol + rtol * |ref| everywhere; the message says where and by how much it failed."""
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"{name}: shape {got.shape} != reference {ref.shape}"
+    diff = np.abs(got - ref)
+    bad = diff > atol + rtol * np.abs(ref)
+    if bad.any():
+        i = np.unravel_index(np.argmax(diff), diff.shape)
+        raise AssertionError(f"{name}: {bad.sum()} of {bad.size} entries off (atol {atol}, rtol {rtol}); max abs diff "
+                             f"{diff.max():.3g} at {i}: got {got[i]!r}, reference {ref[i]!r}")
+
+
+def rng(seed):
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# references: tests/reference.py's ops (float64 inside, float32 out), adapted to flat rows and accumulation
+
+def crossentropy_ref(logits, targets, grad_scale):
+    """losses (N,) and dlogits (N, Vp) = (softmax - onehot) * grad_scale, 0 in the padded columns."""
+    losses = reference.crossentropy_forward(logits, targets, V)
+    probs = reference.softmax_forward(logits, V)
+    return losses, reference.crossentropy_softmax_backward(probs, targets, grad_scale)
+
+
+def adamw_ref(p, g, m, v, t, lr, beta1, beta2, eps, wd, max_norm, decay):
+    """clip_grad_norm_ (max_norm <= 0: no clipping) then torch.optim.AdamW; decay: bool per element."""
+    norm = reference.grad_norm({"g": g})
+    scale = reference.clip_scale(norm, max_norm) if max_norm > 0 else 1.0
+    with_decay = reference.adamw_update(p, g, m, v, lr, t, beta1, beta2, eps, wd, grad_scale=scale)
+    without = reference.adamw_update(p, g, m, v, lr, t, beta1, beta2, eps, 0.0, grad_scale=scale)
+    return (*(np.where(decay, a, b) for a, b in zip(with_decay, without)), norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding
+
+def test_embedding_forward_adds_token_and_position_rows(dev):
+    r = rng(0)
+    idx = r.integers(0, V, N).astype(np.uint32)
+    wte = r.standard_normal((Vp, C)).astype(np.float32)
+    wpe = r.standard_normal((T + 5, C)).astype(np.float32)   # more positions than T, as block_size > T
+    emb = wait(Embedding.create(dev, B, T, C, Vp))
+    out = dev.buffer(4 * N * C, "out")
+    run(dev, lambda s: emb.forward(s, out=out, idx=upload(dev, idx), wte=upload(dev, wte), wpe=upload(dev, wpe)))
+    ref = reference.encoder_forward(wte, wpe, idx.reshape(B, T)).reshape(N, C)
+    assert_close("embedding out", download(dev, out, shape=(N, C)), ref, atol=1e-6)
+
+
+def embedding_backward(dev, Bb, Tt, Cc, Vpp, idx, dout, dwte0, dwpe0):
+    emb = wait(Embedding.create(dev, Bb, Tt, Cc, Vpp))
+    dwte, dwpe = upload(dev, dwte0, "dwte"), upload(dev, dwpe0, "dwpe")
+    run(dev, lambda s: emb.backward(s, dwte=dwte, dwpe=dwpe, dout=upload(dev, dout), idx=upload(dev, idx)))
+    # The rows of each token must end up side by side: the sorted keys tok * N + n, then the padding.
+    n = len(idx)
+    want = np.full(emb.n_pad, 0xFFFFFFFF, np.uint32)
+    want[:n] = np.sort(idx.astype(np.uint64) * n + np.arange(n)).astype(np.uint32)
+    keys = download(dev, emb.keys, np.uint32)
+    assert np.array_equal(keys, want), f"sort keys wrong at {np.flatnonzero(keys != want)[:10]} of {emb.n_pad}"
+    return download(dev, dwte, shape=dwte0.shape), download(dev, dwpe, shape=dwpe0.shape)
+
+
+def embedding_backward_ref(idx, dout, dwte0, dwpe0, Tt):
+    """The reference's gradients added to what the gradient buffers held before."""
+    Cc = dout.shape[1]
+    dwte, dwpe = reference.encoder_backward(dout.reshape(-1, Tt, Cc), idx.reshape(-1, Tt), len(dwte0), len(dwpe0))
+    return dwte0.astype(np.float64) + dwte, dwpe0.astype(np.float64) + dwpe
+
+
+def test_embedding_backward_accumulates_and_is_deterministic(dev):
+    r = rng(1)
+    # Many repeats (tokens 0..19), the last padded row, and singletons across the vocabulary.
+    idx = np.where(r.random(N) < 0.6, r.integers(0, 20, N), r.integers(0, V, N)).astype(np.uint32)
+    idx[5] = idx[77] = Vp - 1
+    dout = r.standard_normal((N, C)).astype(np.float32)
+    dwte0 = r.standard_normal((Vp, C)).astype(np.float32)
+    dwpe0 = r.standard_normal((T + 3, C)).astype(np.float32)
+    got_wte, got_wpe = embedding_backward(dev, B, T, C, Vp, idx, dout, dwte0, dwpe0)
+    ref_wte, ref_wpe = embedding_backward_ref(idx, dout, dwte0, dwpe0, T)
+    assert_close("dwte", got_wte, ref_wte, atol=1e-5, rtol=1e-5)
+    assert_close("dwpe", got_wpe, ref_wpe, atol=1e-5, rtol=1e-5)
+    again_wte, again_wpe = embedding_backward(dev, B, T, C, Vp, idx, dout, dwte0, dwpe0)
+    assert np.array_equal(got_wte.view(np.uint32), again_wte.view(np.uint32)), "dwte differs between two runs"
+    assert np.array_equal(got_wpe.view(np.uint32), again_wpe.view(np.uint32)), "dwpe differs between two runs"
+
+
+def test_embedding_backward_sort_across_several_blocks(dev):
+    # 2800 rows: keys padded to 4096, so the long-range bitonic stages (global and local merges) all run;
+    # 64 tokens only: long runs of one token, spread over every block.
+    Bb, Tt, Cc, Vpp = 4, 700, 8, 64
+    r = rng(2)
+    idx = r.integers(0, 50, Bb * Tt).astype(np.uint32)
+    dout = r.standard_normal((Bb * Tt, Cc)).astype(np.float32)
+    dwte0 = np.zeros((Vpp, Cc), np.float32)
+    dwpe0 = np.zeros((Tt, Cc), np.float32)
+    got_wte, got_wpe = embedding_backward(dev, Bb, Tt, Cc, Vpp, idx, dout, dwte0, dwpe0)
+    ref_wte, ref_wpe = embedding_backward_ref(idx, dout, dwte0, dwpe0, Tt)
+    assert_close("dwte (long runs)", got_wte, ref_wte, atol=2e-5, rtol=1e-5)
+    assert_close("dwpe", got_wpe, ref_wpe, atol=1e-5, rtol=1e-5)
+    assert not got_wte[50:].any(), "tokens never seen got a gradient"
+
+
+# ---------------------------------------------------------------------------------------------
+# layernorm
+
+@pytest.mark.parametrize("rows_per_block", [None, 4])
+def test_layernorm_forward_and_backward(dev, rows_per_block):
+    r = rng(3)
+    x = (r.standard_normal((N, C)) * 2 + 5).astype(np.float32)   # a large mean: the variance must be centred
+    w = r.standard_normal(C).astype(np.float32)
+    b = r.standard_normal(C).astype(np.float32)
+    dout = r.standard_normal((N, C)).astype(np.float32)
+    dinp0 = r.standard_normal((N, C)).astype(np.float32)
+    dw0 = r.standard_normal(C).astype(np.float32)
+    db0 = r.standard_normal(C).astype(np.float32)
+    ln = wait(LayerNorm.create(dev, N, C, rows_per_block))
+    bx, bw, bb = upload(dev, x), upload(dev, w), upload(dev, b)
+    out, mean, rstd = dev.buffer(4 * N * C, "out"), dev.buffer(4 * N, "mean"), dev.buffer(4 * N, "rstd")
+    dinp, dw, db = upload(dev, dinp0), upload(dev, dw0), upload(dev, db0)
+
+    def append(s):
+        ln.forward(s, out=out, mean=mean, rstd=rstd, inp=bx, weight=bw, bias=bb)
+        ln.backward(s, dinp=dinp, dweight=dw, dbias=db, dout=upload(dev, dout), inp=bx, weight=bw, mean=mean,
+                    rstd=rstd)
+    run(dev, append)
+    ref_out, ref_mean, ref_rstd = reference.layernorm_forward(x, w, b)
+    assert_close("layernorm out", download(dev, out, shape=(N, C)), ref_out, atol=1e-5, rtol=1e-5)
+    assert_close("mean", download(dev, mean), ref_mean, atol=1e-6, rtol=1e-6)
+    assert_close("rstd", download(dev, rstd), ref_rstd, atol=1e-6, rtol=1e-5)
+    ref_dinp, ref_dw, ref_db = reference.layernorm_backward(dout, x, w, ref_mean, ref_rstd)
+    assert_close("dinp (accumulated)", download(dev, dinp, shape=(N, C)), dinp0 + ref_dinp, atol=1e-5, rtol=1e-5)
+    assert_close("dweight (accumulated)", download(dev, dw), dw0 + ref_dw, atol=1e-4, rtol=1e-5)
+    assert_close("dbias (accumulated)", download(dev, db), db0 + ref_db, atol=1e-4, rtol=1e-5)
+
+
+def test_layernorm_backward_is_deterministic(dev):
+    r = rng(4)
+    x, dout = r.standard_normal((2, N, C)).astype(np.float32)
+    w, b = r.standard_normal((2, C)).astype(np.float32)
+    ln = wait(LayerNorm.create(dev, N, C, rows_per_block=8))
+    results = []
+    for _ in range(2):
+        bx, bw = upload(dev, x), upload(dev, w)
+        out, mean, rstd = dev.buffer(4 * N * C, "out"), dev.buffer(4 * N, "mean"), dev.buffer(4 * N, "rstd")
+        dinp, dw, db = dev.buffer(4 * N * C, "dinp"), dev.buffer(4 * C, "dw"), dev.buffer(4 * C, "db")
+
+        def append(s):
+            ln.forward(s, out=out, mean=mean, rstd=rstd, inp=bx, weight=bw, bias=upload(dev, b))
+            ln.backward(s, dinp=dinp, dweight=dw, dbias=db, dout=upload(dev, dout), inp=bx, weight=bw, mean=mean,
+                        rstd=rstd)
+        run(dev, append)
+        results.append([wait(dev.read(buf)) for buf in (out, dinp, dw, db)])
+    for name, first, second in zip(("out", "dinp", "dweight", "dbias"), *results):
+        assert first == second, f"layernorm {name} differs between two runs"
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise
+
+def test_gelu_forward_backward_and_inplace(dev):
+    r = rng(5)
+    n = N * 4 * C
+    x = (r.standard_normal(n) * 3).astype(np.float32)
+    x[:8] = [-30, -12, -9.5, 0, 9.5, 12, 30, 1e-3]   # saturated tanh must stay finite
+    dout = r.standard_normal(n).astype(np.float32)
+    ew = wait(Elementwise.create(dev))
+    bx, bd = upload(dev, x), upload(dev, dout)
+    out, dinp, dio = dev.buffer(4 * n, "out"), dev.buffer(4 * n, "dinp"), upload(dev, dout, "dio")
+
+    def append(s):
+        ew.gelu_forward(s, out=out, inp=bx, n=n)
+        ew.gelu_backward(s, dinp=dinp, inp=bx, dout=bd, n=n)
+        ew.gelu_backward_inplace(s, dinout=dio, inp=bx, n=n)
+    run(dev, append)
+    # f32 tanh is good to a few ulp; gelu' is a difference of O(1) terms, so its error is absolute, ~1e-6
+    assert_close("gelu", download(dev, out), reference.gelu_forward(x), atol=2e-6, rtol=1e-5)
+    ref = reference.gelu_backward(dout, x)
+    assert_close("gelu backward", download(dev, dinp), ref, atol=1e-5, rtol=1e-5)
+    assert_close("gelu backward in place", download(dev, dio), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_residual_add_and_accumulate(dev):
+    r = rng(6)
+    a, b, acc = r.standard_normal((3, N * C)).astype(np.float32)
+    ew = wait(Elementwise.create(dev))
+    out, dacc = dev.buffer(4 * N * C, "out"), upload(dev, acc)
+    ba, bb = upload(dev, a), upload(dev, b)
+    run(dev, lambda s: (ew.add(s, out=out, a=ba, b=bb), ew.accumulate(s, out=dacc, inp=bb)))
+    assert_close("add", download(dev, out), a.astype(np.float64) + b, atol=1e-6)
+    assert_close("accumulate", download(dev, dacc), acc.astype(np.float64) + b, atol=1e-6)
+    with pytest.raises(Exception, match="multiple of 4"):
+        ew.add(dev.sequence(), out=out, a=ba, b=bb, n=N * C - 1)
+
+
+def test_fill_scale_copy_touch_only_their_range(dev):
+    r = rng(7)
+    n = 5000
+    x = r.standard_normal(n).astype(np.float32)
+    ew = wait(Elementwise.create(dev))
+    buf, src = upload(dev, x, "buf"), upload(dev, x[::-1].copy(), "src")
+    # ranges given as views at 256-byte offsets, with awkward lengths; the rest must stay as it was
+    run(dev, lambda s: (ew.zero(s, buf.view(256, 4 * 1001)),
+                        ew.fill(s, buf.view(1024 * 4, 4 * 7), 2.5),
+                        ew.scale(s, buf.view(2048 * 4, 4 * 333), -3.0),
+                        ew.copy(s, buf.view(3072 * 4, 4 * 999), src.view(0, 4 * 999))))
+    ref = x.copy()                      # float32 arithmetic: the results must match exactly
+    ref[64:64 + 1001] = 0
+    ref[1024:1031] = 2.5
+    ref[2048:2048 + 333] *= np.float32(-3)
+    ref[3072:3072 + 999] = x[::-1][:999]
+    assert_close("fill/zero/scale/copy", download(dev, buf), ref, atol=0)
+
+
+def test_operands_beyond_the_binding_limit_are_split_into_aligned_views(dev):
+    bufs = {"a": dev.buffer(4 * 1000, "a"), "b": dev.buffer(4 * 1064, "b").view(256, 4 * 1000)}
+    pieces = chunk_views(dev, 1000, bufs, unit=4, limit=1024)
+    assert [count for count, _ in pieces] == [256, 256, 256, 232]
+    for i, (count, views) in enumerate(pieces):
+        assert views["a"].offset == 1024 * i and views["a"].size == 4 * count
+        assert views["b"].offset == 256 + 1024 * i and views["b"].offset % 256 == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-entropy
+
+def crossentropy_inputs(seed):
+    r = rng(seed)
+    logits = (r.standard_normal((N, Vp)) * 3).astype(np.float32)
+    logits[:, V:] = 1e4                 # padding columns: garbage that must not enter the softmax
+    logits[7, 123] = 88.0               # exp would overflow without the max subtraction
+    targets = r.integers(0, V, N).astype(np.uint32)
+    targets[0], targets[1], targets[7] = 0, V - 1, 123
+    return logits, targets
+
+
+def test_crossentropy_forward_backward_and_mean(dev):
+    logits, targets = crossentropy_inputs(8)
+    ce = wait(CrossEntropy.create(dev, N, V, Vp))
+    blog, bt = upload(dev, logits), upload(dev, targets)
+    losses_fwd, losses = dev.buffer(4 * N, "losses_fwd"), dev.buffer(4 * N, "losses")
+    loss = dev.buffer(16, "loss")
+
+    def append(s):
+        ce.forward(s, losses=losses_fwd, logits=blog, targets=bt)
+        ce.forward_backward(s, losses=losses, logits=blog, targets=bt)   # blog now holds dlogits
+        ce.mean(s, loss=loss.view(0, 4), losses=losses)
+        ce.mean(s, loss=loss, losses=losses, accumulate=True)            # += : twice the mean
+    run(dev, append)
+    ref_losses, ref_d = crossentropy_ref(logits, targets, 1.0 / N)
+    assert_close("losses (forward)", download(dev, losses_fwd), ref_losses, atol=1e-5, rtol=1e-5)
+    assert_close("losses (forward_backward)", download(dev, losses), ref_losses, atol=1e-5, rtol=1e-5)
+    d = download(dev, blog, shape=(N, Vp))
+    assert_close("dlogits", d, ref_d, atol=1e-8, rtol=1e-4)
+    assert not d[:, V:].any(), "padded columns got a gradient"
+    ref_mean = 2 * ref_losses.astype(np.float64).mean()
+    assert_close("mean loss, accumulated twice", download(dev, loss)[0], ref_mean, atol=1e-5, rtol=1e-6)
+
+
+def test_crossentropy_is_deterministic(dev):
+    logits, targets = crossentropy_inputs(9)
+    ce = wait(CrossEntropy.create(dev, N, V, Vp, grad_scale=0.25))
+    results = []
+    for _ in range(2):
+        blog, losses, loss = upload(dev, logits), dev.buffer(4 * N, "losses"), dev.buffer(4, "loss")
+        run(dev, lambda s: (ce.forward_backward(s, losses=losses, logits=blog, targets=upload(dev, targets)),
+                            ce.mean(s, loss=loss, losses=losses)))
+        results.append([wait(dev.read(b)) for b in (blog, losses, loss)])
+    assert results[0] == results[1], "cross-entropy results differ between two runs"
+    _, ref_d = crossentropy_ref(logits, targets, 0.25)
+    assert_close("dlogits (grad_scale 0.25)", np.frombuffer(results[0][0], np.float32).reshape(N, Vp), ref_d,
+                 atol=1e-8, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW with global-norm clipping
+
+P = 5003                                       # not a multiple of 4, 32 or 256
+DECAY = [(0, 1500), (1717, 2001), (5000, 3)]   # ranges that start and end inside bit-mask words
+HYPER = dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+
+def decay_flags():
+    flags = np.zeros(P, bool)
+    for off, count in DECAY:
+        flags[off:off + count] = True
+    return flags
+
+
+def test_decay_mask_bits_follow_the_ranges():
+    words = np.array(decay_mask(P, DECAY), np.uint32)
+    bits = ((words[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(bool).ravel()[:P]
+    assert np.array_equal(bits, decay_flags())
+
+
+class AdamWRun:
+    """params, grads, m, v on the GPU plus their NumPy twins (the reference's AdamW), stepped together."""
+
+    def __init__(self, dev, seed, max_binding=None):
+        r = rng(seed)
+        self.dev = dev
+        self.p = r.standard_normal(P).astype(np.float32)
+        self.m = np.zeros(P, np.float32)
+        self.v = np.zeros(P, np.float32)
+        self.ref_p = self.p.copy()
+        self.bufs = {"params": upload(dev, self.p, "params"), "grads": dev.buffer(4 * P, "grads"),
+                     "m": dev.buffer(4 * P, "m"), "v": dev.buffer(4 * P, "v")}
+        self.opt = wait(AdamW.create(dev, P, DECAY, ring=8, max_binding=max_binding))
+        self.seq = dev.sequence("adamw")
+        self.opt.step(self.seq, **self.bufs)
+        wait(self.seq.build())
+        self.rng = r
+
+    def step(self, t, lr, max_norm, grads=None, scale=1.0):
+        g = (self.rng.standard_normal(P) * scale).astype(np.float32) if grads is None else grads
+        self.dev.write(self.bufs["grads"], g)
+        self.opt.write_step(t=t, lr=lr, max_norm=max_norm, **HYPER)
+        self.seq.run()
+        wait(self.dev.sync())
+        return g
+
+    def reference_step(self, g, t, lr, max_norm):
+        self.ref_p, self.m, self.v, norm = adamw_ref(self.ref_p, g, self.m, self.v, t, lr, HYPER["beta1"],
+                                                     HYPER["beta2"], HYPER["eps"], HYPER["weight_decay"],
+                                                     max_norm, decay_flags())
+        return norm
+
+    def state(self):
+        return {name: download(self.dev, self.bufs[name]) for name in ("params", "m", "v")}
+
+
+@pytest.mark.parametrize("max_norm,clipped", [(1.0, True), (1e6, False), (0.0, False)])
+def test_adamw_three_steps_match_numpy(dev, max_norm, clipped):
+    # max_binding 4096 bytes: the 5003 parameters are bound in 5 chunks of views, as a 124M model would be
+    run_ = AdamWRun(dev, seed=10, max_binding=4096)
+    assert len(run_.opt.pieces) == 5
+    for t in (1, 2, 3):
+        lr = 1e-2 * t
+        g = run_.step(t, lr, max_norm, scale=0.5)
+        norm = run_.reference_step(g, t, lr, max_norm)
+        stats = wait(run_.opt.read_stats())
+        assert_close(f"grad norm at step {t}", stats["norm"], norm, atol=0, rtol=1e-5)
+        want_scale = min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+        assert (want_scale < 1) == clipped, f"clipping should be {'on' if clipped else 'off'} (norm {norm})"
+        assert_close("clip scale", stats["scale"], want_scale, atol=0, rtol=1e-5)
+        assert not stats["skip"] and stats["skipped"] == 0
+        got = run_.state()
+        assert_close(f"params after step {t}", got["params"], run_.ref_p, atol=1e-6, rtol=1e-5)
+        assert_close(f"m after step {t}", got["m"], run_.m, atol=1e-7, rtol=1e-4)
+        assert_close(f"v after step {t}", got["v"], run_.v, atol=1e-9, rtol=1e-4)
+    norms = wait(run_.opt.read_norms([1, 2, 3]))
+    assert norms[2] == wait(run_.opt.read_stats())["norm"] and all(n > 0 for n in norms)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_adamw_skips_non_finite_gradients(dev, bad):
+    run_ = AdamWRun(dev, seed=11)
+    g1 = run_.step(1, 1e-2, 1.0)
+    run_.reference_step(g1, 1, 1e-2, 1.0)
+    before = run_.state()
+    g2 = run_.rng.standard_normal(P).astype(np.float32)
+    g2[4321] = bad
+    run_.step(2, 1e-2, 1.0, grads=g2)
+    stats = wait(run_.opt.read_stats())
+    assert stats["skip"] and stats["skipped"] == 1, stats
+    assert not math.isfinite(stats["norm"])
+    after = run_.state()
+    for name in ("params", "m", "v"):
+        assert np.array_equal(before[name], after[name]), f"{name} changed on a skipped step"
+    # the next finite step updates again (step 3 for the optimizer's bias correction)
+    g3 = run_.step(3, 1e-2, 1.0)
+    run_.reference_step(g3, 3, 1e-2, 1.0)
+    stats = wait(run_.opt.read_stats())
+    assert not stats["skip"] and stats["skipped"] == 1, stats
+    assert_close("params after a skipped step", run_.state()["params"], run_.ref_p, atol=1e-6, rtol=1e-5)
+    norms = wait(run_.opt.read_norms([1, 2, 3]))
+    assert math.isfinite(norms[0]) and not math.isfinite(norms[1]) and math.isfinite(norms[2]), norms
+
+
+def test_adamw_is_deterministic(dev):
+    results = []
+    for _ in range(2):
+        run_ = AdamWRun(dev, seed=12, max_binding=8192)
+        for t in (1, 2):
+            run_.step(t, 3e-3, 1.0, scale=2.0)
+        results.append([wait(dev.read(run_.bufs[k])) for k in ("params", "m", "v")]
+                       + [wait(dev.read(run_.opt.stats))])
+    assert results[0] == results[1], "AdamW results differ between two runs"
