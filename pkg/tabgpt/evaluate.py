@@ -65,23 +65,13 @@ async def evaluate(model, tokenizer, text: str, train_text: str | None = None, t
 
 
 async def _score(model, ids, windows, B, T):
-    """Score up to B windows of at most T tokens; `valid` (real positions per row) excludes the padding of the
-    last, shorter window and of unused rows from the sums."""
+    """Score up to B consecutive windows of T tokens laid out as rows (only the last may be shorter)."""
     x = array.array("I")
     y = array.array("I")
-    valid = []
     for start, length in windows:
-        xs = list(ids[start:start + length])
-        ys = list(ids[start + 1:start + 1 + length])
-        pad = T - length
-        x.extend(xs + [0] * pad)
-        y.extend(ys + [0] * pad)
-        valid.append(length)
-    for _ in range(B - len(windows)):
-        x.extend([0] * T)
-        y.extend([0] * T)
-        valid.append(0)
-    return await model.eval_metrics(x, y, valid)
+        x.extend(ids[start:start + length])
+        y.extend(ids[start + 1:start + 1 + length])
+    return await model.eval_metrics(x, y)
 
 
 def cli_main(args) -> int:

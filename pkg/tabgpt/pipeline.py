@@ -132,12 +132,17 @@ class Pipeline:
             return {"saved": True, "reason": reason, **info}
 
         last = None
+        best = [float("inf")]
         try:
             async for ev in train(self.model, self.data, self.cfg, self.control, start_step=self.step,
                                   sampler=sampler, checkpoint=checkpoint):
                 self.history.append(ev)
                 if run is not None and ev["type"] != "paused":
                     run.append_metrics(ev)
+                if run is not None and ev["type"] == "eval" and ev["val_loss"] < best[0]:
+                    best[0] = ev["val_loss"]
+                    ev = {**ev, "best": True}
+                    await run.save_best(self.model, ev["step"], ev["val_loss"])
                 self.emit(ev)
                 last = ev
         except TrainingError as e:
@@ -147,7 +152,16 @@ class Pipeline:
                 await checkpoint(self.step, "error")
             raise
         self.step = last["step"] if last else self.step
+        self.best_val = best[0]
         return last
+
+    async def use_best_weights(self):
+        """Load best.safetensors (lowest validation loss) into the model, if it beats the last weights."""
+        if self.run is None or not (self.run.path / "best.safetensors").is_file():
+            return None
+        params, step = self.run.read_model(self.cfg, best=True)
+        self.model.load_params(params)
+        return step
 
     # -- 5. sampling
     async def sample(self, prompt: str, max_new_tokens=200, temperature=0.8, top_k=None, top_p=None, seed=0,
@@ -235,7 +249,8 @@ class ProgressPrinter:
             self._line(f"\n{t} at step {ev['step']} after {ev['seconds']:.0f} s"
                        + (f" ({ev['reason']})" if ev.get("reason") else "") + "\n")
         elif t == "tokenizer_progress":
-            self._line(f"\rtokenizer: {ev.get('stage', '')} {ev.get('done', 0)}/{ev.get('total', 0)}")
+            if self.tty:
+                self._line(f"\rtokenizer: {ev.get('stage', '')} {ev.get('done', 0)}/{ev.get('total', 0)}")
         elif t == "fetch" and ev.get("message"):
             self._line(f"{ev['message']}\n")
 
@@ -302,6 +317,10 @@ def cli_train(args) -> int:
             last = await pipe.train()
         finally:
             signal.signal(signal.SIGINT, old)
+        best_step = await pipe.use_best_weights()
+        if best_step is not None:
+            print(f"\nsampling and evaluating the best weights (step {best_step}, validation loss "
+                  f"{pipe.best_val:.4f})", file=sys.stderr)
         samples = []
         for seed in range(3):
             samples.append(await pipe.sample("\n", max_new_tokens=120, temperature=0.8, top_k=50, seed=seed,

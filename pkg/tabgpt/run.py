@@ -71,6 +71,15 @@ class RunFolder:
     def write_config(self, cfg: Config):
         atomic_write(self.path / "config.json", json.dumps(hf_config(cfg), indent=1).encode())
 
+    async def save_best(self, model, step: int, val_loss: float) -> dict:
+        """best.safetensors: the weights with the lowest validation loss so far (early stopping without
+        stopping: training goes on, sampling and evaluation use these weights)."""
+        params = await model.get_params()
+        tensors = {name: ("F32", tuple(shape), data) for name, (shape, data) in params.items()}
+        data = st.save(None, tensors, {"format": FORMAT, "step": str(step), "val_loss": repr(val_loss)})
+        atomic_write(self.path / "best.safetensors", bytes(data))
+        return {"step": step, "val_loss": val_loss}
+
     async def save_checkpoint(self, model, step: int, extra: dict | None = None) -> dict:
         t0 = time.perf_counter()
         params = await model.get_params()
@@ -123,8 +132,12 @@ class RunFolder:
         except Exception as e:
             raise RunError(f"{self.path / 'tokenizer.json'} is not a valid tokenizer ({e})") from e
 
-    def read_model(self, cfg: Config) -> tuple[dict, int]:
+    def read_model(self, cfg: Config, best: bool = False) -> tuple[dict, int]:
+        """The weights of model.safetensors (the last step, matching state.safetensors), or with best=True those
+        of best.safetensors when it exists (lowest validation loss)."""
         path = self.path / "model.safetensors"
+        if best and (self.path / "best.safetensors").is_file():
+            path = self.path / "best.safetensors"
         try:
             tensors, meta = st.load(path)
         except CheckpointError as e:
@@ -174,13 +187,14 @@ def check_tokenizer_matches(tokenizer, cfg: Config, where: str):
 
 
 async def load_model(dev, run: RunFolder, B: int = 1, T: int | None = None, with_state: bool = False):
-    """(cfg, tokenizer, model, step) from a run folder, the weights on the GPU."""
+    """(cfg, tokenizer, model, step) from a run folder, the weights on the GPU: for sampling and evaluation the
+    best weights (lowest validation loss), for resuming (with_state) the last ones."""
     from tabgpt.gpt import GPT
     run.check(need_state=with_state)
     cfg = run.read_config()
     tok = run.read_tokenizer()
     check_tokenizer_matches(tok, cfg, str(run.path / "tokenizer.json"))
-    params, step = run.read_model(cfg)
+    params, step = run.read_model(cfg, best=not with_state)
     model = await GPT.create(dev, cfg, B=B, T=T or cfg.block_size)
     model.load_params(params)
     if with_state:

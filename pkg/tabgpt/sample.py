@@ -24,9 +24,8 @@ async def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, tem
     if not ids:
         ids = [tokenizer.eot_id]
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    gen = await model.generator()
     window = ids[-cfg.block_size:]
-    logits = await gen.prefill(window)
+    logits = await model.prefill(window)
     for _ in range(max_new_tokens):
         tok = sample_token(logits, cfg.vocab_size, temperature, top_k, top_p, rng)
         if stop_at_eot and tok == tokenizer.eot_id:
@@ -38,9 +37,9 @@ async def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, tem
         if len(window) >= cfg.block_size:
             # The context is full: keep the most recent half and prefill again (rare, and keeps quality).
             window = window[-(cfg.block_size // 2):]
-            logits = await gen.prefill(window)
+            logits = await model.prefill(window)
         else:
-            logits = await gen.step(tok)
+            logits = await model.decode(tok)
     tail = decoder.decode(b"", final=True)
     if tail:
         yield tail

@@ -1,0 +1,155 @@
+"""Training throughput: our WGSL trainer against PyTorch on the same GPT config and GPU, side by side.
+
+Tokens per second of full training steps (forward, backward, clip, AdamW) on random tokens, after warm-up:
+  - tabgpt: the native trainer (wgpu-py; Vulkan on NVIDIA), losses read back at the end only
+  - PyTorch eager fp32 (TF32 off), and eager with bf16 autocast, the same model (nanoGPT-style, fused AdamW)
+Usage: python bench/bench_train.py --preset browser [--steps 20] [--no-torch] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import datetime
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "pkg"))
+
+
+def bench_ours(cfg, steps):
+    from tabgpt import gpu
+    from tabgpt.gpt import GPT
+    dev = gpu.wait(gpu.open_device())
+    model = gpu.wait(GPT.create(dev, cfg, B=cfg.batch_size, T=cfg.block_size))
+    gpu.wait(model.init_weights(cfg.seed))
+    rng = random.Random(0)
+    n = cfg.batch_size * cfg.block_size
+    x = array.array("I", (rng.randrange(cfg.vocab_size) for _ in range(n)))
+    y = array.array("I", (rng.randrange(cfg.vocab_size) for _ in range(n)))
+
+    def step(s):
+        model.set_step(s, cfg.learning_rate * 0.1)
+        model.run_zero_grad()
+        for _ in range(cfg.grad_accum):
+            model.set_batch(x, y)
+            model.run_forward_backward()
+        model.run_update(slot=s)
+
+    for s in range(3):
+        step(s)
+    gpu.wait(dev.sync())
+    t0 = time.perf_counter()
+    for s in range(3, 3 + steps):
+        step(s)
+    gpu.wait(dev.sync())
+    dt = time.perf_counter() - t0
+    stats = gpu.wait(model.read_step_stats(list(range(3 + steps - 3, 3 + steps))))
+    assert all(math.isfinite(l) for l, _, _ in stats), stats
+    return steps * cfg.tokens_per_step / dt, dev.info.get("device", "")
+
+
+def bench_torch(cfg, steps, bf16):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    C, H, L, T, V = cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.block_size, cfg.padded_vocab_size
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.c_attn, self.c_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+        def forward(self, x):
+            B, T_, _ = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B, T_, H, C // H).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.c_proj(y.transpose(1, 2).contiguous().view(B, T_, C))
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(T, C)
+            self.h = nn.ModuleList(Block() for _ in range(L))
+            self.ln_f = nn.LayerNorm(C)
+
+        def forward(self, idx, tgt):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+            for b in self.h:
+                x = b(x)
+            logits = self.ln_f(x) @ self.wte.weight.T
+            return F.cross_entropy(logits.view(-1, V).float(), tgt.view(-1))
+
+    model = GPT().to(dev)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.95), fused=dev == "cuda")
+    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, T), device=dev)
+    y = torch.randint(0, cfg.vocab_size, (cfg.batch_size, T), device=dev)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        for _ in range(cfg.grad_accum):
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(x, y)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    for _ in range(3):
+        step()
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return steps * cfg.tokens_per_step / (time.perf_counter() - t0)
+
+
+def main():
+    from tabgpt.config import preset
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="browser")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    cfg = preset(args.preset, batch_size=args.batch_size)
+    ours, device = bench_ours(cfg, args.steps)
+    rows = [("tabgpt (WGSL, wgpu-native)", ours)]
+    if not args.no_torch:
+        rows.append(("PyTorch eager fp32 (TF32 off)", bench_torch(cfg, args.steps, bf16=False)))
+        rows.append(("PyTorch eager bf16 autocast", bench_torch(cfg, args.steps, bf16=True)))
+    fpt = cfg.flops_per_token()
+    lines = [f"## Training throughput, preset {args.preset}, {datetime.date.today()}, {device}", "",
+             f"n_layer {cfg.n_layer}, n_head {cfg.n_head}, n_embd {cfg.n_embd}, block {cfg.block_size}, "
+             f"vocab {cfg.vocab_size}, batch {cfg.batch_size} x {cfg.grad_accum}; {cfg.n_params() / 1e6:.1f} M params; "
+             f"{args.steps} timed steps after 3 warm-up steps", "",
+             "| trainer | tokens/s | TFLOP/s (6N + attention) | vs tabgpt |", "| --- | ---: | ---: | ---: |"]
+    for name, tps in rows:
+        lines.append(f"| {name} | {tps:,.0f} | {tps * fpt / 1e12:.2f} | {tps / ours:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        out = ROOT / "bench" / "results" / "train.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

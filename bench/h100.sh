@@ -1,0 +1,37 @@
+#!/bin/bash
+# Runs on the GPU machine (NVIDIA, through Vulkan): set-up, `tabgpt device`, the training throughput benchmark
+# against PyTorch, and the quality run (browser preset on the default corpus, 10 minutes of training in two
+# segments: the second resumes the first from its checkpoint, which continues bit-identically).
+#   bash bench/h100.sh 1    # set-up, device, benchmarks, training segment 1
+#   bash bench/h100.sh 2    # training segment 2 (resume) + samples + evaluation
+set -uo pipefail
+STAGE=${1:-1}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/pkg PYTHONUNBUFFERED=1 XDG_RUNTIME_DIR=/tmp/xdg
+mkdir -p -m 700 $XDG_RUNTIME_DIR
+if ! python3 -c "import wgpu; a = wgpu.gpu.request_adapter_sync(); assert 'NVIDIA' in a.info['device'], a.info" 2>/dev/null; then
+  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+fi
+RUN=/tmp/runs/browser
+BUDGET=${BUDGET:-600}
+if [ "$STAGE" = 1 ]; then
+  python3 -m tabgpt device 2>&1 | tee "$OUT/device.txt"
+  python3 bench/bench_train.py --preset browser --steps 30 --write 2>&1 | tee "$OUT/bench_browser.txt"
+  python3 bench/bench_train.py --preset gpt2 --steps 6 --write 2>&1 | tee "$OUT/bench_gpt2.txt"
+  cp bench/results/train.md "$OUT/train.md"
+  # Size the schedule to the time budget from the measured throughput (minus ~8% for evaluations).
+  TPS=$(grep "tabgpt (WGSL" "$OUT/bench_browser.txt" | awk -F'|' '{gsub(/[ ,]/,"",$3); print $3}')
+  STEPS=$(python3 -c "print(int($TPS * $BUDGET * 0.92 / (32 * 256)))")
+  echo "throughput $TPS tokens/s -> max_steps $STEPS" | tee "$OUT/plan.txt"
+  rm -rf $RUN
+  python3 -m tabgpt train --data default --preset browser --max-steps "$STEPS" --eval-interval 250 \
+      --checkpoint-interval 500 --time-limit ${SEG1:-300} --out $RUN 2>&1 | tee "$OUT/train1.log"
+else
+  python3 -m tabgpt train --data default --resume --time-limit $BUDGET --out $RUN 2>&1 | tee "$OUT/train2.log"
+  python3 -m tabgpt sample --run $RUN --prompt "ROMEO:" --num-samples 3 --max-new-tokens 150 --top-k 50 2>&1 | tee "$OUT/samples.txt"
+  python3 -m tabgpt eval --run $RUN --data default 2>&1 | tee "$OUT/eval.json"
+fi
+cp $RUN/metrics.jsonl $RUN/config.json "$OUT/" 2>/dev/null
+true

@@ -1,0 +1,144 @@
+"""Causal multi-head self-attention, fused (shaders/attention.wgsl): flash-attention style, so memory grows
+as T, not T*T, per head.
+
+    attn = await Attention.create(dev, B=B, T=T, C=C, n_head=NH)
+    attn.forward(seq, out=y, lse=lse, qkv=qkv)
+    attn.backward(seq, dqkv=dqkv, dout=dy, qkv=qkv, out=y, lse=lse)
+
+Shapes, all f32: qkv (B*T, 3C) laid out [q | k | v], head h the hs-slice [h*hs, (h+1)*hs) of each third
+(hs = C / n_head, a multiple of 4, at most 128); out (B*T, C), the heads merged back (before c_proj);
+lse (B, n_head, T), each row's logsumexp of scaled scores, written by the forward for the backward;
+dout (B*T, C); dqkv (B*T, 3C). Scores are scaled by 1/sqrt(hs).
+The backward WRITES dqkv (every element, =): qkv is an activation whose only consumer is attention. It runs
+three dispatches: delta = rowsum(dout * out) into a scratch (B, n_head, T), then dq (each query block walks
+its key tiles) and dk, dv (each key block walks its query tiles), so that no two workgroups write the same
+element and nothing needs atomics. Results are bit-identical run to run.
+
+Workgroup shapes are chosen per kernel to fit the device's workgroup memory: small tiles within WebGPU's
+default 16 KiB (the browser's software adapter), bigger ones where more is granted (48 KiB on NVIDIA natively).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from tabgpt.gpu import Device, GPUError, Sequence
+from tabgpt.ops.elementwise import fold_grid
+
+FILE = "attention.wgsl"
+MAX_HEAD_SIZE = 128
+ENTRIES = ("attention_forward", "attention_backward_dq", "attention_backward_dkv")
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One kernel's workgroup shape: NR x TC threads; the workgroup owns a block of 2 NR rows (queries in forward
+    and dq, keys in dkv) and streams tiles of 4 TC rows of the other kind; each thread makes a 2 x 4 tile of
+    scores and owns 2 rows x 8 dims of the output (DS = ceil(hs / (8 TC)) workgroups share a head's dims)."""
+    TC: int
+    NR: int
+
+    def chunks(self, hs: int) -> int:
+        return -(-hs // (8 * self.TC))
+
+
+def workgroup_memory(entry: str, hs: int, t: Tile) -> tuple[int, int]:
+    """(vec4s of `tiles`, f32s of `mat`) an entry point needs: the layouts written above each in the WGSL."""
+    h4p, BR, BS = hs // 4 + 1, 2 * t.NR, 4 * t.TC
+    if entry == "attention_forward":        # Q | K | V;  P (BR, BS+1) | Mx (BR, TC)
+        return (BR + 2 * BS) * h4p, BR * (BS + 1) + BR * t.TC
+    if entry == "attention_backward_dq":    # Q | dO | K | V;  dS (BR, BS+1)
+        return (2 * BR + 2 * BS) * h4p, BR * (BS + 1)
+    if entry == "attention_backward_dkv":   # K | V | Q | dO;  P, dS (BR, BS+1) | lse, delta (BS)
+        return (2 * BR + 2 * BS) * h4p, 2 * BR * (BS + 1) + 2 * BS
+    raise ValueError(entry)
+
+
+def tile_problem(entry: str, hs: int, t: Tile, limits: dict) -> str:
+    """Why tile t cannot serve `entry` at head size hs on a device with these limits ("" if it can)."""
+    threads = t.NR * t.TC
+    smv, sms = workgroup_memory(entry, hs, t)
+    if threads > limits["max-compute-invocations-per-workgroup"] or threads > limits["max-compute-workgroup-size-x"]:
+        return f"{threads} threads"
+    if 16 * smv + 4 * sms > limits["max-compute-workgroup-storage-size"]:
+        return f"{16 * smv + 4 * sms} bytes of workgroup memory"
+    return ""
+
+
+def pick_tile(entry: str, hs: int, T: int, limits: dict) -> Tile:
+    """The biggest workgroup that fits, with the fewest dim chunks; blocks no longer than the sequence needs.
+
+    TC starts where one workgroup covers the whole head (8 TC >= hs; at least 4: 16 keys per tile) and
+    halves when memory is short (then heads split into chunks); NR (the block's row pairs) runs from 32 down."""
+    tc = 4
+    while 8 * tc < hs:
+        tc *= 2
+    while tc >= 1:
+        for nr in (32, 16, 8, 4, 2, 1):
+            if 2 * nr > max(16, T):
+                continue
+            t = Tile(tc, nr)
+            if not tile_problem(entry, hs, t, limits):
+                return t
+        tc //= 2
+    raise GPUError(f"{entry}: no workgroup shape fits head size {hs} in this device's workgroup memory")
+
+
+class Attention:
+    def __init__(self, dev, B, T, C, n_head, kernels, tiles, params, delta):
+        self.dev, self.B, self.T, self.C, self.n_head = dev, B, T, C, n_head
+        self.hs = C // n_head
+        self.k = kernels          # {entry: Kernel}
+        self.tiles = tiles        # {entry: Tile}
+        self.params = params      # uniform AttnParams
+        self.delta = delta        # scratch (B, n_head, T) f32
+
+    @classmethod
+    async def create(cls, dev: Device, B: int, T: int, C: int, n_head: int,
+                     tiles: dict | None = None) -> "Attention":
+        """Compile the kernels for this shape. tiles={entry: Tile} forces tile shapes (tests, benchmarks)."""
+        if n_head <= 0 or C % n_head or (C // n_head) % 4:
+            raise GPUError(f"attention needs C (n_embd) divisible by n_head and a head size that is a multiple "
+                           f"of 4, got C={C}, n_head={n_head}")
+        hs = C // n_head
+        if hs > MAX_HEAD_SIZE:
+            raise GPUError(f"attention supports head sizes up to {MAX_HEAD_SIZE}, got {hs}")
+        if max(B, n_head) > dev.limits["max-compute-workgroups-per-dimension"]:
+            raise GPUError(f"attention: B={B} or n_head={n_head} exceeds the workgroup grid limit")
+        if 4 * B * T * 3 * C > dev.limits["max-storage-buffer-binding-size"]:
+            raise GPUError(f"attention: qkv of {4 * B * T * 3 * C} bytes exceeds this device's storage binding "
+                           "limit; use a smaller batch")
+        kernels, chosen = {}, {}
+        for entry in ENTRIES:
+            t = (tiles or {}).get(entry) or pick_tile(entry, hs, T, dev.limits)
+            problem = tile_problem(entry, hs, t, dev.limits)
+            if problem:
+                raise GPUError(f"{entry}: tile {t} does not fit head size {hs}: {problem}")
+            if n_head * t.chunks(hs) > dev.limits["max-compute-workgroups-per-dimension"]:
+                raise GPUError(f"{entry}: n_head={n_head} x {t.chunks(hs)} chunks exceeds the workgroup grid limit")
+            smv, sms = workgroup_memory(entry, hs, t)
+            chosen[entry] = t
+            kernels[entry] = await dev.kernel(FILE, entry, constants={
+                "HS": hs, "TC": t.TC, "NR": t.NR, "DS": t.chunks(hs), "SMV": smv, "SMS": sms})
+        kernels["attention_backward_delta"] = await dev.kernel(FILE, "attention_backward_delta", constants={"HS": hs})
+        params = dev.uniform(struct.pack("<4I", B, T, n_head, 0), "attention-params")
+        delta = dev.buffer(4 * B * n_head * T, "attention-delta")
+        return cls(dev, B, T, C, n_head, kernels, chosen, params, delta)
+
+    def _grid(self, entry: str) -> tuple[int, int, int]:
+        t = self.tiles[entry]
+        return (-(-self.T // (2 * t.NR)), self.n_head * t.chunks(self.hs), self.B)
+
+    def forward(self, seq: Sequence, out, lse, qkv):
+        """out (B*T, C) = causal softmax(q k^T / sqrt(hs)) v per head of qkv (B*T, 3C); lse (B, NH, T) written."""
+        e = "attention_forward"
+        seq.dispatch(self.k[e], self._grid(e), ap=self.params, qkv=qkv, out=out, lse=lse)
+
+    def backward(self, seq: Sequence, dqkv, dout, qkv, out, lse):
+        """dqkv (B*T, 3C) WRITTEN from dout (B*T, C) and the forward's qkv, out and lse. Three dispatches."""
+        seq.dispatch(self.k["attention_backward_delta"], fold_grid(-(-self.B * self.n_head * self.T // 64)),
+                     ap=self.params, dout=dout, out_in=out, delta=self.delta)
+        for e in ("attention_backward_dq", "attention_backward_dkv"):
+            seq.dispatch(self.k[e], self._grid(e), ap=self.params, qkv=qkv, dout=dout, lse_in=lse,
+                         delta_in=self.delta, dqkv=dqkv)
