@@ -19,7 +19,7 @@ BUDGET=${BUDGET:-600}
 if [ "$STAGE" = 1 ]; then
   python3 -m tabgpt device 2>&1 | tee "$OUT/device.txt"
   python3 bench/bench_train.py --preset browser --steps 30 --write 2>&1 | tee "$OUT/bench_browser.txt"
-  python3 bench/bench_train.py --preset gpt2 --steps 6 --write 2>&1 | tee "$OUT/bench_gpt2.txt"
+  [ "${GPT2:-0}" = 1 ] && python3 bench/bench_train.py --preset gpt2 --steps 6 --write 2>&1 | tee "$OUT/bench_gpt2.txt"
   cp bench/results/train.md "$OUT/train.md"
   # Size the schedule to the time budget from the measured throughput (minus ~8% for evaluations).
   TPS=$(grep "tabgpt (WGSL" "$OUT/bench_browser.txt" | awk -F'|' '{gsub(/[ ,]/,"",$3); print $3}')

@@ -116,6 +116,9 @@ def test_parameters_and_locals_that_shadow_a_binding_are_not_uses():
            "@group(0) @binding(1) var<storage, read_write> out: array<f32>;\n"
            "fn helper(a: f32) -> f32 { return a * 2.0; }\n"
            "@compute @workgroup_size(1) fn only_out() { let a = 1.0; out[0] = helper(a); }\n"
-           "@compute @workgroup_size(1) fn both() { out[0] = a[0]; }\n")
+           "@compute @workgroup_size(1) fn both() { out[0] = a[0]; }\n"
+           "@compute @workgroup_size(1) fn member(@builtin(workgroup_id) wg: vec3u) { let v = vec2f(1.0); "
+           "out[0] = v.a + f32(wg.x); }\n")
     assert [b.name for b in gpu.used_bindings(src, "only_out")] == ["out"]
     assert [b.name for b in gpu.used_bindings(src, "both")] == ["a", "out"]
+    assert [b.name for b in gpu.used_bindings(src, "member")] == ["out"], "a member access (v.a) is not a use"

@@ -51,7 +51,7 @@ class Cancelled(Exception):
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map from each byte to a printable character: printable bytes stand for themselves, the others
     (controls, space, ...) are moved to U+0100 and above. Sorted by character, the bytes give GPT-2's ids."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

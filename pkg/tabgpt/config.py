@@ -56,6 +56,8 @@ class Config:
             problems.append(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.n_embd % 4:
             problems.append(f"n_embd ({self.n_embd}) must be a multiple of 4")
+        if self.head_size % 4:
+            problems.append(f"head size n_embd/n_head = {self.head_size} must be a multiple of 4")
         if self.head_size > 128:
             problems.append(f"head size n_embd/n_head = {self.head_size} is above 128; use more heads")
         for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps"):

@@ -91,7 +91,7 @@ def shader_dir() -> Path:
 _BINDING_RE = re.compile(
     r"@group\(\s*0\s*\)\s*@binding\(\s*(\d+)\s*\)\s*var\s*(<[^>]*>)?\s*(\w+)\s*:")
 _FN_RE = re.compile(r"\bfn\s+(\w+)\s*\(")
-_IDENT_RE = re.compile(r"[A-Za-z_]\w*")
+_IDENT_RE = re.compile(r"(?<![.\w])[A-Za-z_]\w*")  # not after "." (member access such as wg.y)
 
 
 @dataclass

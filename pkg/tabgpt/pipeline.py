@@ -76,7 +76,7 @@ class Pipeline:
 
     def tokenize(self):
         t0 = time.perf_counter()
-        enc = self.tokenizer.encode
+        enc = self.tokenizer.encode_array
         train_ids = array.array("I", enc(self.corpus.train_text))
         val_ids = array.array("I", enc(self.corpus.val_text))
         tb, vb = len(self.corpus.train_text.encode()), len(self.corpus.val_text.encode())
@@ -132,7 +132,7 @@ class Pipeline:
             return {"saved": True, "reason": reason, **info}
 
         last = None
-        best = [float("inf")]
+        best = [run.best_val_loss() if run is not None else float("inf")]
         try:
             async for ev in train(self.model, self.data, self.cfg, self.control, start_step=self.step,
                                   sampler=sampler, checkpoint=checkpoint):

@@ -71,6 +71,17 @@ class RunFolder:
     def write_config(self, cfg: Config):
         atomic_write(self.path / "config.json", json.dumps(hf_config(cfg), indent=1).encode())
 
+    def best_val_loss(self) -> float:
+        """The validation loss of best.safetensors, so that a resumed run only replaces it with better weights."""
+        path = self.path / "best.safetensors"
+        if not path.is_file():
+            return float("inf")
+        try:
+            _, meta = st.load_header(path)
+            return float((meta or {}).get("val_loss", "inf"))
+        except (CheckpointError, ValueError):
+            return float("inf")
+
     async def save_best(self, model, step: int, val_loss: float) -> dict:
         """best.safetensors: the weights with the lowest validation loss so far (early stopping without
         stopping: training goes on, sampling and evaluation use these weights)."""

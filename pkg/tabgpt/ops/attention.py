@@ -14,8 +14,9 @@ three dispatches: delta = rowsum(dout * out) into a scratch (B, n_head, T), then
 its key tiles) and dk, dv (each key block walks its query tiles), so that no two workgroups write the same
 element and nothing needs atomics. Results are bit-identical run to run.
 
-Workgroup shapes are chosen per kernel to fit the device's workgroup memory: small tiles within WebGPU's
-default 16 KiB (the browser's software adapter), bigger ones where more is granted (48 KiB on NVIDIA natively).
+Workgroup shapes are chosen per kernel to fit the device's workgroup memory: small tiles (and heads split
+into chunks of dims) within WebGPU's default 16 KiB, bigger ones where more is granted (32 KiB on lavapipe and
+on SwiftShader in Chromium, 48 KiB on NVIDIA natively).
 """
 
 from __future__ import annotations

@@ -1,0 +1,149 @@
+"""Fused causal attention (shaders/attention.wgsl) against the float64 NumPy reference: forward (out, lse) and
+backward (dqkv) on awkward shapes and forced tile shapes, T=1, peaky softmaxes, determinism."""
+
+import numpy as np
+import pytest
+
+import reference
+from tabgpt import gpu
+from tabgpt.gpu import wait
+from tabgpt.ops.attention import ENTRIES, Attention, Tile, pick_tile, tile_problem
+
+# Errors are relative to max(1, max |reference|) of each output; float32 accumulation over T <= 130 keys
+# measures 1e-7 to 2e-6 here, so these leave a margin of 5x or more.
+TOL_OUT = 1e-5
+TOL_LSE = 1e-5
+TOL_GRAD = 2e-5
+
+
+def lse_reference(qkv, n_head):
+    """(B, NH, T) logsumexp over the visible keys of each row's scaled scores, in float64."""
+    B, T, C3 = qkv.shape
+    hs = C3 // 3 // n_head
+    x = qkv.astype(np.float64).reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)
+    s = x[0] @ x[1].transpose(0, 1, 3, 2) / np.sqrt(hs)                       # (B, NH, T, T)
+    s[..., np.triu(np.ones((T, T), dtype=bool), k=1)] = -np.inf
+    m = s.max(axis=-1, keepdims=True)
+    return (m + np.log(np.exp(s - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True):
+    """Forward and backward on the GPU; returns (out (B, T, C), lse (B, NH, T), dqkv (B, T, 3C)).
+    tile: a Tile forced on all three tiled kernels (None: each picks its own)."""
+    attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tile and {e: tile for e in ENTRIES}))
+    print("tiles:", {e[len("attention_"):]: tuple(vars(t).values()) for e, t in attn.tiles.items()})
+    b_qkv = dev.buffer(qkv.nbytes, "qkv", qkv)
+    b_out = dev.buffer(4 * B * T * C, "out")
+    b_lse = dev.buffer(4 * B * NH * T, "lse")
+    b_dout = dev.buffer(dout.nbytes, "dout", dout)
+    # NaN-filled: the backward must write every element of dqkv, not add to it.
+    fill = np.full(B * T * 3 * C, np.nan if garbage_dqkv else 0.0, dtype=np.float32)
+    b_dqkv = dev.buffer(fill.nbytes, "dqkv", fill)
+    seq = dev.sequence("attention")
+    attn.forward(seq, out=b_out, lse=b_lse, qkv=b_qkv)
+    attn.backward(seq, dqkv=b_dqkv, dout=b_dout, qkv=b_qkv, out=b_out, lse=b_lse)
+    wait(seq.build())
+    seq.run()
+    read = lambda buf, shape: np.frombuffer(wait(dev.read(buf)), dtype=np.float32).reshape(shape)
+    return read(b_out, (B, T, C)), read(b_lse, (B, NH, T)), read(b_dqkv, (B, T, 3 * C))
+
+
+def rel_err(got, ref):
+    return float(np.abs(got.astype(np.float64) - ref).max() / max(1.0, np.abs(ref).max()))
+
+
+def check(dev, B, T, C, NH, seed=0, scale=1.0, tile=None):
+    rng = np.random.default_rng(seed)
+    qkv = (scale * rng.standard_normal((B, T, 3 * C))).astype(np.float32)
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    out, lse, dqkv = run_attention(dev, B, T, C, NH, qkv, dout, tile)
+    ref_out, att = reference.attention_forward(qkv, NH)
+    ref_dqkv = reference.attention_backward(dout, qkv, att, NH)
+    ref_lse = lse_reference(qkv, NH)
+    errs = {"out": rel_err(out, ref_out), "lse": rel_err(lse, ref_lse), "dqkv": rel_err(dqkv, ref_dqkv)}
+    for part, name in enumerate("qkv"):   # per third, so that a failure says which gradient is off
+        errs["d" + name] = rel_err(dqkv[..., part * C:(part + 1) * C], ref_dqkv[..., part * C:(part + 1) * C])
+    shape = f"B={B} T={T} C={C} NH={NH} hs={C // NH} scale={scale} tile={tile}"
+    assert np.isfinite(dqkv).all(), f"{shape}: dqkv has non-finite entries (not every element written)"
+    assert errs["out"] < TOL_OUT, f"{shape}: out max rel err {errs['out']:.3g} > {TOL_OUT}"
+    assert errs["lse"] < TOL_LSE, f"{shape}: lse max rel err {errs['lse']:.3g} > {TOL_LSE}"
+    assert errs["dqkv"] < TOL_GRAD, f"{shape}: dqkv max rel err {errs} > {TOL_GRAD}"
+    print(shape, {k: f"{v:.2g}" for k, v in errs.items()})
+    return errs
+
+
+@pytest.mark.parametrize("B,T,C,NH", [(3, 37, 72, 3), (2, 64, 64, 4), (1, 130, 48, 2)])
+def test_attention_matches_reference(dev, B, T, C, NH):
+    check(dev, B, T, C, NH, seed=T)
+
+
+def test_attention_single_token(dev):
+    # T=1: the output is v itself, lse the single scaled score, dv = dout, and dq = dk = 0 up to the rounding
+    # of dout.v - dout.out (the two dots are summed in different orders).
+    errs = check(dev, 2, 1, 24, 3, seed=1)
+    assert errs["out"] == 0.0 and errs["dq"] < 1e-6 and errs["dk"] < 1e-6, errs
+
+
+def test_attention_peaky_softmax(dev):
+    # Large scores (std ~10 after scaling): the online softmax must rescale its running sums correctly.
+    check(dev, 1, 70, 32, 2, seed=5, scale=3.5)
+
+
+@pytest.mark.parametrize("tile", [Tile(4, 8), Tile(8, 4), Tile(2, 8), Tile(1, 4)])
+def test_attention_workgroup_shapes(dev, tile):
+    # Blocks and streamed tiles of different lengths cut the diagonal unevenly (tiles with fully masked rows);
+    # hs=20 (5 vec4s) leaves threads without output dims, and TC=2 or 1 splits each head into 2 or 3 chunks.
+    check(dev, 2, 29, 40, 2, seed=7, tile=tile)
+
+
+@pytest.fixture(scope="module")
+def dev_full():
+    """The device at the adapter's own limits (32 KiB of workgroup memory on lavapipe): the bigger tiles."""
+    return wait(gpu.open_device())
+
+
+@pytest.mark.parametrize("tile", [None, Tile(8, 16), Tile(4, 32)])
+def test_attention_big_tiles(dev_full, tile):
+    # Blocks of 32 and 64 rows, as a GPU with 32-48 KiB of workgroup memory runs them.
+    if tile and any(tile_problem(e, 20, tile, dev_full.limits) for e in ENTRIES):
+        pytest.skip(f"this adapter grants only {dev_full.limits['max-compute-workgroup-storage-size']} bytes")
+    check(dev_full, 2, 70, 40, 2, seed=11, tile=tile)
+
+
+@pytest.mark.parametrize("memory", [16384, 32768, 49152])
+def test_every_head_size_gets_a_fitting_tile(memory):
+    limits = dict(gpu.DEFAULT_LIMITS, **{"max-compute-workgroup-storage-size": memory})
+    for hs in range(4, 129, 4):
+        for entry in ENTRIES:
+            t = pick_tile(entry, hs, 1024, limits)
+            assert tile_problem(entry, hs, t, limits) == "", (entry, hs, t)
+            if hs <= 64 and memory >= 32768:
+                assert t.chunks(hs) == 1, f"{entry} hs={hs}: {t} splits heads although memory allows whole ones"
+    # GPT-2 on an H100 natively (48 KiB, 1024 threads): the shapes measured fastest there.
+    h100 = dict(limits, **{"max-compute-invocations-per-workgroup": 1024, "max-compute-workgroup-size-x": 1024})
+    if memory == 49152:
+        assert [pick_tile(e, 64, 1024, h100) for e in ENTRIES] == [Tile(8, 32), Tile(8, 16), Tile(8, 16)]
+
+
+@pytest.mark.parametrize("B,T,C,NH", [(1, 21, 128, 2), (1, 18, 256, 2)])
+def test_attention_gpt2_head_sizes(dev, B, T, C, NH):
+    # hs=64 (GPT-2) and hs=128 (the largest supported: heads split into chunks to fit 16 KiB).
+    check(dev, B, T, C, NH, seed=C)
+
+
+def test_attention_memory_is_linear_in_T(dev):
+    # No (T, T) buffer anywhere: the op's only scratch is delta (B, NH, T).
+    before = dev.bytes_allocated
+    wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4))
+    assert dev.bytes_allocated - before <= 16 + 4 * 2 * 4 * 1024, dev.bytes_allocated - before
+
+
+def test_attention_is_deterministic(dev):
+    B, T, C, NH = 2, 45, 48, 3
+    rng = np.random.default_rng(3)
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    first = run_attention(dev, B, T, C, NH, qkv, dout)
+    second = run_attention(dev, B, T, C, NH, qkv, dout, garbage_dqkv=False)
+    for name, a, b in zip(("out", "lse", "dqkv"), first, second):
+        assert np.array_equal(a, b), f"{name}: two runs differ in {int((a != b).sum())} elements"

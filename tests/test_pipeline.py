@@ -1,0 +1,273 @@
+"""The pipeline end to end on lavapipe with a tiny model: resume, NaN handling, the run folder (Hugging Face
+compatible), sampling, evaluation, the CLI, and bad inputs (clear errors, nothing overwritten)."""
+
+import asyncio
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tabgpt import gpu
+from tabgpt.config import preset
+from tabgpt.pipeline import Pipeline
+from tabgpt.run import RunError, RunFolder, load_model
+from tabgpt.train import Control, TrainingError, get_lr
+
+TEXT_CHARS = 300_000
+
+
+def tiny_cfg(**kw):
+    base = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=300, batch_size=4, max_steps=12,
+                warmup_steps=2, eval_interval=6, eval_steps=1, learning_rate=5e-3, min_lr=5e-4)
+    base.update(kw)
+    return preset("tiny", **base)
+
+
+@pytest.fixture(scope="module")
+def text():
+    from tabgpt.corpus import load_default
+    return load_default()[:TEXT_CHARS]
+
+
+async def _pipeline(text, run_dir, emit=None):
+    pipe = Pipeline(emit, run_dir=run_dir)
+    await pipe.load_data({"text": text})
+    await pipe.train_tokenizer(300)
+    return pipe
+
+
+def _losses(run_dir):
+    return [(e["step"], e["loss"]) for e in RunFolder(run_dir).read_metrics() if e["type"] == "step"]
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    cfg = tiny_cfg(max_steps=100, warmup_steps=10)
+    assert get_lr(0, cfg) == pytest.approx(cfg.learning_rate / 10)
+    assert get_lr(9, cfg) == pytest.approx(cfg.learning_rate)
+    assert get_lr(55, cfg) == pytest.approx((cfg.learning_rate + cfg.min_lr) / 2)
+    assert get_lr(100, cfg) == pytest.approx(cfg.min_lr)
+
+
+def test_training_lowers_the_loss_and_resume_is_bit_identical(tmp_path, text):
+    cfg = tiny_cfg()
+
+    async def full():
+        pipe = await _pipeline(text, tmp_path / "a")
+        pipe.run.create(cfg.replace(vocab_size=300), pipe.tokenizer.to_json())
+        await pipe.build_model(cfg)
+        return await pipe.train()
+
+    async def interrupted():
+        pipe = await _pipeline(text, tmp_path / "b")
+        pipe.run.create(cfg.replace(vocab_size=300), pipe.tokenizer.to_json())
+        await pipe.build_model(cfg)
+
+        def stop_at_5(ev):
+            if ev.get("type") == "step" and ev["step"] == 5:
+                pipe.control.request_stop("test")
+        pipe.emit = stop_at_5
+        return await pipe.train()
+
+    async def resumed():
+        pipe = await _pipeline(text, tmp_path / "b")
+        run = RunFolder(tmp_path / "b")
+        pipe.use_tokenizer(run.read_tokenizer())
+        info = await pipe.build_model(run.read_config(), resume_from=run)
+        assert info["step"] >= 5
+        return await pipe.train()
+
+    last = asyncio.run(full())
+    assert last["type"] == "done" and last["step"] == cfg.max_steps
+    a = _losses(tmp_path / "a")
+    assert [s for s, _ in a] == list(range(1, cfg.max_steps + 1))
+    assert np.mean([l for _, l in a[-3:]]) < a[0][1] - 0.3, f"loss did not fall: {a}"
+
+    stopped = asyncio.run(interrupted())
+    assert stopped["type"] == "stopped" and stopped["step"] < cfg.max_steps
+    asyncio.run(resumed())
+    b = dict(_losses(tmp_path / "b"))
+    for step, loss in a:
+        assert b[step] == loss, f"step {step}: uninterrupted {loss!r}, resumed {b[step]!r}"
+    # best.safetensors holds the lowest validation loss of the whole run, across the resume
+    evals = [e["val_loss"] for e in RunFolder(tmp_path / "b").read_metrics() if e["type"] == "eval"]
+    assert RunFolder(tmp_path / "b").best_val_loss() == min(evals)
+
+
+def test_same_seed_gives_bit_identical_losses(tmp_path, text):
+    cfg = tiny_cfg(max_steps=4, eval_interval=0)
+
+    async def once(name):
+        pipe = await _pipeline(text, tmp_path / name)
+        pipe.run.create(cfg.replace(vocab_size=300), pipe.tokenizer.to_json())
+        await pipe.build_model(cfg)
+        await pipe.train()
+        return _losses(tmp_path / name)
+
+    assert asyncio.run(once("x")) == asyncio.run(once("y"))
+
+
+def test_nan_updates_are_skipped_then_training_stops_with_advice(tmp_path, text):
+    cfg = tiny_cfg(max_steps=20, eval_interval=0)
+    events = []
+
+    async def go():
+        pipe = await _pipeline(text, None)
+        await pipe.build_model(cfg)
+        spec = pipe.model.specs[3]  # a LayerNorm bias: NaN there makes every loss NaN
+        pipe.model.dev.write(pipe.model.params, np.full(spec.numel, np.nan, np.float32).tobytes(), 4 * spec.offset)
+        before = await pipe.model.get_params()
+        pipe.emit = events.append
+        with pytest.raises(TrainingError) as e:
+            await pipe.train()
+        after = await pipe.model.get_params()
+        return e.value, before, after
+
+    err, before, after = asyncio.run(go())
+    assert "Lower the learning rate" in str(err) and "resume" in str(err)
+    nans = [e for e in events if e["type"] == "nan"]
+    assert len(nans) == 5 and all("skipped" in e["message"] for e in nans)
+    for name, (shape, data) in before.items():  # skipped updates leave every parameter untouched
+        assert bytes(after[name][1]) == bytes(data), name
+
+
+def test_run_folder_loads_in_transformers_with_the_same_logits(tmp_path, text):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    cfg = tiny_cfg(max_steps=3, eval_interval=0)
+
+    async def go():
+        pipe = await _pipeline(text, tmp_path / "r")
+        pipe.run.create(cfg.replace(vocab_size=300), pipe.tokenizer.to_json())
+        await pipe.build_model(cfg)
+        await pipe.train()
+        x = pipe.data.val[:cfg.batch_size * cfg.block_size]
+        pipe.model.set_batch(x, x)
+        pipe.model.run_eval()
+        logits = np.frombuffer(await pipe.model.read_logits(), np.float32)
+        return np.array(x).reshape(cfg.batch_size, cfg.block_size), logits.reshape(cfg.batch_size, cfg.block_size, -1)
+
+    idx, ours = asyncio.run(go())
+    model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "r")).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor(idx, dtype=torch.long)).logits.numpy()
+    V = theirs.shape[-1]
+    assert V == 300
+    err = np.abs(ours[..., :V] - theirs).max() / np.abs(theirs).max()
+    assert err < 1e-4, f"max relative logit difference {err:.2e}"
+
+
+def test_sample_and_evaluate_from_the_run_folder(tmp_path, text):
+    cfg = tiny_cfg(max_steps=6, eval_interval=3)
+
+    async def go():
+        pipe = await _pipeline(text, tmp_path / "s")
+        pipe.run.create(cfg.replace(vocab_size=300), pipe.tokenizer.to_json())
+        await pipe.build_model(cfg)
+        await pipe.train()
+        dev = await gpu.open_device()
+        c2, tok, model, step = await load_model(dev, RunFolder(tmp_path / "s"), B=2)
+        from tabgpt.evaluate import evaluate
+        from tabgpt.sample import generate
+        pieces = [p async for p in generate(model, tok, "the ", max_new_tokens=30, seed=1)]
+        pieces2 = [p async for p in generate(model, tok, "the ", max_new_tokens=30, seed=1)]
+        ev = await evaluate(model, tok, pipe.corpus.val_text[:4000], train_text=pipe.corpus.train_text,
+                            train_tokens=pipe.data.train, samples=["".join(pieces)])
+        # the same numbers by hand from the model's own per-token sums
+        ids = tok.encode(pipe.corpus.val_text[:4000])
+        return pieces, pieces2, ev, ids, tok
+
+    pieces, pieces2, ev, ids, tok = asyncio.run(go())
+    assert pieces == pieces2, "the same seed gave a different sample"
+    assert 0 < len("".join(pieces))
+    assert ev["tokens"] == len(ids) - 1
+    assert ev["bytes"] == len(tok.decode_bytes(ids[1:]))
+    assert ev["bits_per_byte"] == pytest.approx(ev["val_loss"] * ev["tokens"] / math.log(2) / ev["bytes"])
+    assert ev["perplexity"] == pytest.approx(math.exp(ev["val_loss"]))
+    assert 0 <= ev["top1"] <= 1
+    assert set(ev["baselines"]) == {"gzip", "bz2", "lzma"}
+    assert 0 <= ev["real_word_share"] <= 1
+
+
+def _cli(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "tabgpt", *map(str, args)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, text):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "corpus.txt").write_text(text)
+    _cli("train", "--data", d / "corpus.txt", "--preset", "tiny", "--vocab-size", 300, "--n-embd", 32,
+         "--block-size", 32, "--max-steps", 4, "--eval-interval", 2, "--out", d / "run", "--quiet")
+    return d
+
+
+def test_cli_train_sample_eval(cli_run):
+    run = cli_run / "run"
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "state.safetensors", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    cfg = json.loads((run / "config.json").read_text())
+    assert {"n_layer", "n_head", "n_embd", "block_size", "vocab_size"} <= set(cfg)
+    r = _cli("sample", "--run", run, "--prompt", "KING", "--max-new-tokens", 20)
+    assert r.stdout.startswith("KING")
+    r = _cli("eval", "--run", run, "--data", cli_run / "corpus.txt", "--max-tokens", 2000)
+    ev = json.loads(r.stdout)
+    for key in ("val_loss", "bits_per_byte", "perplexity", "top1", "baselines"):
+        assert key in ev, key
+    assert set(ev["baselines"]) == {"gzip", "bz2", "lzma"}
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_bad_inputs_give_clear_errors_and_overwrite_nothing(cli_run, tmp_path):
+    r = _cli("sample", "--run", tmp_path / "missing", check=False)
+    assert r.returncode == 1 and "does not exist" in r.stderr and "tabgpt train" in r.stderr
+
+    run = tmp_path / "run"
+    shutil.copytree(cli_run / "run", run)
+    before = _snapshot(run)
+
+    # a tokenizer of another size
+    other = tmp_path / "other"
+    other.mkdir()
+    _cli("tokenizer", "--input", cli_run / "corpus.txt", "--vocab-size", 280, "--out", other / "tokenizer.json")
+    shutil.copy(other / "tokenizer.json", run / "tokenizer.json")
+    r = _cli("eval", "--run", run, "--data", cli_run / "corpus.txt", check=False)
+    assert r.returncode == 1 and "tokenizer has 280 tokens" in r.stderr, r.stderr
+    shutil.copy(cli_run / "run" / "tokenizer.json", run / "tokenizer.json")
+
+    # a truncated checkpoint: sampling and resuming refuse it, and nothing is rewritten
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (run / "best.safetensors").write_bytes(data[: len(data) // 2])
+    broken = _snapshot(run)
+    r = _cli("sample", "--run", run, check=False)
+    assert r.returncode == 1 and "model.safetensors" in r.stderr or "best.safetensors" in r.stderr, r.stderr
+    r = _cli("train", "--data", cli_run / "corpus.txt", "--resume", "--out", run, "--max-steps", 8, check=False)
+    assert r.returncode == 1 and "safetensors" in r.stderr, r.stderr
+    assert _snapshot(run) == broken, "a failed command changed the run folder"
+
+    # training into a folder that holds a model without --resume refuses to overwrite it
+    r = _cli("train", "--data", cli_run / "corpus.txt", "--preset", "tiny", "--out", cli_run / "run", check=False)
+    assert r.returncode == 1 and "--resume" in r.stderr
+    assert before["model.safetensors"] == (cli_run / "run" / "model.safetensors").read_bytes()
+
+
+def test_config_beyond_the_gpu_limits_is_refused_with_advice():
+    from tabgpt.pipeline import check_fits
+
+    class Dev:
+        limits = {"max-storage-buffer-binding-size": 128 << 20}
+
+    with pytest.raises(RunError, match="lower --batch-size"):
+        check_fits(Dev(), preset("gpt2"))
