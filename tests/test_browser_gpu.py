@@ -13,7 +13,7 @@ from browser_support import CHROMIUM, CHROMIUM_ARGS, RequestGuard, ensure_site, 
 pytestmark = pytest.mark.browser
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def site_url():
     import serve  # build/serve.py
     httpd, url = serve.start(ensure_site())
@@ -21,7 +21,7 @@ def site_url():
     httpd.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
@@ -32,7 +32,8 @@ def chromium():
 
 @pytest.fixture(scope="module")
 def check_page(chromium, site_url):
-    """The WebGPU check page, after its self-test finished; its worker stays up for further snippets."""
+    """The WebGPU check page, after its self-test finished; its worker stays up for further snippets.
+    (Module-scoped like the browser: Playwright's sync API keeps an event loop running while it is open.)"""
     ctx = chromium.new_context()
     guard = RequestGuard(site_url)
     ctx.route("**/*", guard)

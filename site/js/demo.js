@@ -108,7 +108,7 @@ async function loadData(source) {
   const rows = r.sources.map((s) => `<tr><td>${esc(s.title || s.name || "")}</td><td>${human(s.bytes)}B</td><td>${human(s.words)} words</td></tr>`).join("");
   $("data-out").innerHTML = `<table>${rows}</table><p>${human(r.train_bytes)}B for training, ${human(r.val_bytes)}B held out for validation.</p>` +
     (r.notices || []).map((n) => `<p class="tg-hint">${esc(n)}</p>`).join("");
-  state.dataReady = true; enable(true);
+  state.dataReady = true; enable(true); setStage("idle");
   setStatus("Text loaded. Next: train the tokenizer.", "ok");
   return r;
 }
@@ -124,7 +124,7 @@ async function trainTokenizer() {
   $("tok-out").innerHTML = `<p>${r.vocab_size} tokens learned in ${fmt(r.seconds, 1)} s; ` +
     `<b>${fmt(r.bytes_per_token, 2)} bytes per token</b> on held-out text; ${human(r.train_tokens)} training tokens.</p>` +
     `<div class="tg-tokens">${pieces}</div>`;
-  state.tokReady = true; enable(true);
+  state.tokReady = true; enable(true); setStage("idle");
   setStatus("Tokenizer ready. Next: train the model.", "ok");
   return r;
 }
@@ -141,7 +141,7 @@ async function trainModel(steps) {
   setStatus("Training…");
   const r = await py(`await tabgpt.web.train()`);
   $("btn-pause").disabled = $("btn-stop").disabled = true;
-  state.modelReady = true; enable(true);
+  state.modelReady = true; enable(true); setStage("idle");
   if (r.sample) { state.sample = r.sample; $("train-sample").hidden = false; $("train-sample").textContent = r.sample; }
   setStatus(`${r.type === "done" ? "Training finished" : "Training stopped"} at step ${r.step}: loss ${fmt(r.loss)}. Next: sample or evaluate.`, "ok");
   return r;
@@ -161,7 +161,7 @@ async function sample() {
                  max_new_tokens: Number($("max-tokens").value), seed: Math.floor(Math.random() * 1e9) };
   const r = await py(`await tabgpt.web.sample(${pyArg(opts)})`);
   $("sample-out").textContent = r.text;
-  state.sample = r.text; enable(true);
+  state.sample = r.text; enable(true); setStage("idle");
   setStatus(`Generated ${r.tokens} tokens at ${fmt(r.tokens_per_s, 1)} tokens/s.`, "ok");
   return r;
 }
@@ -180,7 +180,7 @@ async function evaluate() {
     bar("xz / lzma -9e", b.lzma, worst) + bar("unigram model", r.unigram_bits_per_byte, worst) + `</table>` +
     (r.real_word_share != null ? `<p>Samples: ${fmt(100 * r.real_word_share, 1)}% of generated words occur in the training text; ` +
      `${fmt(100 * r.repetition_rate, 1)}% of 4-grams repeat.</p>` : "");
-  enable(true);
+  enable(true); setStage("idle");
   setStatus("Evaluation done.", "ok");
   return r;
 }
@@ -211,7 +211,7 @@ async function resumeSaved() {
   } else {
     setStatus(`Restored the finished run (step ${r.step}).`, "ok");
   }
-  enable(true);
+  enable(true); setStage("idle");
   return r;
 }
 

@@ -1,0 +1,120 @@
+"""The demo page in headless Chromium (Pyodide in a module worker, WebGPU on SwiftShader), served from 127.0.0.1
+with every outside request aborted and counted: the unattended pipeline, a reload that resumes from the
+checkpoint saved in OPFS, the no-WebGPU message, and screenshots of the post and of the demo mid-training
+(saved under test-artifacts/ to be looked at)."""
+
+from pathlib import Path
+
+import pytest
+
+from browser_support import CHROMIUM, CHROMIUM_ARGS, ROOT, RequestGuard, ensure_site
+
+pytestmark = pytest.mark.browser
+ARTIFACTS = ROOT / "test-artifacts"
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def site_url():
+    import serve
+    httpd, url = serve.start(ensure_site())
+    yield url
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def context(chromium, site_url):
+    """One browser profile for the module, so OPFS survives a reload as it does for a visitor."""
+    ctx = chromium.new_context(viewport={"width": 1100, "height": 1500})
+    guard = RequestGuard(site_url)
+    ctx.route("**/*", guard)
+    ctx.guard = guard
+    yield ctx
+    assert guard.outside == [], f"requests left 127.0.0.1: {guard.outside}"
+    ctx.close()
+
+
+def _state(page):
+    return page.evaluate("window.tabgpt && {stage: window.tabgpt.stage, step: window.tabgpt.step, "
+                         "losses: window.tabgpt.losses, val_losses: window.tabgpt.val_losses, "
+                         "sample: window.tabgpt.sample, eval: window.tabgpt.eval, error: window.tabgpt.error}")
+
+
+def test_unattended_run_reaches_done_with_falling_loss(context, site_url):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = context.new_page()
+    logs = []
+    page.on("console", lambda m: logs.append(m.text))
+    page.goto(f"{site_url}/demo/index.html?corpus=default&preset=tiny&steps={STEPS}&autostart=1&vocab=512")
+    page.wait_for_function("window.tabgpt && (window.tabgpt.stage === 'training' && window.tabgpt.losses.length >= 4"
+                           " || ['done', 'error'].includes(window.tabgpt.stage))", timeout=300_000)
+    page.screenshot(path=str(ARTIFACTS / "demo-training.png"), full_page=True)
+    page.wait_for_function("['done', 'error'].includes(window.tabgpt.stage)", timeout=600_000)
+    s = _state(page)
+    page.screenshot(path=str(ARTIFACTS / "demo-done.png"), full_page=True)
+    assert s["stage"] == "done", (s["error"], logs[-20:])
+    losses = [l for _, l in s["losses"]]
+    assert len(losses) == STEPS and [st for st, _ in s["losses"]] == list(range(1, STEPS + 1))
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.2, f"the loss did not fall: {losses}"
+    assert s["val_losses"], "no validation loss"
+    assert len(s["sample"]) > 0
+    ev = s["eval"]
+    for key in ("val_loss", "bits_per_byte", "perplexity", "top1", "baselines"):
+        assert key in ev, key
+    assert ev["baselines"]["gzip"] > 0
+    assert "bits per byte" in page.inner_text("#eval-out")
+    page.close()
+
+
+def test_reload_resumes_from_the_saved_checkpoint(context, site_url):
+    page = context.new_page()
+    page.goto(f"{site_url}/demo/index.html")
+    page.wait_for_function("window.tabgpt && window.tabgpt.stage === 'idle'", timeout=180_000)
+    button = page.locator("#btn-resume")
+    assert button.is_visible(), "no saved run offered after a reload"
+    assert f"step {STEPS} of {STEPS}" in button.inner_text()
+    button.click()
+    page.wait_for_function("['done', 'error'].includes(window.tabgpt.stage) || "
+                           "(window.tabgpt.stage !== 'training' && window.tabgpt.losses.length > 0)", timeout=300_000)
+    s = _state(page)
+    assert s["error"] is None, s["error"]
+    assert s["step"] == STEPS and len(s["losses"]) == STEPS, "the restored run lost its history"
+    page.click("#btn-sample")
+    page.wait_for_function("window.tabgpt.stage === 'sampling'", timeout=10_000)
+    page.wait_for_function("window.tabgpt.stage !== 'sampling'", timeout=300_000)
+    assert len(page.inner_text("#sample-out")) > len("ROMEO:"), "the restored model does not generate"
+    page.close()
+
+
+def test_blog_post_embeds_the_demo(context, site_url):
+    page = context.new_page()
+    page.goto(f"{site_url}/blog/train-a-gpt-in-your-tab/")
+    assert "Train a GPT in your browser tab" in page.inner_text("h1")
+    frame = page.locator("iframe[title='tabgpt demo']")
+    assert frame.count() == 1
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(ARTIFACTS / "blog-post.png"), full_page=False)
+    page.close()
+
+
+def test_no_webgpu_shows_which_browsers_have_it(chromium, site_url):
+    ctx = chromium.new_context()
+    guard = RequestGuard(site_url)
+    ctx.route("**/*", guard)
+    ctx.add_init_script("Object.defineProperty(Navigator.prototype, 'gpu', {get: () => undefined});")
+    page = ctx.new_page()
+    page.goto(f"{site_url}/demo/index.html?autostart=1")
+    page.wait_for_function("window.tabgpt && window.tabgpt.stage === 'error'", timeout=30_000)
+    text = page.inner_text("#status")
+    assert "WebGPU" in text and "Chrome" in text and "Firefox" in text, text
+    assert guard.outside == []
+    ctx.close()
