@@ -612,6 +612,7 @@ class Tokenizer:
     def save(self, path, listing: bool = True) -> None:
         """Write tokenizer.json to path and, beside it, the merges to read (NAME.merges.txt)."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_json(), encoding="utf-8")
         if listing:
             path.with_name(path.name.removesuffix(".json") + ".merges.txt").write_text(self.merges_listing(),

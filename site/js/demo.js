@@ -232,6 +232,7 @@ async function unattended() {
 }
 
 async function main() {
+  if (params.get("embed") === "1") document.body.classList.add("tg-embed");
   for (const r of document.querySelectorAll("input[name=source]")) r.addEventListener("change", () => {
     for (const d of document.querySelectorAll(".tg-source")) d.hidden = d.dataset.source !== r.value || !r.checked;
   });
