@@ -16,4 +16,4 @@ fi
 echo "installing ${need[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-apt-get install -y -q --no-install-recommends "${need[@]}" fonts-dejavu-core
+apt-get install -y -q "${need[@]}" fonts-dejavu-core

@@ -93,6 +93,14 @@ class Config:
             n += V * C + self.block_size * C
         return n
 
+    def gpu_bytes_estimate(self) -> int:
+        """GPU memory for training, roughly: parameters, gradients and two AdamW moments, plus the activations
+        kept for the backward (about 17 n_embd floats per token per layer, the embeddings and the logits)."""
+        P = self.n_params()
+        tokens = self.batch_size * self.block_size
+        acts = tokens * (17 * self.n_layer * self.n_embd + 4 * self.n_embd + self.padded_vocab_size)
+        return 4 * (4 * P + acts)
+
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the weights plus attention (PaLM appendix B, as nanoGPT)."""
         N = self.n_params(include_embeddings=False) + self.padded_vocab_size * self.n_embd  # lm_head is a matmul

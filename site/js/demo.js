@@ -244,7 +244,8 @@ async function main() {
   const dev = await py(`await tabgpt.web.open_session()`);
   presets = dev.presets;
   for (const [name, p] of Object.entries(presets)) {
-    const opt = new Option(`${name}: ${p.n_layer} layers × ${p.n_embd}, context ${p.block_size}` + (p.fits ? "" : " (too big for this GPU)"), name);
+    const opt = new Option(`${name}: ${p.n_layer} layers × ${p.n_embd}, context ${p.block_size}, ${human(p.n_params)} parameters, ` +
+      `~${human(p.gpu_bytes)}B of GPU memory` + (p.fits ? "" : " (too big for this GPU)"), name);
     opt.disabled = !p.fits; $("preset").add(opt);
   }
   $("preset").value = dev.default_preset;
