@@ -57,78 +57,91 @@ override ACCUMULATE: bool = false;  // out += product (parameter gradients) inst
 // ---------------------------------------------------------------------------------------------
 // Register-blocked, workgroup-tiled product. Tile sizes are override constants so that each adapter can
 // get its own: BM % TM == 0, BN % TN == 0, TM and TN in {4, 8}, BK % 4 == 0, (BM/TM)*(BN/TN) <= 256
-// threads, 4*BK*(BM+BN) bytes of workgroup memory. Thread (tx, ty) owns rows ty*TM.. and columns tx*TN...
+// threads, 4*BK*(BM+BN) bytes of workgroup memory.
+// A thread owns TM/4 groups of 4 rows and TN/4 groups of 4 columns. SPREAD false: adjacent groups (rows
+// ty*TM.., columns tx*TN..); SPREAD true: groups half a block apart (rows 4ty.. and 4ty + BM/2.., columns
+// 4tx.. and 4tx + BN/2..), so that neighbouring threads read neighbouring vec4s of the tiles (no bank
+// conflicts) and store neighbouring vec4s of out.
+// PREFETCH: the next BK slice is read from global memory into registers while the current one is multiplied
+// (at most 4 vec4s per thread and operand: BK*BM/4 and BK*BN/4 <= 4 * threads).
 
 override BM: u32 = 64u;
 override BN: u32 = 64u;
 override BK: u32 = 8u;
 override TM: u32 = 4u;
 override TN: u32 = 4u;
+override SPREAD: bool = false;
+override PREFETCH: bool = false;
 override WG_X: u32 = BN / TN;
 override WG_Y: u32 = BM / TM;
+override N_THREADS: u32 = WG_X * WG_Y;
 
 // Slices of op(A) and op(B), k-major: as_tile[kk][m] and bs_tile[kk][n], as vec4 along m and n.
 var<workgroup> as_tile: array<vec4<f32>, BK * BM / 4u>;
 var<workgroup> bs_tile: array<vec4<f32>, BK * BN / 4u>;
 
+// Vec4 number v (< BK*BM/4) of the op(A) slice at (m0, k0), read from global memory (zeros outside).
+fn fetch_a(m0: u32, k0: u32, v: u32) -> vec4<f32> {
+    var x = vec4(0.0);
+    if (A_T) {
+        // A (K, M): a vec4 runs along m, and lands as it is.
+        let k = k0 + v / (BM / 4u);
+        let m = m0 + 4u * (v % (BM / 4u));
+        if (k < mp.K && m < mp.M) { x = a4[(k * mp.M + m) / 4u]; }
+    } else {
+        // A (M, K): a vec4 runs along k; its 4 values go to 4 k-rows of the tile.
+        let m = m0 + v / (BK / 4u);
+        let k = k0 + 4u * (v % (BK / 4u));
+        if (m < mp.M && k < mp.K) { x = a4[(m * mp.K + k) / 4u]; }
+    }
+    return x;
+}
+
+fn put_a(v: u32, x: vec4<f32>) {
+    if (A_T) {
+        as_tile[v] = x;
+    } else {
+        let base = 4u * (v % (BK / 4u)) * BM + v / (BK / 4u);
+        as_tile[base / 4u][base % 4u] = x.x;
+        as_tile[(base + BM) / 4u][base % 4u] = x.y;
+        as_tile[(base + 2u * BM) / 4u][base % 4u] = x.z;
+        as_tile[(base + 3u * BM) / 4u][base % 4u] = x.w;
+    }
+}
+
+// The same for op(B) at (k0, n0), v < BK*BN/4.
+fn fetch_b(n0: u32, k0: u32, v: u32) -> vec4<f32> {
+    var x = vec4(0.0);
+    if (B_T) {
+        // B (N, K): a vec4 runs along k.
+        let n = n0 + v / (BK / 4u);
+        let k = k0 + 4u * (v % (BK / 4u));
+        if (n < mp.N && k < mp.K) { x = b4[(n * mp.K + k) / 4u]; }
+    } else {
+        // B (K, N): a vec4 runs along n.
+        let k = k0 + v / (BN / 4u);
+        let n = n0 + 4u * (v % (BN / 4u));
+        if (k < mp.K && n < mp.N) { x = b4[(k * mp.N + n) / 4u]; }
+    }
+    return x;
+}
+
+fn put_b(v: u32, x: vec4<f32>) {
+    if (B_T) {
+        let base = 4u * (v % (BK / 4u)) * BN + v / (BK / 4u);
+        bs_tile[base / 4u][base % 4u] = x.x;
+        bs_tile[(base + BN) / 4u][base % 4u] = x.y;
+        bs_tile[(base + 2u * BN) / 4u][base % 4u] = x.z;
+        bs_tile[(base + 3u * BN) / 4u][base % 4u] = x.w;
+    } else {
+        bs_tile[v] = x;
+    }
+}
+
 // Stage the BK-deep slice starting at k0 of op(A) rows m0.. and op(B) columns n0.. (zeros outside).
 fn load_tiles(m0: u32, n0: u32, k0: u32, tid: u32) {
-    let n_threads = WG_X * WG_Y;
-    let M = mp.M;
-    let N = mp.N;
-    let K = mp.K;
-    // op(A): BK * BM / 4 vec4s.
-    for (var v = tid; v < BK * BM / 4u; v += n_threads) {
-        if (A_T) {
-            // A (K, M): a vec4 runs along m, and lands as it is.
-            let kk = v / (BM / 4u);
-            let mq = v % (BM / 4u);
-            let k = k0 + kk;
-            let m = m0 + 4u * mq;
-            var x = vec4(0.0);
-            if (k < K && m < M) { x = a4[(k * M + m) / 4u]; }
-            as_tile[v] = x;
-        } else {
-            // A (M, K): a vec4 runs along k; its 4 values go to 4 k-rows of the tile.
-            let mm = v / (BK / 4u);
-            let kq = v % (BK / 4u);
-            let m = m0 + mm;
-            let k = k0 + 4u * kq;
-            var x = vec4(0.0);
-            if (m < M && k < K) { x = a4[(m * K + k) / 4u]; }
-            let base = 4u * kq * BM + mm;
-            as_tile[(base) / 4u][(base) % 4u] = x.x;
-            as_tile[(base + BM) / 4u][(base + BM) % 4u] = x.y;
-            as_tile[(base + 2u * BM) / 4u][(base + 2u * BM) % 4u] = x.z;
-            as_tile[(base + 3u * BM) / 4u][(base + 3u * BM) % 4u] = x.w;
-        }
-    }
-    // op(B): BK * BN / 4 vec4s.
-    for (var v = tid; v < BK * BN / 4u; v += n_threads) {
-        if (B_T) {
-            // B (N, K): a vec4 runs along k.
-            let nn = v / (BK / 4u);
-            let kq = v % (BK / 4u);
-            let n = n0 + nn;
-            let k = k0 + 4u * kq;
-            var x = vec4(0.0);
-            if (n < N && k < K) { x = b4[(n * K + k) / 4u]; }
-            let base = 4u * kq * BN + nn;
-            bs_tile[(base) / 4u][(base) % 4u] = x.x;
-            bs_tile[(base + BN) / 4u][(base + BN) % 4u] = x.y;
-            bs_tile[(base + 2u * BN) / 4u][(base + 2u * BN) % 4u] = x.z;
-            bs_tile[(base + 3u * BN) / 4u][(base + 3u * BN) % 4u] = x.w;
-        } else {
-            // B (K, N): a vec4 runs along n.
-            let kk = v / (BN / 4u);
-            let nq = v % (BN / 4u);
-            let k = k0 + kk;
-            let n = n0 + 4u * nq;
-            var x = vec4(0.0);
-            if (k < K && n < N) { x = b4[(k * N + n) / 4u]; }
-            bs_tile[v] = x;
-        }
-    }
+    for (var v = tid; v < BK * BM / 4u; v += N_THREADS) { put_a(v, fetch_a(m0, k0, v)); }
+    for (var v = tid; v < BK * BN / 4u; v += N_THREADS) { put_b(v, fetch_b(n0, k0, v)); }
 }
 
 // acc + x * y for one output row and 4 columns, as 4 scalar fma: scalar chains are far faster than vec4 fma
@@ -156,38 +169,89 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
     let k_begin = wg.z * mp.chunk;
     let k_end = min(mp.K, k_begin + mp.chunk);
     let slab = wg.z * mp.M * (mp.N / 4u);
-    // acc[2 * i + q]: row i of the thread's TM rows, columns 4q..4q+3 of its TN columns; zero-initialised.
+    // The thread's vec4 groups of rows (ga_lo, ga_hi < BM/4) and columns (gb_lo, gb_hi < BN/4).
+    let ga_lo = select(lid.y * (TM / 4u), lid.y, SPREAD);
+    let gb_lo = select(lid.x * (TN / 4u), lid.x, SPREAD);
+    let ga_hi = select(ga_lo + 1u, ga_lo + BM / 8u, SPREAD);
+    let gb_hi = select(gb_lo + 1u, gb_lo + BN / 8u, SPREAD);
+    // acc[2 * i + q]: row i of the thread's TM rows, column group q; zero-initialised.
     // Every index below is a constant (the code is unrolled by hand), so the array lives in registers: one
-    // dynamic index anywhere would move it to slow local memory.
+    // dynamic index anywhere would move it to slow local memory. The same holds for the prefetch registers.
     var acc: array<vec4<f32>, 16>;
+    let n_a = (BK * BM / 4u + N_THREADS - 1u) / N_THREADS;   // vec4s per thread and slice (<= 4 with PREFETCH)
+    let n_b = (BK * BN / 4u + N_THREADS - 1u) / N_THREADS;
+    let va = vec4(tid) + vec4(0u, N_THREADS, 2u * N_THREADS, 3u * N_THREADS);
+    var pa0 = vec4(0.0);
+    var pa1 = vec4(0.0);
+    var pa2 = vec4(0.0);
+    var pa3 = vec4(0.0);
+    var pb0 = vec4(0.0);
+    var pb1 = vec4(0.0);
+    var pb2 = vec4(0.0);
+    var pb3 = vec4(0.0);
+    if (PREFETCH && k_begin < k_end) {
+        pa0 = fetch_a(m0, k_begin, va.x);
+        if (n_a > 1u) { pa1 = fetch_a(m0, k_begin, va.y); }
+        if (n_a > 2u) { pa2 = fetch_a(m0, k_begin, va.z); }
+        if (n_a > 3u) { pa3 = fetch_a(m0, k_begin, va.w); }
+        pb0 = fetch_b(n0, k_begin, va.x);
+        if (n_b > 1u) { pb1 = fetch_b(n0, k_begin, va.y); }
+        if (n_b > 2u) { pb2 = fetch_b(n0, k_begin, va.z); }
+        if (n_b > 3u) { pb3 = fetch_b(n0, k_begin, va.w); }
+    }
 
     for (var k0 = k_begin; k0 < k_end; k0 += BK) {
-        load_tiles(m0, n0, k0, tid);
-        workgroupBarrier();
+        if (PREFETCH) {
+            // Registers -> tiles (a thread's last vec4 may lie past the slice when threads do not divide it).
+            let ta = BK * BM / 4u;
+            let tb = BK * BN / 4u;
+            if (va.x < ta) { put_a(va.x, pa0); }
+            if (n_a > 1u && va.y < ta) { put_a(va.y, pa1); }
+            if (n_a > 2u && va.z < ta) { put_a(va.z, pa2); }
+            if (n_a > 3u && va.w < ta) { put_a(va.w, pa3); }
+            if (va.x < tb) { put_b(va.x, pb0); }
+            if (n_b > 1u && va.y < tb) { put_b(va.y, pb1); }
+            if (n_b > 2u && va.z < tb) { put_b(va.z, pb2); }
+            if (n_b > 3u && va.w < tb) { put_b(va.w, pb3); }
+            workgroupBarrier();
+            // The next slice's loads are in flight while this one is multiplied.
+            let k1 = k0 + BK;
+            if (k1 < k_end) {
+                pa0 = fetch_a(m0, k1, va.x);
+                if (n_a > 1u) { pa1 = fetch_a(m0, k1, va.y); }
+                if (n_a > 2u) { pa2 = fetch_a(m0, k1, va.z); }
+                if (n_a > 3u) { pa3 = fetch_a(m0, k1, va.w); }
+                pb0 = fetch_b(n0, k1, va.x);
+                if (n_b > 1u) { pb1 = fetch_b(n0, k1, va.y); }
+                if (n_b > 2u) { pb2 = fetch_b(n0, k1, va.z); }
+                if (n_b > 3u) { pb3 = fetch_b(n0, k1, va.w); }
+            }
+        } else {
+            load_tiles(m0, n0, k0, tid);
+            workgroupBarrier();
+        }
         for (var kk = 0u; kk < BK; kk++) {
-            let ia = kk * (BM / 4u) + lid.y * (TM / 4u);
-            let ib = kk * (BN / 4u) + lid.x * (TN / 4u);
-            let a_lo = as_tile[ia];
-            let b_lo = bs_tile[ib];
+            let a_lo = as_tile[kk * (BM / 4u) + ga_lo];
+            let b_lo = bs_tile[kk * (BN / 4u) + gb_lo];
             acc[0] = outer4(acc[0], a_lo.x, b_lo);
             acc[2] = outer4(acc[2], a_lo.y, b_lo);
             acc[4] = outer4(acc[4], a_lo.z, b_lo);
             acc[6] = outer4(acc[6], a_lo.w, b_lo);
             if (TN == 8u) {
-                let b_hi = bs_tile[ib + 1u];
+                let b_hi = bs_tile[kk * (BN / 4u) + gb_hi];
                 acc[1] = outer4(acc[1], a_lo.x, b_hi);
                 acc[3] = outer4(acc[3], a_lo.y, b_hi);
                 acc[5] = outer4(acc[5], a_lo.z, b_hi);
                 acc[7] = outer4(acc[7], a_lo.w, b_hi);
             }
             if (TM == 8u) {
-                let a_hi = as_tile[ia + 1u];
+                let a_hi = as_tile[kk * (BM / 4u) + ga_hi];
                 acc[8] = outer4(acc[8], a_hi.x, b_lo);
                 acc[10] = outer4(acc[10], a_hi.y, b_lo);
                 acc[12] = outer4(acc[12], a_hi.z, b_lo);
                 acc[14] = outer4(acc[14], a_hi.w, b_lo);
                 if (TN == 8u) {
-                    let b_hi = bs_tile[ib + 1u];
+                    let b_hi = bs_tile[kk * (BN / 4u) + gb_hi];
                     acc[9] = outer4(acc[9], a_hi.x, b_hi);
                     acc[11] = outer4(acc[11], a_hi.y, b_hi);
                     acc[13] = outer4(acc[13], a_hi.z, b_hi);
@@ -198,28 +262,30 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
         workgroupBarrier();
     }
 
-    let m = m0 + lid.y * TM;
-    let n = n0 + lid.x * TN;
+    let m = m0 + 4u * ga_lo;
+    let n = n0 + 4u * gb_lo;
     store4(slab, m, n, acc[0]);
     store4(slab, m + 1u, n, acc[2]);
     store4(slab, m + 2u, n, acc[4]);
     store4(slab, m + 3u, n, acc[6]);
+    let m_hi = m0 + 4u * ga_hi;
+    let n_hi = n0 + 4u * gb_hi;
     if (TN == 8u) {
-        store4(slab, m, n + 4u, acc[1]);
-        store4(slab, m + 1u, n + 4u, acc[3]);
-        store4(slab, m + 2u, n + 4u, acc[5]);
-        store4(slab, m + 3u, n + 4u, acc[7]);
+        store4(slab, m, n_hi, acc[1]);
+        store4(slab, m + 1u, n_hi, acc[3]);
+        store4(slab, m + 2u, n_hi, acc[5]);
+        store4(slab, m + 3u, n_hi, acc[7]);
     }
     if (TM == 8u) {
-        store4(slab, m + 4u, n, acc[8]);
-        store4(slab, m + 5u, n, acc[10]);
-        store4(slab, m + 6u, n, acc[12]);
-        store4(slab, m + 7u, n, acc[14]);
+        store4(slab, m_hi, n, acc[8]);
+        store4(slab, m_hi + 1u, n, acc[10]);
+        store4(slab, m_hi + 2u, n, acc[12]);
+        store4(slab, m_hi + 3u, n, acc[14]);
         if (TN == 8u) {
-            store4(slab, m + 4u, n + 4u, acc[9]);
-            store4(slab, m + 5u, n + 4u, acc[11]);
-            store4(slab, m + 6u, n + 4u, acc[13]);
-            store4(slab, m + 7u, n + 4u, acc[15]);
+            store4(slab, m_hi, n_hi, acc[9]);
+            store4(slab, m_hi + 1u, n_hi, acc[11]);
+            store4(slab, m_hi + 2u, n_hi, acc[13]);
+            store4(slab, m_hi + 3u, n_hi, acc[15]);
         }
     }
 }

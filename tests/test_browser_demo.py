@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_support import CHROMIUM, CHROMIUM_ARGS, ROOT, RequestGuard, ensure_site
+from browser_support import CHROMIUM, CHROMIUM_ARGS, ROOT, RequestGuard, ensure_site, run_py
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = ROOT / "test-artifacts"
@@ -88,6 +88,10 @@ def test_reload_resumes_from_the_saved_checkpoint(context, site_url):
     s = _state(page)
     assert s["error"] is None, s["error"]
     assert s["step"] == STEPS and len(s["losses"]) == STEPS, "the restored run lost its history"
+    # the run folder downloads as a zip and loads back (the page's download and load buttons use these)
+    r = run_py(page, "import json\nb64 = await tabgpt.web.run_folder_zip()\n"
+                     "json.loads(await tabgpt.web.load_run_files({'tabgpt-run.zip': b64}))")
+    assert r["step"] == STEPS and len(r["losses"]) == STEPS, r
     page.click("#btn-sample")
     page.wait_for_function("window.tabgpt.stage === 'sampling'", timeout=10_000)
     page.wait_for_function("window.tabgpt.stage !== 'sampling'", timeout=300_000)

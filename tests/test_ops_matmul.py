@@ -110,6 +110,35 @@ def test_tiled_product_is_right_for_every_tile_shape(dev, layout, tiles):
     assert_product(f"{layout} tiled {tiles} {Mm}x{N}x{K}", got, ref, scale)
 
 
+@pytest.mark.parametrize("flags", [{"SPREAD": True}, {"PREFETCH": True}, {"SPREAD": True, "PREFETCH": True}],
+                         ids=["spread", "prefetch", "spread+prefetch"])
+@pytest.mark.parametrize("tiles", list(TILE_SHAPES), ids=list(TILE_SHAPES))
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn"])
+def test_tiled_product_is_right_with_spread_threads_and_prefetch(dev, layout, tiles, flags):
+    # Spread thread groups and register prefetch of the next K slice, on partial tiles everywhere; K spans
+    # several slices (so the prefetch crosses slices) and ends in a partial one. "uneven" here has 64 threads
+    # (TM = 4) for 48 vec4s of A and 192 of B: some threads prefetch nothing of A, each 3 vec4s of B.
+    Mm, N, K = {"nn": (37, 20, 44), "nt": (37, 20, 44), "tn": (20, 44, 37)}[layout]
+    t = dict(TILE_SHAPES[tiles], **flags)
+    if tiles == "uneven":
+        t["TM"] = 4
+    got, ref, scale, mm = product(dev, layout, Mm, N, K, seed=16, variant="tiled", tiles=t, bias=layout == "nn")
+    assert mm.tiles == t
+    assert_product(f"{layout} tiled {t} {Mm}x{N}x{K}", got, ref, scale)
+
+
+@pytest.mark.parametrize("layout,accumulate", [("nt", False), ("tn", True)])
+def test_prefetch_with_split_k_matches(dev, layout, accumulate):
+    # Each split-K slice starts its own prefetch at k_begin and stops at its own end.
+    Mm, N, K = SHAPES[layout]
+    init = np.random.default_rng(17).standard_normal((Mm, N)).astype(np.float32)
+    t = dict(TILES_LARGE, SPREAD=True, PREFETCH=True)
+    got, ref, scale, mm = product(dev, layout, Mm, N, K, seed=17, accumulate=accumulate, init=init,
+                                  variant="tiled", tiles=t, splits=3, times=2)
+    assert mm.splits == 3
+    assert_product(f"{layout} spread+prefetch split-K x3", got, ref, scale)
+
+
 def test_tiled_and_simple_kernels_agree(dev):
     Mm, N, K = SHAPES["nt"]
     got_t, ref, scale, _ = product(dev, "nt", Mm, N, K, seed=3, variant="tiled")
@@ -292,6 +321,11 @@ def test_tiled_kernel_refuses_rows_that_are_no_multiple_of_4(dev):
 
 
 def test_tiles_beyond_the_webgpu_limits_are_refused(dev):
+    with pytest.raises(GPUError, match="PREFETCH holds at most 4"):
+        wait(Matmul.create(dev, 64, 64, 64, tiles={"BM": 64, "BN": 64, "BK": 32, "TM": 8, "TN": 8,
+                                                   "PREFETCH": True}))   # 64 threads for 512 vec4s
+    with pytest.raises(GPUError, match="unknown tile keys"):
+        wait(Matmul.create(dev, 64, 64, 64, tiles=dict(TILES_CPU, SPRED=True)))
     with pytest.raises(GPUError, match="threads per workgroup"):
         wait(Matmul.create(dev, 64, 64, 64, tiles={"BM": 128, "BN": 128, "BK": 8, "TM": 4, "TN": 4}))
     with pytest.raises(GPUError, match="workgroup memory"):

@@ -115,9 +115,10 @@ PRESETS = {
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=2048, batch_size=16,
                   learning_rate=2e-3, min_lr=2e-4, warmup_steps=50, max_steps=1000, eval_interval=100,
                   eval_steps=8, sample_interval=250),
+    # browser: on the bundled Shakespeare the validation loss is lowest after ~1500 steps (BENCHMARKS.md)
     "browser": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=4096, batch_size=32,
-                    learning_rate=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=5000, eval_interval=250,
-                    eval_steps=16, sample_interval=1000),
+                    learning_rate=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=2000, eval_interval=200,
+                    eval_steps=16, sample_interval=500),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, batch_size=8,
                  learning_rate=6e-4, min_lr=6e-5, warmup_steps=200, max_steps=5000, eval_interval=500,
                  eval_steps=8, sample_interval=1000),

@@ -138,8 +138,13 @@ async def train() -> str:
         return info
 
     pipe.run.save_checkpoint = save_and_mirror
-    if not pipe.cfg.checkpoint_interval:
-        pipe.cfg.checkpoint_interval = max(1, min(pipe.cfg.eval_interval or 50, pipe.cfg.max_steps // 4 or 1))
+    cfg = pipe.cfg
+    # The page shows progress: a few validation points, samples and checkpoints along any run length.
+    cfg.eval_interval = max(1, min(cfg.eval_interval or cfg.max_steps, cfg.max_steps // 4 or 1))
+    if not cfg.sample_interval:
+        cfg.sample_interval = max(1, cfg.max_steps // 3)
+    if not cfg.checkpoint_interval:
+        cfg.checkpoint_interval = cfg.eval_interval
     try:
         last = await pipe.train(sample_prompt="\n")
     finally:

@@ -101,9 +101,15 @@ def fold_grid(groups: int) -> tuple[int, int, int]:
 
 
 def check_tiles(dev: Device, t: dict):
+    """Raise GPUError unless tile shape t (BM, BN, BK, TM, TN; optional SPREAD, PREFETCH flags) is valid here."""
     BM, BN, BK, TM, TN = (t[k] for k in ("BM", "BN", "BK", "TM", "TN"))
     threads = (BM // TM) * (BN // TN)
     problems = []
+    unknown = set(t) - {"BM", "BN", "BK", "TM", "TN", "SPREAD", "PREFETCH"}
+    if unknown:
+        problems.append(f"unknown tile keys {sorted(unknown)}")
+    if t.get("PREFETCH") and max(BK * BM, BK * BN) // 4 > 4 * threads:
+        problems.append("PREFETCH holds at most 4 vec4s per thread and operand: BK*max(BM, BN)/4 <= 4 * threads")
     if TM not in (4, 8) or TN not in (4, 8):
         problems.append("TM and TN must be 4 or 8")
     if BM % TM or BN % TN or BK % 4 or BK <= 0:
