@@ -19,3 +19,47 @@ def dev():
     kernel that would fail in the browser fails here too. Tests drive its coroutines with gpu.wait()."""
     from tabgpt import gpu
     return gpu.wait(gpu.open_device(limits=gpu.DEFAULT_LIMITS))
+
+
+# Browser fixtures, module-scoped: Playwright's sync API keeps an asyncio loop running while it is open, so each
+# browser module closes its own before the next module (or a test that calls asyncio.run) starts.
+@pytest.fixture(scope="module")
+def site_url():
+    """The built site (rebuilt when pkg/, shaders/ or site/ changed) served on 127.0.0.1."""
+    import serve  # build/serve.py
+    from browser_support import ensure_site
+    httpd, url = serve.start(ensure_site())
+    yield url
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's Chromium, headless, with WebGPU enabled (SwiftShader without a GPU)."""
+    from playwright.sync_api import sync_playwright
+    from browser_support import CHROMIUM, CHROMIUM_ARGS
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def check_page(chromium, site_url):
+    """The WebGPU check page, after its self-test finished; its worker stays up for further snippets.
+    (Module-scoped like the browser: Playwright's sync API keeps an event loop running while it is open.)"""
+    ctx = chromium.new_context()
+    from browser_support import RequestGuard
+    guard = RequestGuard(site_url)
+    ctx.route("**/*", guard)
+    page = ctx.new_page()
+    logs = []
+    page.on("console", lambda m: logs.append(m.text))
+    page.goto(site_url + "/check/index.html")
+    page.wait_for_function("window.tabgptCheck && ['done', 'error'].includes(window.tabgptCheck.stage)",
+                           timeout=180_000)
+    page.guard = guard
+    page.logs = logs
+    yield page
+    assert guard.outside == [], f"requests left 127.0.0.1: {guard.outside}"
+    ctx.close()

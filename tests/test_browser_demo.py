@@ -3,32 +3,13 @@ with every outside request aborted and counted: the unattended pipeline, a reloa
 checkpoint saved in OPFS, the no-WebGPU message, and screenshots of the post and of the demo mid-training
 (saved under test-artifacts/ to be looked at)."""
 
-from pathlib import Path
-
 import pytest
 
-from browser_support import CHROMIUM, CHROMIUM_ARGS, ROOT, RequestGuard, ensure_site, run_py
+from browser_support import ROOT, RequestGuard, run_py
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = ROOT / "test-artifacts"
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def site_url():
-    import serve
-    httpd, url = serve.start(ensure_site())
-    yield url
-    httpd.shutdown()
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,33 +11,13 @@ import math
 
 import pytest
 
-from browser_support import CHROMIUM, CHROMIUM_ARGS, ensure_site, run_py
+from browser_support import run_py
 from tabgpt.gpu import wait
-from test_browser_gpu import check_page  # noqa: F401  (the fixture: the check page with its worker up)
 
 pytestmark = pytest.mark.browser
 
 TOL = 1e-5          # losses, norms, eval loss: relative (measured 1e-7)
 TOL_LOGITS = 1e-4   # logits after three steps at lr 1e-2, relative to the largest (measured 8e-6: Adam magnifies)
-
-
-# Module-scoped here (test_browser_gpu.py's are session-scoped): one Playwright instance at a time may run,
-# and this module's is gone before the next module starts its own.
-@pytest.fixture(scope="module")
-def site_url():
-    import serve  # build/serve.py
-    httpd, url = serve.start(ensure_site())
-    yield url
-    httpd.shutdown()
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 RUN_STEPS = '''

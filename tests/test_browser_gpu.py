@@ -8,46 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from browser_support import CHROMIUM, CHROMIUM_ARGS, RequestGuard, ensure_site, run_py
+from browser_support import RequestGuard, run_py
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture(scope="module")
-def site_url():
-    import serve  # build/serve.py
-    httpd, url = serve.start(ensure_site())
-    yield url
-    httpd.shutdown()
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture(scope="module")
-def check_page(chromium, site_url):
-    """The WebGPU check page, after its self-test finished; its worker stays up for further snippets.
-    (Module-scoped like the browser: Playwright's sync API keeps an event loop running while it is open.)"""
-    ctx = chromium.new_context()
-    guard = RequestGuard(site_url)
-    ctx.route("**/*", guard)
-    page = ctx.new_page()
-    logs = []
-    page.on("console", lambda m: logs.append(m.text))
-    page.goto(site_url + "/check/index.html")
-    page.wait_for_function("window.tabgptCheck && ['done', 'error'].includes(window.tabgptCheck.stage)",
-                           timeout=180_000)
-    page.guard = guard
-    page.logs = logs
-    yield page
-    assert guard.outside == [], f"requests left 127.0.0.1: {guard.outside}"
-    ctx.close()
 
 
 def test_check_page_passes_the_selftest(check_page):
