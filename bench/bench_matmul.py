@@ -8,6 +8,12 @@ cuBLAS runs the same product through torch.matmul with TF32 off (true fp32), tim
     python bench/bench_matmul.py                       # GPT-2 small shapes (B*T = 8192) and 4096^3
     python bench/bench_matmul.py --quick --no-write    # tiny sizes: checks that it runs (lavapipe)
     python bench/bench_matmul.py --sizes 4096x4096x4096 --tiles 128,128,8,8,8 --tiles 64,64,8,4,4
+    python bench/bench_matmul.py --all-layouts --tiles 128,128,16,8,8 --tiles 128,128,16,8,8,spread,prefetch
+        # every product of a GPT-2 small training step (nn, nt, tn), two kernel variants side by side
+
+Tiles are BM,BN,BK,TM,TN, optionally followed by the flags "spread" (a thread's row and column groups half a
+block apart) and "prefetch" (the next K slice read into registers during the current one's products).
+A size may carry its layout: nt:8192x768x2304.
 
 Results are printed as a table and appended to bench/results/matmul.md with the date and the device.
 """
@@ -31,25 +37,38 @@ from tabgpt.ops.matmul import Matmul  # noqa: E402
 
 # GPT-2 small (C = 768) at B*T = 8192: c_attn, attn c_proj, c_fc, mlp c_proj; then a square product.
 GPT2_SIZES = ["8192x2304x768", "8192x768x768", "8192x3072x768", "8192x768x3072", "4096x4096x4096"]
+# The backward's products of the same layers: dinp (nt) and dweight (tn).
+GPT2_SIZES_NT = ["nt:8192x768x2304", "nt:8192x768x768", "nt:8192x768x3072", "nt:8192x3072x768"]
+GPT2_SIZES_TN = ["tn:768x2304x8192", "tn:768x768x8192", "tn:768x3072x8192", "tn:3072x768x8192"]
 QUICK_SIZES = ["64x64x64", "111x216x72", "256x256x256"]
 TARGET_SECONDS = 0.25   # time per timed submission (repeat is chosen to reach it)
 
 
-def parse_size(s: str) -> tuple[int, int, int]:
+def parse_size(s: str, layout: str) -> tuple[str, int, int, int]:
+    """"MxNxK" or "layout:MxNxK" -> (layout, M, N, K)."""
+    if ":" in s:
+        layout, s = s.split(":")
     M, N, K = (int(v) for v in s.lower().split("x"))
-    return M, N, K
+    return layout, M, N, K
 
 
 def parse_tiles(s: str) -> dict:
-    BM, BN, BK, TM, TN = (int(v) for v in s.split(","))
-    return {"BM": BM, "BN": BN, "BK": BK, "TM": TM, "TN": TN}
+    parts = s.split(",")
+    BM, BN, BK, TM, TN = (int(v) for v in parts[:5])
+    t = {"BM": BM, "BN": BN, "BK": BK, "TM": TM, "TN": TN}
+    for flag in parts[5:]:
+        if flag not in ("spread", "prefetch"):
+            raise argparse.ArgumentTypeError(f"unknown tile flag {flag!r} (spread, prefetch)")
+        t[flag.upper()] = True
+    return t
 
 
 def tiles_name(mm: Matmul) -> str:
     if mm.variant == "simple":
         return "simple"
     t = mm.tiles
-    return f"{t['BM']}x{t['BN']}x{t['BK']} / {t['TM']}x{t['TN']}"
+    flags = "".join(f" {f.lower()}" for f in ("SPREAD", "PREFETCH") if t.get(f))
+    return f"{t['BM']}x{t['BN']}x{t['BK']} / {t['TM']}x{t['TN']}{flags}"
 
 
 def operands(M, N, K, layout, seed=0):
@@ -130,7 +149,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", nargs="+", help="MxNxK, e.g. 4096x4096x4096 (default: GPT-2 small shapes)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one trial: a smoke run for CPU adapters")
-    ap.add_argument("--layout", default="nn", choices=["nn", "nt", "tn"])
+    ap.add_argument("--layout", default="nn", choices=["nn", "nt", "tn"], help="layout of sizes without one")
+    ap.add_argument("--all-layouts", action="store_true", help="the GPT-2 sizes of all three layouts")
     ap.add_argument("--variant", default=None, choices=["tiled", "simple"])
     ap.add_argument("--tiles", action="append", type=parse_tiles,
                     help="BM,BN,BK,TM,TN for the tiled kernel; repeat to compare several (default: per adapter)")
@@ -140,35 +160,40 @@ def main():
     ap.add_argument("--no-cublas", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="do not append to bench/results/matmul.md")
     args = ap.parse_args()
-    sizes = [parse_size(s) for s in (args.sizes or (QUICK_SIZES if args.quick else GPT2_SIZES))]
+    default = QUICK_SIZES if args.quick else GPT2_SIZES
+    if args.all_layouts:
+        default = default + ([f"{lay}:{s}" for lay in ("nt", "tn") for s in QUICK_SIZES] if args.quick
+                             else GPT2_SIZES_NT + GPT2_SIZES_TN)
+    sizes = [parse_size(s, args.layout) for s in (args.sizes or default)]
     trials = 1 if args.quick else args.trials
 
     dev = wait(gpu.open_device())
     device = dev.info.get("device") or dev.info.get("vendor") or "?"
     rows = []
-    for M, N, K in sizes:
+    for layout, M, N, K in sizes:
         flop = 2.0 * M * N * K
-        cublas = None if args.no_cublas else time_cublas(M, N, K, args.layout, trials)
+        cublas = None if args.no_cublas else time_cublas(M, N, K, layout, trials)
         for tiles, splits in [(t, s) for t in args.tiles or [None] for s in args.splits or [None]]:
-            sec, err, mm = time_ours(dev, M, N, K, args.layout, args.variant, tiles, splits, trials)
+            sec, err, mm = time_ours(dev, M, N, K, layout, args.variant, tiles, splits, trials)
             rows.append({
-                "size": f"{M}x{N}x{K}", "kernel": tiles_name(mm), "splits": mm.splits, "ms": 1e3 * sec,
+                "layout": layout, "size": f"{M}x{N}x{K}", "kernel": tiles_name(mm), "splits": mm.splits, "ms": 1e3 * sec,
                 "gflops": flop / sec / 1e9,
                 "cublas_ms": None if cublas is None else 1e3 * cublas,
                 "cublas_gflops": None if cublas is None else flop / cublas / 1e9, "err": err})
             r = rows[-1]
-            print(f"{r['size']:>16} {r['kernel']:>18} x{r['splits']:<2} {r['gflops']:10.1f} GFLOP/s  err {err:.1e}",
+            print(f"{layout} {r['size']:>16} {r['kernel']:>18} x{r['splits']:<2} {r['gflops']:10.1f} GFLOP/s  err {err:.1e}",
                   flush=True)
 
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    lines = [f"## {args.layout.upper()} f32 matmul, {datetime.date.today()}, {device} ({dev.backend})", "",
+    layouts = "/".join(dict.fromkeys(r["layout"].upper() for r in rows))
+    lines = [f"## {layouts} f32 matmul, {datetime.date.today()}, {device} ({dev.backend})", "",
              f"`python bench/bench_matmul.py {' '.join(sys.argv[1:])}`: best of {trials}; "
              "cuBLAS through torch.matmul, TF32 off.", "",
-             "| M x N x K | tiles (BMxBNxBK / TMxTN) | split-K | ms | GFLOP/s | cuBLAS ms | cuBLAS GFLOP/s | "
-             "of cuBLAS | max rel err |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| layout | M x N x K | tiles (BMxBNxBK / TMxTN) | split-K | ms | GFLOP/s | cuBLAS ms | cuBLAS GFLOP/s | "
+             "of cuBLAS | max rel err |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         share = None if r["cublas_gflops"] is None else 100 * r["gflops"] / r["cublas_gflops"]
-        lines.append(f"| {r['size']} | {r['kernel']} | {r['splits']} | {r['ms']:.3f} | {r['gflops']:.1f} | {fmt(r['cublas_ms'], '.3f')} "
+        lines.append(f"| {r['layout']} | {r['size']} | {r['kernel']} | {r['splits']} | {r['ms']:.3f} | {r['gflops']:.1f} | {fmt(r['cublas_ms'], '.3f')} "
                      f"| {fmt(r['cublas_gflops'], '.1f')} | {fmt(share, '.0f')}{'' if share is None else '%'} "
                      f"| {r['err']:.1e} |")
     text = "\n".join(lines) + "\n"

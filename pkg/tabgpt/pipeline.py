@@ -136,7 +136,8 @@ class Pipeline:
         try:
             async for ev in train(self.model, self.data, self.cfg, self.control, start_step=self.step,
                                   sampler=sampler, checkpoint=checkpoint):
-                self.history.append(ev)
+                if ev["type"] != "paused":
+                    self.history.append(ev)
                 if run is not None and ev["type"] != "paused":
                     run.append_metrics(ev)
                 if run is not None and ev["type"] == "eval" and ev["val_loss"] < best[0]:
