@@ -146,6 +146,7 @@ def time_cublas(M, N, K, layout, trials):
 
 
 def main():
+    global TARGET_SECONDS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", nargs="+", help="MxNxK, e.g. 4096x4096x4096 (default: GPT-2 small shapes)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one trial: a smoke run for CPU adapters")
@@ -157,6 +158,7 @@ def main():
     ap.add_argument("--splits", action="append", type=int,
                     help="slices of the reduction (split-K); repeat to compare several (default: per adapter)")
     ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=TARGET_SECONDS, help="time per timed submission")
     ap.add_argument("--no-cublas", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="do not append to bench/results/matmul.md")
     args = ap.parse_args()
@@ -166,6 +168,7 @@ def main():
                              else GPT2_SIZES_NT + GPT2_SIZES_TN)
     sizes = [parse_size(s, args.layout) for s in (args.sizes or default)]
     trials = 1 if args.quick else args.trials
+    TARGET_SECONDS = args.seconds
 
     dev = wait(gpu.open_device())
     device = dev.info.get("device") or dev.info.get("vendor") or "?"
@@ -176,12 +179,14 @@ def main():
         for tiles, splits in [(t, s) for t in args.tiles or [None] for s in args.splits or [None]]:
             sec, err, mm = time_ours(dev, M, N, K, layout, args.variant, tiles, splits, trials)
             rows.append({
-                "layout": layout, "size": f"{M}x{N}x{K}", "kernel": tiles_name(mm), "splits": mm.splits, "ms": 1e3 * sec,
+                "layout": layout, "size": f"{M}x{N}x{K}", "kernel": tiles_name(mm), "splits": mm.splits,
+                "ms": 1e3 * sec,
                 "gflops": flop / sec / 1e9,
                 "cublas_ms": None if cublas is None else 1e3 * cublas,
                 "cublas_gflops": None if cublas is None else flop / cublas / 1e9, "err": err})
             r = rows[-1]
-            print(f"{layout} {r['size']:>16} {r['kernel']:>18} x{r['splits']:<2} {r['gflops']:10.1f} GFLOP/s  err {err:.1e}",
+            print(f"{layout} {r['size']:>16} {r['kernel']:>18} x{r['splits']:<2} {r['gflops']:10.1f} GFLOP/s  "
+                  f"err {err:.1e}",
                   flush=True)
 
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731

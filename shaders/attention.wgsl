@@ -13,10 +13,11 @@
 // Backward maths (S the scaled scores): P = exp(S - lse), dP = dO V^T, dS = P * (dP - delta);
 // dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO.
 //
-// A workgroup owns a block of BR = 2 NR rows (queries in forward and dq, keys in dkv) of one head and streams
+// A workgroup owns a block of BR = RPT NR rows (queries in forward and dq, keys in dkv) of one head and streams
 // tiles of BS = 4 TC rows of the other kind over it. Thread (tr, tc) = (lid / TC, lid % TC), NR x TC threads:
-// - scores: rows 2 tr and 2 tr + 1 of the block against streamed rows tc + TC * (0, 1, 2, 3) (a 2 x 4 tile);
-// - outputs: the same two rows, vec4 dims d0 = chunk * 2 TC + tc and d1 = d0 + TC of the head (8 floats).
+// - scores: rows RPT tr .. RPT tr + RPT - 1 of the block (RPT = 2 or 4 rows per thread) against streamed rows
+//   tc + TC * (0, 1, 2, 3) (a 2 x 4 or 4 x 4 tile; 4 rows reuse each streamed vec4 read twice as often);
+// - outputs: the same rows, vec4 dims d0 = chunk * 2 TC + tc and d1 = d0 + TC of the head (8 floats).
 // So one workgroup covers 8 TC dims of the head; heads wider than that are split into DS chunks of dims, one
 // workgroup each (the scores are recomputed per chunk), so that small workgroup memories still work.
 // Grids: (ceil(T / BR), NH * DS, B); wg.y = h * DS + chunk. Delta: fold_grid(ceil(B*NH*T / 64)).
@@ -43,13 +44,14 @@ struct AttnParams { B: u32, T: u32, NH: u32, _pad: u32 }
 
 override HS: u32 = 64u;      // head size, a multiple of 4
 override TC: u32 = 8u;       // threads per row pair; streamed tiles hold BS = 4 TC rows
-override NR: u32 = 8u;       // row pairs; the workgroup's block holds BR = 2 NR rows
+override NR: u32 = 8u;       // threads per streamed-row slot; the workgroup's block holds BR = RPT NR rows
+override RPT: u32 = 2u;      // rows per thread, 2 or 4
 override DS: u32 = 1u;       // chunks of 8 TC dims per head
 override SMV: u32 = 1u;      // vec4s of `tiles`
 override SMS: u32 = 1u;      // f32s of `mat`
 override H4: u32 = HS / 4u;
 override H4P: u32 = H4 + 1u;
-override BR: u32 = 2u * NR;
+override BR: u32 = RPT * NR;
 override BS: u32 = 4u * TC;
 const NEG: f32 = -1e30;      // below every real score; masked entries are excluded explicitly
 
@@ -107,6 +109,16 @@ fn load_dout(dst: u32, b: u32, h: u32, t0: u32, rows: u32, lid: u32) {
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward: a workgroup per BR queries. tiles: Q (BR rows) | K (BS) | V (BS). mat: P (BR, BS+1) | Mx (BR, TC).
+// RPT = 4 adds rows c, d to the thread's rows a, b (every `if (RPT == 4u)` below is decided at compile time).
+
+// s + one vec4 of dims of the scores of row q against the 4 streamed rows k_0..k_3, as scalar FMA chains.
+fn qk4(s: vec4<f32>, q: vec4<f32>, k_0: vec4<f32>, k_1: vec4<f32>, k_2: vec4<f32>, k_3: vec4<f32>) -> vec4<f32> {
+    return vec4(dot4(q, k_0, s.x), dot4(q, k_1, s.y), dot4(q, k_2, s.z), dot4(q, k_3, s.w));
+}
+
+fn max4(s: vec4<f32>) -> f32 {
+    return max(max(s.x, s.y), max(s.z, s.w));
+}
 
 @compute @workgroup_size(NR * TC)
 fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
@@ -119,10 +131,11 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation
     let h = wg.y / DS;
     let q0 = wg.x * BR;
     let tc = lid % TC;
-    let ra = 2u * (lid / TC);     // the thread's rows ra, rb of the block
+    let ra = RPT * (lid / TC);    // the thread's rows ra, rb (rc, rd) of the block
     let rb = ra + 1u;
-    let row_a = q0 + ra;
-    let row_b = q0 + rb;
+    let rc = ra + 2u;
+    let rd = ra + 3u;
+    let row = vec4(q0 + ra) + vec4(0u, 1u, 2u, 3u);
     let d0 = (wg.y % DS) * 2u * TC + tc;   // the thread's vec4 dims d0, d1 (clamped e0, e1 for reading)
     let d1 = d0 + TC;
     let e0 = min(d0, H4 - 1u);
@@ -130,14 +143,16 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation
     let scale = head_scale();
 
     load_qkv(Q0, 0u, b, h, q0, BR, lid);
-    var m_a = NEG;                // running max of each row's scores
-    var m_b = NEG;
-    var l_a = 0.0;                // running sum of exp(score - m)
-    var l_b = 0.0;
-    var acc_a0 = vec4(0.0);       // running sum of exp(score - m) * v, rows a, b x dims d0, d1
+    var m = vec4(NEG);            // running max of each row's scores (rows a, b, c, d)
+    var l = vec4(0.0);            // running sum of exp(score - m)
+    var acc_a0 = vec4(0.0);       // running sum of exp(score - m) * v, rows a..d x dims d0, d1
     var acc_a1 = vec4(0.0);
     var acc_b0 = vec4(0.0);
     var acc_b1 = vec4(0.0);
+    var acc_c0 = vec4(0.0);
+    var acc_c1 = vec4(0.0);
+    var acc_d0 = vec4(0.0);
+    var acc_d1 = vec4(0.0);
 
     let k_end = min(ap.T, q0 + BR);   // later keys are masked for every row of the block
     for (var k0 = 0u; k0 < k_end; k0 += BS) {
@@ -145,46 +160,66 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation
         load_qkv(K0, 1u, b, h, k0, BS, lid);
         load_qkv(V0, 2u, b, h, k0, BS, lid);
         workgroupBarrier();
-        // 1. Scores of rows a, b against keys k0 + tc + TC * (0, 1, 2, 3).
+        // 1. Scores of the thread's rows against keys k0 + tc + TC * (0, 1, 2, 3).
         var s_a = vec4(0.0);
         var s_b = vec4(0.0);
+        var s_c = vec4(0.0);
+        var s_d = vec4(0.0);
         for (var d4 = 0u; d4 < H4; d4++) {
             let k_0 = tiles[K0 + tc * H4P + d4];
             let k_1 = tiles[K0 + (tc + TC) * H4P + d4];
             let k_2 = tiles[K0 + (tc + 2u * TC) * H4P + d4];
             let k_3 = tiles[K0 + (tc + 3u * TC) * H4P + d4];
-            let q_a = tiles[Q0 + ra * H4P + d4];
-            let q_b = tiles[Q0 + rb * H4P + d4];
-            s_a = vec4(dot4(q_a, k_0, s_a.x), dot4(q_a, k_1, s_a.y), dot4(q_a, k_2, s_a.z), dot4(q_a, k_3, s_a.w));
-            s_b = vec4(dot4(q_b, k_0, s_b.x), dot4(q_b, k_1, s_b.y), dot4(q_b, k_2, s_b.z), dot4(q_b, k_3, s_b.w));
+            s_a = qk4(s_a, tiles[Q0 + ra * H4P + d4], k_0, k_1, k_2, k_3);
+            s_b = qk4(s_b, tiles[Q0 + rb * H4P + d4], k_0, k_1, k_2, k_3);
+            if (RPT == 4u) {
+                s_c = qk4(s_c, tiles[Q0 + rc * H4P + d4], k_0, k_1, k_2, k_3);
+                s_d = qk4(s_d, tiles[Q0 + rd * H4P + d4], k_0, k_1, k_2, k_3);
+            }
         }
         let keys = vec4(k0 + tc) + vec4(0u, TC, 2u * TC, 3u * TC);
-        let ok_a = keys <= vec4(row_a);
-        let ok_b = keys <= vec4(row_b);
+        let ok_a = keys <= vec4(row.x);
+        let ok_b = keys <= vec4(row.y);
+        let ok_c = keys <= vec4(row.z);
+        let ok_d = keys <= vec4(row.w);
         s_a = select(vec4(NEG), s_a * scale, ok_a);
         s_b = select(vec4(NEG), s_b * scale, ok_b);
+        s_c = select(vec4(NEG), s_c * scale, ok_c);
+        s_d = select(vec4(NEG), s_d * scale, ok_d);
         // 2. Row maxima over the TC threads of each row, then probabilities against the new maxima.
-        mat[MX0 + ra * TC + tc] = max(max(s_a.x, s_a.y), max(s_a.z, s_a.w));
-        mat[MX0 + rb * TC + tc] = max(max(s_b.x, s_b.y), max(s_b.z, s_b.w));
-        workgroupBarrier();
-        var mn_a = m_a;
-        var mn_b = m_b;
-        for (var c = 0u; c < TC; c++) {
-            mn_a = max(mn_a, mat[MX0 + ra * TC + c]);
-            mn_b = max(mn_b, mat[MX0 + rb * TC + c]);
+        mat[MX0 + ra * TC + tc] = max4(s_a);
+        mat[MX0 + rb * TC + tc] = max4(s_b);
+        if (RPT == 4u) {
+            mat[MX0 + rc * TC + tc] = max4(s_c);
+            mat[MX0 + rd * TC + tc] = max4(s_d);
         }
-        let alpha_a = exp(m_a - mn_a);
-        let alpha_b = exp(m_b - mn_b);
-        m_a = mn_a;
-        m_b = mn_b;
-        l_a *= alpha_a;
-        l_b *= alpha_b;
-        acc_a0 *= alpha_a;
-        acc_a1 *= alpha_a;
-        acc_b0 *= alpha_b;
-        acc_b1 *= alpha_b;
-        store4(P0 + ra * (BS + 1u) + tc, select(vec4(0.0), exp(s_a - mn_a), ok_a));
-        store4(P0 + rb * (BS + 1u) + tc, select(vec4(0.0), exp(s_b - mn_b), ok_b));
+        workgroupBarrier();
+        var mn = m;
+        for (var c = 0u; c < TC; c++) {
+            mn.x = max(mn.x, mat[MX0 + ra * TC + c]);
+            mn.y = max(mn.y, mat[MX0 + rb * TC + c]);
+            if (RPT == 4u) {
+                mn.z = max(mn.z, mat[MX0 + rc * TC + c]);
+                mn.w = max(mn.w, mat[MX0 + rd * TC + c]);
+            }
+        }
+        let alpha = exp(m - mn);
+        m = mn;
+        l *= alpha;
+        acc_a0 *= alpha.x;
+        acc_a1 *= alpha.x;
+        acc_b0 *= alpha.y;
+        acc_b1 *= alpha.y;
+        acc_c0 *= alpha.z;
+        acc_c1 *= alpha.z;
+        acc_d0 *= alpha.w;
+        acc_d1 *= alpha.w;
+        store4(P0 + ra * (BS + 1u) + tc, select(vec4(0.0), exp(s_a - mn.x), ok_a));
+        store4(P0 + rb * (BS + 1u) + tc, select(vec4(0.0), exp(s_b - mn.y), ok_b));
+        if (RPT == 4u) {
+            store4(P0 + rc * (BS + 1u) + tc, select(vec4(0.0), exp(s_c - mn.z), ok_c));
+            store4(P0 + rd * (BS + 1u) + tc, select(vec4(0.0), exp(s_d - mn.w), ok_d));
+        }
         workgroupBarrier();
         // 3. acc += P V and l += rowsum(P) over the tile's keys.
         for (var j = 0u; j < BS; j++) {
@@ -192,30 +227,41 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation
             let v_1 = tiles[V0 + j * H4P + e1];
             let pa = mat[P0 + ra * (BS + 1u) + j];
             let pb = mat[P0 + rb * (BS + 1u) + j];
-            l_a += pa;
-            l_b += pb;
+            l.x += pa;
+            l.y += pb;
             acc_a0 = axpy4(pa, v_0, acc_a0);
             acc_a1 = axpy4(pa, v_1, acc_a1);
             acc_b0 = axpy4(pb, v_0, acc_b0);
             acc_b1 = axpy4(pb, v_1, acc_b1);
+            if (RPT == 4u) {
+                let pc = mat[P0 + rc * (BS + 1u) + j];
+                let pd = mat[P0 + rd * (BS + 1u) + j];
+                l.z += pc;
+                l.w += pd;
+                acc_c0 = axpy4(pc, v_0, acc_c0);
+                acc_c1 = axpy4(pc, v_1, acc_c1);
+                acc_d0 = axpy4(pd, v_0, acc_d0);
+                acc_d1 = axpy4(pd, v_1, acc_d1);
+            }
         }
     }
     // l >= 1 for real rows: key 0 is visible to every row.
-    let C4 = ap.NH * H4;
-    let stats = (b * ap.NH + h) * ap.T;
     let first = wg.y % DS == 0u && tc == 0u;
-    if (row_a < ap.T) {
-        let o = (b * ap.T + row_a) * C4 + h * H4;
-        if (d0 < H4) { out[o + d0] = acc_a0 / l_a; }
-        if (d1 < H4) { out[o + d1] = acc_a1 / l_a; }
-        if (first) { lse[stats + row_a] = m_a + log(l_a); }
+    store_out(b, h, row.x, d0, d1, acc_a0 / l.x, acc_a1 / l.x, m.x + log(l.x), first);
+    store_out(b, h, row.y, d0, d1, acc_b0 / l.y, acc_b1 / l.y, m.y + log(l.y), first);
+    if (RPT == 4u) {
+        store_out(b, h, row.z, d0, d1, acc_c0 / l.z, acc_c1 / l.z, m.z + log(l.z), first);
+        store_out(b, h, row.w, d0, d1, acc_d0 / l.w, acc_d1 / l.w, m.w + log(l.w), first);
     }
-    if (row_b < ap.T) {
-        let o = (b * ap.T + row_b) * C4 + h * H4;
-        if (d0 < H4) { out[o + d0] = acc_b0 / l_b; }
-        if (d1 < H4) { out[o + d1] = acc_b1 / l_b; }
-        if (first) { lse[stats + row_b] = m_b + log(l_b); }
-    }
+}
+
+// One query row's output dims d0, d1 (those inside the head) and, from one thread, its logsumexp.
+fn store_out(b: u32, h: u32, t: u32, d0: u32, d1: u32, y0: vec4<f32>, y1: vec4<f32>, row_lse: f32, first: bool) {
+    if (t >= ap.T) { return; }
+    let o = (b * ap.T + t) * ap.NH * H4 + h * H4;
+    if (d0 < H4) { out[o + d0] = y0; }
+    if (d1 < H4) { out[o + d1] = y1; }
+    if (first) { lse[(b * ap.NH + h) * ap.T + t] = row_lse; }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -248,10 +294,11 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoca
     let h = wg.y / DS;
     let q0 = wg.x * BR;
     let tc = lid % TC;
-    let ra = 2u * (lid / TC);
+    let ra = RPT * (lid / TC);
     let rb = ra + 1u;
-    let row_a = q0 + ra;
-    let row_b = q0 + rb;
+    let rc = ra + 2u;
+    let rd = ra + 3u;
+    let row = vec4(q0 + ra) + vec4(0u, 1u, 2u, 3u);
     let d0 = (wg.y % DS) * 2u * TC + tc;
     let d1 = d0 + TC;
     let e0 = min(d0, H4 - 1u);
@@ -262,14 +309,18 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoca
     load_dout(DO0, b, h, q0, BR, lid);
     // Rows past T read the last row's statistics; they are masked and never written.
     let stats = (b * ap.NH + h) * ap.T;
-    let lse_a = lse_in[stats + min(row_a, ap.T - 1u)];
-    let lse_b = lse_in[stats + min(row_b, ap.T - 1u)];
-    let delta_a = delta_in[stats + min(row_a, ap.T - 1u)];
-    let delta_b = delta_in[stats + min(row_b, ap.T - 1u)];
+    let srow = min(row, vec4(ap.T - 1u));
+    let lse4 = vec4(lse_in[stats + srow.x], lse_in[stats + srow.y], lse_in[stats + srow.z], lse_in[stats + srow.w]);
+    let delta4 = vec4(delta_in[stats + srow.x], delta_in[stats + srow.y], delta_in[stats + srow.z],
+                      delta_in[stats + srow.w]);
     var acc_a0 = vec4(0.0);
     var acc_a1 = vec4(0.0);
     var acc_b0 = vec4(0.0);
     var acc_b1 = vec4(0.0);
+    var acc_c0 = vec4(0.0);
+    var acc_c1 = vec4(0.0);
+    var acc_d0 = vec4(0.0);
+    var acc_d1 = vec4(0.0);
 
     let k_end = min(ap.T, q0 + BR);
     for (var k0 = 0u; k0 < k_end; k0 += BS) {
@@ -277,34 +328,48 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoca
         load_qkv(K0, 1u, b, h, k0, BS, lid);
         load_qkv(V0, 2u, b, h, k0, BS, lid);
         workgroupBarrier();
-        // 1. S = Q K^T and dP = dO V^T for rows a, b against keys k0 + tc + TC * (0..3); dS into mat.
+        // 1. S = Q K^T and dP = dO V^T for the thread's rows against keys k0 + tc + TC * (0..3); dS into mat.
         var s_a = vec4(0.0);
         var s_b = vec4(0.0);
+        var s_c = vec4(0.0);
+        var s_d = vec4(0.0);
         var dp_a = vec4(0.0);
         var dp_b = vec4(0.0);
+        var dp_c = vec4(0.0);
+        var dp_d = vec4(0.0);
         for (var d4 = 0u; d4 < H4; d4++) {
             let k_0 = tiles[K0 + tc * H4P + d4];
             let k_1 = tiles[K0 + (tc + TC) * H4P + d4];
             let k_2 = tiles[K0 + (tc + 2u * TC) * H4P + d4];
             let k_3 = tiles[K0 + (tc + 3u * TC) * H4P + d4];
-            let q_a = tiles[Q0 + ra * H4P + d4];
-            let q_b = tiles[Q0 + rb * H4P + d4];
-            s_a = vec4(dot4(q_a, k_0, s_a.x), dot4(q_a, k_1, s_a.y), dot4(q_a, k_2, s_a.z), dot4(q_a, k_3, s_a.w));
-            s_b = vec4(dot4(q_b, k_0, s_b.x), dot4(q_b, k_1, s_b.y), dot4(q_b, k_2, s_b.z), dot4(q_b, k_3, s_b.w));
+            s_a = qk4(s_a, tiles[Q0 + ra * H4P + d4], k_0, k_1, k_2, k_3);
+            s_b = qk4(s_b, tiles[Q0 + rb * H4P + d4], k_0, k_1, k_2, k_3);
+            if (RPT == 4u) {
+                s_c = qk4(s_c, tiles[Q0 + rc * H4P + d4], k_0, k_1, k_2, k_3);
+                s_d = qk4(s_d, tiles[Q0 + rd * H4P + d4], k_0, k_1, k_2, k_3);
+            }
             let v_0 = tiles[V0 + tc * H4P + d4];
             let v_1 = tiles[V0 + (tc + TC) * H4P + d4];
             let v_2 = tiles[V0 + (tc + 2u * TC) * H4P + d4];
             let v_3 = tiles[V0 + (tc + 3u * TC) * H4P + d4];
-            let g_a = tiles[DO0 + ra * H4P + d4];
-            let g_b = tiles[DO0 + rb * H4P + d4];
-            dp_a = vec4(dot4(g_a, v_0, dp_a.x), dot4(g_a, v_1, dp_a.y), dot4(g_a, v_2, dp_a.z), dot4(g_a, v_3, dp_a.w));
-            dp_b = vec4(dot4(g_b, v_0, dp_b.x), dot4(g_b, v_1, dp_b.y), dot4(g_b, v_2, dp_b.z), dot4(g_b, v_3, dp_b.w));
+            dp_a = qk4(dp_a, tiles[DO0 + ra * H4P + d4], v_0, v_1, v_2, v_3);
+            dp_b = qk4(dp_b, tiles[DO0 + rb * H4P + d4], v_0, v_1, v_2, v_3);
+            if (RPT == 4u) {
+                dp_c = qk4(dp_c, tiles[DO0 + rc * H4P + d4], v_0, v_1, v_2, v_3);
+                dp_d = qk4(dp_d, tiles[DO0 + rd * H4P + d4], v_0, v_1, v_2, v_3);
+            }
         }
         let keys = vec4(k0 + tc) + vec4(0u, TC, 2u * TC, 3u * TC);
-        let p_a = select(vec4(0.0), exp(s_a * scale - lse_a), keys <= vec4(row_a));
-        let p_b = select(vec4(0.0), exp(s_b * scale - lse_b), keys <= vec4(row_b));
-        store4(ra * (BS + 1u) + tc, p_a * (dp_a - delta_a));
-        store4(rb * (BS + 1u) + tc, p_b * (dp_b - delta_b));
+        let p_a = select(vec4(0.0), exp(s_a * scale - lse4.x), keys <= vec4(row.x));
+        let p_b = select(vec4(0.0), exp(s_b * scale - lse4.y), keys <= vec4(row.y));
+        store4(ra * (BS + 1u) + tc, p_a * (dp_a - delta4.x));
+        store4(rb * (BS + 1u) + tc, p_b * (dp_b - delta4.y));
+        if (RPT == 4u) {
+            let p_c = select(vec4(0.0), exp(s_c * scale - lse4.z), keys <= vec4(row.z));
+            let p_d = select(vec4(0.0), exp(s_d * scale - lse4.w), keys <= vec4(row.w));
+            store4(rc * (BS + 1u) + tc, p_c * (dp_c - delta4.z));
+            store4(rd * (BS + 1u) + tc, p_d * (dp_d - delta4.w));
+        }
         workgroupBarrier();
         // 2. acc += dS K over the tile's keys.
         for (var j = 0u; j < BS; j++) {
@@ -316,22 +381,34 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoca
             acc_a1 = axpy4(dsa, k_1, acc_a1);
             acc_b0 = axpy4(dsb, k_0, acc_b0);
             acc_b1 = axpy4(dsb, k_1, acc_b1);
+            if (RPT == 4u) {
+                let dsc = mat[rc * (BS + 1u) + j];
+                let dsd = mat[rd * (BS + 1u) + j];
+                acc_c0 = axpy4(dsc, k_0, acc_c0);
+                acc_c1 = axpy4(dsc, k_1, acc_c1);
+                acc_d0 = axpy4(dsd, k_0, acc_d0);
+                acc_d1 = axpy4(dsd, k_1, acc_d1);
+            }
         }
     }
-    let C4 = ap.NH * H4;
-    if (row_a < ap.T) {
-        let o = (b * ap.T + row_a) * 3u * C4 + h * H4;
-        if (d0 < H4) { dqkv[o + d0] = acc_a0 * scale; }
-        if (d1 < H4) { dqkv[o + d1] = acc_a1 * scale; }
-    }
-    if (row_b < ap.T) {
-        let o = (b * ap.T + row_b) * 3u * C4 + h * H4;
-        if (d0 < H4) { dqkv[o + d0] = acc_b0 * scale; }
-        if (d1 < H4) { dqkv[o + d1] = acc_b1 * scale; }
+    store_grad(b, h, row.x, 0u, d0, d1, acc_a0 * scale, acc_a1 * scale);
+    store_grad(b, h, row.y, 0u, d0, d1, acc_b0 * scale, acc_b1 * scale);
+    if (RPT == 4u) {
+        store_grad(b, h, row.z, 0u, d0, d1, acc_c0 * scale, acc_c1 * scale);
+        store_grad(b, h, row.w, 0u, d0, d1, acc_d0 * scale, acc_d1 * scale);
     }
 }
 
-// dk, dv: a workgroup per BR keys; the thread's rows a, b are keys, streamed tiles are BS queries.
+// dqkv[t, part third, head h, dims d0, d1] = y0, y1 (those inside the head), for rows t < T.
+fn store_grad(b: u32, h: u32, t: u32, part: u32, d0: u32, d1: u32, y0: vec4<f32>, y1: vec4<f32>) {
+    if (t >= ap.T) { return; }
+    let C4 = ap.NH * H4;
+    let o = (b * ap.T + t) * 3u * C4 + part * C4 + h * H4;
+    if (d0 < H4) { dqkv[o + d0] = y0; }
+    if (d1 < H4) { dqkv[o + d1] = y1; }
+}
+
+// dk, dv: a workgroup per BR keys; the thread's rows a, b (c, d) are keys, streamed tiles are BS queries.
 // tiles: K (BR) | V (BR) | Q (BS) | dO (BS). mat: P (BR, BS+1) | dS (BR, BS+1) | lse (BS) | delta (BS).
 @compute @workgroup_size(NR * TC)
 fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
@@ -347,10 +424,11 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
     let h = wg.y / DS;
     let k0 = wg.x * BR;
     let tc = lid % TC;
-    let ra = 2u * (lid / TC);
+    let ra = RPT * (lid / TC);
     let rb = ra + 1u;
-    let key_a = k0 + ra;
-    let key_b = k0 + rb;
+    let rc = ra + 2u;
+    let rd = ra + 3u;
+    let key = vec4(k0 + ra) + vec4(0u, 1u, 2u, 3u);
     let d0 = (wg.y % DS) * 2u * TC + tc;
     let d1 = d0 + TC;
     let e0 = min(d0, H4 - 1u);
@@ -363,10 +441,18 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
     var dk_a1 = vec4(0.0);
     var dk_b0 = vec4(0.0);
     var dk_b1 = vec4(0.0);
+    var dk_c0 = vec4(0.0);
+    var dk_c1 = vec4(0.0);
+    var dk_d0 = vec4(0.0);
+    var dk_d1 = vec4(0.0);
     var dv_a0 = vec4(0.0);
     var dv_a1 = vec4(0.0);
     var dv_b0 = vec4(0.0);
     var dv_b1 = vec4(0.0);
+    var dv_c0 = vec4(0.0);
+    var dv_c1 = vec4(0.0);
+    var dv_d0 = vec4(0.0);
+    var dv_d1 = vec4(0.0);
 
     let stats = (b * ap.NH + h) * ap.T;
     // Query rows before k0 see none of the block's keys: start at the tile holding row k0.
@@ -380,40 +466,57 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
             mat[D0 + i] = delta_in[stats + t];
         }
         workgroupBarrier();
-        // 1. S^T = K Q^T and dP^T = V dO^T for keys a, b against queries q0 + tc + TC * (0..3); P, dS into mat.
+        // 1. S^T = K Q^T and dP^T = V dO^T for the thread's keys against queries q0 + tc + TC * (0..3);
+        //    P, dS into mat.
         var s_a = vec4(0.0);
         var s_b = vec4(0.0);
+        var s_c = vec4(0.0);
+        var s_d = vec4(0.0);
         var dp_a = vec4(0.0);
         var dp_b = vec4(0.0);
+        var dp_c = vec4(0.0);
+        var dp_d = vec4(0.0);
         for (var d4 = 0u; d4 < H4; d4++) {
             let q_0 = tiles[Q0 + tc * H4P + d4];
             let q_1 = tiles[Q0 + (tc + TC) * H4P + d4];
             let q_2 = tiles[Q0 + (tc + 2u * TC) * H4P + d4];
             let q_3 = tiles[Q0 + (tc + 3u * TC) * H4P + d4];
-            let k_a = tiles[K0 + ra * H4P + d4];
-            let k_b = tiles[K0 + rb * H4P + d4];
-            s_a = vec4(dot4(k_a, q_0, s_a.x), dot4(k_a, q_1, s_a.y), dot4(k_a, q_2, s_a.z), dot4(k_a, q_3, s_a.w));
-            s_b = vec4(dot4(k_b, q_0, s_b.x), dot4(k_b, q_1, s_b.y), dot4(k_b, q_2, s_b.z), dot4(k_b, q_3, s_b.w));
+            s_a = qk4(s_a, tiles[K0 + ra * H4P + d4], q_0, q_1, q_2, q_3);
+            s_b = qk4(s_b, tiles[K0 + rb * H4P + d4], q_0, q_1, q_2, q_3);
+            if (RPT == 4u) {
+                s_c = qk4(s_c, tiles[K0 + rc * H4P + d4], q_0, q_1, q_2, q_3);
+                s_d = qk4(s_d, tiles[K0 + rd * H4P + d4], q_0, q_1, q_2, q_3);
+            }
             let g_0 = tiles[DO0 + tc * H4P + d4];
             let g_1 = tiles[DO0 + (tc + TC) * H4P + d4];
             let g_2 = tiles[DO0 + (tc + 2u * TC) * H4P + d4];
             let g_3 = tiles[DO0 + (tc + 3u * TC) * H4P + d4];
-            let v_a = tiles[V0 + ra * H4P + d4];
-            let v_b = tiles[V0 + rb * H4P + d4];
-            dp_a = vec4(dot4(v_a, g_0, dp_a.x), dot4(v_a, g_1, dp_a.y), dot4(v_a, g_2, dp_a.z), dot4(v_a, g_3, dp_a.w));
-            dp_b = vec4(dot4(v_b, g_0, dp_b.x), dot4(v_b, g_1, dp_b.y), dot4(v_b, g_2, dp_b.z), dot4(v_b, g_3, dp_b.w));
+            dp_a = qk4(dp_a, tiles[V0 + ra * H4P + d4], g_0, g_1, g_2, g_3);
+            dp_b = qk4(dp_b, tiles[V0 + rb * H4P + d4], g_0, g_1, g_2, g_3);
+            if (RPT == 4u) {
+                dp_c = qk4(dp_c, tiles[V0 + rc * H4P + d4], g_0, g_1, g_2, g_3);
+                dp_d = qk4(dp_d, tiles[V0 + rd * H4P + d4], g_0, g_1, g_2, g_3);
+            }
         }
         let j = vec4(tc) + vec4(0u, TC, 2u * TC, 3u * TC);     // the queries' places in the tile
         let rows = vec4(q0) + j;
         let real = rows < vec4(ap.T);
         let lse4 = vec4(mat[L0 + j.x], mat[L0 + j.y], mat[L0 + j.z], mat[L0 + j.w]);
         let delta4 = vec4(mat[D0 + j.x], mat[D0 + j.y], mat[D0 + j.z], mat[D0 + j.w]);
-        let p_a = select(vec4(0.0), exp(s_a * scale - lse4), real & (vec4(key_a) <= rows));
-        let p_b = select(vec4(0.0), exp(s_b * scale - lse4), real & (vec4(key_b) <= rows));
+        let p_a = select(vec4(0.0), exp(s_a * scale - lse4), real & (vec4(key.x) <= rows));
+        let p_b = select(vec4(0.0), exp(s_b * scale - lse4), real & (vec4(key.y) <= rows));
         store4(P0 + ra * (BS + 1u) + tc, p_a);
         store4(P0 + rb * (BS + 1u) + tc, p_b);
         store4(DS0 + ra * (BS + 1u) + tc, p_a * (dp_a - delta4));
         store4(DS0 + rb * (BS + 1u) + tc, p_b * (dp_b - delta4));
+        if (RPT == 4u) {
+            let p_c = select(vec4(0.0), exp(s_c * scale - lse4), real & (vec4(key.z) <= rows));
+            let p_d = select(vec4(0.0), exp(s_d * scale - lse4), real & (vec4(key.w) <= rows));
+            store4(P0 + rc * (BS + 1u) + tc, p_c);
+            store4(P0 + rd * (BS + 1u) + tc, p_d);
+            store4(DS0 + rc * (BS + 1u) + tc, p_c * (dp_c - delta4));
+            store4(DS0 + rd * (BS + 1u) + tc, p_d * (dp_d - delta4));
+        }
         workgroupBarrier();
         // 2. dv += P^T dO and dk += dS^T Q over the tile's queries.
         for (var i = 0u; i < BS; i++) {
@@ -433,29 +536,30 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
             dk_a1 = axpy4(dsa, q_1, dk_a1);
             dk_b0 = axpy4(dsb, q_0, dk_b0);
             dk_b1 = axpy4(dsb, q_1, dk_b1);
+            if (RPT == 4u) {
+                let pc = mat[P0 + rc * (BS + 1u) + i];
+                let pd = mat[P0 + rd * (BS + 1u) + i];
+                let dsc = mat[DS0 + rc * (BS + 1u) + i];
+                let dsd = mat[DS0 + rd * (BS + 1u) + i];
+                dv_c0 = axpy4(pc, g_0, dv_c0);
+                dv_c1 = axpy4(pc, g_1, dv_c1);
+                dv_d0 = axpy4(pd, g_0, dv_d0);
+                dv_d1 = axpy4(pd, g_1, dv_d1);
+                dk_c0 = axpy4(dsc, q_0, dk_c0);
+                dk_c1 = axpy4(dsc, q_1, dk_c1);
+                dk_d0 = axpy4(dsd, q_0, dk_d0);
+                dk_d1 = axpy4(dsd, q_1, dk_d1);
+            }
         }
     }
-    let C4 = ap.NH * H4;
-    if (key_a < ap.T) {
-        let o = (b * ap.T + key_a) * 3u * C4 + h * H4;
-        if (d0 < H4) {
-            dqkv[o + C4 + d0] = dk_a0 * scale;
-            dqkv[o + 2u * C4 + d0] = dv_a0;
-        }
-        if (d1 < H4) {
-            dqkv[o + C4 + d1] = dk_a1 * scale;
-            dqkv[o + 2u * C4 + d1] = dv_a1;
-        }
-    }
-    if (key_b < ap.T) {
-        let o = (b * ap.T + key_b) * 3u * C4 + h * H4;
-        if (d0 < H4) {
-            dqkv[o + C4 + d0] = dk_b0 * scale;
-            dqkv[o + 2u * C4 + d0] = dv_b0;
-        }
-        if (d1 < H4) {
-            dqkv[o + C4 + d1] = dk_b1 * scale;
-            dqkv[o + 2u * C4 + d1] = dv_b1;
-        }
+    store_grad(b, h, key.x, 1u, d0, d1, dk_a0 * scale, dk_a1 * scale);
+    store_grad(b, h, key.x, 2u, d0, d1, dv_a0, dv_a1);
+    store_grad(b, h, key.y, 1u, d0, d1, dk_b0 * scale, dk_b1 * scale);
+    store_grad(b, h, key.y, 2u, d0, d1, dv_b0, dv_b1);
+    if (RPT == 4u) {
+        store_grad(b, h, key.z, 1u, d0, d1, dk_c0 * scale, dk_c1 * scale);
+        store_grad(b, h, key.z, 2u, d0, d1, dv_c0, dv_c1);
+        store_grad(b, h, key.w, 1u, d0, d1, dk_d0 * scale, dk_d1 * scale);
+        store_grad(b, h, key.w, 2u, d0, d1, dv_d0, dv_d1);
     }
 }

@@ -96,13 +96,24 @@ def test_attention_workgroup_shapes(dev, tile):
     check(dev, 2, 29, 40, 2, seed=7, tile=tile)
 
 
+@pytest.mark.parametrize("tile", [Tile(4, 4, 4), Tile(8, 2, 4), Tile(2, 4, 4), Tile(1, 2, 4)])
+def test_attention_four_rows_per_thread(dev, tile):
+    # RPT = 4: blocks of 4 NR rows (8 to 16 here) against streamed tiles of 4 to 32 rows; T = 29 leaves partial
+    # blocks whose last rows lie past T, and TC = 2 or 1 splits the hs=20 heads into chunks.
+    check(dev, 2, 29, 40, 2, seed=8, tile=tile)
+
+
+def test_rows_per_thread_must_be_2_or_4():
+    assert "RPT=3" in tile_problem(ENTRIES[0], 64, Tile(8, 4, 3), gpu.DEFAULT_LIMITS)
+
+
 @pytest.fixture(scope="module")
 def dev_full():
     """The device at the adapter's own limits (32 KiB of workgroup memory on lavapipe): the bigger tiles."""
     return wait(gpu.open_device())
 
 
-@pytest.mark.parametrize("tile", [None, Tile(8, 16), Tile(4, 32)])
+@pytest.mark.parametrize("tile", [None, Tile(8, 16), Tile(4, 32), Tile(8, 8, 4), Tile(4, 16, 4)])
 def test_attention_big_tiles(dev_full, tile):
     # Blocks of 32 and 64 rows, as a GPU with 32-48 KiB of workgroup memory runs them.
     if tile and any(tile_problem(e, 20, tile, dev_full.limits) for e in ENTRIES):
@@ -110,19 +121,28 @@ def test_attention_big_tiles(dev_full, tile):
     check(dev_full, 2, 70, 40, 2, seed=11, tile=tile)
 
 
+def test_attention_four_rows_per_thread_gpt2_head_size(dev_full):
+    # hs = 64 in one chunk, blocks of 16 rows: 24-31 KiB of workgroup memory, as GPUs grant.
+    if any(tile_problem(e, 64, Tile(8, 4, 4), dev_full.limits) for e in ENTRIES):
+        pytest.skip(f"this adapter grants only {dev_full.limits['max-compute-workgroup-storage-size']} bytes")
+    check(dev_full, 1, 45, 128, 2, seed=9, tile=Tile(8, 4, 4))
+
+
 @pytest.mark.parametrize("memory", [16384, 32768, 49152])
 def test_every_head_size_gets_a_fitting_tile(memory):
     limits = dict(gpu.DEFAULT_LIMITS, **{"max-compute-workgroup-storage-size": memory})
     for hs in range(4, 129, 4):
         for entry in ENTRIES:
-            t = pick_tile(entry, hs, 1024, limits)
-            assert tile_problem(entry, hs, t, limits) == "", (entry, hs, t)
-            if hs <= 64 and memory >= 32768:
-                assert t.chunks(hs) == 1, f"{entry} hs={hs}: {t} splits heads although memory allows whole ones"
+            for rpt in (2, 4):
+                t = pick_tile(entry, hs, 1024, limits, rpt)
+                assert t.RPT == rpt and tile_problem(entry, hs, t, limits) == "", (entry, hs, t)
+                if hs <= 64 and memory >= 32768:
+                    assert t.chunks(hs) == 1, f"{entry} hs={hs}: {t} splits heads although memory allows whole ones"
     # GPT-2 on an H100 natively (48 KiB, 1024 threads): the shapes measured fastest there.
     h100 = dict(limits, **{"max-compute-invocations-per-workgroup": 1024, "max-compute-workgroup-size-x": 1024})
     if memory == 49152:
-        assert [pick_tile(e, 64, 1024, h100) for e in ENTRIES] == [Tile(8, 32), Tile(8, 16), Tile(8, 16)]
+        assert [pick_tile(e, 64, 1024, h100, 2) for e in ENTRIES] == [Tile(8, 32), Tile(8, 16), Tile(8, 16)]
+        assert [pick_tile(e, 64, 1024, h100, 4) for e in ENTRIES] == [Tile(8, 16, 4), Tile(8, 8, 4), Tile(8, 8, 4)]
 
 
 @pytest.mark.parametrize("B,T,C,NH", [(1, 21, 128, 2), (1, 18, 256, 2)])

@@ -19,9 +19,9 @@ RTOL = 1e-5
 B, T, C, Vp = 3, 37, 72, 1024
 M = B * T  # 111 rows
 TILE_SHAPES = {
-    "cpu": TILES_CPU,                                            # 32x32x8, 4x4 per thread
-    "medium": TILES_MEDIUM,                                      # 64x64x8, 4x4
-    "large": TILES_LARGE,                                        # 128x128x8, 8x8, 256 threads
+    "cpu": TILES_CPU,                                            # 64x64x8, 8x8 per thread
+    "medium": TILES_MEDIUM,                                      # 64x64x8, 4x4, prefetch
+    "large": TILES_LARGE,                                        # 128x128x16, 8x8, 256 threads, spread, prefetch
     "uneven": {"BM": 16, "BN": 64, "BK": 12, "TM": 8, "TN": 4},  # BK not a power of 2, BM != BN, TM != TN
 }
 # (M, N, K) of op(A) (M, K) @ op(B) (K, N) per layout, as the model uses them.

@@ -30,15 +30,20 @@ from tabgpt.ops.elementwise import fold_grid
 FILE = "attention.wgsl"
 MAX_HEAD_SIZE = 128
 ENTRIES = ("attention_forward", "attention_backward_dq", "attention_backward_dkv")
+# RPT of the tiles pick_tile chooses. 4 rows per thread (each streamed vec4 read serves twice the FMAs) measured
+# slower on an H100 at GPT-2 size: forward 1.80 ms against 1.45, backward 8.9 against 5.7 (bench/results/attention.md).
+ROWS_PER_THREAD = 2
 
 
 @dataclass(frozen=True)
 class Tile:
-    """One kernel's workgroup shape: NR x TC threads; the workgroup owns a block of 2 NR rows (queries in forward
-    and dq, keys in dkv) and streams tiles of 4 TC rows of the other kind; each thread makes a 2 x 4 tile of
-    scores and owns 2 rows x 8 dims of the output (DS = ceil(hs / (8 TC)) workgroups share a head's dims)."""
+    """One kernel's workgroup shape: NR x TC threads; the workgroup owns a block of RPT NR rows (queries in forward
+    and dq, keys in dkv) and streams tiles of 4 TC rows of the other kind; each thread makes an RPT x 4 tile of
+    scores and owns RPT rows x 8 dims of the output (DS = ceil(hs / (8 TC)) workgroups share a head's dims).
+    RPT (rows per thread) is 2 or 4."""
     TC: int
     NR: int
+    RPT: int = 2
 
     def chunks(self, hs: int) -> int:
         return -(-hs // (8 * self.TC))
@@ -46,7 +51,7 @@ class Tile:
 
 def workgroup_memory(entry: str, hs: int, t: Tile) -> tuple[int, int]:
     """(vec4s of `tiles`, f32s of `mat`) an entry point needs: the layouts written above each in the WGSL."""
-    h4p, BR, BS = hs // 4 + 1, 2 * t.NR, 4 * t.TC
+    h4p, BR, BS = hs // 4 + 1, t.RPT * t.NR, 4 * t.TC
     if entry == "attention_forward":        # Q | K | V;  P (BR, BS+1) | Mx (BR, TC)
         return (BR + 2 * BS) * h4p, BR * (BS + 1) + BR * t.TC
     if entry == "attention_backward_dq":    # Q | dO | K | V;  dS (BR, BS+1)
@@ -59,6 +64,8 @@ def workgroup_memory(entry: str, hs: int, t: Tile) -> tuple[int, int]:
 def tile_problem(entry: str, hs: int, t: Tile, limits: dict) -> str:
     """Why tile t cannot serve `entry` at head size hs on a device with these limits ("" if it can)."""
     threads = t.NR * t.TC
+    if t.RPT not in (2, 4):
+        return f"RPT={t.RPT} rows per thread (2 or 4)"
     smv, sms = workgroup_memory(entry, hs, t)
     if threads > limits["max-compute-invocations-per-workgroup"] or threads > limits["max-compute-workgroup-size-x"]:
         return f"{threads} threads"
@@ -67,19 +74,21 @@ def tile_problem(entry: str, hs: int, t: Tile, limits: dict) -> str:
     return ""
 
 
-def pick_tile(entry: str, hs: int, T: int, limits: dict) -> Tile:
+def pick_tile(entry: str, hs: int, T: int, limits: dict, rpt: int | None = None) -> Tile:
     """The biggest workgroup that fits, with the fewest dim chunks; blocks no longer than the sequence needs.
 
     TC starts where one workgroup covers the whole head (8 TC >= hs; at least 4: 16 keys per tile) and
-    halves when memory is short (then heads split into chunks); NR (the block's row pairs) runs from 32 down."""
+    halves when memory is short (then heads split into chunks); the block's rows run from 64 down, RPT
+    (default ROWS_PER_THREAD) rows per thread."""
+    rpt = rpt or ROWS_PER_THREAD
     tc = 4
     while 8 * tc < hs:
         tc *= 2
     while tc >= 1:
-        for nr in (32, 16, 8, 4, 2, 1):
-            if 2 * nr > max(16, T):
+        for br in (64, 32, 16, 8, 4, 2):
+            if br > max(16, T) or br < rpt:
                 continue
-            t = Tile(tc, nr)
+            t = Tile(tc, br // rpt, rpt)
             if not tile_problem(entry, hs, t, limits):
                 return t
         tc //= 2
@@ -121,7 +130,7 @@ class Attention:
             smv, sms = workgroup_memory(entry, hs, t)
             chosen[entry] = t
             kernels[entry] = await dev.kernel(FILE, entry, constants={
-                "HS": hs, "TC": t.TC, "NR": t.NR, "DS": t.chunks(hs), "SMV": smv, "SMS": sms})
+                "HS": hs, "TC": t.TC, "NR": t.NR, "RPT": t.RPT, "DS": t.chunks(hs), "SMV": smv, "SMS": sms})
         kernels["attention_backward_delta"] = await dev.kernel(FILE, "attention_backward_delta", constants={"HS": hs})
         params = dev.uniform(struct.pack("<4I", B, T, n_head, 0), "attention-params")
         delta = dev.buffer(4 * B * n_head * T, "attention-delta")
@@ -129,7 +138,7 @@ class Attention:
 
     def _grid(self, entry: str) -> tuple[int, int, int]:
         t = self.tiles[entry]
-        return (-(-self.T // (2 * t.NR)), self.n_head * t.chunks(self.hs), self.B)
+        return (-(-self.T // (t.RPT * t.NR)), self.n_head * t.chunks(self.hs), self.B)
 
     def forward(self, seq: Sequence, out, lse, qkv):
         """out (B*T, C) = causal softmax(q k^T / sqrt(hs)) v per head of qkv (B*T, 3C); lse (B, NH, T) written."""

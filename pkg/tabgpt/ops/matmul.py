@@ -20,7 +20,7 @@ them per adapter and shape, and any Matmul takes its own. Where out is small and
 tiled kernel splits the reduction into slices run side by side (split-K, default_splits()) and a second pass adds
 them up in order. Every output is a fixed-order fma chain, so results are bit-identical run to run. Operands beyond
 the device's storage binding limit are split into row chunks. On an H100 (Vulkan) the GPT-2 small products run at
-18-25 TFLOP/s, 37-52% of cuBLAS fp32: bench/bench_matmul.py, bench/results/matmul.md.
+22-28 TFLOP/s, 47-60% of cuBLAS fp32: bench/bench_matmul.py, bench/results/matmul.md.
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ MAX_GROUPS = 65535
 ROW_ALIGN = 64        # chunks start at multiples of 64 rows: 64 * 4 bytes * any row length is 256-byte aligned
 
 # Tile shapes (override constants of matmul_tiled). On GPUs: 128 x 128 x 16 blocks (16 KiB of workgroup memory),
-# 8 x 8 outputs per thread, the fastest of ten shapes measured on an H100; 64 x 64 when even split-K leaves too few
-# workgroups to fill the GPU. On lavapipe 64 x 64 x 8 with 8 x 8 per thread was fastest (2-3x over 32 x 32 / 4 x 4).
-TILES_LARGE = {"BM": 128, "BN": 128, "BK": 16, "TM": 8, "TN": 8}
-TILES_MEDIUM = {"BM": 64, "BN": 64, "BK": 8, "TM": 4, "TN": 4}
+# 8 x 8 outputs per thread, the fastest of ten shapes measured on an H100, with spread thread groups and register
+# prefetch of the next K slice (12-24% faster there than without; BK = 32 and 128 x 64 blocks were slower);
+# 64 x 64 when even split-K leaves too few workgroups to fill the GPU (prefetch: 5-8% faster).
+# On lavapipe 64 x 64 x 8 with 8 x 8 per thread was fastest (2-3x over 32 x 32 / 4 x 4).
+TILES_LARGE = {"BM": 128, "BN": 128, "BK": 16, "TM": 8, "TN": 8, "SPREAD": True, "PREFETCH": True}
+TILES_MEDIUM = {"BM": 64, "BN": 64, "BK": 8, "TM": 4, "TN": 4, "PREFETCH": True}
 TILES_CPU = {"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}
 
 
