@@ -89,7 +89,9 @@ async def open_session() -> str:
     info = pipe.dev.info
     fallback = bool(info.get("is_fallback_adapter")) or info.get("architecture") == "swiftshader"
     saved = await _saved_run_info()
-    return json.dumps({"adapter": info.get("description") or info.get("device") or info.get("vendor") or "unknown",
+    name = (info.get("description") or info.get("device")
+            or " ".join(x for x in (info.get("vendor"), info.get("architecture")) if x) or "unknown")
+    return json.dumps({"adapter": name,
                        "info": info, "fallback": fallback, "presets": presets,
                        "default_preset": "tiny" if fallback else "browser", "saved": saved})
 
