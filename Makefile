@@ -39,8 +39,11 @@ test: setup site
 test-fast: setup
 	$(PY) -m pytest -q -m "not browser" tests
 
+# Train natively on the default corpus, then sample and evaluate: `make train PRESET=browser ARGS="--max-steps 500"`.
+PRESET  ?= small
+ARGS    ?=
 train: setup
-	$(PY) -m tabgpt train --data default --preset small --out runs/small
+	$(PY) -m tabgpt train --data default --preset $(PRESET) --out runs/$(PRESET)-$$(date +%Y%m%d-%H%M%S) $(ARGS)
 
 clean:
 	rm -rf dist .cache/stamps
