@@ -4,6 +4,11 @@
 # segments: the second resumes the first from its checkpoint, which continues bit-identically).
 #   bash bench/h100.sh 1    # set-up, device, benchmarks, training segment 1
 #   bash bench/h100.sh 2    # training segment 2 (resume) + samples + evaluation
+# The GPU machine has the NVIDIA driver and PyTorch but no Vulkan loader and no wgpu: bring them along in two
+# git-ignored folders prepared on a machine with the package registries:
+#   .gl/   the Vulkan loader: (cd .gl && apt-get download libvulkan1)
+#   .whl/  pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#              --platform manylinux2014_x86_64 -d .whl wgpu==0.32.0 cffi pycparser rendercanvas
 set -uo pipefail
 STAGE=${1:-1}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
