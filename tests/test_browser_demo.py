@@ -103,3 +103,19 @@ def test_no_webgpu_shows_which_browsers_have_it(chromium, site_url):
     assert "WebGPU" in text and "Chrome" in text and "Firefox" in text, text
     assert guard.outside == []
     ctx.close()
+
+
+def test_book_search_lists_catalogue_matches(context, site_url):
+    page = context.new_page()
+    page.goto(f"{site_url}/demo/index.html")
+    page.wait_for_function("window.tabgpt && ['idle', 'error'].includes(window.tabgpt.stage)", timeout=180_000)
+    page.check("input[name=source][value=books]")
+    page.fill("#book-search", "austen")
+    page.wait_for_function("document.querySelectorAll('#book-results li').length > 0", timeout=30_000)
+    text = page.inner_text("#book-results")
+    assert "Pride and Prejudice" in text and "Jane Austen" in text, text
+    # loading without a pick says what to do instead of failing silently
+    page.click("#btn-data")
+    page.wait_for_function("window.tabgpt.stage === 'error'", timeout=10_000)
+    assert "pick at least one book" in page.inner_text("#status")
+    page.close()
