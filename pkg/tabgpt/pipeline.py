@@ -52,6 +52,7 @@ class Pipeline:
         from tabgpt import bpe
         if self.corpus is None:
             raise RunError("load the data first")
+        self.control = Control()  # the page's Stop button cancels the tokenizer too
         t0 = time.perf_counter()
         last = [0.0]
 

@@ -116,8 +116,10 @@ async function loadData(source) {
 async function trainTokenizer() {
   setStage("tokenizer"); setStatus("Training the byte-level BPE tokenizer…"); enable(false);
   const vocab = Number($("vocab").value);
-  const r = await py(`await tabgpt.web.train_tokenizer(${vocab})`);
-  $("tok-progress").hidden = true;
+  $("btn-stop").disabled = false;  // cancels the tokenizer
+  let r;
+  try { r = await py(`await tabgpt.web.train_tokenizer(${vocab})`); }
+  finally { $("btn-stop").disabled = true; $("tok-progress").hidden = true; }
   const colors = ["#dbeafe", "#fde68a", "#bbf7d0", "#fbcfe8", "#ddd6fe", "#fed7aa"];
   const pieces = r.preview.map(([text, id], i) =>
     `<span class="tg-tok" style="background:${colors[i % colors.length]}" title="${id}">${esc(text)}</span>`).join("");
