@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import array
 import json
-import math
 import sys
 import time
 

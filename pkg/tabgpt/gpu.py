@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 IN_BROWSER = sys.platform == "emscripten"

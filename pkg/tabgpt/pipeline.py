@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import json
 import time
 
 from tabgpt.config import Config
@@ -101,11 +100,7 @@ class Pipeline:
         self.cfg = cfg
         self.step = 0
         if resume_from is not None:
-            params, step = resume_from.read_model(cfg)
-            state, meta = resume_from.read_state()
-            if int(meta.get("step", -1)) != step:
-                raise RunError(f"{resume_from.path}: model.safetensors (step {step}) and state.safetensors "
-                               f"(step {meta.get('step')}) disagree: a save was interrupted")
+            params, state, step = resume_from.read_resume(cfg)
             self.model.load_params(params)
             self.model.load_state(state)
             self.step = step

@@ -15,9 +15,7 @@ Every file is written atomically (temp file + rename), so an interrupted save ne
 
 from __future__ import annotations
 
-import array
 import json
-import os
 import time
 from pathlib import Path
 
@@ -51,10 +49,6 @@ def hf_config(cfg: Config) -> dict:
     }
 
 
-def tokens_array(ids) -> array.array:
-    return ids if isinstance(ids, array.array) and ids.typecode == "I" else array.array("I", ids)
-
-
 class RunFolder:
     def __init__(self, path):
         self.path = Path(path)
@@ -82,34 +76,32 @@ class RunFolder:
         except (CheckpointError, ValueError):
             return float("inf")
 
+    @staticmethod
+    async def _weights(model, meta: dict) -> bytes:
+        """The model's weights as a safetensors file (get_params gives wte with vocab_size rows, as Hugging Face
+        expects)."""
+        params = await model.get_params()
+        tensors = {name: ("F32", tuple(shape), data) for name, (shape, data) in params.items()}
+        return bytes(st.save(None, tensors, {"format": FORMAT, **meta}))
+
     async def save_best(self, model, step: int, val_loss: float) -> dict:
         """best.safetensors: the weights with the lowest validation loss so far (early stopping without
         stopping: training goes on, sampling and evaluation use these weights)."""
-        params = await model.get_params()
-        tensors = {name: ("F32", tuple(shape), data) for name, (shape, data) in params.items()}
-        data = st.save(None, tensors, {"format": FORMAT, "step": str(step), "val_loss": repr(val_loss)})
-        atomic_write(self.path / "best.safetensors", bytes(data))
+        data = await self._weights(model, {"step": str(step), "val_loss": repr(val_loss)})
+        atomic_write(self.path / "best.safetensors", data)
         return {"step": step, "val_loss": val_loss}
 
     async def save_checkpoint(self, model, step: int, extra: dict | None = None) -> dict:
         t0 = time.perf_counter()
-        params = await model.get_params()
-        V, C = model.cfg.vocab_size, model.cfg.n_embd
-        tensors = {}
-        for name, (shape, data) in params.items():
-            if name == "transformer.wte.weight":  # drop the padding rows: Hugging Face expects (vocab_size, C)
-                shape, data = (V, C), memoryview(data)[:4 * V * C]
-            tensors[name] = ("F32", tuple(shape), data)
-        meta = {"format": FORMAT, "step": str(step)}
-        model_bytes = st.save(None, tensors, meta)
+        model_bytes = await self._weights(model, {"step": str(step)})
         state = await model.get_state()
         state_tensors = {name: ("F32", (len(data) // 4,), data) for name, data in state.items()}
         smeta = {"format": FORMAT, "step": str(step), "seed": str(model.cfg.seed),
                  "data_position": "batches are a pure function of (seed, step)", **(extra or {})}
         state_bytes = st.save(None, state_tensors, smeta)
-        # model first, state second: a crash between the two leaves a state older than the model, which load()
-        # detects by comparing their steps.
-        atomic_write(self.path / "model.safetensors", bytes(model_bytes))
+        # model first, state second: a crash between the two leaves a state older than the model, which
+        # read_resume() detects by comparing their steps.
+        atomic_write(self.path / "model.safetensors", model_bytes)
         atomic_write(self.path / "state.safetensors", bytes(state_bytes))
         return {"path": str(self.path), "bytes": len(model_bytes) + len(state_bytes),
                 "seconds": time.perf_counter() - t0}
@@ -165,9 +157,7 @@ class RunFolder:
                 want = (cfg.vocab_size, cfg.n_embd)
             if tuple(shape) != want or dtype != "F32":
                 raise RunError(f"{path}: {spec.name} is {dtype}{list(shape)}, config.json needs F32{list(want)}")
-            if spec.name == "transformer.wte.weight":  # zero padding rows back in
-                data = bytes(data) + bytes(4 * (spec.shape[0] - cfg.vocab_size) * cfg.n_embd)
-            out[spec.name] = (spec.shape, data)
+            out[spec.name] = (want, data)  # GPT.load_params zeroes wte's padding rows
         return out, int((meta or {}).get("step", 0))
 
     def read_state(self) -> tuple[dict, dict]:
@@ -177,6 +167,16 @@ class RunFolder:
         except CheckpointError as e:
             raise RunError(str(e)) from e
         return {k: v[2] for k, v in tensors.items()}, meta or {}
+
+    def read_resume(self, cfg: Config) -> tuple[dict, dict, int]:
+        """(weights, optimizer state, step) of the last checkpoint, checked to be of the same step."""
+        params, step = self.read_model(cfg)
+        state, meta = self.read_state()
+        if int(meta.get("step", -1)) != step:
+            raise RunError(f"{self.path}: model.safetensors (step {step}) and state.safetensors "
+                           f"(step {meta.get('step')}) disagree: a save was interrupted; the model alone still "
+                           f"samples and evaluates")
+        return params, state, step
 
     def read_metrics(self) -> list[dict]:
         p = self.path / "metrics.jsonl"
@@ -197,22 +197,15 @@ def check_tokenizer_matches(tokenizer, cfg: Config, where: str):
                        f"{cfg.vocab_size}; use the tokenizer.json of the same run")
 
 
-async def load_model(dev, run: RunFolder, B: int = 1, T: int | None = None, with_state: bool = False):
-    """(cfg, tokenizer, model, step) from a run folder, the weights on the GPU: for sampling and evaluation the
-    best weights (lowest validation loss), for resuming (with_state) the last ones."""
+async def load_model(dev, run: RunFolder, B: int = 1, T: int | None = None):
+    """(cfg, tokenizer, model, step) from a run folder for sampling and evaluation: the best weights (lowest
+    validation loss) on the GPU. Resuming training goes through RunFolder.read_resume instead."""
     from tabgpt.gpt import GPT
-    run.check(need_state=with_state)
+    run.check()
     cfg = run.read_config()
     tok = run.read_tokenizer()
     check_tokenizer_matches(tok, cfg, str(run.path / "tokenizer.json"))
-    params, step = run.read_model(cfg, best=not with_state)
+    params, step = run.read_model(cfg, best=True)
     model = await GPT.create(dev, cfg, B=B, T=T or cfg.block_size)
     model.load_params(params)
-    if with_state:
-        state, meta = run.read_state()
-        sstep = int(meta.get("step", -1))
-        if sstep != step:
-            raise RunError(f"{run.path}: model.safetensors is at step {step} but state.safetensors at step {sstep} "
-                           f"(a save was interrupted); the model alone still samples and evaluates")
-        model.load_state(state)
     return cfg, tok, model, step

@@ -15,7 +15,7 @@ import array
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tabgpt.config import Config
 
@@ -118,7 +118,6 @@ async def train(model, data: TokenData, cfg: Config, control: Control | None = N
     data.check(cfg.block_size)
     B, T = model.B, model.T
     tokens_per_step = B * T * cfg.grad_accum
-    flops_per_step = cfg.flops_per_token() * tokens_per_step
     yield {"type": "start", "step": start_step, "max_steps": cfg.max_steps, "n_params": cfg.n_params(),
            "tokens_per_step": tokens_per_step, "train_tokens": len(data.train), "val_tokens": len(data.val)}
     t_start = time.perf_counter()
