@@ -34,11 +34,14 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
+from tabgpt import opfs
+
 IN_BROWSER = sys.platform == "emscripten"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_TEXT = DATA_DIR / "shakespeare.txt.gz"      # the bundled default corpus, one edition per work
 DEFAULT_INDEX = DATA_DIR / "shakespeare.json"       # its works (title, length in characters), in order
 CATALOGUE = DATA_DIR / "gitenberg_catalogue.json"   # a few hundred popular books on the Gitenberg mirror
+OPFS_FOLDER = "tabgpt-corpus"                       # the browser's cache of downloads
 
 # Books come from the raw files of the GITenberg repositories (the catalogue's "url" template; that host
 # answers with "Access-Control-Allow-Origin: *", so a page can read them). TABGPT_MIRROR, a template of
@@ -513,41 +516,18 @@ class Cache:
 
     async def get(self, url: str) -> bytes | None:
         if IN_BROWSER:
-            return await _opfs_read(self.key(url))
+            return await opfs.read(OPFS_FOLDER, self.key(url))
         p = self.dir / self.key(url)
         return p.read_bytes() if p.exists() else None
 
     async def put(self, url: str, data: bytes) -> None:
         if IN_BROWSER:
-            return await _opfs_write(self.key(url), data)
+            return await opfs.write(OPFS_FOLDER, self.key(url), data)
         self.dir.mkdir(parents=True, exist_ok=True)
         p = self.dir / self.key(url)
         tmp = p.with_suffix(p.suffix + f".{os.getpid()}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, p)                  # atomic: a broken-off write never looks cached
-
-
-async def _opfs_dir():
-    from js import navigator
-    root = await navigator.storage.getDirectory()
-    return await root.getDirectoryHandle("tabgpt-corpus", create=True)
-
-
-async def _opfs_read(name: str) -> bytes | None:
-    try:
-        handle = await (await _opfs_dir()).getFileHandle(name)
-    except Exception:                       # NotFoundError, or no OPFS at all
-        return None
-    blob = await handle.getFile()
-    return (await blob.arrayBuffer()).to_bytes()
-
-
-async def _opfs_write(name: str, data: bytes) -> None:
-    from pyodide.ffi import to_js
-    handle = await (await _opfs_dir()).getFileHandle(name, create=True)
-    writable = await handle.createWritable()
-    await writable.write(to_js(memoryview(data)))
-    await writable.close()
 
 
 # ---------------------------------------------------------------------------------------------

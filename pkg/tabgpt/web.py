@@ -17,7 +17,7 @@ import os
 import time
 import zipfile
 
-from tabgpt import IN_BROWSER, __version__
+from tabgpt import IN_BROWSER, __version__, opfs
 
 RUN_DIR = "/run" if IN_BROWSER else os.path.join(os.environ.get("TMPDIR", "/tmp"), "tabgpt-web-run")
 OPFS_FOLDER = "tabgpt-run"
@@ -218,45 +218,23 @@ def _write_source():
         json.dump({"source": src}, f)
 
 
-async def _opfs_dir():
-    from js import navigator
-    root = await navigator.storage.getDirectory()
-    return await root.getDirectoryHandle(OPFS_FOLDER, create=True)
-
-
 async def _mirror_to_opfs():
     if not IN_BROWSER:
         return
-    from pyodide.ffi import to_js
-    d = await _opfs_dir()
     for name in RUN_FILES:
         path = os.path.join(RUN_DIR, name)
         if not os.path.exists(path):
             continue
         with open(path, "rb") as f:
-            data = f.read()
-        # Write under a temporary name, then move: a reload mid-write keeps the previous checkpoint.
-        h = await d.getFileHandle(name + ".tmp", create=True)
-        w = await h.createWritable()
-        await w.write(to_js(memoryview(data)))
-        await w.close()
-        await h.move(name)
-
-
-async def _opfs_read(name: str) -> bytes | None:
-    try:
-        h = await (await _opfs_dir()).getFileHandle(name)
-    except Exception:
-        return None
-    blob = await h.getFile()
-    return (await blob.arrayBuffer()).to_bytes()
+            # atomic: a reload in the middle of a checkpoint keeps the previous one
+            await opfs.write(OPFS_FOLDER, name, f.read(), atomic=True)
 
 
 async def _saved_run_info():
     if not IN_BROWSER:
         return None
-    cfg = await _opfs_read("config.json")
-    model = await _opfs_read("model.safetensors")
+    cfg = await opfs.read(OPFS_FOLDER, "config.json")
+    model = await opfs.read(OPFS_FOLDER, "model.safetensors")
     if not cfg or not model:
         return None
     from tabgpt.safetensors import load_header
@@ -273,7 +251,7 @@ async def resume_saved() -> str:
     from tabgpt.run import RunFolder
     os.makedirs(RUN_DIR, exist_ok=True)
     for name in RUN_FILES:
-        data = await _opfs_read(name)
+        data = await opfs.read(OPFS_FOLDER, name)
         if data is not None:
             with open(os.path.join(RUN_DIR, name), "wb") as f:
                 f.write(data)
