@@ -126,6 +126,33 @@ async def train(model, data: TokenData, cfg: Config, control: Control | None = N
     bad_streak = 0
     last_loss = float("nan")
     step = start_step
+
+    def step_events(steps, results):
+        """Events for steps whose (loss, grad norm, skipped) were read back; throughput since the last read."""
+        nonlocal bad_streak, last_loss, t_last, step_last
+        now = time.perf_counter()
+        done_steps = step - step_last
+        dt = max(1e-9, now - t_last)
+        t_last, step_last = now, step
+        for s, (loss, norm, skipped) in zip(steps, results):
+            finite = math.isfinite(loss) and math.isfinite(norm)
+            if skipped or not finite:
+                bad_streak += 1
+                yield {"type": "nan", "step": s, "loss": loss, "grad_norm": norm,
+                       "message": f"step {s}: non-finite loss or gradient; the update was skipped"}
+                if bad_streak >= 5:
+                    raise TrainingError(
+                        f"training diverged: {bad_streak} steps in a row had a non-finite loss or gradient "
+                        f"(last at step {s}). Lower the learning rate (now {cfg.learning_rate}) or raise "
+                        f"warmup, then resume from the last checkpoint")
+                continue
+            bad_streak = 0
+            last_loss = loss
+            tps = done_steps * tokens_per_step / dt
+            yield {"type": "step", "step": s + 1, "loss": loss, "grad_norm": norm, "lr": get_lr(s, cfg),
+                   "tokens_per_s": tps, "gflops": tps * cfg.flops_per_token() / 1e9, "elapsed": now - t_start,
+                   "eta": (cfg.max_steps - step) * dt / max(1, done_steps)}
+
     while step < cfg.max_steps:
         if control.stop:
             break
@@ -146,32 +173,9 @@ async def train(model, data: TokenData, cfg: Config, control: Control | None = N
         # Read losses one interval behind: the GPU already runs the next steps while we wait for these.
         if len(pending) > cfg.log_interval or step == cfg.max_steps:
             flush = pending if step == cfg.max_steps else pending[:-1]
-            results = await model.read_step_stats(flush)
             pending = pending[len(flush):]
-            now = time.perf_counter()
-            done_steps = step - step_last
-            dt = max(1e-9, now - t_last)
-            t_last, step_last = now, step
-            for s, (loss, norm, skipped) in zip(flush, results):
-                finite = math.isfinite(loss) and math.isfinite(norm)
-                if skipped or not finite:
-                    bad_streak += 1
-                    yield {"type": "nan", "step": s, "loss": loss, "grad_norm": norm,
-                           "message": f"step {s}: non-finite loss or gradient; the update was skipped"}
-                    if bad_streak >= 5:
-                        raise TrainingError(
-                            f"training diverged: {bad_streak} steps in a row had a non-finite loss or gradient "
-                            f"(last at step {s}). Lower the learning rate (now {cfg.learning_rate}) or raise "
-                            f"warmup, then resume from the last checkpoint")
-                    continue
-                bad_streak = 0
-                last_loss = loss
-                elapsed = now - t_start
-                tps = done_steps * tokens_per_step / dt
-                yield {"type": "step", "step": s + 1, "loss": loss, "grad_norm": norm, "lr": get_lr(s, cfg),
-                       "tokens_per_s": tps, "gflops": tps * cfg.flops_per_token() / 1e9,
-                       "elapsed": elapsed,
-                       "eta": (cfg.max_steps - step) * dt / max(1, done_steps)}
+            for ev in step_events(flush, await model.read_step_stats(flush)):
+                yield ev
 
         if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             val = await evaluate_loss(model, data.val, cfg.eval_steps)
@@ -183,12 +187,9 @@ async def train(model, data: TokenData, cfg: Config, control: Control | None = N
         if cfg.time_limit and time.perf_counter() - t_start > cfg.time_limit:
             control.request_stop(f"time limit of {cfg.time_limit:.0f} s reached")
 
-    if pending:
-        for s, (loss, norm, skipped) in zip(pending, await model.read_step_stats(pending)):
-            if not skipped and math.isfinite(loss):
-                last_loss = loss
-                yield {"type": "step", "step": s + 1, "loss": loss, "grad_norm": norm, "lr": get_lr(s, cfg),
-                       "tokens_per_s": 0.0, "gflops": 0.0, "elapsed": time.perf_counter() - t_start, "eta": 0.0}
+    if pending:  # stopped early: the steps still on the GPU, reported like every other step
+        for ev in step_events(pending, await model.read_step_stats(pending)):
+            yield ev
     if control.stop and step < cfg.max_steps and cfg.eval_interval:
         val = await evaluate_loss(model, data.val, cfg.eval_steps)
         yield {"type": "eval", "step": step, "val_loss": val, "train_loss": last_loss}
