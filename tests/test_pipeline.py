@@ -98,6 +98,28 @@ def test_training_lowers_the_loss_and_resume_is_bit_identical(tmp_path, text):
     assert RunFolder(tmp_path / "b").best_val_loss() == min(evals)
 
 
+def test_stop_while_paused_trains_no_further_step(text):
+    cfg = tiny_cfg(max_steps=6, eval_interval=0)
+    events = []
+
+    async def go():
+        pipe = await _pipeline(text, None)
+        await pipe.build_model(cfg)
+
+        def emit(ev):
+            events.append(ev)
+            if ev["type"] == "start":
+                pipe.control.pause = True
+            elif ev["type"] == "paused":
+                pipe.control.request_stop("test")
+        pipe.emit = emit
+        return await pipe.train()
+
+    last = asyncio.run(go())
+    assert last["type"] == "stopped" and last["step"] == 0, last
+    assert not [e for e in events if e["type"] == "step"], "a step ran after the stop"
+
+
 def test_same_seed_gives_bit_identical_losses(tmp_path, text):
     cfg = tiny_cfg(max_steps=4, eval_interval=0)
 

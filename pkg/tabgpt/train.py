@@ -159,6 +159,8 @@ async def train(model, data: TokenData, cfg: Config, control: Control | None = N
         while control.pause and not control.stop:
             yield {"type": "paused", "step": step}
             await model.sleep(0.1)
+        if control.stop:  # stopped while paused: no further step
+            break
         lr = get_lr(step, cfg)
         model.set_step(step, lr)
         model.run_zero_grad()
