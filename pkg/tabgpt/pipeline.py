@@ -134,8 +134,8 @@ class Pipeline:
                                   sampler=sampler, checkpoint=checkpoint):
                 if ev["type"] != "paused":
                     self.history.append(ev)
-                if run is not None and ev["type"] != "paused":
-                    run.append_metrics(ev)
+                    if run is not None:
+                        run.append_metrics(ev)
                 if run is not None and ev["type"] == "eval" and ev["val_loss"] < best[0]:
                     best[0] = ev["val_loss"]
                     ev = {**ev, "best": True}
