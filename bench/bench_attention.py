@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pkg"))
 
 from tabgpt import gpu  # noqa: E402
+
+from common import append_result, best_seconds  # noqa: E402  (bench/common.py)
 from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.attention import ENTRIES, Attention, Tile  # noqa: E402
 
@@ -48,24 +49,6 @@ def parse_tile(s: str) -> dict:
     if len(tiles) not in (1, 3):
         raise argparse.ArgumentTypeError(f"one tile or three (forward/dq/dkv), got {s!r}")
     return dict(zip(ENTRIES, tiles * 3 if len(tiles) == 1 else tiles))
-
-
-def timed(run, sync, trials):
-    """Best seconds per call of run(repeat) over `trials` submissions of about TARGET_SECONDS each."""
-    run(1)
-    sync()
-    t0 = time.perf_counter()
-    run(1)
-    sync()
-    once = time.perf_counter() - t0
-    repeat = max(1, min(1000, int(TARGET_SECONDS / max(once, 1e-6))))
-    best = float("inf")
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        run(repeat)
-        sync()
-        best = min(best, (time.perf_counter() - t0) / repeat)
-    return best
 
 
 def inputs(B, T, NH, hs, seed=0):
@@ -89,8 +72,8 @@ def time_ours(dev, B, T, NH, hs, tile, trials):
     wait(fwd.build())
     wait(bwd.build())
     sync = lambda: wait(dev.sync())  # noqa: E731
-    t_fwd = timed(fwd.run, sync, trials)
-    t_bwd = timed(bwd.run, sync, trials)
+    t_fwd = best_seconds(fwd.run, sync, trials, TARGET_SECONDS)
+    t_bwd = best_seconds(bwd.run, sync, trials, TARGET_SECONDS)
     read = lambda buf, shape: np.frombuffer(wait(dev.read(buf)), dtype=np.float32).reshape(shape)  # noqa: E731
     return t_fwd, t_bwd, read(b_out, (B, T, C)), read(b_dqkv, (B, T, 3 * C)), attn
 
@@ -128,7 +111,8 @@ def torch_attention(B, T, NH, hs, trials):
             torch.autograd.grad(y, x, g, retain_graph=True)
 
     sync = torch.cuda.synchronize
-    return timed(run_fwd, sync, trials), timed(run_bwd, sync, trials), out, dqkv
+    return (best_seconds(run_fwd, sync, trials, TARGET_SECONDS), best_seconds(run_bwd, sync, trials, TARGET_SECONDS),
+            out, dqkv)
 
 
 def rel_err(got, ref):
@@ -184,10 +168,7 @@ def main():
     print()
     print(text)
     if not args.no_write:
-        out = ROOT / "bench" / "results" / "attention.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as f:
-            f.write(text + "\n")
+        out = append_result("attention", text)
         print(f"appended to {out.relative_to(ROOT)}")
 
 

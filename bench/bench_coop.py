@@ -55,6 +55,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pkg"))
 
+from common import best_seconds  # noqa: E402  (bench/common.py)
+
 SHADER = "matmul_coop.wgsl"
 SHADER_PATH = Path(__file__).resolve().parent / SHADER  # an experiment: kept beside its bench, not in shaders/
 SIZES = [(4096, 4096, 4096), (8192, 768, 3072)]   # M, N, K: square, and GPT-2 small's mlp c_proj at B*T = 8192
@@ -363,20 +365,7 @@ def operands(M, N, K, seed=0):
 def time_seq(dev, seq, seconds):
     """Seconds per run of `seq`: best of 3 submissions of `repeat` runs each, waited for by a read-back."""
     from tabgpt.gpu import wait
-    seq.run()
-    wait(dev.sync())
-    t0 = time.perf_counter()
-    seq.run()
-    wait(dev.sync())
-    once = time.perf_counter() - t0
-    repeat = max(1, min(500, int(seconds / max(once, 1e-6))))
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        seq.run(repeat)
-        wait(dev.sync())
-        best = min(best, (time.perf_counter() - t0) / repeat)
-    return best
+    return best_seconds(seq.run, lambda: wait(dev.sync()), 3, seconds, max_repeat=500)
 
 
 def worker_kernel(args, name):

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "build"))
+
+from common import append_result  # noqa: E402  (bench/common.py)
 
 
 def native(n):
@@ -59,10 +60,7 @@ def main():
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
-        out = ROOT / "bench" / "results" / "dispatch.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as f:
-            f.write(text + "\n")
+        append_result("dispatch", text)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pkg"))
 
 from tabgpt import gpu  # noqa: E402
+
+from common import append_result, best_seconds  # noqa: E402  (bench/common.py)
 from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.matmul import Matmul  # noqa: E402
 
@@ -87,19 +89,7 @@ def time_ours(dev, M, N, K, layout, variant, tiles, splits, trials):
     seq = dev.sequence("bench-matmul")
     mm.dispatch(seq, out=out, a=ba, b=bb)
     wait(seq.build())
-    seq.run()
-    wait(dev.sync())
-    t0 = time.perf_counter()
-    seq.run()
-    wait(dev.sync())
-    once = time.perf_counter() - t0
-    repeat = max(1, min(1000, int(TARGET_SECONDS / max(once, 1e-6))))
-    best = float("inf")
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        seq.run(repeat)
-        wait(dev.sync())
-        best = min(best, (time.perf_counter() - t0) / repeat)
+    best = best_seconds(seq.run, lambda: wait(dev.sync()), trials, TARGET_SECONDS)
     # Check the first and last rows against float64 NumPy.
     rows = sorted(set(range(min(8, M))) | set(range(max(0, M - 8), M)))
     got = np.frombuffer(wait(dev.read(out)), dtype=np.float32).reshape(M, N)[rows]
@@ -205,10 +195,7 @@ def main():
     print()
     print(text)
     if not args.no_write:
-        out = ROOT / "bench" / "results" / "matmul.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as f:
-            f.write(text + "\n")
+        out = append_result("matmul", text)
         print(f"appended to {out.relative_to(ROOT)}")
 
 

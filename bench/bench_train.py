@@ -20,6 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pkg"))
 
+from common import append_result  # noqa: E402  (bench/common.py)
+
 
 def bench_ours(cfg, steps):
     from tabgpt import gpu
@@ -145,10 +147,7 @@ def main():
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
-        out = ROOT / "bench" / "results" / "train.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as f:
-            f.write(text + "\n")
+        append_result("train", text)
 
 
 if __name__ == "__main__":
