@@ -59,3 +59,25 @@ def run_py(page, code: str, timeout_ms: int = 120_000):
         except ValueError:
             return result
     return result
+
+
+def guarded_context(chromium, base_url: str, **options):
+    """A new browser context whose requests outside base_url are aborted and counted: (context, guard)."""
+    ctx = chromium.new_context(**options)
+    guard = RequestGuard(base_url)
+    ctx.route("**/*", guard)
+    return ctx, guard
+
+
+def status_without_webgpu(chromium, base_url: str, path: str, error_stage: str) -> str:
+    """Open a page with navigator.gpu hidden, wait until `error_stage` (a JS condition) holds, and return the
+    text of its #status; no request may leave 127.0.0.1."""
+    ctx, guard = guarded_context(chromium, base_url)
+    ctx.add_init_script("Object.defineProperty(Navigator.prototype, 'gpu', {get: () => undefined});")
+    page = ctx.new_page()
+    page.goto(base_url + path)
+    page.wait_for_function(error_stage, timeout=30_000)
+    text = page.inner_text("#status")
+    ctx.close()
+    assert guard.outside == [], f"requests left 127.0.0.1: {guard.outside}"
+    return text

@@ -48,10 +48,8 @@ def chromium():
 def check_page(chromium, site_url):
     """The WebGPU check page, after its self-test finished; its worker stays up for further snippets.
     (Module-scoped like the browser: Playwright's sync API keeps an event loop running while it is open.)"""
-    ctx = chromium.new_context()
-    from browser_support import RequestGuard
-    guard = RequestGuard(site_url)
-    ctx.route("**/*", guard)
+    from browser_support import guarded_context
+    ctx, guard = guarded_context(chromium, site_url)
     page = ctx.new_page()
     logs = []
     page.on("console", lambda m: logs.append(m.text))

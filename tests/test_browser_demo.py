@@ -5,7 +5,7 @@ checkpoint saved in OPFS, the no-WebGPU message, and screenshots of the post and
 
 import pytest
 
-from browser_support import ROOT, RequestGuard, run_py
+from browser_support import ROOT, guarded_context, run_py, status_without_webgpu
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = ROOT / "test-artifacts"
@@ -15,9 +15,7 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def context(chromium, site_url):
     """One browser profile for the module, so OPFS survives a reload as it does for a visitor."""
-    ctx = chromium.new_context(viewport={"width": 1100, "height": 1500})
-    guard = RequestGuard(site_url)
-    ctx.route("**/*", guard)
+    ctx, guard = guarded_context(chromium, site_url, viewport={"width": 1100, "height": 1500})
     ctx.guard = guard
     yield ctx
     assert guard.outside == [], f"requests left 127.0.0.1: {guard.outside}"
@@ -92,17 +90,9 @@ def test_blog_post_embeds_the_demo(context, site_url):
 
 
 def test_no_webgpu_shows_which_browsers_have_it(chromium, site_url):
-    ctx = chromium.new_context()
-    guard = RequestGuard(site_url)
-    ctx.route("**/*", guard)
-    ctx.add_init_script("Object.defineProperty(Navigator.prototype, 'gpu', {get: () => undefined});")
-    page = ctx.new_page()
-    page.goto(f"{site_url}/demo/index.html?autostart=1")
-    page.wait_for_function("window.tabgpt && window.tabgpt.stage === 'error'", timeout=30_000)
-    text = page.inner_text("#status")
+    text = status_without_webgpu(chromium, site_url, "/demo/index.html?autostart=1",
+                                 "window.tabgpt && window.tabgpt.stage === 'error'")
     assert "WebGPU" in text and "Chrome" in text and "Firefox" in text, text
-    assert guard.outside == []
-    ctx.close()
 
 
 def test_book_search_lists_catalogue_matches(context, site_url):

@@ -3,12 +3,11 @@
 Every request that leaves 127.0.0.1 is aborted and counted: none is allowed.
 """
 
-import json
 
 import numpy as np
 import pytest
 
-from browser_support import RequestGuard, run_py
+from browser_support import run_py, status_without_webgpu
 
 pytestmark = pytest.mark.browser
 
@@ -88,14 +87,6 @@ msg
 
 
 def test_no_webgpu_shows_which_browsers_have_it(chromium, site_url):
-    ctx = chromium.new_context()
-    guard = RequestGuard(site_url)
-    ctx.route("**/*", guard)
-    ctx.add_init_script("Object.defineProperty(Navigator.prototype, 'gpu', {get: () => undefined});")
-    page = ctx.new_page()
-    page.goto(site_url + "/check/index.html")
-    page.wait_for_function("window.tabgptCheck && window.tabgptCheck.stage === 'error'", timeout=30_000)
-    text = page.inner_text("#status")
+    text = status_without_webgpu(chromium, site_url, "/check/index.html",
+                                 "window.tabgptCheck && window.tabgptCheck.stage === 'error'")
     assert "WebGPU" in text and "Chrome" in text and "Safari" in text, text
-    assert guard.outside == []
-    ctx.close()
