@@ -34,10 +34,15 @@ def text():
     return load_default()[:TEXT_CHARS]
 
 
-async def _pipeline(text, run_dir, emit=None):
+async def _pipeline(text, run_dir, emit=None, cfg=None):
+    """Data and a 300-token tokenizer; with cfg also the run folder (when run_dir is given) and the model."""
     pipe = Pipeline(emit, run_dir=run_dir)
     await pipe.load_data({"text": text})
     await pipe.train_tokenizer(300)
+    if cfg is not None:
+        if pipe.run is not None:
+            pipe.run.create(cfg.replace(vocab_size=300), pipe.tokenizer.to_json())
+        await pipe.build_model(cfg)
     return pipe
 
 
@@ -57,15 +62,11 @@ def test_training_lowers_the_loss_and_resume_is_bit_identical(tmp_path, text):
     cfg = tiny_cfg()
 
     async def full():
-        pipe = await _pipeline(text, tmp_path / "a")
-        pipe.run.create(cfg.replace(vocab_size=300), pipe.tokenizer.to_json())
-        await pipe.build_model(cfg)
+        pipe = await _pipeline(text, tmp_path / "a", cfg=cfg)
         return await pipe.train()
 
     async def interrupted():
-        pipe = await _pipeline(text, tmp_path / "b")
-        pipe.run.create(cfg.replace(vocab_size=300), pipe.tokenizer.to_json())
-        await pipe.build_model(cfg)
+        pipe = await _pipeline(text, tmp_path / "b", cfg=cfg)
 
         def stop_at_5(ev):
             if ev.get("type") == "step" and ev["step"] == 5:
@@ -103,8 +104,7 @@ def test_stop_while_paused_trains_no_further_step(text):
     events = []
 
     async def go():
-        pipe = await _pipeline(text, None)
-        await pipe.build_model(cfg)
+        pipe = await _pipeline(text, None, cfg=cfg)
 
         def emit(ev):
             events.append(ev)
@@ -124,9 +124,7 @@ def test_same_seed_gives_bit_identical_losses(tmp_path, text):
     cfg = tiny_cfg(max_steps=4, eval_interval=0)
 
     async def once(name):
-        pipe = await _pipeline(text, tmp_path / name)
-        pipe.run.create(cfg.replace(vocab_size=300), pipe.tokenizer.to_json())
-        await pipe.build_model(cfg)
+        pipe = await _pipeline(text, tmp_path / name, cfg=cfg)
         await pipe.train()
         return _losses(tmp_path / name)
 
@@ -138,8 +136,7 @@ def test_nan_updates_are_skipped_then_training_stops_with_advice(tmp_path, text)
     events = []
 
     async def go():
-        pipe = await _pipeline(text, None)
-        await pipe.build_model(cfg)
+        pipe = await _pipeline(text, None, cfg=cfg)
         spec = pipe.model.specs[3]  # a LayerNorm bias: NaN there makes every loss NaN
         pipe.model.dev.write(pipe.model.params, np.full(spec.numel, np.nan, np.float32).tobytes(), 4 * spec.offset)
         before = await pipe.model.get_params()
@@ -163,9 +160,7 @@ def test_run_folder_loads_in_transformers_with_the_same_logits(tmp_path, text):
     cfg = tiny_cfg(max_steps=3, eval_interval=0)
 
     async def go():
-        pipe = await _pipeline(text, tmp_path / "r")
-        pipe.run.create(cfg.replace(vocab_size=300), pipe.tokenizer.to_json())
-        await pipe.build_model(cfg)
+        pipe = await _pipeline(text, tmp_path / "r", cfg=cfg)
         await pipe.train()
         x = pipe.data.val[:cfg.batch_size * cfg.block_size]
         pipe.model.set_batch(x, x)
@@ -187,9 +182,7 @@ def test_sample_and_evaluate_from_the_run_folder(tmp_path, text):
     cfg = tiny_cfg(max_steps=6, eval_interval=3)
 
     async def go():
-        pipe = await _pipeline(text, tmp_path / "s")
-        pipe.run.create(cfg.replace(vocab_size=300), pipe.tokenizer.to_json())
-        await pipe.build_model(cfg)
+        pipe = await _pipeline(text, tmp_path / "s", cfg=cfg)
         await pipe.train()
         dev = await gpu.open_device()
         c2, tok, model, step = await load_model(dev, RunFolder(tmp_path / "s"), B=2)
