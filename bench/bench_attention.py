@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "pkg"))
 
 from tabgpt import gpu  # noqa: E402
 
-from common import append_result, best_seconds  # noqa: E402  (bench/common.py)
+from common import append_result, device_label, best_seconds  # noqa: E402  (bench/common.py)
 from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.attention import ENTRIES, Attention, Tile  # noqa: E402
 
@@ -137,7 +137,7 @@ def main():
     TARGET_SECONDS = args.seconds
 
     dev = wait(gpu.open_device())
-    device = dev.info.get("device") or dev.info.get("vendor") or "?"
+    device = device_label(dev)
     rows = []
     for B, T, NH, hs in sizes:
         ref = None if args.no_torch else torch_attention(B, T, NH, hs, trials)

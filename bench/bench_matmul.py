@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT / "pkg"))
 
 from tabgpt import gpu  # noqa: E402
 
-from common import append_result, best_seconds  # noqa: E402  (bench/common.py)
+from common import append_result, device_label, best_seconds  # noqa: E402  (bench/common.py)
 from tabgpt.gpu import wait  # noqa: E402
-from tabgpt.ops.matmul import Matmul  # noqa: E402
+from tabgpt.ops.matmul import Matmul, tiles_label  # noqa: E402
 
 # GPT-2 small (C = 768) at B*T = 8192: c_attn, attn c_proj, c_fc, mlp c_proj; then a square product.
 GPT2_SIZES = ["8192x2304x768", "8192x768x768", "8192x3072x768", "8192x768x3072", "4096x4096x4096"]
@@ -55,22 +55,27 @@ def parse_size(s: str, layout: str) -> tuple[str, int, int, int]:
 
 
 def parse_tiles(s: str) -> dict:
+    """"BM,BN,BK,TM,TN[,flag...]" -> tiles; flags "spread", "prefetch" and "double" (DOUBLE_BUFFER, with prefetch:
+    two copies of the workgroup tiles, one barrier per K slice instead of two); "auto": the autotuner's choice."""
+    if s == "auto":
+        return "auto"
     parts = s.split(",")
     BM, BN, BK, TM, TN = (int(v) for v in parts[:5])
     t = {"BM": BM, "BN": BN, "BK": BK, "TM": TM, "TN": TN}
+    flags = {"spread": "SPREAD", "prefetch": "PREFETCH", "double": "DOUBLE_BUFFER"}
     for flag in parts[5:]:
-        if flag not in ("spread", "prefetch"):
-            raise argparse.ArgumentTypeError(f"unknown tile flag {flag!r} (spread, prefetch)")
-        t[flag.upper()] = True
+        if flag not in flags:
+            raise argparse.ArgumentTypeError(f"unknown tile flag {flag!r} ({', '.join(flags)})")
+        t[flags[flag]] = True
+    if t.get("DOUBLE_BUFFER") and not t.get("PREFETCH"):
+        raise argparse.ArgumentTypeError(f"tile flag 'double' needs 'prefetch': {s!r}")
     return t
 
 
-def tiles_name(mm: Matmul) -> str:
+def tiles_name(mm: Matmul, asked) -> str:
     if mm.variant == "simple":
         return "simple"
-    t = mm.tiles
-    flags = "".join(f" {f.lower()}" for f in ("SPREAD", "PREFETCH") if t.get(f))
-    return f"{t['BM']}x{t['BN']}x{t['BK']} / {t['TM']}x{t['TN']}{flags}"
+    return ("auto: " if asked == "auto" else "") + tiles_label(mm.tiles)
 
 
 def operands(M, N, K, layout, seed=0):
@@ -144,7 +149,8 @@ def main():
     ap.add_argument("--all-layouts", action="store_true", help="the GPT-2 sizes of all three layouts")
     ap.add_argument("--variant", default=None, choices=["tiled", "simple"])
     ap.add_argument("--tiles", action="append", type=parse_tiles,
-                    help="BM,BN,BK,TM,TN for the tiled kernel; repeat to compare several (default: per adapter)")
+                    help="BM,BN,BK,TM,TN[,spread,prefetch,double] for the tiled kernel, or auto (the autotuner's "
+                         "choice); repeat to compare several (default: per adapter, autotuned on GPUs)")
     ap.add_argument("--splits", action="append", type=int,
                     help="slices of the reduction (split-K); repeat to compare several (default: per adapter)")
     ap.add_argument("--trials", type=int, default=5)
@@ -161,7 +167,7 @@ def main():
     TARGET_SECONDS = args.seconds
 
     dev = wait(gpu.open_device())
-    device = dev.info.get("device") or dev.info.get("vendor") or "?"
+    device = device_label(dev)
     rows = []
     for layout, M, N, K in sizes:
         flop = 2.0 * M * N * K
@@ -169,7 +175,7 @@ def main():
         for tiles, splits in [(t, s) for t in args.tiles or [None] for s in args.splits or [None]]:
             sec, err, mm = time_ours(dev, M, N, K, layout, args.variant, tiles, splits, trials)
             rows.append({
-                "layout": layout, "size": f"{M}x{N}x{K}", "kernel": tiles_name(mm), "splits": mm.splits,
+                "layout": layout, "size": f"{M}x{N}x{K}", "kernel": tiles_name(mm, tiles), "splits": mm.splits,
                 "ms": 1e3 * sec,
                 "gflops": flop / sec / 1e9,
                 "cublas_ms": None if cublas is None else 1e3 * cublas,

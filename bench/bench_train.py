@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pkg"))
 
-from common import append_result  # noqa: E402  (bench/common.py)
+from common import append_result, device_label  # noqa: E402  (bench/common.py)
 
 
 def bench_ours(cfg, steps):
@@ -52,7 +52,7 @@ def bench_ours(cfg, steps):
     dt = time.perf_counter() - t0
     stats = gpu.wait(model.read_step_stats(list(range(3 + steps - 3, 3 + steps))))
     assert all(math.isfinite(l) for l, _, _ in stats), stats
-    return steps * cfg.tokens_per_step / dt, dev.info.get("device", "")
+    return steps * cfg.tokens_per_step / dt, device_label(dev)
 
 
 def bench_torch(cfg, steps, bf16):

@@ -36,3 +36,11 @@ def append_result(name: str, text: str) -> Path:
     with open(out, "a") as f:
         f.write(text + "\n")
     return out
+
+
+def device_label(dev) -> str:
+    """The adapter's name, and natively the shader runtime checks in force (they change kernel speed)."""
+    name = dev.info.get("device") or dev.info.get("vendor") or "?"
+    if dev.backend == "wgpu-native":
+        name += f" (wgpu-native, shader checks: {dev.shader_checks})"
+    return name

@@ -64,6 +64,10 @@ override ACCUMULATE: bool = false;  // out += product (parameter gradients) inst
 // conflicts) and store neighbouring vec4s of out.
 // PREFETCH: the next BK slice is read from global memory into registers while the current one is multiplied
 // (at most 4 vec4s per thread and operand: BK*BM/4 and BK*BN/4 <= 4 * threads).
+// DOUBLE_BUFFER (only with PREFETCH; ignored without it): two copies of each tile, 8*BK*(BM+BN) bytes of
+// workgroup memory. Slice i is multiplied from copy i & 1 while the registers holding slice i+1 go into the
+// other copy, then ONE barrier per slice instead of two. Same fma chains in the same order: bit-identical to
+// PREFETCH alone with the same tiles.
 
 override BM: u32 = 64u;
 override BN: u32 = 64u;
@@ -72,13 +76,17 @@ override TM: u32 = 4u;
 override TN: u32 = 4u;
 override SPREAD: bool = false;
 override PREFETCH: bool = false;
+override DOUBLE_BUFFER: bool = false;
+override DB: bool = DOUBLE_BUFFER && PREFETCH;   // double buffering in effect
+override N_BUF: u32 = select(1u, 2u, DB);        // copies of each tile
 override WG_X: u32 = BN / TN;
 override WG_Y: u32 = BM / TM;
 override N_THREADS: u32 = WG_X * WG_Y;
 
-// Slices of op(A) and op(B), k-major: as_tile[kk][m] and bs_tile[kk][n], as vec4 along m and n.
-var<workgroup> as_tile: array<vec4<f32>, BK * BM / 4u>;
-var<workgroup> bs_tile: array<vec4<f32>, BK * BN / 4u>;
+// Slices of op(A) and op(B), k-major: as_tile[kk][m] and bs_tile[kk][n], as vec4 along m and n; with DB two
+// copies one after the other (copy c starts at vec4 c*BK*BM/4 of as_tile and c*BK*BN/4 of bs_tile).
+var<workgroup> as_tile: array<vec4<f32>, N_BUF * BK * BM / 4u>;
+var<workgroup> bs_tile: array<vec4<f32>, N_BUF * BK * BN / 4u>;
 
 // Vec4 number v (< BK*BM/4) of the op(A) slice at (m0, k0), read from global memory (zeros outside).
 fn fetch_a(m0: u32, k0: u32, v: u32) -> vec4<f32> {
@@ -97,15 +105,16 @@ fn fetch_a(m0: u32, k0: u32, v: u32) -> vec4<f32> {
     return x;
 }
 
-fn put_a(v: u32, x: vec4<f32>) {
+// Vec4 v of a fetched op(A) slice into the tile copy starting at vec4 o of as_tile.
+fn put_a(o: u32, v: u32, x: vec4<f32>) {
     if (A_T) {
-        as_tile[v] = x;
+        as_tile[o + v] = x;
     } else {
         let base = 4u * (v % (BK / 4u)) * BM + v / (BK / 4u);
-        as_tile[base / 4u][base % 4u] = x.x;
-        as_tile[(base + BM) / 4u][base % 4u] = x.y;
-        as_tile[(base + 2u * BM) / 4u][base % 4u] = x.z;
-        as_tile[(base + 3u * BM) / 4u][base % 4u] = x.w;
+        as_tile[o + base / 4u][base % 4u] = x.x;
+        as_tile[o + (base + BM) / 4u][base % 4u] = x.y;
+        as_tile[o + (base + 2u * BM) / 4u][base % 4u] = x.z;
+        as_tile[o + (base + 3u * BM) / 4u][base % 4u] = x.w;
     }
 }
 
@@ -126,22 +135,39 @@ fn fetch_b(n0: u32, k0: u32, v: u32) -> vec4<f32> {
     return x;
 }
 
-fn put_b(v: u32, x: vec4<f32>) {
+fn put_b(o: u32, v: u32, x: vec4<f32>) {
     if (B_T) {
         let base = 4u * (v % (BK / 4u)) * BN + v / (BK / 4u);
-        bs_tile[base / 4u][base % 4u] = x.x;
-        bs_tile[(base + BN) / 4u][base % 4u] = x.y;
-        bs_tile[(base + 2u * BN) / 4u][base % 4u] = x.z;
-        bs_tile[(base + 3u * BN) / 4u][base % 4u] = x.w;
+        bs_tile[o + base / 4u][base % 4u] = x.x;
+        bs_tile[o + (base + BN) / 4u][base % 4u] = x.y;
+        bs_tile[o + (base + 2u * BN) / 4u][base % 4u] = x.z;
+        bs_tile[o + (base + 3u * BN) / 4u][base % 4u] = x.w;
     } else {
-        bs_tile[v] = x;
+        bs_tile[o + v] = x;
     }
 }
 
 // Stage the BK-deep slice starting at k0 of op(A) rows m0.. and op(B) columns n0.. (zeros outside).
 fn load_tiles(m0: u32, n0: u32, k0: u32, tid: u32) {
-    for (var v = tid; v < BK * BM / 4u; v += N_THREADS) { put_a(v, fetch_a(m0, k0, v)); }
-    for (var v = tid; v < BK * BN / 4u; v += N_THREADS) { put_b(v, fetch_b(n0, k0, v)); }
+    for (var v = tid; v < BK * BM / 4u; v += N_THREADS) { put_a(0u, v, fetch_a(m0, k0, v)); }
+    for (var v = tid; v < BK * BN / 4u; v += N_THREADS) { put_b(0u, v, fetch_b(n0, k0, v)); }
+}
+
+// A thread's prefetch registers (vec4s va.x, va.y, ... of the slice; n_a and n_b of them) into the tile copies
+// at vec4 oa of as_tile and ob of bs_tile. A thread's last vec4 may lie past the slice when threads do not
+// divide it. Registers pass by value: every index stays constant.
+fn put_regs(oa: u32, ob: u32, va: vec4u, n_a: u32, n_b: u32, pa0: vec4<f32>, pa1: vec4<f32>, pa2: vec4<f32>,
+            pa3: vec4<f32>, pb0: vec4<f32>, pb1: vec4<f32>, pb2: vec4<f32>, pb3: vec4<f32>) {
+    let ta = BK * BM / 4u;
+    let tb = BK * BN / 4u;
+    if (va.x < ta) { put_a(oa, va.x, pa0); }
+    if (n_a > 1u && va.y < ta) { put_a(oa, va.y, pa1); }
+    if (n_a > 2u && va.z < ta) { put_a(oa, va.z, pa2); }
+    if (n_a > 3u && va.w < ta) { put_a(oa, va.w, pa3); }
+    if (va.x < tb) { put_b(ob, va.x, pb0); }
+    if (n_b > 1u && va.y < tb) { put_b(ob, va.y, pb1); }
+    if (n_b > 2u && va.z < tb) { put_b(ob, va.z, pb2); }
+    if (n_b > 3u && va.w < tb) { put_b(ob, va.w, pb3); }
 }
 
 // acc + x * y for one output row and 4 columns, as 4 scalar fma: scalar chains are far faster than vec4 fma
@@ -200,64 +226,73 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
         if (n_b > 3u) { pb3 = fetch_b(n0, k_begin, va.w); }
     }
 
+    // DB: slice 0 into copy 0 before the loop. Then per slice i (from copy cur = i & 1): loads of slice i+1 into
+    // the registers, the products of slice i, the registers into copy cur ^ 1, one barrier. Copy cur ^ 1 was
+    // last read by the products of slice i-1, which every thread finished before the barrier ending slice i-1;
+    // copy cur is next written in slice i+1, after the barrier ending slice i.
+    if (DB) {
+        put_regs(0u, 0u, va, n_a, n_b, pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3);
+        workgroupBarrier();
+    }
+    var cur = 0u;   // DB: the tile copy of the slice being multiplied
     for (var k0 = k_begin; k0 < k_end; k0 += BK) {
-        if (PREFETCH) {
-            // Registers -> tiles (a thread's last vec4 may lie past the slice when threads do not divide it).
-            let ta = BK * BM / 4u;
-            let tb = BK * BN / 4u;
-            if (va.x < ta) { put_a(va.x, pa0); }
-            if (n_a > 1u && va.y < ta) { put_a(va.y, pa1); }
-            if (n_a > 2u && va.z < ta) { put_a(va.z, pa2); }
-            if (n_a > 3u && va.w < ta) { put_a(va.w, pa3); }
-            if (va.x < tb) { put_b(va.x, pb0); }
-            if (n_b > 1u && va.y < tb) { put_b(va.y, pb1); }
-            if (n_b > 2u && va.z < tb) { put_b(va.z, pb2); }
-            if (n_b > 3u && va.w < tb) { put_b(va.w, pb3); }
-            workgroupBarrier();
-            // The next slice's loads are in flight while this one is multiplied.
-            let k1 = k0 + BK;
-            if (k1 < k_end) {
-                pa0 = fetch_a(m0, k1, va.x);
-                if (n_a > 1u) { pa1 = fetch_a(m0, k1, va.y); }
-                if (n_a > 2u) { pa2 = fetch_a(m0, k1, va.z); }
-                if (n_a > 3u) { pa3 = fetch_a(m0, k1, va.w); }
-                pb0 = fetch_b(n0, k1, va.x);
-                if (n_b > 1u) { pb1 = fetch_b(n0, k1, va.y); }
-                if (n_b > 2u) { pb2 = fetch_b(n0, k1, va.z); }
-                if (n_b > 3u) { pb3 = fetch_b(n0, k1, va.w); }
-            }
-        } else {
+        if (!PREFETCH) {
             load_tiles(m0, n0, k0, tid);
             workgroupBarrier();
+        } else if (!DB) {
+            put_regs(0u, 0u, va, n_a, n_b, pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3);
+            workgroupBarrier();
         }
+        // PREFETCH: the next slice's loads are in flight while this one is multiplied.
+        let k1 = k0 + BK;
+        if (PREFETCH && k1 < k_end) {
+            pa0 = fetch_a(m0, k1, va.x);
+            if (n_a > 1u) { pa1 = fetch_a(m0, k1, va.y); }
+            if (n_a > 2u) { pa2 = fetch_a(m0, k1, va.z); }
+            if (n_a > 3u) { pa3 = fetch_a(m0, k1, va.w); }
+            pb0 = fetch_b(n0, k1, va.x);
+            if (n_b > 1u) { pb1 = fetch_b(n0, k1, va.y); }
+            if (n_b > 2u) { pb2 = fetch_b(n0, k1, va.z); }
+            if (n_b > 3u) { pb3 = fetch_b(n0, k1, va.w); }
+        }
+        let oa = select(0u, cur * (BK * BM / 4u), DB);   // this slice's tile copy
+        let ob = select(0u, cur * (BK * BN / 4u), DB);
         for (var kk = 0u; kk < BK; kk++) {
-            let a_lo = as_tile[kk * (BM / 4u) + ga_lo];
-            let b_lo = bs_tile[kk * (BN / 4u) + gb_lo];
+            let a_lo = as_tile[oa + kk * (BM / 4u) + ga_lo];
+            let b_lo = bs_tile[ob + kk * (BN / 4u) + gb_lo];
             acc[0] = outer4(acc[0], a_lo.x, b_lo);
             acc[2] = outer4(acc[2], a_lo.y, b_lo);
             acc[4] = outer4(acc[4], a_lo.z, b_lo);
             acc[6] = outer4(acc[6], a_lo.w, b_lo);
             if (TN == 8u) {
-                let b_hi = bs_tile[kk * (BN / 4u) + gb_hi];
+                let b_hi = bs_tile[ob + kk * (BN / 4u) + gb_hi];
                 acc[1] = outer4(acc[1], a_lo.x, b_hi);
                 acc[3] = outer4(acc[3], a_lo.y, b_hi);
                 acc[5] = outer4(acc[5], a_lo.z, b_hi);
                 acc[7] = outer4(acc[7], a_lo.w, b_hi);
             }
             if (TM == 8u) {
-                let a_hi = as_tile[kk * (BM / 4u) + ga_hi];
+                let a_hi = as_tile[oa + kk * (BM / 4u) + ga_hi];
                 acc[8] = outer4(acc[8], a_hi.x, b_lo);
                 acc[10] = outer4(acc[10], a_hi.y, b_lo);
                 acc[12] = outer4(acc[12], a_hi.z, b_lo);
                 acc[14] = outer4(acc[14], a_hi.w, b_lo);
                 if (TN == 8u) {
-                    let b_hi = bs_tile[kk * (BN / 4u) + gb_hi];
+                    let b_hi = bs_tile[ob + kk * (BN / 4u) + gb_hi];
                     acc[9] = outer4(acc[9], a_hi.x, b_hi);
                     acc[11] = outer4(acc[11], a_hi.y, b_hi);
                     acc[13] = outer4(acc[13], a_hi.z, b_hi);
                     acc[15] = outer4(acc[15], a_hi.w, b_hi);
                 }
             }
+        }
+        if (DB) {
+            // Slice i+1 into the other copy (nothing after the last slice).
+            if (k1 < k_end) {
+                put_regs(select(0u, BK * BM / 4u, cur == 0u), select(0u, BK * BN / 4u, cur == 0u), va, n_a, n_b,
+                         pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3);
+            }
+            cur = 1u - cur;
         }
         workgroupBarrier();
     }

@@ -3,15 +3,17 @@
 Every layout (nn, nt, tn) with both kernels (tiled and simple) and several tile shapes, on awkward sizes
 (M = B*T = 111, C = 72, 3C = 216, Vp = 1024); bias and no bias; accumulation (+= twice gives twice); products
 split into row chunks; the Conv1D and lm_head forward and backward against tests/reference.py; bit-identical
-results run to run. Tolerance: |got - ref| <= RTOL * (|A| @ |B| + |bias|) elementwise, a bound that scales with
+results run to run, and between the PREFETCH kernel and its DOUBLE_BUFFER variant. Tolerance: |got - ref| <= RTOL * (|A| @ |B| + |bias|) elementwise, a bound that scales with
 the length and size of each dot product (f32 rounding of K terms is about sqrt(K) * 6e-8 of it).
 """
+
+import json
 
 import numpy as np
 import pytest
 
 import reference
-from tabgpt.gpu import GPUError, wait
+from tabgpt.gpu import DEFAULT_LIMITS, GPUError, wait
 from tabgpt.ops.matmul import (TILES_CPU, TILES_LARGE, TILES_MEDIUM, BiasGrad, Conv1D, LMHead, Matmul,
                                check_tiles, default_splits, default_tiles)
 
@@ -137,6 +139,74 @@ def test_prefetch_with_split_k_matches(dev, layout, accumulate):
                                   variant="tiled", tiles=t, splits=3, times=2)
     assert mm.splits == 3
     assert_product(f"{layout} spread+prefetch split-K x3", got, ref, scale)
+
+
+# DOUBLE_BUFFER (with PREFETCH): two copies of the workgroup tiles, one barrier per K slice. Tiles whose doubled
+# workgroup memory, 8*BK*(BM+BN) bytes, fits the fixture device's 16384.
+DB_TILES = {
+    "64x64x8/8x8": {"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8},               # 8 KiB doubled, 64 threads
+    "64x64x8/4x4": {"BM": 64, "BN": 64, "BK": 8, "TM": 4, "TN": 4},               # 256 threads, 1 vec4 each
+    "32x32x8/4x4": {"BM": 32, "BN": 32, "BK": 8, "TM": 4, "TN": 4},
+    "128x128x8/8x8": {"BM": 128, "BN": 128, "BK": 8, "TM": 8, "TN": 8},           # exactly 16 KiB doubled
+    "uneven": {"BM": 16, "BN": 64, "BK": 12, "TM": 4, "TN": 4},                   # 0-1 vec4 of A, 3 of B per thread
+}
+# (M, N, K) per layout, no multiple of any tile edge; K = 100 and 93 make 13 and 12 slices of BK = 8 (an odd and
+# an even count: the last slice is multiplied from either copy) and 9 and 8 of BK = 12.
+DB_SHAPES = {"nn": (37, 20, 100), "nt": (45, 36, 100), "tn": (20, 44, 93)}
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["whole-K", "split-K"])
+@pytest.mark.parametrize("spread", [False, True], ids=["adjacent", "spread"])
+@pytest.mark.parametrize("tiles", list(DB_TILES), ids=list(DB_TILES))
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn"])
+def test_double_buffer_product_matches_numpy(dev, layout, tiles, spread, splits):
+    # Partial tiles at every border and along K; bias on nn, accumulation (twice, into random values) on tn;
+    # split-K slices that each start their own double buffering at k_begin.
+    Mm, N, K = DB_SHAPES[layout]
+    t = dict(DB_TILES[tiles], PREFETCH=True, DOUBLE_BUFFER=True, SPREAD=spread)
+    accumulate = layout == "tn"
+    init = np.random.default_rng(18).standard_normal((Mm, N)).astype(np.float32) if accumulate else None
+    got, ref, scale, mm = product(dev, layout, Mm, N, K, seed=18, bias=layout == "nn", accumulate=accumulate,
+                                  init=init, times=2 if accumulate else 1, variant="tiled", tiles=t, splits=splits)
+    assert mm.tiles == t and mm.splits == splits
+    assert_product(f"{layout} tiled {t} x{splits} {Mm}x{N}x{K}", got, ref, scale)
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["whole-K", "split-K"])
+@pytest.mark.parametrize("tiles", ["64x64x8/8x8", "32x32x8/4x4", "uneven"])
+@pytest.mark.parametrize("layout,bias,accumulate", [("nn", True, False), ("nt", False, False), ("tn", False, True),
+                                                    ("tn", True, True)])
+def test_double_buffer_is_bit_identical_to_prefetch(dev, layout, bias, accumulate, tiles, splits):
+    # The same fma chains in the same order: only where the tiles live and when the barriers come differ.
+    Mm, N, K = DB_SHAPES[layout]
+    init = np.random.default_rng(19).standard_normal((Mm, N)).astype(np.float32)
+    results = []
+    for double in (False, True):
+        t = dict(DB_TILES[tiles], SPREAD=True, PREFETCH=True, DOUBLE_BUFFER=double)
+        got, ref, scale, _ = product(dev, layout, Mm, N, K, seed=19, bias=bias, accumulate=accumulate, init=init,
+                                     variant="tiled", tiles=t, splits=splits)
+        assert_product(f"{layout} {t} x{splits}", got, ref, scale)
+        results.append(got)
+    differ = results[0].view(np.uint32) != results[1].view(np.uint32)
+    assert not differ.any(), f"{layout} {tiles} x{splits}: {differ.sum()} entries differ with DOUBLE_BUFFER"
+
+
+class FakeDevice:
+    def __init__(self, **limits):
+        self.limits = dict(DEFAULT_LIMITS, **limits)
+
+
+def test_double_buffer_tiles_are_checked(dev):
+    with pytest.raises(GPUError, match="DOUBLE_BUFFER needs PREFETCH"):
+        check_tiles(dev, dict(TILES_CPU, DOUBLE_BUFFER=True))
+    # 128 x 128 x 16: 16 KiB of tiles fit the default limits once, not twice.
+    check_tiles(dev, TILES_LARGE)
+    with pytest.raises(GPUError, match="32768 bytes of workgroup memory"):
+        wait(Matmul.create(dev, 64, 64, 64, tiles=dict(TILES_LARGE, DOUBLE_BUFFER=True)))
+    check_tiles(FakeDevice(**{"max-compute-workgroup-storage-size": 32768}), dict(TILES_LARGE, DOUBLE_BUFFER=True))
+    for t in DB_TILES.values():
+        check_tiles(dev, dict(t, PREFETCH=True, DOUBLE_BUFFER=True))
+        check_tiles(dev, dict(t, DOUBLE_BUFFER=False))
 
 
 def test_tiled_and_simple_kernels_agree(dev):
@@ -343,3 +413,49 @@ def test_default_tiles_are_large_where_they_fill_a_gpu():
     assert default_tiles(gpu, 8192, 768, 768) == TILES_LARGE      # 384 workgroups of 128 x 128
     assert default_tiles(gpu, 768, 768, 8192) == TILES_LARGE      # 36 workgroups, times 16 slices of split-K
     assert default_tiles(gpu, 2048, 384, 128) == TILES_MEDIUM     # a small model: 48 workgroups, K too short to split
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotune: timed choice of tiles and split-K per shape, remembered per device and on disk
+
+@pytest.fixture
+def tune_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TABGPT_CACHE", str(tmp_path))
+    monkeypatch.delenv("TABGPT_AUTOTUNE", raising=False)
+    return tmp_path / "matmul-tune.json"
+
+
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn"])
+def test_autotuned_product_matches_numpy_and_is_remembered(dev, tune_cache, layout):
+    from tabgpt.ops import matmul
+    matmul._tuned.pop(dev, None)
+    Mx, Nx, Kx = SHAPES[layout]
+    log_before = len(dev.tune_log)
+    got, ref, scale, mm = product(dev, layout, Mx, Nx, Kx, seed=21, bias=layout == "nn", tiles="auto")
+    assert_product(f"{layout} autotuned", got, ref, scale)
+    assert len(dev.tune_log) == log_before + 1 and f"{layout}:{Mx}x{Nx}x{Kx}" in dev.tune_log[-1]
+    assert mm.tiles in [dict(t) for t in matmul.TUNE_TILES]           # one of the candidates that fit here
+    check_tiles(dev, mm.tiles)
+    # a second product of the shape reuses the choice without timing again
+    again = wait(Matmul.create(dev, Mx, Nx, Kx, layout, tiles="auto"))
+    assert (again.tiles, again.splits) == (mm.tiles, mm.splits) and len(dev.tune_log) == log_before + 1
+    # and so does a fresh process: the choice is on disk, keyed by the adapter
+    saved = json.loads(tune_cache.read_text())
+    assert any(f"{layout}:{Mx}x{Nx}x{Kx}" in choices for choices in saved.values())
+    matmul._tuned.pop(dev, None)
+    fresh = wait(Matmul.create(dev, Mx, Nx, Kx, layout, tiles="auto"))
+    assert (fresh.tiles, fresh.splits) == (mm.tiles, mm.splits) and len(dev.tune_log) == log_before + 1
+
+
+def test_autotune_survives_a_corrupt_cache_file_and_can_be_turned_off(dev, tune_cache, monkeypatch):
+    from tabgpt.ops import matmul
+    matmul._tuned.pop(dev, None)
+    tune_cache.write_text("{not json")
+    got, ref, scale, mm = product(dev, "nn", 64, 96, 40, seed=5, tiles="auto")
+    assert_product("autotuned after a corrupt cache", got, ref, scale)
+    assert "nn:64x96x40" in json.dumps(json.loads(tune_cache.read_text()))   # rewritten whole
+    gpu = FakeAdapter(vendor="NVIDIA", device="NVIDIA H100 80GB HBM3", adapter_type="DiscreteGPU")
+    gpu.backend = "wgpu-native"
+    assert matmul.autotune_enabled(gpu) and not matmul.autotune_enabled(dev)   # GPUs only, lavapipe not
+    monkeypatch.setenv("TABGPT_AUTOTUNE", "0")
+    assert not matmul.autotune_enabled(gpu)

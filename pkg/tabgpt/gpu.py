@@ -26,10 +26,11 @@ an event loop (handy for tests and the CLI).
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 IN_BROWSER = sys.platform == "emscripten"
@@ -222,6 +223,7 @@ class Kernel:
     file: str
     entry: str
     bindings: list[Binding]
+    constants: dict = field(default_factory=dict)   # its override constants (for profiles and messages)
 
     def binding_names(self) -> list[str]:
         return [b.name for b in self.bindings]
@@ -317,6 +319,8 @@ class Device:
         self._sources: dict[str, str] = {}
         self._kernels: dict[tuple, Kernel] = {}
         self.bytes_allocated = 0
+        self.tune_log: list[str] = []   # what autotuned kernels chose (ops/matmul.autotune)
+        self.shader_checks = "all"   # natively: the runtime checks of our shader modules (NativeDevice.open)
 
     # -- sources and kernels
     def source(self, file: str) -> str:
@@ -399,6 +403,37 @@ class Device:
 # ---------------------------------------------------------------------------------------------
 # Native backend: wgpu-py.
 
+# Runtime checks naga adds to native shader modules (wgpu-native's WGPUShaderRuntimeChecks flags): "all" is
+# wgpu's default (index clamps and a loop-iteration guard); "bounds" keeps the clamps only; "none" drops both.
+SHADER_CHECKS = {"all": None, "bounds": 0x1, "none": 0x0}
+DEFAULT_SHADER_CHECKS = "bounds"
+
+
+def _trusted_modules_available() -> bool:
+    try:
+        from wgpu.backends.wgpu_native import _api
+        from wgpu.backends.wgpu_native._ffi import lib
+        return hasattr(_api, "libf") and hasattr(lib, "wgpuDeviceCreateShaderModuleTrusted")
+    except ImportError:
+        return False
+
+
+def _trusted_shader_module(device, code: str, label: str, flags: int):
+    """wgpuDeviceCreateShaderModuleTrusted through wgpu-py's cffi handle (wgpu-py does not wrap it)."""
+    from wgpu.backends.wgpu_native import _api
+    from wgpu.backends.wgpu_native._ffi import ffi, lib
+    create = _api.libf.wgpuDeviceCreateShaderModuleTrusted   # raises wgpu's errors like create_shader_module
+    src = _api.new_struct_p("WGPUShaderSourceWGSL *", code=_api.to_c_string_view(code))
+    src[0].chain.next = ffi.NULL
+    src[0].chain.sType = lib.WGPUSType_ShaderSourceWGSL
+    desc = _api.new_struct_p("WGPUShaderModuleDescriptor *", nextInChain=ffi.cast("WGPUChainedStruct *", src),
+                             label=_api.to_c_string_view(label))
+    handle = create(device._internal, desc, flags)
+    if handle == ffi.NULL:
+        raise RuntimeError("Shader module creation failed")
+    return _api.GPUShaderModule(label, handle, device)
+
+
 class NativeDevice(Device):
     backend = "wgpu-native"
 
@@ -443,6 +478,15 @@ class NativeDevice(Device):
             want.update(limits)
         self.device = adapter.request_device_sync(required_features=feats, required_limits=want)
         self.adapter = adapter
+        # wgpu by default wraps every loop of a shader in an iteration counter (a guard against infinite loops in
+        # untrusted shaders), which keeps the driver from unrolling and pipelining inner loops. Our loops all have
+        # bounded trip counts, so our modules are made "trusted" without that counter where wgpu-native offers it
+        # (wgpuDeviceCreateShaderModuleTrusted), keeping the index clamps. TABGPT_SHADER_CHECKS=all|bounds|none
+        # picks another setting (the benchmarks compare them).
+        mode = os.environ.get("TABGPT_SHADER_CHECKS", DEFAULT_SHADER_CHECKS)
+        if mode not in SHADER_CHECKS:
+            raise GPUError(f"TABGPT_SHADER_CHECKS must be one of {', '.join(SHADER_CHECKS)}, got {mode!r}")
+        self.shader_checks = mode if _trusted_modules_available() else "all"
         dl = self.device.limits
         for name in DEFAULT_LIMITS:
             if name in dl:
@@ -469,7 +513,7 @@ class NativeDevice(Device):
         for b in bindings:
             entries.append({"binding": b.index, "visibility": B, "buffer": {"type": b.kind}})
         try:
-            module = self.device.create_shader_module(code=code, label=file)
+            module = self._shader_module(code, file)
             layout = self.device.create_bind_group_layout(entries=entries, label=f"{file}:{entry}")
             playout = self.device.create_pipeline_layout(bind_group_layouts=[layout])
             stage = {"module": module, "entry_point": entry}
@@ -478,7 +522,14 @@ class NativeDevice(Device):
             pipeline = self.device.create_compute_pipeline(layout=playout, compute=stage, label=f"{file}:{entry}")
         except Exception as e:
             raise GPUError(f"{file}:{entry}: {e}") from e
-        return Kernel(pipeline, layout, file, entry, bindings)
+        return Kernel(pipeline, layout, file, entry, bindings, dict(constants or {}))
+
+    def _shader_module(self, code: str, label: str):
+        """A shader module of our own WGSL, made with the runtime checks of self.shader_checks (see open)."""
+        flags = SHADER_CHECKS[self.shader_checks]
+        if flags is None:
+            return self.device.create_shader_module(code=code, label=label)
+        return _trusted_shader_module(self.device, code, label, flags)
 
     def _bind_group(self, kernel, entries, label):
         res = [{"binding": i, "resource": {"buffer": v.buffer.handle, "offset": v.offset, "size": v.size}}
@@ -675,7 +726,7 @@ class BrowserDevice(Device):
                                      self._to_js({k: float(v) for k, v in constants.items()}), f"{file}:{entry}")
         if getattr(res, "error", None):
             raise GPUError(f"{file}:{entry}: {res.error}")
-        return Kernel(res.pipeline, res.layout, file, entry, bindings)
+        return Kernel(res.pipeline, res.layout, file, entry, bindings, dict(constants or {}))
 
     def _bind_group(self, kernel, entries, label):
         res = [{"binding": i, "resource": {"buffer": v.buffer.handle, "offset": v.offset, "size": v.size}}

@@ -96,6 +96,7 @@ class Pipeline:
         self.dev = self.dev or await gpu.open_device()
         check_fits(self.dev, cfg)
         t0 = time.perf_counter()
+        tuned_before = len(self.dev.tune_log)
         self.model = await GPT.create(self.dev, cfg, B=cfg.batch_size, T=cfg.block_size)
         self.cfg = cfg
         self.step = 0
@@ -107,7 +108,8 @@ class Pipeline:
         else:
             await self.model.init_weights(cfg.seed)
         return {"config": cfg.to_dict(), "n_params": cfg.n_params(), "gpu_bytes": self.model.gpu_bytes,
-                "kernels": self.model.kernel_count, "compile_seconds": time.perf_counter() - t0, "step": self.step}
+                "kernels": self.model.kernel_count, "compile_seconds": time.perf_counter() - t0, "step": self.step,
+                "autotuned": self.dev.tune_log[tuned_before:]}
 
     # -- 4. training
     async def train(self, sample_prompt: str = "\n"):
@@ -304,6 +306,12 @@ def cli_train(args) -> int:
               f"{pipe.dev.info.get('device') or pipe.dev.info.get('vendor')}, {m['kernels']} kernels compiled in "
               f"{m['compile_seconds']:.1f} s" + (f", resuming at step {m['step']}" if resume else ""),
               file=sys.stderr)
+        if m["autotuned"]:
+            from tabgpt.ops.matmul import tune_file
+            print(f"autotuned {len(m['autotuned'])} matrix product shapes for this GPU (remembered in "
+                  f"{tune_file()}):", file=sys.stderr)
+            for line in m["autotuned"]:
+                print(f"  {line}", file=sys.stderr)
         pipe.run.write_config(pipe.cfg)
 
         def on_sigint(*_):

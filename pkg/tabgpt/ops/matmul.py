@@ -25,8 +25,12 @@ the device's storage binding limit are split into row chunks. On an H100 (Vulkan
 
 from __future__ import annotations
 
+import json
+import os
 import struct
+import time
 import weakref
+from pathlib import Path
 
 from tabgpt.gpu import Buffer, Device, GPUError, Sequence, View
 
@@ -87,12 +91,142 @@ _scratch: "weakref.WeakKeyDictionary[Device, dict]" = weakref.WeakKeyDictionary(
 
 
 def shared_scratch(dev: Device, nbytes: int) -> Buffer:
-    """One split-K scratch buffer per device and size: every product of a sequence runs one after another, so
-    the products of all layers share it (a GPT's layers need only a few sizes)."""
+    """A split-K scratch buffer of at least nbytes: every product of a sequence runs one after another, so the
+    products of all layers share one (the smallest that is large enough, else a new one)."""
     pool = _scratch.setdefault(dev, {})
-    if nbytes not in pool:
-        pool[nbytes] = dev.buffer(nbytes, "matmul-split-k")
+    fits = [size for size in pool if size >= nbytes]
+    if fits:
+        return pool[min(fits)]
+    pool[nbytes] = dev.buffer(nbytes, "matmul-split-k")
     return pool[nbytes]
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotune: on a GPU, each product shape times a few tile shapes and split-K counts once and keeps the fastest.
+# The choice is remembered per device, and natively also on disk per adapter (TUNE_FILE), so that later runs
+# (a resumed training) use the same kernels and so the same summation order: bit-identical continuation.
+# TABGPT_AUTOTUNE=0 turns it off (the fixed per-adapter defaults of default_tiles / default_splits are used).
+
+TUNE_TILES = [
+    TILES_LARGE,
+    dict(TILES_LARGE, BK=8, DOUBLE_BUFFER=True),                                   # 16 KiB of workgroup memory
+    dict(TILES_LARGE, DOUBLE_BUFFER=True),                                         # 32 KiB
+    {"BM": 128, "BN": 64, "BK": 16, "TM": 8, "TN": 8, "SPREAD": True, "PREFETCH": True},
+    {"BM": 64, "BN": 128, "BK": 16, "TM": 8, "TN": 8, "SPREAD": True, "PREFETCH": True},
+    TILES_MEDIUM,
+]
+TUNE_MIN_FLOPS = 1e9      # smaller products (decoding, short prompts) keep the defaults
+TUNE_SECONDS = 0.002      # time per timed submission of one candidate
+TUNE_TRIALS = 3
+
+_tuned: "weakref.WeakKeyDictionary[Device, dict]" = weakref.WeakKeyDictionary()
+
+
+def tune_file() -> Path:
+    return Path(os.environ.get("TABGPT_CACHE", "~/.cache/tabgpt")).expanduser() / "matmul-tune.json"
+
+
+def autotune_enabled(dev: Device) -> bool:
+    """Autotune on GPUs natively (not on CPU adapters, where timings say little; not in the browser, where one
+    compile costs more than it would save), unless TABGPT_AUTOTUNE=0."""
+    if os.environ.get("TABGPT_AUTOTUNE", "1") == "0":
+        return False
+    return dev.backend == "wgpu-native" and not is_cpu_adapter(dev)
+
+
+def _adapter_key(dev: Device) -> str:
+    i = dev.info
+    return " / ".join(str(i.get(k, "")) for k in ("vendor", "device", "description", "backend_type")) + \
+        f" / checks {getattr(dev, 'shader_checks', 'all')}"
+
+
+def _load_tune_file(dev: Device) -> dict:
+    try:
+        data = json.loads(tune_file().read_text())
+        return dict(data.get(_adapter_key(dev), {}))
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _save_tune_file(dev: Device, choices: dict):
+    path = tune_file()
+    try:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        data[_adapter_key(dev)] = choices
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass                      # a read-only home: tuning then happens once per process
+
+
+async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates: list | None = None,
+                   persist: bool = True) -> tuple[dict, int]:
+    """(tiles, splits) of the fastest candidate for an out (M, N) = op(A) (M, K) @ op(B) (K, N) product on dev,
+    timed on zero-filled operands; remembered per device (and on disk when persist)."""
+    choices = _tuned.get(dev)
+    if choices is None:
+        choices = _tuned[dev] = _load_tune_file(dev) if persist else {}
+    key = f"{layout}:{M}x{N}x{K}"
+    if key in choices:
+        t, splits = choices[key]
+        return dict(t), int(splits)
+    a_shape = (K, M) if layout == "tn" else (M, K)
+    b_shape = (N, K) if layout == "nt" else (K, N)
+    a = dev.buffer(4 * a_shape[0] * a_shape[1], "tune-a")
+    b = dev.buffer(4 * b_shape[0] * b_shape[1], "tune-b")
+    out = dev.buffer(4 * M * N, "tune-out")
+    flops = 2.0 * M * N * K
+    results = []
+
+    async def time_one(tiles, splits):
+        mm = await Matmul.create(dev, M, N, K, layout, tiles=tiles, splits=splits)
+        seq = dev.sequence("autotune")
+        mm.dispatch(seq, out=out, a=a, b=b)
+        await seq.build()
+        seq.run(1)
+        await dev.sync()
+        t0 = time.perf_counter()
+        seq.run(1)
+        await dev.sync()
+        repeat = max(1, min(200, int(TUNE_SECONDS / max(time.perf_counter() - t0, 1e-6))))
+        best = float("inf")
+        for _ in range(TUNE_TRIALS):
+            t0 = time.perf_counter()
+            seq.run(repeat)
+            await dev.sync()
+            best = min(best, (time.perf_counter() - t0) / repeat)
+        results.append((best, tiles, mm.splits))
+        return mm.splits
+
+    for tiles in candidates or TUNE_TILES:
+        try:
+            check_tiles(dev, tiles)
+        except GPUError:
+            continue
+        await time_one(dict(tiles), None)
+    best, tiles, splits = min(results, key=lambda r: r[0])
+    # split-K: half and twice the default count for the best tile shape
+    for s in sorted({max(1, splits // 2), splits * 2} - {splits}):
+        if s <= min(16, max(1, K // 128)):
+            await time_one(dict(tiles), s)
+    best, tiles, splits = min(results, key=lambda r: r[0])
+    choices[key] = [tiles, splits]
+    if persist and dev.backend == "wgpu-native":
+        _save_tune_file(dev, choices)
+    dev.tune_log.append(f"{key}: {flops / best / 1e9:,.0f} GFLOP/s with {tiles_label(tiles)}, split-K {splits} "
+                        f"(of {len(results)} timed)")
+    return dict(tiles), int(splits)
+
+
+def tiles_label(t: dict) -> str:
+    flags = "".join(f" {name}" for f, name in (("SPREAD", "spread"), ("PREFETCH", "prefetch"),
+                                                ("DOUBLE_BUFFER", "double")) if t.get(f))
+    return f"{t['BM']}x{t['BN']}x{t['BK']} / {t['TM']}x{t['TN']}{flags}"
 
 
 def fold_grid(groups: int) -> tuple[int, int, int]:
@@ -103,23 +237,29 @@ def fold_grid(groups: int) -> tuple[int, int, int]:
 
 
 def check_tiles(dev: Device, t: dict):
-    """Raise GPUError unless tile shape t (BM, BN, BK, TM, TN; optional SPREAD, PREFETCH flags) is valid here."""
+    """Raise GPUError unless tile shape t (BM, BN, BK, TM, TN; optional SPREAD, PREFETCH, DOUBLE_BUFFER flags) is
+    valid here. DOUBLE_BUFFER needs PREFETCH and keeps two copies of the tiles: 8*BK*(BM+BN) bytes of workgroup
+    memory instead of 4*BK*(BM+BN)."""
     BM, BN, BK, TM, TN = (t[k] for k in ("BM", "BN", "BK", "TM", "TN"))
     threads = (BM // TM) * (BN // TN)
     problems = []
-    unknown = set(t) - {"BM", "BN", "BK", "TM", "TN", "SPREAD", "PREFETCH"}
+    unknown = set(t) - {"BM", "BN", "BK", "TM", "TN", "SPREAD", "PREFETCH", "DOUBLE_BUFFER"}
     if unknown:
         problems.append(f"unknown tile keys {sorted(unknown)}")
     if t.get("PREFETCH") and max(BK * BM, BK * BN) // 4 > 4 * threads:
         problems.append("PREFETCH holds at most 4 vec4s per thread and operand: BK*max(BM, BN)/4 <= 4 * threads")
+    if t.get("DOUBLE_BUFFER") and not t.get("PREFETCH"):
+        problems.append("DOUBLE_BUFFER needs PREFETCH")
     if TM not in (4, 8) or TN not in (4, 8):
         problems.append("TM and TN must be 4 or 8")
     if BM % TM or BN % TN or BK % 4 or BK <= 0:
         problems.append("BM % TM, BN % TN and BK % 4 must be 0")
     if threads > dev.limits["max-compute-invocations-per-workgroup"]:
         problems.append(f"{threads} threads per workgroup")
-    if 4 * BK * (BM + BN) > dev.limits["max-compute-workgroup-storage-size"]:
-        problems.append(f"{4 * BK * (BM + BN)} bytes of workgroup memory")
+    shared = (8 if t.get("DOUBLE_BUFFER") else 4) * BK * (BM + BN)
+    if shared > dev.limits["max-compute-workgroup-storage-size"]:
+        problems.append(f"{shared} bytes of workgroup memory" + (" (DOUBLE_BUFFER: two copies of the tiles)"
+                                                                 if t.get("DOUBLE_BUFFER") else ""))
     if problems:
         raise GPUError(f"tiles {t} do not fit this device: " + "; ".join(problems))
 
@@ -161,6 +301,9 @@ class Matmul:
             raise GPUError(f"the tiled matmul needs row lengths that are multiples of 4 (layout {layout}: "
                            f"A rows {a_row}, B rows {b_row}, out rows {N}); use variant='simple'")
         consts = {"A_T": layout == "tn", "B_T": layout == "nt"}
+        auto = tiles is None and splits is None and 2 * M * N * K >= TUNE_MIN_FLOPS and autotune_enabled(dev)
+        if variant == "tiled" and (tiles == "auto" or auto):
+            tiles, splits = await autotune(dev, M, N, K, layout)
         if variant == "tiled":
             tiles = dict(tiles or default_tiles(dev, M, N, K))
             check_tiles(dev, tiles)
