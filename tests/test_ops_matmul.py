@@ -23,7 +23,7 @@ M = B * T  # 111 rows
 TILE_SHAPES = {
     "cpu": TILES_CPU,                                            # 64x64x8, 8x8 per thread
     "medium": TILES_MEDIUM,                                      # 64x64x8, 4x4, prefetch
-    "large": TILES_LARGE,                                        # 128x128x16, 8x8, 256 threads, spread, prefetch
+    "large": TILES_LARGE,                                        # 128x128x8, 8x8, 256 threads, spread, prefetch, double
     "uneven": {"BM": 16, "BN": 64, "BK": 12, "TM": 8, "TN": 4},  # BK not a power of 2, BM != BN, TM != TN
 }
 # (M, N, K) of op(A) (M, K) @ op(B) (K, N) per layout, as the model uses them.
@@ -199,11 +199,13 @@ class FakeDevice:
 def test_double_buffer_tiles_are_checked(dev):
     with pytest.raises(GPUError, match="DOUBLE_BUFFER needs PREFETCH"):
         check_tiles(dev, dict(TILES_CPU, DOUBLE_BUFFER=True))
-    # 128 x 128 x 16: 16 KiB of tiles fit the default limits once, not twice.
-    check_tiles(dev, TILES_LARGE)
+    # 128 x 128 x 16: 16 KiB of tiles fit the default limits once, not twice; 128 x 128 x 8 twice.
+    big = dict(TILES_LARGE, BK=16)
+    check_tiles(dev, dict(big, DOUBLE_BUFFER=False))
+    check_tiles(dev, dict(big, BK=8))
     with pytest.raises(GPUError, match="32768 bytes of workgroup memory"):
-        wait(Matmul.create(dev, 64, 64, 64, tiles=dict(TILES_LARGE, DOUBLE_BUFFER=True)))
-    check_tiles(FakeDevice(**{"max-compute-workgroup-storage-size": 32768}), dict(TILES_LARGE, DOUBLE_BUFFER=True))
+        wait(Matmul.create(dev, 64, 64, 64, tiles=big))
+    check_tiles(FakeDevice(**{"max-compute-workgroup-storage-size": 32768}), big)
     for t in DB_TILES.values():
         check_tiles(dev, dict(t, PREFETCH=True, DOUBLE_BUFFER=True))
         check_tiles(dev, dict(t, DOUBLE_BUFFER=False))

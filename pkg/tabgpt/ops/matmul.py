@@ -44,12 +44,15 @@ BIAS_ROWS = 128       # bias_grad_partial: rows per block (one partial sum per b
 MAX_GROUPS = 65535
 ROW_ALIGN = 64        # chunks start at multiples of 64 rows: 64 * 4 bytes * any row length is 256-byte aligned
 
-# Tile shapes (override constants of matmul_tiled). On GPUs: 128 x 128 x 16 blocks (16 KiB of workgroup memory),
-# 8 x 8 outputs per thread, the fastest of ten shapes measured on an H100, with spread thread groups and register
-# prefetch of the next K slice (12-24% faster there than without; BK = 32 and 128 x 64 blocks were slower);
-# 64 x 64 when even split-K leaves too few workgroups to fill the GPU (prefetch: 5-8% faster).
+# Tile shapes (override constants of matmul_tiled). On GPUs: 128 x 128 blocks, 8 x 8 outputs per thread, spread
+# thread groups, register prefetch of the next K slice (12-24% faster on an H100 than without) and two copies of
+# 8-deep tiles (DOUBLE_BUFFER: one barrier per slice; 16 KiB of workgroup memory, within WebGPU's default limit),
+# the fastest of the shapes measured on an H100 (bench/results/matmul.md: 1-14% over one copy of 16-deep tiles;
+# BK = 32, 128 x 64 blocks and two copies of 16-deep tiles were slower); 64 x 64 when even split-K leaves too few
+# workgroups to fill the GPU (prefetch: 5-8% faster). Natively on GPUs the autotuner picks among these per shape.
 # On lavapipe 64 x 64 x 8 with 8 x 8 per thread was fastest (2-3x over 32 x 32 / 4 x 4).
-TILES_LARGE = {"BM": 128, "BN": 128, "BK": 16, "TM": 8, "TN": 8, "SPREAD": True, "PREFETCH": True}
+TILES_LARGE = {"BM": 128, "BN": 128, "BK": 8, "TM": 8, "TN": 8, "SPREAD": True, "PREFETCH": True,
+               "DOUBLE_BUFFER": True}
 TILES_MEDIUM = {"BM": 64, "BN": 64, "BK": 8, "TM": 4, "TN": 4, "PREFETCH": True}
 TILES_CPU = {"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}
 
@@ -108,15 +111,14 @@ def shared_scratch(dev: Device, nbytes: int) -> Buffer:
 # TABGPT_AUTOTUNE=0 turns it off (the fixed per-adapter defaults of default_tiles / default_splits are used).
 
 TUNE_TILES = [
-    TILES_LARGE,
-    dict(TILES_LARGE, BK=8, DOUBLE_BUFFER=True),                                   # 16 KiB of workgroup memory
-    dict(TILES_LARGE, DOUBLE_BUFFER=True),                                         # 32 KiB
+    TILES_LARGE,                                                                   # 16 KiB of workgroup memory
+    dict(TILES_LARGE, BK=16, DOUBLE_BUFFER=False),                                 # 16 KiB
     {"BM": 128, "BN": 64, "BK": 16, "TM": 8, "TN": 8, "SPREAD": True, "PREFETCH": True},
     {"BM": 64, "BN": 128, "BK": 16, "TM": 8, "TN": 8, "SPREAD": True, "PREFETCH": True},
     TILES_MEDIUM,
 ]
 TUNE_MIN_FLOPS = 1e9      # smaller products (decoding, short prompts) keep the defaults
-TUNE_SECONDS = 0.002      # time per timed submission of one candidate
+TUNE_SECONDS = 0.01       # time per timed submission of one candidate (shorter ones misranked on an H100)
 TUNE_TRIALS = 3
 
 _tuned: "weakref.WeakKeyDictionary[Device, dict]" = weakref.WeakKeyDictionary()
