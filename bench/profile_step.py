@@ -45,6 +45,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=20, help="replays of a dispatch per submission")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10, help="timed whole steps")
+    ap.add_argument("--top", type=int, default=20, help="list this many of the slowest single dispatches")
     ap.add_argument("--quick", action="store_true", help="few replays (checks that it runs)")
     ap.add_argument("--write", action="store_true", help="append the table to bench/results/profile.md")
     args = ap.parse_args()
@@ -84,6 +85,7 @@ def main():
     seqs = [(model.zero_seq, 1), (model.fwd_bwd_seq, cfg.grad_accum), (model.update_seq, 1)]
     total = defaultdict(float)
     count = defaultdict(int)
+    each = []   # (ms, label, grid, tiles) of every dispatch
     for seq, times in seqs:
         for op in seq.ops:
             one = dev.sequence("profile")
@@ -102,6 +104,10 @@ def main():
                 best = min(best, (time.perf_counter() - t) / args.repeat)
             total[name] += best * 1e3 * times
             count[name] += times
+            if op.kind == "dispatch":
+                c = op.kernel.constants
+                tiles = "x".join(str(c[k]) for k in ("BM", "BN", "BK") if k in c)
+                each.append((best * 1e3, name, op.groups, tiles))
     dispatches = sum(count.values())
     summed = sum(total.values())
     device = device_label(dev)
@@ -113,6 +119,10 @@ def main():
              "| kernel | dispatches | ms per step | share of the sum |", "| --- | ---: | ---: | ---: |"]
     for name in sorted(total, key=total.get, reverse=True):
         lines.append(f"| {name} | {count[name]} | {total[name]:.3f} | {100 * total[name] / summed:.1f}% |")
+    lines += ["", f"The {args.top} slowest dispatches:", "",
+              "| kernel | workgroups | tiles | ms |", "| --- | --- | --- | ---: |"]
+    for ms, name, groups, tiles in sorted(each, reverse=True)[:args.top]:
+        lines.append(f"| {name} | {'x'.join(map(str, groups))} | {tiles or '-'} | {ms:.3f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:

@@ -27,6 +27,13 @@
 //   bias_grad_sum:     partial (n_blocks, N) f32 -> dbias (N,) f32: dbias += blocks summed in order
 // Each output is a fixed-order fma chain (per slice, slices then added in order), so runs are bit-identical.
 // The bias binding is always bound (a dummy when HAS_BIAS is false).
+//
+// Fused epilogue (matmul_tiled without split-K, else matmul_split_sum), after bias and accumulation, on y, the
+// value of out, with aux4 (M, N/4) vec4 f32 laid out as out (always bound: a dummy when EPILOGUE is 0):
+//   EPILOGUE 1 GELU       out = y, aux4 = gelu(y)        c_fc forward: pre-activation and activation at once
+//   EPILOGUE 2 RESIDUAL   out = y + aux4                 c_proj forward: the residual stream written directly
+//   EPILOGUE 3 GELU_GRAD  out = y * gelu'(aux4)          mlp c_proj dinp (nt) times gelu' of the pre-activation
+// gelu and gelu' are elementwise.wgsl's tanh formulas, copied (mm_gelu, mm_gelu_grad).
 
 struct MatmulParams {
     M: u32,
@@ -48,15 +55,17 @@ struct MatmulParams {
 @group(0) @binding(10) var<storage, read_write> partial: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dbias: array<f32>;
 @group(0) @binding(12) var<storage, read> split4: array<vec4<f32>>;
+@group(0) @binding(13) var<storage, read_write> aux4: array<vec4<f32>>;   // EPILOGUE's operand, laid out as out4
 
 override A_T: bool = false;         // A stored (K, M)
 override B_T: bool = false;         // B stored (N, K)
 override HAS_BIAS: bool = false;    // out += bias broadcast over rows
 override ACCUMULATE: bool = false;  // out += product (parameter gradients) instead of out = product
+override EPILOGUE: u32 = 0u;        // then 0 none, 1 GELU, 2 RESIDUAL, 3 GELU_GRAD (header comment)
 
 // ---------------------------------------------------------------------------------------------
 // Register-blocked, workgroup-tiled product. Tile sizes are override constants so that each adapter can
-// get its own: BM % TM == 0, BN % TN == 0, TM and TN in {4, 8}, BK % 4 == 0, (BM/TM)*(BN/TN) <= 256
+// get its own: BM % TM == 0, BN % TN == 0, TM in {4, 8}, TN in {4, 8, 16}, BK % 4 == 0, (BM/TM)*(BN/TN) <= 256
 // threads, 4*BK*(BM+BN) bytes of workgroup memory.
 // A thread owns TM/4 groups of 4 rows and TN/4 groups of 4 columns. SPREAD false: adjacent groups (rows
 // ty*TM.., columns tx*TN..); SPREAD true: groups half a block apart (rows 4ty.. and 4ty + BM/2.., columns
@@ -68,6 +77,11 @@ override ACCUMULATE: bool = false;  // out += product (parameter gradients) inst
 // workgroup memory. Slice i is multiplied from copy i & 1 while the registers holding slice i+1 go into the
 // other copy, then ONE barrier per slice instead of two. Same fma chains in the same order: bit-identical to
 // PREFETCH alone with the same tiles.
+// ROWS: where a fetched vec4 runs along k (A stored (M, K), B stored (N, K)), its 4 values are stored to 4
+// k-rows of the tile one by one. By default neighbouring threads take neighbouring vec4s of a row, whose stores
+// land on a few banks of workgroup memory (4-way conflicts at BM = 128); with ROWS they take neighbouring rows,
+// whose stores land on neighbouring banks (global reads: 16 bytes from each of 32 rows instead of 64 bytes from
+// each of 8). The products are the same, in the same order.
 
 override BM: u32 = 64u;
 override BN: u32 = 64u;
@@ -77,6 +91,7 @@ override TN: u32 = 4u;
 override SPREAD: bool = false;
 override PREFETCH: bool = false;
 override DOUBLE_BUFFER: bool = false;
+override ROWS: bool = false;
 override DB: bool = DOUBLE_BUFFER && PREFETCH;   // double buffering in effect
 override N_BUF: u32 = select(1u, 2u, DB);        // copies of each tile
 override WG_X: u32 = BN / TN;
@@ -98,8 +113,12 @@ fn fetch_a(m0: u32, k0: u32, v: u32) -> vec4<f32> {
         if (k < mp.K && m < mp.M) { x = a4[(k * mp.M + m) / 4u]; }
     } else {
         // A (M, K): a vec4 runs along k; its 4 values go to 4 k-rows of the tile.
-        let m = m0 + v / (BK / 4u);
-        let k = k0 + 4u * (v % (BK / 4u));
+        var m = m0 + v / (BK / 4u);
+        var k = k0 + 4u * (v % (BK / 4u));
+        if (ROWS) {
+            m = m0 + v % BM;
+            k = k0 + 4u * (v / BM);
+        }
         if (m < mp.M && k < mp.K) { x = a4[(m * mp.K + k) / 4u]; }
     }
     return x;
@@ -110,7 +129,7 @@ fn put_a(o: u32, v: u32, x: vec4<f32>) {
     if (A_T) {
         as_tile[o + v] = x;
     } else {
-        let base = 4u * (v % (BK / 4u)) * BM + v / (BK / 4u);
+        let base = select(4u * (v % (BK / 4u)) * BM + v / (BK / 4u), 4u * (v / BM) * BM + v % BM, ROWS);
         as_tile[o + base / 4u][base % 4u] = x.x;
         as_tile[o + (base + BM) / 4u][base % 4u] = x.y;
         as_tile[o + (base + 2u * BM) / 4u][base % 4u] = x.z;
@@ -123,8 +142,12 @@ fn fetch_b(n0: u32, k0: u32, v: u32) -> vec4<f32> {
     var x = vec4(0.0);
     if (B_T) {
         // B (N, K): a vec4 runs along k.
-        let n = n0 + v / (BK / 4u);
-        let k = k0 + 4u * (v % (BK / 4u));
+        var n = n0 + v / (BK / 4u);
+        var k = k0 + 4u * (v % (BK / 4u));
+        if (ROWS) {
+            n = n0 + v % BN;
+            k = k0 + 4u * (v / BN);
+        }
         if (n < mp.N && k < mp.K) { x = b4[(n * mp.K + k) / 4u]; }
     } else {
         // B (K, N): a vec4 runs along n.
@@ -137,7 +160,7 @@ fn fetch_b(n0: u32, k0: u32, v: u32) -> vec4<f32> {
 
 fn put_b(o: u32, v: u32, x: vec4<f32>) {
     if (B_T) {
-        let base = 4u * (v % (BK / 4u)) * BN + v / (BK / 4u);
+        let base = select(4u * (v % (BK / 4u)) * BN + v / (BK / 4u), 4u * (v / BN) * BN + v % BN, ROWS);
         bs_tile[o + base / 4u][base % 4u] = x.x;
         bs_tile[o + (base + BN) / 4u][base % 4u] = x.y;
         bs_tile[o + (base + 2u * BN) / 4u][base % 4u] = x.z;
@@ -176,13 +199,39 @@ fn outer4(acc: vec4<f32>, x: f32, y: vec4<f32>) -> vec4<f32> {
     return vec4(fma(x, y.x, acc.x), fma(x, y.y, acc.y), fma(x, y.z, acc.z), fma(x, y.w, acc.w));
 }
 
+// GELU, tanh form, and its derivative: elementwise.wgsl's gelu and gelu_grad, the same expressions.
+const MM_GELU_SCALE: f32 = 0.7978845608028654;   // sqrt(2 / pi)
+
+fn mm_gelu(x: vec4<f32>) -> vec4<f32> {
+    let u = MM_GELU_SCALE * (x + 0.044715 * x * x * x);
+    return 0.5 * x * (1.0 + tanh(clamp(u, vec4(-10.0), vec4(10.0))));
+}
+
+fn mm_gelu_grad(x: vec4<f32>) -> vec4<f32> {
+    let u = MM_GELU_SCALE * (x + 0.044715 * x * x * x);
+    let t = tanh(clamp(u, vec4(-10.0), vec4(10.0)));
+    let du = MM_GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
+}
+
+// The fused epilogue on the final value y of out4[o] (after bias and accumulation); returns what out4[o] gets.
+// Called by store4 and matmul_split_sum only (the entry points that bind aux4).
+fn epilogue4(o: u32, y: vec4<f32>) -> vec4<f32> {
+    if (EPILOGUE == 1u) { aux4[o] = mm_gelu(y); }
+    if (EPILOGUE == 2u) { return y + aux4[o]; }
+    if (EPILOGUE == 3u) { return y * mm_gelu_grad(aux4[o]); }
+    return y;
+}
+
 // out[m, n..n+4] (+)= v (+ bias), if inside: N % 4 == 0, so 4 columns are wholly inside or wholly outside.
+// Then the epilogue (EPILOGUE is 0 with split-K: the slabs are partial sums).
 fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
     if (m >= mp.M || n >= mp.N) { return; }
     var y = v;
     if (HAS_BIAS) { y += bias4[n / 4u]; }
     let o = slab + (m * mp.N + n) / 4u;
     if (ACCUMULATE) { y += out4[o]; }
+    if (EPILOGUE != 0u) { y = epilogue4(o, y); }
     out4[o] = y;
 }
 
@@ -199,11 +248,16 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
     let ga_lo = select(lid.y * (TM / 4u), lid.y, SPREAD);
     let gb_lo = select(lid.x * (TN / 4u), lid.x, SPREAD);
     let ga_hi = select(ga_lo + 1u, ga_lo + BM / 8u, SPREAD);
-    let gb_hi = select(gb_lo + 1u, gb_lo + BN / 8u, SPREAD);
+    // TN = 16: four column groups gb_lo, gb_hi, gb_2, gb_3, a quarter block apart with SPREAD.
+    let gb_step = select(1u, BN / (4u * (TN / 4u)), SPREAD);
+    let gb_hi = gb_lo + gb_step;
+    let gb_2 = gb_lo + 2u * gb_step;
+    let gb_3 = gb_lo + 3u * gb_step;
     // acc[2 * i + q]: row i of the thread's TM rows, column group q; zero-initialised.
     // Every index below is a constant (the code is unrolled by hand), so the array lives in registers: one
     // dynamic index anywhere would move it to slow local memory. The same holds for the prefetch registers.
-    var acc: array<vec4<f32>, 16>;
+    // TN = 16 adds acc[16 + 2 * i + q - 2] for column groups q = 2, 3.
+    var acc: array<vec4<f32>, 32>;
     let n_a = (BK * BM / 4u + N_THREADS - 1u) / N_THREADS;   // vec4s per thread and slice (<= 4 with PREFETCH)
     let n_b = (BK * BN / 4u + N_THREADS - 1u) / N_THREADS;
     let va = vec4(tid) + vec4(0u, N_THREADS, 2u * N_THREADS, 3u * N_THREADS);
@@ -264,7 +318,7 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
             acc[2] = outer4(acc[2], a_lo.y, b_lo);
             acc[4] = outer4(acc[4], a_lo.z, b_lo);
             acc[6] = outer4(acc[6], a_lo.w, b_lo);
-            if (TN == 8u) {
+            if (TN >= 8u) {
                 let b_hi = bs_tile[ob + kk * (BN / 4u) + gb_hi];
                 acc[1] = outer4(acc[1], a_lo.x, b_hi);
                 acc[3] = outer4(acc[3], a_lo.y, b_hi);
@@ -277,12 +331,35 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
                 acc[10] = outer4(acc[10], a_hi.y, b_lo);
                 acc[12] = outer4(acc[12], a_hi.z, b_lo);
                 acc[14] = outer4(acc[14], a_hi.w, b_lo);
-                if (TN == 8u) {
+                if (TN >= 8u) {
                     let b_hi = bs_tile[ob + kk * (BN / 4u) + gb_hi];
                     acc[9] = outer4(acc[9], a_hi.x, b_hi);
                     acc[11] = outer4(acc[11], a_hi.y, b_hi);
                     acc[13] = outer4(acc[13], a_hi.z, b_hi);
                     acc[15] = outer4(acc[15], a_hi.w, b_hi);
+                }
+            }
+            if (TN == 16u) {
+                let b_2 = bs_tile[ob + kk * (BN / 4u) + gb_2];
+                let b_3 = bs_tile[ob + kk * (BN / 4u) + gb_3];
+                acc[16] = outer4(acc[16], a_lo.x, b_2);
+                acc[17] = outer4(acc[17], a_lo.x, b_3);
+                acc[18] = outer4(acc[18], a_lo.y, b_2);
+                acc[19] = outer4(acc[19], a_lo.y, b_3);
+                acc[20] = outer4(acc[20], a_lo.z, b_2);
+                acc[21] = outer4(acc[21], a_lo.z, b_3);
+                acc[22] = outer4(acc[22], a_lo.w, b_2);
+                acc[23] = outer4(acc[23], a_lo.w, b_3);
+                if (TM == 8u) {
+                    let a_hi = as_tile[oa + kk * (BM / 4u) + ga_hi];
+                    acc[24] = outer4(acc[24], a_hi.x, b_2);
+                    acc[25] = outer4(acc[25], a_hi.x, b_3);
+                    acc[26] = outer4(acc[26], a_hi.y, b_2);
+                    acc[27] = outer4(acc[27], a_hi.y, b_3);
+                    acc[28] = outer4(acc[28], a_hi.z, b_2);
+                    acc[29] = outer4(acc[29], a_hi.z, b_3);
+                    acc[30] = outer4(acc[30], a_hi.w, b_2);
+                    acc[31] = outer4(acc[31], a_hi.w, b_3);
                 }
             }
         }
@@ -305,7 +382,7 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
     store4(slab, m + 3u, n, acc[6]);
     let m_hi = m0 + 4u * ga_hi;
     let n_hi = n0 + 4u * gb_hi;
-    if (TN == 8u) {
+    if (TN >= 8u) {
         store4(slab, m, n_hi, acc[1]);
         store4(slab, m + 1u, n_hi, acc[3]);
         store4(slab, m + 2u, n_hi, acc[5]);
@@ -316,16 +393,39 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
         store4(slab, m_hi + 1u, n, acc[10]);
         store4(slab, m_hi + 2u, n, acc[12]);
         store4(slab, m_hi + 3u, n, acc[14]);
-        if (TN == 8u) {
+        if (TN >= 8u) {
             store4(slab, m_hi, n_hi, acc[9]);
             store4(slab, m_hi + 1u, n_hi, acc[11]);
             store4(slab, m_hi + 2u, n_hi, acc[13]);
             store4(slab, m_hi + 3u, n_hi, acc[15]);
         }
     }
+    if (TN == 16u) {
+        let n_2 = n0 + 4u * gb_2;
+        let n_3 = n0 + 4u * gb_3;
+        store4(slab, m, n_2, acc[16]);
+        store4(slab, m, n_3, acc[17]);
+        store4(slab, m + 1u, n_2, acc[18]);
+        store4(slab, m + 1u, n_3, acc[19]);
+        store4(slab, m + 2u, n_2, acc[20]);
+        store4(slab, m + 2u, n_3, acc[21]);
+        store4(slab, m + 3u, n_2, acc[22]);
+        store4(slab, m + 3u, n_3, acc[23]);
+        if (TM == 8u) {
+            store4(slab, m_hi, n_2, acc[24]);
+            store4(slab, m_hi, n_3, acc[25]);
+            store4(slab, m_hi + 1u, n_2, acc[26]);
+            store4(slab, m_hi + 1u, n_3, acc[27]);
+            store4(slab, m_hi + 2u, n_2, acc[28]);
+            store4(slab, m_hi + 2u, n_3, acc[29]);
+            store4(slab, m_hi + 3u, n_2, acc[30]);
+            store4(slab, m_hi + 3u, n_3, acc[31]);
+        }
+    }
 }
 
-// Split-K, second pass: out (M, N) (+)= the slabs of split4 (n_slices, M, N) summed in slice order (+ bias).
+// Split-K, second pass: out (M, N) (+)= the slabs of split4 (n_slices, M, N) summed in slice order (+ bias),
+// then the epilogue.
 @compute @workgroup_size(256)
 fn matmul_split_sum(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
                     @builtin(local_invocation_id) lid: vec3u) {
@@ -337,6 +437,7 @@ fn matmul_split_sum(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) n
     for (var z = 1u; z < n_slices; z++) { y += split4[z * n4 + i]; }
     if (HAS_BIAS) { y += bias4[i % (mp.N / 4u)]; }
     if (ACCUMULATE) { y += out4[i]; }
+    if (EPILOGUE != 0u) { y = epilogue4(i, y); }
     out4[i] = y;
 }
 

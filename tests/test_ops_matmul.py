@@ -461,3 +461,246 @@ def test_autotune_survives_a_corrupt_cache_file_and_can_be_turned_off(dev, tune_
     assert matmul.autotune_enabled(gpu) and not matmul.autotune_enabled(dev)   # GPUs only, lavapipe not
     monkeypatch.setenv("TABGPT_AUTOTUNE", "0")
     assert not matmul.autotune_enabled(gpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# ROWS: k-running operands staged by rows (conflict-free stores into the tiles); same products, same order
+
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn"])
+@pytest.mark.parametrize("tiles", [dict(TILES_LARGE), dict(TILES_MEDIUM), dict(TILE_SHAPES["uneven"])],
+                         ids=["large", "medium", "uneven"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_rows_staging_matches_numpy_and_is_bit_identical(dev, layout, tiles, splits):
+    Mm, N, K = SHAPES[layout]
+    bias = layout == "nn"
+    got, ref, scale, _ = product(dev, layout, Mm, N, K, seed=31, bias=bias, tiles=dict(tiles, ROWS=True),
+                                 splits=splits)
+    assert_product(f"{layout} ROWS", got, ref, scale)
+    plain, _, _, _ = product(dev, layout, Mm, N, K, seed=31, bias=bias, tiles=tiles, splits=splits)
+    assert np.array_equal(got.view(np.uint32), plain.view(np.uint32)), "ROWS changed the sums"
+
+
+# ---------------------------------------------------------------------------------------------
+# TN = 16: a thread owns 4 column groups (8 x 16 or 4 x 16 outputs): fewer tile reads per product
+
+TN16_TILES = {
+    "64x128 spread double": {"BM": 64, "BN": 128, "BK": 8, "TM": 8, "TN": 16, "SPREAD": True, "PREFETCH": True,
+                             "DOUBLE_BUFFER": True},
+    "64x128 rows": {"BM": 64, "BN": 128, "BK": 8, "TM": 8, "TN": 16, "SPREAD": True, "PREFETCH": True,
+                    "ROWS": True},
+    "32x64 plain": {"BM": 32, "BN": 64, "BK": 4, "TM": 4, "TN": 16},
+}
+
+
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn"])
+@pytest.mark.parametrize("name", list(TN16_TILES))
+@pytest.mark.parametrize("splits", [1, 3])
+def test_sixteen_columns_per_thread_match_numpy(dev, layout, name, splits):
+    Mm, N, K = SHAPES[layout]
+    init = np.random.default_rng(41).standard_normal((Mm, N)).astype(np.float32)
+    got, ref, scale, _ = product(dev, layout, Mm, N, K, seed=41, bias=layout != "tn", accumulate=layout == "tn",
+                                 init=init if layout == "tn" else None, tiles=dict(TN16_TILES[name]),
+                                 splits=splits)
+    assert_product(f"{layout} TN=16 {name}", got, ref, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused epilogues (EPILOGUE, aux4): after product, bias and accumulation, in the product's stores or, with split-K,
+# in the sum of the slices. "gelu": out = y, aux = gelu(y); "residual": out = y + aux; "gelu_grad":
+# out = y * gelu'(aux). Against float64 NumPy (tanh GELU, as tests/reference.py).
+
+GELU_SCALE = np.sqrt(2.0 / np.pi)
+# (M, N, K) per layout, no multiple of any tile edge, K long enough for 3 slices of BK = 8
+EPILOGUE_SHAPES = {"nn": (37, 20, 100), "nt": (45, 36, 100), "tn": (20, 44, 93)}
+
+
+def gelu64(x):
+    return 0.5 * x * (1.0 + np.tanh(GELU_SCALE * (x + 0.044715 * x ** 3)))
+
+
+def gelu_grad64(x):
+    t = np.tanh(GELU_SCALE * (x + 0.044715 * x ** 3))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_SCALE * (1.0 + 3 * 0.044715 * x * x)
+
+
+def epilogue_product(dev, layout, Mm, N, K, seed, epilogue, bias=False, accumulate=False, splits=None, tiles=None,
+                     max_binding=None):
+    """Run the product with an epilogue once, check out and aux against NumPy; return the Matmul and (out, aux)."""
+    a, b, a64, b64 = operands(layout, Mm, N, K, seed)
+    rng = np.random.default_rng(seed + 2)
+    bv = rng.standard_normal(N).astype(np.float32) if bias else None
+    init = rng.standard_normal((Mm, N)).astype(np.float32)      # accumulated into, else stale values to overwrite
+    aux = (3 * rng.standard_normal((Mm, N))).astype(np.float32)  # residual / pre-activation (gelu: stale values)
+    aux[0, :4] = [-30.0, -9.5, 9.5, 30.0]                        # saturated tanh stays finite
+    mm = wait(Matmul.create(dev, Mm, N, K, layout, bias=bias, accumulate=accumulate, variant="tiled", tiles=tiles,
+                            splits=splits, max_binding=max_binding, epilogue=epilogue))
+    assert mm.epilogue == epilogue
+    out, baux = upload(dev, init, "out"), upload(dev, aux, "aux")
+    ba, bb = upload(dev, a, "a"), upload(dev, b, "b")
+    bbias = upload(dev, bv, "bias") if bias else None
+    run(dev, lambda seq: mm.dispatch(seq, out=out, a=ba, b=bb, bias=bbias, aux=baux))
+    y = a64 @ b64 + (bv.astype(np.float64) if bias else 0.0) + (init if accumulate else 0.0)
+    scale = np.abs(a64) @ np.abs(b64) + (np.abs(bv) if bias else 0.0) + (np.abs(init) if accumulate else 0.0)
+    got, got_aux = download(dev, out, (Mm, N)), download(dev, baux, (Mm, N))
+    name = f"{layout} {epilogue} {Mm}x{N}x{K} bias={bias} accumulate={accumulate} x{mm.splits}"
+    aux64 = aux.astype(np.float64)
+    if epilogue == "gelu":
+        assert_product(name + " out", got, y, scale)
+        # |gelu'| <= 1.13 carries out's error; f32 tanh adds a few ulp (as tests/test_ops_common.py allows)
+        g = gelu64(y)
+        assert_product(name + " aux = gelu(out)", got_aux, g, 1.13 * scale + (2e-6 + 1e-5 * np.abs(g)) / RTOL)
+    else:
+        assert np.array_equal(got_aux, aux), f"{name}: aux was written"
+        if epilogue == "residual":
+            assert_product(name, got, y + aux64, scale + np.abs(aux64))
+        else:
+            # gelu' in f32 is good to about 1e-5 absolute (a difference of O(1) terms)
+            gg = gelu_grad64(aux64)
+            assert_product(name, got, y * gg, scale * np.abs(gg) + np.abs(y) * 1e-5 / RTOL)
+    return mm, (got, got_aux)
+
+
+EPILOGUE_CASES = [(lay, ep) for ep in ("gelu", "residual", "gelu_grad") for lay in ("nn", "nt", "tn")]
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("splits", [1, 3], ids=["whole-K", "split-K"])
+@pytest.mark.parametrize("layout,epilogue", EPILOGUE_CASES)
+def test_epilogue_matches_numpy(dev, layout, epilogue, splits, bias):
+    # In store4 (whole K) or in matmul_split_sum (split-K: the slabs hold partial sums, the epilogue comes once).
+    Mm, N, K = EPILOGUE_SHAPES[layout]
+    mm, _ = epilogue_product(dev, layout, Mm, N, K, seed=40, epilogue=epilogue, bias=bias, splits=splits)
+    assert mm.splits == splits and len(mm.chunks) == 1
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["whole-K", "split-K"])
+@pytest.mark.parametrize("layout,epilogue", [("tn", "gelu"), ("tn", "residual"), ("nn", "gelu_grad"),
+                                             ("nt", "residual")])
+def test_epilogue_comes_after_bias_and_accumulation(dev, layout, epilogue, splits):
+    # out = epilogue(init + product + bias): the epilogue sees the accumulated value.
+    Mm, N, K = EPILOGUE_SHAPES[layout]
+    epilogue_product(dev, layout, Mm, N, K, seed=41, epilogue=epilogue, bias=True, accumulate=True, splits=splits)
+
+
+@pytest.mark.parametrize("tiles", ["large", "medium", "uneven"])
+@pytest.mark.parametrize("layout,epilogue", [("nn", "gelu"), ("nn", "residual"), ("nt", "gelu_grad")])
+def test_epilogue_with_other_tile_shapes(dev, layout, epilogue, tiles):
+    # Every store of the thread's TM x TN block (spread groups, 8 x 8, 4 x 4) goes through the epilogue once.
+    Mm, N, K = EPILOGUE_SHAPES[layout]
+    epilogue_product(dev, layout, Mm, N, K, seed=42, epilogue=epilogue, bias=True, tiles=dict(TILE_SHAPES[tiles]),
+                     splits=1)
+
+
+@pytest.mark.parametrize("splits", [1, 2], ids=["whole-K", "split-K"])
+@pytest.mark.parametrize("layout,epilogue", [("nn", "gelu"), ("nn", "residual"), ("nt", "gelu_grad"),
+                                             ("nt", "gelu"), ("tn", "gelu"), ("tn", "residual"),
+                                             ("tn", "gelu_grad")])
+def test_epilogue_with_row_chunks(dev, layout, epilogue, splits):
+    # nn/nt: chunks of out rows, aux chunked the same way; tn: chunks of the reduction add into out, and only the
+    # last applies the epilogue (to the whole sum, bias added once by the first).
+    Mm, N, K = (20, 64, 300) if layout == "tn" else (300, 20, 64)
+    mm, _ = epilogue_product(dev, layout, Mm, N, K, seed=43, epilogue=epilogue, bias=True, splits=splits,
+                             max_binding=64 * 4 * 64)
+    assert len(mm.chunks) == 5 and mm.splits == splits, ([c[:2] for c in mm.chunks], mm.splits)
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["whole-K", "split-K"])
+def test_epilogues_are_bit_identical_to_the_separate_elementwise_passes(dev, splits):
+    # The copied GELU formulas and the add give exactly what the product followed by elementwise.wgsl gave.
+    from tabgpt.ops.elementwise import Elementwise
+    ew = wait(Elementwise.create(dev))
+    for layout, epilogue in (("nn", "gelu"), ("nn", "residual"), ("nt", "gelu_grad")):
+        Mm, N, K = EPILOGUE_SHAPES[layout]
+        a, b, _, _ = operands(layout, Mm, N, K, seed=44)
+        rng = np.random.default_rng(45)
+        bv = rng.standard_normal(N).astype(np.float32)
+        aux = (3 * rng.standard_normal((Mm, N))).astype(np.float32)
+        ba, bb, bbias = upload(dev, a, "a"), upload(dev, b, "b"), upload(dev, bv, "bias")
+        fused = wait(Matmul.create(dev, Mm, N, K, layout, bias=True, variant="tiled", splits=splits,
+                                   epilogue=epilogue))
+        plain = wait(Matmul.create(dev, Mm, N, K, layout, bias=True, variant="tiled", splits=splits))
+        out_f, aux_f = dev.buffer(4 * Mm * N, "out_f"), upload(dev, aux, "aux_f")
+        out_p, aux_p, y = dev.buffer(4 * Mm * N, "out_p"), upload(dev, aux, "aux_p"), dev.buffer(4 * Mm * N, "y")
+
+        def append(seq):
+            fused.dispatch(seq, out=out_f, a=ba, b=bb, bias=bbias, aux=aux_f)
+            if epilogue == "gelu":
+                plain.dispatch(seq, out=out_p, a=ba, b=bb, bias=bbias)
+                ew.gelu_forward(seq, out=aux_p, inp=out_p, n=Mm * N)
+            elif epilogue == "residual":
+                plain.dispatch(seq, out=y, a=ba, b=bb, bias=bbias)
+                ew.add(seq, out=out_p, a=aux_p, b=y, n=Mm * N)
+            else:
+                plain.dispatch(seq, out=out_p, a=ba, b=bb, bias=bbias)
+                ew.gelu_backward_inplace(seq, dinout=out_p, inp=aux_p, n=Mm * N)
+        run(dev, append)
+        for what, f, p in (("out", out_f, out_p), ("aux", aux_f, aux_p)):
+            got_f, got_p = download(dev, f, (Mm, N)), download(dev, p, (Mm, N))
+            differ = got_f.view(np.uint32) != got_p.view(np.uint32)
+            assert not differ.any(), f"{layout} {epilogue} x{splits} {what}: {differ.sum()} entries differ"
+
+
+def test_epilogue_misuse_is_refused(dev):
+    with pytest.raises(GPUError, match="epilogue must be None or one of"):
+        wait(Matmul.create(dev, 64, 64, 64, epilogue="relu"))
+    with pytest.raises(GPUError, match="needs the tiled kernel"):
+        wait(Matmul.create(dev, 37, 45, 53, epilogue="gelu"))          # rows no multiple of 4: simple only
+    mm = wait(Matmul.create(dev, 8, 8, 8, epilogue="residual"))
+    plain = wait(Matmul.create(dev, 8, 8, 8))
+    x, y = dev.buffer(256, "x"), dev.buffer(256, "y")
+    with pytest.raises(GPUError, match="pass aux"):
+        mm.dispatch(dev.sequence(), out=x, a=x, b=x)
+    with pytest.raises(GPUError, match="different buffers"):
+        mm.dispatch(dev.sequence(), out=x.view(0, 256), a=y, b=y, aux=x)
+    with pytest.raises(GPUError, match="no epilogue"):
+        plain.dispatch(dev.sequence(), out=x, a=y, b=y, aux=y)
+    with pytest.raises(GPUError, match="forward_epilogue must be"):
+        wait(Conv1D.create(dev, 8, 8, 8, forward_epilogue="gelu_grad"))
+    fc = wait(Conv1D.create(dev, 8, 8, 8, forward_epilogue="gelu", backward=False))
+    assert fc.dinp is None
+    with pytest.raises(GPUError, match="pass gelu_out"):
+        fc.forward(dev.sequence(), out=x, inp=y, weight=y, bias=y)
+    with pytest.raises(GPUError, match="residual needs forward_epilogue='residual'"):
+        fc.forward(dev.sequence(), out=x, inp=y, weight=y, bias=y, gelu_out=y, residual=y)
+
+
+def test_conv1d_fused_epilogues_match_reference(dev):
+    # The MLP as the model runs it: h = c_fc(x) with gelu(h) written alongside; out = res + c_proj(gelu(h));
+    # backward: d4C = (dout @ W_proj^T) * gelu'(h) in the dinp product.
+    rng = np.random.default_rng(46)
+    x = rng.standard_normal((M, C)).astype(np.float32)
+    res = rng.standard_normal((M, C)).astype(np.float32)
+    w_fc = (0.1 * rng.standard_normal((C, 4 * C))).astype(np.float32)
+    b_fc = rng.standard_normal(4 * C).astype(np.float32)
+    w_pr = (0.1 * rng.standard_normal((4 * C, C))).astype(np.float32)
+    b_pr = rng.standard_normal(C).astype(np.float32)
+    dout = rng.standard_normal((M, C)).astype(np.float32)
+    fc = wait(Conv1D.create(dev, M, C, 4 * C, forward_epilogue="gelu"))
+    pr = wait(Conv1D.create(dev, M, 4 * C, C, forward_epilogue="residual", dinp_gelu_grad=True))
+    b = {k: upload(dev, v, k) for k, v in dict(x=x, res=res, w_fc=w_fc, b_fc=b_fc, w_pr=w_pr, b_pr=b_pr,
+                                                dout=dout).items()}
+    for name, n in (("h", 4 * C), ("g", 4 * C), ("out", C), ("dh", 4 * C), ("dw", 4 * C * C), ("db", C)):
+        b[name] = upload(dev, np.zeros((M if name not in ("dw", "db") else 1, n), np.float32), name)
+    run(dev, lambda seq: (
+        fc.forward(seq, out=b["h"], inp=b["x"], weight=b["w_fc"], bias=b["b_fc"], gelu_out=b["g"]),
+        pr.forward(seq, out=b["out"], inp=b["g"], weight=b["w_pr"], bias=b["b_pr"], residual=b["res"]),
+        pr.backward(seq, dinp=b["dh"], dweight=b["dw"], dbias=b["db"], dout=b["dout"], inp=b["g"],
+                    weight=b["w_pr"], gelu_pre=b["h"])))
+    h = download(dev, b["h"], (M, 4 * C))
+    g = download(dev, b["g"], (M, 4 * C))
+    xa, wfa, wpa, da = (np.abs(v.astype(np.float64)) for v in (x, w_fc, w_pr, dout))
+    h_scale = xa @ wfa + np.abs(b_fc)
+    assert_product("c_fc out", h, reference.matmul_forward(x, w_fc, b_fc).astype(np.float64), h_scale)
+    g_ref = reference.gelu_forward(h).astype(np.float64)          # of the GPU's h: the GELU alone
+    assert_product("c_fc gelu", g, g_ref, (2e-6 + 1e-5 * np.abs(g_ref)) / RTOL)
+    out_ref = res.astype(np.float64) + reference.matmul_forward(g, w_pr, b_pr)
+    assert_product("c_proj + residual", download(dev, b["out"], (M, C)), out_ref,
+                   np.abs(g.astype(np.float64)) @ wpa + np.abs(b_pr) + np.abs(res) + 1e-7 / RTOL)
+    dg, dw_ref, db_ref = reference.matmul_backward(dout, g, w_pr)
+    dh_ref = reference.gelu_backward(dg, h).astype(np.float64)
+    gg = np.abs(gelu_grad64(h.astype(np.float64)))
+    assert_product("dinp * gelu'", download(dev, b["dh"], (M, 4 * C)), dh_ref,
+                   (da @ wpa.T) * gg + np.abs(dg.astype(np.float64)) * 1e-5 / RTOL + 1e-7 / RTOL)
+    assert_product("dweight", download(dev, b["dw"], (4 * C, C)), dw_ref.astype(np.float64),
+                   np.abs(g.astype(np.float64)).T @ da)
+    assert_product("dbias", download(dev, b["db"], (C,)), db_ref.astype(np.float64), da.sum(0))

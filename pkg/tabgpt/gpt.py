@@ -21,8 +21,9 @@ dispatch may not read and write the same buffer, so activations cannot share one
                  res2 (N, C) = residual after attention, ln2 (N, C), ln2_mean/ln2_rstd (N,),
                  fch (N, 4C) before GELU, fch_gelu (N, 4C), res3 (N, C) = residual after the MLP (layer l+1's input)
     lnf (N, C), lnf_mean/lnf_rstd (N,), logits (N, Vp) (overwritten by dlogits in the backward), losses (N,)
-    scratch: proj (N, C) (c_proj outputs), and for the backward dres (N, C) (the residual stream's gradient),
-             dC (N, C), d3C (N, 3C), d4C (N, 4C)
+    scratch for the backward: dres (N, C) (the residual stream's gradient), dC (N, C), d3C (N, 3C), d4C (N, 4C)
+The products fuse their elementwise neighbours (ops.matmul epilogues): c_fc writes fch and fch_gelu at once, the
+c_proj products add the residual and write res2 / res3 directly, and mlp c_proj's dinp multiplies by gelu'(fch).
 
 Sequences replayed by the training loop (see tabgpt.train):
     zero_grad     grads = 0, loss = 0                            once per optimizer step
@@ -151,7 +152,6 @@ class Activations:
         self.fch_gelu = layers(N * 4 * C, "fch_gelu")     # (N, 4C)
         # the residual stream after each block; forward only, it stays in `encoded` (res2 + mlp writes it back)
         self.res3 = layers(N * C, "res3") if per_layer else [self.encoded] * L
-        self.proj = buf(N * C, "proj")                    # (N, C) scratch: c_proj outputs
         if not backward:
             return
         self.targets = buf(N, "targets")                  # (N,) u32
@@ -167,11 +167,10 @@ class Activations:
         self.d4C = buf(N * 4 * C, "d4C")                  # (N, 4C)
 
 
-async def conv1d(dev: Device, M: int, K: int, N: int, backward: bool) -> Conv1D:
-    """A Conv1D of M rows (K in, N out); forward-only ones compile no backward products."""
-    if backward:
-        return await Conv1D.create(dev, M, K, N)
-    return Conv1D(await Matmul.create(dev, M, N, K, "nn", bias=True), None, None, None)
+async def conv1d(dev: Device, M: int, K: int, N: int, backward: bool, **epilogues) -> Conv1D:
+    """A Conv1D of M rows (K in, N out), with Conv1D.create's fused epilogues; forward-only ones compile no
+    backward products."""
+    return await Conv1D.create(dev, M, K, N, backward=backward, **epilogues)
 
 
 class Ops:
@@ -192,9 +191,10 @@ class Ops:
             self.emb = await Embedding.create(dev, B, T, C, Vp)
             self.attn = await Attention.create(dev, B, T, C, NH)
         self.c_attn = await conv1d(dev, N, C, 3 * C, backward)
-        self.attn_proj = await conv1d(dev, N, C, C, backward)
-        self.c_fc = await conv1d(dev, N, C, 4 * C, backward)
-        self.mlp_proj = await conv1d(dev, N, 4 * C, C, backward)
+        # fused: residual adds after both c_proj, GELU after c_fc, and the GELU's backward into mlp c_proj's dinp
+        self.attn_proj = await conv1d(dev, N, C, C, backward, forward_epilogue="residual")
+        self.c_fc = await conv1d(dev, N, C, 4 * C, backward, forward_epilogue="gelu")
+        self.mlp_proj = await conv1d(dev, N, 4 * C, C, backward, forward_epilogue="residual", dinp_gelu_grad=True)
         if head:
             if backward:
                 self.lm_head = await LMHead.create(dev, N, C, Vp)
@@ -213,8 +213,6 @@ class Ops:
 
 def forward_blocks(seq: Sequence, o: Ops, a: Activations, p: dict, cfg: Config):
     """encoded = wte[idx] + wpe, then the transformer blocks; the last block's output is a.res3[-1]."""
-    C = cfg.n_embd
-    N = a.N
     o.emb.forward(seq, out=a.encoded, idx=a.idx, wte=p["transformer.wte.weight"], wpe=p["transformer.wpe.weight"])
     for l in range(cfg.n_layer):
         h = f"transformer.h.{l}."
@@ -224,17 +222,14 @@ def forward_blocks(seq: Sequence, o: Ops, a: Activations, p: dict, cfg: Config):
         o.c_attn.forward(seq, out=a.qkv[l], inp=a.ln1[l], weight=p[h + "attn.c_attn.weight"],
                          bias=p[h + "attn.c_attn.bias"])                                 # (N, 3C)
         o.attn.forward(seq, out=a.atty[l], lse=a.lse[l], qkv=a.qkv[l])                   # (N, C)
-        o.attn_proj.forward(seq, out=a.proj, inp=a.atty[l], weight=p[h + "attn.c_proj.weight"],
-                            bias=p[h + "attn.c_proj.bias"])
-        o.ew.add(seq, out=a.res2[l], a=x, b=a.proj, n=N * C)                              # (N, C)
+        o.attn_proj.forward(seq, out=a.res2[l], inp=a.atty[l], weight=p[h + "attn.c_proj.weight"],
+                            bias=p[h + "attn.c_proj.bias"], residual=x)                  # (N, C) = x + ...
         o.ln.forward(seq, out=a.ln2[l], mean=a.ln2_mean[l], rstd=a.ln2_rstd[l], inp=a.res2[l],
                      weight=p[h + "ln_2.weight"], bias=p[h + "ln_2.bias"])
         o.c_fc.forward(seq, out=a.fch[l], inp=a.ln2[l], weight=p[h + "mlp.c_fc.weight"],
-                       bias=p[h + "mlp.c_fc.bias"])                                      # (N, 4C)
-        o.ew.gelu_forward(seq, out=a.fch_gelu[l], inp=a.fch[l], n=N * 4 * C)
-        o.mlp_proj.forward(seq, out=a.proj, inp=a.fch_gelu[l], weight=p[h + "mlp.c_proj.weight"],
-                           bias=p[h + "mlp.c_proj.bias"])
-        o.ew.add(seq, out=a.res3[l], a=a.res2[l], b=a.proj, n=N * C)                      # (N, C)
+                       bias=p[h + "mlp.c_fc.bias"], gelu_out=a.fch_gelu[l])              # (N, 4C) both
+        o.mlp_proj.forward(seq, out=a.res3[l], inp=a.fch_gelu[l], weight=p[h + "mlp.c_proj.weight"],
+                           bias=p[h + "mlp.c_proj.bias"], residual=a.res2[l])            # (N, C) = res2 + ...
 
 
 def forward(seq: Sequence, o: Ops, a: Activations, p: dict, cfg: Config):
@@ -259,10 +254,9 @@ def backward(seq: Sequence, o: Ops, a: Activations, p: dict, g: dict, cfg: Confi
     for l in reversed(range(cfg.n_layer)):
         h = f"transformer.h.{l}."
         x = a.encoded if l == 0 else a.res3[l - 1]
-        # a.dres is the gradient of res3: back through the MLP
+        # a.dres is the gradient of res3: back through the MLP (d4C: the gradient of fch, through the GELU)
         o.mlp_proj.backward(seq, dinp=a.d4C, dweight=g[h + "mlp.c_proj.weight"], dbias=g[h + "mlp.c_proj.bias"],
-                            dout=a.dres, inp=a.fch_gelu[l], weight=p[h + "mlp.c_proj.weight"])
-        o.ew.gelu_backward_inplace(seq, dinout=a.d4C, inp=a.fch[l], n=N * 4 * C)
+                            dout=a.dres, inp=a.fch_gelu[l], weight=p[h + "mlp.c_proj.weight"], gelu_pre=a.fch[l])
         o.c_fc.backward(seq, dinp=a.dC, dweight=g[h + "mlp.c_fc.weight"], dbias=g[h + "mlp.c_fc.bias"],
                         dout=a.d4C, inp=a.ln2[l], weight=p[h + "mlp.c_fc.weight"])
         o.ln.backward(seq, dinp=a.dres, dweight=g[h + "ln_2.weight"], dbias=g[h + "ln_2.bias"], dout=a.dC,
@@ -584,7 +578,7 @@ class Generation:
         row = lambda n, label: dev.buffer(4 * n, label)   # noqa: E731
         self.x, self.ln, self.res = row(C, "dec_x"), row(C, "dec_ln"), row(C, "dec_res")
         self.mean, self.rstd = row(1, "dec_mean"), row(1, "dec_rstd")
-        self.qkv, self.atty, self.proj = row(3 * C, "dec_qkv"), row(C, "dec_atty"), row(C, "dec_proj")
+        self.qkv, self.atty = row(3 * C, "dec_qkv"), row(C, "dec_atty")
         self.fch, self.fch_gelu = row(4 * C, "dec_fch"), row(4 * C, "dec_fch_gelu")
         self.scores = row(NH * Tmax, "dec_scores")                                         # (NH, Tmax)
         self.logits = row(Vp, "dec_logits")                                                # (Vp,)
@@ -606,16 +600,14 @@ class Generation:
             s.dispatch(self.k["decode_store"], groups(3 * C), dp=self.params, qkv=self.qkv, cache=self.cache[l])
             s.dispatch(self.k["decode_attention"], (NH,), dp=self.params, qkv=self.qkv, cache_in=self.cache[l],
                        scores=self.scores, yrow=self.atty)
-            o.attn_proj.forward(s, out=self.proj, inp=self.atty, weight=p[h + "attn.c_proj.weight"],
-                                bias=p[h + "attn.c_proj.bias"])
-            o.ew.add(s, out=self.res, a=self.x, b=self.proj, n=C)
+            o.attn_proj.forward(s, out=self.res, inp=self.atty, weight=p[h + "attn.c_proj.weight"],
+                                bias=p[h + "attn.c_proj.bias"], residual=self.x)
             o.ln.forward(s, out=self.ln, mean=self.mean, rstd=self.rstd, inp=self.res,
                          weight=p[h + "ln_2.weight"], bias=p[h + "ln_2.bias"])
-            o.c_fc.forward(s, out=self.fch, inp=self.ln, weight=p[h + "mlp.c_fc.weight"], bias=p[h + "mlp.c_fc.bias"])
-            o.ew.gelu_forward(s, out=self.fch_gelu, inp=self.fch, n=4 * C)
-            o.mlp_proj.forward(s, out=self.proj, inp=self.fch_gelu, weight=p[h + "mlp.c_proj.weight"],
-                               bias=p[h + "mlp.c_proj.bias"])
-            o.ew.add(s, out=self.x, a=self.res, b=self.proj, n=C)
+            o.c_fc.forward(s, out=self.fch, inp=self.ln, weight=p[h + "mlp.c_fc.weight"], bias=p[h + "mlp.c_fc.bias"],
+                           gelu_out=self.fch_gelu)
+            o.mlp_proj.forward(s, out=self.x, inp=self.fch_gelu, weight=p[h + "mlp.c_proj.weight"],
+                               bias=p[h + "mlp.c_proj.bias"], residual=self.res)
         self.head(s)
         await s.build()
         return self

@@ -10,7 +10,9 @@
 
 The backwards WRITE the input gradient (dinp, dx: the next op's layernorm backward adds it into the residual
 stream) and ACCUMULATE the parameter gradients (dweight, dbias, dwte: grad += ..., so that micro-batches add up;
-zero them once per optimizer step). GELU is not fused here: elementwise.gelu_forward runs on the c_fc output.
+zero them once per optimizer step). Epilogues fuse the model's elementwise neighbours into the products: GELU after
+c_fc (forward_epilogue="gelu": pre-activation and activation written at once), the residual add after c_proj
+(forward_epilogue="residual"), and the GELU's backward into mlp c_proj's dinp (dinp_gelu_grad=True).
 
 Both build on Matmul, one product of fixed shape and layout: out (M, N) [+]= op(A) (M, K) @ op(B) (K, N) [+ bias],
 layout "nn", "nt" (B stored (N, K)) or "tn" (A stored (K, M)). Two kernels compute it: "tiled" (register-blocked,
@@ -227,7 +229,7 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
 
 def tiles_label(t: dict) -> str:
     flags = "".join(f" {name}" for f, name in (("SPREAD", "spread"), ("PREFETCH", "prefetch"),
-                                                ("DOUBLE_BUFFER", "double")) if t.get(f))
+                                                ("DOUBLE_BUFFER", "double"), ("ROWS", "rows")) if t.get(f))
     return f"{t['BM']}x{t['BN']}x{t['BK']} / {t['TM']}x{t['TN']}{flags}"
 
 
@@ -245,15 +247,15 @@ def check_tiles(dev: Device, t: dict):
     BM, BN, BK, TM, TN = (t[k] for k in ("BM", "BN", "BK", "TM", "TN"))
     threads = (BM // TM) * (BN // TN)
     problems = []
-    unknown = set(t) - {"BM", "BN", "BK", "TM", "TN", "SPREAD", "PREFETCH", "DOUBLE_BUFFER"}
+    unknown = set(t) - {"BM", "BN", "BK", "TM", "TN", "SPREAD", "PREFETCH", "DOUBLE_BUFFER", "ROWS"}
     if unknown:
         problems.append(f"unknown tile keys {sorted(unknown)}")
     if t.get("PREFETCH") and max(BK * BM, BK * BN) // 4 > 4 * threads:
         problems.append("PREFETCH holds at most 4 vec4s per thread and operand: BK*max(BM, BN)/4 <= 4 * threads")
     if t.get("DOUBLE_BUFFER") and not t.get("PREFETCH"):
         problems.append("DOUBLE_BUFFER needs PREFETCH")
-    if TM not in (4, 8) or TN not in (4, 8):
-        problems.append("TM and TN must be 4 or 8")
+    if TM not in (4, 8) or TN not in (4, 8, 16):
+        problems.append("TM must be 4 or 8, TN 4, 8 or 16")
     if BM % TM or BN % TN or BK % 4 or BK <= 0:
         problems.append("BM % TM, BN % TN and BK % 4 must be 0")
     if threads > dev.limits["max-compute-invocations-per-workgroup"]:
@@ -271,26 +273,38 @@ class Matmul:
 
     layout "nn": A (M, K), B (K, N); "nt": A (M, K), B (N, K); "tn": A (K, M), B (K, N). All f32, row-major.
     accumulate=True adds into out (out += ...); otherwise out is written.
+    epilogue (tiled kernel only), applied last to y, the final value of out, with aux (M, N) laid out as out:
+    "gelu": out = y and aux = gelu(y); "residual": out = y + aux; "gelu_grad": out = y * gelu'(aux) (tanh GELU).
     """
 
-    def __init__(self, dev, M, N, K, layout, bias, variant, tiles, splits, kernels, chunks, no_bias, scratch):
+    EPILOGUES = {"gelu": 1, "residual": 2, "gelu_grad": 3}   # override EPILOGUE of matmul.wgsl
+
+    def __init__(self, dev, M, N, K, layout, bias, variant, tiles, splits, kernels, chunks, no_bias, scratch,
+                 epilogue=None, no_aux=None):
         self.dev, self.M, self.N, self.K = dev, M, N, K
         self.layout, self.bias, self.variant, self.tiles, self.splits = layout, bias, variant, tiles, splits
-        self.k = kernels          # "product" (+ "sum" with splits): the first chunk's; "*_rest": later chunks'
+        self.k = kernels          # "product" (+ "sum" with splits): the first chunk's; "*_rest": middle chunks';
+        #                           "*_last": the last chunk's (where chunks add up, tn, only it has the epilogue)
         self.chunks = chunks      # [(start row, rows, params uniform, product grid, sum grid)]
         self.no_bias = no_bias    # bound in place of the bias when there is none (never read)
         self.scratch = scratch    # (splits, rows, N) f32 partial products, or None
+        self.epilogue = epilogue  # None, "gelu", "residual" or "gelu_grad"
+        self.no_aux = no_aux      # bound in place of aux without an epilogue (never read)
 
     @classmethod
     async def create(cls, dev: Device, M: int, N: int, K: int, layout: str = "nn", bias: bool = False,
                      accumulate: bool = False, variant: str | None = None, tiles: dict | None = None,
-                     splits: int | None = None, max_binding: int | None = None) -> "Matmul":
+                     splits: int | None = None, max_binding: int | None = None,
+                     epilogue: str | None = None) -> "Matmul":
         """variant None picks "tiled" where every stored row length is a multiple of 4, else "simple".
         splits: the tiled kernel cuts the reduction into this many slices run side by side (more workgroups when
         out is small), then sums them in order; None picks it per adapter and shape. max_binding (bytes) caps the
-        bytes bound per operand below the device limit (tests use it to force row chunks)."""
+        bytes bound per operand below the device limit (tests use it to force row chunks). epilogue: None,
+        "gelu", "residual" or "gelu_grad" (see the class docstring; dispatch then takes aux)."""
         if layout not in LAYOUTS:
             raise GPUError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if epilogue is not None and epilogue not in cls.EPILOGUES:
+            raise GPUError(f"epilogue must be None or one of {sorted(cls.EPILOGUES)}, got {epilogue!r}")
         if min(M, N, K) <= 0:
             raise GPUError(f"matmul sizes must be positive, got M={M}, N={N}, K={K}")
         a_row = M if layout == "tn" else K
@@ -302,6 +316,9 @@ class Matmul:
         if variant == "tiled" and not aligned:
             raise GPUError(f"the tiled matmul needs row lengths that are multiples of 4 (layout {layout}: "
                            f"A rows {a_row}, B rows {b_row}, out rows {N}); use variant='simple'")
+        if epilogue and variant != "tiled":
+            raise GPUError(f"the {epilogue!r} epilogue needs the tiled kernel (row lengths that are multiples of 4; "
+                           f"layout {layout}: A rows {a_row}, B rows {b_row}, out rows {N})")
         consts = {"A_T": layout == "tn", "B_T": layout == "nt"}
         auto = tiles is None and splits is None and 2 * M * N * K >= TUNE_MIN_FLOPS and autotune_enabled(dev)
         if variant == "tiled" and (tiles == "auto" or auto):
@@ -354,37 +371,56 @@ class Matmul:
             params = dev.uniform(struct.pack("<4I", cm, N, ck, kc), f"matmul-{layout}-params")
             chunks.append((start, n, params, (gx, -(-cm // bm), -(-ck // kc)), fold_grid(-(-cm * N // 4 // SUM_WG))))
 
-        # The epilogue (bias, accumulate) belongs to the product, or with split-K to the sum of the slices.
-        # Later chunks of a tn reduction add into what the first wrote, and add the bias no more.
+        # The epilogue (bias, accumulate, then EPILOGUE) belongs to the product, or with split-K to the sum of the
+        # slices. Later chunks of a tn reduction add into what the first wrote, and add the bias no more; there
+        # only the last chunk applies EPILOGUE (to the whole sum). EPILOGUE is passed only when set (kernels
+        # without an epilogue stay those compiled before it existed).
         more = layout == "tn" and len(chunks) > 1
         first = dict(HAS_BIAS=bias, ACCUMULATE=accumulate)
         rest = dict(HAS_BIAS=bias and not more, ACCUMULATE=accumulate or more)
+        last = rest
+        if epilogue:
+            ep = {"EPILOGUE": cls.EPILOGUES[epilogue]}
+            last = dict(rest, **ep)
+            if not more:
+                first, rest = dict(first, **ep), dict(rest, **ep)
         kernels = {}
         if splits == 1:
             kernels["product"] = await dev.kernel(FILE, entry, dict(consts, **first))
             kernels["product_rest"] = await dev.kernel(FILE, entry, dict(consts, **rest))
+            kernels["product_last"] = await dev.kernel(FILE, entry, dict(consts, **last))
             scratch = None
         else:
-            kernels["product"] = kernels["product_rest"] = await dev.kernel(FILE, entry, consts)
+            kernels["product"] = kernels["product_rest"] = kernels["product_last"] = \
+                await dev.kernel(FILE, entry, consts)
             kernels["sum"] = await dev.kernel(FILE, "matmul_split_sum", first)
             kernels["sum_rest"] = await dev.kernel(FILE, "matmul_split_sum", rest)
+            kernels["sum_last"] = await dev.kernel(FILE, "matmul_split_sum", last)
             scratch = shared_scratch(dev, 4 * splits * out_rows * N)
         no_bias = None if bias else dev.buffer(16, "matmul-no-bias")
-        return cls(dev, M, N, K, layout, bias, variant, tiles, splits, kernels, chunks, no_bias, scratch)
+        no_aux = None if epilogue else dev.buffer(16, "matmul-no-aux")
+        return cls(dev, M, N, K, layout, bias, variant, tiles, splits, kernels, chunks, no_bias, scratch,
+                   epilogue, no_aux)
 
-    def dispatch(self, seq: Sequence, out, a, b, bias=None):
-        """Append the product: out (M, N) [+]= op(a) @ op(b) [+ bias (N,)]. One or two dispatches per chunk."""
+    def dispatch(self, seq: Sequence, out, a, b, bias=None, aux=None):
+        """Append the product: out (M, N) [+]= op(a) @ op(b) [+ bias (N,)], then the epilogue with aux (M, N)
+        (a buffer other than out). One or two dispatches per chunk."""
         M, N, K, layout = self.M, self.N, self.K, self.layout
         a_shape = (K, M) if layout == "tn" else (M, K)
         b_shape = (N, K) if layout == "nt" else (K, N)
         spans = {}
-        for name, x, shape in (("out", out, (M, N)), ("a", a, a_shape), ("b", b, b_shape), ("bias", bias, (N,))):
+        for name, x, shape in (("out", out, (M, N)), ("a", a, a_shape), ("b", b, b_shape), ("bias", bias, (N,)),
+                               ("aux", aux, (M, N))):
             if x is None:
-                if name != "bias" or self.bias:
+                if name == "aux" and self.epilogue:
+                    raise GPUError(f"matmul {layout} {M}x{N}x{K} with the {self.epilogue!r} epilogue: pass aux")
+                if name not in ("bias", "aux") or self.bias and name == "bias":
                     raise GPUError(f"matmul {layout} {M}x{N}x{K}: pass {name}")
                 continue
             if name == "bias" and not self.bias:
                 raise GPUError("this matmul was created with bias=False: create it with bias=True to add one")
+            if name == "aux" and not self.epilogue:
+                raise GPUError("this matmul has no epilogue: create it with epilogue=... to pass aux")
             buf, off, size = span(x)
             need = 4 * shape[0] * (shape[1] if len(shape) > 1 else 1)
             if size < need:
@@ -392,18 +428,24 @@ class Matmul:
             spans[name] = (buf, off)
         if bias is None:
             bias = self.no_bias           # never read (HAS_BIAS false), but the layout has the binding
+        if aux is None:
+            aux = self.no_aux             # never read (EPILOGUE 0), likewise
+        elif spans["aux"][0] is spans["out"][0]:
+            raise GPUError(f"matmul {layout} {M}x{N}x{K}: aux and out must be different buffers")
         rows_view = lambda name, start, rows, width: spans[name][0].view(  # noqa: E731
             spans[name][1] + 4 * start * width, 4 * rows * width)
+        last = len(self.chunks) - 1
         for i, (start, rows, params, grid, sum_grid) in enumerate(self.chunks):
             if len(self.chunks) == 1:
-                views = {"out": out, "a": a, "b": b, "bias": bias}
-            elif layout == "tn":          # rows of the reduction: of A (K, M) and of B (K, N)
-                views = {"out": out, "bias": bias, "a": rows_view("a", start, rows, M),
+                views = {"out": out, "a": a, "b": b, "bias": bias, "aux": aux}
+            elif layout == "tn":          # rows of the reduction: of A (K, M) and of B (K, N); out and aux whole
+                views = {"out": out, "bias": bias, "aux": aux, "a": rows_view("a", start, rows, M),
                          "b": rows_view("b", start, rows, N)}
-            else:                         # rows of out: of A (M, K) and of out (M, N)
+            else:                         # rows of out: of A (M, K), of out (M, N) and of aux (M, N)
                 views = {"b": b, "bias": bias, "a": rows_view("a", start, rows, K),
-                         "out": rows_view("out", start, rows, N)}
-            rest = "_rest" if i else ""
+                         "out": rows_view("out", start, rows, N),
+                         "aux": rows_view("aux", start, rows, N) if self.epilogue else aux}
+            rest = "" if i == 0 else "_last" if i == last else "_rest"
             if self.variant == "simple":
                 seq.dispatch(self.k["product" + rest], grid, mp=params, **views)
             elif self.splits == 1:
@@ -412,9 +454,9 @@ class Matmul:
                 cm = M if layout == "tn" else rows
                 slabs = self.scratch.view(0, 4 * grid[2] * cm * N)
                 seq.dispatch(self.k["product"], grid, mp=params, a4=views["a"], b4=views["b"], bias4=views["bias"],
-                             out4=slabs)
+                             out4=slabs, aux4=views["aux"])   # EPILOGUE 0 here: aux4 bound, never touched
                 seq.dispatch(self.k["sum" + rest], sum_grid, mp=params, split4=slabs, out4=views["out"],
-                             bias4=views["bias"])
+                             bias4=views["bias"], aux4=views["aux"])
 
 
 class BiasGrad:
@@ -453,27 +495,54 @@ class BiasGrad:
 
 
 class Conv1D:
-    """Hugging Face GPT-2's Conv1D: out (M, N) = inp (M, K) @ weight (K, N) + bias (N,), weight stored (in, out)."""
+    """Hugging Face GPT-2's Conv1D: out (M, N) = inp (M, K) @ weight (K, N) + bias (N,), weight stored (in, out).
+
+    Fused epilogues (the model's elementwise neighbours, in the products' stores):
+      forward_epilogue "gelu":      forward also writes gelu_out = gelu(out)          (mlp c_fc)
+      forward_epilogue "residual":  out = residual + inp @ weight + bias              (attn and mlp c_proj)
+      dinp_gelu_grad:               dinp = (dout @ weight^T) * gelu'(gelu_pre)         (mlp c_proj: the gradient of
+                                    the c_fc output, through the GELU of its pre-activation gelu_pre)
+    backward=False: the forward product only."""
 
     def __init__(self, fwd, dinp, dweight, dbias):
         self.fwd, self.dinp, self.dweight, self.dbias = fwd, dinp, dweight, dbias
 
     @classmethod
     async def create(cls, dev: Device, M: int, K: int, N: int, bias: bool = True, variant: str | None = None,
-                     tiles: dict | None = None) -> "Conv1D":
-        fwd = await Matmul.create(dev, M, N, K, "nn", bias=bias, variant=variant, tiles=tiles)
-        dinp = await Matmul.create(dev, M, K, N, "nt", variant=variant, tiles=tiles)
+                     tiles: dict | None = None, forward_epilogue: str | None = None, dinp_gelu_grad: bool = False,
+                     backward: bool = True) -> "Conv1D":
+        if forward_epilogue not in (None, "gelu", "residual"):
+            raise GPUError(f"forward_epilogue must be None, 'gelu' or 'residual', got {forward_epilogue!r}")
+        fwd = await Matmul.create(dev, M, N, K, "nn", bias=bias, variant=variant, tiles=tiles,
+                                  epilogue=forward_epilogue)
+        if not backward:
+            return cls(fwd, None, None, None)
+        dinp = await Matmul.create(dev, M, K, N, "nt", variant=variant, tiles=tiles,
+                                   epilogue="gelu_grad" if dinp_gelu_grad else None)
         dweight = await Matmul.create(dev, K, N, M, "tn", accumulate=True, variant=variant, tiles=tiles)
         dbias = await BiasGrad.create(dev, M, N) if bias else None
         return cls(fwd, dinp, dweight, dbias)
 
-    def forward(self, seq: Sequence, out, inp, weight, bias=None):
-        """out (M, N) = inp (M, K) @ weight (K, N) + bias (N,): written."""
-        self.fwd.dispatch(seq, out=out, a=inp, b=weight, bias=bias)
+    def forward(self, seq: Sequence, out, inp, weight, bias=None, gelu_out=None, residual=None):
+        """out (M, N) = [residual (M, N) +] inp (M, K) @ weight (K, N) + bias (N,): written; with the "gelu"
+        epilogue also gelu_out (M, N) = gelu(out). residual and gelu_out: buffers other than out."""
+        ep = self.fwd.epilogue
+        for name, x, want in (("gelu_out", gelu_out, "gelu"), ("residual", residual, "residual")):
+            if (x is None) != (ep != want):
+                raise GPUError(f"Conv1D forward with forward_epilogue={ep!r}: "
+                               + (f"pass {name}" if x is None else f"{name} needs forward_epilogue={want!r}"))
+        self.fwd.dispatch(seq, out=out, a=inp, b=weight, bias=bias, aux=gelu_out if ep == "gelu" else residual)
 
-    def backward(self, seq: Sequence, dinp, dweight, dout, inp, weight, dbias=None):
-        """dinp (M, K) = dout @ weight^T (WRITTEN); dweight (K, N) += inp^T @ dout; dbias (N,) += sum of dout rows."""
-        self.dinp.dispatch(seq, out=dinp, a=dout, b=weight)
+    def backward(self, seq: Sequence, dinp, dweight, dout, inp, weight, dbias=None, gelu_pre=None):
+        """dinp (M, K) = dout @ weight^T (WRITTEN; with dinp_gelu_grad times gelu'(gelu_pre (M, K)));
+        dweight (K, N) += inp^T @ dout; dbias (N,) += sum of dout rows."""
+        if self.dinp is None:
+            raise GPUError("this Conv1D was created with backward=False")
+        fused = self.dinp.epilogue == "gelu_grad"
+        if (gelu_pre is None) == fused:
+            raise GPUError("Conv1D with dinp_gelu_grad: pass gelu_pre" if fused else
+                           "gelu_pre needs a Conv1D created with dinp_gelu_grad=True")
+        self.dinp.dispatch(seq, out=dinp, a=dout, b=weight, aux=gelu_pre)
         self.dweight.dispatch(seq, out=dweight, a=inp, b=dout)
         if self.dbias is not None:
             if dbias is None:
