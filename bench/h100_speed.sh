@@ -1,6 +1,7 @@
 #!/bin/bash
 # Kernel-speed runs on the GPU machine (set-up as bench/h100.sh says; carry .gl and .whl):
 #   bash bench/h100_speed.sh checks    # shader runtime checks: matmul, step profile and training, all/bounds/none
+#   bash bench/h100_speed.sh explore   # matmul tile variants side by side, step profile, training
 #   bash bench/h100_speed.sh final     # the benchmarks of BENCHMARKS.md with the defaults
 # Logs and the appended bench/results/*.md come back in $OUT.
 set -uo pipefail
@@ -23,6 +24,15 @@ if [ "$WHAT" = checks ]; then
   for m in all bounds; do
     TABGPT_SHADER_CHECKS=$m python3 bench/bench_attention.py --trials 3 2>&1 | tee -a "$OUT/attention.txt"
   done
+fi
+if [ "$WHAT" = explore ]; then
+  # matmul variants: ROWS staging, 16 columns per thread
+  python3 bench/bench_matmul.py --trials 3 --seconds 0.1 --all-layouts --tiles 128,128,8,8,8,spread,prefetch,double \
+    --tiles 128,128,8,8,8,spread,prefetch,double,rows --tiles 128,256,8,8,16,spread,prefetch,double \
+    --tiles 128,256,8,8,16,spread,prefetch,double,rows --tiles 128,128,8,8,16,spread,prefetch,double \
+    --tiles 128,128,16,8,16,spread,prefetch,double 2>&1 | tee -a "$OUT/matmul.txt"
+  python3 bench/profile_step.py --preset browser --write 2>&1 | tee -a "$OUT/profile.txt"
+  python3 bench/bench_train.py --preset browser --steps 30 --write 2>&1 | tee -a "$OUT/train.txt"
 fi
 if [ "$WHAT" = final ]; then
   python3 -m tabgpt device 2>&1 | tee "$OUT/device.txt"
