@@ -7,7 +7,9 @@
 //   Conv1D forward      out = inp @ W + b          nn   inp (M,K), W (K,N)
 //   lm_head forward     logits = x @ wte^T         nt   x (M,C), wte (Vp,C)
 //   Conv1D dinp         dinp = dout @ W^T          nt   dout (M,N), W (K,N)
-//   Conv1D dW           dW += inp^T @ dout         tn   inp (M,K), dout (M,N)   (ACCUMULATE)
+//   Conv1D dW           dW += inp^T @ dout         tn   inp (M,K), dout (M,N)   (ACCUMULATE; with BIAS_ROW
+//                                                       also db += column sums of dout, as the last row of
+//                                                       [dW; db], the bias stored right after the weight)
 //   lm_head dx          dx = dlogits @ wte         nn   dlogits (M,Vp), wte (Vp,C)
 //   lm_head dwte        dwte += dlogits^T @ x      tn   dlogits (M,Vp), x (M,C) (ACCUMULATE)
 //   bias grad           dbias += column sums of dout (M,N), in two deterministic passes
@@ -61,6 +63,7 @@ override A_T: bool = false;         // A stored (K, M)
 override B_T: bool = false;         // B stored (N, K)
 override HAS_BIAS: bool = false;    // out += bias broadcast over rows
 override ACCUMULATE: bool = false;  // out += product (parameter gradients) instead of out = product
+override BIAS_ROW: bool = false;    // with A_T: op(A) has a last row of ones, so out a last row of B's column sums
 override EPILOGUE: u32 = 0u;        // then 0 none, 1 GELU, 2 RESIDUAL, 3 GELU_GRAD (header comment)
 
 // ---------------------------------------------------------------------------------------------
@@ -108,9 +111,15 @@ fn fetch_a(m0: u32, k0: u32, v: u32) -> vec4<f32> {
     var x = vec4(0.0);
     if (A_T) {
         // A (K, M): a vec4 runs along m, and lands as it is.
+        // BIAS_ROW: A has mp.M - 1 columns, and op(A) a last row of ones (m == mp.M - 1 starts a vec4).
         let k = k0 + v / (BM / 4u);
         let m = m0 + 4u * (v % (BM / 4u));
-        if (k < mp.K && m < mp.M) { x = a4[(k * mp.M + m) / 4u]; }
+        let cols = select(mp.M, mp.M - 1u, BIAS_ROW);
+        if (k < mp.K && m < cols) {
+            x = a4[(k * cols + m) / 4u];
+        } else if (BIAS_ROW && k < mp.K && m == cols) {
+            x = vec4(1.0, 0.0, 0.0, 0.0);
+        }
     } else {
         // A (M, K): a vec4 runs along k; its 4 values go to 4 k-rows of the tile.
         var m = m0 + v / (BK / 4u);

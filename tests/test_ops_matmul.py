@@ -704,3 +704,54 @@ def test_conv1d_fused_epilogues_match_reference(dev):
     assert_product("dweight", download(dev, b["dw"], (4 * C, C)), dw_ref.astype(np.float64),
                    np.abs(g.astype(np.float64)).T @ da)
     assert_product("dbias", download(dev, b["db"], (C,)), db_ref.astype(np.float64), da.sum(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# bias_row: the bias gradient as a last row of ones in op(A) of the weight gradient's product
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("tiles", ["large", "medium", "uneven"])
+@pytest.mark.parametrize("max_binding", [None, 90000])   # 90000: two chunks of the 111 rows
+def test_bias_row_product_gives_weight_and_bias_gradients(dev, splits, tiles, max_binding):
+    # dW (K_in, N) += inp^T @ dout and db (N,) += column sums of dout, in one product into [dW; db]
+    Kin, Nout, rows = C, 4 * C, M
+    rng = np.random.default_rng(51)
+    inp = rng.standard_normal((rows, Kin)).astype(np.float32)
+    dout = rng.standard_normal((rows, Nout)).astype(np.float32)
+    init = rng.standard_normal((Kin + 1, Nout)).astype(np.float32)
+    mm = wait(Matmul.create(dev, Kin, Nout, rows, "tn", accumulate=True, bias_row=True,
+                            tiles=dict(TILE_SHAPES[tiles]), splits=splits, max_binding=max_binding))
+    assert mm.out_rows == Kin + 1 and (max_binding is None or len(mm.chunks) > 1)
+    out = upload(dev, init, "out")
+    run(dev, lambda seq: mm.dispatch(seq, out=out, a=upload(dev, inp, "inp"), b=upload(dev, dout, "dout")), 2)
+    got = download(dev, out, (Kin + 1, Nout))
+    i64, d64 = inp.astype(np.float64), dout.astype(np.float64)
+    ref = init + 2 * np.vstack([i64.T @ d64, d64.sum(0, keepdims=True)])
+    scale = 2 * np.vstack([np.abs(i64).T @ np.abs(d64), np.abs(d64).sum(0, keepdims=True)]) + np.abs(init)
+    assert_product(f"bias_row {tiles} x{splits}", got, ref, scale)
+
+
+def test_conv1d_fused_bias_grad_matches_the_separate_pass(dev):
+    Kin, Nout = C, 3 * C
+    rng = np.random.default_rng(53)
+    inp, dout = rng.standard_normal((M, Kin)).astype(np.float32), rng.standard_normal((M, Nout)).astype(np.float32)
+    w = rng.standard_normal((Kin, Nout)).astype(np.float32)
+    grads = {}
+    for fuse in (False, True):
+        conv = wait(Conv1D.create(dev, M, Kin, Nout, fuse_bias_grad=fuse))
+        g = dev.buffer(4 * (Kin * Nout + Nout), "grads")      # dW then db, contiguous, zero
+        dinp = dev.buffer(4 * M * Kin, "dinp")
+        bi, bd, bw = upload(dev, inp, "inp"), upload(dev, dout, "dout"), upload(dev, w, "w")
+        run(dev, lambda seq: conv.backward(seq, dinp=dinp, dweight=g.view(0, 4 * Kin * Nout),
+                                           dbias=g.view(4 * Kin * Nout, 4 * Nout), dout=bd, inp=bi, weight=bw))
+        grads[fuse] = download(dev, g, (Kin * Nout + Nout,))
+        assert (conv.dbias is None) == fuse
+    np.testing.assert_allclose(grads[True], grads[False], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[True][-Nout:], dout.astype(np.float64).sum(0), rtol=1e-5, atol=1e-4)
+    # dbias elsewhere than right after dweight is refused, not silently wrong
+    conv = wait(Conv1D.create(dev, M, Kin, Nout, fuse_bias_grad=True))
+    g = dev.buffer(4 * (Kin * Nout + 2 * Nout), "grads")
+    with pytest.raises(GPUError, match="right after dweight"):
+        run(dev, lambda seq: conv.backward(seq, dinp=dev.buffer(4 * M * Kin), dweight=g.view(0, 4 * Kin * Nout),
+                                           dbias=g.view(4 * (Kin * Nout + Nout), 4 * Nout),
+                                           dout=upload(dev, dout), inp=upload(dev, inp), weight=upload(dev, w)))

@@ -190,11 +190,15 @@ class Ops:
         if sequence:
             self.emb = await Embedding.create(dev, B, T, C, Vp)
             self.attn = await Attention.create(dev, B, T, C, NH)
-        self.c_attn = await conv1d(dev, N, C, 3 * C, backward)
-        # fused: residual adds after both c_proj, GELU after c_fc, and the GELU's backward into mlp c_proj's dinp
-        self.attn_proj = await conv1d(dev, N, C, C, backward, forward_epilogue="residual")
-        self.c_fc = await conv1d(dev, N, C, 4 * C, backward, forward_epilogue="gelu")
-        self.mlp_proj = await conv1d(dev, N, 4 * C, C, backward, forward_epilogue="residual", dinp_gelu_grad=True)
+        # fused: residual adds after both c_proj, GELU after c_fc, and the GELU's backward into mlp c_proj's dinp;
+        # each bias gradient comes out of its weight gradient's product, where the bias lies right after the
+        # weight in the gradients (every weight is C x kC floats: no alignment gap when C % 8 == 0)
+        fb = C % 8 == 0
+        self.c_attn = await conv1d(dev, N, C, 3 * C, backward, fuse_bias_grad=fb)
+        self.attn_proj = await conv1d(dev, N, C, C, backward, forward_epilogue="residual", fuse_bias_grad=fb)
+        self.c_fc = await conv1d(dev, N, C, 4 * C, backward, forward_epilogue="gelu", fuse_bias_grad=fb)
+        self.mlp_proj = await conv1d(dev, N, 4 * C, C, backward, forward_epilogue="residual", dinp_gelu_grad=True,
+                                     fuse_bias_grad=fb)
         if head:
             if backward:
                 self.lm_head = await LMHead.create(dev, N, C, Vp)

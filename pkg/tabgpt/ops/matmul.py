@@ -169,13 +169,13 @@ def _save_tune_file(dev: Device, choices: dict):
 
 
 async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates: list | None = None,
-                   persist: bool = True) -> tuple[dict, int]:
+                   persist: bool = True, bias_row: bool = False) -> tuple[dict, int]:
     """(tiles, splits) of the fastest candidate for an out (M, N) = op(A) (M, K) @ op(B) (K, N) product on dev,
     timed on zero-filled operands; remembered per device (and on disk when persist)."""
     choices = _tuned.get(dev)
     if choices is None:
         choices = _tuned[dev] = _load_tune_file(dev) if persist else {}
-    key = f"{layout}:{M}x{N}x{K}"
+    key = f"{layout}:{M}x{N}x{K}" + ("+bias_row" if bias_row else "")
     if key in choices:
         t, splits = choices[key]
         return dict(t), int(splits)
@@ -183,12 +183,12 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
     b_shape = (N, K) if layout == "nt" else (K, N)
     a = dev.buffer(4 * a_shape[0] * a_shape[1], "tune-a")
     b = dev.buffer(4 * b_shape[0] * b_shape[1], "tune-b")
-    out = dev.buffer(4 * M * N, "tune-out")
+    out = dev.buffer(4 * (M + bias_row) * N, "tune-out")
     flops = 2.0 * M * N * K
     results = []
 
     async def time_one(tiles, splits):
-        mm = await Matmul.create(dev, M, N, K, layout, tiles=tiles, splits=splits)
+        mm = await Matmul.create(dev, M, N, K, layout, tiles=tiles, splits=splits, bias_row=bias_row)
         seq = dev.sequence("autotune")
         mm.dispatch(seq, out=out, a=a, b=b)
         await seq.build()
@@ -290,17 +290,21 @@ class Matmul:
         self.scratch = scratch    # (splits, rows, N) f32 partial products, or None
         self.epilogue = epilogue  # None, "gelu", "residual" or "gelu_grad"
         self.no_aux = no_aux      # bound in place of aux without an epilogue (never read)
+        self.out_rows = M         # rows of out: M, or M + 1 with bias_row
 
     @classmethod
     async def create(cls, dev: Device, M: int, N: int, K: int, layout: str = "nn", bias: bool = False,
                      accumulate: bool = False, variant: str | None = None, tiles: dict | None = None,
                      splits: int | None = None, max_binding: int | None = None,
-                     epilogue: str | None = None) -> "Matmul":
+                     epilogue: str | None = None, bias_row: bool = False) -> "Matmul":
         """variant None picks "tiled" where every stored row length is a multiple of 4, else "simple".
         splits: the tiled kernel cuts the reduction into this many slices run side by side (more workgroups when
         out is small), then sums them in order; None picks it per adapter and shape. max_binding (bytes) caps the
         bytes bound per operand below the device limit (tests use it to force row chunks). epilogue: None,
-        "gelu", "residual" or "gelu_grad" (see the class docstring; dispatch then takes aux)."""
+        "gelu", "residual" or "gelu_grad" (see the class docstring; dispatch then takes aux).
+        bias_row (layout tn, the weight gradient): op(A) gets a row of ones below its M rows, so out has M + 1
+        rows and the last one (+)= the column sums of B: a Conv1D's bias gradient in the same pass as its weight
+        gradient, where the bias lies right after the weight (out then binds both)."""
         if layout not in LAYOUTS:
             raise GPUError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if epilogue is not None and epilogue not in cls.EPILOGUES:
@@ -316,13 +320,18 @@ class Matmul:
         if variant == "tiled" and not aligned:
             raise GPUError(f"the tiled matmul needs row lengths that are multiples of 4 (layout {layout}: "
                            f"A rows {a_row}, B rows {b_row}, out rows {N}); use variant='simple'")
+        if bias_row and (layout != "tn" or variant != "tiled" or epilogue or bias):
+            raise GPUError("bias_row needs the tiled kernel, layout 'tn', no bias and no epilogue")
         if epilogue and variant != "tiled":
             raise GPUError(f"the {epilogue!r} epilogue needs the tiled kernel (row lengths that are multiples of 4; "
                            f"layout {layout}: A rows {a_row}, B rows {b_row}, out rows {N})")
         consts = {"A_T": layout == "tn", "B_T": layout == "nt"}
+        if bias_row:
+            consts["BIAS_ROW"] = True
+        Mo = M + 1 if bias_row else M                      # rows of out
         auto = tiles is None and splits is None and 2 * M * N * K >= TUNE_MIN_FLOPS and autotune_enabled(dev)
         if variant == "tiled" and (tiles == "auto" or auto):
-            tiles, splits = await autotune(dev, M, N, K, layout)
+            tiles, splits = await autotune(dev, M, N, K, layout, bias_row=bias_row)
         if variant == "tiled":
             tiles = dict(tiles or default_tiles(dev, M, N, K))
             check_tiles(dev, tiles)
@@ -339,7 +348,7 @@ class Matmul:
         # fits one binding and the grid fits 65535 rows of workgroups. Chunks of a tn reduction add into out.
         limit = min(dev.limits["max-storage-buffer-binding-size"], max_binding or 1 << 62)
         if layout == "tn":
-            long, per_row, fixed = K, 4 * max(M, N), 4 * M * N      # A and B rows of the reduction; out whole
+            long, per_row, fixed = K, 4 * max(M, N), 4 * Mo * N     # A and B rows of the reduction; out whole
         else:
             long, per_row, fixed = M, 4 * max(K, N), 4 * K * N      # A and out rows; B whole
         if fixed > limit:
@@ -352,9 +361,9 @@ class Matmul:
             if rows == 0:
                 raise GPUError(f"one {ROW_ALIGN}-row chunk of a {M}x{N}x{K} matmul exceeds the binding limit {limit}")
         rows = min(rows, long)
-        if layout == "tn" and -(-M // bm) > MAX_GROUPS:
-            raise GPUError(f"M = {M} needs {-(-M // bm)} workgroups along y, more than {MAX_GROUPS}")
-        out_rows = M if layout == "tn" else rows          # the largest chunk's rows of out
+        if layout == "tn" and -(-Mo // bm) > MAX_GROUPS:
+            raise GPUError(f"M = {M} needs {-(-Mo // bm)} workgroups along y, more than {MAX_GROUPS}")
+        out_rows = Mo if layout == "tn" else rows         # the largest chunk's rows of out
         red_len = min(rows, K) if layout == "tn" else K    # the largest chunk's reduction length
 
         # Split-K: slices of the reduction as grid z, each into its own (rows, N) slab of a scratch buffer.
@@ -366,7 +375,7 @@ class Matmul:
         chunks = []
         for start in range(0, long, rows):
             n = min(rows, long - start)
-            cm, ck = (M, n) if layout == "tn" else (n, K)
+            cm, ck = (Mo, n) if layout == "tn" else (n, K)
             kc = -(-ck // (splits * bk)) * bk if splits > 1 else ck   # reduction length per slice
             params = dev.uniform(struct.pack("<4I", cm, N, ck, kc), f"matmul-{layout}-params")
             chunks.append((start, n, params, (gx, -(-cm // bm), -(-ck // kc)), fold_grid(-(-cm * N // 4 // SUM_WG))))
@@ -399,8 +408,10 @@ class Matmul:
             scratch = shared_scratch(dev, 4 * splits * out_rows * N)
         no_bias = None if bias else dev.buffer(16, "matmul-no-bias")
         no_aux = None if epilogue else dev.buffer(16, "matmul-no-aux")
-        return cls(dev, M, N, K, layout, bias, variant, tiles, splits, kernels, chunks, no_bias, scratch,
-                   epilogue, no_aux)
+        mm = cls(dev, M, N, K, layout, bias, variant, tiles, splits, kernels, chunks, no_bias, scratch,
+                 epilogue, no_aux)
+        mm.out_rows = Mo
+        return mm
 
     def dispatch(self, seq: Sequence, out, a, b, bias=None, aux=None):
         """Append the product: out (M, N) [+]= op(a) @ op(b) [+ bias (N,)], then the epilogue with aux (M, N)
@@ -409,8 +420,8 @@ class Matmul:
         a_shape = (K, M) if layout == "tn" else (M, K)
         b_shape = (N, K) if layout == "nt" else (K, N)
         spans = {}
-        for name, x, shape in (("out", out, (M, N)), ("a", a, a_shape), ("b", b, b_shape), ("bias", bias, (N,)),
-                               ("aux", aux, (M, N))):
+        for name, x, shape in (("out", out, (self.out_rows, N)), ("a", a, a_shape), ("b", b, b_shape),
+                               ("bias", bias, (N,)), ("aux", aux, (M, N))):
             if x is None:
                 if name == "aux" and self.epilogue:
                     raise GPUError(f"matmul {layout} {M}x{N}x{K} with the {self.epilogue!r} epilogue: pass aux")
@@ -451,7 +462,7 @@ class Matmul:
             elif self.splits == 1:
                 seq.dispatch(self.k["product" + rest], grid, mp=params, **{k + "4": v for k, v in views.items()})
             else:
-                cm = M if layout == "tn" else rows
+                cm = self.out_rows if layout == "tn" else rows
                 slabs = self.scratch.view(0, 4 * grid[2] * cm * N)
                 seq.dispatch(self.k["product"], grid, mp=params, a4=views["a"], b4=views["b"], bias4=views["bias"],
                              out4=slabs, aux4=views["aux"])   # EPILOGUE 0 here: aux4 bound, never touched
@@ -502,7 +513,9 @@ class Conv1D:
       forward_epilogue "residual":  out = residual + inp @ weight + bias              (attn and mlp c_proj)
       dinp_gelu_grad:               dinp = (dout @ weight^T) * gelu'(gelu_pre)         (mlp c_proj: the gradient of
                                     the c_fc output, through the GELU of its pre-activation gelu_pre)
-    backward=False: the forward product only."""
+    backward=False: the forward product only. fuse_bias_grad (with a bias): the bias gradient comes out of the
+    weight-gradient product (Matmul bias_row), which then needs dbias stored right after dweight in one buffer
+    (as the model's gradients are), instead of two passes of its own over dout."""
 
     def __init__(self, fwd, dinp, dweight, dbias):
         self.fwd, self.dinp, self.dweight, self.dbias = fwd, dinp, dweight, dbias
@@ -510,7 +523,7 @@ class Conv1D:
     @classmethod
     async def create(cls, dev: Device, M: int, K: int, N: int, bias: bool = True, variant: str | None = None,
                      tiles: dict | None = None, forward_epilogue: str | None = None, dinp_gelu_grad: bool = False,
-                     backward: bool = True) -> "Conv1D":
+                     backward: bool = True, fuse_bias_grad: bool = False) -> "Conv1D":
         if forward_epilogue not in (None, "gelu", "residual"):
             raise GPUError(f"forward_epilogue must be None, 'gelu' or 'residual', got {forward_epilogue!r}")
         fwd = await Matmul.create(dev, M, N, K, "nn", bias=bias, variant=variant, tiles=tiles,
@@ -519,8 +532,10 @@ class Conv1D:
             return cls(fwd, None, None, None)
         dinp = await Matmul.create(dev, M, K, N, "nt", variant=variant, tiles=tiles,
                                    epilogue="gelu_grad" if dinp_gelu_grad else None)
-        dweight = await Matmul.create(dev, K, N, M, "tn", accumulate=True, variant=variant, tiles=tiles)
-        dbias = await BiasGrad.create(dev, M, N) if bias else None
+        fuse = fuse_bias_grad and bias and fwd.variant == "tiled"
+        dweight = await Matmul.create(dev, K, N, M, "tn", accumulate=True, variant=variant, tiles=tiles,
+                                      bias_row=fuse)
+        dbias = await BiasGrad.create(dev, M, N) if bias and not fuse else None
         return cls(fwd, dinp, dweight, dbias)
 
     def forward(self, seq: Sequence, out, inp, weight, bias=None, gelu_out=None, residual=None):
@@ -543,6 +558,16 @@ class Conv1D:
             raise GPUError("Conv1D with dinp_gelu_grad: pass gelu_pre" if fused else
                            "gelu_pre needs a Conv1D created with dinp_gelu_grad=True")
         self.dinp.dispatch(seq, out=dinp, a=dout, b=weight, aux=gelu_pre)
+        if self.dweight.out_rows > self.dweight.M:
+            # fused bias gradient: out = [dweight; dbias], one contiguous range
+            if dbias is None:
+                raise GPUError("this Conv1D has a bias: pass dbias")
+            wbuf, woff, wsize = span(dweight)
+            bbuf, boff, bsize = span(dbias)
+            if bbuf is not wbuf or boff != woff + wsize:
+                raise GPUError("a Conv1D with fuse_bias_grad needs dbias stored right after dweight in one buffer; "
+                               "create it with fuse_bias_grad=False otherwise")
+            dweight = wbuf.view(woff, wsize + bsize)
         self.dweight.dispatch(seq, out=dweight, a=inp, b=dout)
         if self.dbias is not None:
             if dbias is None:
