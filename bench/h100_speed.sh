@@ -2,6 +2,7 @@
 # Kernel-speed runs on the GPU machine (set-up as bench/h100.sh says; carry .gl and .whl):
 #   bash bench/h100_speed.sh checks    # shader runtime checks: matmul, step profile and training, all/bounds/none
 #   bash bench/h100_speed.sh explore   # matmul tile variants side by side, step profile, training
+#   bash bench/h100_speed.sh step      # step profile and training throughput (browser and gpt2 presets)
 #   bash bench/h100_speed.sh final     # the benchmarks of BENCHMARKS.md with the defaults
 # Logs and the appended bench/results/*.md come back in $OUT.
 set -uo pipefail
@@ -33,6 +34,11 @@ if [ "$WHAT" = explore ]; then
     --tiles 128,128,16,8,16,spread,prefetch,double 2>&1 | tee -a "$OUT/matmul.txt"
   python3 bench/profile_step.py --preset browser --write 2>&1 | tee -a "$OUT/profile.txt"
   python3 bench/bench_train.py --preset browser --steps 30 --write 2>&1 | tee -a "$OUT/train.txt"
+fi
+if [ "$WHAT" = step ]; then
+  python3 bench/profile_step.py --preset browser --write 2>&1 | tee -a "$OUT/profile.txt"
+  python3 bench/bench_train.py --preset browser --steps 30 --write 2>&1 | tee -a "$OUT/train.txt"
+  python3 bench/bench_train.py --preset gpt2 --steps 6 --write 2>&1 | tee -a "$OUT/train.txt"
 fi
 if [ "$WHAT" = final ]; then
   python3 -m tabgpt device 2>&1 | tee "$OUT/device.txt"
