@@ -63,7 +63,7 @@ override A_T: bool = false;         // A stored (K, M)
 override B_T: bool = false;         // B stored (N, K)
 override HAS_BIAS: bool = false;    // out += bias broadcast over rows
 override ACCUMULATE: bool = false;  // out += product (parameter gradients) instead of out = product
-override BIAS_ROW: bool = false;    // with A_T: op(A) has a last row of ones, so out a last row of B's column sums
+override BIAS_ROW: bool = false;    // with A_T: out has a last row more, (+)= the column sums of B (see matmul_tiled)
 override EPILOGUE: u32 = 0u;        // then 0 none, 1 GELU, 2 RESIDUAL, 3 GELU_GRAD (header comment)
 
 // ---------------------------------------------------------------------------------------------
@@ -111,15 +111,11 @@ fn fetch_a(m0: u32, k0: u32, v: u32) -> vec4<f32> {
     var x = vec4(0.0);
     if (A_T) {
         // A (K, M): a vec4 runs along m, and lands as it is.
-        // BIAS_ROW: A has mp.M - 1 columns, and op(A) a last row of ones (m == mp.M - 1 starts a vec4).
+        // BIAS_ROW: A has mp.M - 1 columns (out's last row is the bias gradient's, made apart).
         let k = k0 + v / (BM / 4u);
         let m = m0 + 4u * (v % (BM / 4u));
         let cols = select(mp.M, mp.M - 1u, BIAS_ROW);
-        if (k < mp.K && m < cols) {
-            x = a4[(k * cols + m) / 4u];
-        } else if (BIAS_ROW && k < mp.K && m == cols) {
-            x = vec4(1.0, 0.0, 0.0, 0.0);
-        }
+        if (k < mp.K && m < cols) { x = a4[(k * cols + m) / 4u]; }
     } else {
         // A (M, K): a vec4 runs along k; its 4 values go to 4 k-rows of the tile.
         var m = m0 + v / (BK / 4u);
@@ -235,12 +231,21 @@ fn epilogue4(o: u32, y: vec4<f32>) -> vec4<f32> {
 // out[m, n..n+4] (+)= v (+ bias), if inside: N % 4 == 0, so 4 columns are wholly inside or wholly outside.
 // Then the epilogue (EPILOGUE is 0 with split-K: the slabs are partial sums).
 fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
-    if (m >= mp.M || n >= mp.N) { return; }
+    if (m >= select(mp.M, mp.M - 1u, BIAS_ROW) || n >= mp.N) { return; }
     var y = v;
     if (HAS_BIAS) { y += bias4[n / 4u]; }
     let o = slab + (m * mp.N + n) / 4u;
     if (ACCUMULATE) { y += out4[o]; }
     if (EPILOGUE != 0u) { y = epilogue4(o, y); }
+    out4[o] = y;
+}
+
+// BIAS_ROW: out's last row (mp.M - 1)[n..n+4] (+)= v.
+fn store_bias_row(slab: u32, n: u32, v: vec4<f32>) {
+    if (n >= mp.N) { return; }
+    let o = slab + ((mp.M - 1u) * mp.N + n) / 4u;
+    var y = v;
+    if (ACCUMULATE) { y += out4[o]; }
     out4[o] = y;
 }
 
@@ -298,6 +303,13 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
         workgroupBarrier();
     }
     var cur = 0u;   // DB: the tile copy of the slice being multiplied
+    // BIAS_ROW: the threads of the first row of threads of the first block row sum B's columns (their column
+    // groups) over the slice's k, in order, for out's last row.
+    let bias_thread = BIAS_ROW && wg.y == 0u && lid.y == 0u;
+    var bsum0 = vec4(0.0);
+    var bsum1 = vec4(0.0);
+    var bsum2 = vec4(0.0);
+    var bsum3 = vec4(0.0);
     for (var k0 = k_begin; k0 < k_end; k0 += BK) {
         if (!PREFETCH) {
             load_tiles(m0, n0, k0, tid);
@@ -348,6 +360,14 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
                     acc[15] = outer4(acc[15], a_hi.w, b_hi);
                 }
             }
+            if (bias_thread) {
+                bsum0 += b_lo;
+                if (TN >= 8u) { bsum1 += bs_tile[ob + kk * (BN / 4u) + gb_hi]; }
+                if (TN == 16u) {
+                    bsum2 += bs_tile[ob + kk * (BN / 4u) + gb_2];
+                    bsum3 += bs_tile[ob + kk * (BN / 4u) + gb_3];
+                }
+            }
             if (TN == 16u) {
                 let b_2 = bs_tile[ob + kk * (BN / 4u) + gb_2];
                 let b_3 = bs_tile[ob + kk * (BN / 4u) + gb_3];
@@ -385,6 +405,14 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
 
     let m = m0 + 4u * ga_lo;
     let n = n0 + 4u * gb_lo;
+    if (bias_thread) {
+        store_bias_row(slab, n, bsum0);
+        if (TN >= 8u) { store_bias_row(slab, n0 + 4u * gb_hi, bsum1); }
+        if (TN == 16u) {
+            store_bias_row(slab, n0 + 4u * gb_2, bsum2);
+            store_bias_row(slab, n0 + 4u * gb_3, bsum3);
+        }
+    }
     store4(slab, m, n, acc[0]);
     store4(slab, m + 1u, n, acc[2]);
     store4(slab, m + 2u, n, acc[4]);

@@ -710,7 +710,7 @@ def test_conv1d_fused_epilogues_match_reference(dev):
 # bias_row: the bias gradient as a last row of ones in op(A) of the weight gradient's product
 
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("tiles", ["large", "medium", "uneven"])
+@pytest.mark.parametrize("tiles", ["large", "medium", "uneven", "tn16", "tn16 plain"])
 @pytest.mark.parametrize("max_binding", [None, 90000])   # 90000: two chunks of the 111 rows
 def test_bias_row_product_gives_weight_and_bias_gradients(dev, splits, tiles, max_binding):
     # dW (K_in, N) += inp^T @ dout and db (N,) += column sums of dout, in one product into [dW; db]
@@ -719,8 +719,9 @@ def test_bias_row_product_gives_weight_and_bias_gradients(dev, splits, tiles, ma
     inp = rng.standard_normal((rows, Kin)).astype(np.float32)
     dout = rng.standard_normal((rows, Nout)).astype(np.float32)
     init = rng.standard_normal((Kin + 1, Nout)).astype(np.float32)
+    t = {"tn16": TN16_TILES["64x128 spread double"], "tn16 plain": TN16_TILES["32x64 plain"]}.get(tiles)
     mm = wait(Matmul.create(dev, Kin, Nout, rows, "tn", accumulate=True, bias_row=True,
-                            tiles=dict(TILE_SHAPES[tiles]), splits=splits, max_binding=max_binding))
+                            tiles=dict(t or TILE_SHAPES[tiles]), splits=splits, max_binding=max_binding))
     assert mm.out_rows == Kin + 1 and (max_binding is None or len(mm.chunks) > 1)
     out = upload(dev, init, "out")
     run(dev, lambda seq: mm.dispatch(seq, out=out, a=upload(dev, inp, "inp"), b=upload(dev, dout, "dout")), 2)

@@ -303,9 +303,9 @@ class Matmul:
         out is small), then sums them in order; None picks it per adapter and shape. max_binding (bytes) caps the
         bytes bound per operand below the device limit (tests use it to force row chunks). epilogue: None,
         "gelu", "residual" or "gelu_grad" (see the class docstring; dispatch then takes aux).
-        bias_row (layout tn, the weight gradient): op(A) gets a row of ones below its M rows, so out has M + 1
-        rows and the last one (+)= the column sums of B: a Conv1D's bias gradient in the same pass as its weight
-        gradient, where the bias lies right after the weight (out then binds both)."""
+        bias_row (layout tn, the weight gradient): out has M + 1 rows and the last one (+)= the column sums of B
+        (summed from the staged tiles by the first block row's workgroups): a Conv1D's bias gradient in the same
+        pass as its weight gradient, where the bias lies right after the weight (out then binds both)."""
         if layout not in LAYOUTS:
             raise GPUError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if epilogue is not None and epilogue not in cls.EPILOGUES:
@@ -379,7 +379,8 @@ class Matmul:
             cm, ck = (Mo, n) if layout == "tn" else (n, K)
             kc = -(-ck // (splits * bk)) * bk if splits > 1 else ck   # reduction length per slice
             params = dev.uniform(struct.pack("<4I", cm, N, ck, kc), f"matmul-{layout}-params")
-            chunks.append((start, n, params, (gx, -(-cm // bm), -(-ck // kc)), fold_grid(-(-cm * N // 4 // SUM_WG))))
+            gy = -(-(M if layout == "tn" else n) // bm)      # bias_row's extra row needs no block row of its own
+            chunks.append((start, n, params, (gx, gy, -(-ck // kc)), fold_grid(-(-cm * N // 4 // SUM_WG))))
 
         # The epilogue (bias, accumulate, then EPILOGUE) belongs to the product, or with split-K to the sum of the
         # slices. Later chunks of a tn reduction add into what the first wrote, and add the bias no more; there
