@@ -1,0 +1,110 @@
+"""Source-level variants of matmul_tiled's inner loop, side by side with cuBLAS (experiments for the kernel).
+
+The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK rows of a staged slice:
+  base      as written (the driver decides whether to unroll)
+  unroll2   two rows per iteration, each in its own block
+  unroll4   four rows per iteration
+  unrollBK  the whole slice in one iteration (BK must be a multiple of 8 for the given tiles)
+  frag      the next row's tile values read before this row's products (software pipelining by hand)
+Each is timed with the same tiles on the same products; results are checked against NumPy.
+
+    python bench/bench_matmul_variants.py --sizes 4096x4096x4096 nt:8192x768x3072 --variants base unroll2 frag
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "pkg"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_matmul import parse_size, parse_tiles, time_cublas, time_ours  # noqa: E402
+from common import append_result, device_label  # noqa: E402
+from tabgpt import gpu  # noqa: E402
+from tabgpt.gpu import wait  # noqa: E402
+from tabgpt.ops.matmul import FILE, TILES_LARGE, tiles_label  # noqa: E402
+
+LOOP = "for (var kk = 0u; kk < BK; kk++) {"
+
+
+def split_loop(src: str) -> tuple[str, str, str]:
+    """(text before the kk loop, the loop body, text after it)."""
+    i = src.index(LOOP)
+    j = i + len(LOOP)
+    depth, k = 1, j
+    while depth:
+        depth += {"{": 1, "}": -1}.get(src[k], 0)
+        k += 1
+    return src[:i], src[j:k - 1], src[k:]
+
+
+def with_row(body: str, expr: str) -> str:
+    return re.sub(r"\bkk\b", f"({expr})", body)
+
+
+def variant(src: str, name: str) -> str:
+    head, body, tail = split_loop(src)
+    if name == "base":
+        return src
+    if name.startswith("unroll"):
+        n = {"unroll2": 2, "unroll4": 4, "unrollBK": 8}[name]
+        copies = "".join("{" + with_row(body, f"kq + {r}u") + "}\n" for r in range(n))
+        return head + f"for (var kq = 0u; kq < BK; kq += {n}u) {{\n" + copies + "}" + tail
+    if name == "frag":
+        # Tile values of row kk come from registers loaded during row kk - 1.
+        loads = re.findall(r"let (a_lo|b_lo|a_hi|b_hi|b_2|b_3) = ((?:as|bs)_tile\[[^\]]*\]);", body)
+        names = dict(loads)                               # first load of each name
+        body2 = body
+        for n_, expr in names.items():
+            body2 = re.sub(rf"let {n_} = {re.escape(expr)};", f"let {n_} = f_{n_};", body2)
+        pre = "".join(f"var f_{n_} = {with_row(expr, '0u')};\n" for n_, expr in names.items())
+        nxt = "".join(f"    f_{n_} = {with_row(expr, 'kk + 1u')};\n" for n_, expr in names.items())
+        loop = (pre + LOOP + "\n" + "".join(f"let {n_} = f_{n_};\n" for n_ in names)
+                + "if (kk + 1u < BK) {\n" + nxt + "}\n"
+                + re.sub(r"let (a_lo|b_lo|a_hi|b_hi|b_2|b_3) = f_\1;", "", body2) + "}")
+        return head + loop + tail
+    raise ValueError(name)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", nargs="+", default=["4096x4096x4096"])
+    ap.add_argument("--variants", nargs="+", default=["base", "unroll2", "unroll4", "unrollBK", "frag"])
+    ap.add_argument("--tiles", type=parse_tiles, default=None)
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    tiles = dict(args.tiles or TILES_LARGE)
+    dev = wait(gpu.open_device())
+    base = dev.source(FILE)
+    rows = []
+    for s in args.sizes:
+        layout, M, N, K = parse_size(s, "nn")
+        cublas = time_cublas(M, N, K, layout, args.trials)
+        for name in args.variants:
+            dev._sources[FILE] = variant(base, name)
+            dev._kernels.clear()
+            sec, err, mm = time_ours(dev, M, N, K, layout, None, tiles, 1, 1 if args.quick else args.trials)
+            gf = 2.0 * M * N * K / sec / 1e9
+            share = "-" if cublas is None else f"{100 * cublas / sec:.0f}%"
+            rows.append(f"| {layout} | {M}x{N}x{K} | {name} | {sec * 1e3:.3f} | {gf:.1f} | {share} | {err:.1e} |")
+            print(rows[-1], flush=True)
+    dev._sources[FILE] = base
+    text = (f"## Inner-loop variants of matmul_tiled, {datetime.date.today()}, {device_label(dev)}\n\n"
+            f"`python bench/bench_matmul_variants.py {' '.join(sys.argv[1:])}`: tiles {tiles_label(tiles)}, "
+            "no split-K; best of the trials; cuBLAS fp32 (TF32 off) in the same run.\n\n"
+            "| layout | M x N x K | variant | ms | GFLOP/s | of cuBLAS | max rel err |\n"
+            "| --- | --- | --- | ---: | ---: | ---: | ---: |\n" + "\n".join(rows) + "\n")
+    print(text)
+    if not args.no_write:
+        append_result("matmul", text)
+
+
+if __name__ == "__main__":
+    main()
