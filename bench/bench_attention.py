@@ -10,6 +10,7 @@ a few submissions gives the time per call. The forward's out and the backward's 
     python bench/bench_attention.py --quick --no-write       # tiny shapes: checks that it runs (lavapipe)
     python bench/bench_attention.py --tile 8,16 --tile 8,8,4 # tile shapes TC,NR[,RPT] for all three kernels
     python bench/bench_attention.py --tile 8,16,4/8,8,4/8,8,4    # forward/dq/dkv each its own
+    python bench/bench_attention.py --pipeline both          # software-pipelined inner loops and plain ones
 
 Results are printed as a table and appended to bench/results/attention.md with the date and the device.
 """
@@ -36,6 +37,8 @@ from tabgpt.ops.attention import ENTRIES, Attention, Tile  # noqa: E402
 SIZES = ["8x1024x12x64", "32x256x6x64"]
 QUICK_SIZES = ["2x64x2x32", "1x100x3x64"]
 TARGET_SECONDS = 0.25
+# --pipeline: the PIPELINE forms of the kernels' inner loops to time (software-pipelined True, plain False).
+PIPELINES = {"on": [True], "off": [False], "both": [True, False]}
 
 
 def parse_size(s: str) -> tuple[int, int, int, int]:
@@ -58,11 +61,11 @@ def inputs(B, T, NH, hs, seed=0):
     return qkv, dout
 
 
-def time_ours(dev, B, T, NH, hs, tile, trials):
+def time_ours(dev, B, T, NH, hs, tile, trials, pipeline=True):
     """(forward s, backward s, out, dqkv, Attention)."""
     C = NH * hs
     qkv, dout = inputs(B, T, NH, hs)
-    attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tile))
+    attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tile, pipeline=pipeline))
     b_qkv, b_dout = dev.buffer(qkv.nbytes, "qkv", qkv), dev.buffer(dout.nbytes, "dout", dout)
     b_out, b_lse = dev.buffer(4 * B * T * C, "out"), dev.buffer(4 * B * NH * T, "lse")
     b_dqkv = dev.buffer(qkv.nbytes, "dqkv")
@@ -127,6 +130,11 @@ def main():
     ap.add_argument("--tile", action="append", type=parse_tile,
                     help="TC,NR[,RPT] for all three kernels, or forward/dq/dkv joined by /; repeat to compare "
                          "several (default: per device)")
+    ap.add_argument("--pipeline", choices=sorted(PIPELINES), default="on",
+                    help="the kernels' inner loops software-pipelined (on, the default), plain (off), or both, "
+                         "timed side by side")
+    ap.add_argument("--no-pipeline", dest="pipeline", action="store_const", const="off",
+                    help="same as --pipeline off")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=TARGET_SECONDS, help="time per timed submission")
     ap.add_argument("--no-torch", action="store_true")
@@ -142,26 +150,30 @@ def main():
     for B, T, NH, hs in sizes:
         ref = None if args.no_torch else torch_attention(B, T, NH, hs, trials)
         for tile in args.tile or [None]:
-            t_fwd, t_bwd, out, dqkv, attn = time_ours(dev, B, T, NH, hs, tile, trials)
-            tiles = " ".join(f"{e[len('attention_'):].replace('backward_', '')} {t.TC},{t.NR},{t.RPT}"
-                             for e, t in attn.tiles.items())
-            r = {"size": f"{B}x{T}x{NH}x{hs}", "tiles": tiles, "fwd": t_fwd, "bwd": t_bwd,
-                 "t_fwd": ref and ref[0], "t_bwd": ref and ref[1],
-                 "err_out": ref and rel_err(out, ref[2]), "err_dqkv": ref and rel_err(dqkv, ref[3])}
-            rows.append(r)
-            print(f"{r['size']:>14} {tiles:>36}  fwd {1e3 * t_fwd:8.3f} ms  bwd {1e3 * t_bwd:8.3f} ms", flush=True)
+            for pipeline in PIPELINES[args.pipeline]:
+                t_fwd, t_bwd, out, dqkv, attn = time_ours(dev, B, T, NH, hs, tile, trials, pipeline)
+                tiles = " ".join(f"{e[len('attention_'):].replace('backward_', '')} {t.TC},{t.NR},{t.RPT}"
+                                 for e, t in attn.tiles.items())
+                loops = "pipelined" if pipeline else "plain"
+                r = {"size": f"{B}x{T}x{NH}x{hs}", "tiles": tiles, "loops": loops, "fwd": t_fwd, "bwd": t_bwd,
+                     "t_fwd": ref and ref[0], "t_bwd": ref and ref[1],
+                     "err_out": ref and rel_err(out, ref[2]), "err_dqkv": ref and rel_err(dqkv, ref[3])}
+                rows.append(r)
+                print(f"{r['size']:>14} {tiles:>36} {loops:>9}  fwd {1e3 * t_fwd:8.3f} ms  bwd {1e3 * t_bwd:8.3f} ms",
+                      flush=True)
 
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
     lines = [f"## Causal attention f32, {datetime.date.today()}, {device} ({dev.backend})", "",
              f"`python bench/bench_attention.py {' '.join(sys.argv[1:])}`: best of {trials}; PyTorch "
-             "scaled_dot_product_attention fp32 (is_causal, TF32 off); tiles: kernel TC,NR,RPT.", "",
-             "| B x T x NH x hs | tiles | fwd ms | bwd ms | PyTorch fwd ms | PyTorch bwd ms | fwd vs PyTorch "
+             "scaled_dot_product_attention fp32 (is_causal, TF32 off); tiles: kernel TC,NR,RPT; loops: inner loops "
+             "software-pipelined (PIPELINE) or plain.", "",
+             "| B x T x NH x hs | tiles | loops | fwd ms | bwd ms | PyTorch fwd ms | PyTorch bwd ms | fwd vs PyTorch "
              "| bwd vs PyTorch | max rel err out / dqkv |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         errs = "-" if r["err_out"] is None else f"{r['err_out']:.1e} / {r['err_dqkv']:.1e}"
-        lines.append(f"| {r['size']} | {r['tiles']} | {1e3 * r['fwd']:.3f} | {1e3 * r['bwd']:.3f} "
+        lines.append(f"| {r['size']} | {r['tiles']} | {r['loops']} | {1e3 * r['fwd']:.3f} | {1e3 * r['bwd']:.3f} "
                      f"| {fmt(r['t_fwd'] and 1e3 * r['t_fwd'], '.3f')} | {fmt(r['t_bwd'] and 1e3 * r['t_bwd'], '.3f')} "
                      f"| {ratio(r['fwd'], r['t_fwd'])} | {ratio(r['bwd'], r['t_bwd'])} | {errs} |")
     text = "\n".join(lines) + "\n"

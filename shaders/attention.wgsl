@@ -28,6 +28,12 @@
 // different rows hit different banks); `mat` holds the score-shaped f32 tiles, rows BS + 1 apart. Their sizes
 // SMV and SMS (and TC, NR, DS) are override constants the Python side picks to fit the device.
 // Register tiles are named variables, not arrays: dynamically indexed private arrays are slow everywhere.
+// PIPELINE (default true): the inner loops (over a tile's dims d4 for scores, over its rows j / i for the
+// accumulations) read the values of step n + 1 from `tiles` and `mat` into registers (the f_* variables) during
+// step n's FMAs: software pipelining, as in matmul.wgsl (the reads' latency hides behind the arithmetic; 10%
+// for the matmul on an H100). PIPELINE = false reads them at the top of each step (the old form, kept for side
+// by side measurement; its step-0 reads before each loop are dead code, overwritten before use). Same FMAs in the
+// same order either way: the results are bit-identical.
 
 struct AttnParams { B: u32, T: u32, NH: u32, _pad: u32 }
 
@@ -49,6 +55,7 @@ override RPT: u32 = 2u;      // rows per thread, 2 or 4
 override DS: u32 = 1u;       // chunks of 8 TC dims per head
 override SMV: u32 = 1u;      // vec4s of `tiles`
 override SMS: u32 = 1u;      // f32s of `mat`
+override PIPELINE: bool = true;   // inner loops read their next step's values during the current step's FMAs
 override H4: u32 = HS / 4u;
 override H4P: u32 = H4 + 1u;
 override BR: u32 = RPT * NR;
@@ -165,16 +172,58 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation
         var s_b = vec4(0.0);
         var s_c = vec4(0.0);
         var s_d = vec4(0.0);
+        // f_*: the values of dims d4, read during d4 - 1's products (PIPELINE) or at the top of step d4.
+        var f_k_0 = tiles[K0 + tc * H4P];
+        var f_k_1 = tiles[K0 + (tc + TC) * H4P];
+        var f_k_2 = tiles[K0 + (tc + 2u * TC) * H4P];
+        var f_k_3 = tiles[K0 + (tc + 3u * TC) * H4P];
+        var f_q_a = tiles[Q0 + ra * H4P];
+        var f_q_b = tiles[Q0 + rb * H4P];
+        var f_q_c = vec4(0.0);
+        var f_q_d = vec4(0.0);
+        if (RPT == 4u) {
+            f_q_c = tiles[Q0 + rc * H4P];
+            f_q_d = tiles[Q0 + rd * H4P];
+        }
         for (var d4 = 0u; d4 < H4; d4++) {
-            let k_0 = tiles[K0 + tc * H4P + d4];
-            let k_1 = tiles[K0 + (tc + TC) * H4P + d4];
-            let k_2 = tiles[K0 + (tc + 2u * TC) * H4P + d4];
-            let k_3 = tiles[K0 + (tc + 3u * TC) * H4P + d4];
-            s_a = qk4(s_a, tiles[Q0 + ra * H4P + d4], k_0, k_1, k_2, k_3);
-            s_b = qk4(s_b, tiles[Q0 + rb * H4P + d4], k_0, k_1, k_2, k_3);
+            if (!PIPELINE) {
+                f_k_0 = tiles[K0 + tc * H4P + d4];
+                f_k_1 = tiles[K0 + (tc + TC) * H4P + d4];
+                f_k_2 = tiles[K0 + (tc + 2u * TC) * H4P + d4];
+                f_k_3 = tiles[K0 + (tc + 3u * TC) * H4P + d4];
+                f_q_a = tiles[Q0 + ra * H4P + d4];
+                f_q_b = tiles[Q0 + rb * H4P + d4];
+                if (RPT == 4u) {
+                    f_q_c = tiles[Q0 + rc * H4P + d4];
+                    f_q_d = tiles[Q0 + rd * H4P + d4];
+                }
+            }
+            let k_0 = f_k_0;
+            let k_1 = f_k_1;
+            let k_2 = f_k_2;
+            let k_3 = f_k_3;
+            let q_a = f_q_a;
+            let q_b = f_q_b;
+            let q_c = f_q_c;
+            let q_d = f_q_d;
+            if (PIPELINE && d4 + 1u < H4) {
+                let n = d4 + 1u;
+                f_k_0 = tiles[K0 + tc * H4P + n];
+                f_k_1 = tiles[K0 + (tc + TC) * H4P + n];
+                f_k_2 = tiles[K0 + (tc + 2u * TC) * H4P + n];
+                f_k_3 = tiles[K0 + (tc + 3u * TC) * H4P + n];
+                f_q_a = tiles[Q0 + ra * H4P + n];
+                f_q_b = tiles[Q0 + rb * H4P + n];
+                if (RPT == 4u) {
+                    f_q_c = tiles[Q0 + rc * H4P + n];
+                    f_q_d = tiles[Q0 + rd * H4P + n];
+                }
+            }
+            s_a = qk4(s_a, q_a, k_0, k_1, k_2, k_3);
+            s_b = qk4(s_b, q_b, k_0, k_1, k_2, k_3);
             if (RPT == 4u) {
-                s_c = qk4(s_c, tiles[Q0 + rc * H4P + d4], k_0, k_1, k_2, k_3);
-                s_d = qk4(s_d, tiles[Q0 + rd * H4P + d4], k_0, k_1, k_2, k_3);
+                s_c = qk4(s_c, q_c, k_0, k_1, k_2, k_3);
+                s_d = qk4(s_d, q_d, k_0, k_1, k_2, k_3);
             }
         }
         let keys = vec4(k0 + tc) + vec4(0u, TC, 2u * TC, 3u * TC);
@@ -221,12 +270,45 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation
             store4(P0 + rd * (BS + 1u) + tc, select(vec4(0.0), exp(s_d - mn.w), ok_d));
         }
         workgroupBarrier();
-        // 3. acc += P V and l += rowsum(P) over the tile's keys.
+        // 3. acc += P V and l += rowsum(P) over the tile's keys (f_*: key j's values, as in step 1).
+        var f_vj_0 = tiles[V0 + e0];
+        var f_vj_1 = tiles[V0 + e1];
+        var f_pa = mat[P0 + ra * (BS + 1u)];
+        var f_pb = mat[P0 + rb * (BS + 1u)];
+        var f_pc = 0.0;
+        var f_pd = 0.0;
+        if (RPT == 4u) {
+            f_pc = mat[P0 + rc * (BS + 1u)];
+            f_pd = mat[P0 + rd * (BS + 1u)];
+        }
         for (var j = 0u; j < BS; j++) {
-            let v_0 = tiles[V0 + j * H4P + e0];
-            let v_1 = tiles[V0 + j * H4P + e1];
-            let pa = mat[P0 + ra * (BS + 1u) + j];
-            let pb = mat[P0 + rb * (BS + 1u) + j];
+            if (!PIPELINE) {
+                f_vj_0 = tiles[V0 + j * H4P + e0];
+                f_vj_1 = tiles[V0 + j * H4P + e1];
+                f_pa = mat[P0 + ra * (BS + 1u) + j];
+                f_pb = mat[P0 + rb * (BS + 1u) + j];
+                if (RPT == 4u) {
+                    f_pc = mat[P0 + rc * (BS + 1u) + j];
+                    f_pd = mat[P0 + rd * (BS + 1u) + j];
+                }
+            }
+            let v_0 = f_vj_0;
+            let v_1 = f_vj_1;
+            let pa = f_pa;
+            let pb = f_pb;
+            let pc = f_pc;
+            let pd = f_pd;
+            if (PIPELINE && j + 1u < BS) {
+                let n = j + 1u;
+                f_vj_0 = tiles[V0 + n * H4P + e0];
+                f_vj_1 = tiles[V0 + n * H4P + e1];
+                f_pa = mat[P0 + ra * (BS + 1u) + n];
+                f_pb = mat[P0 + rb * (BS + 1u) + n];
+                if (RPT == 4u) {
+                    f_pc = mat[P0 + rc * (BS + 1u) + n];
+                    f_pd = mat[P0 + rd * (BS + 1u) + n];
+                }
+            }
             l.x += pa;
             l.y += pb;
             acc_a0 = axpy4(pa, v_0, acc_a0);
@@ -234,8 +316,6 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation
             acc_b0 = axpy4(pb, v_0, acc_b0);
             acc_b1 = axpy4(pb, v_1, acc_b1);
             if (RPT == 4u) {
-                let pc = mat[P0 + rc * (BS + 1u) + j];
-                let pd = mat[P0 + rd * (BS + 1u) + j];
                 l.z += pc;
                 l.w += pd;
                 acc_c0 = axpy4(pc, v_0, acc_c0);
@@ -337,26 +417,98 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoca
         var dp_b = vec4(0.0);
         var dp_c = vec4(0.0);
         var dp_d = vec4(0.0);
+        // f_*: the values of dims d4, read during d4 - 1's products (PIPELINE) or at the top of step d4.
+        var f_k_0 = tiles[K0 + tc * H4P];
+        var f_k_1 = tiles[K0 + (tc + TC) * H4P];
+        var f_k_2 = tiles[K0 + (tc + 2u * TC) * H4P];
+        var f_k_3 = tiles[K0 + (tc + 3u * TC) * H4P];
+        var f_q_a = tiles[Q0 + ra * H4P];
+        var f_q_b = tiles[Q0 + rb * H4P];
+        var f_q_c = vec4(0.0);
+        var f_q_d = vec4(0.0);
+        var f_v_0 = tiles[V0 + tc * H4P];
+        var f_v_1 = tiles[V0 + (tc + TC) * H4P];
+        var f_v_2 = tiles[V0 + (tc + 2u * TC) * H4P];
+        var f_v_3 = tiles[V0 + (tc + 3u * TC) * H4P];
+        var f_g_a = tiles[DO0 + ra * H4P];
+        var f_g_b = tiles[DO0 + rb * H4P];
+        var f_g_c = vec4(0.0);
+        var f_g_d = vec4(0.0);
+        if (RPT == 4u) {
+            f_q_c = tiles[Q0 + rc * H4P];
+            f_q_d = tiles[Q0 + rd * H4P];
+            f_g_c = tiles[DO0 + rc * H4P];
+            f_g_d = tiles[DO0 + rd * H4P];
+        }
         for (var d4 = 0u; d4 < H4; d4++) {
-            let k_0 = tiles[K0 + tc * H4P + d4];
-            let k_1 = tiles[K0 + (tc + TC) * H4P + d4];
-            let k_2 = tiles[K0 + (tc + 2u * TC) * H4P + d4];
-            let k_3 = tiles[K0 + (tc + 3u * TC) * H4P + d4];
-            s_a = qk4(s_a, tiles[Q0 + ra * H4P + d4], k_0, k_1, k_2, k_3);
-            s_b = qk4(s_b, tiles[Q0 + rb * H4P + d4], k_0, k_1, k_2, k_3);
-            if (RPT == 4u) {
-                s_c = qk4(s_c, tiles[Q0 + rc * H4P + d4], k_0, k_1, k_2, k_3);
-                s_d = qk4(s_d, tiles[Q0 + rd * H4P + d4], k_0, k_1, k_2, k_3);
+            if (!PIPELINE) {
+                f_k_0 = tiles[K0 + tc * H4P + d4];
+                f_k_1 = tiles[K0 + (tc + TC) * H4P + d4];
+                f_k_2 = tiles[K0 + (tc + 2u * TC) * H4P + d4];
+                f_k_3 = tiles[K0 + (tc + 3u * TC) * H4P + d4];
+                f_q_a = tiles[Q0 + ra * H4P + d4];
+                f_q_b = tiles[Q0 + rb * H4P + d4];
+                f_v_0 = tiles[V0 + tc * H4P + d4];
+                f_v_1 = tiles[V0 + (tc + TC) * H4P + d4];
+                f_v_2 = tiles[V0 + (tc + 2u * TC) * H4P + d4];
+                f_v_3 = tiles[V0 + (tc + 3u * TC) * H4P + d4];
+                f_g_a = tiles[DO0 + ra * H4P + d4];
+                f_g_b = tiles[DO0 + rb * H4P + d4];
+                if (RPT == 4u) {
+                    f_q_c = tiles[Q0 + rc * H4P + d4];
+                    f_q_d = tiles[Q0 + rd * H4P + d4];
+                    f_g_c = tiles[DO0 + rc * H4P + d4];
+                    f_g_d = tiles[DO0 + rd * H4P + d4];
+                }
             }
-            let v_0 = tiles[V0 + tc * H4P + d4];
-            let v_1 = tiles[V0 + (tc + TC) * H4P + d4];
-            let v_2 = tiles[V0 + (tc + 2u * TC) * H4P + d4];
-            let v_3 = tiles[V0 + (tc + 3u * TC) * H4P + d4];
-            dp_a = qk4(dp_a, tiles[DO0 + ra * H4P + d4], v_0, v_1, v_2, v_3);
-            dp_b = qk4(dp_b, tiles[DO0 + rb * H4P + d4], v_0, v_1, v_2, v_3);
+            let k_0 = f_k_0;
+            let k_1 = f_k_1;
+            let k_2 = f_k_2;
+            let k_3 = f_k_3;
+            let q_a = f_q_a;
+            let q_b = f_q_b;
+            let q_c = f_q_c;
+            let q_d = f_q_d;
+            let v_0 = f_v_0;
+            let v_1 = f_v_1;
+            let v_2 = f_v_2;
+            let v_3 = f_v_3;
+            let g_a = f_g_a;
+            let g_b = f_g_b;
+            let g_c = f_g_c;
+            let g_d = f_g_d;
+            if (PIPELINE && d4 + 1u < H4) {
+                let n = d4 + 1u;
+                f_k_0 = tiles[K0 + tc * H4P + n];
+                f_k_1 = tiles[K0 + (tc + TC) * H4P + n];
+                f_k_2 = tiles[K0 + (tc + 2u * TC) * H4P + n];
+                f_k_3 = tiles[K0 + (tc + 3u * TC) * H4P + n];
+                f_q_a = tiles[Q0 + ra * H4P + n];
+                f_q_b = tiles[Q0 + rb * H4P + n];
+                f_v_0 = tiles[V0 + tc * H4P + n];
+                f_v_1 = tiles[V0 + (tc + TC) * H4P + n];
+                f_v_2 = tiles[V0 + (tc + 2u * TC) * H4P + n];
+                f_v_3 = tiles[V0 + (tc + 3u * TC) * H4P + n];
+                f_g_a = tiles[DO0 + ra * H4P + n];
+                f_g_b = tiles[DO0 + rb * H4P + n];
+                if (RPT == 4u) {
+                    f_q_c = tiles[Q0 + rc * H4P + n];
+                    f_q_d = tiles[Q0 + rd * H4P + n];
+                    f_g_c = tiles[DO0 + rc * H4P + n];
+                    f_g_d = tiles[DO0 + rd * H4P + n];
+                }
+            }
+            s_a = qk4(s_a, q_a, k_0, k_1, k_2, k_3);
+            s_b = qk4(s_b, q_b, k_0, k_1, k_2, k_3);
             if (RPT == 4u) {
-                dp_c = qk4(dp_c, tiles[DO0 + rc * H4P + d4], v_0, v_1, v_2, v_3);
-                dp_d = qk4(dp_d, tiles[DO0 + rd * H4P + d4], v_0, v_1, v_2, v_3);
+                s_c = qk4(s_c, q_c, k_0, k_1, k_2, k_3);
+                s_d = qk4(s_d, q_d, k_0, k_1, k_2, k_3);
+            }
+            dp_a = qk4(dp_a, g_a, v_0, v_1, v_2, v_3);
+            dp_b = qk4(dp_b, g_b, v_0, v_1, v_2, v_3);
+            if (RPT == 4u) {
+                dp_c = qk4(dp_c, g_c, v_0, v_1, v_2, v_3);
+                dp_d = qk4(dp_d, g_d, v_0, v_1, v_2, v_3);
             }
         }
         let keys = vec4(k0 + tc) + vec4(0u, TC, 2u * TC, 3u * TC);
@@ -371,19 +523,50 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoca
             store4(rd * (BS + 1u) + tc, p_d * (dp_d - delta4.w));
         }
         workgroupBarrier();
-        // 2. acc += dS K over the tile's keys.
+        // 2. acc += dS K over the tile's keys (f_*: key j's values, as in step 1).
+        var f_kj_0 = tiles[K0 + e0];
+        var f_kj_1 = tiles[K0 + e1];
+        var f_dsa = mat[ra * (BS + 1u)];
+        var f_dsb = mat[rb * (BS + 1u)];
+        var f_dsc = 0.0;
+        var f_dsd = 0.0;
+        if (RPT == 4u) {
+            f_dsc = mat[rc * (BS + 1u)];
+            f_dsd = mat[rd * (BS + 1u)];
+        }
         for (var j = 0u; j < BS; j++) {
-            let k_0 = tiles[K0 + j * H4P + e0];
-            let k_1 = tiles[K0 + j * H4P + e1];
-            let dsa = mat[ra * (BS + 1u) + j];
-            let dsb = mat[rb * (BS + 1u) + j];
+            if (!PIPELINE) {
+                f_kj_0 = tiles[K0 + j * H4P + e0];
+                f_kj_1 = tiles[K0 + j * H4P + e1];
+                f_dsa = mat[ra * (BS + 1u) + j];
+                f_dsb = mat[rb * (BS + 1u) + j];
+                if (RPT == 4u) {
+                    f_dsc = mat[rc * (BS + 1u) + j];
+                    f_dsd = mat[rd * (BS + 1u) + j];
+                }
+            }
+            let k_0 = f_kj_0;
+            let k_1 = f_kj_1;
+            let dsa = f_dsa;
+            let dsb = f_dsb;
+            let dsc = f_dsc;
+            let dsd = f_dsd;
+            if (PIPELINE && j + 1u < BS) {
+                let n = j + 1u;
+                f_kj_0 = tiles[K0 + n * H4P + e0];
+                f_kj_1 = tiles[K0 + n * H4P + e1];
+                f_dsa = mat[ra * (BS + 1u) + n];
+                f_dsb = mat[rb * (BS + 1u) + n];
+                if (RPT == 4u) {
+                    f_dsc = mat[rc * (BS + 1u) + n];
+                    f_dsd = mat[rd * (BS + 1u) + n];
+                }
+            }
             acc_a0 = axpy4(dsa, k_0, acc_a0);
             acc_a1 = axpy4(dsa, k_1, acc_a1);
             acc_b0 = axpy4(dsb, k_0, acc_b0);
             acc_b1 = axpy4(dsb, k_1, acc_b1);
             if (RPT == 4u) {
-                let dsc = mat[rc * (BS + 1u) + j];
-                let dsd = mat[rd * (BS + 1u) + j];
                 acc_c0 = axpy4(dsc, k_0, acc_c0);
                 acc_c1 = axpy4(dsc, k_1, acc_c1);
                 acc_d0 = axpy4(dsd, k_0, acc_d0);
@@ -476,26 +659,98 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
         var dp_b = vec4(0.0);
         var dp_c = vec4(0.0);
         var dp_d = vec4(0.0);
+        // f_*: the values of dims d4, read during d4 - 1's products (PIPELINE) or at the top of step d4.
+        var f_q_0 = tiles[Q0 + tc * H4P];
+        var f_q_1 = tiles[Q0 + (tc + TC) * H4P];
+        var f_q_2 = tiles[Q0 + (tc + 2u * TC) * H4P];
+        var f_q_3 = tiles[Q0 + (tc + 3u * TC) * H4P];
+        var f_k_a = tiles[K0 + ra * H4P];
+        var f_k_b = tiles[K0 + rb * H4P];
+        var f_k_c = vec4(0.0);
+        var f_k_d = vec4(0.0);
+        var f_g_0 = tiles[DO0 + tc * H4P];
+        var f_g_1 = tiles[DO0 + (tc + TC) * H4P];
+        var f_g_2 = tiles[DO0 + (tc + 2u * TC) * H4P];
+        var f_g_3 = tiles[DO0 + (tc + 3u * TC) * H4P];
+        var f_v_a = tiles[V0 + ra * H4P];
+        var f_v_b = tiles[V0 + rb * H4P];
+        var f_v_c = vec4(0.0);
+        var f_v_d = vec4(0.0);
+        if (RPT == 4u) {
+            f_k_c = tiles[K0 + rc * H4P];
+            f_k_d = tiles[K0 + rd * H4P];
+            f_v_c = tiles[V0 + rc * H4P];
+            f_v_d = tiles[V0 + rd * H4P];
+        }
         for (var d4 = 0u; d4 < H4; d4++) {
-            let q_0 = tiles[Q0 + tc * H4P + d4];
-            let q_1 = tiles[Q0 + (tc + TC) * H4P + d4];
-            let q_2 = tiles[Q0 + (tc + 2u * TC) * H4P + d4];
-            let q_3 = tiles[Q0 + (tc + 3u * TC) * H4P + d4];
-            s_a = qk4(s_a, tiles[K0 + ra * H4P + d4], q_0, q_1, q_2, q_3);
-            s_b = qk4(s_b, tiles[K0 + rb * H4P + d4], q_0, q_1, q_2, q_3);
-            if (RPT == 4u) {
-                s_c = qk4(s_c, tiles[K0 + rc * H4P + d4], q_0, q_1, q_2, q_3);
-                s_d = qk4(s_d, tiles[K0 + rd * H4P + d4], q_0, q_1, q_2, q_3);
+            if (!PIPELINE) {
+                f_q_0 = tiles[Q0 + tc * H4P + d4];
+                f_q_1 = tiles[Q0 + (tc + TC) * H4P + d4];
+                f_q_2 = tiles[Q0 + (tc + 2u * TC) * H4P + d4];
+                f_q_3 = tiles[Q0 + (tc + 3u * TC) * H4P + d4];
+                f_k_a = tiles[K0 + ra * H4P + d4];
+                f_k_b = tiles[K0 + rb * H4P + d4];
+                f_g_0 = tiles[DO0 + tc * H4P + d4];
+                f_g_1 = tiles[DO0 + (tc + TC) * H4P + d4];
+                f_g_2 = tiles[DO0 + (tc + 2u * TC) * H4P + d4];
+                f_g_3 = tiles[DO0 + (tc + 3u * TC) * H4P + d4];
+                f_v_a = tiles[V0 + ra * H4P + d4];
+                f_v_b = tiles[V0 + rb * H4P + d4];
+                if (RPT == 4u) {
+                    f_k_c = tiles[K0 + rc * H4P + d4];
+                    f_k_d = tiles[K0 + rd * H4P + d4];
+                    f_v_c = tiles[V0 + rc * H4P + d4];
+                    f_v_d = tiles[V0 + rd * H4P + d4];
+                }
             }
-            let g_0 = tiles[DO0 + tc * H4P + d4];
-            let g_1 = tiles[DO0 + (tc + TC) * H4P + d4];
-            let g_2 = tiles[DO0 + (tc + 2u * TC) * H4P + d4];
-            let g_3 = tiles[DO0 + (tc + 3u * TC) * H4P + d4];
-            dp_a = qk4(dp_a, tiles[V0 + ra * H4P + d4], g_0, g_1, g_2, g_3);
-            dp_b = qk4(dp_b, tiles[V0 + rb * H4P + d4], g_0, g_1, g_2, g_3);
+            let q_0 = f_q_0;
+            let q_1 = f_q_1;
+            let q_2 = f_q_2;
+            let q_3 = f_q_3;
+            let k_a = f_k_a;
+            let k_b = f_k_b;
+            let k_c = f_k_c;
+            let k_d = f_k_d;
+            let g_0 = f_g_0;
+            let g_1 = f_g_1;
+            let g_2 = f_g_2;
+            let g_3 = f_g_3;
+            let v_a = f_v_a;
+            let v_b = f_v_b;
+            let v_c = f_v_c;
+            let v_d = f_v_d;
+            if (PIPELINE && d4 + 1u < H4) {
+                let n = d4 + 1u;
+                f_q_0 = tiles[Q0 + tc * H4P + n];
+                f_q_1 = tiles[Q0 + (tc + TC) * H4P + n];
+                f_q_2 = tiles[Q0 + (tc + 2u * TC) * H4P + n];
+                f_q_3 = tiles[Q0 + (tc + 3u * TC) * H4P + n];
+                f_k_a = tiles[K0 + ra * H4P + n];
+                f_k_b = tiles[K0 + rb * H4P + n];
+                f_g_0 = tiles[DO0 + tc * H4P + n];
+                f_g_1 = tiles[DO0 + (tc + TC) * H4P + n];
+                f_g_2 = tiles[DO0 + (tc + 2u * TC) * H4P + n];
+                f_g_3 = tiles[DO0 + (tc + 3u * TC) * H4P + n];
+                f_v_a = tiles[V0 + ra * H4P + n];
+                f_v_b = tiles[V0 + rb * H4P + n];
+                if (RPT == 4u) {
+                    f_k_c = tiles[K0 + rc * H4P + n];
+                    f_k_d = tiles[K0 + rd * H4P + n];
+                    f_v_c = tiles[V0 + rc * H4P + n];
+                    f_v_d = tiles[V0 + rd * H4P + n];
+                }
+            }
+            s_a = qk4(s_a, k_a, q_0, q_1, q_2, q_3);
+            s_b = qk4(s_b, k_b, q_0, q_1, q_2, q_3);
             if (RPT == 4u) {
-                dp_c = qk4(dp_c, tiles[V0 + rc * H4P + d4], g_0, g_1, g_2, g_3);
-                dp_d = qk4(dp_d, tiles[V0 + rd * H4P + d4], g_0, g_1, g_2, g_3);
+                s_c = qk4(s_c, k_c, q_0, q_1, q_2, q_3);
+                s_d = qk4(s_d, k_d, q_0, q_1, q_2, q_3);
+            }
+            dp_a = qk4(dp_a, v_a, g_0, g_1, g_2, g_3);
+            dp_b = qk4(dp_b, v_b, g_0, g_1, g_2, g_3);
+            if (RPT == 4u) {
+                dp_c = qk4(dp_c, v_c, g_0, g_1, g_2, g_3);
+                dp_d = qk4(dp_d, v_d, g_0, g_1, g_2, g_3);
             }
         }
         let j = vec4(tc) + vec4(0u, TC, 2u * TC, 3u * TC);     // the queries' places in the tile
@@ -518,16 +773,71 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
             store4(DS0 + rd * (BS + 1u) + tc, p_d * (dp_d - delta4));
         }
         workgroupBarrier();
-        // 2. dv += P^T dO and dk += dS^T Q over the tile's queries.
+        // 2. dv += P^T dO and dk += dS^T Q over the tile's queries (f_*: query i's values, as in step 1).
+        var f_qi_0 = tiles[Q0 + e0];
+        var f_qi_1 = tiles[Q0 + e1];
+        var f_gi_0 = tiles[DO0 + e0];
+        var f_gi_1 = tiles[DO0 + e1];
+        var f_pa = mat[P0 + ra * (BS + 1u)];
+        var f_pb = mat[P0 + rb * (BS + 1u)];
+        var f_dsa = mat[DS0 + ra * (BS + 1u)];
+        var f_dsb = mat[DS0 + rb * (BS + 1u)];
+        var f_pc = 0.0;
+        var f_pd = 0.0;
+        var f_dsc = 0.0;
+        var f_dsd = 0.0;
+        if (RPT == 4u) {
+            f_pc = mat[P0 + rc * (BS + 1u)];
+            f_pd = mat[P0 + rd * (BS + 1u)];
+            f_dsc = mat[DS0 + rc * (BS + 1u)];
+            f_dsd = mat[DS0 + rd * (BS + 1u)];
+        }
         for (var i = 0u; i < BS; i++) {
-            let q_0 = tiles[Q0 + i * H4P + e0];
-            let q_1 = tiles[Q0 + i * H4P + e1];
-            let g_0 = tiles[DO0 + i * H4P + e0];
-            let g_1 = tiles[DO0 + i * H4P + e1];
-            let pa = mat[P0 + ra * (BS + 1u) + i];
-            let pb = mat[P0 + rb * (BS + 1u) + i];
-            let dsa = mat[DS0 + ra * (BS + 1u) + i];
-            let dsb = mat[DS0 + rb * (BS + 1u) + i];
+            if (!PIPELINE) {
+                f_qi_0 = tiles[Q0 + i * H4P + e0];
+                f_qi_1 = tiles[Q0 + i * H4P + e1];
+                f_gi_0 = tiles[DO0 + i * H4P + e0];
+                f_gi_1 = tiles[DO0 + i * H4P + e1];
+                f_pa = mat[P0 + ra * (BS + 1u) + i];
+                f_pb = mat[P0 + rb * (BS + 1u) + i];
+                f_dsa = mat[DS0 + ra * (BS + 1u) + i];
+                f_dsb = mat[DS0 + rb * (BS + 1u) + i];
+                if (RPT == 4u) {
+                    f_pc = mat[P0 + rc * (BS + 1u) + i];
+                    f_pd = mat[P0 + rd * (BS + 1u) + i];
+                    f_dsc = mat[DS0 + rc * (BS + 1u) + i];
+                    f_dsd = mat[DS0 + rd * (BS + 1u) + i];
+                }
+            }
+            let q_0 = f_qi_0;
+            let q_1 = f_qi_1;
+            let g_0 = f_gi_0;
+            let g_1 = f_gi_1;
+            let pa = f_pa;
+            let pb = f_pb;
+            let dsa = f_dsa;
+            let dsb = f_dsb;
+            let pc = f_pc;
+            let pd = f_pd;
+            let dsc = f_dsc;
+            let dsd = f_dsd;
+            if (PIPELINE && i + 1u < BS) {
+                let n = i + 1u;
+                f_qi_0 = tiles[Q0 + n * H4P + e0];
+                f_qi_1 = tiles[Q0 + n * H4P + e1];
+                f_gi_0 = tiles[DO0 + n * H4P + e0];
+                f_gi_1 = tiles[DO0 + n * H4P + e1];
+                f_pa = mat[P0 + ra * (BS + 1u) + n];
+                f_pb = mat[P0 + rb * (BS + 1u) + n];
+                f_dsa = mat[DS0 + ra * (BS + 1u) + n];
+                f_dsb = mat[DS0 + rb * (BS + 1u) + n];
+                if (RPT == 4u) {
+                    f_pc = mat[P0 + rc * (BS + 1u) + n];
+                    f_pd = mat[P0 + rd * (BS + 1u) + n];
+                    f_dsc = mat[DS0 + rc * (BS + 1u) + n];
+                    f_dsd = mat[DS0 + rd * (BS + 1u) + n];
+                }
+            }
             dv_a0 = axpy4(pa, g_0, dv_a0);
             dv_a1 = axpy4(pa, g_1, dv_a1);
             dv_b0 = axpy4(pb, g_0, dv_b0);
@@ -537,10 +847,6 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
             dk_b0 = axpy4(dsb, q_0, dk_b0);
             dk_b1 = axpy4(dsb, q_1, dk_b1);
             if (RPT == 4u) {
-                let pc = mat[P0 + rc * (BS + 1u) + i];
-                let pd = mat[P0 + rd * (BS + 1u) + i];
-                let dsc = mat[DS0 + rc * (BS + 1u) + i];
-                let dsd = mat[DS0 + rd * (BS + 1u) + i];
                 dv_c0 = axpy4(pc, g_0, dv_c0);
                 dv_c1 = axpy4(pc, g_1, dv_c1);
                 dv_d0 = axpy4(pd, g_0, dv_d0);

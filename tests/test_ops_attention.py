@@ -1,5 +1,6 @@
 """Fused causal attention (shaders/attention.wgsl) against the float64 NumPy reference: forward (out, lse) and
-backward (dqkv) on awkward shapes and forced tile shapes, T=1, peaky softmaxes, determinism."""
+backward (dqkv) on awkward shapes and forced tile shapes, T=1, peaky softmaxes, determinism; the software-pipelined
+inner loops (PIPELINE, the default) bit-identical to the plain ones."""
 
 import numpy as np
 import pytest
@@ -27,10 +28,12 @@ def lse_reference(qkv, n_head):
     return (m + np.log(np.exp(s - m).sum(axis=-1, keepdims=True)))[..., 0]
 
 
-def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True):
+def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True, pipeline=True):
     """Forward and backward on the GPU; returns (out (B, T, C), lse (B, NH, T), dqkv (B, T, 3C)).
-    tile: a Tile forced on all three tiled kernels (None: each picks its own)."""
-    attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tile and {e: tile for e in ENTRIES}))
+    tile: a Tile forced on all three tiled kernels (None: each picks its own); pipeline: the PIPELINE override."""
+    attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tile and {e: tile for e in ENTRIES},
+                                 pipeline=pipeline))
+    assert all(attn.k[e].constants["PIPELINE"] is pipeline for e in ENTRIES)
     print("tiles:", {e[len("attention_"):]: tuple(vars(t).values()) for e, t in attn.tiles.items()})
     b_qkv = dev.buffer(qkv.nbytes, "qkv", qkv)
     b_out = dev.buffer(4 * B * T * C, "out")
@@ -52,18 +55,23 @@ def rel_err(got, ref):
     return float(np.abs(got.astype(np.float64) - ref).max() / max(1.0, np.abs(ref).max()))
 
 
-def check(dev, B, T, C, NH, seed=0, scale=1.0, tile=None):
+def inputs(B, T, C, seed=0, scale=1.0):
     rng = np.random.default_rng(seed)
     qkv = (scale * rng.standard_normal((B, T, 3 * C))).astype(np.float32)
     dout = rng.standard_normal((B, T, C)).astype(np.float32)
-    out, lse, dqkv = run_attention(dev, B, T, C, NH, qkv, dout, tile)
+    return qkv, dout
+
+
+def check(dev, B, T, C, NH, seed=0, scale=1.0, tile=None, pipeline=True):
+    qkv, dout = inputs(B, T, C, seed, scale)
+    out, lse, dqkv = run_attention(dev, B, T, C, NH, qkv, dout, tile, pipeline=pipeline)
     ref_out, att = reference.attention_forward(qkv, NH)
     ref_dqkv = reference.attention_backward(dout, qkv, att, NH)
     ref_lse = lse_reference(qkv, NH)
     errs = {"out": rel_err(out, ref_out), "lse": rel_err(lse, ref_lse), "dqkv": rel_err(dqkv, ref_dqkv)}
     for part, name in enumerate("qkv"):   # per third, so that a failure says which gradient is off
         errs["d" + name] = rel_err(dqkv[..., part * C:(part + 1) * C], ref_dqkv[..., part * C:(part + 1) * C])
-    shape = f"B={B} T={T} C={C} NH={NH} hs={C // NH} scale={scale} tile={tile}"
+    shape = f"B={B} T={T} C={C} NH={NH} hs={C // NH} scale={scale} tile={tile} pipeline={pipeline}"
     assert np.isfinite(dqkv).all(), f"{shape}: dqkv has non-finite entries (not every element written)"
     assert errs["out"] < TOL_OUT, f"{shape}: out max rel err {errs['out']:.3g} > {TOL_OUT}"
     assert errs["lse"] < TOL_LSE, f"{shape}: lse max rel err {errs['lse']:.3g} > {TOL_LSE}"
@@ -72,9 +80,14 @@ def check(dev, B, T, C, NH, seed=0, scale=1.0, tile=None):
     return errs
 
 
+# Both forms of the kernels' inner loops: software-pipelined (PIPELINE, the default) and plain.
+PIPELINES = pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "plain"])
+
+
+@PIPELINES
 @pytest.mark.parametrize("B,T,C,NH", [(3, 37, 72, 3), (2, 64, 64, 4), (1, 130, 48, 2)])
-def test_attention_matches_reference(dev, B, T, C, NH):
-    check(dev, B, T, C, NH, seed=T)
+def test_attention_matches_reference(dev, B, T, C, NH, pipeline):
+    check(dev, B, T, C, NH, seed=T, pipeline=pipeline)
 
 
 def test_attention_single_token(dev):
@@ -89,18 +102,20 @@ def test_attention_peaky_softmax(dev):
     check(dev, 1, 70, 32, 2, seed=5, scale=3.5)
 
 
+@PIPELINES
 @pytest.mark.parametrize("tile", [Tile(4, 8), Tile(8, 4), Tile(2, 8), Tile(1, 4)])
-def test_attention_workgroup_shapes(dev, tile):
+def test_attention_workgroup_shapes(dev, tile, pipeline):
     # Blocks and streamed tiles of different lengths cut the diagonal unevenly (tiles with fully masked rows);
     # hs=20 (5 vec4s) leaves threads without output dims, and TC=2 or 1 splits each head into 2 or 3 chunks.
-    check(dev, 2, 29, 40, 2, seed=7, tile=tile)
+    check(dev, 2, 29, 40, 2, seed=7, tile=tile, pipeline=pipeline)
 
 
+@PIPELINES
 @pytest.mark.parametrize("tile", [Tile(4, 4, 4), Tile(8, 2, 4), Tile(2, 4, 4), Tile(1, 2, 4)])
-def test_attention_four_rows_per_thread(dev, tile):
+def test_attention_four_rows_per_thread(dev, tile, pipeline):
     # RPT = 4: blocks of 4 NR rows (8 to 16 here) against streamed tiles of 4 to 32 rows; T = 29 leaves partial
     # blocks whose last rows lie past T, and TC = 2 or 1 splits the hs=20 heads into chunks.
-    check(dev, 2, 29, 40, 2, seed=8, tile=tile)
+    check(dev, 2, 29, 40, 2, seed=8, tile=tile, pipeline=pipeline)
 
 
 def test_rows_per_thread_must_be_2_or_4():
@@ -167,3 +182,27 @@ def test_attention_is_deterministic(dev):
     second = run_attention(dev, B, T, C, NH, qkv, dout, garbage_dqkv=False)
     for name, a, b in zip(("out", "lse", "dqkv"), first, second):
         assert np.array_equal(a, b), f"{name}: two runs differ in {int((a != b).sum())} elements"
+
+
+@pytest.mark.parametrize("B,T,C,NH,tile", [
+    (2, 29, 64, 2, Tile(4, 8)),       # hs=32: blocks and streamed tiles of 16 rows, T=29 cuts the last ones
+    (2, 29, 64, 2, Tile(4, 4, 4)),    # hs=32, RPT=4
+    (2, 37, 64, 2, Tile(8, 2, 4)),    # hs=32, RPT=4: blocks of 8 rows against streamed tiles of 32
+    (2, 29, 40, 2, Tile(1, 2, 4)),    # hs=20, RPT=4, heads split into 3 chunks
+    (1, 45, 128, 2, Tile(8, 8)),      # hs=64 (GPT-2) in one chunk
+    (1, 45, 128, 2, Tile(8, 4, 4)),   # hs=64, RPT=4
+    (1, 21, 128, 2, Tile(2, 4, 4)),   # hs=64, RPT=4, heads split into 4 chunks
+    (1, 70, 128, 2, None),            # hs=64, the tiles the device picks
+])
+def test_attention_pipeline_is_bit_identical(dev_full, B, T, C, NH, tile):
+    # PIPELINE only moves the inner loops' workgroup-memory reads one step earlier: the same FMAs in the same
+    # order, so out, lse and dqkv must agree to the bit with the plain loops.
+    if tile and any(tile_problem(e, C // NH, tile, dev_full.limits) for e in ENTRIES):
+        pytest.skip(f"this adapter grants only {dev_full.limits['max-compute-workgroup-storage-size']} bytes")
+    qkv, dout = inputs(B, T, C, seed=T + C)
+    piped = run_attention(dev_full, B, T, C, NH, qkv, dout, tile, pipeline=True)
+    plain = run_attention(dev_full, B, T, C, NH, qkv, dout, tile, pipeline=False)
+    for name, a, b in zip(("out", "lse", "dqkv"), piped, plain):
+        assert np.isfinite(a).all(), f"{name}: non-finite entries"
+        differ = int((a.view(np.uint32) != b.view(np.uint32)).sum())
+        assert differ == 0, f"{name}: PIPELINE true and false differ in {differ} of {a.size} elements"

@@ -17,6 +17,11 @@ element and nothing needs atomics. Results are bit-identical run to run.
 Workgroup shapes are chosen per kernel to fit the device's workgroup memory: small tiles (and heads split
 into chunks of dims) within WebGPU's default 16 KiB, bigger ones where more is granted (32 KiB on lavapipe and
 on SwiftShader in Chromium, 48 KiB on NVIDIA natively).
+
+pipeline=True (the default) has the kernels' inner loops read their next step's workgroup-memory values during
+the current step's FMAs (software pipelining, override PIPELINE); pipeline=False reads them at the top of each
+step, the old form, kept for side by side measurement (bench/bench_attention.py --pipeline both). The results
+are bit-identical either way.
 """
 
 from __future__ import annotations
@@ -96,18 +101,20 @@ def pick_tile(entry: str, hs: int, T: int, limits: dict, rpt: int | None = None)
 
 
 class Attention:
-    def __init__(self, dev, B, T, C, n_head, kernels, tiles, params, delta):
+    def __init__(self, dev, B, T, C, n_head, kernels, tiles, params, delta, pipeline=True):
         self.dev, self.B, self.T, self.C, self.n_head = dev, B, T, C, n_head
         self.hs = C // n_head
         self.k = kernels          # {entry: Kernel}
         self.tiles = tiles        # {entry: Tile}
         self.params = params      # uniform AttnParams
         self.delta = delta        # scratch (B, n_head, T) f32
+        self.pipeline = pipeline  # the PIPELINE override the kernels were compiled with
 
     @classmethod
     async def create(cls, dev: Device, B: int, T: int, C: int, n_head: int,
-                     tiles: dict | None = None) -> "Attention":
-        """Compile the kernels for this shape. tiles={entry: Tile} forces tile shapes (tests, benchmarks)."""
+                     tiles: dict | None = None, pipeline: bool = True) -> "Attention":
+        """Compile the kernels for this shape. tiles={entry: Tile} forces tile shapes (tests, benchmarks);
+        pipeline=False compiles the inner loops without software pipelining (override PIPELINE, same results)."""
         if n_head <= 0 or C % n_head or (C // n_head) % 4:
             raise GPUError(f"attention needs C (n_embd) divisible by n_head and a head size that is a multiple "
                            f"of 4, got C={C}, n_head={n_head}")
@@ -130,11 +137,12 @@ class Attention:
             smv, sms = workgroup_memory(entry, hs, t)
             chosen[entry] = t
             kernels[entry] = await dev.kernel(FILE, entry, constants={
-                "HS": hs, "TC": t.TC, "NR": t.NR, "RPT": t.RPT, "DS": t.chunks(hs), "SMV": smv, "SMS": sms})
+                "HS": hs, "TC": t.TC, "NR": t.NR, "RPT": t.RPT, "DS": t.chunks(hs), "SMV": smv, "SMS": sms,
+                "PIPELINE": bool(pipeline)})
         kernels["attention_backward_delta"] = await dev.kernel(FILE, "attention_backward_delta", constants={"HS": hs})
         params = dev.uniform(struct.pack("<4I", B, T, n_head, 0), "attention-params")
         delta = dev.buffer(4 * B * n_head * T, "attention-delta")
-        return cls(dev, B, T, C, n_head, kernels, chosen, params, delta)
+        return cls(dev, B, T, C, n_head, kernels, chosen, params, delta, bool(pipeline))
 
     def _grid(self, entry: str) -> tuple[int, int, int]:
         t = self.tiles[entry]
