@@ -42,14 +42,15 @@ if [ "$WHAT" = step ]; then
 fi
 if [ "$WHAT" = final ]; then
   python3 -m tabgpt device 2>&1 | tee "$OUT/device.txt"
-  python3 bench/bench_matmul.py --trials 3 --seconds 0.1 --all-layouts --tiles 128,128,16,8,8,spread,prefetch \
-    --tiles 128,128,8,8,8,spread,prefetch,double --tiles 128,128,16,8,8,spread,prefetch,double --tiles auto \
-    2>&1 | tee -a "$OUT/matmul.txt"
+  python3 bench/bench_peak.py 2>&1 | tee -a "$OUT/peak.txt"
+  python3 bench/bench_matmul.py --trials 3 --seconds 0.1 --all-layouts --tiles 128,128,8,8,8,spread,prefetch,double \
+    --tiles auto 2>&1 | tee -a "$OUT/matmul.txt"
+  python3 bench/bench_matmul_variants.py --sizes 4096x4096x4096 nt:8192x768x3072 tn:768x3072x8192 2>&1 \
+    | tee -a "$OUT/matmul.txt"
+  python3 bench/bench_attention.py --trials 3 --pipeline both 2>&1 | tee -a "$OUT/attention.txt"
   python3 bench/profile_step.py --preset browser --write 2>&1 | tee -a "$OUT/profile.txt"
   python3 bench/bench_train.py --preset browser --steps 30 --write 2>&1 | tee -a "$OUT/train.txt"
   python3 bench/bench_train.py --preset gpt2 --steps 6 --write 2>&1 | tee -a "$OUT/train.txt"
-  python3 bench/bench_attention.py --trials 3 --tile 8,32,2/8,16,2/8,16,2 --tile 8,16,4/8,8,4/8,8,4 \
-    --tile 8,16,2/8,16,2/8,16,2 2>&1 | tee -a "$OUT/attention.txt"
 fi
 tar czf "$OUT/results.tgz" bench/results
 true
