@@ -130,8 +130,8 @@ def main():
     ap.add_argument("--tile", action="append", type=parse_tile,
                     help="TC,NR[,RPT] for all three kernels, or forward/dq/dkv joined by /; repeat to compare "
                          "several (default: per device)")
-    ap.add_argument("--pipeline", choices=sorted(PIPELINES), default="on",
-                    help="the kernels' inner loops software-pipelined (on, the default), plain (off), or both, "
+    ap.add_argument("--pipeline", choices=sorted(PIPELINES), default="off",
+                    help="the kernels' inner loops software-pipelined (on), plain (off, the default), or both, "
                          "timed side by side")
     ap.add_argument("--no-pipeline", dest="pipeline", action="store_const", const="off",
                     help="same as --pipeline off")

@@ -28,11 +28,12 @@
 // different rows hit different banks); `mat` holds the score-shaped f32 tiles, rows BS + 1 apart. Their sizes
 // SMV and SMS (and TC, NR, DS) are override constants the Python side picks to fit the device.
 // Register tiles are named variables, not arrays: dynamically indexed private arrays are slow everywhere.
-// PIPELINE (default true): the inner loops (over a tile's dims d4 for scores, over its rows j / i for the
+// PIPELINE (default false): the inner loops (over a tile's dims d4 for scores, over its rows j / i for the
 // accumulations) read the values of step n + 1 from `tiles` and `mat` into registers (the f_* variables) during
 // step n's FMAs: software pipelining, as in matmul.wgsl (the reads' latency hides behind the arithmetic; 10%
-// for the matmul on an H100). PIPELINE = false reads them at the top of each step (the old form, kept for side
-// by side measurement; its step-0 reads before each loop are dead code, overwritten before use). Same FMAs in the
+// for the matmul on an H100, but 25-40% slower for these kernels there: more registers). PIPELINE = false, the
+// default, reads them at the top of each step (its step-0 reads before each loop are dead code, overwritten
+// before use). Same FMAs in the
 // same order either way: the results are bit-identical.
 
 struct AttnParams { B: u32, T: u32, NH: u32, _pad: u32 }
@@ -55,7 +56,7 @@ override RPT: u32 = 2u;      // rows per thread, 2 or 4
 override DS: u32 = 1u;       // chunks of 8 TC dims per head
 override SMV: u32 = 1u;      // vec4s of `tiles`
 override SMS: u32 = 1u;      // f32s of `mat`
-override PIPELINE: bool = true;   // inner loops read their next step's values during the current step's FMAs
+override PIPELINE: bool = false;  // inner loops read their next step's values during the current step's FMAs
 override H4: u32 = HS / 4u;
 override H4P: u32 = H4 + 1u;
 override BR: u32 = RPT * NR;

@@ -1,6 +1,6 @@
 """Fused causal attention (shaders/attention.wgsl) against the float64 NumPy reference: forward (out, lse) and
 backward (dqkv) on awkward shapes and forced tile shapes, T=1, peaky softmaxes, determinism; the software-pipelined
-inner loops (PIPELINE, the default) bit-identical to the plain ones."""
+inner loops (PIPELINE) bit-identical to the plain ones (the default)."""
 
 import numpy as np
 import pytest
@@ -80,7 +80,7 @@ def check(dev, B, T, C, NH, seed=0, scale=1.0, tile=None, pipeline=True):
     return errs
 
 
-# Both forms of the kernels' inner loops: software-pipelined (PIPELINE, the default) and plain.
+# Both forms of the kernels' inner loops: software-pipelined (PIPELINE) and plain (the default).
 PIPELINES = pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "plain"])
 
 

@@ -18,10 +18,11 @@ Workgroup shapes are chosen per kernel to fit the device's workgroup memory: sma
 into chunks of dims) within WebGPU's default 16 KiB, bigger ones where more is granted (32 KiB on lavapipe and
 on SwiftShader in Chromium, 48 KiB on NVIDIA natively).
 
-pipeline=True (the default) has the kernels' inner loops read their next step's workgroup-memory values during
-the current step's FMAs (software pipelining, override PIPELINE); pipeline=False reads them at the top of each
-step, the old form, kept for side by side measurement (bench/bench_attention.py --pipeline both). The results
-are bit-identical either way.
+pipeline=True has the kernels' inner loops read their next step's workgroup-memory values during the current
+step's FMAs (software pipelining, override PIPELINE), which made the matmul 10% faster on an H100 but the
+attention kernels 25-40% slower there (more registers: bench/results/attention.md), so the default, False, reads
+them at the top of each step; bench/bench_attention.py --pipeline both times the two. The results are
+bit-identical either way.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def pick_tile(entry: str, hs: int, T: int, limits: dict, rpt: int | None = None)
 
 
 class Attention:
-    def __init__(self, dev, B, T, C, n_head, kernels, tiles, params, delta, pipeline=True):
+    def __init__(self, dev, B, T, C, n_head, kernels, tiles, params, delta, pipeline=False):
         self.dev, self.B, self.T, self.C, self.n_head = dev, B, T, C, n_head
         self.hs = C // n_head
         self.k = kernels          # {entry: Kernel}
@@ -112,9 +113,9 @@ class Attention:
 
     @classmethod
     async def create(cls, dev: Device, B: int, T: int, C: int, n_head: int,
-                     tiles: dict | None = None, pipeline: bool = True) -> "Attention":
+                     tiles: dict | None = None, pipeline: bool = False) -> "Attention":
         """Compile the kernels for this shape. tiles={entry: Tile} forces tile shapes (tests, benchmarks);
-        pipeline=False compiles the inner loops without software pipelining (override PIPELINE, same results)."""
+        pipeline=True compiles the inner loops with software pipelining (override PIPELINE, same results)."""
         if n_head <= 0 or C % n_head or (C // n_head) % 4:
             raise GPUError(f"attention needs C (n_embd) divisible by n_head and a head size that is a multiple "
                            f"of 4, got C={C}, n_head={n_head}")

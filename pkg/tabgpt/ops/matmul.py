@@ -115,6 +115,7 @@ def shared_scratch(dev: Device, nbytes: int) -> Buffer:
 TUNE_TILES = [
     TILES_LARGE,                                                                   # 16 KiB of workgroup memory
     dict(TILES_LARGE, BK=16, DOUBLE_BUFFER=False),                                 # 16 KiB
+    dict(TILES_LARGE, BK=16),                                                      # 32 KiB (where granted)
     dict(TILES_LARGE, TN=16),                                                      # 128 threads, 8 x 16 each
     {"BM": 128, "BN": 64, "BK": 16, "TM": 8, "TN": 8, "SPREAD": True, "PREFETCH": True},
     {"BM": 64, "BN": 128, "BK": 16, "TM": 8, "TN": 8, "SPREAD": True, "PREFETCH": True},
