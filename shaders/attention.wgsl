@@ -31,7 +31,7 @@
 // PIPELINE (default false): the inner loops (over a tile's dims d4 for scores, over its rows j / i for the
 // accumulations) read the values of step n + 1 from `tiles` and `mat` into registers (the f_* variables) during
 // step n's FMAs: software pipelining, as in matmul.wgsl (the reads' latency hides behind the arithmetic; 10%
-// for the matmul on an H100, but 25-40% slower for these kernels there: more registers). PIPELINE = false, the
+// for the matmul on an H100, but 27-43% slower for these kernels there: more registers). PIPELINE = false, the
 // default, reads them at the top of each step (its step-0 reads before each loop are dead code, overwritten
 // before use). Same FMAs in the
 // same order either way: the results are bit-identical.

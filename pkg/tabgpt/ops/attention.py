@@ -20,7 +20,7 @@ on SwiftShader in Chromium, 48 KiB on NVIDIA natively).
 
 pipeline=True has the kernels' inner loops read their next step's workgroup-memory values during the current
 step's FMAs (software pipelining, override PIPELINE), which made the matmul 10% faster on an H100 but the
-attention kernels 25-40% slower there (more registers: bench/results/attention.md), so the default, False, reads
+attention kernels 27-43% slower there (more registers: bench/results/attention.md), so the default, False, reads
 them at the top of each step; bench/bench_attention.py --pipeline both times the two. The results are
 bit-identical either way.
 """
