@@ -5,6 +5,8 @@ The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK
   unroll2   two rows per iteration, each in its own block
   unroll4   four rows per iteration
   unrollBK  eight rows per iteration (the whole slice at BK = 8)
+  nobarrier diagnostic, wrong results: no workgroupBarrier() in the loop over slices (what the barriers cost)
+  noglobal  diagnostic, wrong results: the slices' global-memory reads replaced by a constant (what they cost)
   frag      (for kernels that read a row's tile values at the top of its iteration) the next row's values
             read before this row's products: software pipelining by hand, which shaders/matmul.wgsl now does
             itself (this variant measured +10% on an H100 and was adopted)
@@ -53,6 +55,15 @@ def variant(src: str, name: str) -> str:
     head, body, tail = split_loop(src)
     if name == "base":
         return src
+    if name == "nobarrier":
+        i = src.index("fn matmul_tiled(")
+        j = src.index("fn matmul_split_sum(")
+        return src[:i] + src[i:j].replace("workgroupBarrier();", "") + src[j:]
+    if name == "noglobal":
+        return (src.replace("x = a4[(k * cols + m) / 4u];", "x = vec4(f32(k & 1u));")
+                   .replace("x = a4[(m * mp.K + k) / 4u];", "x = vec4(f32(k & 1u));")
+                   .replace("x = b4[(n * mp.K + k) / 4u];", "x = vec4(f32(k & 1u));")
+                   .replace("x = b4[(k * mp.N + n) / 4u];", "x = vec4(f32(k & 1u));"))
     if name.startswith("unroll"):
         n = {"unroll2": 2, "unroll4": 4, "unrollBK": 8}[name]
         copies = "".join("{" + with_row(body, f"kq + {r}u") + "}\n" for r in range(n))
