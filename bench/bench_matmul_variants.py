@@ -10,6 +10,7 @@ The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK
   frag      (for kernels that read a row's tile values at the top of its iteration) the next row's values
             read before this row's products: software pipelining by hand, which shaders/matmul.wgsl now does
             itself (this variant measured +10% on an H100 and was adopted)
+  --file NAME=PATH: a whole other matmul.wgsl (an earlier or experimental version)
 Each is timed with the same tiles on the same products; results are checked against NumPy.
 
     python bench/bench_matmul_variants.py --sizes 4096x4096x4096 nt:8192x768x3072 --variants base unroll2 frag
@@ -52,9 +53,9 @@ def with_row(body: str, expr: str) -> str:
 
 
 def variant(src: str, name: str) -> str:
-    head, body, tail = split_loop(src)
     if name == "base":
         return src
+    head, body, tail = split_loop(src)
     if name == "nobarrier":
         i = src.index("fn matmul_tiled(")
         j = src.index("fn matmul_split_sum(")
@@ -90,6 +91,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", nargs="+", default=["4096x4096x4096"])
     ap.add_argument("--variants", nargs="+", default=["base", "unroll2", "unroll4", "unrollBK"])
+    ap.add_argument("--file", action="append", default=[], metavar="NAME=PATH",
+                    help="also time a whole other matmul.wgsl (e.g. an earlier or experimental version) as NAME")
     ap.add_argument("--tiles", type=parse_tiles, default=None)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
@@ -102,8 +105,9 @@ def main():
     for s in args.sizes:
         layout, M, N, K = parse_size(s, "nn")
         cublas = time_cublas(M, N, K, layout, args.trials)
-        for name in args.variants:
-            dev._sources[FILE] = variant(base, name)
+        files = dict(f.split("=", 1) for f in args.file)
+        for name in args.variants + list(files):
+            dev._sources[FILE] = Path(files[name]).read_text() if name in files else variant(base, name)
             dev._kernels.clear()
             sec, err, mm = time_ours(dev, M, N, K, layout, None, tiles, 1, 1 if args.quick else args.trials)
             gf = 2.0 * M * N * K / sec / 1e9
