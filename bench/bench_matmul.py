@@ -8,6 +8,8 @@ cuBLAS runs the same product through torch.matmul with TF32 off (true fp32), tim
     python bench/bench_matmul.py                       # GPT-2 small shapes (B*T = 8192) and 4096^3
     python bench/bench_matmul.py --quick --no-write    # tiny sizes: checks that it runs (lavapipe)
     python bench/bench_matmul.py --sizes 4096x4096x4096 --tiles 128,128,8,8,8 --tiles 64,64,8,4,4
+    python bench/bench_matmul.py --squares --preset browser --preset gpt2   # 1024^3..8192^3 and every product
+        # of a training step of the two presets
     python bench/bench_matmul.py --all-layouts --tiles 128,128,16,8,8 --tiles 128,128,16,8,8,spread,prefetch
         # every product of a GPT-2 small training step (nn, nt, tn), two kernel variants side by side
 
@@ -43,6 +45,22 @@ GPT2_SIZES = ["8192x2304x768", "8192x768x768", "8192x3072x768", "8192x768x3072",
 GPT2_SIZES_NT = ["nt:8192x768x2304", "nt:8192x768x768", "nt:8192x768x3072", "nt:8192x3072x768"]
 GPT2_SIZES_TN = ["tn:768x2304x8192", "tn:768x768x8192", "tn:768x3072x8192", "tn:3072x768x8192"]
 QUICK_SIZES = ["64x64x64", "111x216x72", "256x256x256"]
+SQUARES = ["1024x1024x1024", "2048x2048x2048", "4096x4096x4096", "8192x8192x8192"]
+
+
+def preset_sizes(name: str) -> list[str]:
+    """Every product of a training step of preset `name` (B*T rows): the four Conv1D layers and the tied lm_head,
+    forward (nn), input gradient (nt) and weight gradient (tn)."""
+    from tabgpt.config import preset
+    cfg = preset(name)
+    n, C, Vp = cfg.batch_size * cfg.block_size, cfg.n_embd, cfg.padded_vocab_size
+    sizes = []
+    for k_in, k_out in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C), (C, Vp)):
+        lm = k_out == Vp                     # lm_head: logits = x @ wte^T (nt), dx = dlogits @ wte (nn)
+        sizes += [f"nt:{n}x{Vp}x{C}" if lm else f"nn:{n}x{k_out}x{k_in}",
+                  f"nn:{n}x{C}x{Vp}" if lm else f"nt:{n}x{k_in}x{k_out}",
+                  f"tn:{Vp}x{C}x{n}" if lm else f"tn:{k_in}x{k_out}x{n}"]
+    return sizes
 TARGET_SECONDS = 0.25   # time per timed submission (repeat is chosen to reach it)
 
 
@@ -148,6 +166,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one trial: a smoke run for CPU adapters")
     ap.add_argument("--layout", default="nn", choices=["nn", "nt", "tn"], help="layout of sizes without one")
     ap.add_argument("--all-layouts", action="store_true", help="the GPT-2 sizes of all three layouts")
+    ap.add_argument("--squares", action="store_true", help="square products 1024^3 to 8192^3")
+    ap.add_argument("--preset", action="append", default=[],
+                    help="every product of a training step of this preset (repeat for several)")
     ap.add_argument("--variant", default=None, choices=["tiled", "simple"])
     ap.add_argument("--tiles", action="append", type=parse_tiles,
                     help="BM,BN,BK,TM,TN[,spread,prefetch,double] for the tiled kernel, or auto (the autotuner's "
@@ -163,7 +184,9 @@ def main():
     if args.all_layouts:
         default = default + ([f"{lay}:{s}" for lay in ("nt", "tn") for s in QUICK_SIZES] if args.quick
                              else GPT2_SIZES_NT + GPT2_SIZES_TN)
-    sizes = [parse_size(s, args.layout) for s in (args.sizes or default)]
+    extra = (SQUARES if args.squares else []) + [x for p in args.preset for x in preset_sizes(p)]
+    sizes = [parse_size(s, args.layout) for s in (args.sizes or ([] if extra and not args.all_layouts else default))
+             + extra]
     trials = 1 if args.quick else args.trials
     TARGET_SECONDS = args.seconds
 
