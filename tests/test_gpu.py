@@ -122,3 +122,20 @@ def test_parameters_and_locals_that_shadow_a_binding_are_not_uses():
     assert [b.name for b in gpu.used_bindings(src, "only_out")] == ["out"]
     assert [b.name for b in gpu.used_bindings(src, "both")] == ["a", "out"]
     assert [b.name for b in gpu.used_bindings(src, "member")] == ["out"], "a member access (v.a) is not a use"
+
+
+def test_native_shader_checks_setting(monkeypatch):
+    """Natively our modules skip wgpu's loop-iteration guard ("bounds"); TABGPT_SHADER_CHECKS picks another
+    setting, and a wrong value is refused with the choices."""
+    import tabgpt.gpu as g
+    # this wgpu-py reaches wgpu-native's trusted-module entry point (else every setting would quietly be "all")
+    assert g._trusted_modules_available()
+    for mode in ("bounds", "all", "none"):
+        monkeypatch.setenv("TABGPT_SHADER_CHECKS", mode)
+        dev = g.wait(g.open_device(shared=False))
+        assert dev.shader_checks == mode
+        res = wait(selftest.check_reduce(dev, n=100003, seed=3))   # compiles and runs right under each setting
+        assert res["ok"], (mode, res)
+    monkeypatch.setenv("TABGPT_SHADER_CHECKS", "fast")
+    with pytest.raises(g.GPUError, match="all, bounds, none"):
+        g.wait(g.open_device(shared=False))

@@ -413,9 +413,10 @@ def _trusted_modules_available() -> bool:
     try:
         from wgpu.backends.wgpu_native import _api
         from wgpu.backends.wgpu_native._ffi import lib
-        return hasattr(_api, "libf") and hasattr(lib, "wgpuDeviceCreateShaderModuleTrusted")
+        needed = ("libf", "new_struct_p", "to_c_string_view", "GPUShaderModule")
+        return all(hasattr(_api, n) for n in needed) and hasattr(lib, "wgpuDeviceCreateShaderModuleTrusted")
     except ImportError:
-        return False
+        return False   # another wgpu-py layout: modules are then made the default way (shader_checks "all")
 
 
 def _trusted_shader_module(device, code: str, label: str, flags: int):
