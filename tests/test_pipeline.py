@@ -58,7 +58,14 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert get_lr(100, cfg) == pytest.approx(cfg.min_lr)
 
 
-def test_training_lowers_the_loss_and_resume_is_bit_identical(tmp_path, text):
+@pytest.mark.parametrize("autotune", [False, True], ids=["fixed-tiles", "autotuned"])
+def test_training_lowers_the_loss_and_resume_is_bit_identical(tmp_path, text, autotune, monkeypatch):
+    # autotuned: every product's tiles and split-K are timed and chosen, and the choice is kept on disk, so the
+    # resumed run (which here forgets the in-memory choices first) uses the same kernels: the same losses
+    from tabgpt.ops import matmul
+    if autotune:
+        monkeypatch.setenv("TABGPT_AUTOTUNE", "force")
+        monkeypatch.setenv("TABGPT_CACHE", str(tmp_path / "cache"))
     cfg = tiny_cfg()
 
     async def full():
@@ -78,12 +85,17 @@ def test_training_lowers_the_loss_and_resume_is_bit_identical(tmp_path, text):
         pipe = await _pipeline(text, tmp_path / "b")
         run = RunFolder(tmp_path / "b")
         pipe.use_tokenizer(run.read_tokenizer())
+        if autotune:
+            matmul._tuned.clear()
         info = await pipe.build_model(run.read_config(), resume_from=run)
         assert info["step"] >= 5
+        assert bool(info["autotuned"]) is False    # autotuned: every choice came from the file on disk
         return await pipe.train()
 
     last = asyncio.run(full())
     assert last["type"] == "done" and last["step"] == cfg.max_steps
+    if autotune:
+        assert json.loads((tmp_path / "cache" / "matmul-tune.json").read_text())
     a = _losses(tmp_path / "a")
     assert [s for s, _ in a] == list(range(1, cfg.max_steps + 1))
     assert np.mean([l for _, l in a[-3:]]) < a[0][1] - 0.3, f"loss did not fall: {a}"

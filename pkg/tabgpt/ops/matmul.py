@@ -134,8 +134,12 @@ def tune_file() -> Path:
 
 def autotune_enabled(dev: Device) -> bool:
     """Autotune on GPUs natively (not on CPU adapters, where timings say little; not in the browser, where one
-    compile costs more than it would save), unless TABGPT_AUTOTUNE=0."""
-    if os.environ.get("TABGPT_AUTOTUNE", "1") == "0":
+    compile costs more than it would save), unless TABGPT_AUTOTUNE=0; TABGPT_AUTOTUNE=force tunes every tiled
+    product on any adapter (tests use it)."""
+    mode = os.environ.get("TABGPT_AUTOTUNE", "1")
+    if mode == "force":
+        return True
+    if mode == "0":
         return False
     return dev.backend == "wgpu-native" and not is_cpu_adapter(dev)
 
@@ -331,7 +335,8 @@ class Matmul:
         if bias_row:
             consts["BIAS_ROW"] = True
         Mo = M + 1 if bias_row else M                      # rows of out
-        auto = tiles is None and splits is None and 2 * M * N * K >= TUNE_MIN_FLOPS and autotune_enabled(dev)
+        auto = (tiles is None and splits is None and autotune_enabled(dev)
+                and (2 * M * N * K >= TUNE_MIN_FLOPS or os.environ.get("TABGPT_AUTOTUNE") == "force"))
         if variant == "tiled" and (tiles == "auto" or auto):
             tiles, splits = await autotune(dev, M, N, K, layout, bias_row=bias_row)
         if variant == "tiled":
