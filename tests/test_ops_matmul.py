@@ -756,3 +756,25 @@ def test_conv1d_fused_bias_grad_matches_the_separate_pass(dev):
         run(dev, lambda seq: conv.backward(seq, dinp=dev.buffer(4 * M * Kin), dweight=g.view(0, 4 * Kin * Nout),
                                            dbias=g.view(4 * (Kin * Nout + Nout), 4 * Nout),
                                            dout=upload(dev, dout), inp=upload(dev, inp), weight=upload(dev, w)))
+
+
+def test_autotune_retunes_stale_cache_entries(dev, tune_cache):
+    from tabgpt.ops import matmul
+    matmul._tuned.pop(dev, None)
+    key = matmul._adapter_key(dev)
+    bad = {"BM": 256, "BN": 256, "BK": 64, "TM": 8, "TN": 8}              # beyond the device: must not be used
+    tune_cache.write_text(json.dumps({key: {"nn:64x96x40": [bad, 1], "nt:64x96x40": "garbage"}}))
+    for layout in ("nn", "nt"):
+        got, ref, scale, mm = product(dev, layout, 64, 96, 40, seed=7, tiles="auto")
+        assert_product(f"{layout} after a stale cache entry", got, ref, scale)
+        check_tiles(dev, mm.tiles)
+    saved = json.loads(tune_cache.read_text())[key]
+    assert saved["nn:64x96x40"][0] != bad
+
+
+def test_autotune_falls_back_to_the_default_when_no_candidate_fits(dev, tune_cache):
+    from tabgpt.ops import matmul
+    matmul._tuned.pop(dev, None)
+    tiles, splits = wait(matmul.autotune(dev, 64, 96, 40, "nn", candidates=[{"BM": 512, "BN": 512, "BK": 64,
+                                                                             "TM": 8, "TN": 8}]))
+    assert tiles == default_tiles(dev, 64, 96, 40) and splits >= 1

@@ -108,7 +108,7 @@ def shared_scratch(dev: Device, nbytes: int) -> Buffer:
 
 # ---------------------------------------------------------------------------------------------
 # Autotune: on a GPU, each product shape times a few tile shapes and split-K counts once and keeps the fastest.
-# The choice is remembered per device, and natively also on disk per adapter (TUNE_FILE), so that later runs
+# The choice is remembered per device, and natively also on disk per adapter (tune_file()), so that later runs
 # (a resumed training) use the same kernels and so the same summation order: bit-identical continuation.
 # TABGPT_AUTOTUNE=0 turns it off (the fixed per-adapter defaults of default_tiles / default_splits are used).
 
@@ -183,8 +183,12 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
         choices = _tuned[dev] = _load_tune_file(dev) if persist else {}
     key = f"{layout}:{M}x{N}x{K}" + ("+bias_row" if bias_row else "")
     if key in choices:
-        t, splits = choices[key]
-        return dict(t), int(splits)
+        try:
+            t, splits = choices[key]
+            check_tiles(dev, t)                 # a file from another version or device may hold stale tiles
+            return dict(t), int(splits)
+        except (GPUError, TypeError, ValueError, KeyError):
+            del choices[key]
     a_shape = (K, M) if layout == "tn" else (M, K)
     b_shape = (N, K) if layout == "nt" else (K, N)
     a = dev.buffer(4 * a_shape[0] * a_shape[1], "tune-a")
@@ -219,6 +223,8 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
         except GPUError:
             continue
         await time_one(dict(tiles), None)
+    if not results:                             # no candidate fits this device: the fixed default
+        await time_one(default_tiles(dev, M, N, K), None)
     best, tiles, splits = min(results, key=lambda r: r[0])
     # split-K: half and twice the default count for the best tile shape
     for s in sorted({max(1, splits // 2), splits * 2} - {splits}):
