@@ -39,6 +39,7 @@ if [ "$WHAT" = step ]; then
   python3 bench/profile_step.py --preset browser --write 2>&1 | tee -a "$OUT/profile.txt"
   python3 bench/bench_train.py --preset browser --steps 30 --write 2>&1 | tee -a "$OUT/train.txt"
   python3 bench/bench_train.py --preset gpt2 --steps 6 --write 2>&1 | tee -a "$OUT/train.txt"
+  python3 bench/bench_train.py --preset small --steps 30 --write 2>&1 | tee -a "$OUT/train.txt"
 fi
 if [ "$WHAT" = final ]; then
   python3 -m tabgpt device 2>&1 | tee "$OUT/device.txt"
