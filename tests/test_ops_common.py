@@ -200,6 +200,103 @@ def test_layernorm_backward_is_deterministic(dev):
         assert first == second, f"layernorm {name} differs between two runs"
 
 
+def layernorm_run(dev, n, c, x, w, b, dout, dinp0, dw0, db0, rows_per_block=None, threads_per_row=None):
+    """Forward then backward (accumulating into dinp0, dw0, db0) of one LayerNorm; the downloaded
+    out, mean, rstd, dinp, dweight, dbias, and the LayerNorm."""
+    ln = wait(LayerNorm.create(dev, n, c, rows_per_block, threads_per_row))
+    bx, bw = upload(dev, x), upload(dev, w)
+    out, mean, rstd = dev.buffer(4 * n * c, "out"), dev.buffer(4 * n, "mean"), dev.buffer(4 * n, "rstd")
+    dinp, dw, db = upload(dev, dinp0), upload(dev, dw0), upload(dev, db0)
+
+    def append(s):
+        ln.forward(s, out=out, mean=mean, rstd=rstd, inp=bx, weight=bw, bias=upload(dev, b))
+        ln.backward(s, dinp=dinp, dweight=dw, dbias=db, dout=upload(dev, dout), inp=bx, weight=bw, mean=mean,
+                    rstd=rstd)
+    run(dev, append)
+    got = (download(dev, out, shape=(n, c)), download(dev, mean), download(dev, rstd),
+           download(dev, dinp, shape=(n, c)), download(dev, dw), download(dev, db))
+    return got, ln
+
+
+def layernorm_inputs(seed, n, c, loc=0.0, scale=1.0):
+    r = rng(seed)
+    x = (r.standard_normal((n, c)) * scale + loc).astype(np.float32)
+    w, b = r.standard_normal((2, c)).astype(np.float32)
+    dout, dinp0 = r.standard_normal((2, n, c)).astype(np.float32)
+    dw0, db0 = r.standard_normal((2, c)).astype(np.float32)
+    return x, w, b, dout, dinp0, dw0, db0
+
+
+# (N, C, rows_per_block, threads_per_row): N not a multiple of the rows per workgroup (64 / threads_per_row) or of
+# rows_per_block; C / 4 smaller than the threads per row; C / 4 past KMAX (8) vec4s per thread (read again per pass);
+# fewer rows than one workgroup's; the browser preset's C = 384. The backward's step 1 takes min(64 / threads_per_row,
+# rows_per_block rounded up to a power of two) rows at a time: one partly filled round, or several (20, 72, 64, 32).
+LN_SHAPES = [
+    (45, 64, 5, 8),      # C4 16, 8 rows per workgroup: 45 = 5 x 8 + 5
+    (37, 8, 3, 64),      # C4 2 < 64 threads per row: one row per workgroup, 62 threads idle
+    (50, 4, 8, None),    # C4 1: 1 thread per row, 64 rows per workgroup, 14 past N
+    (20, 72, 64, 32),    # C4 18 < 32 threads; one block of 20 rows (rows_per_block 64 > N)
+    (70, 36, 7, 4),      # C4 9: 4 threads per row (3, 2, 2, 2 vec4s), 16 rows per workgroup
+    (33, 200, 4, 2),     # C4 50 > 2 x KMAX: 34 vec4s of each row re-read per pass; 32 rows per workgroup
+    (29, 136, 2, 1),     # C4 34 > KMAX with 1 thread per row
+    (130, 12, 64, None),  # C4 3: 1 thread per row, 64 rows at once in the forward and the backward; 130 = 2 x 64 + 2
+    (23, 384, 8, None),  # the browser preset's C: 16 threads per row, 4 rows per workgroup
+    (1, 384, None, None),   # one row (the decoder's)
+]
+
+
+@pytest.mark.parametrize("n,c,rows_per_block,tpr", LN_SHAPES)
+def test_layernorm_shapes(dev, n, c, rows_per_block, tpr):
+    x, w, b, dout, dinp0, dw0, db0 = layernorm_inputs(5, n, c, loc=3.0, scale=2.0)
+    (out, mean, rstd, dinp, dw, db), ln = layernorm_run(dev, n, c, x, w, b, dout, dinp0, dw0, db0,
+                                                        rows_per_block, tpr)
+    if tpr:
+        assert ln.tpr == tpr and ln.rows_per_group == 64 // tpr
+    ref_out, ref_mean, ref_rstd = reference.layernorm_forward(x, w, b)
+    assert_close("layernorm out", out, ref_out, atol=1e-5, rtol=1e-5)
+    assert_close("mean", mean, ref_mean, atol=1e-6, rtol=1e-6)
+    assert_close("rstd", rstd, ref_rstd, atol=1e-6, rtol=1e-5)
+    ref_dinp, ref_dw, ref_db = reference.layernorm_backward(dout, x, w, ref_mean, ref_rstd)
+    assert_close("dinp (accumulated)", dinp, dinp0 + ref_dinp, atol=1e-5, rtol=1e-5)
+    assert_close("dweight (accumulated)", dw, dw0 + ref_dw, atol=1e-4, rtol=1e-5)
+    assert_close("dbias (accumulated)", db, db0 + ref_db, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("c,tpr", [(72, None), (384, None), (200, 2)])
+def test_layernorm_large_mean(dev, c, tpr):
+    """Rows of mean 1000, std 1: the variance from E[x^2] - mean^2 in f32 would lose most of its digits (x^2 ~ 1e6,
+    f32 spacing 0.06 there, against a variance of 1); the centred second pass keeps rstd to f32 rounding. The
+    output's error is the f32 mean's (its spacing near 1000 is 6e-5), times rstd and weight."""
+    n = 41
+    x, w, b, dout, dinp0, dw0, db0 = layernorm_inputs(6, n, c, loc=1000.0, scale=1.0)
+    (out, mean, rstd, dinp, dw, db), _ = layernorm_run(dev, n, c, x, w, b, dout, dinp0, dw0, db0, 4, tpr)
+    ref_out, ref_mean, ref_rstd = reference.layernorm_forward(x, w, b)
+    assert_close("mean", mean, ref_mean, atol=0, rtol=1e-6)
+    assert_close("rstd", rstd, ref_rstd, atol=0, rtol=1e-5)
+    assert_close("layernorm out", out, ref_out, atol=1e-3, rtol=1e-5)
+    ref_dinp, ref_dw, ref_db = reference.layernorm_backward(dout, x, w, ref_mean, ref_rstd)
+    assert_close("dinp (accumulated)", dinp, dinp0 + ref_dinp, atol=3e-4, rtol=1e-5)
+    assert_close("dweight (accumulated)", dw, dw0 + ref_dw, atol=5e-3, rtol=1e-5)
+    assert_close("dbias (accumulated)", db, db0 + ref_db, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,c,rows_per_block,tpr", [(N, C, 8, None), (33, 200, 4, 2), (45, 64, 5, 8),
+                                                    (37, 384, 3, None)])
+def test_layernorm_is_bit_identical(dev, n, c, rows_per_block, tpr):
+    """Two runs (fresh buffers, the same LayerNorm) give the same bits in every output."""
+    inputs = layernorm_inputs(7, n, c, loc=2.0, scale=3.0)
+    first, ln = layernorm_run(dev, n, c, *inputs, rows_per_block, tpr)
+    second, _ = layernorm_run(dev, n, c, *inputs, rows_per_block, tpr)
+    for name, a, b in zip(("out", "mean", "rstd", "dinp", "dweight", "dbias"), first, second):
+        assert a.tobytes() == b.tobytes(), f"layernorm {name} differs between two runs"
+
+
+def test_layernorm_threads_per_row_choice():
+    from tabgpt.ops.layernorm import pick_threads_per_row
+    assert [pick_threads_per_row(c) for c in (4, 32, 36, 64, 72, 128, 384, 768, 2048, 4096)] == \
+        [1, 1, 2, 2, 4, 4, 16, 32, 64, 64]
+
+
 # ---------------------------------------------------------------------------------------------
 # elementwise
 

@@ -8,6 +8,16 @@ Shapes: inp, out, dout, dinp (N, C); weight, bias, dweight, dbias (C,); mean, rs
 The backward ACCUMULATES into dinp (the residual stream's gradient, as llm.c) and into dweight and dbias
 (gradient accumulation over micro-batches). dweight/dbias are reduced without atomics: per block of rows
 into a scratch buffer, then the blocks summed in a fixed order, so results are bit-identical run to run.
+
+Row reductions use TPR threads per row, R = 64 / TPR rows per workgroup at once (the WGSL's header). The
+forward's TPR is the smallest power of two with TPR * KMAX >= C / 4, at most 64: a thread holds at most KMAX = 8
+vec4s of a row (32 floats in registers) and the per-row trees are as short as that allows, log2(TPR) barrier levels
+shared by all R rows. So C = 384 (the browser preset, 96 vec4s) gets TPR 16, R 4: 6 vec4s per thread, 4-level
+trees, 2 x 5 barriers per 4 rows (was 2 x 8 per row); C = 768 gets TPR 32, R 2; C <= 32 gets TPR 1, R 64 (no
+tree). The forward runs ceil(N / R) workgroups. The backward's block of rows_per_block rows (8 for N = 8192) is
+reduced R_b rows at a time, R_b = min(R, rows_per_block rounded up to a power of two) with TPR_b = 64 / R_b threads
+per row, so that small blocks (1 row for N <= 1024) keep all 64 threads busy. The results depend on these choices
+(summation order), which depend only on C and rows_per_block: bit-identical run to run.
 """
 
 from __future__ import annotations
@@ -20,19 +30,33 @@ from tabgpt.ops.elementwise import fold_grid
 FILE = "layernorm.wgsl"
 WG = 64          # invocations per workgroup (WG in the WGSL)
 MAX_ROWS = 64    # rows per backward block at most (MAX_ROWS in the WGSL)
+KMAX = 8         # vec4s of a row per thread kept in registers (KMAX in the WGSL)
+
+
+def pick_threads_per_row(C: int) -> int:
+    """TPR for rows of C channels: the smallest power of two covering C / 4 vec4s with KMAX per thread, at most WG."""
+    tpr = 1
+    while tpr < WG and tpr * KMAX < C // 4:
+        tpr *= 2
+    return tpr
 
 
 class LayerNorm:
-    def __init__(self, dev, N, C, rows_per_block, kernels, params, partial):
+    def __init__(self, dev, N, C, rows_per_block, tpr, kernels, params, partial):
         self.dev, self.N, self.C = dev, N, C
         self.rows_per_block = rows_per_block
         self.n_blocks = (N + rows_per_block - 1) // rows_per_block
+        self.tpr = tpr                    # threads per row (forward)
+        self.rows_per_group = WG // tpr   # R: rows per forward workgroup
+        self.tpr_backward = WG // min(WG // tpr, 1 << (rows_per_block - 1).bit_length())   # TPR_b (above)
         self.k = kernels
         self.params = params      # uniform LNParams
         self.partial = partial    # scratch (n_blocks, 2, C) f32
 
     @classmethod
-    async def create(cls, dev: Device, N: int, C: int, rows_per_block: int | None = None) -> "LayerNorm":
+    async def create(cls, dev: Device, N: int, C: int, rows_per_block: int | None = None,
+                     threads_per_row: int | None = None) -> "LayerNorm":
+        """threads_per_row (the forward's TPR, a power of two in 1..64) overrides the choice above (tests)."""
         if C % 4:
             raise GPUError(f"LayerNorm needs C (n_embd) to be a multiple of 4, got {C}")
         # About 1024 row blocks: enough workgroups to fill a GPU, and partial sums (2C per block) that cost
@@ -40,16 +64,23 @@ class LayerNorm:
         rows_per_block = rows_per_block or min(MAX_ROWS, max(1, -(-N // 1024)))
         if not 1 <= rows_per_block <= MAX_ROWS:
             raise GPUError(f"rows_per_block must be in 1..{MAX_ROWS}, got {rows_per_block}")
+        tpr = threads_per_row or pick_threads_per_row(C)
+        if not (1 <= tpr <= WG and tpr & (tpr - 1) == 0):
+            raise GPUError(f"threads_per_row must be a power of two in 1..{WG}, got {tpr}")
         n_blocks = (N + rows_per_block - 1) // rows_per_block
-        kernels = {name: await dev.kernel(FILE, name)
-                   for name in ("layernorm_forward", "layernorm_backward", "layernorm_param_grads")}
         params = dev.uniform(struct.pack("<4I", N, C // 4, rows_per_block, n_blocks), "layernorm-params")
         partial = dev.buffer(4 * n_blocks * 2 * C, "layernorm-partial")
-        return cls(dev, N, C, rows_per_block, kernels, params, partial)
+        self = cls(dev, N, C, rows_per_block, tpr, {}, params, partial)
+        self.k = {"layernorm_forward": await dev.kernel(FILE, "layernorm_forward", constants={"TPR": tpr}),
+                  "layernorm_backward": await dev.kernel(FILE, "layernorm_backward",
+                                                         constants={"TPR": self.tpr_backward}),
+                  "layernorm_param_grads": await dev.kernel(FILE, "layernorm_param_grads")}
+        return self
 
     def forward(self, seq: Sequence, out, mean, rstd, inp, weight, bias):
         """out (N, C) = layernorm(inp (N, C)) * weight (C,) + bias (C,); writes mean, rstd (N,) for the backward."""
-        seq.dispatch(self.k["layernorm_forward"], fold_grid(self.N), lp=self.params,
+        groups = -(-self.N // self.rows_per_group)
+        seq.dispatch(self.k["layernorm_forward"], fold_grid(groups), lp=self.params,
                      out=out, mean=mean, rstd=rstd, inp=inp, weight=weight, bias=bias)
 
     def backward(self, seq: Sequence, dinp, dweight, dbias, dout, inp, weight, mean, rstd):
