@@ -11,6 +11,7 @@ a few submissions gives the time per call. The forward's out and the backward's 
     python bench/bench_attention.py --tile 8,16 --tile 8,8,4 # tile shapes TC,NR[,RPT] for all three kernels
     python bench/bench_attention.py --tile 8,16,4/8,8,4/8,8,4    # forward/dq/dkv each its own
     python bench/bench_attention.py --pipeline both          # software-pipelined inner loops and plain ones
+    python bench/bench_attention.py --prefetch both          # streamed tiles prefetched into registers or not
 
 Results are printed as a table and appended to bench/results/attention.md with the date and the device.
 """
@@ -39,6 +40,9 @@ QUICK_SIZES = ["2x64x2x32", "1x100x3x64"]
 TARGET_SECONDS = 0.25
 # --pipeline: the PIPELINE forms of the kernels' inner loops to time (software-pipelined True, plain False).
 PIPELINES = {"on": [True], "off": [False], "both": [True, False]}
+# --prefetch: the PREFETCH forms of the streamed tiles' loads to time (into registers one tile ahead True,
+# between two barriers False). Kernels whose tiles cannot prefetch load directly either way.
+PREFETCHES = PIPELINES
 
 
 def parse_size(s: str) -> tuple[int, int, int, int]:
@@ -61,11 +65,12 @@ def inputs(B, T, NH, hs, seed=0):
     return qkv, dout
 
 
-def time_ours(dev, B, T, NH, hs, tile, trials, pipeline=True):
+def time_ours(dev, B, T, NH, hs, tile, trials, pipeline=True, prefetch=False):
     """(forward s, backward s, out, dqkv, Attention)."""
     C = NH * hs
     qkv, dout = inputs(B, T, NH, hs)
-    attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tile, pipeline=pipeline))
+    attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tile, pipeline=pipeline,
+                                 prefetch=prefetch))
     b_qkv, b_dout = dev.buffer(qkv.nbytes, "qkv", qkv), dev.buffer(dout.nbytes, "dout", dout)
     b_out, b_lse = dev.buffer(4 * B * T * C, "out"), dev.buffer(4 * B * NH * T, "lse")
     b_dqkv = dev.buffer(qkv.nbytes, "dqkv")
@@ -118,6 +123,15 @@ def torch_attention(B, T, NH, hs, trials):
             out, dqkv)
 
 
+def loads_label(attn) -> str:
+    """How the kernels load their streamed tiles: "prefetch" (all three), "direct" (none), or the prefetching
+    ones, e.g. "prefetch forward" where the others' tiles would need more than 4 registers a thread."""
+    on = [e[len("attention_"):].replace("backward_", "") for e, p in attn.prefetch.items() if p]
+    if len(on) == len(attn.prefetch):
+        return "prefetch"
+    return "prefetch " + ",".join(on) if on else "direct"
+
+
 def rel_err(got, ref):
     return float(np.abs(got.astype(np.float64) - ref).max() / max(1.0, np.abs(ref).max()))
 
@@ -135,6 +149,9 @@ def main():
                          "timed side by side")
     ap.add_argument("--no-pipeline", dest="pipeline", action="store_const", const="off",
                     help="same as --pipeline off")
+    ap.add_argument("--prefetch", choices=sorted(PREFETCHES), default="off",
+                    help="the streamed tiles read into registers one tile ahead (on), loaded between barriers (off, "
+                         "the default), or both, timed side by side")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=TARGET_SECONDS, help="time per timed submission")
     ap.add_argument("--no-torch", action="store_true")
@@ -151,29 +168,33 @@ def main():
         ref = None if args.no_torch else torch_attention(B, T, NH, hs, trials)
         for tile in args.tile or [None]:
             for pipeline in PIPELINES[args.pipeline]:
-                t_fwd, t_bwd, out, dqkv, attn = time_ours(dev, B, T, NH, hs, tile, trials, pipeline)
-                tiles = " ".join(f"{e[len('attention_'):].replace('backward_', '')} {t.TC},{t.NR},{t.RPT}"
-                                 for e, t in attn.tiles.items())
-                loops = "pipelined" if pipeline else "plain"
-                r = {"size": f"{B}x{T}x{NH}x{hs}", "tiles": tiles, "loops": loops, "fwd": t_fwd, "bwd": t_bwd,
-                     "t_fwd": ref and ref[0], "t_bwd": ref and ref[1],
-                     "err_out": ref and rel_err(out, ref[2]), "err_dqkv": ref and rel_err(dqkv, ref[3])}
-                rows.append(r)
-                print(f"{r['size']:>14} {tiles:>36} {loops:>9}  fwd {1e3 * t_fwd:8.3f} ms  bwd {1e3 * t_bwd:8.3f} ms",
-                      flush=True)
+                for prefetch in PREFETCHES[args.prefetch]:
+                    t_fwd, t_bwd, out, dqkv, attn = time_ours(dev, B, T, NH, hs, tile, trials, pipeline, prefetch)
+                    tiles = " ".join(f"{e[len('attention_'):].replace('backward_', '')} {t.TC},{t.NR},{t.RPT}"
+                                     for e, t in attn.tiles.items())
+                    loops = "pipelined" if pipeline else "plain"
+                    loads = loads_label(attn)
+                    r = {"size": f"{B}x{T}x{NH}x{hs}", "tiles": tiles, "loops": loops, "loads": loads,
+                         "fwd": t_fwd, "bwd": t_bwd, "t_fwd": ref and ref[0], "t_bwd": ref and ref[1],
+                         "err_out": ref and rel_err(out, ref[2]), "err_dqkv": ref and rel_err(dqkv, ref[3])}
+                    rows.append(r)
+                    print(f"{r['size']:>14} {tiles:>36} {loops:>9} {loads:>16}  fwd {1e3 * t_fwd:8.3f} ms  "
+                          f"bwd {1e3 * t_bwd:8.3f} ms", flush=True)
 
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
     lines = [f"## Causal attention f32, {datetime.date.today()}, {device} ({dev.backend})", "",
              f"`python bench/bench_attention.py {' '.join(sys.argv[1:])}`: best of {trials}; PyTorch "
              "scaled_dot_product_attention fp32 (is_causal, TF32 off); tiles: kernel TC,NR,RPT; loops: inner loops "
-             "software-pipelined (PIPELINE) or plain.", "",
-             "| B x T x NH x hs | tiles | loops | fwd ms | bwd ms | PyTorch fwd ms | PyTorch bwd ms | fwd vs PyTorch "
-             "| bwd vs PyTorch | max rel err out / dqkv |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "software-pipelined (PIPELINE) or plain; loads: streamed tiles prefetched into registers one tile "
+             "ahead (PREFETCH; by the kernels named, where not all) or loaded directly.", "",
+             "| B x T x NH x hs | tiles | loops | loads | fwd ms | bwd ms | PyTorch fwd ms | PyTorch bwd ms "
+             "| fwd vs PyTorch | bwd vs PyTorch | max rel err out / dqkv |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         errs = "-" if r["err_out"] is None else f"{r['err_out']:.1e} / {r['err_dqkv']:.1e}"
-        lines.append(f"| {r['size']} | {r['tiles']} | {r['loops']} | {1e3 * r['fwd']:.3f} | {1e3 * r['bwd']:.3f} "
+        lines.append(f"| {r['size']} | {r['tiles']} | {r['loops']} | {r['loads']} | {1e3 * r['fwd']:.3f} "
+                     f"| {1e3 * r['bwd']:.3f} "
                      f"| {fmt(r['t_fwd'] and 1e3 * r['t_fwd'], '.3f')} | {fmt(r['t_bwd'] and 1e3 * r['t_bwd'], '.3f')} "
                      f"| {ratio(r['fwd'], r['t_fwd'])} | {ratio(r['bwd'], r['t_bwd'])} | {errs} |")
     text = "\n".join(lines) + "\n"

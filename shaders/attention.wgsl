@@ -35,6 +35,15 @@
 // default, reads them at the top of each step (its step-0 reads before each loop are dead code, overwritten
 // before use). Same FMAs in the
 // same order either way: the results are bit-identical.
+// PREFETCH (default false): register prefetch of the streamed tiles, as matmul.wgsl's PREFETCH. Each thread's
+// share of a streamed tile is PF_N = ceil(BS H4 / (NR TC)) vec4s per streamed matrix (K and V in forward and dq,
+// Q and dO in dkv; vec4s lid + s NR TC of the tile, s < PF_N, the ones load_qkv / load_dout give it) and, in
+// dkv, PF_S = ceil(BS / (NR TC)) lse/delta pairs. They are read from global memory into named registers
+// (p*0..p*3, never an indexed array) right after the barrier that starts a tile's arithmetic, for the NEXT
+// tile, so the loads are in flight during this tile's products; the next iteration stores them into `tiles`
+// (and `mat`) after its first barrier, where the plain kernels call load_qkv / load_dout. At most 4 of each
+// per thread (PF_N <= 4: NR >= H4); beyond that PREFETCH is ignored (PF false; the Python side then passes
+// false). The same values land in the same places: the results are bit-identical to PREFETCH = false.
 
 struct AttnParams { B: u32, T: u32, NH: u32, _pad: u32 }
 
@@ -57,10 +66,15 @@ override DS: u32 = 1u;       // chunks of 8 TC dims per head
 override SMV: u32 = 1u;      // vec4s of `tiles`
 override SMS: u32 = 1u;      // f32s of `mat`
 override PIPELINE: bool = false;  // inner loops read their next step's values during the current step's FMAs
+override PREFETCH: bool = false;  // the next streamed tile is read into registers during the current one
 override H4: u32 = HS / 4u;
 override H4P: u32 = H4 + 1u;
 override BR: u32 = RPT * NR;
 override BS: u32 = 4u * TC;
+override NT: u32 = NR * TC;                          // threads
+override PF_N: u32 = (BS * H4 + NT - 1u) / NT;       // PREFETCH: vec4s per thread of each streamed matrix
+override PF_S: u32 = (BS + NT - 1u) / NT;            // PREFETCH: lse/delta pairs per thread (dkv), <= 4
+override PF: bool = PREFETCH && PF_N <= 4u;          // PREFETCH in effect
 const NEG: f32 = -1e30;      // below every real score; masked entries are excluded explicitly
 
 var<workgroup> tiles: array<vec4<f32>, SMV>;
@@ -115,6 +129,39 @@ fn load_dout(dst: u32, b: u32, h: u32, t0: u32, rows: u32, lid: u32) {
     }
 }
 
+// PREFETCH: vec4 i (row i / H4, dims i % H4) of the streamed tile of rows t0.. of one third of qkv: what
+// load_qkv stores at tiles[dst + (i / H4) * H4P + i % H4]. Zeros for rows past T (and nothing read for i past
+// the tile: a thread's last vec4 may lie there when threads do not divide the tile).
+fn fetch_qkv(part: u32, b: u32, h: u32, t0: u32, i: u32) -> vec4<f32> {
+    let C4 = ap.NH * H4;
+    let t = t0 + i / H4;
+    var v = vec4(0.0);
+    if (i < BS * H4 && t < ap.T) { v = qkv[(b * ap.T + t) * 3u * C4 + part * C4 + h * H4 + i % H4]; }
+    return v;
+}
+
+// The same for dout.
+fn fetch_dout(b: u32, h: u32, t0: u32, i: u32) -> vec4<f32> {
+    let C4 = ap.NH * H4;
+    let t = t0 + i / H4;
+    var v = vec4(0.0);
+    if (i < BS * H4 && t < ap.T) { v = dout[(b * ap.T + t) * C4 + h * H4 + i % H4]; }
+    return v;
+}
+
+// A thread's PF_N prefetch registers (its vec4s lid + s NT of the tile) into tiles[dst..]. Registers pass by
+// value: every index stays constant.
+fn put_share(dst: u32, lid: u32, p0: vec4<f32>, p1: vec4<f32>, p2: vec4<f32>, p3: vec4<f32>) {
+    put_vec(dst, lid, p0);
+    if (PF_N > 1u) { put_vec(dst, lid + NT, p1); }
+    if (PF_N > 2u) { put_vec(dst, lid + 2u * NT, p2); }
+    if (PF_N > 3u) { put_vec(dst, lid + 3u * NT, p3); }
+}
+
+fn put_vec(dst: u32, i: u32, v: vec4<f32>) {
+    if (i < BS * H4) { tiles[dst + (i / H4) * H4P + i % H4] = v; }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Forward: a workgroup per BR queries. tiles: Q (BR rows) | K (BS) | V (BS). mat: P (BR, BS+1) | Mx (BR, TC).
 // RPT = 4 adds rows c, d to the thread's rows a, b (every `if (RPT == 4u)` below is decided at compile time).
@@ -163,11 +210,59 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation
     var acc_d1 = vec4(0.0);
 
     let k_end = min(ap.T, q0 + BR);   // later keys are masked for every row of the block
+    // PREFETCH: the thread's share of the next K and V tiles (PF_N vec4s of each), read one tile ahead.
+    var pk0 = vec4(0.0);
+    var pk1 = vec4(0.0);
+    var pk2 = vec4(0.0);
+    var pk3 = vec4(0.0);
+    var pv0 = vec4(0.0);
+    var pv1 = vec4(0.0);
+    var pv2 = vec4(0.0);
+    var pv3 = vec4(0.0);
+    if (PF && 0u < k_end) {
+        pk0 = fetch_qkv(1u, b, h, 0u, lid);
+        pv0 = fetch_qkv(2u, b, h, 0u, lid);
+        if (PF_N > 1u) {
+            pk1 = fetch_qkv(1u, b, h, 0u, lid + NT);
+            pv1 = fetch_qkv(2u, b, h, 0u, lid + NT);
+        }
+        if (PF_N > 2u) {
+            pk2 = fetch_qkv(1u, b, h, 0u, lid + 2u * NT);
+            pv2 = fetch_qkv(2u, b, h, 0u, lid + 2u * NT);
+        }
+        if (PF_N > 3u) {
+            pk3 = fetch_qkv(1u, b, h, 0u, lid + 3u * NT);
+            pv3 = fetch_qkv(2u, b, h, 0u, lid + 3u * NT);
+        }
+    }
     for (var k0 = 0u; k0 < k_end; k0 += BS) {
         workgroupBarrier();           // the previous tile's K, V, P are no longer read
-        load_qkv(K0, 1u, b, h, k0, BS, lid);
-        load_qkv(V0, 2u, b, h, k0, BS, lid);
+        if (PF) {
+            put_share(K0, lid, pk0, pk1, pk2, pk3);
+            put_share(V0, lid, pv0, pv1, pv2, pv3);
+        } else {
+            load_qkv(K0, 1u, b, h, k0, BS, lid);
+            load_qkv(V0, 2u, b, h, k0, BS, lid);
+        }
         workgroupBarrier();
+        // PREFETCH: the next tile's loads are in flight while this one is worked on.
+        let kn = k0 + BS;
+        if (PF && kn < k_end) {
+            pk0 = fetch_qkv(1u, b, h, kn, lid);
+            pv0 = fetch_qkv(2u, b, h, kn, lid);
+            if (PF_N > 1u) {
+                pk1 = fetch_qkv(1u, b, h, kn, lid + NT);
+                pv1 = fetch_qkv(2u, b, h, kn, lid + NT);
+            }
+            if (PF_N > 2u) {
+                pk2 = fetch_qkv(1u, b, h, kn, lid + 2u * NT);
+                pv2 = fetch_qkv(2u, b, h, kn, lid + 2u * NT);
+            }
+            if (PF_N > 3u) {
+                pk3 = fetch_qkv(1u, b, h, kn, lid + 3u * NT);
+                pv3 = fetch_qkv(2u, b, h, kn, lid + 3u * NT);
+            }
+        }
         // 1. Scores of the thread's rows against keys k0 + tc + TC * (0, 1, 2, 3).
         var s_a = vec4(0.0);
         var s_b = vec4(0.0);
@@ -404,11 +499,58 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoca
     var acc_d1 = vec4(0.0);
 
     let k_end = min(ap.T, q0 + BR);
+    // PREFETCH: the thread's share of the next K and V tiles, read one tile ahead (as in the forward).
+    var pk0 = vec4(0.0);
+    var pk1 = vec4(0.0);
+    var pk2 = vec4(0.0);
+    var pk3 = vec4(0.0);
+    var pv0 = vec4(0.0);
+    var pv1 = vec4(0.0);
+    var pv2 = vec4(0.0);
+    var pv3 = vec4(0.0);
+    if (PF && 0u < k_end) {
+        pk0 = fetch_qkv(1u, b, h, 0u, lid);
+        pv0 = fetch_qkv(2u, b, h, 0u, lid);
+        if (PF_N > 1u) {
+            pk1 = fetch_qkv(1u, b, h, 0u, lid + NT);
+            pv1 = fetch_qkv(2u, b, h, 0u, lid + NT);
+        }
+        if (PF_N > 2u) {
+            pk2 = fetch_qkv(1u, b, h, 0u, lid + 2u * NT);
+            pv2 = fetch_qkv(2u, b, h, 0u, lid + 2u * NT);
+        }
+        if (PF_N > 3u) {
+            pk3 = fetch_qkv(1u, b, h, 0u, lid + 3u * NT);
+            pv3 = fetch_qkv(2u, b, h, 0u, lid + 3u * NT);
+        }
+    }
     for (var k0 = 0u; k0 < k_end; k0 += BS) {
         workgroupBarrier();
-        load_qkv(K0, 1u, b, h, k0, BS, lid);
-        load_qkv(V0, 2u, b, h, k0, BS, lid);
+        if (PF) {
+            put_share(K0, lid, pk0, pk1, pk2, pk3);
+            put_share(V0, lid, pv0, pv1, pv2, pv3);
+        } else {
+            load_qkv(K0, 1u, b, h, k0, BS, lid);
+            load_qkv(V0, 2u, b, h, k0, BS, lid);
+        }
         workgroupBarrier();
+        let kn = k0 + BS;
+        if (PF && kn < k_end) {
+            pk0 = fetch_qkv(1u, b, h, kn, lid);
+            pv0 = fetch_qkv(2u, b, h, kn, lid);
+            if (PF_N > 1u) {
+                pk1 = fetch_qkv(1u, b, h, kn, lid + NT);
+                pv1 = fetch_qkv(2u, b, h, kn, lid + NT);
+            }
+            if (PF_N > 2u) {
+                pk2 = fetch_qkv(1u, b, h, kn, lid + 2u * NT);
+                pv2 = fetch_qkv(2u, b, h, kn, lid + 2u * NT);
+            }
+            if (PF_N > 3u) {
+                pk3 = fetch_qkv(1u, b, h, kn, lid + 3u * NT);
+                pv3 = fetch_qkv(2u, b, h, kn, lid + 3u * NT);
+            }
+        }
         // 1. S = Q K^T and dP = dO V^T for the thread's rows against keys k0 + tc + TC * (0..3); dS into mat.
         var s_a = vec4(0.0);
         var s_b = vec4(0.0);
@@ -592,6 +734,24 @@ fn store_grad(b: u32, h: u32, t: u32, part: u32, d0: u32, d1: u32, y0: vec4<f32>
     if (d1 < H4) { dqkv[o + d1] = y1; }
 }
 
+// PREFETCH (dkv): (lse_in, delta_in) of query t0 + i of the streamed tile, i < BS (rows past T read row T - 1,
+// as the plain loads do: those queries are masked), and their places mat[l0 + i], mat[l0 + BS + i].
+fn fetch_stats(stats: u32, t0: u32, i: u32) -> vec2<f32> {
+    var v = vec2(0.0);
+    if (i < BS) {
+        let t = min(t0 + i, ap.T - 1u);
+        v = vec2(lse_in[stats + t], delta_in[stats + t]);
+    }
+    return v;
+}
+
+fn put_stats(l0: u32, i: u32, v: vec2<f32>) {
+    if (i < BS) {
+        mat[l0 + i] = v.x;
+        mat[l0 + BS + i] = v.y;
+    }
+}
+
 // dk, dv: a workgroup per BR keys; the thread's rows a, b (c, d) are keys, streamed tiles are BS queries.
 // tiles: K (BR) | V (BR) | Q (BS) | dO (BS). mat: P (BR, BS+1) | dS (BR, BS+1) | lse (BS) | delta (BS).
 @compute @workgroup_size(NR * TC)
@@ -640,16 +800,81 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
 
     let stats = (b * ap.NH + h) * ap.T;
     // Query rows before k0 see none of the block's keys: start at the tile holding row k0.
-    for (var q0 = (k0 / BS) * BS; q0 < ap.T; q0 += BS) {
+    let q_begin = (k0 / BS) * BS;
+    // PREFETCH: the thread's share of the next Q and dO tiles (PF_N vec4s of each) and of its lse, delta
+    // (PF_S pairs), read one tile ahead.
+    var pq0 = vec4(0.0);
+    var pq1 = vec4(0.0);
+    var pq2 = vec4(0.0);
+    var pq3 = vec4(0.0);
+    var pg0 = vec4(0.0);
+    var pg1 = vec4(0.0);
+    var pg2 = vec4(0.0);
+    var pg3 = vec4(0.0);
+    var ps0 = vec2(0.0);
+    var ps1 = vec2(0.0);
+    var ps2 = vec2(0.0);
+    var ps3 = vec2(0.0);
+    if (PF && q_begin < ap.T) {
+        pq0 = fetch_qkv(0u, b, h, q_begin, lid);
+        pg0 = fetch_dout(b, h, q_begin, lid);
+        if (PF_N > 1u) {
+            pq1 = fetch_qkv(0u, b, h, q_begin, lid + NT);
+            pg1 = fetch_dout(b, h, q_begin, lid + NT);
+        }
+        if (PF_N > 2u) {
+            pq2 = fetch_qkv(0u, b, h, q_begin, lid + 2u * NT);
+            pg2 = fetch_dout(b, h, q_begin, lid + 2u * NT);
+        }
+        if (PF_N > 3u) {
+            pq3 = fetch_qkv(0u, b, h, q_begin, lid + 3u * NT);
+            pg3 = fetch_dout(b, h, q_begin, lid + 3u * NT);
+        }
+        ps0 = fetch_stats(stats, q_begin, lid);
+        if (PF_S > 1u) { ps1 = fetch_stats(stats, q_begin, lid + NT); }
+        if (PF_S > 2u) { ps2 = fetch_stats(stats, q_begin, lid + 2u * NT); }
+        if (PF_S > 3u) { ps3 = fetch_stats(stats, q_begin, lid + 3u * NT); }
+    }
+    for (var q0 = q_begin; q0 < ap.T; q0 += BS) {
         workgroupBarrier();
-        load_qkv(Q0, 0u, b, h, q0, BS, lid);
-        load_dout(DO0, b, h, q0, BS, lid);
-        for (var i = lid; i < BS; i += NR * TC) {
-            let t = min(q0 + i, ap.T - 1u);
-            mat[L0 + i] = lse_in[stats + t];
-            mat[D0 + i] = delta_in[stats + t];
+        if (PF) {
+            put_share(Q0, lid, pq0, pq1, pq2, pq3);
+            put_share(DO0, lid, pg0, pg1, pg2, pg3);
+            put_stats(L0, lid, ps0);
+            if (PF_S > 1u) { put_stats(L0, lid + NT, ps1); }
+            if (PF_S > 2u) { put_stats(L0, lid + 2u * NT, ps2); }
+            if (PF_S > 3u) { put_stats(L0, lid + 3u * NT, ps3); }
+        } else {
+            load_qkv(Q0, 0u, b, h, q0, BS, lid);
+            load_dout(DO0, b, h, q0, BS, lid);
+            for (var i = lid; i < BS; i += NR * TC) {
+                let t = min(q0 + i, ap.T - 1u);
+                mat[L0 + i] = lse_in[stats + t];
+                mat[D0 + i] = delta_in[stats + t];
+            }
         }
         workgroupBarrier();
+        let qn = q0 + BS;
+        if (PF && qn < ap.T) {
+            pq0 = fetch_qkv(0u, b, h, qn, lid);
+            pg0 = fetch_dout(b, h, qn, lid);
+            if (PF_N > 1u) {
+                pq1 = fetch_qkv(0u, b, h, qn, lid + NT);
+                pg1 = fetch_dout(b, h, qn, lid + NT);
+            }
+            if (PF_N > 2u) {
+                pq2 = fetch_qkv(0u, b, h, qn, lid + 2u * NT);
+                pg2 = fetch_dout(b, h, qn, lid + 2u * NT);
+            }
+            if (PF_N > 3u) {
+                pq3 = fetch_qkv(0u, b, h, qn, lid + 3u * NT);
+                pg3 = fetch_dout(b, h, qn, lid + 3u * NT);
+            }
+            ps0 = fetch_stats(stats, qn, lid);
+            if (PF_S > 1u) { ps1 = fetch_stats(stats, qn, lid + NT); }
+            if (PF_S > 2u) { ps2 = fetch_stats(stats, qn, lid + 2u * NT); }
+            if (PF_S > 3u) { ps3 = fetch_stats(stats, qn, lid + 3u * NT); }
+        }
         // 1. S^T = K Q^T and dP^T = V dO^T for the thread's keys against queries q0 + tc + TC * (0..3);
         //    P, dS into mat.
         var s_a = vec4(0.0);

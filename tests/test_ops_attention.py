@@ -1,6 +1,7 @@
 """Fused causal attention (shaders/attention.wgsl) against the float64 NumPy reference: forward (out, lse) and
 backward (dqkv) on awkward shapes and forced tile shapes, T=1, peaky softmaxes, determinism; the software-pipelined
-inner loops (PIPELINE) bit-identical to the plain ones (the default)."""
+inner loops (PIPELINE) bit-identical to the plain ones (the default); the register prefetch of the streamed tiles
+(PREFETCH) against the reference and bit-identical to the plain loads, alone and with PIPELINE."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,9 @@ import pytest
 import reference
 from tabgpt import gpu
 from tabgpt.gpu import wait
-from tabgpt.ops.attention import ENTRIES, Attention, Tile, pick_tile, tile_problem
+from tabgpt.ops import attention as attention_op
+from tabgpt.ops.attention import (ENTRIES, MAX_PREFETCH_VEC4S, Attention, Tile, pick_tile, prefetch_problem,
+                                  prefetch_vec4s, tile_problem)
 
 # Errors are relative to max(1, max |reference|) of each output; float32 accumulation over T <= 130 keys
 # measures 1e-7 to 2e-6 here, so these leave a margin of 5x or more.
@@ -28,13 +31,23 @@ def lse_reference(qkv, n_head):
     return (m + np.log(np.exp(s - m).sum(axis=-1, keepdims=True)))[..., 0]
 
 
-def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True, pipeline=True):
+def tiles_of(tile):
+    """{entry: Tile} from one Tile for all three kernels, a dict of them, or None (each picks its own)."""
+    return tile if isinstance(tile, dict) or tile is None else {e: tile for e in ENTRIES}
+
+
+def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True, pipeline=True, prefetch=False):
     """Forward and backward on the GPU; returns (out (B, T, C), lse (B, NH, T), dqkv (B, T, 3C)).
-    tile: a Tile forced on all three tiled kernels (None: each picks its own); pipeline: the PIPELINE override."""
-    attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tile and {e: tile for e in ENTRIES},
-                                 pipeline=pipeline))
+    tile: a Tile forced on all three tiled kernels, or {entry: Tile} (None: each picks its own);
+    pipeline, prefetch: the PIPELINE and PREFETCH overrides (PREFETCH only where the tile allows it)."""
+    attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tiles_of(tile), pipeline=pipeline,
+                                 prefetch=prefetch))
     assert all(attn.k[e].constants["PIPELINE"] is pipeline for e in ENTRIES)
-    print("tiles:", {e[len("attention_"):]: tuple(vars(t).values()) for e, t in attn.tiles.items()})
+    hs = C // NH
+    assert attn.prefetch == {e: prefetch and not attention_op.prefetch_problem(hs, attn.tiles[e]) for e in ENTRIES}
+    assert all(attn.k[e].constants["PREFETCH"] is attn.prefetch[e] for e in ENTRIES)
+    print("tiles:", {e[len("attention_"):]: tuple(vars(t).values()) for e, t in attn.tiles.items()},
+          "prefetch:", attn.prefetch)
     b_qkv = dev.buffer(qkv.nbytes, "qkv", qkv)
     b_out = dev.buffer(4 * B * T * C, "out")
     b_lse = dev.buffer(4 * B * NH * T, "lse")
@@ -62,16 +75,17 @@ def inputs(B, T, C, seed=0, scale=1.0):
     return qkv, dout
 
 
-def check(dev, B, T, C, NH, seed=0, scale=1.0, tile=None, pipeline=True):
+def check(dev, B, T, C, NH, seed=0, scale=1.0, tile=None, pipeline=True, prefetch=False):
     qkv, dout = inputs(B, T, C, seed, scale)
-    out, lse, dqkv = run_attention(dev, B, T, C, NH, qkv, dout, tile, pipeline=pipeline)
+    out, lse, dqkv = run_attention(dev, B, T, C, NH, qkv, dout, tile, pipeline=pipeline, prefetch=prefetch)
     ref_out, att = reference.attention_forward(qkv, NH)
     ref_dqkv = reference.attention_backward(dout, qkv, att, NH)
     ref_lse = lse_reference(qkv, NH)
     errs = {"out": rel_err(out, ref_out), "lse": rel_err(lse, ref_lse), "dqkv": rel_err(dqkv, ref_dqkv)}
     for part, name in enumerate("qkv"):   # per third, so that a failure says which gradient is off
         errs["d" + name] = rel_err(dqkv[..., part * C:(part + 1) * C], ref_dqkv[..., part * C:(part + 1) * C])
-    shape = f"B={B} T={T} C={C} NH={NH} hs={C // NH} scale={scale} tile={tile} pipeline={pipeline}"
+    shape = (f"B={B} T={T} C={C} NH={NH} hs={C // NH} scale={scale} tile={tile} pipeline={pipeline} "
+             f"prefetch={prefetch}")
     assert np.isfinite(dqkv).all(), f"{shape}: dqkv has non-finite entries (not every element written)"
     assert errs["out"] < TOL_OUT, f"{shape}: out max rel err {errs['out']:.3g} > {TOL_OUT}"
     assert errs["lse"] < TOL_LSE, f"{shape}: lse max rel err {errs['lse']:.3g} > {TOL_LSE}"
@@ -82,12 +96,16 @@ def check(dev, B, T, C, NH, seed=0, scale=1.0, tile=None, pipeline=True):
 
 # Both forms of the kernels' inner loops: software-pipelined (PIPELINE) and plain (the default).
 PIPELINES = pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "plain"])
+# Both ways of loading the streamed tiles: prefetched into registers one tile ahead (PREFETCH, where the tile
+# allows it) and loaded between two barriers (the default).
+PREFETCHES = pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "direct"])
 
 
+@PREFETCHES
 @PIPELINES
 @pytest.mark.parametrize("B,T,C,NH", [(3, 37, 72, 3), (2, 64, 64, 4), (1, 130, 48, 2)])
-def test_attention_matches_reference(dev, B, T, C, NH, pipeline):
-    check(dev, B, T, C, NH, seed=T, pipeline=pipeline)
+def test_attention_matches_reference(dev, B, T, C, NH, pipeline, prefetch):
+    check(dev, B, T, C, NH, seed=T, pipeline=pipeline, prefetch=prefetch)
 
 
 def test_attention_single_token(dev):
@@ -102,20 +120,24 @@ def test_attention_peaky_softmax(dev):
     check(dev, 1, 70, 32, 2, seed=5, scale=3.5)
 
 
+@PREFETCHES
 @PIPELINES
 @pytest.mark.parametrize("tile", [Tile(4, 8), Tile(8, 4), Tile(2, 8), Tile(1, 4)])
-def test_attention_workgroup_shapes(dev, tile, pipeline):
+def test_attention_workgroup_shapes(dev, tile, pipeline, prefetch):
     # Blocks and streamed tiles of different lengths cut the diagonal unevenly (tiles with fully masked rows);
     # hs=20 (5 vec4s) leaves threads without output dims, and TC=2 or 1 splits each head into 2 or 3 chunks.
-    check(dev, 2, 29, 40, 2, seed=7, tile=tile, pipeline=pipeline)
+    # (PREFETCH: Tile(4, 8) and Tile(2, 8) prefetch 3 vec4s a thread; NR = 4 would need 5: loaded directly.)
+    check(dev, 2, 29, 40, 2, seed=7, tile=tile, pipeline=pipeline, prefetch=prefetch)
 
 
+@PREFETCHES
 @PIPELINES
 @pytest.mark.parametrize("tile", [Tile(4, 4, 4), Tile(8, 2, 4), Tile(2, 4, 4), Tile(1, 2, 4)])
-def test_attention_four_rows_per_thread(dev, tile, pipeline):
+def test_attention_four_rows_per_thread(dev, tile, pipeline, prefetch):
     # RPT = 4: blocks of 4 NR rows (8 to 16 here) against streamed tiles of 4 to 32 rows; T = 29 leaves partial
     # blocks whose last rows lie past T, and TC = 2 or 1 splits the hs=20 heads into chunks.
-    check(dev, 2, 29, 40, 2, seed=8, tile=tile, pipeline=pipeline)
+    # (These NR <= 4 would need 5 to 10 prefetch vec4s a thread: PREFETCH falls back to direct loads.)
+    check(dev, 2, 29, 40, 2, seed=8, tile=tile, pipeline=pipeline, prefetch=prefetch)
 
 
 def test_rows_per_thread_must_be_2_or_4():
@@ -206,3 +228,104 @@ def test_attention_pipeline_is_bit_identical(dev_full, B, T, C, NH, tile):
         assert np.isfinite(a).all(), f"{name}: non-finite entries"
         differ = int((a.view(np.uint32) != b.view(np.uint32)).sum())
         assert differ == 0, f"{name}: PIPELINE true and false differ in {differ} of {a.size} elements"
+
+
+# Shapes on which every tiled kernel prefetches (NR >= hs/4: at most 4 vec4s per thread and streamed matrix):
+# RPT 2 and 4, head sizes 4 to 64, T not a multiple of the tiles (several streamed tiles each), heads split into
+# 2 to 4 chunks, threads that do not divide the tile (a thread's last vec4 past it), and NR < 4 (2 or 4 lse/delta
+# pairs a thread in dkv).
+PREFETCH_CASES = [
+    (2, 29, 40, 2, Tile(4, 8)),           # hs=20: 3 vec4s a thread, streamed tiles of 16 rows
+    (2, 29, 40, 2, Tile(2, 8)),           # hs=20, 2 chunks, tiles of 8
+    (2, 29, 40, 2, Tile(1, 8)),           # hs=20, 3 chunks, tiles of 4
+    (2, 29, 40, 2, Tile(4, 6)),           # hs=20, 24 threads for 80 vec4s: 4 a thread, the last 16 past the tile
+    (2, 37, 40, 2, Tile(8, 6)),           # hs=20, 48 threads for 160 vec4s, tiles of 32 rows
+    (2, 29, 40, 2, Tile(4, 8, 4)),        # hs=20, RPT=4: blocks of 32 rows, longer than T
+    (2, 29, 40, 2, Tile(2, 8, 4)),        # hs=20, RPT=4, 2 chunks
+    (2, 37, 40, 2, Tile(1, 5, 4)),        # hs=20, RPT=4, 3 chunks, 4 vec4s a thread exactly
+    (2, 23, 8, 2, Tile(4, 1)),            # hs=4: NR=1, 4 vec4s and 4 lse/delta pairs a thread
+    (2, 23, 16, 2, Tile(4, 2)),           # hs=8: NR=2, 4 vec4s and 2 pairs a thread
+    (2, 23, 16, 2, Tile(2, 2, 4)),        # hs=8, RPT=4, NR=2
+    (2, 37, 64, 2, Tile(4, 8)),           # hs=32: 4 vec4s a thread
+    (2, 37, 64, 2, Tile(8, 8)),           # hs=32, tiles of 32 rows
+    (2, 37, 64, 2, Tile(2, 8, 4)),        # hs=32, RPT=4, 2 chunks
+    (2, 45, 64, 2, Tile(4, 8, 4)),        # hs=32, RPT=4
+    (1, 45, 128, 2, Tile(4, 16)),         # hs=64: 4 vec4s a thread, 2 chunks
+    (1, 45, 128, 2, Tile(2, 16)),         # hs=64, 4 chunks, tiles of 8
+    (1, 70, 128, 2, {"attention_forward": Tile(8, 16), "attention_backward_dq": Tile(4, 16),
+                     "attention_backward_dkv": Tile(4, 16)}),   # hs=64, the forward in one chunk
+]
+PREFETCH_IDS = [f"T{T}-hs{C // NH}-" + ("mixed" if isinstance(t, dict) else f"{t.TC},{t.NR},{t.RPT}")
+                for B, T, C, NH, t in PREFETCH_CASES]
+
+
+def skip_unless_fits(dev, hs, tile):
+    tiles = tiles_of(tile)
+    if tiles and any(tile_problem(e, hs, tiles[e], dev.limits) for e in ENTRIES):
+        pytest.skip(f"this adapter grants only {dev.limits['max-compute-workgroup-storage-size']} bytes")
+
+
+@pytest.mark.parametrize("B,T,C,NH,tile", PREFETCH_CASES, ids=PREFETCH_IDS)
+def test_prefetch_cases_prefetch(B, T, C, NH, tile):
+    tiles = tiles_of(tile)
+    assert all(not prefetch_problem(C // NH, tiles[e]) for e in ENTRIES), {e: prefetch_vec4s(C // NH, tiles[e])
+                                                                            for e in ENTRIES}
+
+
+@PIPELINES
+@pytest.mark.parametrize("B,T,C,NH,tile", PREFETCH_CASES, ids=PREFETCH_IDS)
+def test_attention_prefetch_matches_reference(dev_full, B, T, C, NH, tile, pipeline):
+    skip_unless_fits(dev_full, C // NH, tile)
+    check(dev_full, B, T, C, NH, seed=T + C, tile=tile, pipeline=pipeline, prefetch=True)
+
+
+@pytest.mark.parametrize("B,T,C,NH,tile", PREFETCH_CASES + [(1, 70, 128, 2, None), (2, 29, 40, 2, Tile(8, 4))],
+                         ids=PREFETCH_IDS + ["T70-hs64-picked", "T29-hs20-8,4,2-fallback"])
+def test_attention_prefetch_is_bit_identical(dev_full, B, T, C, NH, tile):
+    # PREFETCH only moves the streamed tiles' global-memory reads one tile earlier (same values in the same
+    # places of workgroup memory, the same FMAs in the same order): out, lse and dqkv must agree to the bit with
+    # the direct loads, with and without PIPELINE.
+    skip_unless_fits(dev_full, C // NH, tile)
+    qkv, dout = inputs(B, T, C, seed=T + C + 1)
+    base = run_attention(dev_full, B, T, C, NH, qkv, dout, tile, pipeline=False, prefetch=False)
+    for pipeline, prefetch in ((False, True), (True, True), (True, False)):
+        got = run_attention(dev_full, B, T, C, NH, qkv, dout, tile, pipeline=pipeline, prefetch=prefetch)
+        for name, a, b in zip(("out", "lse", "dqkv"), got, base):
+            assert np.isfinite(a).all(), f"{name}: non-finite entries"
+            differ = int((a.view(np.uint32) != b.view(np.uint32)).sum())
+            assert differ == 0, (f"{name}: PIPELINE={pipeline} PREFETCH={prefetch} differ from both false in "
+                                 f"{differ} of {a.size} elements")
+
+
+def test_prefetch_vec4s():
+    # ceil(BS * hs/4 / (NR * TC)), BS = 4 TC: GPT-2's hs=64 on the tiles picked for an H100 (48 KiB, 1024 threads)
+    # prefetches 2 (forward, 256 threads) and 4 (dq, dkv, 128 threads) vec4s a thread and matrix.
+    assert [prefetch_vec4s(64, t) for t in (Tile(8, 32), Tile(8, 16), Tile(8, 16))] == [2, 4, 4]
+    assert prefetch_vec4s(20, Tile(4, 6)) == 4 and prefetch_vec4s(20, Tile(4, 8)) == 3
+    assert prefetch_vec4s(64, Tile(8, 8, 4)) == 8 > MAX_PREFETCH_VEC4S
+    assert "8 vec4" in prefetch_problem(64, Tile(8, 8, 4)) and prefetch_problem(64, Tile(8, 16, 4)) == ""
+    for hs in range(4, 129, 4):
+        for tc in (1, 2, 4, 8):
+            for nr in range(1, 33):
+                t = Tile(tc, nr)
+                assert (prefetch_problem(hs, t) == "") == (nr >= hs // 4), (hs, t)
+
+
+def test_prefetch_falls_back_per_kernel(dev_full):
+    # A tile whose share would need more than 4 registers compiles without PREFETCH; the others keep it.
+    tiles = {"attention_forward": Tile(4, 8), "attention_backward_dq": Tile(8, 4), "attention_backward_dkv": Tile(1, 4)}
+    attn = wait(Attention.create(dev_full, B=1, T=29, C=40, n_head=2, tiles=tiles, prefetch=True))
+    assert attn.prefetch == {"attention_forward": True, "attention_backward_dq": False,
+                             "attention_backward_dkv": False}
+    assert [attn.k[e].constants["PREFETCH"] for e in ENTRIES] == [True, False, False]
+    off = wait(Attention.create(dev_full, B=1, T=29, C=40, n_head=2, tiles=tiles))
+    assert off.prefetch == {e: False for e in ENTRIES}
+
+
+def test_prefetch_shader_ignores_oversized_shares(dev, monkeypatch):
+    # The shader's own guard: PREFETCH passed true for tiles needing 5 and 10 vec4s a thread is ignored there
+    # (PF false: 4 registers would not hold the share), so the results stay right even if the Python side let it
+    # through.
+    monkeypatch.setattr(attention_op, "prefetch_problem", lambda hs, t: "")
+    for tile in (Tile(8, 4), Tile(1, 2, 4)):
+        check(dev, 2, 29, 40, 2, seed=12, tile=tile, prefetch=True)   # run_attention: PREFETCH passed true

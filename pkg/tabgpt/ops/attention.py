@@ -23,6 +23,13 @@ step's FMAs (software pipelining, override PIPELINE), which made the matmul 10% 
 attention kernels 27-43% slower there (more registers: bench/results/attention.md), so the default, False, reads
 them at the top of each step; bench/bench_attention.py --pipeline both times the two. The results are
 bit-identical either way.
+
+prefetch=True (override PREFETCH, as the matmul's) has each thread read its share of the NEXT streamed tile
+(K, V in forward and dq; Q, dO and lse, delta in dkv) from global memory into registers while the current tile
+is worked on, instead of loading each tile between two barriers. A thread's share is prefetch_vec4s(hs, tile)
+vec4s per streamed matrix, in named registers: at most MAX_PREFETCH_VEC4S (4; that is NR >= hs / 4). Kernels
+whose tile would need more compile without it (Attention.prefetch says which have it). Bit-identical results
+either way; bench/bench_attention.py --prefetch both times the two.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ ENTRIES = ("attention_forward", "attention_backward_dq", "attention_backward_dkv
 # RPT of the tiles pick_tile chooses. 4 rows per thread (each streamed vec4 read serves twice the FMAs) measured
 # slower on an H100 at GPT-2 size: forward 1.80 ms against 1.45, backward 8.9 against 5.7 (bench/results/attention.md).
 ROWS_PER_THREAD = 2
+# PREFETCH holds a thread's share of each streamed matrix in at most this many named vec4 registers.
+MAX_PREFETCH_VEC4S = 4
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,20 @@ def workgroup_memory(entry: str, hs: int, t: Tile) -> tuple[int, int]:
     if entry == "attention_backward_dkv":   # K | V | Q | dO;  P, dS (BR, BS+1) | lse, delta (BS)
         return (2 * BR + 2 * BS) * h4p, 2 * BR * (BS + 1) + 2 * BS
     raise ValueError(entry)
+
+
+def prefetch_vec4s(hs: int, t: Tile) -> int:
+    """PREFETCH's vec4 registers per thread for each streamed matrix: ceil(BS hs/4 / (NR TC)), BS = 4 TC rows."""
+    threads = t.NR * t.TC
+    return -(-(4 * t.TC * (hs // 4)) // threads)
+
+
+def prefetch_problem(hs: int, t: Tile) -> str:
+    """Why tile t cannot prefetch its streamed tiles at head size hs ("" if it can)."""
+    n = prefetch_vec4s(hs, t)
+    if n > MAX_PREFETCH_VEC4S:
+        return f"PREFETCH needs {n} vec4 registers per thread and streamed matrix (at most {MAX_PREFETCH_VEC4S})"
+    return ""
 
 
 def tile_problem(entry: str, hs: int, t: Tile, limits: dict) -> str:
@@ -102,7 +125,7 @@ def pick_tile(entry: str, hs: int, T: int, limits: dict, rpt: int | None = None)
 
 
 class Attention:
-    def __init__(self, dev, B, T, C, n_head, kernels, tiles, params, delta, pipeline=False):
+    def __init__(self, dev, B, T, C, n_head, kernels, tiles, params, delta, pipeline=False, prefetch=None):
         self.dev, self.B, self.T, self.C, self.n_head = dev, B, T, C, n_head
         self.hs = C // n_head
         self.k = kernels          # {entry: Kernel}
@@ -110,12 +133,16 @@ class Attention:
         self.params = params      # uniform AttnParams
         self.delta = delta        # scratch (B, n_head, T) f32
         self.pipeline = pipeline  # the PIPELINE override the kernels were compiled with
+        # {entry: the PREFETCH override it was compiled with} for the three tiled kernels
+        self.prefetch = prefetch or {e: False for e in ENTRIES}
 
     @classmethod
     async def create(cls, dev: Device, B: int, T: int, C: int, n_head: int,
-                     tiles: dict | None = None, pipeline: bool = False) -> "Attention":
+                     tiles: dict | None = None, pipeline: bool = False, prefetch: bool = False) -> "Attention":
         """Compile the kernels for this shape. tiles={entry: Tile} forces tile shapes (tests, benchmarks);
-        pipeline=True compiles the inner loops with software pipelining (override PIPELINE, same results)."""
+        pipeline=True compiles the inner loops with software pipelining (override PIPELINE, same results);
+        prefetch=True reads the next streamed tile into registers during the current one (override PREFETCH,
+        same results) in each kernel whose tile allows it (prefetch_problem; the others load as without)."""
         if n_head <= 0 or C % n_head or (C // n_head) % 4:
             raise GPUError(f"attention needs C (n_embd) divisible by n_head and a head size that is a multiple "
                            f"of 4, got C={C}, n_head={n_head}")
@@ -127,7 +154,7 @@ class Attention:
         if 4 * B * T * 3 * C > dev.limits["max-storage-buffer-binding-size"]:
             raise GPUError(f"attention: qkv of {4 * B * T * 3 * C} bytes exceeds this device's storage binding "
                            "limit; use a smaller batch")
-        kernels, chosen = {}, {}
+        kernels, chosen, prefetched = {}, {}, {}
         for entry in ENTRIES:
             t = (tiles or {}).get(entry) or pick_tile(entry, hs, T, dev.limits)
             problem = tile_problem(entry, hs, t, dev.limits)
@@ -137,13 +164,14 @@ class Attention:
                 raise GPUError(f"{entry}: n_head={n_head} x {t.chunks(hs)} chunks exceeds the workgroup grid limit")
             smv, sms = workgroup_memory(entry, hs, t)
             chosen[entry] = t
+            prefetched[entry] = bool(prefetch) and not prefetch_problem(hs, t)
             kernels[entry] = await dev.kernel(FILE, entry, constants={
                 "HS": hs, "TC": t.TC, "NR": t.NR, "RPT": t.RPT, "DS": t.chunks(hs), "SMV": smv, "SMS": sms,
-                "PIPELINE": bool(pipeline)})
+                "PIPELINE": bool(pipeline), "PREFETCH": prefetched[entry]})
         kernels["attention_backward_delta"] = await dev.kernel(FILE, "attention_backward_delta", constants={"HS": hs})
         params = dev.uniform(struct.pack("<4I", B, T, n_head, 0), "attention-params")
         delta = dev.buffer(4 * B * n_head * T, "attention-delta")
-        return cls(dev, B, T, C, n_head, kernels, chosen, params, delta, bool(pipeline))
+        return cls(dev, B, T, C, n_head, kernels, chosen, params, delta, bool(pipeline), prefetched)
 
     def _grid(self, entry: str) -> tuple[int, int, int]:
         t = self.tiles[entry]
