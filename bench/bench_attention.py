@@ -65,7 +65,7 @@ def inputs(B, T, NH, hs, seed=0):
     return qkv, dout
 
 
-def time_ours(dev, B, T, NH, hs, tile, trials, pipeline=True, prefetch=False):
+def time_ours(dev, B, T, NH, hs, tile, trials, pipeline=False, prefetch=True):
     """(forward s, backward s, out, dqkv, Attention)."""
     C = NH * hs
     qkv, dout = inputs(B, T, NH, hs)
@@ -149,9 +149,9 @@ def main():
                          "timed side by side")
     ap.add_argument("--no-pipeline", dest="pipeline", action="store_const", const="off",
                     help="same as --pipeline off")
-    ap.add_argument("--prefetch", choices=sorted(PREFETCHES), default="off",
-                    help="the streamed tiles read into registers one tile ahead (on), loaded between barriers (off, "
-                         "the default), or both, timed side by side")
+    ap.add_argument("--prefetch", choices=sorted(PREFETCHES), default="on",
+                    help="the streamed tiles read into registers one tile ahead (on, the default), loaded between "
+                         "barriers (off), or both, timed side by side")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=TARGET_SECONDS, help="time per timed submission")
     ap.add_argument("--no-torch", action="store_true")

@@ -318,8 +318,10 @@ def test_prefetch_falls_back_per_kernel(dev_full):
     assert attn.prefetch == {"attention_forward": True, "attention_backward_dq": False,
                              "attention_backward_dkv": False}
     assert [attn.k[e].constants["PREFETCH"] for e in ENTRIES] == [True, False, False]
-    off = wait(Attention.create(dev_full, B=1, T=29, C=40, n_head=2, tiles=tiles))
+    off = wait(Attention.create(dev_full, B=1, T=29, C=40, n_head=2, tiles=tiles, prefetch=False))
     assert off.prefetch == {e: False for e in ENTRIES}
+    default = wait(Attention.create(dev_full, B=1, T=29, C=40, n_head=2, tiles=tiles))   # on where it fits
+    assert default.prefetch == attn.prefetch
 
 
 def test_prefetch_shader_ignores_oversized_shares(dev, monkeypatch):
