@@ -308,7 +308,7 @@ def cli_train(args) -> int:
               file=sys.stderr)
         if m["autotuned"]:
             from tabgpt.ops.matmul import tune_file
-            print(f"autotuned {len(m['autotuned'])} matrix product shapes for this GPU (remembered in "
+            print(f"autotuned {len(m['autotuned'])} matrix product shapes for this adapter (remembered in "
                   f"{tune_file()}):", file=sys.stderr)
             for line in m["autotuned"]:
                 print(f"  {line}", file=sys.stderr)
