@@ -113,7 +113,7 @@ def unlock_library(dst: Path, any_feature: bool = False) -> str:
 def entry_source(src: str, entry: str) -> str:
     """The WGSL with only `entry` and the functions it calls, so that one entry point that does not compile
     cannot take the others down with it (the compiler validates the whole module)."""
-    spans, i = {}, 0
+    spans = {}
     for m in re.finditer(r"^fn\s+(\w+)\s*\(", src, flags=re.M):
         start = m.start()
         # Attributes on the lines just above belong to the function.
@@ -244,7 +244,7 @@ fn probe() {
 def run_probe(dev, S=16, T="f16", load="coopLoadT", store="coopStoreT", zero=None):
     """One S x S x S product A @ B in a single subgroup; returns (what the result equals, max error)."""
     from tabgpt.gpu import wait
-    zero = zero or f"LOAD<coop_matSxS<f32, C>>(&zeros[0], SU)"
+    zero = zero or "LOAD<coop_matSxS<f32, C>>(&zeros[0], SU)"
     src = (PROBE.replace("ZERO", zero).replace("LOAD", load).replace("STORE", store)
            .replace("SxS", f"{S}x{S}").replace("SU", f"{S}u").replace("<T", f"<{T}"))
     rng = np.random.default_rng(1)
@@ -523,7 +523,7 @@ def report(state) -> str:
                                 if "error" not in v else "error: `" + v["error"].replace("\n", " ") + "`")
                   for k, v in probe["layouts"].items()]
         z = probe.get("zero_constructor", {})
-        lines += [f"- zero constructor `coop_mat16x16<f32, C>()`: " +
+        lines += ["- zero constructor `coop_mat16x16<f32, C>()`: " +
                   (z.get("result", "") if "error" not in z else "error: `" + z["error"].replace("\n", " ") + "`"),
                   f"- kernels ran with layout: {state['args'].layout}", ""]
     stock = [r for r in state["records"] if r["kind"] == "stock"]

@@ -23,7 +23,10 @@ sys.path.insert(0, str(ROOT / "pkg"))
 from common import append_result, device_label  # noqa: E402  (bench/common.py)
 
 
-def bench_ours(cfg, steps):
+def native_trainer(cfg):
+    """(dev, model, step, seconds) for timing our trainer on cfg: a fresh model on random tokens; step(s) runs one
+    whole training step (zero-grad, grad_accum forward-backwards, clip + AdamW) without waiting, and
+    seconds(first, count) runs steps first.. first+count-1 and returns their wall time, the GPU waited for."""
     from tabgpt import gpu
     from tabgpt.gpt import GPT
     dev = gpu.wait(gpu.open_device())
@@ -42,14 +45,22 @@ def bench_ours(cfg, steps):
             model.run_forward_backward()
         model.run_update(slot=s)
 
-    for s in range(3):
-        step(s)
-    gpu.wait(dev.sync())
-    t0 = time.perf_counter()
-    for s in range(3, 3 + steps):
-        step(s)
-    gpu.wait(dev.sync())
-    dt = time.perf_counter() - t0
+    def seconds(first, count):
+        gpu.wait(dev.sync())
+        t0 = time.perf_counter()
+        for s in range(first, first + count):
+            step(s)
+        gpu.wait(dev.sync())
+        return time.perf_counter() - t0
+
+    return dev, model, step, seconds
+
+
+def bench_ours(cfg, steps):
+    from tabgpt import gpu
+    dev, model, step, seconds = native_trainer(cfg)
+    seconds(0, 3)                       # warm-up
+    dt = seconds(3, steps)
     stats = gpu.wait(model.read_step_stats(list(range(3 + steps - 3, 3 + steps))))
     assert all(math.isfinite(l) for l, _, _ in stats), stats
     return steps * cfg.tokens_per_step / dt, device_label(dev)

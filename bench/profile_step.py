@@ -15,9 +15,7 @@ Results are printed and, with --write, appended to bench/results/profile.md with
 from __future__ import annotations
 
 import argparse
-import array
 import datetime
-import random
 import sys
 import time
 from collections import defaultdict
@@ -26,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pkg"))
 
+from bench_train import native_trainer  # noqa: E402  (bench/bench_train.py)
 from common import append_result, device_label  # noqa: E402  (bench/common.py)
 
 # Override constants worth naming in a kernel's label (layouts and fused modes); tile sizes are left out.
@@ -54,33 +53,11 @@ def main():
 
     from tabgpt import gpu
     from tabgpt.config import preset
-    from tabgpt.gpt import GPT
 
     cfg = preset(args.preset, batch_size=args.batch)
-    dev = gpu.wait(gpu.open_device())
-    model = gpu.wait(GPT.create(dev, cfg, B=cfg.batch_size, T=cfg.block_size))
-    gpu.wait(model.init_weights(cfg.seed))
-    rng = random.Random(0)
-    n = cfg.batch_size * cfg.block_size
-    x = array.array("I", (rng.randrange(cfg.vocab_size) for _ in range(n)))
-    y = array.array("I", (rng.randrange(cfg.vocab_size) for _ in range(n)))
-    model.set_batch(x, y)
-
-    def step(s):
-        model.set_step(s, cfg.learning_rate * 0.1)
-        model.run_zero_grad()
-        for _ in range(cfg.grad_accum):
-            model.run_forward_backward()
-        model.run_update(slot=s)
-
-    for s in range(3):
-        step(s)
-    gpu.wait(dev.sync())
-    t0 = time.perf_counter()
-    for s in range(3, 3 + args.steps):
-        step(s)
-    gpu.wait(dev.sync())
-    step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+    dev, model, step, seconds = native_trainer(cfg)     # as bench_train.py times it
+    seconds(0, 3)                                       # warm-up
+    step_ms = seconds(3, args.steps) / args.steps * 1e3
 
     seqs = [(model.zero_seq, 1), (model.fwd_bwd_seq, cfg.grad_accum), (model.update_seq, 1)]
     total = defaultdict(float)
@@ -114,7 +91,7 @@ def main():
     lines = [f"## Step profile, preset {args.preset}, {datetime.date.today()}, {device}", "",
              f"n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, block {cfg.block_size}, batch {cfg.batch_size} x "
              f"{cfg.grad_accum}; {dispatches} dispatches per step. Whole step: {step_ms:.2f} ms measured "
-             f"({n * cfg.grad_accum / step_ms * 1e3:,.0f} tokens/s); the dispatches alone sum to {summed:.2f} ms.",
+             f"({cfg.tokens_per_step / step_ms * 1e3:,.0f} tokens/s); the dispatches alone sum to {summed:.2f} ms.",
              f"Command: `python bench/profile_step.py {' '.join(sys.argv[1:])}`", "",
              "| kernel | dispatches | ms per step | share of the sum |", "| --- | ---: | ---: | ---: |"]
     for name in sorted(total, key=total.get, reverse=True):

@@ -17,7 +17,7 @@ import pytest
 
 import reference as ref
 from tabgpt.config import Config
-from tabgpt.gpt import GPT, RING
+from tabgpt.gpt import GPT
 from tabgpt.gpu import wait
 
 B, T = 3, 37

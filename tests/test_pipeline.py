@@ -16,7 +16,7 @@ from tabgpt import gpu
 from tabgpt.config import preset
 from tabgpt.pipeline import Pipeline
 from tabgpt.run import RunError, RunFolder, load_model
-from tabgpt.train import Control, TrainingError, get_lr
+from tabgpt.train import TrainingError, get_lr
 
 TEXT_CHARS = 300_000
 

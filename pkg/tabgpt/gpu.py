@@ -444,7 +444,6 @@ class NativeDevice(Device):
 
     @classmethod
     async def open(cls, power_preference="high-performance", limits: dict | None = None):
-        import os
         if not os.environ.get("XDG_RUNTIME_DIR"):
             # wgpu's Vulkan loader complains without it; a private folder silences it.
             d = f"/tmp/tabgpt-xdg-{os.getuid()}"

@@ -132,14 +132,14 @@ def tune_file() -> Path:
     return Path(os.environ.get("TABGPT_CACHE", "~/.cache/tabgpt")).expanduser() / "matmul-tune.json"
 
 
-def autotune_enabled(dev: Device) -> bool:
+def autotune_enabled(dev: Device, flops: float | None = None) -> bool:
     """Autotune on GPUs natively (not on CPU adapters, where timings say little; not in the browser, where one
-    compile costs more than it would save), unless TABGPT_AUTOTUNE=0; TABGPT_AUTOTUNE=force tunes every tiled
-    product on any adapter (tests use it)."""
+    compile costs more than it would save), products of at least TUNE_MIN_FLOPS (when flops is given), unless
+    TABGPT_AUTOTUNE=0; TABGPT_AUTOTUNE=force tunes every tiled product on any adapter (tests use it)."""
     mode = os.environ.get("TABGPT_AUTOTUNE", "1")
     if mode == "force":
         return True
-    if mode == "0":
+    if mode == "0" or (flops is not None and flops < TUNE_MIN_FLOPS):
         return False
     return dev.backend == "wgpu-native" and not is_cpu_adapter(dev)
 
@@ -292,7 +292,7 @@ class Matmul:
     EPILOGUES = {"gelu": 1, "residual": 2, "gelu_grad": 3}   # override EPILOGUE of matmul.wgsl
 
     def __init__(self, dev, M, N, K, layout, bias, variant, tiles, splits, kernels, chunks, no_bias, scratch,
-                 epilogue=None, no_aux=None):
+                 epilogue=None, no_aux=None, bias_row=False):
         self.dev, self.M, self.N, self.K = dev, M, N, K
         self.layout, self.bias, self.variant, self.tiles, self.splits = layout, bias, variant, tiles, splits
         self.k = kernels          # "product" (+ "sum" with splits): the first chunk's; "*_rest": middle chunks';
@@ -302,7 +302,8 @@ class Matmul:
         self.scratch = scratch    # (splits, rows, N) f32 partial products, or None
         self.epilogue = epilogue  # None, "gelu", "residual" or "gelu_grad"
         self.no_aux = no_aux      # bound in place of aux without an epilogue (never read)
-        self.out_rows = M         # rows of out: M, or M + 1 with bias_row
+        self.bias_row = bias_row  # out has a last row more: the column sums of B (a Conv1D's bias gradient)
+        self.out_rows = M + 1 if bias_row else M
 
     @classmethod
     async def create(cls, dev: Device, M: int, N: int, K: int, layout: str = "nn", bias: bool = False,
@@ -341,8 +342,7 @@ class Matmul:
         if bias_row:
             consts["BIAS_ROW"] = True
         Mo = M + 1 if bias_row else M                      # rows of out
-        auto = (tiles is None and splits is None and autotune_enabled(dev)
-                and (2 * M * N * K >= TUNE_MIN_FLOPS or os.environ.get("TABGPT_AUTOTUNE") == "force"))
+        auto = tiles is None and splits is None and autotune_enabled(dev, 2.0 * M * N * K)
         if variant == "tiled" and (tiles == "auto" or auto):
             tiles, splits = await autotune(dev, M, N, K, layout, bias_row=bias_row)
         if variant == "tiled":
@@ -422,10 +422,8 @@ class Matmul:
             scratch = shared_scratch(dev, 4 * splits * out_rows * N)
         no_bias = None if bias else dev.buffer(16, "matmul-no-bias")
         no_aux = None if epilogue else dev.buffer(16, "matmul-no-aux")
-        mm = cls(dev, M, N, K, layout, bias, variant, tiles, splits, kernels, chunks, no_bias, scratch,
-                 epilogue, no_aux)
-        mm.out_rows = Mo
-        return mm
+        return cls(dev, M, N, K, layout, bias, variant, tiles, splits, kernels, chunks, no_bias, scratch,
+                   epilogue, no_aux, bias_row)
 
     def dispatch(self, seq: Sequence, out, a, b, bias=None, aux=None):
         """Append the product: out (M, N) [+]= op(a) @ op(b) [+ bias (N,)], then the epilogue with aux (M, N)
@@ -572,7 +570,7 @@ class Conv1D:
             raise GPUError("Conv1D with dinp_gelu_grad: pass gelu_pre" if fused else
                            "gelu_pre needs a Conv1D created with dinp_gelu_grad=True")
         self.dinp.dispatch(seq, out=dinp, a=dout, b=weight, aux=gelu_pre)
-        if self.dweight.out_rows > self.dweight.M:
+        if self.dweight.bias_row:
             # fused bias gradient: out = [dweight; dbias], one contiguous range
             if dbias is None:
                 raise GPUError("this Conv1D has a bias: pass dbias")
