@@ -461,6 +461,9 @@ def test_autotune_survives_a_corrupt_cache_file_and_can_be_turned_off(dev, tune_
     assert matmul.autotune_enabled(gpu) and not matmul.autotune_enabled(dev)   # GPUs only, lavapipe not
     monkeypatch.setenv("TABGPT_AUTOTUNE", "0")
     assert not matmul.autotune_enabled(gpu)
+    monkeypatch.setenv("TABGPT_AUTOTUNE", "yes")
+    with pytest.raises(GPUError, match="TABGPT_AUTOTUNE must be 0"):
+        matmul.autotune_enabled(gpu)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,6 +137,8 @@ def autotune_enabled(dev: Device, flops: float | None = None) -> bool:
     compile costs more than it would save), products of at least TUNE_MIN_FLOPS (when flops is given), unless
     TABGPT_AUTOTUNE=0; TABGPT_AUTOTUNE=force tunes every tiled product on any adapter (tests use it)."""
     mode = os.environ.get("TABGPT_AUTOTUNE", "1")
+    if mode not in ("0", "1", "force"):
+        raise GPUError(f"TABGPT_AUTOTUNE must be 0 (off), 1 (on GPUs, the default) or force, got {mode!r}")
     if mode == "force":
         return True
     if mode == "0" or (flops is not None and flops < TUNE_MIN_FLOPS):
