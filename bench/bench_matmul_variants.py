@@ -5,6 +5,7 @@ The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK
   unroll2   two rows per iteration, each in its own block
   unroll4   four rows per iteration
   unrollBK  eight rows per iteration (the whole slice at BK = 8)
+  literal   the whole slice as straight-line code, each row's index a literal (needs the tiles' BK)
   nobarrier diagnostic, wrong results: no workgroupBarrier() in the loop over slices (what the barriers cost)
   noglobal  diagnostic, wrong results: the slices' global-memory reads replaced by a constant (what they cost)
   frag      (for kernels that read a row's tile values at the top of its iteration) the next row's values
@@ -52,10 +53,13 @@ def with_row(body: str, expr: str) -> str:
     return re.sub(r"\bkk\b", f"({expr})", body)
 
 
-def variant(src: str, name: str) -> str:
+def variant(src: str, name: str, bk: int = 8) -> str:
     if name == "base":
         return src
     head, body, tail = split_loop(src)
+    if name == "literal":
+        rows = "".join("{" + with_row(body, f"{r}u") + "}\n" for r in range(bk))
+        return head + f"if (BK != {bk}u) {{ return; }}\n" + rows + tail
     if name == "nobarrier":
         i = src.index("fn matmul_tiled(")
         j = src.index("fn matmul_split_sum(")
@@ -90,7 +94,7 @@ def variant(src: str, name: str) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", nargs="+", default=["4096x4096x4096"])
-    ap.add_argument("--variants", nargs="+", default=["base", "unroll2", "unroll4", "unrollBK"])
+    ap.add_argument("--variants", nargs="*", default=["base", "unroll2", "unroll4", "unrollBK"])
     ap.add_argument("--file", action="append", default=[], metavar="NAME=PATH",
                     help="also time a whole other matmul.wgsl (e.g. an earlier or experimental version) as NAME")
     ap.add_argument("--tiles", type=parse_tiles, default=None)
@@ -107,7 +111,7 @@ def main():
         cublas = time_cublas(M, N, K, layout, args.trials)
         files = dict(f.split("=", 1) for f in args.file)
         for name in args.variants + list(files):
-            dev._sources[FILE] = Path(files[name]).read_text() if name in files else variant(base, name)
+            dev._sources[FILE] = Path(files[name]).read_text() if name in files else variant(base, name, tiles['BK'])
             dev._kernels.clear()
             sec, err, mm = time_ours(dev, M, N, K, layout, None, tiles, 1, 1 if args.quick else args.trials)
             gf = 2.0 * M * N * K / sec / 1e9

@@ -1,0 +1,61 @@
+"""bench/sass.py: SASS read back from NVIDIA's shader disk cache.
+
+The fixture is a real cache file written by the NVIDIA driver (580, H100) while bench_matmul.py ran the default
+128x128x8 tiles on a 4096^3 nn product; what is asserted here was read from its disassembly by hand.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import sass  # noqa: E402
+
+FIXTURE = ROOT / "tests" / "fixtures" / "sass" / "matmul_nn_h100.bin"
+
+
+def test_show_reads_the_matmul_kernel(tmp_path, capsys):
+    (tmp_path / "cache0.bin").write_bytes(FIXTURE.read_bytes())
+    rows = sass.show(tmp_path, "SM90", tmp_path / "sass", min_instructions=0)
+    mm = [r for r in rows if r["ffma"]]
+    assert len(mm) == 1, rows
+    k = mm[0]
+    # One 8x8 outer product per iteration of the tile-row loop: the driver did not unroll it.
+    assert k["ffma"] == 64 and k["lds"] == 8 and k["bar"] == 2 and k["local"] == 0
+    assert 100 <= k["regs"] <= 128          # two 256-thread workgroups per SM
+    inner = min(k["loops"], key=lambda lp: lp["n"])
+    assert inner["ffma"] == 64 and inner["lds"] == 4 and inner["n"] == 83 and inner["stall"] > inner["n"]
+    assert len(k["loops"]) == 2             # the tile-row loop inside the loop over slices
+    text = capsys.readouterr().out
+    assert "| cache0:" in text and "FFMA per static cycle" in text
+    written = sorted((tmp_path / "sass").glob("*.sass"))
+    assert written and any("FFMA" in p.read_text() for p in written)
+    assert "BAR.SYNC" in "".join(p.read_text() for p in written)
+
+
+def test_show_without_cache_files_says_what_to_run(tmp_path):
+    with pytest.raises(SystemExit, match="collect"):
+        sass.show(tmp_path, "SM90", None, 0)
+
+
+def test_records_skip_garbage():
+    data = b"junk" + sass.ZSTD_MAGIC + b"not a frame" + FIXTURE.read_bytes()
+    recs = list(sass.records(data))
+    assert any(r.startswith(sass.NVVM_MAGIC) for r in recs)
+
+
+def test_collect_without_an_nvidia_driver_fails_clearly(tmp_path):
+    # No NVIDIA driver writes a cache for a command that creates no pipeline (nor on lavapipe).
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "sass.py"), "collect", str(tmp_path), "--",
+                        sys.executable, "-c", "pass"], capture_output=True, text=True)
+    assert r.returncode != 0 and "wrote no shader cache" in r.stderr
+
+
+def test_collect_needs_a_command(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "sass.py"), "collect", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "give the command" in r.stderr
