@@ -148,6 +148,8 @@ DB_TILES = {
     "64x64x8/4x4": {"BM": 64, "BN": 64, "BK": 8, "TM": 4, "TN": 4},               # 256 threads, 1 vec4 each
     "32x32x8/4x4": {"BM": 32, "BN": 32, "BK": 8, "TM": 4, "TN": 4},
     "128x128x8/8x8": {"BM": 128, "BN": 128, "BK": 8, "TM": 8, "TN": 8},           # exactly 16 KiB doubled
+    "128x96x8/8x8": {"BM": 128, "BN": 96, "BK": 8, "TM": 8, "TN": 8},             # 192 threads, 2 vec4s of A each
+    "96x128x8/8x8": {"BM": 96, "BN": 128, "BK": 8, "TM": 8, "TN": 8},             # 2 vec4s of B, the last partial
     "uneven": {"BM": 16, "BN": 64, "BK": 12, "TM": 4, "TN": 4},                   # 0-1 vec4 of A, 3 of B per thread
 }
 # (M, N, K) per layout, no multiple of any tile edge; K = 100 and 93 make 13 and 12 slices of BK = 8 (an odd and
