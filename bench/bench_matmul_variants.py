@@ -6,6 +6,10 @@ The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK
   unroll4   four rows per iteration
   unrollBK  eight rows per iteration (the whole slice at BK = 8)
   literal   the whole slice as straight-line code, each row's index a literal (needs the tiles' BK)
+  wrap      the next row's reads unconditional (the last row reads row 0 again): no compare and branch
+  peel      the last row after the loop, the others reading the next row unconditionally
+  fence     the next row's reads placed after the row's first fma and made to depend on it (not hoistable)
+  a+b       one variant applied to another, e.g. wrap+unroll2, fence+literal
   nobarrier diagnostic, wrong results: no workgroupBarrier() in the loop over slices (what the barriers cost)
   noglobal  diagnostic, wrong results: the slices' global-memory reads replaced by a constant (what they cost)
   frag      (for kernels that read a row's tile values at the top of its iteration) the next row's values
@@ -53,10 +57,51 @@ def with_row(body: str, expr: str) -> str:
     return re.sub(r"\bkk\b", f"({expr})", body)
 
 
+NEXT_ROW = "if (kk + 1u < BK) {"
+
+
+def next_row_block(body: str) -> tuple[int, int]:
+    """Start and end of the block in the loop body that reads the next row's tile values."""
+    i = body.index(NEXT_ROW)
+    j, depth = i + len(NEXT_ROW), 1
+    while depth:
+        depth += {"{": 1, "}": -1}.get(body[j], 0)
+        j += 1
+    return i, j
+
+
 def variant(src: str, name: str, bk: int = 8) -> str:
+    """Variant `name` of the kernel source; "a+b" applies a, then b (e.g. wrap+unroll2)."""
+    for part in name.split("+"):
+        src = one_variant(src, part, bk)
+    return src
+
+
+def one_variant(src: str, name: str, bk: int) -> str:
     if name == "base":
         return src
     head, body, tail = split_loop(src)
+    if name == "wrap":
+        # The next row's reads unconditionally, the last row reading row 0 again (no compare and branch).
+        return src.replace(NEXT_ROW + "\n                let ra = oa + (kk + 1u) * (BM / 4u);\n"
+                           "                let rb = ob + (kk + 1u) * (BN / 4u);",
+                           "{\n                let kn = (kk + 1u) & (BK - 1u);\n"
+                           "                let ra = oa + kn * (BM / 4u);\n                let rb = ob + kn * (BN / 4u);")
+    if name == "peel":
+        # Rows 0..BK-2 in the loop, each reading the next row unconditionally; the last row after it, no reads.
+        i, j = next_row_block(body)
+        uncond = body[:i] + "{" + body[i + len(NEXT_ROW):]
+        return (head + "for (var kk = 0u; kk + 1u < BK; kk++) {" + uncond + "}\n{"
+                + with_row(body[:i] + body[j:], "BK - 1u") + "}" + tail)
+    if name == "fence":
+        # The next row's reads after the row's first fma, their addresses depending on its result through a
+        # value that is always 0 (K < 2^31) but unknown to the compiler: they cannot be hoisted above it.
+        first = "            acc[0] = outer4(acc[0], a_lo.x, b_lo);\n"
+        b2 = body.replace(first, "").replace(
+            NEXT_ROW, first + NEXT_ROW + "\n                let dep = bitcast<u32>(acc[0].x) & kzero;")
+        b2 = b2.replace("(BM / 4u);", "(BM / 4u) + dep;", 1).replace("(BN / 4u);", "(BN / 4u) + dep;", 1)
+        head = head.replace("    var cur = 0u;", "    let kzero = mp.K >> 31u;\n    var cur = 0u;", 1)
+        return head + LOOP + b2 + "}" + tail
     if name == "literal":
         rows = "".join("{" + with_row(body, f"{r}u") + "}\n" for r in range(bk))
         return head + f"if (BK != {bk}u) {{ return; }}\n" + rows + tail
