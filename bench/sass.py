@@ -57,7 +57,10 @@ def collect(out: Path, command: list[str]) -> list[Path]:
     if not files:
         raise SystemExit("collect: the driver wrote no shader cache. This works only with NVIDIA's proprietary "
                          "driver (Vulkan); check that wgpu runs on the NVIDIA adapter (python -m tabgpt device).")
-    # One flat copy per cache file, so that tools that do not keep deep folders carry them too.
+    # One flat copy per cache file, so that tools that do not keep deep folders carry them too (earlier copies in
+    # the folder go first: show reads every cache*.bin).
+    for old in out.glob("cache*.bin"):
+        old.unlink()
     for i, f in enumerate(files):
         shutil.copy(f, out / f"cache{i}.bin")
     print(f"{len(files)} cache file(s) in {out}: python bench/sass.py show {out}")
@@ -71,7 +74,10 @@ def find_nvdisasm() -> str:
     base = Path(sysconfig.get_paths()["purelib"]) / "nvidia"
     for p in sorted(base.glob("*/bin/nvdisasm")) + sorted(base.glob("cuda_nvdisasm/bin/nvdisasm")):
         if not os.access(p, os.X_OK):
-            p.chmod(p.stat().st_mode | 0o111)
+            try:
+                p.chmod(p.stat().st_mode | 0o111)
+            except OSError:
+                raise SystemExit(f"show: {p} is not executable and cannot be made so: chmod +x it")
         return str(p)
     raise SystemExit("show: nvdisasm not found: pip install nvidia-cuda-nvdisasm (or put a CUDA toolkit's "
                      "nvdisasm on PATH)")

@@ -59,3 +59,16 @@ def test_collect_needs_a_command(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "sass.py"), "collect", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "give the command" in r.stderr
+
+
+def test_collect_copies_what_the_driver_wrote_and_drops_older_copies(tmp_path):
+    # A stand-in for the driver: the command writes a record where __GL_SHADER_DISK_CACHE_PATH points.
+    (tmp_path / "cache7.bin").write_bytes(b"from an earlier collect")
+    writer = ("import os, pathlib; d = pathlib.Path(os.environ['__GL_SHADER_DISK_CACHE_PATH']) / 'GLCache' / 'x'; "
+              "d.mkdir(parents=True); (d / 'k.bin').write_bytes(b'record'); "
+              "assert os.environ['__GL_SHADER_DISK_CACHE'] == '1'")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "sass.py"), "collect", str(tmp_path), "--",
+                        sys.executable, "-c", writer], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.glob("cache*.bin")) == ["cache0.bin"]
+    assert (tmp_path / "cache0.bin").read_bytes() == b"record"
