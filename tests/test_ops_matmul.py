@@ -783,3 +783,22 @@ def test_autotune_falls_back_to_the_default_when_no_candidate_fits(dev, tune_cac
     tiles, splits = wait(matmul.autotune(dev, 64, 96, 40, "nn", candidates=[{"BM": 512, "BN": 512, "BK": 64,
                                                                              "TM": 8, "TN": 8}]))
     assert tiles == default_tiles(dev, 64, 96, 40) and splits >= 1
+
+
+def test_autotune_file_from_another_candidate_set_is_not_used(dev, tune_cache, monkeypatch):
+    # A choice saved when the candidates were different (here: one valid tile shape only) is tuned again once the
+    # candidate list changes: the file's key names the candidates.
+    from tabgpt.ops import matmul
+    matmul._tuned.pop(dev, None)
+    only = dict(TILES_MEDIUM)
+    monkeypatch.setattr(matmul, "TUNE_TILES", [only])
+    old_key = matmul._adapter_key(dev)
+    tune_cache.write_text(json.dumps({old_key: {"nn:64x96x40": [only, 3]}}))
+    assert wait(matmul.autotune(dev, 64, 96, 40, "nn")) == (only, 3)       # read from the file, not timed
+    matmul._tuned.pop(dev, None)
+    monkeypatch.setattr(matmul, "TUNE_TILES", [dict(TILES_MEDIUM, BK=12), only])
+    assert matmul._adapter_key(dev) != old_key
+    tiles, splits = wait(matmul.autotune(dev, 64, 96, 40, "nn"))
+    assert splits != 3 or tiles != only                                    # timed again: split-K 3 is no candidate
+    saved = json.loads(tune_cache.read_text())
+    assert old_key in saved and matmul._adapter_key(dev) in saved
