@@ -25,6 +25,7 @@ compiled them (wgpu's few internal kernels first); one workload per folder keeps
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
 import shutil
@@ -103,6 +104,7 @@ class Disassembler:
         self.exe = find_nvdisasm()
         self.arch = arch
         self.tmp = Path(tempfile.mkdtemp(prefix="sass"))
+        atexit.register(shutil.rmtree, self.tmp, True)
 
     def run(self, code: bytes, *flags: str) -> str | None:
         f = self.tmp / "code.bin"
@@ -113,15 +115,15 @@ class Disassembler:
     def kernels(self, record: bytes):
         """Each kernel's code in a compiled record: from the earliest offset (16 bytes apart, counted back from
         the final self-branch) from which nvdisasm decodes every instruction. Every start inside the code
-        decodes and the record's header before it does not, so the boundary is found by bisection."""
+        decodes; the record's header before it is taken not to (true of every record seen), so the boundary is
+        found by bisection."""
         for m in re.finditer(re.escape(SELF_BRANCH), record):
             end = m.start() + 16              # the pattern is the first half of the branch's 16 bytes
             if m.start() % 8:
                 continue
-            lo, hi = 0, (end - 16) // 16      # starts end - 16 * i; i = 1 always decodes (the branch itself)
             if self.run(record[end - 16:end]) is None:
                 continue
-            lo = 1
+            lo, hi = 1, end // 16             # starts end - 16 * i: i = 1 (the branch alone) decodes
             while lo < hi:                    # largest i that decodes: lo decodes, everything above hi fails
                 mid = (lo + hi + 1) // 2
                 if self.run(record[end - 16 * mid:end]) is not None:
