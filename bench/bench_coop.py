@@ -113,6 +113,7 @@ def unlock_library(dst: Path, any_feature: bool = False) -> str:
 def entry_source(src: str, entry: str) -> str:
     """The WGSL with only `entry` and the functions it calls, so that one entry point that does not compile
     cannot take the others down with it (the compiler validates the whole module)."""
+    from tabgpt.gpu import block_end
     spans = {}
     for m in re.finditer(r"^fn\s+(\w+)\s*\(", src, flags=re.M):
         start = m.start()
@@ -124,13 +125,7 @@ def entry_source(src: str, entry: str) -> str:
                 start = prev + 1
             else:
                 break
-        depth, j = 0, src.index("{", m.end())
-        while True:
-            depth += {"{": 1, "}": -1}.get(src[j], 0)
-            if depth == 0:
-                break
-            j += 1
-        spans[m.group(1)] = (start, j + 1)
+        spans[m.group(1)] = (start, block_end(src, src.index("{", m.end())))
     keep, todo = set(), [entry]
     while todo:
         fn = todo.pop()

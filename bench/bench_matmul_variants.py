@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_matmul import parse_size, parse_tiles, time_cublas, time_ours  # noqa: E402
 from common import append_result, device_label  # noqa: E402
 from tabgpt import gpu  # noqa: E402
-from tabgpt.gpu import wait  # noqa: E402
+from tabgpt.gpu import block_end, wait  # noqa: E402
 from tabgpt.ops.matmul import FILE, TILES_LARGE, tiles_label  # noqa: E402
 
 LOOP = "for (var kk = 0u; kk < BK; kk++) {"
@@ -45,12 +45,8 @@ LOOP = "for (var kk = 0u; kk < BK; kk++) {"
 def split_loop(src: str) -> tuple[str, str, str]:
     """(text before the kk loop, the loop body, text after it)."""
     i = src.index(LOOP)
-    j = i + len(LOOP)
-    depth, k = 1, j
-    while depth:
-        depth += {"{": 1, "}": -1}.get(src[k], 0)
-        k += 1
-    return src[:i], src[j:k - 1], src[k:]
+    k = block_end(src, i + len(LOOP) - 1)
+    return src[:i], src[i + len(LOOP):k - 1], src[k:]
 
 
 def with_row(body: str, expr: str) -> str:
@@ -63,11 +59,7 @@ NEXT_ROW = "if (kk + 1u < BK) {"
 def next_row_block(body: str) -> tuple[int, int]:
     """Start and end of the block in the loop body that reads the next row's tile values."""
     i = body.index(NEXT_ROW)
-    j, depth = i + len(NEXT_ROW), 1
-    while depth:
-        depth += {"{": 1, "}": -1}.get(body[j], 0)
-        j += 1
-    return i, j
+    return i, block_end(body, i + len(NEXT_ROW) - 1)
 
 
 def variant(src: str, name: str, bk: int = 8) -> str:

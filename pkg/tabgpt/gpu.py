@@ -121,23 +121,23 @@ def _strip_comments(src: str) -> str:
     return re.sub(r"//[^\n]*", "", src)
 
 
+def block_end(src: str, i: int) -> int:
+    """The index just past the `}` that closes the `{` at src[i] (len(src) if it is never closed)."""
+    depth = 0
+    for j in range(i, len(src)):
+        depth += {"{": 1, "}": -1}.get(src[j], 0)
+        if depth == 0:
+            return j + 1
+    return len(src)
+
+
 def _function_bodies(src: str) -> dict[str, tuple[str, set[str]]]:
     """Map each function name to (body text, names it declares: parameters, `let` and `var` locals)."""
     bodies = {}
     for m in _FN_RE.finditer(src):
         i = src.find("{", m.end())
         signature = src[m.end():i]
-        depth, j = 0, i
-        while j < len(src):
-            c = src[j]
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    break
-            j += 1
-        body = src[i:j + 1]
+        body = src[i:block_end(src, i)]
         params = signature.split("->")[0]
         local = set(re.findall(r"(\w+)\s*:", params)) | set(re.findall(r"\b(?:let|var|const)\s+(\w+)", body))
         bodies[m.group(1)] = (body, local)
