@@ -9,6 +9,10 @@ The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK
   wrap      the next row's reads unconditional (the last row reads row 0 again): no compare and branch
   peel      the last row after the loop, the others reading the next row unconditionally
   fence     the next row's reads placed after the row's first fma and made to depend on it (not hoistable)
+  guarded   the next slice's global reads only where there is a next slice (shaders/matmul.wgsl before
+            it read them unconditionally: the registers' phi with their old values made the driver copy
+            them, waiting for the reads before the products)
+  select    the global reads unconditional at a clamped index, zeros chosen by select() (no predicated load)
   a+b       one variant applied to another, e.g. wrap+unroll2, fence+literal
   nobarrier diagnostic, wrong results: no workgroupBarrier() in the loop over slices (what the barriers cost)
   noglobal  diagnostic, wrong results: the slices' global-memory reads replaced by a constant (what they cost)
@@ -71,6 +75,19 @@ def variant(src: str, name: str, bk: int = 8) -> str:
 
 def one_variant(src: str, name: str, bk: int) -> str:
     if name == "base":
+        return src
+    if name == "guarded":
+        return src.replace("        if (PREFETCH) {\n            pa0 = fetch_a(m0, k1, va.x);",
+                           "        if (PREFETCH && k1 < k_end) {\n            pa0 = fetch_a(m0, k1, va.x);", 1)
+    if name == "select":
+        for arr, idx, cond in (("a4", "(k * cols + m) / 4u", "k < mp.K && m < cols"),
+                               ("a4", "(m * mp.K + k) / 4u", "m < mp.M && k < mp.K"),
+                               ("b4", "(n * mp.K + k) / 4u", "n < mp.N && k < mp.K"),
+                               ("b4", "(k * mp.N + n) / 4u", "k < mp.K && n < mp.N")):
+            old = f"if ({cond}) {{ x = {arr}[{idx}]; }}"
+            if old not in src:
+                raise ValueError(f"select: {old!r} not in the kernel")
+            src = src.replace(old, f"x = select(vec4(0.0), {arr}[min({idx}, arrayLength(&{arr}) - 1u)], {cond});")
         return src
     head, body, tail = split_loop(src)
     if name == "wrap":
