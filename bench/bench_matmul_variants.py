@@ -8,7 +8,7 @@ The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK
   literal   the whole slice as straight-line code, each row's index a literal (needs the tiles' BK)
   wrap      the next row's reads unconditional (the last row reads row 0 again): no compare and branch
   peel      the last row after the loop, the others reading the next row unconditionally
-  fence     the next row's reads placed after the row's first fma and made to depend on it (not hoistable)
+  fence     FENCE on: the next row's reads placed after the row's first fma and made to depend on it
   guarded   the next slice's global reads only where there is a next slice (shaders/matmul.wgsl before
             it read them unconditionally: the registers' phi with their old values made the driver copy
             them, waiting for the reads before the products)
@@ -92,10 +92,12 @@ def one_variant(src: str, name: str, bk: int) -> str:
     head, body, tail = split_loop(src)
     if name == "wrap":
         # The next row's reads unconditionally, the last row reading row 0 again (no compare and branch).
-        return src.replace(NEXT_ROW + "\n                let ra = oa + (kk + 1u) * (BM / 4u);\n"
-                           "                let rb = ob + (kk + 1u) * (BN / 4u);",
-                           "{\n                let kn = (kk + 1u) & (BK - 1u);\n"
-                           "                let ra = oa + kn * (BM / 4u);\n                let rb = ob + kn * (BN / 4u);")
+        old = ("                let ra = oa + (kk + 1u) * (BM / 4u) + dep;\n"
+               "                let rb = ob + (kk + 1u) * (BN / 4u) + dep;")
+        i = src.index(NEXT_ROW)
+        return (src[:i] + "{\n                let kn = (kk + 1u) & (BK - 1u);"
+                + src[i + len(NEXT_ROW):].replace(old, "                let ra = oa + kn * (BM / 4u) + dep;\n"
+                                                       "                let rb = ob + kn * (BN / 4u) + dep;", 1))
     if name == "peel":
         # Rows 0..BK-2 in the loop, each reading the next row unconditionally; the last row after it, no reads.
         i, j = next_row_block(body)
@@ -103,14 +105,8 @@ def one_variant(src: str, name: str, bk: int) -> str:
         return (head + "for (var kk = 0u; kk + 1u < BK; kk++) {" + uncond + "}\n{"
                 + with_row(body[:i] + body[j:], "BK - 1u") + "}" + tail)
     if name == "fence":
-        # The next row's reads after the row's first fma, their addresses depending on its result through a
-        # value that is always 0 (K < 2^31) but unknown to the compiler: they cannot be hoisted above it.
-        first = "            acc[0] = outer4(acc[0], a_lo.x, b_lo);\n"
-        b2 = body.replace(first, "").replace(
-            NEXT_ROW, first + NEXT_ROW + "\n                let dep = bitcast<u32>(acc[0].x) & kzero;")
-        b2 = b2.replace("(BM / 4u);", "(BM / 4u) + dep;", 1).replace("(BN / 4u);", "(BN / 4u) + dep;", 1)
-        head = head.replace("    var cur = 0u;", "    let kzero = mp.K >> 31u;\n    var cur = 0u;", 1)
-        return head + LOOP + b2 + "}" + tail
+        # The kernel's FENCE form (shaders/matmul.wgsl; an autotune candidate there) for any tiles.
+        return src.replace("override FENCE: bool = false;", "override FENCE: bool = true;", 1)
     if name == "literal":
         rows = "".join("{" + with_row(body, f"{r}u") + "}\n" for r in range(bk))
         return head + f"if (BK != {bk}u) {{ return; }}\n" + rows + tail

@@ -95,6 +95,7 @@ override SPREAD: bool = false;
 override PREFETCH: bool = false;
 override DOUBLE_BUFFER: bool = false;
 override ROWS: bool = false;
+override FENCE: bool = false;   // the next row's tile reads ordered after the row's first fma (below)
 override DB: bool = DOUBLE_BUFFER && PREFETCH;   // double buffering in effect
 override N_BUF: u32 = select(1u, 2u, DB);        // copies of each tile
 override WG_X: u32 = BN / TN;
@@ -302,6 +303,7 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
         put_regs(0u, 0u, va, n_a, n_b, pa0, pa1, pa2, pa3, pb0, pb1, pb2, pb3);
         workgroupBarrier();
     }
+    let kzero = mp.K >> 31u;   // FENCE: 0
     var cur = 0u;   // DB: the tile copy of the slice being multiplied
     // BIAS_ROW: the threads of the first row of threads of the first block row sum B's columns (their column
     // groups) over the slice's k, in order, for out's last row.
@@ -356,9 +358,15 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
             let b_hi = f_b_hi;
             let b_2 = f_b_2;
             let b_3 = f_b_3;
+            // FENCE: the row's first fma before the next row's reads, whose addresses depend on its result
+            // through a term that is always 0 (kzero: K < 2^31) but unknown to the compiler, so that they cannot
+            // be moved above it. NVIDIA's compiler then orders the loop otherwise; faster on some shapes, slower
+            // on others (bench_matmul_variants.py fence): an autotune candidate. acc[0] sees the same fmas.
+            if (FENCE) { acc[0] = outer4(acc[0], a_lo.x, b_lo); }
             if (kk + 1u < BK) {
-                let ra = oa + (kk + 1u) * (BM / 4u);
-                let rb = ob + (kk + 1u) * (BN / 4u);
+                let dep = select(0u, bitcast<u32>(acc[0].x) & kzero, FENCE);
+                let ra = oa + (kk + 1u) * (BM / 4u) + dep;
+                let rb = ob + (kk + 1u) * (BN / 4u) + dep;
                 f_a_lo = as_tile[ra + ga_lo];
                 f_b_lo = bs_tile[rb + gb_lo];
                 if (TM == 8u) { f_a_hi = as_tile[ra + ga_hi]; }
@@ -368,7 +376,7 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
                     f_b_3 = bs_tile[rb + gb_3];
                 }
             }
-            acc[0] = outer4(acc[0], a_lo.x, b_lo);
+            if (!FENCE) { acc[0] = outer4(acc[0], a_lo.x, b_lo); }
             acc[2] = outer4(acc[2], a_lo.y, b_lo);
             acc[4] = outer4(acc[4], a_lo.z, b_lo);
             acc[6] = outer4(acc[6], a_lo.w, b_lo);

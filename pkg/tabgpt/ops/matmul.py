@@ -126,6 +126,9 @@ TUNE_TILES = [
     dict(TILES_LARGE, BM=96),
     TILES_MEDIUM,
 ]
+# The same loops with FENCE (the next row's tile reads after the row's first fma): on an H100 it moves single
+# products by -5 to +15 points of cuBLAS either way, depending on the shape (bench/results/h100/fence_*.txt).
+TUNE_TILES += [dict(t, FENCE=True) for t in (TILES_LARGE, TUNE_TILES[4], TUNE_TILES[5], TUNE_TILES[6], TUNE_TILES[7])]
 TUNE_MIN_FLOPS = 1e9      # smaller products (decoding, short prompts) keep the defaults
 TUNE_SECONDS = 0.01       # time per timed submission of one candidate (shorter ones misranked on an H100)
 TUNE_TRIALS = 3
@@ -250,7 +253,8 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
 
 def tiles_label(t: dict) -> str:
     flags = "".join(f" {name}" for f, name in (("SPREAD", "spread"), ("PREFETCH", "prefetch"),
-                                                ("DOUBLE_BUFFER", "double"), ("ROWS", "rows")) if t.get(f))
+                                                ("DOUBLE_BUFFER", "double"), ("ROWS", "rows"),
+                                                ("FENCE", "fence")) if t.get(f))
     return f"{t['BM']}x{t['BN']}x{t['BK']} / {t['TM']}x{t['TN']}{flags}"
 
 
@@ -262,13 +266,13 @@ def fold_grid(groups: int) -> tuple[int, int, int]:
 
 
 def check_tiles(dev: Device, t: dict):
-    """Raise GPUError unless tile shape t (BM, BN, BK, TM, TN; optional SPREAD, PREFETCH, DOUBLE_BUFFER flags) is
-    valid here. DOUBLE_BUFFER needs PREFETCH and keeps two copies of the tiles: 8*BK*(BM+BN) bytes of workgroup
-    memory instead of 4*BK*(BM+BN)."""
+    """Raise GPUError unless tile shape t (BM, BN, BK, TM, TN; optional SPREAD, PREFETCH, DOUBLE_BUFFER, ROWS and
+    FENCE flags) is valid here. DOUBLE_BUFFER needs PREFETCH and keeps two copies of the tiles: 8*BK*(BM+BN)
+    bytes of workgroup memory instead of 4*BK*(BM+BN)."""
     BM, BN, BK, TM, TN = (t[k] for k in ("BM", "BN", "BK", "TM", "TN"))
     threads = (BM // TM) * (BN // TN)
     problems = []
-    unknown = set(t) - {"BM", "BN", "BK", "TM", "TN", "SPREAD", "PREFETCH", "DOUBLE_BUFFER", "ROWS"}
+    unknown = set(t) - {"BM", "BN", "BK", "TM", "TN", "SPREAD", "PREFETCH", "DOUBLE_BUFFER", "ROWS", "FENCE"}
     if unknown:
         problems.append(f"unknown tile keys {sorted(unknown)}")
     if t.get("PREFETCH") and max(BK * BM, BK * BN) // 4 > 4 * threads:
