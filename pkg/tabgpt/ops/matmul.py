@@ -127,7 +127,8 @@ TUNE_TILES = [
     TILES_MEDIUM,
 ]
 # The same loops with FENCE (the next row's tile reads after the row's first fma): on an H100 it moves single
-# products by -5 to +15 points of cuBLAS either way, depending on the shape (bench/results/h100/fence_*.txt).
+# products by -4 to +14 points of cuBLAS either way, depending on the shape (bench/results/h100/fence_products.txt,
+# phi_prefetch.txt).
 TUNE_TILES += [dict(t, FENCE=True) for t in (TILES_LARGE, TUNE_TILES[4], TUNE_TILES[5], TUNE_TILES[6], TUNE_TILES[7])]
 TUNE_MIN_FLOPS = 1e9      # smaller products (decoding, short prompts) keep the defaults
 TUNE_SECONDS = 0.01       # time per timed submission of one candidate (shorter ones misranked on an H100)
