@@ -75,13 +75,14 @@ def parse_size(s: str, layout: str) -> tuple[str, int, int, int]:
 def parse_tiles(s: str) -> dict:
     """"BM,BN,BK,TM,TN[,flag...]" -> tiles; flags "spread", "prefetch" and "double" (DOUBLE_BUFFER, with prefetch:
     two copies of the workgroup tiles, one barrier per K slice instead of two), "rows" (ROWS: neighbouring threads
-    stage neighbouring rows of k-running operands); "auto": the autotuner's choice."""
+    stage neighbouring rows of k-running operands), "fence" (FENCE: the next row's tile reads after the row's
+    first fma); "auto": the autotuner's choice."""
     if s == "auto":
         return "auto"
     parts = s.split(",")
     BM, BN, BK, TM, TN = (int(v) for v in parts[:5])
     t = {"BM": BM, "BN": BN, "BK": BK, "TM": TM, "TN": TN}
-    flags = {"spread": "SPREAD", "prefetch": "PREFETCH", "double": "DOUBLE_BUFFER", "rows": "ROWS"}
+    flags = {"spread": "SPREAD", "prefetch": "PREFETCH", "double": "DOUBLE_BUFFER", "rows": "ROWS", "fence": "FENCE"}
     for flag in parts[5:]:
         if flag not in flags:
             raise argparse.ArgumentTypeError(f"unknown tile flag {flag!r} ({', '.join(flags)})")

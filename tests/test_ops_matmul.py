@@ -459,7 +459,8 @@ def test_autotuned_product_matches_numpy_and_is_remembered(dev, tune_cache, layo
     got, ref, scale, mm = product(dev, layout, Mx, Nx, Kx, seed=21, bias=layout == "nn", tiles="auto")
     assert_product(f"{layout} autotuned", got, ref, scale)
     assert len(dev.tune_log) == log_before + 1 and f"{layout}:{Mx}x{Nx}x{Kx}" in dev.tune_log[-1]
-    assert mm.tiles in [dict(t) for t in matmul.TUNE_TILES]           # one of the candidates that fit here
+    # one of the candidates that fit here, or one changed as TUNE_REFINE says
+    assert mm.tiles in [dict(t, **r) for t in matmul.TUNE_TILES for r in [{}] + matmul.TUNE_REFINE]
     check_tiles(dev, mm.tiles)
     # a second product of the shape reuses the choice without timing again
     again = wait(Matmul.create(dev, Mx, Nx, Kx, layout, tiles="auto"))
@@ -804,6 +805,21 @@ def test_autotune_falls_back_to_the_default_when_no_candidate_fits(dev, tune_cac
     tiles, splits = wait(matmul.autotune(dev, 64, 96, 40, "nn", candidates=[{"BM": 512, "BN": 512, "BK": 64,
                                                                              "TM": 8, "TN": 8}]))
     assert tiles == default_tiles(dev, 64, 96, 40) and splits >= 1
+
+
+def test_autotune_times_the_fastest_shape_again_with_each_refinement(dev, tune_cache, monkeypatch):
+    # After the candidates, the fastest is timed once more with each change in TUNE_REFINE (FENCE), then split-K.
+    import re
+    from tabgpt.ops import matmul
+    timed = {}
+    for refine in ([], [{"FENCE": True}]):
+        matmul._tuned.pop(dev, None)
+        monkeypatch.setattr(matmul, "TUNE_REFINE", refine)
+        tiles, _ = wait(matmul.autotune(dev, 64, 96, 40, "nn", candidates=[dict(TILES_MEDIUM)], persist=False))
+        assert tiles in (TILES_MEDIUM, dict(TILES_MEDIUM, FENCE=True))
+        timed[len(refine)] = int(re.search(r"of (\d+) timed", dev.tune_log[-1]).group(1))
+    assert timed[1] == timed[0] + 1, timed
+    matmul._tuned.pop(dev, None)
 
 
 def test_autotune_file_from_another_candidate_set_is_not_used(dev, tune_cache, monkeypatch):

@@ -126,10 +126,10 @@ TUNE_TILES = [
     dict(TILES_LARGE, BM=96),
     TILES_MEDIUM,
 ]
-# The same loops with FENCE (the next row's tile reads after the row's first fma): on an H100 it moves single
-# products by -4 to +14 points of cuBLAS either way, depending on the shape (bench/results/h100/fence_products.txt,
-# phi_prefetch.txt).
-TUNE_TILES += [dict(t, FENCE=True) for t in (TILES_LARGE, TUNE_TILES[4], TUNE_TILES[5], TUNE_TILES[6], TUNE_TILES[7])]
+# Then the fastest shape is timed again with each of these changes (and split-K after that). FENCE (the next
+# row's tile reads after the row's first fma) moves single products on an H100 by -4 to +14 points of cuBLAS
+# either way, depending on the shape (bench/results/h100/fence_products.txt, phi_prefetch.txt).
+TUNE_REFINE = [{"FENCE": True}]
 TUNE_MIN_FLOPS = 1e9      # smaller products (decoding, short prompts) keep the defaults
 TUNE_SECONDS = 0.01       # time per timed submission of one candidate (shorter ones misranked on an H100)
 TUNE_TRIALS = 3
@@ -158,7 +158,7 @@ def autotune_enabled(dev: Device, flops: float | None = None) -> bool:
 def _adapter_key(dev: Device) -> str:
     i = dev.info
     # The candidates' fingerprint: a file tuned among other candidates is tuned again.
-    cands = hashlib.sha1(json.dumps(TUNE_TILES, sort_keys=True).encode()).hexdigest()[:8]
+    cands = hashlib.sha1(json.dumps([TUNE_TILES, TUNE_REFINE], sort_keys=True).encode()).hexdigest()[:8]
     return " / ".join(str(i.get(k, "")) for k in ("vendor", "device", "description", "backend_type")) + \
         f" / checks {getattr(dev, 'shader_checks', 'all')} / candidates {cands}"
 
@@ -238,6 +238,15 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
         await time_one(dict(tiles), None)
     if not results:                             # no candidate fits this device: the fixed default
         await time_one(default_tiles(dev, M, N, K), None)
+    best, tiles, splits = min(results, key=lambda r: r[0])
+    for change in TUNE_REFINE:
+        refined = dict(tiles, **change)
+        if refined != tiles:
+            try:
+                check_tiles(dev, refined)
+            except GPUError:
+                continue
+            await time_one(refined, None)
     best, tiles, splits = min(results, key=lambda r: r[0])
     # split-K: half and twice the default count for the best tile shape
     for s in sorted({max(1, splits // 2), splits * 2} - {splits}):
