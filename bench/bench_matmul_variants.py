@@ -76,9 +76,14 @@ def variant(src: str, name: str, bk: int = 8) -> str:
 def one_variant(src: str, name: str, bk: int) -> str:
     if name == "base":
         return src
-    if name == "guarded":
-        return src.replace("        if (PREFETCH) {\n            pa0 = fetch_a(m0, k1, va.x);",
-                           "        if (PREFETCH && k1 < k_end) {\n            pa0 = fetch_a(m0, k1, va.x);", 1)
+    if name in ("guarded", "fence"):
+        old, new = {"guarded": ("        if (PREFETCH) {\n            pa0 = fetch_a(m0, k1, va.x);",
+                                "        if (PREFETCH && k1 < k_end) {\n            pa0 = fetch_a(m0, k1, va.x);"),
+                    # The kernel's FENCE form (shaders/matmul.wgsl; the autotuner tries it) for any tiles.
+                    "fence": ("override FENCE: bool = false;", "override FENCE: bool = true;")}[name]
+        if old not in src:
+            raise ValueError(f"{name}: {old!r} not in the kernel")
+        return src.replace(old, new, 1)
     if name == "select":
         for arr, idx, cond in (("a4", "(k * cols + m) / 4u", "k < mp.K && m < cols"),
                                ("a4", "(m * mp.K + k) / 4u", "m < mp.M && k < mp.K"),
@@ -104,9 +109,6 @@ def one_variant(src: str, name: str, bk: int) -> str:
         uncond = body[:i] + "{" + body[i + len(NEXT_ROW):]
         return (head + "for (var kk = 0u; kk + 1u < BK; kk++) {" + uncond + "}\n{"
                 + with_row(body[:i] + body[j:], "BK - 1u") + "}" + tail)
-    if name == "fence":
-        # The kernel's FENCE form (shaders/matmul.wgsl; an autotune candidate there) for any tiles.
-        return src.replace("override FENCE: bool = false;", "override FENCE: bool = true;", 1)
     if name == "literal":
         rows = "".join("{" + with_row(body, f"{r}u") + "}\n" for r in range(bk))
         return head + f"if (BK != {bk}u) {{ return; }}\n" + rows + tail

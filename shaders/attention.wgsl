@@ -248,7 +248,7 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation
         // PREFETCH: the next tile's loads are in flight while this one is worked on. After the last tile they
         // are made too (rows past T read zeros) and never used: a guard would give the registers a phi with
         // their old values, which NVIDIA's compiler resolves with copies that wait for the loads (as in
-        // matmul.wgsl; 4-5% faster on an H100 without it).
+        // matmul.wgsl; 2-5% faster on an H100 without it).
         let kn = k0 + BS;
         if (PF) {
             pk0 = fetch_qkv(1u, b, h, kn, lid);

@@ -361,7 +361,8 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
             // FENCE: the row's first fma before the next row's reads, whose addresses depend on its result
             // through a term that is always 0 (kzero: K < 2^31) but unknown to the compiler, so that they cannot
             // be moved above it. NVIDIA's compiler then orders the loop otherwise; faster on some shapes, slower
-            // on others (bench_matmul_variants.py fence): an autotune candidate. acc[0] sees the same fmas.
+            // on others (bench_matmul_variants.py fence): the autotuner tries it on its fastest tile shape
+            // (TUNE_REFINE in ops/matmul.py). acc[0] sees the same fmas in the same order.
             if (FENCE) { acc[0] = outer4(acc[0], a_lo.x, b_lo); }
             if (kk + 1u < BK) {
                 let dep = select(0u, bitcast<u32>(acc[0].x) & kzero, FENCE);

@@ -8,6 +8,7 @@ the length and size of each dot product (f32 rounding of K terms is about sqrt(K
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -809,7 +810,6 @@ def test_autotune_falls_back_to_the_default_when_no_candidate_fits(dev, tune_cac
 
 def test_autotune_times_the_fastest_shape_again_with_each_refinement(dev, tune_cache, monkeypatch):
     # After the candidates, the fastest is timed once more with each change in TUNE_REFINE (FENCE), then split-K.
-    import re
     from tabgpt.ops import matmul
     timed = {}
     for refine in ([], [{"FENCE": True}]):
