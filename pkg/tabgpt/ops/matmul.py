@@ -236,10 +236,11 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
         except GPUError:
             continue
         await time_one(dict(tiles), None)
-    if not results:                             # no candidate fits this device: the fixed default
+    fallback = not results
+    if fallback:                                # no candidate fits this device: the fixed default, as it is
         await time_one(default_tiles(dev, M, N, K), None)
     best, tiles, splits = min(results, key=lambda r: r[0])
-    for change in TUNE_REFINE:
+    for change in [] if fallback else TUNE_REFINE:
         refined = dict(tiles, **change)
         if refined != tiles:
             try:
