@@ -140,7 +140,33 @@ def decode(dis: Disassembler, code: bytes) -> list[dict]:
     for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;\s*/\* (0x[0-9a-f]+) \*/\s*\n\s*/\* (0x[0-9a-f]+) \*/",
                          text or ""):
         ctrl = int(m.group(4), 16) >> 41
-        out.append(dict(addr=int(m.group(1), 16), text=m.group(2), stall=ctrl & 15, wait=(ctrl >> 11) & 63))
+        out.append(dict(addr=int(m.group(1), 16), text=m.group(2), stall=ctrl & 15, barrier=(ctrl >> 5) & 7,
+                        wait=(ctrl >> 11) & 63))
+    return out
+
+
+EARLY_WAIT = 32     # a global load waited for within this many instructions, no loop between: its latency is exposed
+
+
+def early_waits(ins: list[dict], starts: set[int]) -> list[tuple[int, int]]:
+    """(load, waiting instruction) addresses of the global loads whose result the warp waits for (the
+    instruction's wait mask holds the scoreboard barrier the load sets) within EARLY_WAIT instructions, with no
+    loop start or back edge between: nothing else runs while that load is in flight. Loads in a prologue do this
+    by necessity; inside a loop it is what a prefetch exists to avoid (see BENCHMARKS.md, "What the driver
+    compiles": a phi on the prefetch registers made the compiler copy them right after their loads)."""
+    out = []
+    for k, x in enumerate(ins):
+        if not re.search(r"\bLDG", x["text"]) or x["barrier"] == 7:      # 7: no barrier set
+            continue
+        for y in ins[k + 1:k + 1 + EARLY_WAIT]:
+            if y["addr"] in starts:
+                break
+            if y["wait"] >> x["barrier"] & 1:
+                out.append((x["addr"], y["addr"]))
+                break
+            m = re.search(r"\bBRA (0x[0-9a-f]+)", y["text"])
+            if m and int(m.group(1), 16) < y["addr"]:
+                break
     return out
 
 
@@ -151,17 +177,18 @@ def summary(ins: list[dict]) -> dict:
         return sum(bool(re.search(pattern, t)) for t in text)
 
     regs = [int(r) for t in text for r in re.findall(r"\bR(\d+)\b", t)]
+    back = [(int(m.group(1), 16), i["addr"]) for i in ins
+            for m in [re.search(r"\bBRA (0x[0-9a-f]+)", i["text"])] if m and int(m.group(1), 16) < i["addr"]]
+    waits = early_waits(ins, {lo for lo, _ in back})
     loops = []
-    for i in ins:
-        m = re.search(r"\bBRA (0x[0-9a-f]+)", i["text"])
-        if m and int(m.group(1), 16) < i["addr"]:
-            lo = int(m.group(1), 16)
-            body = [x for x in ins if lo <= x["addr"] <= i["addr"]]
-            loops.append(dict(start=lo, end=i["addr"], n=len(body),
-                              ffma=sum("FFMA" in x["text"] for x in body),
-                              lds=sum("LDS" in x["text"] for x in body),
-                              mov=sum(bool(re.search(r"\bMOV\b|IMAD\.MOV", x["text"])) for x in body),
-                              stall=sum(x["stall"] for x in body)))
+    for lo, hi in back:
+        body = [x for x in ins if lo <= x["addr"] <= hi]
+        loops.append(dict(start=lo, end=hi, n=len(body),
+                          ffma=sum("FFMA" in x["text"] for x in body),
+                          lds=sum("LDS" in x["text"] for x in body),
+                          mov=sum(bool(re.search(r"\bMOV\b|IMAD\.MOV", x["text"])) for x in body),
+                          stall=sum(x["stall"] for x in body),
+                          early=sum(lo <= a <= hi for a, _ in waits)))
     return dict(n=len(ins), regs=(max(regs) + 1) if regs else 0, ffma=count(r"\bFFMA"), mufu=count(r"\bMUFU"),
                 lds=count(r"\bLDS"), sts=count(r"\bSTS"), ldg=count(r"\bLDG"), stg=count(r"\bSTG"),
                 local=count(r"\b(STL|LDL)"), bar=count(r"\bBAR\.SYNC"), loops=loops)
@@ -194,13 +221,15 @@ def show(folder: Path, arch: str, sass_dir: Path | None, min_instructions: int) 
         print(f"| {s['name']} | {s['n']} | {s['regs']} | {s['local']} | {s['ffma']} | {s['mufu']} | {s['lds']} | "
               f"{s['sts']} | {s['ldg']} | {s['stg']} | {s['bar']} |")
     print("\nLoops (backward branches; static stall cycles: what the compiler scheduled for one warp, "
-          "before any wait on memory or barriers):\n")
-    print("| kernel | loop | instructions | FFMA | LDS | moves | static stall cycles | FFMA per static cycle |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "before any wait on memory or barriers; loads waited for at once: global loads in the loop whose result "
+          f"is waited for within {EARLY_WAIT} instructions with no inner loop between, their latency exposed):\n")
+    print("| kernel | loop | instructions | FFMA | LDS | moves | static stall cycles | FFMA per static cycle | "
+          "loads waited for at once |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for s in rows:
         for lp in s["loops"]:
             print(f"| {s['name']} | {lp['start']:#x}-{lp['end']:#x} | {lp['n']} | {lp['ffma']} | {lp['lds']} | "
-                  f"{lp['mov']} | {lp['stall']} | {lp['ffma'] / max(lp['stall'], 1):.2f} |")
+                  f"{lp['mov']} | {lp['stall']} | {lp['ffma'] / max(lp['stall'], 1):.2f} | {lp['early']} |")
     return rows
 
 

@@ -30,6 +30,10 @@ def test_show_reads_the_matmul_kernel(tmp_path, capsys):
     inner = min(k["loops"], key=lambda lp: lp["n"])
     assert inner["ffma"] == 64 and inner["lds"] == 4 and inner["n"] == 83 and inner["stall"] > inner["n"]
     assert len(k["loops"]) == 2             # the tile-row loop inside the loop over slices
+    # This kernel guarded its prefetch: the compiler copied one prefetched vec4 right after its load (IMAD.MOV
+    # waiting on the load's scoreboard barrier), so the loop over slices waits for one global load at once.
+    outer = max(k["loops"], key=lambda lp: lp["n"])
+    assert outer["early"] == 1 and inner["early"] == 0
     text = capsys.readouterr().out
     assert "| cache0:" in text and "FFMA per static cycle" in text
     written = sorted((tmp_path / "sass").glob("*.sass"))
@@ -72,3 +76,21 @@ def test_collect_copies_what_the_driver_wrote_and_drops_older_copies(tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.glob("cache*.bin")) == ["cache0.bin"]
     assert (tmp_path / "cache0.bin").read_bytes() == b"record"
+
+
+def ins(addr, text, barrier=7, wait=0):
+    return dict(addr=addr, text=text, stall=1, barrier=barrier, wait=wait)
+
+
+def test_early_waits_are_loads_waited_for_before_anything_else_could_run():
+    # LDG sets scoreboard barrier 2; the first instruction whose wait mask holds bit 2 waits for it.
+    soon = [ins(0x10, "LDG.E.128 R4, [R2.U32+UR4]", barrier=2), ins(0x20, "FFMA R8, R9, R10, R8"),
+            ins(0x30, "IMAD.MOV.U32 R92, RZ, RZ, R4", wait=1 << 2)]
+    assert sass.early_waits(soon, set()) == [(0x10, 0x30)]
+    # A loop starts between the load and its use: its latency overlaps the loop, not counted.
+    looped = soon[:2] + [ins(0x28, "FFMA R8, R9, R10, R8"), ins(0x2c, "BRA 0x28"), soon[2]]
+    assert sass.early_waits(looped, {0x28}) == []
+    # Waited for further away than EARLY_WAIT instructions, or never (barrier 7: none set): not counted.
+    far = soon[:2] + [ins(0x20 + i, "FFMA R8, R9, R10, R8") for i in range(sass.EARLY_WAIT)] + soon[2:]
+    assert sass.early_waits(far, set()) == []
+    assert sass.early_waits([dict(soon[0], barrier=7)] + soon[1:], set()) == []
