@@ -148,12 +148,23 @@ def decode(dis: Disassembler, code: bytes) -> list[dict]:
 EARLY_WAIT = 32     # a global load waited for within this many instructions, no loop between: its latency is exposed
 
 
-def early_waits(ins: list[dict], starts: set[int]) -> list[tuple[int, int]]:
+def back_edges(ins: list[dict]) -> list[tuple[int, int]]:
+    """(target, branch) addresses of the backward branches: each loop's first and last instruction."""
+    edges = []
+    for i in ins:
+        m = re.search(r"\bBRA (0x[0-9a-f]+)", i["text"])
+        if m and int(m.group(1), 16) < i["addr"]:
+            edges.append((int(m.group(1), 16), i["addr"]))
+    return edges
+
+
+def early_waits(ins: list[dict], back: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """(load, waiting instruction) addresses of the global loads whose result the warp waits for (the
     instruction's wait mask holds the scoreboard barrier the load sets) within EARLY_WAIT instructions, with no
     loop start or back edge between: nothing else runs while that load is in flight. Loads in a prologue do this
     by necessity; inside a loop it is what a prefetch exists to avoid (see BENCHMARKS.md, "What the driver
     compiles": a phi on the prefetch registers made the compiler copy them right after their loads)."""
+    starts, ends = {lo for lo, _ in back}, {hi for _, hi in back}
     out = []
     for k, x in enumerate(ins):
         if not re.search(r"\bLDG", x["text"]) or x["barrier"] == 7:      # 7: no barrier set
@@ -164,8 +175,7 @@ def early_waits(ins: list[dict], starts: set[int]) -> list[tuple[int, int]]:
             if y["wait"] >> x["barrier"] & 1:
                 out.append((x["addr"], y["addr"]))
                 break
-            m = re.search(r"\bBRA (0x[0-9a-f]+)", y["text"])
-            if m and int(m.group(1), 16) < y["addr"]:
+            if y["addr"] in ends:
                 break
     return out
 
@@ -177,9 +187,8 @@ def summary(ins: list[dict]) -> dict:
         return sum(bool(re.search(pattern, t)) for t in text)
 
     regs = [int(r) for t in text for r in re.findall(r"\bR(\d+)\b", t)]
-    back = [(int(m.group(1), 16), i["addr"]) for i in ins
-            for m in [re.search(r"\bBRA (0x[0-9a-f]+)", i["text"])] if m and int(m.group(1), 16) < i["addr"]]
-    waits = early_waits(ins, {lo for lo, _ in back})
+    back = back_edges(ins)
+    waits = early_waits(ins, back)
     loops = []
     for lo, hi in back:
         body = [x for x in ins if lo <= x["addr"] <= hi]

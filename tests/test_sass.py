@@ -86,11 +86,12 @@ def test_early_waits_are_loads_waited_for_before_anything_else_could_run():
     # LDG sets scoreboard barrier 2; the first instruction whose wait mask holds bit 2 waits for it.
     soon = [ins(0x10, "LDG.E.128 R4, [R2.U32+UR4]", barrier=2), ins(0x20, "FFMA R8, R9, R10, R8"),
             ins(0x30, "IMAD.MOV.U32 R92, RZ, RZ, R4", wait=1 << 2)]
-    assert sass.early_waits(soon, set()) == [(0x10, 0x30)]
+    assert sass.early_waits(soon, []) == [(0x10, 0x30)]
     # A loop starts between the load and its use: its latency overlaps the loop, not counted.
     looped = soon[:2] + [ins(0x28, "FFMA R8, R9, R10, R8"), ins(0x2c, "BRA 0x28"), soon[2]]
-    assert sass.early_waits(looped, {0x28}) == []
+    assert sass.back_edges(looped) == [(0x28, 0x2c)]
+    assert sass.early_waits(looped, sass.back_edges(looped)) == []
     # Waited for further away than EARLY_WAIT instructions, or never (barrier 7: none set): not counted.
     far = soon[:2] + [ins(0x20 + i, "FFMA R8, R9, R10, R8") for i in range(sass.EARLY_WAIT)] + soon[2:]
-    assert sass.early_waits(far, set()) == []
-    assert sass.early_waits([dict(soon[0], barrier=7)] + soon[1:], set()) == []
+    assert sass.early_waits(far, []) == []
+    assert sass.early_waits([dict(soon[0], barrier=7)] + soon[1:], []) == []
