@@ -839,3 +839,23 @@ def test_autotune_file_from_another_candidate_set_is_not_used(dev, tune_cache, m
     assert splits != 3 or tiles != only                                    # timed again: split-K 3 is no candidate
     saved = json.loads(tune_cache.read_text())
     assert old_key in saved and matmul._adapter_key(dev) in saved
+
+
+def test_autotune_times_every_split_count_for_the_fastest_shapes(dev, tune_cache, monkeypatch):
+    # Split-K counts are timed jointly with tile shapes: each of the TUNE_SPLIT_SHAPES fastest shapes with every
+    # count of TUNE_SPLITS that the reduction allows (slices >= 128 long: K = 512 allows 1-4).
+    from tabgpt.ops import matmul
+    monkeypatch.setattr(matmul, "TUNE_REFINE", [])
+    shapes = [dict(TILES_MEDIUM), dict(TILES_MEDIUM, BK=4), dict(TILES_MEDIUM, BK=12)]
+    timed = {}
+    for n_shapes in (1, 2):
+        matmul._tuned.pop(dev, None)
+        monkeypatch.setattr(matmul, "TUNE_SPLIT_SHAPES", n_shapes)
+        tiles, splits = wait(matmul.autotune(dev, 64, 96, 512, "nn", candidates=shapes, persist=False))
+        assert tiles in shapes and splits in (1, 2, 3, 4)
+        timed[n_shapes] = int(re.search(r"of (\d+) timed", dev.tune_log[-1]).group(1))
+    # three shapes at their default count (1 on a CPU adapter), then 2, 3 and 4 for each of the fastest
+    assert timed == {1: 3 + 3, 2: 3 + 6}, timed
+    matmul._tuned.pop(dev, None)
+    got, ref, scale, mm = product(dev, "nn", 64, 96, 512, seed=9, tiles=tiles, splits=splits)
+    assert_product("the tuned split count", got, ref, scale)

@@ -124,12 +124,20 @@ TUNE_TILES = [
     # are 4 or 16 blocks wide; on an H100 some weight gradients run 3-4% of cuBLAS faster than with 128 x 128.
     dict(TILES_LARGE, BN=96),                                                      # 14 KiB
     dict(TILES_LARGE, BM=96),
+    # 12 x 12 threads, 96 x 96 blocks: more, smaller workgroups where 128-wide blocks leave multiprocessors idle
+    # in the last wave (an out of 8192 x 384 is 192 blocks of 128 x 128, 344 of 96 x 96).
+    dict(TILES_LARGE, BM=96, BN=96),                                               # 12 KiB
     TILES_MEDIUM,
 ]
 # Then the fastest shape is timed again with each of these changes (and split-K after that). FENCE (the next
 # row's tile reads after the row's first fma) moves single products on an H100 by -4 to +14 points of cuBLAS
 # either way, depending on the shape (bench/results/h100/fence_products.txt, phi_prefetch.txt).
 TUNE_REFINE = [{"FENCE": True}]
+# Then the fastest TUNE_SPLIT_SHAPES tile shapes are timed with every split-K count of TUNE_SPLITS that the
+# reduction allows (slices at least 128 long): the count decides how full the last wave of workgroups is, which
+# the product's shape alone does not tell.
+TUNE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
+TUNE_SPLIT_SHAPES = 2
 TUNE_MIN_FLOPS = 1e9      # smaller products (decoding, short prompts) keep the defaults
 TUNE_SECONDS = 0.01       # time per timed submission of one candidate (shorter ones misranked on an H100)
 TUNE_TRIALS = 3
@@ -158,7 +166,8 @@ def autotune_enabled(dev: Device, flops: float | None = None) -> bool:
 def _adapter_key(dev: Device) -> str:
     i = dev.info
     # The candidates' fingerprint: a file tuned among other candidates is tuned again.
-    cands = hashlib.sha1(json.dumps([TUNE_TILES, TUNE_REFINE], sort_keys=True).encode()).hexdigest()[:8]
+    cands = hashlib.sha1(json.dumps([TUNE_TILES, TUNE_REFINE, TUNE_SPLITS, TUNE_SPLIT_SHAPES],
+                                    sort_keys=True).encode()).hexdigest()[:8]
     return " / ".join(str(i.get(k, "")) for k in ("vendor", "device", "description", "backend_type")) + \
         f" / checks {getattr(dev, 'shader_checks', 'all')} / candidates {cands}"
 
@@ -248,11 +257,17 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
             except GPUError:
                 continue
             await time_one(refined, None)
-    best, tiles, splits = min(results, key=lambda r: r[0])
-    # split-K: half and twice the default count for the best tile shape
-    for s in sorted({max(1, splits // 2), splits * 2} - {splits}):
-        if s <= min(16, max(1, K // 128)):
-            await time_one(dict(tiles), s)
+    # split-K: every count of TUNE_SPLITS for the fastest few tile shapes (each timed so far at its default count)
+    shapes = []
+    for _, t, _ in sorted(results, key=lambda r: r[0]):
+        if t not in shapes:
+            shapes.append(t)
+    max_splits = min(16, max(1, K // 128))
+    for t in shapes[:TUNE_SPLIT_SHAPES]:
+        done = {s for _, u, s in results if u == t}
+        for s in TUNE_SPLITS:
+            if s <= max_splits and s not in done:
+                done.add(await time_one(dict(t), s))
     best, tiles, splits = min(results, key=lambda r: r[0])
     choices[key] = [tiles, splits]
     if persist and dev.backend == "wgpu-native":
