@@ -859,3 +859,79 @@ def test_autotune_times_every_split_count_for_the_fastest_shapes(dev, tune_cache
     matmul._tuned.pop(dev, None)
     got, ref, scale, mm = product(dev, "nn", 64, 96, 512, seed=9, tiles=tiles, splits=splits)
     assert_product("the tuned split count", got, ref, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# SPLIT_FUSED: split-K slabs summed by each block's last workgroup inside the product's dispatch, natively
+
+FUSED_CASES = [  # (layout, M, N, K, bias, accumulate, epilogue, bias_row, max_binding, tiles)
+    ("nn", M, 3 * C, C, True, False, None, False, None, "large"),
+    ("nt", M, C, 4 * C, False, True, None, False, None, "medium"),
+    ("tn", C, 4 * C, M, False, True, None, False, None, "uneven"),
+    ("nn", M, 4 * C, C, True, False, "gelu", False, None, "large"),
+    ("nn", M, C, 4 * C, True, False, "residual", False, None, "medium"),
+    ("nt", M, 4 * C, C, False, False, "gelu_grad", False, None, "large"),
+    ("tn", C, 4 * C, M, False, True, None, True, None, "large"),          # bias gradient as out's last row
+    ("tn", 20, 64, 300, False, True, None, True, 64 * 4 * 64, "medium"),  # ... in five chunks of the reduction
+    ("nn", 300, 20, 64, True, False, "gelu", False, 64 * 4 * 64, "uneven"),   # five chunks of out rows
+]
+
+
+def fused_run(dev, monkeypatch, mode, case, splits, times):
+    layout, Mm, N, K, bias, accumulate, epilogue, bias_row, max_binding, tiles = case
+    monkeypatch.setenv("TABGPT_SPLIT_SUM", mode)
+    rng = np.random.default_rng(60)
+    a, b, _, _ = operands(layout, Mm, N, K, 61)
+    rows = Mm + bias_row
+    init = rng.standard_normal((rows, N)).astype(np.float32)
+    aux = rng.standard_normal((Mm, N)).astype(np.float32)
+    bv = rng.standard_normal(N).astype(np.float32)
+    mm = wait(Matmul.create(dev, Mm, N, K, layout, bias=bias, accumulate=accumulate, tiles=dict(TILE_SHAPES[tiles]),
+                            splits=splits, max_binding=max_binding, epilogue=epilogue, bias_row=bias_row))
+    assert mm.fused == (mode == "fused" and mm.splits > 1), (mode, mm.splits)
+    out, baux = upload(dev, init, "out"), upload(dev, aux, "aux")
+    bufs = dict(out=out, a=upload(dev, a, "a"), b=upload(dev, b, "b"), bias=upload(dev, bv, "bias") if bias else None,
+                aux=baux if epilogue else None)
+    run(dev, lambda seq: mm.dispatch(seq, **bufs), times)
+    return mm, download(dev, out, (rows, N)), download(dev, baux, (Mm, N))
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"{c[0]}-{c[6] or 'plain'}"
+                                                          f"{'-bias_row' if c[7] else ''}{'-chunks' if c[8] else ''}")
+def test_fused_split_sum_is_bit_identical_to_the_second_pass(dev, monkeypatch, case, splits):
+    # Same slabs, summed in the same order, then bias, accumulation and epilogue: the same bits as
+    # matmul_split_sum. Run three times in one submission: each block's count must be back at zero for the next
+    # dispatch, else the next run's sums would start early (or never) and accumulation would drift.
+    pm, p_out, p_aux = fused_run(dev, monkeypatch, "pass", case, splits, times=3)
+    fm, f_out, f_aux = fused_run(dev, monkeypatch, "fused", case, splits, times=3)
+    assert fm.splits == pm.splits > 1 and len(fm.chunks) == len(pm.chunks)
+    assert "sum" not in fm.k and "sum" in pm.k
+    assert np.array_equal(p_out.view(np.uint32), f_out.view(np.uint32)), \
+        f"out differs in {(p_out != f_out).sum()} of {p_out.size} entries"
+    assert np.array_equal(p_aux.view(np.uint32), f_aux.view(np.uint32)), "aux differs"
+    # and both are right: the plain sum against NumPy (accumulated three times where it accumulates)
+    layout, Mm, N, K, bias, accumulate, epilogue, bias_row, _, _ = case
+    if epilogue is None and not bias_row:
+        _, _, a64, b64 = operands(layout, Mm, N, K, 61)
+        rng = np.random.default_rng(60)
+        init = rng.standard_normal((Mm, N))
+        rng.standard_normal((Mm, N))
+        bv = rng.standard_normal(N) if bias else 0.0
+        once = a64 @ b64 + bv
+        ref = init.astype(np.float32) + 3 * once if accumulate else once
+        assert_product(f"fused {case[0]} x{splits}", f_out, ref, 3 * (np.abs(a64) @ np.abs(b64)) + np.abs(init) + 3)
+
+
+def test_fused_split_sum_makes_one_dispatch_per_chunk(dev, monkeypatch):
+    counts = {}
+    for mode in ("pass", "fused"):
+        monkeypatch.setenv("TABGPT_SPLIT_SUM", mode)
+        mm = wait(Matmul.create(dev, C, 4 * C, M, "tn", accumulate=True, tiles=dict(TILES_LARGE), splits=4))
+        seq = dev.sequence("count")
+        mm.dispatch(seq, out=dev.buffer(4 * C * 4 * C), a=dev.buffer(4 * M * C), b=dev.buffer(4 * M * 4 * C))
+        counts[mode] = len(seq)
+    assert counts == {"pass": 2, "fused": 1}, counts
+    monkeypatch.setenv("TABGPT_SPLIT_SUM", "sometimes")
+    with pytest.raises(GPUError, match="TABGPT_SPLIT_SUM must be auto, fused or pass"):
+        wait(Matmul.create(dev, C, 4 * C, M, "tn", tiles=dict(TILES_LARGE), splits=4))
