@@ -242,16 +242,11 @@ fn epilogue4(o: u32, y: vec4<f32>) -> vec4<f32> {
 // out[m, n..n+4] (+)= v (+ bias), if inside: N % 4 == 0, so 4 columns are wholly inside or wholly outside.
 // Then the epilogue (EPILOGUE is 0 with split-K: the slabs are partial sums).
 fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
+    if (m >= select(mp.M, mp.M - 1u, BIAS_ROW) || n >= mp.N) { return; }
     if (SPLIT_FUSED) {
-        if (m < select(mp.M, mp.M - 1u, BIAS_ROW) && n < mp.N) { slabs4[slab + (m * mp.N + n) / 4u] = v; }
+        slabs4[slab + (m * mp.N + n) / 4u] = v;
         return;
     }
-    finish4(slab, m, n, v);
-}
-
-// out[m, n..n+4] (+)= v (+ bias) and the epilogue, if inside (store4, and SPLIT_FUSED's sums with slab 0).
-fn finish4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
-    if (m >= select(mp.M, mp.M - 1u, BIAS_ROW) || n >= mp.N) { return; }
     var y = v;
     if (HAS_BIAS) { y += bias4[n / 4u]; }
     let o = slab + (m * mp.N + n) / 4u;
@@ -262,34 +257,40 @@ fn finish4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
 
 // BIAS_ROW: out's last row (mp.M - 1)[n..n+4] (+)= v.
 fn store_bias_row(slab: u32, n: u32, v: vec4<f32>) {
-    if (SPLIT_FUSED) {
-        if (n < mp.N) { slabs4[slab + ((mp.M - 1u) * mp.N + n) / 4u] = v; }
-        return;
-    }
-    finish_bias_row(slab, n, v);
-}
-
-fn finish_bias_row(slab: u32, n: u32, v: vec4<f32>) {
     if (n >= mp.N) { return; }
     let o = slab + ((mp.M - 1u) * mp.N + n) / 4u;
+    if (SPLIT_FUSED) {
+        slabs4[o] = v;
+        return;
+    }
     var y = v;
     if (ACCUMULATE) { y += out4[o]; }
     out4[o] = y;
 }
 
-// SPLIT_FUSED, the block's last workgroup: slab z's value at out[m, n..n+4] (zeros outside), added to y (z > 0) or
-// starting the sum (z == 0): slice by slice, in order, as matmul_split_sum sums them. The caller steps all of a
-// thread's positions for one z before the next, so that its reads are in flight together.
-fn sum_step(z: u32, y: vec4<f32>, m: u32, n: u32) -> vec4<f32> {
-    var v = vec4(0.0);
-    if (m < select(mp.M, mp.M - 1u, BIAS_ROW) && n < mp.N) { v = slabs4[z * mp.M * (mp.N / 4u) + (m * mp.N + n) / 4u]; }
-    return select(v, y + v, z > 0u);
+// SPLIT_FUSED, the block's last workgroup: out[m, n..n+4] (+)= the n_slices slabs summed in slice order, then
+// bias, accumulation and epilogue: matmul_split_sum's operations in its order.
+fn sum4(n_slices: u32, m: u32, n: u32) {
+    if (m >= select(mp.M, mp.M - 1u, BIAS_ROW) || n >= mp.N) { return; }
+    let n4 = mp.M * (mp.N / 4u);
+    let o = (m * mp.N + n) / 4u;
+    var y = slabs4[o];
+    for (var z = 1u; z < n_slices; z++) { y += slabs4[z * n4 + o]; }
+    if (HAS_BIAS) { y += bias4[n / 4u]; }
+    if (ACCUMULATE) { y += out4[o]; }
+    if (EPILOGUE != 0u) { y = epilogue4(o, y); }
+    out4[o] = y;
 }
 
-fn sum_step_bias_row(z: u32, y: vec4<f32>, n: u32) -> vec4<f32> {
-    var v = vec4(0.0);
-    if (n < mp.N) { v = slabs4[z * mp.M * (mp.N / 4u) + ((mp.M - 1u) * mp.N + n) / 4u]; }
-    return select(v, y + v, z > 0u);
+// The same for BIAS_ROW's last row of out.
+fn sum_bias_row(n_slices: u32, n: u32) {
+    if (n >= mp.N) { return; }
+    let n4 = mp.M * (mp.N / 4u);
+    let o = ((mp.M - 1u) * mp.N + n) / 4u;
+    var y = slabs4[o];
+    for (var z = 1u; z < n_slices; z++) { y += slabs4[z * n4 + o]; }
+    if (ACCUMULATE) { y += out4[o]; }
+    out4[o] = y;
 }
 
 var<workgroup> last_slice: u32;   // SPLIT_FUSED: 1 in the block's last workgroup to finish
@@ -554,139 +555,29 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
         }
         if (workgroupUniformLoad(&last_slice) == 1u) {
             storageBarrier();
-            // The sums go through the accumulator registers (their products are in the slabs already), a
-            // thread's positions one slice at a time, every index constant (an indexed one would move the
-            // accumulators to local memory).
-            let n_2 = n0 + 4u * gb_2;
-            let n_3 = n0 + 4u * gb_3;
-            for (var z = 0u; z < nwg.z; z++) {
-                acc[0] = sum_step(z, acc[0], m, n);
-                if (TN >= 8u) { acc[1] = sum_step(z, acc[1], m, n_hi); }
-                if (TM == 8u) {
-                    acc[8] = sum_step(z, acc[8], m_hi, n);
-                    if (TN >= 8u) { acc[9] = sum_step(z, acc[9], m_hi, n_hi); }
-                }
-                if (TN == 16u) {
-                    acc[16] = sum_step(z, acc[16], m, n_2);
-                    acc[17] = sum_step(z, acc[17], m, n_3);
-                    if (TM == 8u) {
-                        acc[24] = sum_step(z, acc[24], m_hi, n_2);
-                        acc[25] = sum_step(z, acc[25], m_hi, n_3);
-                    }
-                }
-                acc[2] = sum_step(z, acc[2], m + 1u, n);
-                if (TN >= 8u) { acc[3] = sum_step(z, acc[3], m + 1u, n_hi); }
-                if (TM == 8u) {
-                    acc[10] = sum_step(z, acc[10], m_hi + 1u, n);
-                    if (TN >= 8u) { acc[11] = sum_step(z, acc[11], m_hi + 1u, n_hi); }
-                }
-                if (TN == 16u) {
-                    acc[18] = sum_step(z, acc[18], m + 1u, n_2);
-                    acc[19] = sum_step(z, acc[19], m + 1u, n_3);
-                    if (TM == 8u) {
-                        acc[26] = sum_step(z, acc[26], m_hi + 1u, n_2);
-                        acc[27] = sum_step(z, acc[27], m_hi + 1u, n_3);
-                    }
-                }
-                acc[4] = sum_step(z, acc[4], m + 2u, n);
-                if (TN >= 8u) { acc[5] = sum_step(z, acc[5], m + 2u, n_hi); }
-                if (TM == 8u) {
-                    acc[12] = sum_step(z, acc[12], m_hi + 2u, n);
-                    if (TN >= 8u) { acc[13] = sum_step(z, acc[13], m_hi + 2u, n_hi); }
-                }
-                if (TN == 16u) {
-                    acc[20] = sum_step(z, acc[20], m + 2u, n_2);
-                    acc[21] = sum_step(z, acc[21], m + 2u, n_3);
-                    if (TM == 8u) {
-                        acc[28] = sum_step(z, acc[28], m_hi + 2u, n_2);
-                        acc[29] = sum_step(z, acc[29], m_hi + 2u, n_3);
-                    }
-                }
-                acc[6] = sum_step(z, acc[6], m + 3u, n);
-                if (TN >= 8u) { acc[7] = sum_step(z, acc[7], m + 3u, n_hi); }
-                if (TM == 8u) {
-                    acc[14] = sum_step(z, acc[14], m_hi + 3u, n);
-                    if (TN >= 8u) { acc[15] = sum_step(z, acc[15], m_hi + 3u, n_hi); }
-                }
-                if (TN == 16u) {
-                    acc[22] = sum_step(z, acc[22], m + 3u, n_2);
-                    acc[23] = sum_step(z, acc[23], m + 3u, n_3);
-                    if (TM == 8u) {
-                        acc[30] = sum_step(z, acc[30], m_hi + 3u, n_2);
-                        acc[31] = sum_step(z, acc[31], m_hi + 3u, n_3);
-                    }
-                }
-                if (bias_thread) {
-                    bsum0 = sum_step_bias_row(z, bsum0, n);
-                    if (TN >= 8u) { bsum1 = sum_step_bias_row(z, bsum1, n_hi); }
-                    if (TN == 16u) {
-                        bsum2 = sum_step_bias_row(z, bsum2, n_2);
-                        bsum3 = sum_step_bias_row(z, bsum3, n_3);
-                    }
-                }
-            }
+            let ns = nwg.z;
             if (bias_thread) {
-                finish_bias_row(0u, n, bsum0);
-                if (TN >= 8u) { finish_bias_row(0u, n_hi, bsum1); }
+                sum_bias_row(ns, n);
+                if (TN >= 8u) { sum_bias_row(ns, n_hi); }
                 if (TN == 16u) {
-                    finish_bias_row(0u, n_2, bsum2);
-                    finish_bias_row(0u, n_3, bsum3);
+                    sum_bias_row(ns, n0 + 4u * gb_2);
+                    sum_bias_row(ns, n0 + 4u * gb_3);
                 }
             }
-            finish4(0u, m, n, acc[0]);
-            if (TN >= 8u) { finish4(0u, m, n_hi, acc[1]); }
-            if (TM == 8u) {
-                finish4(0u, m_hi, n, acc[8]);
-                if (TN >= 8u) { finish4(0u, m_hi, n_hi, acc[9]); }
-            }
-            if (TN == 16u) {
-                finish4(0u, m, n_2, acc[16]);
-                finish4(0u, m, n_3, acc[17]);
+            for (var r = 0u; r < 4u; r++) {
+                sum4(ns, m + r, n);
+                if (TN >= 8u) { sum4(ns, m + r, n_hi); }
                 if (TM == 8u) {
-                    finish4(0u, m_hi, n_2, acc[24]);
-                    finish4(0u, m_hi, n_3, acc[25]);
+                    sum4(ns, m_hi + r, n);
+                    if (TN >= 8u) { sum4(ns, m_hi + r, n_hi); }
                 }
-            }
-            finish4(0u, m + 1u, n, acc[2]);
-            if (TN >= 8u) { finish4(0u, m + 1u, n_hi, acc[3]); }
-            if (TM == 8u) {
-                finish4(0u, m_hi + 1u, n, acc[10]);
-                if (TN >= 8u) { finish4(0u, m_hi + 1u, n_hi, acc[11]); }
-            }
-            if (TN == 16u) {
-                finish4(0u, m + 1u, n_2, acc[18]);
-                finish4(0u, m + 1u, n_3, acc[19]);
-                if (TM == 8u) {
-                    finish4(0u, m_hi + 1u, n_2, acc[26]);
-                    finish4(0u, m_hi + 1u, n_3, acc[27]);
-                }
-            }
-            finish4(0u, m + 2u, n, acc[4]);
-            if (TN >= 8u) { finish4(0u, m + 2u, n_hi, acc[5]); }
-            if (TM == 8u) {
-                finish4(0u, m_hi + 2u, n, acc[12]);
-                if (TN >= 8u) { finish4(0u, m_hi + 2u, n_hi, acc[13]); }
-            }
-            if (TN == 16u) {
-                finish4(0u, m + 2u, n_2, acc[20]);
-                finish4(0u, m + 2u, n_3, acc[21]);
-                if (TM == 8u) {
-                    finish4(0u, m_hi + 2u, n_2, acc[28]);
-                    finish4(0u, m_hi + 2u, n_3, acc[29]);
-                }
-            }
-            finish4(0u, m + 3u, n, acc[6]);
-            if (TN >= 8u) { finish4(0u, m + 3u, n_hi, acc[7]); }
-            if (TM == 8u) {
-                finish4(0u, m_hi + 3u, n, acc[14]);
-                if (TN >= 8u) { finish4(0u, m_hi + 3u, n_hi, acc[15]); }
-            }
-            if (TN == 16u) {
-                finish4(0u, m + 3u, n_2, acc[22]);
-                finish4(0u, m + 3u, n_3, acc[23]);
-                if (TM == 8u) {
-                    finish4(0u, m_hi + 3u, n_2, acc[30]);
-                    finish4(0u, m_hi + 3u, n_3, acc[31]);
+                if (TN == 16u) {
+                    sum4(ns, m + r, n0 + 4u * gb_2);
+                    sum4(ns, m + r, n0 + 4u * gb_3);
+                    if (TM == 8u) {
+                        sum4(ns, m_hi + r, n0 + 4u * gb_2);
+                        sum4(ns, m_hi + r, n0 + 4u * gb_3);
+                    }
                 }
             }
         }
