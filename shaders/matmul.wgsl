@@ -23,13 +23,6 @@
 //                  is then a scratch (n_slices, M, N/4) with HAS_BIAS and ACCUMULATE false; then
 //   matmul_split_sum: split4 (n_slices, M, N/4) vec4 f32, bias4 (N/4,), out4 (M, N/4): out (+)= slabs summed in
 //                  slice order (+ bias). More workgroups where out is small and K long (the weight gradients).
-//                  SPLIT_FUSED instead (natively): workgroup z writes slab z of slabs4 and counts itself done in
-//                  tile_count (one u32 per block, zero between dispatches); the block's last workgroup to finish
-//                  sums the slabs in slice order and applies bias, accumulation and epilogue as matmul_split_sum
-//                  does (bit-identical), then sets the count back to zero. One dispatch instead of two, and the
-//                  slabs are read back while they are still in the L2 cache. It relies on storageBarrier()
-//                  ordering storage writes device-wide, as naga's SPIR-V has it (memory scope Device); WebGPU
-//                  promises that within a workgroup only, so browsers keep the second pass.
 //   matmul_simple: a f32, b f32, bias (N,) f32, out (M, N) f32: one thread per output, any shape.
 //                  The obviously correct reference the tiled kernel is tested against.
 //   bias_grad_partial: dout (M, N) f32 -> partial (n_blocks, N) f32: column sums of blocks of chunk rows
@@ -65,8 +58,6 @@ struct MatmulParams {
 @group(0) @binding(11) var<storage, read_write> dbias: array<f32>;
 @group(0) @binding(12) var<storage, read> split4: array<vec4<f32>>;
 @group(0) @binding(13) var<storage, read_write> aux4: array<vec4<f32>>;   // EPILOGUE's operand, laid out as out4
-@group(0) @binding(14) var<storage, read_write> slabs4: array<vec4<f32>>;  // SPLIT_FUSED: (n_slices, M, N/4) partials
-@group(0) @binding(15) var<storage, read_write> tile_count: array<atomic<u32>>;   // SPLIT_FUSED: slices done per block
 
 override A_T: bool = false;         // A stored (K, M)
 override B_T: bool = false;         // B stored (N, K)
@@ -74,7 +65,6 @@ override HAS_BIAS: bool = false;    // out += bias broadcast over rows
 override ACCUMULATE: bool = false;  // out += product (parameter gradients) instead of out = product
 override BIAS_ROW: bool = false;    // with A_T: out has a last row more, (+)= the column sums of B (see matmul_tiled)
 override EPILOGUE: u32 = 0u;        // then 0 none, 1 GELU, 2 RESIDUAL, 3 GELU_GRAD (header comment)
-override SPLIT_FUSED: bool = false; // split-K summed by the block's last slice in matmul_tiled (below)
 
 // ---------------------------------------------------------------------------------------------
 // Register-blocked, workgroup-tiled product. Tile sizes are override constants so that each adapter can
@@ -243,10 +233,6 @@ fn epilogue4(o: u32, y: vec4<f32>) -> vec4<f32> {
 // Then the epilogue (EPILOGUE is 0 with split-K: the slabs are partial sums).
 fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
     if (m >= select(mp.M, mp.M - 1u, BIAS_ROW) || n >= mp.N) { return; }
-    if (SPLIT_FUSED) {
-        slabs4[slab + (m * mp.N + n) / 4u] = v;
-        return;
-    }
     var y = v;
     if (HAS_BIAS) { y += bias4[n / 4u]; }
     let o = slab + (m * mp.N + n) / 4u;
@@ -259,45 +245,13 @@ fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
 fn store_bias_row(slab: u32, n: u32, v: vec4<f32>) {
     if (n >= mp.N) { return; }
     let o = slab + ((mp.M - 1u) * mp.N + n) / 4u;
-    if (SPLIT_FUSED) {
-        slabs4[o] = v;
-        return;
-    }
     var y = v;
     if (ACCUMULATE) { y += out4[o]; }
     out4[o] = y;
 }
 
-// SPLIT_FUSED, the block's last workgroup: out[m, n..n+4] (+)= the n_slices slabs summed in slice order, then
-// bias, accumulation and epilogue: matmul_split_sum's operations in its order.
-fn sum4(n_slices: u32, m: u32, n: u32) {
-    if (m >= select(mp.M, mp.M - 1u, BIAS_ROW) || n >= mp.N) { return; }
-    let n4 = mp.M * (mp.N / 4u);
-    let o = (m * mp.N + n) / 4u;
-    var y = slabs4[o];
-    for (var z = 1u; z < n_slices; z++) { y += slabs4[z * n4 + o]; }
-    if (HAS_BIAS) { y += bias4[n / 4u]; }
-    if (ACCUMULATE) { y += out4[o]; }
-    if (EPILOGUE != 0u) { y = epilogue4(o, y); }
-    out4[o] = y;
-}
-
-// The same for BIAS_ROW's last row of out.
-fn sum_bias_row(n_slices: u32, n: u32) {
-    if (n >= mp.N) { return; }
-    let n4 = mp.M * (mp.N / 4u);
-    let o = ((mp.M - 1u) * mp.N + n) / 4u;
-    var y = slabs4[o];
-    for (var z = 1u; z < n_slices; z++) { y += slabs4[z * n4 + o]; }
-    if (ACCUMULATE) { y += out4[o]; }
-    out4[o] = y;
-}
-
-var<workgroup> last_slice: u32;   // SPLIT_FUSED: 1 in the block's last workgroup to finish
-
 @compute @workgroup_size(WG_X, WG_Y)
-fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec3u,
-                @builtin(num_workgroups) nwg: vec3u) {
+fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec3u) {
     let m0 = wg.y * BM;
     let n0 = wg.x * BN;
     let tid = lid.y * WG_X + lid.x;
@@ -539,47 +493,6 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
             store4(slab, m_hi + 2u, n_3, acc[29]);
             store4(slab, m_hi + 3u, n_2, acc[30]);
             store4(slab, m_hi + 3u, n_3, acc[31]);
-        }
-    }
-
-    // SPLIT_FUSED: the slab is written; the block's last workgroup to finish sums them all. The first barrier
-    // orders every thread's slab writes before the count (device-wide, see the header); the second, in the last
-    // workgroup, orders the count before its reads of the other workgroups' slabs.
-    if (SPLIT_FUSED) {
-        storageBarrier();
-        if (tid == 0u) {
-            let block = wg.y * nwg.x + wg.x;
-            let done = atomicAdd(&tile_count[block], 1u) + 1u;
-            last_slice = select(0u, 1u, done == nwg.z);
-            if (done == nwg.z) { atomicStore(&tile_count[block], 0u); }   // every slice has counted: reset
-        }
-        if (workgroupUniformLoad(&last_slice) == 1u) {
-            storageBarrier();
-            let ns = nwg.z;
-            if (bias_thread) {
-                sum_bias_row(ns, n);
-                if (TN >= 8u) { sum_bias_row(ns, n_hi); }
-                if (TN == 16u) {
-                    sum_bias_row(ns, n0 + 4u * gb_2);
-                    sum_bias_row(ns, n0 + 4u * gb_3);
-                }
-            }
-            for (var r = 0u; r < 4u; r++) {
-                sum4(ns, m + r, n);
-                if (TN >= 8u) { sum4(ns, m + r, n_hi); }
-                if (TM == 8u) {
-                    sum4(ns, m_hi + r, n);
-                    if (TN >= 8u) { sum4(ns, m_hi + r, n_hi); }
-                }
-                if (TN == 16u) {
-                    sum4(ns, m + r, n0 + 4u * gb_2);
-                    sum4(ns, m + r, n0 + 4u * gb_3);
-                    if (TM == 8u) {
-                        sum4(ns, m_hi + r, n0 + 4u * gb_2);
-                        sum4(ns, m_hi + r, n0 + 4u * gb_3);
-                    }
-                }
-            }
         }
     }
 }

@@ -93,21 +93,7 @@ def default_splits(dev: Device, workgroups: int, K: int) -> int:
     return max(1, min(SPLIT_TARGET // max(1, workgroups), K // 256, 16))
 
 
-def split_sum_fused(dev: Device) -> bool:
-    """Whether split-K slices are summed inside the product's dispatch (SPLIT_FUSED in matmul.wgsl: the last
-    workgroup of each block sums the slabs) rather than by a second dispatch. That needs storageBarrier() to order
-    storage writes across workgroups, which naga's SPIR-V does (wgpu-native) and WebGPU does not promise (the
-    browser keeps the second pass). TABGPT_SPLIT_SUM=fused|pass overrides; both give bit-identical results."""
-    mode = os.environ.get("TABGPT_SPLIT_SUM", "auto")
-    if mode not in ("auto", "fused", "pass"):
-        raise GPUError(f"TABGPT_SPLIT_SUM must be auto, fused or pass, got {mode!r}")
-    if mode == "auto":
-        return dev.backend == "wgpu-native"
-    return mode == "fused"
-
-
 _scratch: "weakref.WeakKeyDictionary[Device, dict]" = weakref.WeakKeyDictionary()
-_counters: "weakref.WeakKeyDictionary[Device, dict]" = weakref.WeakKeyDictionary()
 
 
 def shared_scratch(dev: Device, nbytes: int) -> Buffer:
@@ -118,18 +104,6 @@ def shared_scratch(dev: Device, nbytes: int) -> Buffer:
     if fits:
         return pool[min(fits)]
     pool[nbytes] = dev.buffer(nbytes, "matmul-split-k")
-    return pool[nbytes]
-
-
-def shared_counters(dev: Device, blocks: int) -> Buffer:
-    """SPLIT_FUSED's per-block counts (u32, zero between dispatches: each block's last workgroup resets its own),
-    shared by every product of the device as the scratch is; also the dummies bound where a product has no split."""
-    pool = _counters.setdefault(dev, {})
-    nbytes = 4 * max(4, blocks)
-    fits = [size for size in pool if size >= nbytes]
-    if fits:
-        return pool[min(fits)]
-    pool[nbytes] = dev.buffer(nbytes, "matmul-split-counts")
     return pool[nbytes]
 
 
@@ -195,8 +169,7 @@ def _adapter_key(dev: Device) -> str:
     cands = hashlib.sha1(json.dumps([TUNE_TILES, TUNE_REFINE, TUNE_SPLITS, TUNE_SPLIT_SHAPES],
                                     sort_keys=True).encode()).hexdigest()[:8]
     return " / ".join(str(i.get(k, "")) for k in ("vendor", "device", "description", "backend_type")) + \
-        f" / checks {getattr(dev, 'shader_checks', 'all')} / candidates {cands}" + \
-        (" / split sum fused" if split_sum_fused(dev) else "")
+        f" / checks {getattr(dev, 'shader_checks', 'all')} / candidates {cands}"
 
 
 def _load_tune_file(dev: Device) -> dict:
@@ -370,9 +343,6 @@ class Matmul:
         self.no_aux = no_aux      # bound in place of aux without an epilogue (never read)
         self.bias_row = bias_row  # out has a last row more: the column sums of B (a Conv1D's bias gradient)
         self.out_rows = M + 1 if bias_row else M
-        self.fused = False        # split-K summed inside the product's dispatch (SPLIT_FUSED)
-        self.counts = None        # tiled: SPLIT_FUSED's per-block counts (a dummy without it)
-        self.no_slabs = None      # tiled without SPLIT_FUSED: bound in place of slabs4 (never touched)
 
     @classmethod
     async def create(cls, dev: Device, M: int, N: int, K: int, layout: str = "nn", bias: bool = False,
@@ -477,14 +447,11 @@ class Matmul:
             if not more:
                 first, rest = dict(first, **ep), dict(rest, **ep)
         kernels = {}
-        fused = variant == "tiled" and splits > 1 and split_sum_fused(dev)
-        if splits == 1 or fused:
-            if fused:
-                consts["SPLIT_FUSED"] = True
+        if splits == 1:
             kernels["product"] = await dev.kernel(FILE, entry, dict(consts, **first))
             kernels["product_rest"] = await dev.kernel(FILE, entry, dict(consts, **rest))
             kernels["product_last"] = await dev.kernel(FILE, entry, dict(consts, **last))
-            scratch = shared_scratch(dev, 4 * splits * out_rows * N) if fused else None
+            scratch = None
         else:
             kernels["product"] = kernels["product_rest"] = kernels["product_last"] = \
                 await dev.kernel(FILE, entry, consts)
@@ -494,15 +461,8 @@ class Matmul:
             scratch = shared_scratch(dev, 4 * splits * out_rows * N)
         no_bias = None if bias else dev.buffer(16, "matmul-no-bias")
         no_aux = None if epilogue else dev.buffer(16, "matmul-no-aux")
-        mm = cls(dev, M, N, K, layout, bias, variant, tiles, splits, kernels, chunks, no_bias, scratch,
-                 epilogue, no_aux, bias_row)
-        if variant == "tiled":
-            # matmul_tiled always binds slabs4 and tile_count: the shared scratch and counts where the split is
-            # summed in the dispatch, else small dummies (never touched).
-            mm.fused = fused
-            mm.counts = shared_counters(dev, max(c[3][0] * c[3][1] for c in chunks) if fused else 0)
-            mm.no_slabs = None if fused else dev.buffer(16, "matmul-no-slabs")
-        return mm
+        return cls(dev, M, N, K, layout, bias, variant, tiles, splits, kernels, chunks, no_bias, scratch,
+                   epilogue, no_aux, bias_row)
 
     def dispatch(self, seq: Sequence, out, a, b, bias=None, aux=None):
         """Append the product: out (M, N) [+]= op(a) @ op(b) [+ bias (N,)], then the epilogue with aux (M, N)
@@ -551,19 +511,12 @@ class Matmul:
             if self.variant == "simple":
                 seq.dispatch(self.k["product" + rest], grid, mp=params, **views)
             elif self.splits == 1:
-                seq.dispatch(self.k["product" + rest], grid, mp=params, slabs4=self.no_slabs, tile_count=self.counts,
-                             **{k + "4": v for k, v in views.items()})
-            elif self.fused:              # one dispatch: the block's last slice sums the slabs into out
-                cm = self.out_rows if layout == "tn" else rows
-                slabs = self.scratch.view(0, 4 * grid[2] * cm * N)
-                seq.dispatch(self.k["product" + rest], grid, mp=params, slabs4=slabs, tile_count=self.counts,
-                             **{k + "4": v for k, v in views.items()})
+                seq.dispatch(self.k["product" + rest], grid, mp=params, **{k + "4": v for k, v in views.items()})
             else:
                 cm = self.out_rows if layout == "tn" else rows
                 slabs = self.scratch.view(0, 4 * grid[2] * cm * N)
                 seq.dispatch(self.k["product"], grid, mp=params, a4=views["a"], b4=views["b"], bias4=views["bias"],
-                             out4=slabs, aux4=views["aux"],   # EPILOGUE 0 here: aux4 bound, never touched
-                             slabs4=self.no_slabs, tile_count=self.counts)
+                             out4=slabs, aux4=views["aux"])   # EPILOGUE 0 here: aux4 bound, never touched
                 seq.dispatch(self.k["sum" + rest], sum_grid, mp=params, split4=slabs, out4=views["out"],
                              bias4=views["bias"], aux4=views["aux"])
 
