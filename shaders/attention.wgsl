@@ -10,6 +10,9 @@
 //                           -> delta (B, NH, T) f32 = rowsum(dout * out)
 // attention_backward_dq:    qkv, dout, lse_in (the forward's lse), delta_in (delta) -> dqkv[:, 0:C], WRITTEN
 // attention_backward_dkv:   qkv, dout, lse_in, delta_in -> dqkv[:, C:3C] (the k and v thirds), WRITTEN
+// attention_backward_dq_ds: where the (B, NH, T, T) dS fits a binding, dkv (STORE_DS) also writes each dS tile it
+//                           makes to ds_out, and this kernel forms dQ = scale dS K from it (ds_in, qkv) instead of
+//                           attention_backward_dq recomputing S, P, dP and dS: one product where dq makes four.
 // Backward maths (S the scaled scores): P = exp(S - lse), dP = dO V^T, dS = P * (dP - delta);
 // dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO.
 //
@@ -57,6 +60,8 @@ struct AttnParams { B: u32, T: u32, NH: u32, _pad: u32 }
 @group(0) @binding(7) var<storage, read> lse_in: array<f32>;
 @group(0) @binding(8) var<storage, read> delta_in: array<f32>;
 @group(0) @binding(9) var<storage, read_write> dqkv: array<vec4<f32>>;
+@group(0) @binding(10) var<storage, read_write> ds_out: array<f32>;   // dkv with STORE_DS: dS (B, NH, T, T)
+@group(0) @binding(11) var<storage, read> ds_in: array<f32>;          // attention_backward_dq_ds: the same
 
 override HS: u32 = 64u;      // head size, a multiple of 4
 override TC: u32 = 8u;       // threads per row pair; streamed tiles hold BS = 4 TC rows
@@ -75,6 +80,10 @@ override NT: u32 = NR * TC;                          // threads
 override PF_N: u32 = (BS * H4 + NT - 1u) / NT;       // PREFETCH: vec4s per thread of each streamed matrix
 override PF_S: u32 = (BS + NT - 1u) / NT;            // PREFETCH: lse/delta pairs per thread (dkv), <= 4
 override PF: bool = PREFETCH && PF_N <= 4u;          // PREFETCH in effect
+override STORE_DS: bool = false;  // dkv also writes each tile's dS to ds_out, for attention_backward_dq_ds
+override QB: u32 = 64u;           // attention_backward_dq_ds: queries per workgroup
+override RQ: u32 = 4u;            //   query rows per thread (4 or 8): (QB / RQ) x H4 threads
+override KS: u32 = 16u;           //   keys per staged step
 const NEG: f32 = -1e30;      // below every real score; masked entries are excluded explicitly
 
 var<workgroup> tiles: array<vec4<f32>, SMV>;
@@ -1002,6 +1011,18 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
             store4(DS0 + rd * (BS + 1u) + tc, p_d * (dp_d - delta4));
         }
         workgroupBarrier();
+        // STORE_DS: the tile's dS (unscaled) to ds_out[b, h, query, key] for attention_backward_dq_ds; neighbouring
+        // threads take neighbouring keys of a query (neighbouring addresses). The first dim chunk writes it.
+        if (STORE_DS && wg.y % DS == 0u) {
+            let base = (b * ap.NH + h) * ap.T * ap.T;
+            for (var i = lid; i < BR * BS; i += NT) {
+                let kr = i % BR;
+                let qc = i / BR;
+                if (q0 + qc < ap.T && k0 + kr < ap.T) {
+                    ds_out[base + (q0 + qc) * ap.T + k0 + kr] = mat[DS0 + kr * (BS + 1u) + qc];
+                }
+            }
+        }
         // 2. dv += P^T dO and dk += dS^T Q over the tile's queries (f_*: query i's values, as in step 1).
         var f_qi_0 = tiles[Q0 + e0];
         var f_qi_1 = tiles[Q0 + e1];
@@ -1097,4 +1118,83 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
         store_grad(b, h, key.w, 1u, d0, d1, dk_d0 * scale, dk_d1 * scale);
         store_grad(b, h, key.w, 2u, d0, d1, dv_d0, dv_d1);
     }
+}
+
+// dQ = scale dS K from the dS that dkv stored (STORE_DS): a workgroup per QB queries of one head, thread (tq, td)
+// owns queries q0 + RQ tq .. + RQ - 1 and dims vec4 td of the head. Keys are staged KS at a time: K rows as they
+// are (tiles[KO + k H4 + d4]) and dS transposed, queries along vec4s (tiles[DO + k QB/4 + q/4]). Each query sums
+// its keys 0..q in order, dS entries above the diagonal are taken as zero (never read from ds_in: dkv did not
+// write them), and each product is one fma: attention_backward_dq's chain, so that both give the same dQ.
+@compute @workgroup_size((QB / RQ) * H4)
+fn attention_backward_dq_ds(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
+    let KO = 0u;
+    let DO = KS * H4;
+    let b = wg.z;
+    let h = wg.y;
+    let q0 = wg.x * QB;
+    let td = lid % H4;
+    let tq = lid / H4;
+    let NTH = (QB / RQ) * H4;
+    let base = (b * ap.NH + h) * ap.T * ap.T;
+    var acc0 = vec4(0.0);
+    var acc1 = vec4(0.0);
+    var acc2 = vec4(0.0);
+    var acc3 = vec4(0.0);
+    var acc4 = vec4(0.0);
+    var acc5 = vec4(0.0);
+    var acc6 = vec4(0.0);
+    var acc7 = vec4(0.0);
+    let k_end = min(q0 + QB, ap.T);
+    for (var kt = 0u; kt < k_end; kt += KS) {
+        workgroupBarrier();
+        for (var i = lid; i < KS * H4; i += NTH) {
+            let t = kt + i / H4;
+            var v = vec4(0.0);
+            if (t < ap.T) { v = qkv[(b * ap.T + t) * 3u * ap.NH * H4 + ap.NH * H4 + h * H4 + i % H4]; }
+            tiles[KO + i] = v;
+        }
+        for (var i = lid; i < KS * QB; i += NTH) {
+            let kk = i % KS;
+            let qq = i / KS;
+            let q = q0 + qq;
+            let k = kt + kk;
+            var v = 0.0;
+            if (q < ap.T && k <= q) { v = ds_in[base + q * ap.T + k]; }
+            tiles[DO + kk * (QB / 4u) + qq / 4u][qq % 4u] = v;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < KS; kk++) {
+            let kv = tiles[KO + kk * H4 + td];
+            let d_lo = tiles[DO + kk * (QB / 4u) + tq * (RQ / 4u)];
+            acc0 = axpy4(d_lo.x, kv, acc0);
+            acc1 = axpy4(d_lo.y, kv, acc1);
+            acc2 = axpy4(d_lo.z, kv, acc2);
+            acc3 = axpy4(d_lo.w, kv, acc3);
+            if (RQ == 8u) {
+                let d_hi = tiles[DO + kk * (QB / 4u) + tq * 2u + 1u];
+                acc4 = axpy4(d_hi.x, kv, acc4);
+                acc5 = axpy4(d_hi.y, kv, acc5);
+                acc6 = axpy4(d_hi.z, kv, acc6);
+                acc7 = axpy4(d_hi.w, kv, acc7);
+            }
+        }
+    }
+    let scale = head_scale();
+    let t = q0 + tq * RQ;
+    store_dq(b, h, t, td, acc0 * scale);
+    store_dq(b, h, t + 1u, td, acc1 * scale);
+    store_dq(b, h, t + 2u, td, acc2 * scale);
+    store_dq(b, h, t + 3u, td, acc3 * scale);
+    if (RQ == 8u) {
+        store_dq(b, h, t + 4u, td, acc4 * scale);
+        store_dq(b, h, t + 5u, td, acc5 * scale);
+        store_dq(b, h, t + 6u, td, acc6 * scale);
+        store_dq(b, h, t + 7u, td, acc7 * scale);
+    }
+}
+
+// dqkv[t, q third, head h, dims vec4 d4] = y, for rows t < T.
+fn store_dq(b: u32, h: u32, t: u32, d4: u32, y: vec4<f32>) {
+    if (t >= ap.T) { return; }
+    dqkv[(b * ap.T + t) * 3u * ap.NH * H4 + h * H4 + d4] = y;
 }

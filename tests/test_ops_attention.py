@@ -36,12 +36,14 @@ def tiles_of(tile):
     return tile if isinstance(tile, dict) or tile is None else {e: tile for e in ENTRIES}
 
 
-def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True, pipeline=True, prefetch=False):
+def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True, pipeline=True, prefetch=False,
+                  dq="auto"):
     """Forward and backward on the GPU; returns (out (B, T, C), lse (B, NH, T), dqkv (B, T, 3C)).
     tile: a Tile forced on all three tiled kernels, or {entry: Tile} (None: each picks its own);
     pipeline, prefetch: the PIPELINE and PREFETCH overrides (PREFETCH only where the tile allows it)."""
     attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tiles_of(tile), pipeline=pipeline,
-                                 prefetch=prefetch))
+                                 prefetch=prefetch, dq=dq))
+    assert dq == "auto" or attn.dq == dq
     assert all(attn.k[e].constants["PIPELINE"] is pipeline for e in ENTRIES)
     hs = C // NH
     assert attn.prefetch == {e: prefetch and not attention_op.prefetch_problem(hs, attn.tiles[e]) for e in ENTRIES}
@@ -188,11 +190,44 @@ def test_attention_gpt2_head_sizes(dev, B, T, C, NH):
     check(dev, B, T, C, NH, seed=C)
 
 
-def test_attention_memory_is_linear_in_T(dev):
-    # No (T, T) buffer anywhere: the op's only scratch is delta (B, NH, T).
+def test_attention_memory_is_linear_in_T_when_dq_is_recomputed(dev):
+    # dq "recompute": no (T, T) buffer anywhere, the op's only scratch is delta (B, NH, T) (and a 16-byte dummy);
+    # dq "ds": the stored dS (B, NH, T, T) besides.
     before = dev.bytes_allocated
-    wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4))
-    assert dev.bytes_allocated - before <= 16 + 4 * 2 * 4 * 1024, dev.bytes_allocated - before
+    attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4, dq="recompute"))
+    assert attn.dq == "recompute" and attn.ds is None
+    assert dev.bytes_allocated - before <= 16 + 16 + 4 * 2 * 4 * 1024, dev.bytes_allocated - before
+    before = dev.bytes_allocated
+    attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4))
+    assert attn.dq == "ds" and dev.bytes_allocated - before == 4 * 2 * 4 * 1024 * (1 + 1024)   # delta, dS
+
+
+@pytest.mark.parametrize("B,T,C,NH", [(3, 37, 72, 3), (2, 130, 48, 3), (1, 1, 32, 2), (2, 67, 128, 2),
+                                      (1, 40, 256, 2), (2, 64, 24, 1)])
+def test_dq_from_stored_ds_matches_the_recomputed_dq(dev, B, T, C, NH):
+    # The same dS values and the same fma chain over the keys in order: dQ equal to attention_backward_dq's (hs
+    # 24, 64, 128: 4 and 8 query rows per thread), dK and dV unchanged, and both against the reference.
+    qkv, dout = inputs(B, T, C, seed=T)
+    runs = {m: run_attention(dev, B, T, C, NH, qkv, dout, dq=m) for m in ("recompute", "ds")}
+    (_, _, d_rec), (_, _, d_ds) = runs["recompute"], runs["ds"]
+    assert not np.isnan(d_ds).any(), "dqkv not written everywhere"
+    assert np.array_equal(d_rec.view(np.uint32), d_ds.view(np.uint32)), \
+        f"dqkv differs in {(d_rec != d_ds).sum()} of {d_rec.size} (max {np.abs(d_rec - d_ds).max():.3g})"
+    _, att = reference.attention_forward(qkv, NH)
+    assert rel_err(d_ds, reference.attention_backward(dout, qkv, att, NH)) < TOL_GRAD
+
+
+def test_dq_mode_follows_the_binding_limit_and_refuses_what_does_not_fit(dev, monkeypatch):
+    assert attention_op.dq_mode(dev, 2, 1024, 4, 16) == "ds"                     # 32 MiB of dS
+    assert attention_op.dq_mode(dev, 8, 2048, 4, 16) == "recompute"              # 512 MiB: over the limits
+    with pytest.raises(gpu.GPUError, match="smaller batch"):
+        attention_op.dq_mode(dev, 8, 2048, 4, 16, "ds")
+    assert attention_op.dq_mode(dev, 2, 1024, 4, 16, "recompute") == "recompute"
+    monkeypatch.setenv("TABGPT_ATTENTION_DQ", "recompute")
+    assert attention_op.dq_mode(dev, 2, 1024, 4, 16) == "recompute"
+    monkeypatch.setenv("TABGPT_ATTENTION_DQ", "fast")
+    with pytest.raises(gpu.GPUError, match="auto, ds or recompute"):
+        attention_op.dq_mode(dev, 2, 1024, 4, 16)
 
 
 def test_attention_is_deterministic(dev):

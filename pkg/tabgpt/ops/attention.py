@@ -125,8 +125,49 @@ def pick_tile(entry: str, hs: int, T: int, limits: dict, rpt: int | None = None)
     raise GPUError(f"{entry}: no workgroup shape fits head size {hs} in this device's workgroup memory")
 
 
+DQ_QB = 64                    # attention_backward_dq_ds: queries per workgroup
+DQ_KS = 16                    #   keys per staged step
+DS_MAX_BYTES = 256 << 20      # the stored dS is used up to this size (and the device's binding limit)
+
+
+def dq_ds_shape(hs: int, limits: dict) -> tuple[int, str]:
+    """(RQ, problem) of attention_backward_dq_ds at head size hs: query rows per thread, so that (QB / RQ) x hs/4
+    threads fit the device, and why it cannot run here ("" if it can)."""
+    h4 = hs // 4
+    max_threads = min(limits["max-compute-invocations-per-workgroup"], limits["max-compute-workgroup-size-x"])
+    for rq in (4, 8):
+        if (DQ_QB // rq) * h4 <= max_threads:
+            smem = 16 * DQ_KS * (h4 + DQ_QB // 4)
+            if smem > limits["max-compute-workgroup-storage-size"]:
+                return rq, f"{smem} bytes of workgroup memory"
+            return rq, ""
+    return 8, f"{(DQ_QB // 8) * h4} threads"
+
+
+def dq_mode(dev: Device, B: int, T: int, n_head: int, hs: int, dq: str = "auto") -> str:
+    """How the backward makes dQ: "ds" (dkv stores dS, attention_backward_dq_ds multiplies it by K: one product
+    instead of four) where the (B, NH, T, T) dS fits a binding and DS_MAX_BYTES, else "recompute"
+    (attention_backward_dq recomputes S, P, dP and dS per query block). TABGPT_ATTENTION_DQ overrides "auto"."""
+    import os
+    if dq == "auto":
+        dq = os.environ.get("TABGPT_ATTENTION_DQ", "auto")
+    if dq not in ("auto", "ds", "recompute"):
+        raise GPUError(f"the attention dq mode must be auto, ds or recompute, got {dq!r}")
+    nbytes = 4 * B * n_head * T * T
+    fits = nbytes <= min(dev.limits["max-storage-buffer-binding-size"], DS_MAX_BYTES)
+    problem = dq_ds_shape(hs, dev.limits)[1]
+    if dq == "ds" and (not fits or problem):
+        raise GPUError(f"attention dq from a stored dS needs {nbytes} bytes in one binding (at most "
+                       f"{min(dev.limits['max-storage-buffer-binding-size'], DS_MAX_BYTES)})"
+                       + (f" and {problem}" if problem else "") + ": use dq='recompute' or a smaller batch")
+    if dq == "auto":
+        dq = "ds" if fits and not problem else "recompute"
+    return dq
+
+
 class Attention:
-    def __init__(self, dev, B, T, C, n_head, kernels, tiles, params, delta, pipeline=False, prefetch=None):
+    def __init__(self, dev, B, T, C, n_head, kernels, tiles, params, delta, pipeline=False, prefetch=None,
+                 dq="recompute", ds=None, no_ds=None):
         self.dev, self.B, self.T, self.C, self.n_head = dev, B, T, C, n_head
         self.hs = C // n_head
         self.k = kernels          # {entry: Kernel}
@@ -136,14 +177,19 @@ class Attention:
         self.pipeline = pipeline  # the PIPELINE override the kernels were compiled with
         # {entry: the PREFETCH override it was compiled with} for the three tiled kernels
         self.prefetch = prefetch or {e: False for e in ENTRIES}
+        self.dq = dq              # "ds": dkv stores dS and attention_backward_dq_ds makes dQ; "recompute"
+        self.ds = ds              # "ds": the stored dS (B, n_head, T, T) f32, else None
+        self.no_ds = no_ds        # bound as dkv's ds_out where it stores nothing (never touched)
 
     @classmethod
     async def create(cls, dev: Device, B: int, T: int, C: int, n_head: int,
-                     tiles: dict | None = None, pipeline: bool = False, prefetch: bool = True) -> "Attention":
+                     tiles: dict | None = None, pipeline: bool = False, prefetch: bool = True,
+                     dq: str = "auto") -> "Attention":
         """Compile the kernels for this shape. tiles={entry: Tile} forces tile shapes (tests, benchmarks);
         pipeline=True compiles the inner loops with software pipelining (override PIPELINE, same results);
         prefetch=True reads the next streamed tile into registers during the current one (override PREFETCH,
-        same results) in each kernel whose tile allows it (prefetch_problem; the others load as without)."""
+        same results) in each kernel whose tile allows it (prefetch_problem; the others load as without).
+        dq: "auto", "ds" or "recompute" (dq_mode): how the backward makes dQ; both give the same values."""
         if n_head <= 0 or C % n_head or (C // n_head) % 4:
             raise GPUError(f"attention needs C (n_embd) divisible by n_head and a head size that is a multiple "
                            f"of 4, got C={C}, n_head={n_head}")
@@ -155,6 +201,7 @@ class Attention:
         if 4 * B * T * 3 * C > dev.limits["max-storage-buffer-binding-size"]:
             raise GPUError(f"attention: qkv of {4 * B * T * 3 * C} bytes exceeds this device's storage binding "
                            "limit; use a smaller batch")
+        dq = dq_mode(dev, B, T, n_head, hs, dq)
         kernels, chosen, prefetched = {}, {}, {}
         for entry in ENTRIES:
             t = (tiles or {}).get(entry) or pick_tile(entry, hs, T, dev.limits)
@@ -168,11 +215,20 @@ class Attention:
             prefetched[entry] = bool(prefetch) and not prefetch_problem(hs, t)
             kernels[entry] = await dev.kernel(FILE, entry, constants={
                 "HS": hs, "TC": t.TC, "NR": t.NR, "RPT": t.RPT, "DS": t.chunks(hs), "SMV": smv, "SMS": sms,
-                "PIPELINE": bool(pipeline), "PREFETCH": prefetched[entry]})
+                "PIPELINE": bool(pipeline), "PREFETCH": prefetched[entry],
+                **({"STORE_DS": True} if dq == "ds" and entry == "attention_backward_dkv" else {})})
+        ds = no_ds = None
+        if dq == "ds":
+            rq = dq_ds_shape(hs, dev.limits)[0]
+            kernels["attention_backward_dq_ds"] = await dev.kernel(FILE, "attention_backward_dq_ds", constants={
+                "HS": hs, "QB": DQ_QB, "RQ": rq, "KS": DQ_KS, "SMV": DQ_KS * (hs // 4 + DQ_QB // 4), "SMS": 1})
+            ds = dev.buffer(4 * B * n_head * T * T, "attention-ds")
+        else:
+            no_ds = dev.buffer(16, "attention-no-ds")
         kernels["attention_backward_delta"] = await dev.kernel(FILE, "attention_backward_delta", constants={"HS": hs})
         params = dev.uniform(struct.pack("<4I", B, T, n_head, 0), "attention-params")
         delta = dev.buffer(4 * B * n_head * T, "attention-delta")
-        return cls(dev, B, T, C, n_head, kernels, chosen, params, delta, bool(pipeline), prefetched)
+        return cls(dev, B, T, C, n_head, kernels, chosen, params, delta, bool(pipeline), prefetched, dq, ds, no_ds)
 
     def _grid(self, entry: str) -> tuple[int, int, int]:
         t = self.tiles[entry]
@@ -184,9 +240,19 @@ class Attention:
         seq.dispatch(self.k[e], self._grid(e), ap=self.params, qkv=qkv, out=out, lse=lse)
 
     def backward(self, seq: Sequence, dqkv, dout, qkv, out, lse):
-        """dqkv (B*T, 3C) WRITTEN from dout (B*T, C) and the forward's qkv, out and lse. Three dispatches."""
+        """dqkv (B*T, 3C) WRITTEN from dout (B*T, C) and the forward's qkv, out and lse. Three dispatches: delta,
+        then dq and dkv, or (dq "ds") dkv storing dS, then dq from it."""
         seq.dispatch(self.k["attention_backward_delta"], fold_grid(-(-self.B * self.n_head * self.T // 64)),
                      ap=self.params, dout=dout, out_in=out, delta=self.delta)
-        for e in ("attention_backward_dq", "attention_backward_dkv"):
-            seq.dispatch(self.k[e], self._grid(e), ap=self.params, qkv=qkv, dout=dout, lse_in=lse,
+        e = "attention_backward_dkv"
+        dkv = lambda: seq.dispatch(self.k[e], self._grid(e), ap=self.params, qkv=qkv, dout=dout,  # noqa: E731
+                                   lse_in=lse, delta_in=self.delta, dqkv=dqkv, ds_out=self.ds or self.no_ds)
+        if self.dq == "ds":
+            dkv()
+            seq.dispatch(self.k["attention_backward_dq_ds"], (-(-self.T // DQ_QB), self.n_head, self.B),
+                         ap=self.params, qkv=qkv, ds_in=self.ds, dqkv=dqkv)
+        else:
+            e_q = "attention_backward_dq"
+            seq.dispatch(self.k[e_q], self._grid(e_q), ap=self.params, qkv=qkv, dout=dout, lse_in=lse,
                          delta_in=self.delta, dqkv=dqkv)
+            dkv()
