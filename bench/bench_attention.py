@@ -174,11 +174,11 @@ def main():
                                      for e, t in attn.tiles.items())
                     loops = "pipelined" if pipeline else "plain"
                     loads = loads_label(attn)
-                    r = {"size": f"{B}x{T}x{NH}x{hs}", "tiles": tiles, "loops": loops, "loads": loads,
+                    r = {"size": f"{B}x{T}x{NH}x{hs}", "tiles": tiles, "loops": loops, "loads": loads, "dq": attn.dq,
                          "fwd": t_fwd, "bwd": t_bwd, "t_fwd": ref and ref[0], "t_bwd": ref and ref[1],
                          "err_out": ref and rel_err(out, ref[2]), "err_dqkv": ref and rel_err(dqkv, ref[3])}
                     rows.append(r)
-                    print(f"{r['size']:>14} {tiles:>36} {loops:>9} {loads:>16}  fwd {1e3 * t_fwd:8.3f} ms  "
+                    print(f"{r['size']:>14} {tiles:>36} {loops:>9} {loads:>16} dq {attn.dq:>9}  fwd {1e3 * t_fwd:8.3f} ms  "
                           f"bwd {1e3 * t_bwd:8.3f} ms", flush=True)
 
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -187,13 +187,14 @@ def main():
              f"`python bench/bench_attention.py {' '.join(sys.argv[1:])}`: best of {trials}; PyTorch "
              "scaled_dot_product_attention fp32 (is_causal, TF32 off); tiles: kernel TC,NR,RPT; loops: inner loops "
              "software-pipelined (PIPELINE) or plain; loads: streamed tiles prefetched into registers one tile "
-             "ahead (PREFETCH; by the kernels named, where not all) or loaded directly.", "",
-             "| B x T x NH x hs | tiles | loops | loads | fwd ms | bwd ms | PyTorch fwd ms | PyTorch bwd ms "
+             "ahead (PREFETCH; by the kernels named, where not all) or loaded directly; dq: from the dS that dkv "
+             "stored, or recomputed (ops/attention.py dq_mode).", "",
+             "| B x T x NH x hs | tiles | loops | loads | dq | fwd ms | bwd ms | PyTorch fwd ms | PyTorch bwd ms "
              "| fwd vs PyTorch | bwd vs PyTorch | max rel err out / dqkv |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         errs = "-" if r["err_out"] is None else f"{r['err_out']:.1e} / {r['err_dqkv']:.1e}"
-        lines.append(f"| {r['size']} | {r['tiles']} | {r['loops']} | {r['loads']} | {1e3 * r['fwd']:.3f} "
+        lines.append(f"| {r['size']} | {r['tiles']} | {r['loops']} | {r['loads']} | {r['dq']} | {1e3 * r['fwd']:.3f} "
                      f"| {1e3 * r['bwd']:.3f} "
                      f"| {fmt(r['t_fwd'] and 1e3 * r['t_fwd'], '.3f')} | {fmt(r['t_bwd'] and 1e3 * r['t_bwd'], '.3f')} "
                      f"| {ratio(r['fwd'], r['t_fwd'])} | {ratio(r['bwd'], r['t_bwd'])} | {errs} |")

@@ -2,29 +2,50 @@
 # A/B on the GPU machine: the working tree ("new") against a copy of an earlier commit in .dev/base ("base"),
 # one process after the other in one lease, each with a fresh autotune file (as a new user's first run).
 # Prepare the base here:  rm -rf .dev/base && mkdir -p .dev/base && git archive BASE pkg shaders bench | tar -x -C .dev/base
-# then carry .gl, .whl and .dev:  bash bench/gpu_ab.sh [train|matmul|all]
+# then carry .gl, .whl and .dev:  bash bench/gpu_ab.sh [check|train|attention|gpt2|matmul|all]
+# ALT="NAME=value" adds a third arm to `train`: the working tree with that environment variable set.
 set -uo pipefail
 source bench/h100_env.sh
 WHAT=${1:-all}
-train() {   # train TREE LABEL [ARGS]: bench_train of the browser preset from TREE's bench/ (and so its pkg/)
+ALT=${ALT:-}
+train() {   # train TREE LABEL [ARGS]: bench_train from TREE's bench/ (and so its pkg/); prints tokens/s and wall time
   local tree=$1 label=$2; shift 2
+  local t0=$(date +%s.%N)
   echo "== $label: bench_train $*"
-  TABGPT_CACHE=$(mktemp -d) python3 "$tree/bench/bench_train.py" --preset browser --steps 30 "$@" 2>&1 \
+  TABGPT_CACHE=$(mktemp -d) python3 "$tree/bench/bench_train.py" --steps 30 "$@" 2>&1 \
     | tee -a "$OUT/train_$label.txt" | grep -E '^\| (tabgpt|PyTorch)'
+  echo "   wall $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s (start-up, autotune, steps)"
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
-python3 -m tabgpt device 2>&1 | head -12 | tee "$OUT/device.txt"
+python3 -m tabgpt device 2>&1 | head -12 > "$OUT/device.txt"
+if [ "$WHAT" = check ] || [ "$WHAT" = all ]; then
+  # kernel tests on this GPU (real hardware, beside lavapipe and SwiftShader)
+  python3 -m pytest -q -p no:cacheprovider tests/test_ops_attention.py tests/test_ops_matmul.py \
+    -k "${CHECK:-dq or split or epilogue}" 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -3
+fi
 if [ "$WHAT" = train ] || [ "$WHAT" = all ]; then
-  train .dev/base base --no-torch
-  train . new
-  train .dev/base base --no-torch
-  train . new --no-torch
-  python3 bench/bench_train.py --preset tiny --steps 300 --no-torch 2>&1 | tee -a "$OUT/train_tiny.txt" | grep -E '^\| tabgpt'
+  for round in 1 2; do
+    train .dev/base base --preset browser --no-torch
+    if [ $round = 1 ]; then train . new --preset browser; else train . new --preset browser --no-torch; fi
+    if [ -n "$ALT" ]; then export "$ALT"; train . alt --preset browser --no-torch; unset "${ALT%%=*}"; fi
+  done
+fi
+if [ "$WHAT" = attention ] || [ "$WHAT" = all ]; then
+  python3 bench/bench_attention.py --trials 3 2>&1 | tee -a "$OUT/attention_new.txt" | grep -E '^\| [0-9]'
+  TABGPT_ATTENTION_DQ=recompute python3 bench/bench_attention.py --trials 3 --no-write 2>&1 \
+    | tee -a "$OUT/attention_recompute.txt" | grep -E '^\| [0-9]'
+fi
+if [ "$WHAT" = gpt2 ] || [ "$WHAT" = all ]; then
+  train .dev/base base --preset gpt2 --steps 6 --no-torch
+  train . new --preset gpt2 --steps 6
 fi
 if [ "$WHAT" = matmul ] || [ "$WHAT" = all ]; then
-  TABGPT_CACHE=$(mktemp -d) python3 bench/bench_matmul.py --trials 3 --seconds 0.05 --preset browser --tiles auto \
-    2>&1 | tee -a "$OUT/matmul_new.txt" | tail -32
-  TABGPT_CACHE=$(mktemp -d) python3 bench/profile_step.py --preset browser 2>&1 | tee -a "$OUT/profile_new.txt" | head -40
+  TABGPT_CACHE=$(mktemp -d) python3 bench/bench_matmul.py --trials 3 --seconds 0.1 --squares \
+    --tiles 128,128,8,8,8,spread,prefetch,double --tiles auto 2>&1 | tee -a "$OUT/matmul_new.txt" | grep -E '^\| nn'
+fi
+if [ "$WHAT" = profile ] || [ "$WHAT" = all ]; then
+  TABGPT_CACHE=$(mktemp -d) python3 bench/profile_step.py --preset browser 2>&1 | tee -a "$OUT/profile_new.txt" \
+    | grep -E 'Whole step|^\| (matmul|attention|layernorm)'
 fi
 tar czf "$OUT/results.tgz" bench/results
 true
