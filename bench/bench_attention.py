@@ -65,12 +65,12 @@ def inputs(B, T, NH, hs, seed=0):
     return qkv, dout
 
 
-def time_ours(dev, B, T, NH, hs, tile, trials, pipeline=False, prefetch=True):
+def time_ours(dev, B, T, NH, hs, tile, trials, pipeline=False, prefetch=True, dq_rows=None):
     """(forward s, backward s, out, dqkv, Attention)."""
     C = NH * hs
     qkv, dout = inputs(B, T, NH, hs)
     attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tile, pipeline=pipeline,
-                                 prefetch=prefetch))
+                                 prefetch=prefetch, dq_rows=dq_rows))
     b_qkv, b_dout = dev.buffer(qkv.nbytes, "qkv", qkv), dev.buffer(dout.nbytes, "dout", dout)
     b_out, b_lse = dev.buffer(4 * B * T * C, "out"), dev.buffer(4 * B * NH * T, "lse")
     b_dqkv = dev.buffer(qkv.nbytes, "dqkv")
@@ -152,6 +152,8 @@ def main():
     ap.add_argument("--prefetch", choices=sorted(PREFETCHES), default="on",
                     help="the streamed tiles read into registers one tile ahead (on, the default), loaded between "
                          "barriers (off), or both, timed side by side")
+    ap.add_argument("--dq-rows", type=int, action="append", choices=[4, 8],
+                    help="query rows per thread of the dq-from-dS kernel (repeat to compare; default: its own)")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=TARGET_SECONDS, help="time per timed submission")
     ap.add_argument("--no-torch", action="store_true")
@@ -168,17 +170,20 @@ def main():
         ref = None if args.no_torch else torch_attention(B, T, NH, hs, trials)
         for tile in args.tile or [None]:
             for pipeline in PIPELINES[args.pipeline]:
-                for prefetch in PREFETCHES[args.prefetch]:
-                    t_fwd, t_bwd, out, dqkv, attn = time_ours(dev, B, T, NH, hs, tile, trials, pipeline, prefetch)
+                for prefetch, dq_rows in ((p, r) for p in PREFETCHES[args.prefetch] for r in args.dq_rows or [None]):
+                    t_fwd, t_bwd, out, dqkv, attn = time_ours(dev, B, T, NH, hs, tile, trials, pipeline, prefetch,
+                                                              dq_rows)
                     tiles = " ".join(f"{e[len('attention_'):].replace('backward_', '')} {t.TC},{t.NR},{t.RPT}"
                                      for e, t in attn.tiles.items())
                     loops = "pipelined" if pipeline else "plain"
                     loads = loads_label(attn)
-                    r = {"size": f"{B}x{T}x{NH}x{hs}", "tiles": tiles, "loops": loops, "loads": loads, "dq": attn.dq,
+                    dq = attn.dq + (f" ({attn.k['attention_backward_dq_ds'].constants['RQ']} rows)"
+                                    if attn.dq == "ds" else "")
+                    r = {"size": f"{B}x{T}x{NH}x{hs}", "tiles": tiles, "loops": loops, "loads": loads, "dq": dq,
                          "fwd": t_fwd, "bwd": t_bwd, "t_fwd": ref and ref[0], "t_bwd": ref and ref[1],
                          "err_out": ref and rel_err(out, ref[2]), "err_dqkv": ref and rel_err(dqkv, ref[3])}
                     rows.append(r)
-                    print(f"{r['size']:>14} {tiles:>36} {loops:>9} {loads:>16} dq {attn.dq:>9}  fwd {1e3 * t_fwd:8.3f} ms  "
+                    print(f"{r['size']:>14} {tiles:>36} {loops:>9} {loads:>16} dq {dq:>9}  fwd {1e3 * t_fwd:8.3f} ms  "
                           f"bwd {1e3 * t_bwd:8.3f} ms", flush=True)
 
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731

@@ -60,7 +60,7 @@ struct AttnParams { B: u32, T: u32, NH: u32, _pad: u32 }
 @group(0) @binding(7) var<storage, read> lse_in: array<f32>;
 @group(0) @binding(8) var<storage, read> delta_in: array<f32>;
 @group(0) @binding(9) var<storage, read_write> dqkv: array<vec4<f32>>;
-@group(0) @binding(10) var<storage, read_write> ds_out: array<f32>;   // dkv with STORE_DS: dS (B, NH, T, T)
+@group(0) @binding(10) var<storage, read_write> ds_out: array<f32>;   // dkv with STORE_DS: dS (B, NH, T keys, T queries)
 @group(0) @binding(11) var<storage, read> ds_in: array<f32>;          // attention_backward_dq_ds: the same
 
 override HS: u32 = 64u;      // head size, a multiple of 4
@@ -1011,15 +1011,15 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
             store4(DS0 + rd * (BS + 1u) + tc, p_d * (dp_d - delta4));
         }
         workgroupBarrier();
-        // STORE_DS: the tile's dS (unscaled) to ds_out[b, h, query, key] for attention_backward_dq_ds; neighbouring
-        // threads take neighbouring keys of a query (neighbouring addresses). The first dim chunk writes it.
+        // STORE_DS: the tile's dS (unscaled) to ds_out[b, h, key, query] for attention_backward_dq_ds; neighbouring
+        // threads take neighbouring queries of a key (neighbouring addresses). The first dim chunk writes it.
         if (STORE_DS && wg.y % DS == 0u) {
             let base = (b * ap.NH + h) * ap.T * ap.T;
             for (var i = lid; i < BR * BS; i += NT) {
-                let kr = i % BR;
-                let qc = i / BR;
+                let kr = i / BS;
+                let qc = i % BS;
                 if (q0 + qc < ap.T && k0 + kr < ap.T) {
-                    ds_out[base + (q0 + qc) * ap.T + k0 + kr] = mat[DS0 + kr * (BS + 1u) + qc];
+                    ds_out[base + (k0 + kr) * ap.T + q0 + qc] = mat[DS0 + kr * (BS + 1u) + qc];
                 }
             }
         }
@@ -1122,7 +1122,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
 
 // dQ = scale dS K from the dS that dkv stored (STORE_DS): a workgroup per QB queries of one head, thread (tq, td)
 // owns queries q0 + RQ tq .. + RQ - 1 and dims vec4 td of the head. Keys are staged KS at a time: K rows as they
-// are (tiles[KO + k H4 + d4]) and dS transposed, queries along vec4s (tiles[DO + k QB/4 + q/4]). Each query sums
+// are (tiles[KO + k H4 + d4]) and dS rows as dkv stored them, queries along vec4s (tiles[DO + k QB/4 + q/4]). Each query sums
 // its keys 0..q in order, dS entries above the diagonal are taken as zero (never read from ds_in: dkv did not
 // write them), and each product is one fma: attention_backward_dq's chain, so that both give the same dQ.
 @compute @workgroup_size((QB / RQ) * H4)
@@ -1153,14 +1153,24 @@ fn attention_backward_dq_ds(@builtin(workgroup_id) wg: vec3u, @builtin(local_inv
             if (t < ap.T) { v = qkv[(b * ap.T + t) * 3u * ap.NH * H4 + ap.NH * H4 + h * H4 + i % H4]; }
             tiles[KO + i] = v;
         }
-        for (var i = lid; i < KS * QB; i += NTH) {
-            let kk = i % KS;
-            let qq = i / KS;
-            let q = q0 + qq;
-            let k = kt + kk;
-            var v = 0.0;
-            if (q < ap.T && k <= q) { v = ds_in[base + q * ap.T + k]; }
-            tiles[DO + kk * (QB / 4u) + qq / 4u][qq % 4u] = v;
+        for (var i = lid; i < KS * (QB / 4u); i += NTH) {
+            // dS rows are keys (ds_in[b, h, key, query]): 4 neighbouring queries of key k as one vec4, those
+            // before k (above the diagonal: never written) and past T taken as zero, not read.
+            let k = kt + i / (QB / 4u);
+            let q = q0 + 4u * (i % (QB / 4u));
+            var v = vec4(0.0);
+            if (k < ap.T) {
+                let o = base + k * ap.T + q;
+                if (q >= k && q + 3u < ap.T) {
+                    v = vec4(ds_in[o], ds_in[o + 1u], ds_in[o + 2u], ds_in[o + 3u]);
+                } else {
+                    if (q >= k && q < ap.T) { v.x = ds_in[o]; }
+                    if (q + 1u >= k && q + 1u < ap.T) { v.y = ds_in[o + 1u]; }
+                    if (q + 2u >= k && q + 2u < ap.T) { v.z = ds_in[o + 2u]; }
+                    if (q + 3u >= k && q + 3u < ap.T) { v.w = ds_in[o + 3u]; }
+                }
+            }
+            tiles[DO + i] = v;
         }
         workgroupBarrier();
         for (var kk = 0u; kk < KS; kk++) {

@@ -37,12 +37,12 @@ def tiles_of(tile):
 
 
 def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True, pipeline=True, prefetch=False,
-                  dq="auto"):
+                  dq="auto", dq_rows=None):
     """Forward and backward on the GPU; returns (out (B, T, C), lse (B, NH, T), dqkv (B, T, 3C)).
     tile: a Tile forced on all three tiled kernels, or {entry: Tile} (None: each picks its own);
     pipeline, prefetch: the PIPELINE and PREFETCH overrides (PREFETCH only where the tile allows it)."""
     attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tiles_of(tile), pipeline=pipeline,
-                                 prefetch=prefetch, dq=dq))
+                                 prefetch=prefetch, dq=dq, dq_rows=dq_rows))
     assert dq == "auto" or attn.dq == dq
     assert all(attn.k[e].constants["PIPELINE"] is pipeline for e in ENTRIES)
     hs = C // NH
@@ -215,6 +215,18 @@ def test_dq_from_stored_ds_matches_the_recomputed_dq(dev, B, T, C, NH):
         f"dqkv differs in {(d_rec != d_ds).sum()} of {d_rec.size} (max {np.abs(d_rec - d_ds).max():.3g})"
     _, att = reference.attention_forward(qkv, NH)
     assert rel_err(d_ds, reference.attention_backward(dout, qkv, att, NH)) < TOL_GRAD
+
+
+@pytest.mark.parametrize("B,T,C,NH", [(3, 37, 72, 3), (2, 130, 128, 2)])
+def test_dq_from_stored_ds_with_eight_rows_per_thread(dev, B, T, C, NH):
+    qkv, dout = inputs(B, T, C, seed=T + 1)
+    _, _, d_rec = run_attention(dev, B, T, C, NH, qkv, dout, dq="recompute")
+    _, _, d_ds = run_attention(dev, B, T, C, NH, qkv, dout, dq="ds", dq_rows=8)
+    assert np.array_equal(d_rec.view(np.uint32), d_ds.view(np.uint32))
+    with pytest.raises(gpu.GPUError, match="4 or 8 query rows"):
+        wait(Attention.create(dev, B=1, T=8, C=C, n_head=NH, dq="ds", dq_rows=2))
+    with pytest.raises(gpu.GPUError, match="512 threads"):     # hs 128: 16 x 32 threads with 4 rows each
+        wait(Attention.create(dev, B=1, T=8, C=256, n_head=2, dq="ds", dq_rows=4))
 
 
 def test_dq_mode_follows_the_binding_limit_and_refuses_what_does_not_fit(dev, monkeypatch):

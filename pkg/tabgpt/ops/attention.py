@@ -127,21 +127,27 @@ def pick_tile(entry: str, hs: int, T: int, limits: dict, rpt: int | None = None)
 
 DQ_QB = 64                    # attention_backward_dq_ds: queries per workgroup
 DQ_KS = 16                    #   keys per staged step
+DQ_ROWS = (4, 8)              #   query rows per thread, the first whose threads fit
 DS_MAX_BYTES = 256 << 20      # the stored dS is used up to this size (and the device's binding limit)
 
 
-def dq_ds_shape(hs: int, limits: dict) -> tuple[int, str]:
-    """(RQ, problem) of attention_backward_dq_ds at head size hs: query rows per thread, so that (QB / RQ) x hs/4
-    threads fit the device, and why it cannot run here ("" if it can)."""
+def dq_ds_shape(hs: int, limits: dict, rows: int | None = None) -> tuple[int, str]:
+    """(RQ, problem) of attention_backward_dq_ds at head size hs: query rows per thread (rows, or the fewest of
+    DQ_ROWS), so that (QB / RQ) x hs/4 threads fit the device, and why it cannot run here ("" if it can)."""
+    import os
     h4 = hs // 4
     max_threads = min(limits["max-compute-invocations-per-workgroup"], limits["max-compute-workgroup-size-x"])
-    for rq in (4, 8):
+    rows = rows or int(os.environ.get("TABGPT_ATTENTION_DQ_ROWS", "0") or 0) or None   # benchmarks' A/B
+    if rows not in (None, 4, 8):
+        raise GPUError(f"attention_backward_dq_ds takes 4 or 8 query rows per thread, got {rows}")
+    for rq in (rows,) if rows else DQ_ROWS:
         if (DQ_QB // rq) * h4 <= max_threads:
             smem = 16 * DQ_KS * (h4 + DQ_QB // 4)
             if smem > limits["max-compute-workgroup-storage-size"]:
                 return rq, f"{smem} bytes of workgroup memory"
             return rq, ""
-    return 8, f"{(DQ_QB // 8) * h4} threads"
+    rq = rows or DQ_ROWS[-1]
+    return rq, f"{(DQ_QB // rq) * h4} threads"
 
 
 def dq_mode(dev: Device, B: int, T: int, n_head: int, hs: int, dq: str = "auto") -> str:
@@ -184,12 +190,13 @@ class Attention:
     @classmethod
     async def create(cls, dev: Device, B: int, T: int, C: int, n_head: int,
                      tiles: dict | None = None, pipeline: bool = False, prefetch: bool = True,
-                     dq: str = "auto") -> "Attention":
+                     dq: str = "auto", dq_rows: int | None = None) -> "Attention":
         """Compile the kernels for this shape. tiles={entry: Tile} forces tile shapes (tests, benchmarks);
         pipeline=True compiles the inner loops with software pipelining (override PIPELINE, same results);
         prefetch=True reads the next streamed tile into registers during the current one (override PREFETCH,
         same results) in each kernel whose tile allows it (prefetch_problem; the others load as without).
-        dq: "auto", "ds" or "recompute" (dq_mode): how the backward makes dQ; both give the same values."""
+        dq: "auto", "ds" or "recompute" (dq_mode): how the backward makes dQ; both give the same values.
+        dq_rows: attention_backward_dq_ds's query rows per thread (4 or 8; benchmarks), else dq_ds_shape's."""
         if n_head <= 0 or C % n_head or (C // n_head) % 4:
             raise GPUError(f"attention needs C (n_embd) divisible by n_head and a head size that is a multiple "
                            f"of 4, got C={C}, n_head={n_head}")
@@ -219,7 +226,9 @@ class Attention:
                 **({"STORE_DS": True} if dq == "ds" and entry == "attention_backward_dkv" else {})})
         ds = no_ds = None
         if dq == "ds":
-            rq = dq_ds_shape(hs, dev.limits)[0]
+            rq, problem = dq_ds_shape(hs, dev.limits, dq_rows)
+            if problem:
+                raise GPUError(f"attention_backward_dq_ds with {rq} rows per thread: {problem}")
             kernels["attention_backward_dq_ds"] = await dev.kernel(FILE, "attention_backward_dq_ds", constants={
                 "HS": hs, "QB": DQ_QB, "RQ": rq, "KS": DQ_KS, "SMV": DQ_KS * (hs // 4 + DQ_QB // 4), "SMS": 1})
             ds = dev.buffer(4 * B * n_head * T * T, "attention-ds")
