@@ -60,7 +60,7 @@ struct AttnParams { B: u32, T: u32, NH: u32, _pad: u32 }
 @group(0) @binding(7) var<storage, read> lse_in: array<f32>;
 @group(0) @binding(8) var<storage, read> delta_in: array<f32>;
 @group(0) @binding(9) var<storage, read_write> dqkv: array<vec4<f32>>;
-@group(0) @binding(10) var<storage, read_write> ds_out: array<f32>;   // dkv with STORE_DS: dS (B, NH, T keys, T queries)
+@group(0) @binding(10) var<storage, read_write> ds_out: array<f32>;   // dkv, STORE_DS: dS (B, NH, T keys, T queries)
 @group(0) @binding(11) var<storage, read> ds_in: array<f32>;          // attention_backward_dq_ds: the same
 
 override HS: u32 = 64u;      // head size, a multiple of 4
@@ -1122,9 +1122,9 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
 
 // dQ = scale dS K from the dS that dkv stored (STORE_DS): a workgroup per QB queries of one head, thread (tq, td)
 // owns queries q0 + RQ tq .. + RQ - 1 and dims vec4 td of the head. Keys are staged KS at a time: K rows as they
-// are (tiles[KO + k H4 + d4]) and dS rows as dkv stored them, queries along vec4s (tiles[DO + k QB/4 + q/4]). Each query sums
-// its keys 0..q in order, dS entries above the diagonal are taken as zero (never read from ds_in: dkv did not
-// write them), and each product is one fma: attention_backward_dq's chain, so that both give the same dQ.
+// are (tiles[KO + k H4 + d4]) and dS rows as dkv stored them, queries along vec4s (tiles[DO + k QB/4 + q/4]).
+// Each query sums its keys 0..q in order, dS entries above the diagonal are taken as zero (never read from ds_in:
+// dkv did not write them), and each product is one fma: attention_backward_dq's chain, so both give the same dQ.
 @compute @workgroup_size((QB / RQ) * H4)
 fn attention_backward_dq_ds(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
     let KO = 0u;
