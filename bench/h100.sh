@@ -6,7 +6,8 @@
 #   bash bench/h100.sh 2    # training segment 2 (resume) + samples + evaluation
 # The GPU machine has the NVIDIA driver and PyTorch but no Vulkan loader and no wgpu: bring them along in two
 # git-ignored folders prepared on a machine with the package registries:
-#   .gl/   the Vulkan loader: (cd .gl && apt-get download libvulkan1)
+#   .gl/   the Vulkan loader and the GL dispatch libraries the NVIDIA ICD links against (the H200 machines need
+#          them): (cd .gl && apt-get download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
 #   .whl/  pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #              --platform manylinux2014_x86_64 -d .whl wgpu==0.32.0 cffi pycparser rendercanvas
 set -uo pipefail
