@@ -1,5 +1,5 @@
-"""Causal multi-head self-attention, fused (shaders/attention.wgsl): flash-attention style, so memory grows
-as T, not T*T, per head.
+"""Causal multi-head self-attention, fused (shaders/attention.wgsl): flash-attention style, so the forward's memory
+grows as T, not T*T, per head (the backward's too where dq is recomputed; see below).
 
     attn = await Attention.create(dev, B=B, T=T, C=C, n_head=NH)
     attn.forward(seq, out=y, lse=lse, qkv=qkv)
@@ -12,7 +12,9 @@ dout (B*T, C); dqkv (B*T, 3C). Scores are scaled by 1/sqrt(hs).
 The backward WRITES dqkv (every element, =): qkv is an activation whose only consumer is attention. It runs
 three dispatches: delta = rowsum(dout * out) into a scratch (B, n_head, T), then dq (each query block walks
 its key tiles) and dk, dv (each key block walks its query tiles), so that no two workgroups write the same
-element and nothing needs atomics. Results are bit-identical run to run.
+element and nothing needs atomics. Results are bit-identical run to run. Where the (B, n_head, T, T) gradient of
+the scores fits one binding and DS_MAX_BYTES (dq_mode), the dk, dv kernel also stores it and dq is one product
+from it (attention_backward_dq_ds) instead of recomputing the scores: same dq to the bit, memory T*T per head.
 
 Workgroup shapes are chosen per kernel to fit the device's workgroup memory: small tiles (and heads split
 into chunks of dims) within WebGPU's default 16 KiB, bigger ones where more is granted (32 KiB on lavapipe and
@@ -35,6 +37,7 @@ backward, bench/results/attention.md).
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -134,7 +137,6 @@ DS_MAX_BYTES = 256 << 20      # the stored dS is used up to this size (and the d
 def dq_ds_shape(hs: int, limits: dict, rows: int | None = None) -> tuple[int, str]:
     """(RQ, problem) of attention_backward_dq_ds at head size hs: query rows per thread (rows, or the fewest of
     DQ_ROWS), so that (QB / RQ) x hs/4 threads fit the device, and why it cannot run here ("" if it can)."""
-    import os
     h4 = hs // 4
     max_threads = min(limits["max-compute-invocations-per-workgroup"], limits["max-compute-workgroup-size-x"])
     rows = rows or int(os.environ.get("TABGPT_ATTENTION_DQ_ROWS", "0") or 0) or None   # benchmarks' A/B
@@ -154,7 +156,6 @@ def dq_mode(dev: Device, B: int, T: int, n_head: int, hs: int, dq: str = "auto")
     """How the backward makes dQ: "ds" (dkv stores dS, attention_backward_dq_ds multiplies it by K: one product
     instead of four) where the (B, NH, T, T) dS fits a binding and DS_MAX_BYTES, else "recompute"
     (attention_backward_dq recomputes S, P, dP and dS per query block). TABGPT_ATTENTION_DQ overrides "auto"."""
-    import os
     if dq == "auto":
         dq = os.environ.get("TABGPT_ATTENTION_DQ", "auto")
     if dq not in ("auto", "ds", "recompute"):
