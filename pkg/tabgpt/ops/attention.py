@@ -131,7 +131,7 @@ def pick_tile(entry: str, hs: int, T: int, limits: dict, rpt: int | None = None)
 DQ_QB = 64                    # attention_backward_dq_ds: queries per workgroup
 DQ_KS = 16                    #   keys per staged step
 DQ_ROWS = (4, 8)              #   query rows per thread, the first whose threads fit
-DS_MAX_BYTES = 256 << 20      # the stored dS is used up to this size (and the device's binding limit)
+DS_MAX_BYTES = 512 << 20      # "auto" stores dS up to this size (and the binding limit): GPT-2 small at T = 1024 (402 MB)
 
 
 def dq_ds_shape(hs: int, limits: dict, rows: int | None = None) -> tuple[int, str]:
@@ -155,20 +155,21 @@ def dq_ds_shape(hs: int, limits: dict, rows: int | None = None) -> tuple[int, st
 def dq_mode(dev: Device, B: int, T: int, n_head: int, hs: int, dq: str = "auto") -> str:
     """How the backward makes dQ: "ds" (dkv stores dS, attention_backward_dq_ds multiplies it by K: one product
     instead of four) where the (B, NH, T, T) dS fits a binding and DS_MAX_BYTES, else "recompute"
-    (attention_backward_dq recomputes S, P, dP and dS per query block). TABGPT_ATTENTION_DQ overrides "auto"."""
+    (attention_backward_dq recomputes S, P, dP and dS per query block). TABGPT_ATTENTION_DQ overrides "auto";
+    "ds" asked for by name takes any size one binding holds (DS_MAX_BYTES only bounds what "auto" spends)."""
     if dq == "auto":
         dq = os.environ.get("TABGPT_ATTENTION_DQ", "auto")
     if dq not in ("auto", "ds", "recompute"):
         raise GPUError(f"the attention dq mode must be auto, ds or recompute, got {dq!r}")
     nbytes = 4 * B * n_head * T * T
-    fits = nbytes <= min(dev.limits["max-storage-buffer-binding-size"], DS_MAX_BYTES)
+    binding = dev.limits["max-storage-buffer-binding-size"]
     problem = dq_ds_shape(hs, dev.limits)[1]
-    if dq == "ds" and (not fits or problem):
-        raise GPUError(f"attention dq from a stored dS needs {nbytes} bytes in one binding (at most "
-                       f"{min(dev.limits['max-storage-buffer-binding-size'], DS_MAX_BYTES)})"
-                       + (f" and {problem}" if problem else "") + ": use dq='recompute' or a smaller batch")
+    if dq == "ds" and (nbytes > binding or problem):      # asked for: any size that one binding holds
+        raise GPUError(f"attention dq from a stored dS needs {nbytes} bytes in one binding (this device binds at "
+                       f"most {binding})" + (f" and {problem}" if problem else "")
+                       + ": use dq='recompute' or a smaller batch")
     if dq == "auto":
-        dq = "ds" if fits and not problem else "recompute"
+        dq = "ds" if nbytes <= min(binding, DS_MAX_BYTES) and not problem else "recompute"
     return dq
 
 
