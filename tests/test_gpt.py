@@ -389,3 +389,15 @@ def test_cached_generation_matches_full_forward(model):
     out = wait(model.generate(u32(seq[:5]), 4, temperature=0))
     assert out[0] == int(np.argmax(full[4, :V]))
     assert len(out) == 4 and all(0 <= t < V for t in out)
+
+
+def test_attention_stores_ds_only_where_there_is_a_backward(dev):
+    # Training ops keep the attention backward's dS for the dq pass (it fits here); forward-only ops (prompt
+    # prefill) allocate none.
+    from tabgpt.config import preset
+    from tabgpt.gpt import Ops
+    cfg = preset("tiny")
+    train = wait(Ops.create(dev, cfg, 2, 16))
+    prompt = wait(Ops.create(dev, cfg, 1, 16, backward=False, head=False))
+    assert train.attn.dq == "ds" and train.attn.ds is not None
+    assert prompt.attn.dq == "recompute" and prompt.attn.ds is None
