@@ -237,6 +237,13 @@ def test_dq_mode_follows_the_binding_limit_and_refuses_what_does_not_fit(dev, mo
     assert attention_op.dq_mode(dev, 2, 1024, 4, 16, "recompute") == "recompute"
     monkeypatch.setenv("TABGPT_ATTENTION_DQ", "recompute")
     assert attention_op.dq_mode(dev, 2, 1024, 4, 16) == "recompute"
+    monkeypatch.setenv("TABGPT_ATTENTION_DQ_ROWS", "8")
+    assert attention_op.dq_ds_shape(64, dev.limits) == (8, "")
+    monkeypatch.setenv("TABGPT_ATTENTION_DQ_ROWS", "eight")
+    with pytest.raises(gpu.GPUError, match="4 or 8 query rows per thread .* got 'eight'"):
+        attention_op.dq_ds_shape(64, dev.limits)
+    monkeypatch.delenv("TABGPT_ATTENTION_DQ_ROWS")
+    assert attention_op.dq_ds_shape(64, dev.limits) == (4, "")
     monkeypatch.setenv("TABGPT_ATTENTION_DQ", "fast")
     with pytest.raises(gpu.GPUError, match="auto, ds or recompute"):
         attention_op.dq_mode(dev, 2, 1024, 4, 16)

@@ -139,9 +139,12 @@ def dq_ds_shape(hs: int, limits: dict, rows: int | None = None) -> tuple[int, st
     DQ_ROWS), so that (QB / RQ) x hs/4 threads fit the device, and why it cannot run here ("" if it can)."""
     h4 = hs // 4
     max_threads = min(limits["max-compute-invocations-per-workgroup"], limits["max-compute-workgroup-size-x"])
-    rows = rows or int(os.environ.get("TABGPT_ATTENTION_DQ_ROWS", "0") or 0) or None   # benchmarks' A/B
+    if rows is None:                                   # TABGPT_ATTENTION_DQ_ROWS: benchmarks' A/B
+        env = os.environ.get("TABGPT_ATTENTION_DQ_ROWS", "")
+        rows = int(env) if env.isdigit() else None if env == "" else env
     if rows not in (None, 4, 8):
-        raise GPUError(f"attention_backward_dq_ds takes 4 or 8 query rows per thread, got {rows}")
+        raise GPUError(f"attention_backward_dq_ds takes 4 or 8 query rows per thread (dq_rows or "
+                       f"TABGPT_ATTENTION_DQ_ROWS), got {rows!r}")
     for rq in (rows,) if rows else DQ_ROWS:
         if (DQ_QB // rq) * h4 <= max_threads:
             smem = 16 * DQ_KS * (h4 + DQ_QB // 4)
