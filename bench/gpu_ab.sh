@@ -2,7 +2,7 @@
 # A/B on the GPU machine: the working tree ("new") against a copy of an earlier commit in .dev/base ("base"),
 # one process after the other in one lease, each with a fresh autotune file (as a new user's first run).
 # Prepare the base here:  rm -rf .dev/base && mkdir -p .dev/base && git archive BASE pkg shaders bench | tar -x -C .dev/base
-# then carry .gl, .whl and .dev:  bash bench/gpu_ab.sh [check|train|attention|gpt2|matmul|all]
+# then carry .gl, .whl and .dev:  bash bench/gpu_ab.sh [check|train|attention|gpt2|matmul|profile|all]
 # ALT="NAME=value" adds a third arm to `train`: the working tree with that environment variable set.
 set -uo pipefail
 source bench/h100_env.sh
