@@ -155,22 +155,24 @@ def dq_ds_shape(hs: int, limits: dict, rows: int | None = None) -> tuple[int, st
     return rq, f"{(DQ_QB // rq) * h4} threads"
 
 
-def dq_mode(dev: Device, B: int, T: int, n_head: int, hs: int, dq: str = "auto") -> str:
+def dq_mode(dev: Device, B: int, T: int, n_head: int, hs: int, dq: str = "auto", rows: int | None = None) -> str:
     """How the backward makes dQ: "ds" (dkv stores dS, attention_backward_dq_ds multiplies it by K: one product
-    instead of four) where the (B, NH, T, T) dS fits a binding and DS_MAX_BYTES, else "recompute"
-    (attention_backward_dq recomputes S, P, dP and dS per query block). TABGPT_ATTENTION_DQ overrides "auto";
-    "ds" asked for by name takes any size one binding holds (DS_MAX_BYTES only bounds what "auto" spends)."""
+    instead of four) where the (B, NH, T, T) dS fits a binding and DS_MAX_BYTES and the kernel's workgroup (with
+    `rows` query rows per thread, dq_ds_shape) fits the device, else "recompute" (attention_backward_dq recomputes
+    S, P, dP and dS per query block). TABGPT_ATTENTION_DQ overrides "auto"; "ds" asked for by name takes any size
+    one binding holds (DS_MAX_BYTES only bounds what "auto" spends)."""
     if dq == "auto":
         dq = os.environ.get("TABGPT_ATTENTION_DQ", "auto")
     if dq not in ("auto", "ds", "recompute"):
         raise GPUError(f"the attention dq mode must be auto, ds or recompute, got {dq!r}")
     nbytes = 4 * B * n_head * T * T
     binding = dev.limits["max-storage-buffer-binding-size"]
-    problem = dq_ds_shape(hs, dev.limits)[1]
+    rq, problem = dq_ds_shape(hs, dev.limits, rows)
     if dq == "ds" and (nbytes > binding or problem):      # asked for: any size that one binding holds
-        raise GPUError(f"attention dq from a stored dS needs {nbytes} bytes in one binding (this device binds at "
-                       f"most {binding})" + (f" and {problem}" if problem else "")
-                       + ": use dq='recompute' or a smaller batch")
+        why = [f"{nbytes} bytes of dS in one binding, where this device binds at most {binding}: use a smaller "
+               "batch"] if nbytes > binding else []
+        why += [f"{problem} with {rq} query rows per thread"] if problem else []
+        raise GPUError("attention dq from a stored dS does not fit: " + "; ".join(why) + "; or use dq='recompute'")
     if dq == "auto":
         dq = "ds" if nbytes <= min(binding, DS_MAX_BYTES) and not problem else "recompute"
     return dq
@@ -201,7 +203,8 @@ class Attention:
         prefetch=True reads the next streamed tile into registers during the current one (override PREFETCH,
         same results) in each kernel whose tile allows it (prefetch_problem; the others load as without).
         dq: "auto", "ds" or "recompute" (dq_mode): how the backward makes dQ; both give the same values.
-        dq_rows: attention_backward_dq_ds's query rows per thread (4 or 8; benchmarks), else dq_ds_shape's."""
+        dq_rows: attention_backward_dq_ds's query rows per thread (4 or 8; benchmarks), else dq_ds_shape's; with
+        dq "auto", rows that do not fit the device mean "recompute"."""
         if n_head <= 0 or C % n_head or (C // n_head) % 4:
             raise GPUError(f"attention needs C (n_embd) divisible by n_head and a head size that is a multiple "
                            f"of 4, got C={C}, n_head={n_head}")
@@ -213,7 +216,7 @@ class Attention:
         if 4 * B * T * 3 * C > dev.limits["max-storage-buffer-binding-size"]:
             raise GPUError(f"attention: qkv of {4 * B * T * 3 * C} bytes exceeds this device's storage binding "
                            "limit; use a smaller batch")
-        dq = dq_mode(dev, B, T, n_head, hs, dq)
+        dq = dq_mode(dev, B, T, n_head, hs, dq, dq_rows)
         kernels, chosen, prefetched = {}, {}, {}
         for entry in ENTRIES:
             t = (tiles or {}).get(entry) or pick_tile(entry, hs, T, dev.limits)
@@ -231,9 +234,7 @@ class Attention:
                 **({"STORE_DS": True} if dq == "ds" and entry == "attention_backward_dkv" else {})})
         ds = no_ds = None
         if dq == "ds":
-            rq, problem = dq_ds_shape(hs, dev.limits, dq_rows)
-            if problem:
-                raise GPUError(f"attention_backward_dq_ds with {rq} rows per thread: {problem}")
+            rq = dq_ds_shape(hs, dev.limits, dq_rows)[0]          # dq_mode found that it fits
             kernels["attention_backward_dq_ds"] = await dev.kernel(FILE, "attention_backward_dq_ds", constants={
                 "HS": hs, "QB": DQ_QB, "RQ": rq, "KS": DQ_KS, "SMV": DQ_KS * (hs // 4 + DQ_QB // 4), "SMS": 1})
             ds = dev.buffer(4 * B * n_head * T * T, "attention-ds")
