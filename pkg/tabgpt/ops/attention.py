@@ -131,7 +131,7 @@ def pick_tile(entry: str, hs: int, T: int, limits: dict, rpt: int | None = None)
 DQ_QB = 64                    # attention_backward_dq_ds: queries per workgroup
 DQ_KS = 16                    #   keys per staged step
 DQ_ROWS = (4, 8)              #   query rows per thread, the first whose threads fit
-DS_MAX_BYTES = 512 << 20      # "auto" stores dS up to this size (and the binding limit): GPT-2 small at T = 1024 (402 MB)
+DS_MAX_BYTES = 512 << 20      # "auto" stores dS up to this size (and the binding limit): GPT-2 small, T = 1024: 402 MB
 
 
 def dq_ds_shape(hs: int, limits: dict, rows: int | None = None) -> tuple[int, str]:
