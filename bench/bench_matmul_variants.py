@@ -14,6 +14,10 @@ The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK
             them, waiting for the reads before the products)
   select    the global reads unconditional at a clamped index, zeros chosen by select() (no predicated load)
   a+b       one variant applied to another, e.g. wrap+unroll2, fence+literal
+  f16       (needs shader-f16; 8x8 outputs per thread) the tiles in workgroup memory as f16 and each slice's
+            products as vec2<f16> fma chains (two FMAs per instruction where the GPU pairs them), added into the
+            f32 accumulators after every slice: f16 arithmetic with f32 accumulation across slices. On an H200
+            such an fma issues at half the f32 rate (bench_peak.py --f16), and this form was 7-9% slower.
   nobarrier diagnostic, wrong results: no workgroupBarrier() in the loop over slices (what the barriers cost)
   noglobal  diagnostic, wrong results: the slices' global-memory reads replaced by a constant (what they cost)
   frag      (for kernels that read a row's tile values at the top of its iteration) the next row's values
@@ -73,9 +77,44 @@ def variant(src: str, name: str, bk: int = 8) -> str:
     return src
 
 
+def f16_variant(src: str) -> str:
+    """The f16 form (module docstring): tiles as vec4<f16>, h[4 r + q] (row r of 8, column pair q of 4) as
+    vec2<f16> chains over a slice, added into acc[2 r + q / 2] after it. For TM = TN = 8 only."""
+    def sub(old, new, count=1):
+        nonlocal src
+        if src.count(old) < count:
+            raise ValueError(f"f16: {old!r} not in the kernel")
+        src = src.replace(old, new)
+    src = "enable f16;\n" + src
+    for t in ("as_tile", "bs_tile"):
+        sub(f"var<workgroup> {t}: array<vec4<f32>,", f"var<workgroup> {t}: array<vec4<f16>,")
+        sub(f"{t}[o + v] = x;", f"{t}[o + v] = vec4<f16>(x);")
+    src = re.sub(r"((?:as|bs)_tile\[o \+ [^\]]*\]\[base % 4u\]) = x\.([xyzw]);", r"\1 = f16(x.\2);", src)
+    for v in ("f_a_hi", "f_b_hi", "f_b_2", "f_b_3"):
+        sub(f"var {v} = vec4(0.0);", f"var {v} = vec4<f16>(0.0);")
+    sub("            if (FENCE) { acc[0] = outer4(acc[0], a_lo.x, b_lo); }\n", "")
+    i = src.index("            if (!FENCE) { acc[0] = outer4(acc[0], a_lo.x, b_lo); }")
+    j = src.index("            if (bias_thread) {")
+    rows = ("a_lo.x", "a_lo.y", "a_lo.z", "a_lo.w", "a_hi.x", "a_hi.y", "a_hi.z", "a_hi.w")
+    pairs = ("b_lo.xy", "b_lo.zw", "b_hi.xy", "b_hi.zw")
+    fmas = "".join(f"            h[{4 * r + q}] = fma(vec2<f16>({a}), {b}, h[{4 * r + q}]);\n"
+                   for r, a in enumerate(rows) for q, b in enumerate(pairs))
+    src = src[:i] + "            if (TM != 8u || TN != 8u) { return; }\n" + fmas + src[j:]
+    for k in range(4):
+        sub(f"bsum{k} += b_{('lo', 'hi', '2', '3')[k]};", f"bsum{k} += vec4<f32>(b_{('lo', 'hi', '2', '3')[k]});")
+    src = re.sub(r"outer4\((acc\[\d+\]), (a_(?:lo|hi)\.[xyzw]), (b_[23])\)", r"outer4(\1, f32(\2), vec4<f32>(\3))", src)
+    sub("    var acc: array<vec4<f32>, 32>;\n", "    var acc: array<vec4<f32>, 32>;\n    var h: array<vec2<f16>, 32>;\n")
+    flush = "".join(f"        acc[{2 * r + q}] += vec4<f32>(vec2<f32>(h[{4 * r + 2 * q}]), vec2<f32>(h[{4 * r + 2 * q + 1}]));\n"
+                    for r in range(8) for q in range(2))
+    k = src.index("        if (DB) {\n            // Slice i+1 into the other copy")
+    return src[:k] + flush + "        h = array<vec2<f16>, 32>();\n" + src[k:]
+
+
 def one_variant(src: str, name: str, bk: int) -> str:
     if name == "base":
         return src
+    if name == "f16":
+        return f16_variant(src)
     if name in ("guarded", "fence"):
         old, new = {"guarded": ("        if (PREFETCH) {\n            pa0 = fetch_a(m0, k1, va.x);",
                                 "        if (PREFETCH && k1 < k_end) {\n            pa0 = fetch_a(m0, k1, va.x);"),

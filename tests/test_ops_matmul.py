@@ -7,6 +7,7 @@ results run to run, and between the PREFETCH kernel and its DOUBLE_BUFFER varian
 the length and size of each dot product (f32 rounding of K terms is about sqrt(K) * 6e-8 of it).
 """
 
+import gc
 import json
 import re
 
@@ -859,3 +860,40 @@ def test_autotune_times_every_split_count_for_the_fastest_shapes(dev, tune_cache
     matmul._tuned.pop(dev, None)
     got, ref, scale, mm = product(dev, "nn", 64, 96, 512, seed=9, tiles=tiles, splits=splits)
     assert_product("the tuned split count", got, ref, scale)
+
+
+def test_autotune_times_every_split_count_up_to_the_fine_limit(dev, tune_cache, monkeypatch):
+    # After TUNE_SPLITS, the fastest shape is timed with every other count up to TUNE_FINE_SPLITS (the count that
+    # fills the GPU's last wave of workgroups), within slices of at least 128.
+    from tabgpt.ops import matmul
+    monkeypatch.setattr(matmul, "TUNE_REFINE", [])
+    monkeypatch.setattr(matmul, "TUNE_SPLITS", (1, 2))
+    timed = {}
+    for fine, K in ((0, 512), (4, 512), (8, 384)):
+        matmul._tuned.pop(dev, None)
+        monkeypatch.setattr(matmul, "TUNE_FINE_SPLITS", fine)
+        tiles, splits = wait(matmul.autotune(dev, 64, 96, K, "nn", candidates=[dict(TILES_MEDIUM)], persist=False))
+        assert splits in range(1, max(2, fine) + 1) and splits <= K // 128
+        timed[fine] = int(re.search(r"of (\d+) timed", dev.tune_log[-1]).group(1))
+    # the default count (1 on a CPU adapter) and 2; then 3 and 4; K = 384 allows 3 slices at most
+    assert timed == {0: 2, 4: 4, 8: 3}, timed
+    key = matmul._adapter_key(dev)
+    monkeypatch.setattr(matmul, "TUNE_FINE_SPLITS", 32)
+    assert matmul._adapter_key(dev) != key                 # a tune file made with another limit is tuned again
+    # beyond TUNE_SPLITS, counts whose scratch would pass TUNE_FINE_SCRATCH are not timed: 3 x 64 x 96 floats fit
+    monkeypatch.setattr(matmul, "TUNE_FINE_SCRATCH", 4 * 3 * 64 * 96)
+    matmul._tuned.pop(dev, None)
+    wait(matmul.autotune(dev, 64, 96, 1024, "nn", candidates=[dict(TILES_MEDIUM)], persist=False))
+    assert int(re.search(r"of (\d+) timed", dev.tune_log[-1]).group(1)) == 3     # counts 1, 2 and 3
+
+
+def test_split_k_scratch_is_shared_while_used_and_freed_after(dev):
+    from tabgpt.ops import matmul
+    a = wait(Matmul.create(dev, 64, 96, 512, "nn", tiles=dict(TILES_MEDIUM), splits=4))
+    b = wait(Matmul.create(dev, 64, 96, 512, "nn", tiles=dict(TILES_MEDIUM), splits=2))
+    assert a.scratch is not None and b.scratch is a.scratch            # the smaller need reuses the larger buffer
+    pool = matmul._scratch[dev]
+    assert list(pool.values()) == [a.scratch]
+    del a, b
+    gc.collect()
+    assert len(pool) == 0                                            # nothing held once no product uses it

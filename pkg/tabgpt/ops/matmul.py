@@ -93,18 +93,19 @@ def default_splits(dev: Device, workgroups: int, K: int) -> int:
     return max(1, min(SPLIT_TARGET // max(1, workgroups), K // 256, 16))
 
 
-_scratch: "weakref.WeakKeyDictionary[Device, dict]" = weakref.WeakKeyDictionary()
+_scratch: "weakref.WeakKeyDictionary[Device, weakref.WeakValueDictionary]" = weakref.WeakKeyDictionary()
 
 
 def shared_scratch(dev: Device, nbytes: int) -> Buffer:
     """A split-K scratch buffer of at least nbytes: every product of a sequence runs one after another, so the
-    products of all layers share one (the smallest that is large enough, else a new one)."""
-    pool = _scratch.setdefault(dev, {})
+    products of all layers share one (the smallest that is large enough, else a new one). The pool holds them
+    weakly: a buffer lives as long as a product that uses it (the autotuner's trial products free theirs)."""
+    pool = _scratch.setdefault(dev, weakref.WeakValueDictionary())
     fits = [size for size in pool if size >= nbytes]
     if fits:
         return pool[min(fits)]
-    pool[nbytes] = dev.buffer(nbytes, "matmul-split-k")
-    return pool[nbytes]
+    buf = pool[nbytes] = dev.buffer(nbytes, "matmul-split-k")
+    return buf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +139,12 @@ TUNE_REFINE = [{"FENCE": True}]
 # the product's shape alone does not tell.
 TUNE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
 TUNE_SPLIT_SHAPES = 2
+# Then the fastest shape with every other count up to TUNE_FINE_SPLITS: the count whose workgroups fill the GPU's
+# last wave (blocks x count just under a multiple of the workgroups it runs at once, which WebGPU does not tell)
+# is found by timing. On an H200 the browser preset's weight gradients, 36 or 9 blocks of 128 x 128, ran 7 and 29
+# slices 5-30% faster than the best count of TUNE_SPLITS (bench/results/h200/run9_splits.txt).
+TUNE_FINE_SPLITS = 32
+TUNE_FINE_SCRATCH = 256 * 2**20   # beyond TUNE_SPLITS, only counts whose scratch (slices x M x N f32) fits this
 TUNE_MIN_FLOPS = 1e9      # smaller products (decoding, short prompts) keep the defaults
 TUNE_SECONDS = 0.01       # time per timed submission of one candidate (shorter ones misranked on an H100)
 TUNE_TRIALS = 3
@@ -166,7 +173,8 @@ def autotune_enabled(dev: Device, flops: float | None = None) -> bool:
 def _adapter_key(dev: Device) -> str:
     i = dev.info
     # The candidates' fingerprint: a file tuned among other candidates is tuned again.
-    cands = hashlib.sha1(json.dumps([TUNE_TILES, TUNE_REFINE, TUNE_SPLITS, TUNE_SPLIT_SHAPES],
+    cands = hashlib.sha1(json.dumps([TUNE_TILES, TUNE_REFINE, TUNE_SPLITS, TUNE_SPLIT_SHAPES, TUNE_FINE_SPLITS,
+                                     TUNE_FINE_SCRATCH],
                                     sort_keys=True).encode()).hexdigest()[:8]
     return " / ".join(str(i.get(k, "")) for k in ("vendor", "device", "description", "backend_type")) + \
         f" / checks {getattr(dev, 'shader_checks', 'all')} / candidates {cands}"
@@ -257,17 +265,28 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
             except GPUError:
                 continue
             await time_one(refined, None)
-    # split-K: every count of TUNE_SPLITS for the fastest few tile shapes (each timed so far at its default count)
-    shapes = []
-    for _, t, _ in sorted(results, key=lambda r: r[0]):
-        if t not in shapes:
-            shapes.append(t)
-    max_splits = min(16, max(1, K // 128))
-    for t in shapes[:TUNE_SPLIT_SHAPES]:
+    # split-K: every count of TUNE_SPLITS for the fastest few tile shapes (each timed so far at its default count),
+    # then every count up to TUNE_FINE_SPLITS for the fastest of all; slices at least 128 long
+    def fastest_shapes():
+        shapes = []
+        for _, t, _ in sorted(results, key=lambda r: r[0]):
+            if t not in shapes:
+                shapes.append(t)
+        return shapes
+
+    async def time_splits(t, counts):
+        # the most slices first: the later, smaller scratch buffers fit in its (shared_scratch)
         done = {s for _, u, s in results if u == t}
-        for s in TUNE_SPLITS:
-            if s <= max_splits and s not in done:
-                done.add(await time_one(dict(t), s))
+        for s in sorted(counts, reverse=True):
+            if s > max(TUNE_SPLITS) and 4 * s * (M + bias_row) * N > TUNE_FINE_SCRATCH:
+                continue
+            if s <= max(1, K // 128) and s not in done:
+                done.add(s)
+                done.add(await time_one(dict(t), s))      # the count Matmul.create kept (memory may cap it)
+
+    for t in fastest_shapes()[:TUNE_SPLIT_SHAPES]:
+        await time_splits(t, TUNE_SPLITS)
+    await time_splits(fastest_shapes()[0], range(1, TUNE_FINE_SPLITS + 1))
     best, tiles, splits = min(results, key=lambda r: r[0])
     choices[key] = [tiles, splits]
     if persist and dev.backend == "wgpu-native":
