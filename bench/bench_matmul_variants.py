@@ -18,6 +18,10 @@ The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK
             products as vec2<f16> fma chains (two FMAs per instruction where the GPU pairs them), added into the
             f32 accumulators after every slice: f16 arithmetic with f32 accumulation across slices. On an H200
             such an fma issues at half the f32 rate (bench_peak.py --f16), and this form was 7-9% slower.
+  rowmajor, colmajor, grouped, reverse  (8x8 outputs per thread) the row's 16 outer products in another order
+            (shaders/matmul.wgsl: rowmajor; before 2026-12-03: grouped, column group by column group of each row
+            half): each accumulator's chain is unchanged (bit-identical results), but NVIDIA's compiler assigns
+            registers and schedules by the order it is given (FENCE moved single products by up to 16 points)
   nobarrier diagnostic, wrong results: no workgroupBarrier() in the loop over slices (what the barriers cost)
   noglobal  diagnostic, wrong results: the slices' global-memory reads replaced by a constant (what they cost)
   frag      (for kernels that read a row's tile values at the top of its iteration) the next row's values
@@ -110,9 +114,32 @@ def f16_variant(src: str) -> str:
     return src[:k] + flush + "        h = array<vec2<f16>, 32>();\n" + src[k:]
 
 
+ORDERS = {   # acc index 2 i + q: row i (0-3: a_lo.xyzw, 4-7: a_hi.xyzw), column group q (0: b_lo, 1: b_hi)
+    "rowmajor": [2 * i + q for i in range(8) for q in range(2)],
+    "colmajor": [2 * i + q for q in range(2) for i in range(8)],
+    "grouped": [2 * i + q for half in (0, 4) for q in range(2) for i in range(half, half + 4)],
+    "reverse": [2 * i + q for i, q in reversed([(i, q) for half in (0, 4) for q in range(2) for i in range(half, half + 4)])],
+}
+
+
+def order_variant(src: str, name: str) -> str:
+    """The row's outer products of an 8x8-per-thread kernel in ORDERS[name] (FENCE's first one stays first)."""
+    i = src.index("            if (!FENCE) { acc[0] = outer4(acc[0], a_lo.x, b_lo); }")
+    j = src.index("            if (bias_thread) {")
+    calls = []
+    for n in ORDERS[name]:
+        r, q = divmod(n, 2)
+        a = ("a_lo", "a_hi")[r // 4] + "." + "xyzw"[r % 4]
+        call = f"acc[{n}] = outer4(acc[{n}], {a}, {('b_lo', 'b_hi')[q]});"
+        calls.append(f"            if (!FENCE) {{ {call} }}\n" if n == 0 else f"            {call}\n")
+    return src[:i] + "            if (TM != 8u || TN != 8u) { return; }\n" + "".join(calls) + src[j:]
+
+
 def one_variant(src: str, name: str, bk: int) -> str:
     if name == "base":
         return src
+    if name in ORDERS:
+        return order_variant(src, name)
     if name == "f16":
         return f16_variant(src)
     if name in ("guarded", "fence"):
