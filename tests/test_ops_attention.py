@@ -203,10 +203,10 @@ def test_attention_memory_is_linear_in_T_when_dq_is_recomputed(dev):
 
 
 @pytest.mark.parametrize("B,T,C,NH", [(3, 37, 72, 3), (2, 130, 48, 3), (1, 1, 32, 2), (2, 67, 128, 2),
-                                      (1, 40, 256, 2), (2, 64, 24, 1)])
+                                      (1, 40, 256, 2), (2, 64, 24, 1), (2, 23, 40, 2), (1, 70, 124, 1)])
 def test_dq_from_stored_ds_matches_the_recomputed_dq(dev, B, T, C, NH):
     # The same dS values and the same fma chain over the keys in order: dQ equal to attention_backward_dq's (hs
-    # 24, 64, 128: 4 and 8 query rows per thread), dK and dV unchanged, and both against the reference.
+    # 20, 24, 64, 124, 128: 4 and 8 query rows per thread), dK and dV unchanged, and both against the reference.
     qkv, dout = inputs(B, T, C, seed=T)
     runs = {m: run_attention(dev, B, T, C, NH, qkv, dout, dq=m) for m in ("recompute", "ds")}
     (_, _, d_rec), (_, _, d_ds) = runs["recompute"], runs["ds"]
