@@ -105,11 +105,14 @@ def f16_variant(src: str) -> str:
                    for r, a in enumerate(rows) for q, b in enumerate(pairs))
     src = src[:i] + "            if (TM != 8u || TN != 8u) { return; }\n" + fmas + src[j:]
     for k in range(4):
-        sub(f"bsum{k} += b_{('lo', 'hi', '2', '3')[k]};", f"bsum{k} += vec4<f32>(b_{('lo', 'hi', '2', '3')[k]});")
-    src = re.sub(r"outer4\((acc\[\d+\]), (a_(?:lo|hi)\.[xyzw]), (b_[23])\)", r"outer4(\1, f32(\2), vec4<f32>(\3))", src)
-    sub("    var acc: array<vec4<f32>, 32>;\n", "    var acc: array<vec4<f32>, 32>;\n    var h: array<vec2<f16>, 32>;\n")
-    flush = "".join(f"        acc[{2 * r + q}] += vec4<f32>(vec2<f32>(h[{4 * r + 2 * q}]), vec2<f32>(h[{4 * r + 2 * q + 1}]));\n"
-                    for r in range(8) for q in range(2))
+        b = ("b_lo", "b_hi", "b_2", "b_3")[k]
+        sub(f"bsum{k} += {b};", f"bsum{k} += vec4<f32>({b});")
+    src = re.sub(r"outer4\((acc\[\d+\]), (a_(?:lo|hi)\.[xyzw]), (b_[23])\)",    # TN = 16 code, unused here
+                 r"outer4(\1, f32(\2), vec4<f32>(\3))", src)
+    acc = "    var acc: array<vec4<f32>, 32>;\n"
+    sub(acc, acc + "    var h: array<vec2<f16>, 32>;\n")
+    flush = "".join(f"        acc[{2 * r + q}] += vec4<f32>(vec2<f32>(h[{4 * r + 2 * q}]), "
+                    f"vec2<f32>(h[{4 * r + 2 * q + 1}]));\n" for r in range(8) for q in range(2))
     k = src.index("        if (DB) {\n            // Slice i+1 into the other copy")
     return src[:k] + flush + "        h = array<vec2<f16>, 32>();\n" + src[k:]
 
@@ -118,8 +121,8 @@ ORDERS = {   # acc index 2 i + q: row i (0-3: a_lo.xyzw, 4-7: a_hi.xyzw), column
     "rowmajor": [2 * i + q for i in range(8) for q in range(2)],
     "colmajor": [2 * i + q for q in range(2) for i in range(8)],
     "grouped": [2 * i + q for half in (0, 4) for q in range(2) for i in range(half, half + 4)],
-    "reverse": [2 * i + q for i, q in reversed([(i, q) for half in (0, 4) for q in range(2) for i in range(half, half + 4)])],
 }
+ORDERS["reverse"] = ORDERS["grouped"][::-1]
 
 
 def order_variant(src: str, name: str) -> str:

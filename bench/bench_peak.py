@@ -31,8 +31,8 @@ CHAINS = 16
 def source(f16: bool = False) -> str:
     """The kernel: f32 chains, or vec2<f16> chains (each fma two FMAs) that end in an f32 sum."""
     t = "vec2<f16>" if f16 else "f32"
-    init = "".join(f"    var c{j} = {t}(f16((i + {j}u) & 1023u) * 1e-4h);\n" if f16 else f"    var c{j} = f32(i + {j}u) * 1e-7;\n"
-                   for j in range(CHAINS))
+    init = "".join(f"    var c{j} = {t}(f16((i + {j}u) & 1023u) * 1e-4h);\n" if f16
+                   else f"    var c{j} = f32(i + {j}u) * 1e-7;\n" for j in range(CHAINS))
     total = " + ".join(f"c{j}" for j in range(CHAINS))
     return ("enable f16;\n" if f16 else "") + """
 struct P { iters: u32, _a: u32, _b: u32, _c: u32 }

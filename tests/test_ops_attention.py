@@ -229,6 +229,19 @@ def test_dq_from_stored_ds_with_eight_rows_per_thread(dev, B, T, C, NH):
         wait(Attention.create(dev, B=1, T=8, C=256, n_head=2, dq="ds", dq_rows=4))
 
 
+def test_the_pages_memory_estimate_counts_the_stored_ds_where_auto_keeps_it(monkeypatch):
+    # Config.gpu_bytes_estimate (the page's figure) asks the same rule as dq_mode, at WebGPU's default binding.
+    from tabgpt.config import preset
+    small, big = preset("browser"), preset("browser", batch_size=128)       # dS 48 MiB, 192 MiB
+    with_ds = [small.gpu_bytes_estimate(), big.gpu_bytes_estimate()]
+    assert attention_op.ds_bytes(32, 6, 256) == 48 << 20
+    assert attention_op.ds_by_default(32, 6, 256, 128 << 20)
+    assert not attention_op.ds_by_default(128, 6, 256, 128 << 20)
+    monkeypatch.setattr(attention_op, "DS_MAX_BYTES", 0)                   # nothing stored: dS drops out
+    assert with_ds[0] - small.gpu_bytes_estimate() == 48 << 20
+    assert with_ds[1] == big.gpu_bytes_estimate()
+
+
 def test_dq_mode_follows_the_binding_limit_and_refuses_what_does_not_fit(dev, monkeypatch):
     assert attention_op.dq_mode(dev, 2, 1024, 4, 16) == "ds"                     # 32 MiB of dS
     assert attention_op.dq_mode(dev, 8, 2048, 4, 16) == "recompute"              # 512 MiB: over the limits

@@ -155,6 +155,17 @@ def dq_ds_shape(hs: int, limits: dict, rows: int | None = None) -> tuple[int, st
     return rq, f"{(DQ_QB // rq) * h4} threads"
 
 
+def ds_bytes(B: int, n_head: int, T: int) -> int:
+    """Bytes of the stored dS (B, n_head, T, T) f32."""
+    return 4 * B * n_head * T * T
+
+
+def ds_by_default(B: int, n_head: int, T: int, binding: int) -> bool:
+    """Whether "auto" stores dS as far as its size goes: within one binding of `binding` bytes and DS_MAX_BYTES
+    (dq_mode also asks that the dq kernel's workgroup fits the device)."""
+    return ds_bytes(B, n_head, T) <= min(binding, DS_MAX_BYTES)
+
+
 def dq_mode(dev: Device, B: int, T: int, n_head: int, hs: int, dq: str = "auto", rows: int | None = None) -> str:
     """How the backward makes dQ: "ds" (dkv stores dS, attention_backward_dq_ds multiplies it by K: one product
     instead of four) where the (B, NH, T, T) dS fits a binding and DS_MAX_BYTES and the kernel's workgroup (with
@@ -165,7 +176,7 @@ def dq_mode(dev: Device, B: int, T: int, n_head: int, hs: int, dq: str = "auto",
         dq = os.environ.get("TABGPT_ATTENTION_DQ", "auto")
     if dq not in ("auto", "ds", "recompute"):
         raise GPUError(f"the attention dq mode must be auto, ds or recompute, got {dq!r}")
-    nbytes = 4 * B * n_head * T * T
+    nbytes = ds_bytes(B, n_head, T)
     binding = dev.limits["max-storage-buffer-binding-size"]
     rq, problem = dq_ds_shape(hs, dev.limits, rows)
     if dq == "ds" and (nbytes > binding or problem):      # asked for: any size that one binding holds
@@ -174,7 +185,7 @@ def dq_mode(dev: Device, B: int, T: int, n_head: int, hs: int, dq: str = "auto",
         why += [f"{problem} with {rq} query rows per thread"] if problem else []
         raise GPUError("attention dq from a stored dS does not fit: " + "; ".join(why) + "; or use dq='recompute'")
     if dq == "auto":
-        dq = "ds" if nbytes <= min(binding, DS_MAX_BYTES) and not problem else "recompute"
+        dq = "ds" if ds_by_default(B, n_head, T, binding) and not problem else "recompute"
     return dq
 
 
