@@ -101,9 +101,9 @@ def shared_scratch(dev: Device, nbytes: int) -> Buffer:
     products of all layers share one (the smallest that is large enough, else a new one). The pool holds them
     weakly: a buffer lives as long as a product that uses it (the autotuner's trial products free theirs)."""
     pool = _scratch.setdefault(dev, weakref.WeakValueDictionary())
-    fits = [size for size in pool if size >= nbytes]
+    fits = [(size, buf) for size, buf in pool.items() if size >= nbytes]     # strong references from here on
     if fits:
-        return pool[min(fits)]
+        return min(fits, key=lambda f: f[0])[1]
     buf = pool[nbytes] = dev.buffer(nbytes, "matmul-split-k")
     return buf
 
