@@ -134,6 +134,11 @@ DQ_ROWS = (4, 8)              #   query rows per thread, the first whose threads
 DS_MAX_BYTES = 512 << 20      # "auto" stores dS up to this size (and the binding limit): GPT-2 small, T = 1024: 402 MB
 
 
+def dq_ds_vec4s(hs: int) -> int:
+    """attention_backward_dq_ds's workgroup memory in vec4s (SMV): KS staged keys of K rows and of dS rows."""
+    return DQ_KS * (hs // 4 + DQ_QB // 4)
+
+
 def dq_ds_shape(hs: int, limits: dict, rows: int | None = None) -> tuple[int, str]:
     """(RQ, problem) of attention_backward_dq_ds at head size hs: query rows per thread (rows, or the fewest of
     DQ_ROWS), so that (QB / RQ) x hs/4 threads fit the device, and why it cannot run here ("" if it can)."""
@@ -147,7 +152,7 @@ def dq_ds_shape(hs: int, limits: dict, rows: int | None = None) -> tuple[int, st
                        f"TABGPT_ATTENTION_DQ_ROWS), got {rows!r}")
     for rq in (rows,) if rows else DQ_ROWS:
         if (DQ_QB // rq) * h4 <= max_threads:
-            smem = 16 * DQ_KS * (h4 + DQ_QB // 4)
+            smem = 16 * dq_ds_vec4s(hs)
             if smem > limits["max-compute-workgroup-storage-size"]:
                 return rq, f"{smem} bytes of workgroup memory"
             return rq, ""
@@ -247,8 +252,8 @@ class Attention:
         if dq == "ds":
             rq = dq_ds_shape(hs, dev.limits, dq_rows)[0]          # dq_mode found that it fits
             kernels["attention_backward_dq_ds"] = await dev.kernel(FILE, "attention_backward_dq_ds", constants={
-                "HS": hs, "QB": DQ_QB, "RQ": rq, "KS": DQ_KS, "SMV": DQ_KS * (hs // 4 + DQ_QB // 4), "SMS": 1})
-            ds = dev.buffer(4 * B * n_head * T * T, "attention-ds")
+                "HS": hs, "QB": DQ_QB, "RQ": rq, "KS": DQ_KS, "SMV": dq_ds_vec4s(hs), "SMS": 1})
+            ds = dev.buffer(ds_bytes(B, n_head, T), "attention-ds")
         else:
             no_ds = dev.buffer(16, "attention-no-ds")
         kernels["attention_backward_delta"] = await dev.kernel(FILE, "attention_backward_delta", constants={"HS": hs})
