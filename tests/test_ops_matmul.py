@@ -809,6 +809,11 @@ def test_autotune_falls_back_to_the_default_when_no_candidate_fits(dev, tune_cac
     assert tiles == default_tiles(dev, 64, 96, 40) and splits >= 1
 
 
+def timed_candidates(dev) -> int:
+    """How many candidates the last autotune timed (its tune_log line)."""
+    return int(re.search(r"of (\d+) timed", dev.tune_log[-1]).group(1))
+
+
 def test_autotune_times_the_fastest_shape_again_with_each_refinement(dev, tune_cache, monkeypatch):
     # After the candidates, the fastest is timed once more with each change in TUNE_REFINE (FENCE), then split-K.
     from tabgpt.ops import matmul
@@ -818,7 +823,7 @@ def test_autotune_times_the_fastest_shape_again_with_each_refinement(dev, tune_c
         monkeypatch.setattr(matmul, "TUNE_REFINE", refine)
         tiles, _ = wait(matmul.autotune(dev, 64, 96, 40, "nn", candidates=[dict(TILES_MEDIUM)], persist=False))
         assert tiles in (TILES_MEDIUM, dict(TILES_MEDIUM, FENCE=True))
-        timed[len(refine)] = int(re.search(r"of (\d+) timed", dev.tune_log[-1]).group(1))
+        timed[len(refine)] = timed_candidates(dev)
     assert timed[1] == timed[0] + 1, timed
     matmul._tuned.pop(dev, None)
 
@@ -854,7 +859,7 @@ def test_autotune_times_every_split_count_for_the_fastest_shapes(dev, tune_cache
         monkeypatch.setattr(matmul, "TUNE_SPLIT_SHAPES", n_shapes)
         tiles, splits = wait(matmul.autotune(dev, 64, 96, 512, "nn", candidates=shapes, persist=False))
         assert tiles in shapes and splits in (1, 2, 3, 4)
-        timed[n_shapes] = int(re.search(r"of (\d+) timed", dev.tune_log[-1]).group(1))
+        timed[n_shapes] = timed_candidates(dev)
     # three shapes at their default count (1 on a CPU adapter), then 2, 3 and 4 for each of the fastest
     assert timed == {1: 3 + 3, 2: 3 + 6}, timed
     matmul._tuned.pop(dev, None)
@@ -874,7 +879,7 @@ def test_autotune_times_every_split_count_up_to_the_fine_limit(dev, tune_cache, 
         monkeypatch.setattr(matmul, "TUNE_FINE_SPLITS", fine)
         tiles, splits = wait(matmul.autotune(dev, 64, 96, K, "nn", candidates=[dict(TILES_MEDIUM)], persist=False))
         assert splits in range(1, max(2, fine) + 1) and splits <= K // 128
-        timed[fine] = int(re.search(r"of (\d+) timed", dev.tune_log[-1]).group(1))
+        timed[fine] = timed_candidates(dev)
     # the default count (1 on a CPU adapter) and 2; then 3 and 4; K = 384 allows 3 slices at most
     assert timed == {0: 2, 4: 4, 8: 3}, timed
     key = matmul._adapter_key(dev)
@@ -884,7 +889,7 @@ def test_autotune_times_every_split_count_up_to_the_fine_limit(dev, tune_cache, 
     monkeypatch.setattr(matmul, "TUNE_FINE_SCRATCH", 4 * 3 * 64 * 96)
     matmul._tuned.pop(dev, None)
     wait(matmul.autotune(dev, 64, 96, 1024, "nn", candidates=[dict(TILES_MEDIUM)], persist=False))
-    assert int(re.search(r"of (\d+) timed", dev.tune_log[-1]).group(1)) == 3     # counts 1, 2 and 3
+    assert timed_candidates(dev) == 3                       # counts 1, 2 and 3
 
 
 def test_split_k_scratch_is_shared_while_used_and_freed_after(dev):
