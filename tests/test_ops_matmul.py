@@ -892,6 +892,47 @@ def test_autotune_times_every_split_count_up_to_the_fine_limit(dev, tune_cache, 
     assert timed_candidates(dev) == 3                       # counts 1, 2 and 3
 
 
+def test_runoff_finalists_are_the_fastest_distinct_candidates():
+    from tabgpt.ops.matmul import runoff_finalists
+    t1, t2, t3 = dict(TILES_MEDIUM), dict(TILES_LARGE), dict(TILES_MEDIUM, FENCE=True)
+    results = [(3.0, t1, 1), (1.0, t2, 2), (2.0, t1, 1), (1.5, t2, 4), (0.5, t3, 1), (1.2, t2, 2)]
+    # fastest first; a (tiles, splits) timed twice counts once, at its best time
+    assert runoff_finalists(results, 3) == [[0.5, t3, 1], [1.0, t2, 2], [1.5, t2, 4]]
+    assert runoff_finalists(results, 5) == [[0.5, t3, 1], [1.0, t2, 2], [1.5, t2, 4], [2.0, t1, 1]]
+    assert runoff_finalists(results, 1) == []            # nothing to compare
+    assert runoff_finalists(results[:1], 3) == []
+    assert runoff_finalists([(1.0, t1, 1), (0.9, t1, 1)], 3) == []
+
+
+def test_autotune_runoff_times_the_finalists_again(dev, tune_cache, monkeypatch):
+    # With the runoff the choice is one of its finalists, which are timed TUNE_RUNOFF_ROUNDS times more.
+    from tabgpt.ops import matmul
+    created = []
+    real_create = matmul.Matmul.create
+
+    async def counting_create(*args, **kwargs):
+        created.append(kwargs.get("splits"))
+        return await real_create(*args, **kwargs)
+
+    monkeypatch.setattr(matmul.Matmul, "create", counting_create)
+    monkeypatch.setattr(matmul, "TUNE_FINE_SPLITS", 0)
+    cands = [dict(TILES_MEDIUM), dict(TILES_MEDIUM, BK=16)]
+    made = {}
+    for n in (0, 2, 3):
+        matmul._tuned.pop(dev, None)
+        created.clear()
+        monkeypatch.setattr(matmul, "TUNE_RUNOFF", n)
+        tiles, splits = wait(matmul.autotune(dev, 64, 96, 256, "nn", candidates=cands, persist=False))
+        assert {k: v for k, v in tiles.items() if k != "FENCE"} in cands and splits in (1, 2)
+        assert f"{n} in the runoff" in dev.tune_log[-1], dev.tune_log[-1]
+        made[n] = len(created)
+    # 2 shapes, the faster with FENCE, both with split-K 2 (5 timed), then each finalist built again for the runoff
+    assert made == {0: 5, 2: 7, 3: 8}, made
+    key = matmul._adapter_key(dev)
+    monkeypatch.setattr(matmul, "TUNE_RUNOFF_ROUNDS", 5)
+    assert matmul._adapter_key(dev) != key                 # a tune file made with another runoff is tuned again
+
+
 def test_split_k_scratch_is_shared_while_used_and_freed_after(dev):
     from tabgpt.ops import matmul
     a = wait(Matmul.create(dev, 64, 96, 512, "nn", tiles=dict(TILES_MEDIUM), splits=4))
