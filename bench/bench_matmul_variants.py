@@ -9,6 +9,8 @@ The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK
   wrap      the next row's reads unconditional (the last row reads row 0 again): no compare and branch
   peel      the last row after the loop, the others reading the next row unconditionally
   fence     FENCE on: the next row's reads placed after the row's first fma and made to depend on it
+  rowindex  ROW_STEP off: the next row's tile indices made from the row number kk (the kernel before 2026-12-04)
+            instead of stepped by one add per row
   guarded   the next slice's global reads only where there is a next slice (shaders/matmul.wgsl before
             it read them unconditionally: the registers' phi with their old values made the driver copy
             them, waiting for the reads before the products)
@@ -145,11 +147,12 @@ def one_variant(src: str, name: str, bk: int) -> str:
         return order_variant(src, name)
     if name == "f16":
         return f16_variant(src)
-    if name in ("guarded", "fence"):
+    if name in ("guarded", "fence", "rowindex"):
         old, new = {"guarded": ("        if (PREFETCH) {\n            pa0 = fetch_a(m0, k1, va.x);",
                                 "        if (PREFETCH && k1 < k_end) {\n            pa0 = fetch_a(m0, k1, va.x);"),
                     # The kernel's FENCE form (shaders/matmul.wgsl; the autotuner tries it) for any tiles.
-                    "fence": ("override FENCE: bool = false;", "override FENCE: bool = true;")}[name]
+                    "fence": ("override FENCE: bool = false;", "override FENCE: bool = true;"),
+                    "rowindex": ("override ROW_STEP: bool = true;", "override ROW_STEP: bool = false;")}[name]
         if old not in src:
             raise ValueError(f"{name}: {old!r} not in the kernel")
         return src.replace(old, new, 1)
@@ -166,12 +169,15 @@ def one_variant(src: str, name: str, bk: int) -> str:
     head, body, tail = split_loop(src)
     if name == "wrap":
         # The next row's reads unconditionally, the last row reading row 0 again (no compare and branch).
-        old = ("                let ra = oa + (kk + 1u) * (BM / 4u) + dep;\n"
-               "                let rb = ob + (kk + 1u) * (BN / 4u) + dep;")
+        # (the row's indices made from kk: ROW_STEP's stepped indices would run past the slice)
+        old = ("                let ra = select(oa + (kk + 1u) * (BM / 4u) + ga_lo, ia, ROW_STEP) + dep;\n"
+               "                let rb = select(ob + (kk + 1u) * (BN / 4u) + gb_lo, ib, ROW_STEP) + dep;")
+        if old not in src:
+            raise ValueError(f"wrap: {old!r} not in the kernel")
         i = src.index(NEXT_ROW)
         return (src[:i] + "{\n                let kn = (kk + 1u) & (BK - 1u);"
-                + src[i + len(NEXT_ROW):].replace(old, "                let ra = oa + kn * (BM / 4u) + dep;\n"
-                                                       "                let rb = ob + kn * (BN / 4u) + dep;", 1))
+                + src[i + len(NEXT_ROW):].replace(old, "                let ra = oa + kn * (BM / 4u) + ga_lo + dep;\n"
+                                                       "                let rb = ob + kn * (BN / 4u) + gb_lo + dep;", 1))
     if name == "peel":
         # Rows 0..BK-2 in the loop, each reading the next row unconditionally; the last row after it, no reads.
         i, j = next_row_block(body)

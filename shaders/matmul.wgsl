@@ -96,6 +96,7 @@ override PREFETCH: bool = false;
 override DOUBLE_BUFFER: bool = false;
 override ROWS: bool = false;
 override FENCE: bool = false;   // the next row's tile reads ordered after the row's first fma (below)
+override ROW_STEP: bool = true;  // the next row's tile indices stepped by one add per row (below)
 override DB: bool = DOUBLE_BUFFER && PREFETCH;   // double buffering in effect
 override N_BUF: u32 = select(1u, 2u, DB);        // copies of each tile
 override WG_X: u32 = BN / TN;
@@ -339,17 +340,22 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
         let ob = select(0u, cur * (BK * BN / 4u), DB);
         // The tile values of row kk are read during row kk - 1's products (software pipelining: the reads'
         // latency hides behind the fmas; 10% faster on an H100 than reading them at the top of each row).
-        var f_a_lo = as_tile[oa + ga_lo];
-        var f_b_lo = bs_tile[ob + gb_lo];
+        // ia, ib: the as_tile and bs_tile indices of the thread's first vec4 (ga_lo, gb_lo) of the row read next;
+        // its other vec4s lie at constant distances (da, gb_step) from it.
+        var ia = oa + ga_lo;
+        var ib = ob + gb_lo;
+        let da = ga_hi - ga_lo;
+        var f_a_lo = as_tile[ia];
+        var f_b_lo = bs_tile[ib];
         var f_a_hi = vec4(0.0);
         var f_b_hi = vec4(0.0);
         var f_b_2 = vec4(0.0);
         var f_b_3 = vec4(0.0);
-        if (TM == 8u) { f_a_hi = as_tile[oa + ga_hi]; }
-        if (TN >= 8u) { f_b_hi = bs_tile[ob + gb_hi]; }
+        if (TM == 8u) { f_a_hi = as_tile[ia + da]; }
+        if (TN >= 8u) { f_b_hi = bs_tile[ib + gb_step]; }
         if (TN == 16u) {
-            f_b_2 = bs_tile[ob + gb_2];
-            f_b_3 = bs_tile[ob + gb_3];
+            f_b_2 = bs_tile[ib + 2u * gb_step];
+            f_b_3 = bs_tile[ib + 3u * gb_step];
         }
         for (var kk = 0u; kk < BK; kk++) {
             let a_lo = f_a_lo;
@@ -364,17 +370,21 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
             // on others (bench_matmul_variants.py fence): the autotuner tries it on its fastest tile shape
             // (TUNE_REFINE in ops/matmul.py). acc[0] sees the same fmas in the same order.
             if (FENCE) { acc[0] = outer4(acc[0], a_lo.x, b_lo); }
+            // ROW_STEP: ia and ib step one row ahead (one add each per row; the row's other reads at constant
+            // offsets from them); else the row's indices are made from kk each time.
+            ia += BM / 4u;
+            ib += BN / 4u;
             if (kk + 1u < BK) {
                 let dep = select(0u, bitcast<u32>(acc[0].x) & kzero, FENCE);
-                let ra = oa + (kk + 1u) * (BM / 4u) + dep;
-                let rb = ob + (kk + 1u) * (BN / 4u) + dep;
-                f_a_lo = as_tile[ra + ga_lo];
-                f_b_lo = bs_tile[rb + gb_lo];
-                if (TM == 8u) { f_a_hi = as_tile[ra + ga_hi]; }
-                if (TN >= 8u) { f_b_hi = bs_tile[rb + gb_hi]; }
+                let ra = select(oa + (kk + 1u) * (BM / 4u) + ga_lo, ia, ROW_STEP) + dep;
+                let rb = select(ob + (kk + 1u) * (BN / 4u) + gb_lo, ib, ROW_STEP) + dep;
+                f_a_lo = as_tile[ra];
+                f_b_lo = bs_tile[rb];
+                if (TM == 8u) { f_a_hi = as_tile[ra + da]; }
+                if (TN >= 8u) { f_b_hi = bs_tile[rb + gb_step]; }
                 if (TN == 16u) {
-                    f_b_2 = bs_tile[rb + gb_2];
-                    f_b_3 = bs_tile[rb + gb_3];
+                    f_b_2 = bs_tile[rb + 2u * gb_step];
+                    f_b_3 = bs_tile[rb + 3u * gb_step];
                 }
             }
             // Row by row, both column groups of a row together: the order NVIDIA's compiler made the fastest code

@@ -176,25 +176,33 @@ def test_double_buffer_product_matches_numpy(dev, layout, tiles, spread, splits)
     assert_product(f"{layout} tiled {t} x{splits} {Mm}x{N}x{K}", got, ref, scale)
 
 
+LOOP_TILES = {"64x64x8/8x8": True, "128x96x8/8x8": True, "uneven": True,
+              "64x64x8/4x4": False, "32x128x4/4x16": False, "64x128x8/8x16": True}    # name: SPREAD
+
+
 @pytest.mark.parametrize("splits", [1, 3], ids=["whole-K", "split-K"])
-@pytest.mark.parametrize("tiles", ["64x64x8/8x8", "128x96x8/8x8", "uneven"])
+@pytest.mark.parametrize("tiles", list(LOOP_TILES))
 @pytest.mark.parametrize("double", [False, True], ids=["prefetch", "double"])
 @pytest.mark.parametrize("layout,bias,accumulate", [("nn", True, False), ("nt", False, False), ("tn", False, True)])
-def test_fence_is_bit_identical_to_the_plain_loop(dev, layout, bias, accumulate, double, tiles, splits):
+def test_loop_forms_are_bit_identical(dev, layout, bias, accumulate, double, tiles, splits):
     # FENCE only orders the next row's tile reads after the row's first fma (through an always-zero term in their
-    # addresses): the same fmas in the same order, so the same bits, and NumPy's result within tolerance.
+    # addresses); ROW_STEP off makes the next row's tile indices from the row number instead of stepping them:
+    # the same fmas in the same order either way, so the same bits, and NumPy's result within tolerance.
     Mm, N, K = DB_SHAPES[layout]
     init = np.random.default_rng(45).standard_normal((Mm, N)).astype(np.float32)
-    results = []
-    for fence in (False, True):
-        t = dict(DB_TILES[tiles], SPREAD=True, PREFETCH=True, DOUBLE_BUFFER=double, FENCE=fence)
+    bm, bn, bk, tm, tn = (int(x) for x in re.findall(r"\d+", tiles)) if tiles != "uneven" else (16, 64, 12, 4, 4)
+    results = {}
+    for fence, step in ((False, True), (True, True), (False, False), (True, False)):
+        t = dict(BM=bm, BN=bn, BK=bk, TM=tm, TN=tn, SPREAD=LOOP_TILES[tiles], PREFETCH=True,
+                 DOUBLE_BUFFER=double, FENCE=fence, ROW_STEP=step)
         got, ref, scale, mm = product(dev, layout, Mm, N, K, seed=45, bias=bias, accumulate=accumulate, init=init,
                                       variant="tiled", tiles=t, splits=splits)
         assert mm.tiles == t
         assert_product(f"{layout} {t} x{splits}", got, ref, scale)
-        results.append(got)
-    differ = results[0].view(np.uint32) != results[1].view(np.uint32)
-    assert not differ.any(), f"{layout} {tiles} x{splits}: {differ.sum()} entries differ with FENCE"
+        results[fence, step] = got
+    for form, got in results.items():
+        differ = got.view(np.uint32) != results[False, True].view(np.uint32)
+        assert not differ.any(), f"{layout} {tiles} x{splits}: {differ.sum()} entries differ with FENCE, ROW_STEP {form}"
 
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["whole-K", "split-K"])
@@ -916,6 +924,7 @@ def test_autotune_runoff_times_the_finalists_again(dev, tune_cache, monkeypatch)
 
     monkeypatch.setattr(matmul.Matmul, "create", counting_create)
     monkeypatch.setattr(matmul, "TUNE_FINE_SPLITS", 0)
+    monkeypatch.setattr(matmul, "TUNE_REFINE", [{"FENCE": True}])
     cands = [dict(TILES_MEDIUM), dict(TILES_MEDIUM, BK=16)]
     made = {}
     for n in (0, 2, 3):

@@ -132,8 +132,11 @@ TUNE_TILES = [
 ]
 # Then the fastest shape is timed again with each of these changes (and split-K after that). FENCE (the next
 # row's tile reads after the row's first fma) moves single products on an H100 by -4 to +14 points of cuBLAS
-# either way, depending on the shape (bench/results/h100/fence_products.txt, phi_prefetch.txt).
-TUNE_REFINE = [{"FENCE": True}]
+# either way, depending on the shape (bench/results/h100/fence_products.txt, phi_prefetch.txt). ROW_STEP off (the
+# next row's tile indices made from the row number, as before 2026-12-04, instead of stepped by one add per row):
+# stepping is 1-9% faster on most products on an H200 but 20% slower on nt 8192x768x3072
+# (bench/results/h200/run12_row_step.txt).
+TUNE_REFINE = [{"FENCE": True}, {"ROW_STEP": False}]
 # Then the fastest TUNE_SPLIT_SHAPES tile shapes are timed with every split-K count of TUNE_SPLITS that the
 # reduction allows (slices at least 128 long): the count decides how full the last wave of workgroups is, which
 # the product's shape alone does not tell.
@@ -330,6 +333,8 @@ def tiles_label(t: dict) -> str:
     flags = "".join(f" {name}" for f, name in (("SPREAD", "spread"), ("PREFETCH", "prefetch"),
                                                 ("DOUBLE_BUFFER", "double"), ("ROWS", "rows"),
                                                 ("FENCE", "fence")) if t.get(f))
+    if t.get("ROW_STEP") is False:
+        flags += " rowindex"
     return f"{t['BM']}x{t['BN']}x{t['BK']} / {t['TM']}x{t['TN']}{flags}"
 
 
@@ -341,13 +346,14 @@ def fold_grid(groups: int) -> tuple[int, int, int]:
 
 
 def check_tiles(dev: Device, t: dict):
-    """Raise GPUError unless tile shape t (BM, BN, BK, TM, TN; optional SPREAD, PREFETCH, DOUBLE_BUFFER, ROWS and
-    FENCE flags) is valid here. DOUBLE_BUFFER needs PREFETCH and keeps two copies of the tiles: 8*BK*(BM+BN)
+    """Raise GPUError unless tile shape t (BM, BN, BK, TM, TN; optional SPREAD, PREFETCH, DOUBLE_BUFFER, ROWS,
+    FENCE and ROW_STEP flags) is valid here. DOUBLE_BUFFER needs PREFETCH and keeps two copies of the tiles: 8*BK*(BM+BN)
     bytes of workgroup memory instead of 4*BK*(BM+BN)."""
     BM, BN, BK, TM, TN = (t[k] for k in ("BM", "BN", "BK", "TM", "TN"))
     threads = (BM // TM) * (BN // TN)
     problems = []
-    unknown = set(t) - {"BM", "BN", "BK", "TM", "TN", "SPREAD", "PREFETCH", "DOUBLE_BUFFER", "ROWS", "FENCE"}
+    unknown = set(t) - {"BM", "BN", "BK", "TM", "TN", "SPREAD", "PREFETCH", "DOUBLE_BUFFER", "ROWS", "FENCE",
+                        "ROW_STEP"}
     if unknown:
         problems.append(f"unknown tile keys {sorted(unknown)}")
     if t.get("PREFETCH") and max(BK * BM, BK * BN) // 4 > 4 * threads:
