@@ -925,6 +925,7 @@ def test_autotune_runoff_times_the_finalists_again(dev, tune_cache, monkeypatch)
     monkeypatch.setattr(matmul.Matmul, "create", counting_create)
     monkeypatch.setattr(matmul, "TUNE_FINE_SPLITS", 0)
     monkeypatch.setattr(matmul, "TUNE_REFINE", [{"FENCE": True}])
+    monkeypatch.setattr(matmul, "TUNE_SPLIT_SHAPES", 2)
     cands = [dict(TILES_MEDIUM), dict(TILES_MEDIUM, BK=16)]
     made = {}
     for n in (0, 2, 3):

@@ -139,9 +139,11 @@ TUNE_TILES = [
 TUNE_REFINE = [{"FENCE": True}, {"ROW_STEP": False}]
 # Then the fastest TUNE_SPLIT_SHAPES tile shapes are timed with every split-K count of TUNE_SPLITS that the
 # reduction allows (slices at least 128 long): the count decides how full the last wave of workgroups is, which
-# the product's shape alone does not tell.
+# the product's shape alone does not tell. Three shapes: a refinement that wins at the default count leaves its
+# unrefined shape and one other in the running (on an H200, 4096^3 kept ROW_STEP off at 77% of cuBLAS when only
+# two shapes were timed so, where ROW_STEP on with one slice measures 79%: bench/results/h200/run13_*).
 TUNE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
-TUNE_SPLIT_SHAPES = 2
+TUNE_SPLIT_SHAPES = 3
 # Then the fastest shape with every other count up to TUNE_FINE_SPLITS: the count whose workgroups fill the GPU's
 # last wave (blocks x count just under a multiple of the workgroups it runs at once, which WebGPU does not tell)
 # is found by timing. On an H200 the browser preset's weight gradients, 36 or 9 blocks of 128 x 128, ran 7 and 29
