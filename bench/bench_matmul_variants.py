@@ -175,9 +175,10 @@ def one_variant(src: str, name: str, bk: int) -> str:
         if old not in src:
             raise ValueError(f"wrap: {old!r} not in the kernel")
         i = src.index(NEXT_ROW)
+        rows = ("                let ra = oa + kn * (BM / 4u) + ga_lo + dep;\n"
+                "                let rb = ob + kn * (BN / 4u) + gb_lo + dep;")
         return (src[:i] + "{\n                let kn = (kk + 1u) & (BK - 1u);"
-                + src[i + len(NEXT_ROW):].replace(old, "                let ra = oa + kn * (BM / 4u) + ga_lo + dep;\n"
-                                                       "                let rb = ob + kn * (BN / 4u) + gb_lo + dep;", 1))
+                + src[i + len(NEXT_ROW):].replace(old, rows, 1))
     if name == "peel":
         # Rows 0..BK-2 in the loop, each reading the next row unconditionally; the last row after it, no reads.
         i, j = next_row_block(body)

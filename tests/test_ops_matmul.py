@@ -202,7 +202,7 @@ def test_loop_forms_are_bit_identical(dev, layout, bias, accumulate, double, til
         results[fence, step] = got
     for form, got in results.items():
         differ = got.view(np.uint32) != results[False, True].view(np.uint32)
-        assert not differ.any(), f"{layout} {tiles} x{splits}: {differ.sum()} entries differ with FENCE, ROW_STEP {form}"
+        assert not differ.any(), f"{layout} {tiles} x{splits}: {differ.sum()} differ with FENCE, ROW_STEP {form}"
 
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["whole-K", "split-K"])

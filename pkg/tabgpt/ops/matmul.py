@@ -349,8 +349,8 @@ def fold_grid(groups: int) -> tuple[int, int, int]:
 
 def check_tiles(dev: Device, t: dict):
     """Raise GPUError unless tile shape t (BM, BN, BK, TM, TN; optional SPREAD, PREFETCH, DOUBLE_BUFFER, ROWS,
-    FENCE and ROW_STEP flags) is valid here. DOUBLE_BUFFER needs PREFETCH and keeps two copies of the tiles: 8*BK*(BM+BN)
-    bytes of workgroup memory instead of 4*BK*(BM+BN)."""
+    FENCE and ROW_STEP flags) is valid here. DOUBLE_BUFFER needs PREFETCH and keeps two copies of the tiles:
+    8*BK*(BM+BN) bytes of workgroup memory instead of 4*BK*(BM+BN)."""
     BM, BN, BK, TM, TN = (t[k] for k in ("BM", "BN", "BK", "TM", "TN"))
     threads = (BM // TM) * (BN // TN)
     problems = []
