@@ -134,8 +134,8 @@ TUNE_TILES = [
 # row's tile reads after the row's first fma) moves single products on an H100 by -4 to +14 points of cuBLAS
 # either way, depending on the shape (bench/results/h100/fence_products.txt, phi_prefetch.txt). ROW_STEP off (the
 # next row's tile indices made from the row number, as before 2026-12-04, instead of stepped by one add per row):
-# stepping is 1-9% faster on most products on an H200 but 20% slower on nt 8192x768x3072
-# (bench/results/h200/run12_row_step.txt).
+# on an H200 stepping made the nn and tn products measured 2-9% faster, two nt products 0-2% slower and nt
+# 8192x768x3072 20% slower (bench/results/h200/run12_loop_forms.txt, run12_row_step.txt).
 TUNE_REFINE = [{"FENCE": True}, {"ROW_STEP": False}]
 # Then the fastest TUNE_SPLIT_SHAPES tile shapes are timed with every split-K count of TUNE_SPLITS that the
 # reduction allows (slices at least 128 long): the count decides how full the last wave of workgroups is, which
