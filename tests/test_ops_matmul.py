@@ -176,8 +176,12 @@ def test_double_buffer_product_matches_numpy(dev, layout, tiles, spread, splits)
     assert_product(f"{layout} tiled {t} x{splits} {Mm}x{N}x{K}", got, ref, scale)
 
 
-LOOP_TILES = {"64x64x8/8x8": True, "128x96x8/8x8": True, "uneven": True,
-              "64x64x8/4x4": False, "32x128x4/4x16": False, "64x128x8/8x16": True}    # name: SPREAD
+LOOP_TILES = {     # DB_TILES' shapes and two with 16 columns per thread, each with SPREAD as given
+    **{name: dict(DB_TILES[name], SPREAD=True) for name in ("64x64x8/8x8", "128x96x8/8x8", "uneven")},
+    "64x64x8/4x4": dict(DB_TILES["64x64x8/4x4"], SPREAD=False),
+    "32x128x4/4x16": {"BM": 32, "BN": 128, "BK": 4, "TM": 4, "TN": 16, "SPREAD": False},
+    "64x128x8/8x16": {"BM": 64, "BN": 128, "BK": 8, "TM": 8, "TN": 16, "SPREAD": True},
+}
 
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["whole-K", "split-K"])
@@ -190,11 +194,9 @@ def test_loop_forms_are_bit_identical(dev, layout, bias, accumulate, double, til
     # the same fmas in the same order either way, so the same bits, and NumPy's result within tolerance.
     Mm, N, K = DB_SHAPES[layout]
     init = np.random.default_rng(45).standard_normal((Mm, N)).astype(np.float32)
-    bm, bn, bk, tm, tn = (int(x) for x in re.findall(r"\d+", tiles)) if tiles != "uneven" else (16, 64, 12, 4, 4)
     results = {}
     for fence, step in ((False, True), (True, True), (False, False), (True, False)):
-        t = dict(BM=bm, BN=bn, BK=bk, TM=tm, TN=tn, SPREAD=LOOP_TILES[tiles], PREFETCH=True,
-                 DOUBLE_BUFFER=double, FENCE=fence, ROW_STEP=step)
+        t = dict(LOOP_TILES[tiles], PREFETCH=True, DOUBLE_BUFFER=double, FENCE=fence, ROW_STEP=step)
         got, ref, scale, mm = product(dev, layout, Mm, N, K, seed=45, bias=bias, accumulate=accumulate, init=init,
                                       variant="tiled", tiles=t, splits=splits)
         assert mm.tiles == t
