@@ -331,12 +331,13 @@ def runoff_finalists(results: list, n: int) -> list[list]:
     return finalists if len(finalists) > 1 else []
 
 
+# The optional flags of a tile shape (override constants of matmul_tiled): the value a label names, and the label.
+TILE_FLAGS = {"SPREAD": (True, "spread"), "PREFETCH": (True, "prefetch"), "DOUBLE_BUFFER": (True, "double"),
+              "ROWS": (True, "rows"), "FENCE": (True, "fence"), "ROW_STEP": (False, "rowindex")}
+
+
 def tiles_label(t: dict) -> str:
-    flags = "".join(f" {name}" for f, name in (("SPREAD", "spread"), ("PREFETCH", "prefetch"),
-                                                ("DOUBLE_BUFFER", "double"), ("ROWS", "rows"),
-                                                ("FENCE", "fence")) if t.get(f))
-    if t.get("ROW_STEP") is False:
-        flags += " rowindex"
+    flags = "".join(f" {label}" for f, (value, label) in TILE_FLAGS.items() if f in t and t[f] == value)
     return f"{t['BM']}x{t['BN']}x{t['BK']} / {t['TM']}x{t['TN']}{flags}"
 
 
@@ -348,14 +349,13 @@ def fold_grid(groups: int) -> tuple[int, int, int]:
 
 
 def check_tiles(dev: Device, t: dict):
-    """Raise GPUError unless tile shape t (BM, BN, BK, TM, TN; optional SPREAD, PREFETCH, DOUBLE_BUFFER, ROWS,
-    FENCE and ROW_STEP flags) is valid here. DOUBLE_BUFFER needs PREFETCH and keeps two copies of the tiles:
-    8*BK*(BM+BN) bytes of workgroup memory instead of 4*BK*(BM+BN)."""
+    """Raise GPUError unless tile shape t (BM, BN, BK, TM, TN; the optional flags of TILE_FLAGS) is valid here.
+    DOUBLE_BUFFER needs PREFETCH and keeps two copies of the tiles: 8*BK*(BM+BN) bytes of workgroup memory instead
+    of 4*BK*(BM+BN)."""
     BM, BN, BK, TM, TN = (t[k] for k in ("BM", "BN", "BK", "TM", "TN"))
     threads = (BM // TM) * (BN // TN)
     problems = []
-    unknown = set(t) - {"BM", "BN", "BK", "TM", "TN", "SPREAD", "PREFETCH", "DOUBLE_BUFFER", "ROWS", "FENCE",
-                        "ROW_STEP"}
+    unknown = set(t) - {"BM", "BN", "BK", "TM", "TN"} - set(TILE_FLAGS)
     if unknown:
         problems.append(f"unknown tile keys {sorted(unknown)}")
     if t.get("PREFETCH") and max(BK * BM, BK * BN) // 4 > 4 * threads:
