@@ -28,11 +28,16 @@
 // at or after it; the diagonal tiles are masked per element. Every sum runs in a fixed order (no atomics):
 // results are bit-identical run to run.
 // Workgroup memory: `tiles` holds rows of HS floats as vec4s, H4P = HS/4 + 1 apart (odd: threads reading
-// different rows hit different banks); `mat` holds the score-shaped f32 tiles, rows BS + 1 apart. Their sizes
-// SMV and SMS (and TC, NR, DS) are override constants the Python side picks to fit the device.
+// different rows hit different banks); `pt` holds the score-shaped tiles (P, dS: BR block rows x BS streamed rows)
+// in pairs of streamed rows: pair jp = j / 2 is a row of PW4 vec4s, in which thread group g (lid / TC, block rows
+// RPT g ..) has 2 RPT consecutive floats: its rows' entries for streamed row 2 jp, then for 2 jp + 1 (put_col,
+// get_pair). So a thread reads its rows of two streamed rows with one vec4 read (two with RPT = 4) where a
+// row-major tile needs 2 RPT scalar reads; the 16 floats of padding per pair row keep the scalar stores of
+// RPT = 2 to two-way bank conflicts. `mat` holds f32s: the forward's row maxima, dkv's lse and delta. Their sizes
+// SMV, SMP and SMS (and TC, NR, DS) are override constants the Python side picks to fit the device.
 // Register tiles are named variables, not arrays: dynamically indexed private arrays are slow everywhere.
 // PIPELINE (default false): the inner loops (over a tile's dims d4 for scores, over its rows j / i for the
-// accumulations) read the values of step n + 1 from `tiles` and `mat` into registers (the f_* variables) during
+// accumulations) read the values of step n + 1 from `tiles` and `pt` into registers (the f_* variables) during
 // step n's FMAs: software pipelining, as in matmul.wgsl (the reads' latency hides behind the arithmetic; 10%
 // for the matmul on an H100, but 27-43% slower for these kernels there: more registers). PIPELINE = false, the
 // default, reads them at the top of each step (its step-0 reads before each loop are dead code, overwritten
@@ -70,12 +75,14 @@ override RPT: u32 = 2u;      // rows per thread, 2 or 4
 override DS: u32 = 1u;       // chunks of 8 TC dims per head
 override SMV: u32 = 1u;      // vec4s of `tiles`
 override SMS: u32 = 1u;      // f32s of `mat`
+override SMP: u32 = 1u;      // vec4s of `pt`
 override PIPELINE: bool = false;  // inner loops read their next step's values during the current step's FMAs
 override PREFETCH: bool = false;  // the next streamed tile is read into registers during the current one
 override H4: u32 = HS / 4u;
 override H4P: u32 = H4 + 1u;
 override BR: u32 = RPT * NR;
 override BS: u32 = 4u * TC;
+override PW4: u32 = BR / 2u + 4u;                     // vec4s per pair row of `pt`: 2 BR floats + 16 of padding
 override NT: u32 = NR * TC;                          // threads
 override PF_N: u32 = (BS * H4 + NT - 1u) / NT;       // PREFETCH: vec4s per thread of each streamed matrix
 override PF_S: u32 = (BS + NT - 1u) / NT;            // PREFETCH: lse/delta pairs per thread (dkv), <= 4
@@ -88,6 +95,7 @@ const NEG: f32 = -1e30;      // below every real score; masked entries are exclu
 
 var<workgroup> tiles: array<vec4<f32>, SMV>;
 var<workgroup> mat: array<f32, SMS>;
+var<workgroup> pt: array<vec4<f32>, SMP>;
 
 fn head_scale() -> f32 {
     return inverseSqrt(f32(HS));
@@ -103,12 +111,77 @@ fn axpy4(p: f32, v: vec4<f32>, acc: vec4<f32>) -> vec4<f32> {
     return vec4(fma(p, v.x, acc.x), fma(p, v.y, acc.y), fma(p, v.z, acc.z), fma(p, v.w, acc.w));
 }
 
-// mat[i + TC * (0, 1, 2, 3)] = v: one row's entries of a thread's score tile.
-fn store4(i: u32, v: vec4<f32>) {
-    mat[i] = v.x;
-    mat[i + TC] = v.y;
-    mat[i + 2u * TC] = v.z;
-    mat[i + 3u * TC] = v.w;
+// A thread's output accumulators: rows a, b (c, d where RPT = 4) x its two vec4s of dims d0 (a0, ..) and d1.
+struct Acc { a0: vec4<f32>, a1: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>,
+             c0: vec4<f32>, c1: vec4<f32>, d0: vec4<f32>, d1: vec4<f32> }
+
+// acc + p v for one streamed row: p its weights for the thread's rows a..d, v0 and v1 its dims d0 and d1.
+fn acc_key(acc: Acc, p: vec4<f32>, v0: vec4<f32>, v1: vec4<f32>) -> Acc {
+    var r = acc;
+    r.a0 = axpy4(p.x, v0, r.a0);
+    r.a1 = axpy4(p.x, v1, r.a1);
+    r.b0 = axpy4(p.y, v0, r.b0);
+    r.b1 = axpy4(p.y, v1, r.b1);
+    if (RPT == 4u) {
+        r.c0 = axpy4(p.z, v0, r.c0);
+        r.c1 = axpy4(p.z, v1, r.c1);
+        r.d0 = axpy4(p.w, v0, r.d0);
+        r.d1 = axpy4(p.w, v1, r.d1);
+    }
+    return r;
+}
+
+// acc with row a's accumulators times s.x, b's s.y, c's s.z, d's s.w.
+fn acc_scale(acc: Acc, s: vec4<f32>) -> Acc {
+    return Acc(acc.a0 * s.x, acc.a1 * s.x, acc.b0 * s.y, acc.b1 * s.y,
+               acc.c0 * s.z, acc.c1 * s.z, acc.d0 * s.w, acc.d1 * s.w);
+}
+
+// `pt` (header): thread group g's entries of streamed row j in the tile at vec4 m4 are the RPT floats from
+// vec4 pair_at(m4, g, j), component 2 (j & 1) (RPT = 2) or the whole vec4 after it (RPT = 4: + (j & 1)).
+fn pair_at(m4: u32, g: u32, j: u32) -> u32 {
+    return m4 + (j >> 1u) * PW4 + (RPT / 2u) * g;
+}
+
+// x (the thread group's rows a..d of streamed row j) into the tile at m4.
+fn put_col(m4: u32, g: u32, j: u32, x: vec4<f32>) {
+    let i = pair_at(m4, g, j);
+    if (RPT == 4u) {
+        pt[i + (j & 1u)] = x;
+    } else {
+        let c = 2u * (j & 1u);
+        pt[i][c] = x.x;
+        pt[i][c + 1u] = x.y;
+    }
+}
+
+// A thread's score-shaped tile (its rows a..d x_a..x_d, streamed rows tc + TC (0, 1, 2, 3)) into the tile at m4.
+fn put_tile(m4: u32, g: u32, tc: u32, x_a: vec4<f32>, x_b: vec4<f32>, x_c: vec4<f32>, x_d: vec4<f32>) {
+    put_col(m4, g, tc, vec4(x_a.x, x_b.x, x_c.x, x_d.x));
+    put_col(m4, g, tc + TC, vec4(x_a.y, x_b.y, x_c.y, x_d.y));
+    put_col(m4, g, tc + 2u * TC, vec4(x_a.z, x_b.z, x_c.z, x_d.z));
+    put_col(m4, g, tc + 3u * TC, vec4(x_a.w, x_b.w, x_c.w, x_d.w));
+}
+
+// The thread group's rows a..d of streamed rows 2 jp (j0) and 2 jp + 1 (j1) of the tile at m4 (zeros past RPT).
+struct Pair { j0: vec4<f32>, j1: vec4<f32> }
+
+fn get_pair(m4: u32, g: u32, jp: u32) -> Pair {
+    let i = pair_at(m4, g, 2u * jp);
+    let u = pt[i];
+    if (RPT == 4u) {
+        return Pair(u, pt[i + 1u]);
+    }
+    return Pair(vec4(u.xy, 0.0, 0.0), vec4(u.zw, 0.0, 0.0));
+}
+
+// Entry (r, j) of the tile at m4: block row r, streamed row j.
+fn get_entry(m4: u32, r: u32, j: u32) -> f32 {
+    let i = pair_at(m4, r / RPT, j);
+    if (RPT == 4u) {
+        return pt[i + (j & 1u)][r % 4u];
+    }
+    return pt[i][2u * (j & 1u) + r % 2u];
 }
 
 // Copy `rows` rows (tokens t0..) of one third of qkv (part 0: q, 1: k, 2: v), head h, into tiles[dst + r*H4P];
@@ -172,7 +245,7 @@ fn put_vec(dst: u32, i: u32, v: vec4<f32>) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Forward: a workgroup per BR queries. tiles: Q (BR rows) | K (BS) | V (BS). mat: P (BR, BS+1) | Mx (BR, TC).
+// Forward: a workgroup per BR queries. tiles: Q (BR rows) | K (BS) | V (BS). pt: P. mat: Mx (BR, TC).
 // RPT = 4 adds rows c, d to the thread's rows a, b (every `if (RPT == 4u)` below is decided at compile time).
 
 // s + one vec4 of dims of the scores of row q against the 4 streamed rows k_0..k_3, as scalar FMA chains.
@@ -189,13 +262,12 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation
     let Q0 = 0u;
     let K0 = BR * H4P;
     let V0 = K0 + BS * H4P;
-    let P0 = 0u;
-    let MX0 = BR * (BS + 1u);
     let b = wg.z;
     let h = wg.y / DS;
     let q0 = wg.x * BR;
     let tc = lid % TC;
-    let ra = RPT * (lid / TC);    // the thread's rows ra, rb (rc, rd) of the block
+    let g = lid / TC;             // the thread's group: rows ra, rb (rc, rd) of the block
+    let ra = RPT * g;
     let rb = ra + 1u;
     let rc = ra + 2u;
     let rd = ra + 3u;
@@ -209,14 +281,7 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation
     load_qkv(Q0, 0u, b, h, q0, BR, lid);
     var m = vec4(NEG);            // running max of each row's scores (rows a, b, c, d)
     var l = vec4(0.0);            // running sum of exp(score - m)
-    var acc_a0 = vec4(0.0);       // running sum of exp(score - m) * v, rows a..d x dims d0, d1
-    var acc_a1 = vec4(0.0);
-    var acc_b0 = vec4(0.0);
-    var acc_b1 = vec4(0.0);
-    var acc_c0 = vec4(0.0);
-    var acc_c1 = vec4(0.0);
-    var acc_d0 = vec4(0.0);
-    var acc_d1 = vec4(0.0);
+    var acc = Acc();              // running sum of exp(score - m) * v, rows a..d x dims d0, d1
 
     let k_end = min(ap.T, q0 + BR);   // later keys are masked for every row of the block
     // PREFETCH: the thread's share of the next K and V tiles (PF_N vec4s of each), read one tile ahead.
@@ -344,102 +409,71 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation
         s_c = select(vec4(NEG), s_c * scale, ok_c);
         s_d = select(vec4(NEG), s_d * scale, ok_d);
         // 2. Row maxima over the TC threads of each row, then probabilities against the new maxima.
-        mat[MX0 + ra * TC + tc] = max4(s_a);
-        mat[MX0 + rb * TC + tc] = max4(s_b);
+        mat[ra * TC + tc] = max4(s_a);
+        mat[rb * TC + tc] = max4(s_b);
         if (RPT == 4u) {
-            mat[MX0 + rc * TC + tc] = max4(s_c);
-            mat[MX0 + rd * TC + tc] = max4(s_d);
+            mat[rc * TC + tc] = max4(s_c);
+            mat[rd * TC + tc] = max4(s_d);
         }
         workgroupBarrier();
         var mn = m;
         for (var c = 0u; c < TC; c++) {
-            mn.x = max(mn.x, mat[MX0 + ra * TC + c]);
-            mn.y = max(mn.y, mat[MX0 + rb * TC + c]);
+            mn.x = max(mn.x, mat[ra * TC + c]);
+            mn.y = max(mn.y, mat[rb * TC + c]);
             if (RPT == 4u) {
-                mn.z = max(mn.z, mat[MX0 + rc * TC + c]);
-                mn.w = max(mn.w, mat[MX0 + rd * TC + c]);
+                mn.z = max(mn.z, mat[rc * TC + c]);
+                mn.w = max(mn.w, mat[rd * TC + c]);
             }
         }
         let alpha = exp(m - mn);
         m = mn;
         l *= alpha;
-        acc_a0 *= alpha.x;
-        acc_a1 *= alpha.x;
-        acc_b0 *= alpha.y;
-        acc_b1 *= alpha.y;
-        acc_c0 *= alpha.z;
-        acc_c1 *= alpha.z;
-        acc_d0 *= alpha.w;
-        acc_d1 *= alpha.w;
-        store4(P0 + ra * (BS + 1u) + tc, select(vec4(0.0), exp(s_a - mn.x), ok_a));
-        store4(P0 + rb * (BS + 1u) + tc, select(vec4(0.0), exp(s_b - mn.y), ok_b));
-        if (RPT == 4u) {
-            store4(P0 + rc * (BS + 1u) + tc, select(vec4(0.0), exp(s_c - mn.z), ok_c));
-            store4(P0 + rd * (BS + 1u) + tc, select(vec4(0.0), exp(s_d - mn.w), ok_d));
-        }
+        acc = acc_scale(acc, alpha);
+        put_tile(0u, g, tc, select(vec4(0.0), exp(s_a - mn.x), ok_a), select(vec4(0.0), exp(s_b - mn.y), ok_b),
+                 select(vec4(0.0), exp(s_c - mn.z), ok_c), select(vec4(0.0), exp(s_d - mn.w), ok_d));
         workgroupBarrier();
-        // 3. acc += P V and l += rowsum(P) over the tile's keys (f_*: key j's values, as in step 1).
-        var f_vj_0 = tiles[V0 + e0];
-        var f_vj_1 = tiles[V0 + e1];
-        var f_pa = mat[P0 + ra * (BS + 1u)];
-        var f_pb = mat[P0 + rb * (BS + 1u)];
-        var f_pc = 0.0;
-        var f_pd = 0.0;
-        if (RPT == 4u) {
-            f_pc = mat[P0 + rc * (BS + 1u)];
-            f_pd = mat[P0 + rd * (BS + 1u)];
-        }
-        for (var j = 0u; j < BS; j++) {
+        // 3. acc += P V and l += rowsum(P) over the tile's keys, two at a time: one vec4 of P (two with RPT = 4)
+        //    holds the thread's rows of both (get_pair). f_*: keys j, j + 1's values, as in step 1.
+        var f_p = get_pair(0u, g, 0u);
+        var f_v00 = tiles[V0 + e0];
+        var f_v01 = tiles[V0 + e1];
+        var f_v10 = tiles[V0 + H4P + e0];
+        var f_v11 = tiles[V0 + H4P + e1];
+        for (var jp = 0u; jp < BS / 2u; jp++) {
             if (!PIPELINE) {
-                f_vj_0 = tiles[V0 + j * H4P + e0];
-                f_vj_1 = tiles[V0 + j * H4P + e1];
-                f_pa = mat[P0 + ra * (BS + 1u) + j];
-                f_pb = mat[P0 + rb * (BS + 1u) + j];
-                if (RPT == 4u) {
-                    f_pc = mat[P0 + rc * (BS + 1u) + j];
-                    f_pd = mat[P0 + rd * (BS + 1u) + j];
-                }
+                let j = 2u * jp;
+                f_p = get_pair(0u, g, jp);
+                f_v00 = tiles[V0 + j * H4P + e0];
+                f_v01 = tiles[V0 + j * H4P + e1];
+                f_v10 = tiles[V0 + (j + 1u) * H4P + e0];
+                f_v11 = tiles[V0 + (j + 1u) * H4P + e1];
             }
-            let v_0 = f_vj_0;
-            let v_1 = f_vj_1;
-            let pa = f_pa;
-            let pb = f_pb;
-            let pc = f_pc;
-            let pd = f_pd;
-            if (PIPELINE && j + 1u < BS) {
-                let n = j + 1u;
-                f_vj_0 = tiles[V0 + n * H4P + e0];
-                f_vj_1 = tiles[V0 + n * H4P + e1];
-                f_pa = mat[P0 + ra * (BS + 1u) + n];
-                f_pb = mat[P0 + rb * (BS + 1u) + n];
-                if (RPT == 4u) {
-                    f_pc = mat[P0 + rc * (BS + 1u) + n];
-                    f_pd = mat[P0 + rd * (BS + 1u) + n];
-                }
+            let p = f_p;
+            let v00 = f_v00;
+            let v01 = f_v01;
+            let v10 = f_v10;
+            let v11 = f_v11;
+            if (PIPELINE && jp + 1u < BS / 2u) {
+                let n = 2u * jp + 2u;
+                f_p = get_pair(0u, g, jp + 1u);
+                f_v00 = tiles[V0 + n * H4P + e0];
+                f_v01 = tiles[V0 + n * H4P + e1];
+                f_v10 = tiles[V0 + (n + 1u) * H4P + e0];
+                f_v11 = tiles[V0 + (n + 1u) * H4P + e1];
             }
-            l.x += pa;
-            l.y += pb;
-            acc_a0 = axpy4(pa, v_0, acc_a0);
-            acc_a1 = axpy4(pa, v_1, acc_a1);
-            acc_b0 = axpy4(pb, v_0, acc_b0);
-            acc_b1 = axpy4(pb, v_1, acc_b1);
-            if (RPT == 4u) {
-                l.z += pc;
-                l.w += pd;
-                acc_c0 = axpy4(pc, v_0, acc_c0);
-                acc_c1 = axpy4(pc, v_1, acc_c1);
-                acc_d0 = axpy4(pd, v_0, acc_d0);
-                acc_d1 = axpy4(pd, v_1, acc_d1);
-            }
+            l += p.j0;
+            acc = acc_key(acc, p.j0, v00, v01);
+            l += p.j1;
+            acc = acc_key(acc, p.j1, v10, v11);
         }
     }
     // l >= 1 for real rows: key 0 is visible to every row.
     let first = wg.y % DS == 0u && tc == 0u;
-    store_out(b, h, row.x, d0, d1, acc_a0 / l.x, acc_a1 / l.x, m.x + log(l.x), first);
-    store_out(b, h, row.y, d0, d1, acc_b0 / l.y, acc_b1 / l.y, m.y + log(l.y), first);
+    store_out(b, h, row.x, d0, d1, acc.a0 / l.x, acc.a1 / l.x, m.x + log(l.x), first);
+    store_out(b, h, row.y, d0, d1, acc.b0 / l.y, acc.b1 / l.y, m.y + log(l.y), first);
     if (RPT == 4u) {
-        store_out(b, h, row.z, d0, d1, acc_c0 / l.z, acc_c1 / l.z, m.z + log(l.z), first);
-        store_out(b, h, row.w, d0, d1, acc_d0 / l.w, acc_d1 / l.w, m.w + log(l.w), first);
+        store_out(b, h, row.z, d0, d1, acc.c0 / l.z, acc.c1 / l.z, m.z + log(l.z), first);
+        store_out(b, h, row.w, d0, d1, acc.d0 / l.w, acc.d1 / l.w, m.w + log(l.w), first);
     }
 }
 
@@ -471,7 +505,7 @@ fn attention_backward_delta(@builtin(workgroup_id) wg: vec3u, @builtin(num_workg
     delta[n] = s;
 }
 
-// dq: a workgroup per BR queries. tiles: Q (BR) | dO (BR) | K (BS) | V (BS). mat: dS (BR, BS+1).
+// dq: a workgroup per BR queries. tiles: Q (BR) | dO (BR) | K (BS) | V (BS). pt: dS.
 @compute @workgroup_size(NR * TC)
 fn attention_backward_dq(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
     let Q0 = 0u;
@@ -482,7 +516,8 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoca
     let h = wg.y / DS;
     let q0 = wg.x * BR;
     let tc = lid % TC;
-    let ra = RPT * (lid / TC);
+    let g = lid / TC;
+    let ra = RPT * g;
     let rb = ra + 1u;
     let rc = ra + 2u;
     let rd = ra + 3u;
@@ -501,14 +536,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoca
     let lse4 = vec4(lse_in[stats + srow.x], lse_in[stats + srow.y], lse_in[stats + srow.z], lse_in[stats + srow.w]);
     let delta4 = vec4(delta_in[stats + srow.x], delta_in[stats + srow.y], delta_in[stats + srow.z],
                       delta_in[stats + srow.w]);
-    var acc_a0 = vec4(0.0);
-    var acc_a1 = vec4(0.0);
-    var acc_b0 = vec4(0.0);
-    var acc_b1 = vec4(0.0);
-    var acc_c0 = vec4(0.0);
-    var acc_c1 = vec4(0.0);
-    var acc_d0 = vec4(0.0);
-    var acc_d1 = vec4(0.0);
+    var acc = Acc();
 
     let k_end = min(ap.T, q0 + BR);
     // PREFETCH: the thread's share of the next K and V tiles, read one tile ahead (as in the forward).
@@ -563,7 +591,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoca
                 pv3 = fetch_qkv(2u, b, h, kn, lid + 3u * NT);
             }
         }
-        // 1. S = Q K^T and dP = dO V^T for the thread's rows against keys k0 + tc + TC * (0..3); dS into mat.
+        // 1. S = Q K^T and dP = dO V^T for the thread's rows against keys k0 + tc + TC * (0..3); dS into pt.
         var s_a = vec4(0.0);
         var s_b = vec4(0.0);
         var s_c = vec4(0.0);
@@ -669,71 +697,48 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoca
         let keys = vec4(k0 + tc) + vec4(0u, TC, 2u * TC, 3u * TC);
         let p_a = select(vec4(0.0), exp(s_a * scale - lse4.x), keys <= vec4(row.x));
         let p_b = select(vec4(0.0), exp(s_b * scale - lse4.y), keys <= vec4(row.y));
-        store4(ra * (BS + 1u) + tc, p_a * (dp_a - delta4.x));
-        store4(rb * (BS + 1u) + tc, p_b * (dp_b - delta4.y));
-        if (RPT == 4u) {
-            let p_c = select(vec4(0.0), exp(s_c * scale - lse4.z), keys <= vec4(row.z));
-            let p_d = select(vec4(0.0), exp(s_d * scale - lse4.w), keys <= vec4(row.w));
-            store4(rc * (BS + 1u) + tc, p_c * (dp_c - delta4.z));
-            store4(rd * (BS + 1u) + tc, p_d * (dp_d - delta4.w));
-        }
+        let p_c = select(vec4(0.0), exp(s_c * scale - lse4.z), keys <= vec4(row.z));
+        let p_d = select(vec4(0.0), exp(s_d * scale - lse4.w), keys <= vec4(row.w));
+        put_tile(0u, g, tc, p_a * (dp_a - delta4.x), p_b * (dp_b - delta4.y), p_c * (dp_c - delta4.z),
+                 p_d * (dp_d - delta4.w));
         workgroupBarrier();
-        // 2. acc += dS K over the tile's keys (f_*: key j's values, as in step 1).
-        var f_kj_0 = tiles[K0 + e0];
-        var f_kj_1 = tiles[K0 + e1];
-        var f_dsa = mat[ra * (BS + 1u)];
-        var f_dsb = mat[rb * (BS + 1u)];
-        var f_dsc = 0.0;
-        var f_dsd = 0.0;
-        if (RPT == 4u) {
-            f_dsc = mat[rc * (BS + 1u)];
-            f_dsd = mat[rd * (BS + 1u)];
-        }
-        for (var j = 0u; j < BS; j++) {
+        // 2. acc += dS K over the tile's keys, two at a time (as the forward's step 3).
+        var f_ds = get_pair(0u, g, 0u);
+        var f_k00 = tiles[K0 + e0];
+        var f_k01 = tiles[K0 + e1];
+        var f_k10 = tiles[K0 + H4P + e0];
+        var f_k11 = tiles[K0 + H4P + e1];
+        for (var jp = 0u; jp < BS / 2u; jp++) {
             if (!PIPELINE) {
-                f_kj_0 = tiles[K0 + j * H4P + e0];
-                f_kj_1 = tiles[K0 + j * H4P + e1];
-                f_dsa = mat[ra * (BS + 1u) + j];
-                f_dsb = mat[rb * (BS + 1u) + j];
-                if (RPT == 4u) {
-                    f_dsc = mat[rc * (BS + 1u) + j];
-                    f_dsd = mat[rd * (BS + 1u) + j];
-                }
+                let j = 2u * jp;
+                f_ds = get_pair(0u, g, jp);
+                f_k00 = tiles[K0 + j * H4P + e0];
+                f_k01 = tiles[K0 + j * H4P + e1];
+                f_k10 = tiles[K0 + (j + 1u) * H4P + e0];
+                f_k11 = tiles[K0 + (j + 1u) * H4P + e1];
             }
-            let k_0 = f_kj_0;
-            let k_1 = f_kj_1;
-            let dsa = f_dsa;
-            let dsb = f_dsb;
-            let dsc = f_dsc;
-            let dsd = f_dsd;
-            if (PIPELINE && j + 1u < BS) {
-                let n = j + 1u;
-                f_kj_0 = tiles[K0 + n * H4P + e0];
-                f_kj_1 = tiles[K0 + n * H4P + e1];
-                f_dsa = mat[ra * (BS + 1u) + n];
-                f_dsb = mat[rb * (BS + 1u) + n];
-                if (RPT == 4u) {
-                    f_dsc = mat[rc * (BS + 1u) + n];
-                    f_dsd = mat[rd * (BS + 1u) + n];
-                }
+            let ds = f_ds;
+            let k00 = f_k00;
+            let k01 = f_k01;
+            let k10 = f_k10;
+            let k11 = f_k11;
+            if (PIPELINE && jp + 1u < BS / 2u) {
+                let n = 2u * jp + 2u;
+                f_ds = get_pair(0u, g, jp + 1u);
+                f_k00 = tiles[K0 + n * H4P + e0];
+                f_k01 = tiles[K0 + n * H4P + e1];
+                f_k10 = tiles[K0 + (n + 1u) * H4P + e0];
+                f_k11 = tiles[K0 + (n + 1u) * H4P + e1];
             }
-            acc_a0 = axpy4(dsa, k_0, acc_a0);
-            acc_a1 = axpy4(dsa, k_1, acc_a1);
-            acc_b0 = axpy4(dsb, k_0, acc_b0);
-            acc_b1 = axpy4(dsb, k_1, acc_b1);
-            if (RPT == 4u) {
-                acc_c0 = axpy4(dsc, k_0, acc_c0);
-                acc_c1 = axpy4(dsc, k_1, acc_c1);
-                acc_d0 = axpy4(dsd, k_0, acc_d0);
-                acc_d1 = axpy4(dsd, k_1, acc_d1);
-            }
+            acc = acc_key(acc, ds.j0, k00, k01);
+            acc = acc_key(acc, ds.j1, k10, k11);
         }
     }
-    store_grad(b, h, row.x, 0u, d0, d1, acc_a0 * scale, acc_a1 * scale);
-    store_grad(b, h, row.y, 0u, d0, d1, acc_b0 * scale, acc_b1 * scale);
+    store_grad(b, h, row.x, 0u, d0, d1, acc.a0 * scale, acc.a1 * scale);
+    store_grad(b, h, row.y, 0u, d0, d1, acc.b0 * scale, acc.b1 * scale);
     if (RPT == 4u) {
-        store_grad(b, h, row.z, 0u, d0, d1, acc_c0 * scale, acc_c1 * scale);
-        store_grad(b, h, row.w, 0u, d0, d1, acc_d0 * scale, acc_d1 * scale);
+        store_grad(b, h, row.z, 0u, d0, d1, acc.c0 * scale, acc.c1 * scale);
+        store_grad(b, h, row.w, 0u, d0, d1, acc.d0 * scale, acc.d1 * scale);
     }
 }
 
@@ -765,22 +770,22 @@ fn put_stats(l0: u32, i: u32, v: vec2<f32>) {
 }
 
 // dk, dv: a workgroup per BR keys; the thread's rows a, b (c, d) are keys, streamed tiles are BS queries.
-// tiles: K (BR) | V (BR) | Q (BS) | dO (BS). mat: P (BR, BS+1) | dS (BR, BS+1) | lse (BS) | delta (BS).
+// tiles: K (BR) | V (BR) | Q (BS) | dO (BS). pt: P | dS. mat: lse (BS) | delta (BS).
 @compute @workgroup_size(NR * TC)
 fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
     let K0 = 0u;
     let V0 = BR * H4P;
     let Q0 = V0 + BR * H4P;
     let DO0 = Q0 + BS * H4P;
-    let P0 = 0u;
-    let DS0 = BR * (BS + 1u);
-    let L0 = 2u * DS0;
-    let D0 = L0 + BS;
+    let DS4 = (BS / 2u) * PW4;
+    let L0 = 0u;
+    let D0 = BS;
     let b = wg.z;
     let h = wg.y / DS;
     let k0 = wg.x * BR;
     let tc = lid % TC;
-    let ra = RPT * (lid / TC);
+    let g = lid / TC;
+    let ra = RPT * g;
     let rb = ra + 1u;
     let rc = ra + 2u;
     let rd = ra + 3u;
@@ -793,22 +798,8 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
 
     load_qkv(K0, 1u, b, h, k0, BR, lid);
     load_qkv(V0, 2u, b, h, k0, BR, lid);
-    var dk_a0 = vec4(0.0);
-    var dk_a1 = vec4(0.0);
-    var dk_b0 = vec4(0.0);
-    var dk_b1 = vec4(0.0);
-    var dk_c0 = vec4(0.0);
-    var dk_c1 = vec4(0.0);
-    var dk_d0 = vec4(0.0);
-    var dk_d1 = vec4(0.0);
-    var dv_a0 = vec4(0.0);
-    var dv_a1 = vec4(0.0);
-    var dv_b0 = vec4(0.0);
-    var dv_b1 = vec4(0.0);
-    var dv_c0 = vec4(0.0);
-    var dv_c1 = vec4(0.0);
-    var dv_d0 = vec4(0.0);
-    var dv_d1 = vec4(0.0);
+    var dk = Acc();
+    var dv = Acc();
 
     let stats = (b * ap.NH + h) * ap.T;
     // Query rows before k0 see none of the block's keys: start at the tile holding row k0.
@@ -888,7 +879,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
             if (PF_S > 3u) { ps3 = fetch_stats(stats, qn, lid + 3u * NT); }
         }
         // 1. S^T = K Q^T and dP^T = V dO^T for the thread's keys against queries q0 + tc + TC * (0..3);
-        //    P, dS into mat.
+        //    P, dS into pt.
         var s_a = vec4(0.0);
         var s_b = vec4(0.0);
         var s_c = vec4(0.0);
@@ -998,18 +989,11 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
         let delta4 = vec4(mat[D0 + j.x], mat[D0 + j.y], mat[D0 + j.z], mat[D0 + j.w]);
         let p_a = select(vec4(0.0), exp(s_a * scale - lse4), real & (vec4(key.x) <= rows));
         let p_b = select(vec4(0.0), exp(s_b * scale - lse4), real & (vec4(key.y) <= rows));
-        store4(P0 + ra * (BS + 1u) + tc, p_a);
-        store4(P0 + rb * (BS + 1u) + tc, p_b);
-        store4(DS0 + ra * (BS + 1u) + tc, p_a * (dp_a - delta4));
-        store4(DS0 + rb * (BS + 1u) + tc, p_b * (dp_b - delta4));
-        if (RPT == 4u) {
-            let p_c = select(vec4(0.0), exp(s_c * scale - lse4), real & (vec4(key.z) <= rows));
-            let p_d = select(vec4(0.0), exp(s_d * scale - lse4), real & (vec4(key.w) <= rows));
-            store4(P0 + rc * (BS + 1u) + tc, p_c);
-            store4(P0 + rd * (BS + 1u) + tc, p_d);
-            store4(DS0 + rc * (BS + 1u) + tc, p_c * (dp_c - delta4));
-            store4(DS0 + rd * (BS + 1u) + tc, p_d * (dp_d - delta4));
-        }
+        let p_c = select(vec4(0.0), exp(s_c * scale - lse4), real & (vec4(key.z) <= rows));
+        let p_d = select(vec4(0.0), exp(s_d * scale - lse4), real & (vec4(key.w) <= rows));
+        put_tile(0u, g, tc, p_a, p_b, p_c, p_d);
+        put_tile(DS4, g, tc, p_a * (dp_a - delta4), p_b * (dp_b - delta4), p_c * (dp_c - delta4),
+                 p_d * (dp_d - delta4));
         workgroupBarrier();
         // STORE_DS: the tile's dS (unscaled) to ds_out[b, h, key, query] for attention_backward_dq_ds; neighbouring
         // threads take neighbouring queries of a key (neighbouring addresses). The first dim chunk writes it.
@@ -1019,104 +1003,73 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
                 let kr = i / BS;
                 let qc = i % BS;
                 if (q0 + qc < ap.T && k0 + kr < ap.T) {
-                    ds_out[base + (k0 + kr) * ap.T + q0 + qc] = mat[DS0 + kr * (BS + 1u) + qc];
+                    ds_out[base + (k0 + kr) * ap.T + q0 + qc] = get_entry(DS4, kr, qc);
                 }
             }
         }
-        // 2. dv += P^T dO and dk += dS^T Q over the tile's queries (f_*: query i's values, as in step 1).
-        var f_qi_0 = tiles[Q0 + e0];
-        var f_qi_1 = tiles[Q0 + e1];
-        var f_gi_0 = tiles[DO0 + e0];
-        var f_gi_1 = tiles[DO0 + e1];
-        var f_pa = mat[P0 + ra * (BS + 1u)];
-        var f_pb = mat[P0 + rb * (BS + 1u)];
-        var f_dsa = mat[DS0 + ra * (BS + 1u)];
-        var f_dsb = mat[DS0 + rb * (BS + 1u)];
-        var f_pc = 0.0;
-        var f_pd = 0.0;
-        var f_dsc = 0.0;
-        var f_dsd = 0.0;
-        if (RPT == 4u) {
-            f_pc = mat[P0 + rc * (BS + 1u)];
-            f_pd = mat[P0 + rd * (BS + 1u)];
-            f_dsc = mat[DS0 + rc * (BS + 1u)];
-            f_dsd = mat[DS0 + rd * (BS + 1u)];
-        }
-        for (var i = 0u; i < BS; i++) {
+        // 2. dv += P^T dO and dk += dS^T Q over the tile's queries, two at a time (as the forward's step 3).
+        var f_p = get_pair(0u, g, 0u);
+        var f_ds = get_pair(DS4, g, 0u);
+        var f_q00 = tiles[Q0 + e0];
+        var f_q01 = tiles[Q0 + e1];
+        var f_q10 = tiles[Q0 + H4P + e0];
+        var f_q11 = tiles[Q0 + H4P + e1];
+        var f_g00 = tiles[DO0 + e0];
+        var f_g01 = tiles[DO0 + e1];
+        var f_g10 = tiles[DO0 + H4P + e0];
+        var f_g11 = tiles[DO0 + H4P + e1];
+        for (var ip = 0u; ip < BS / 2u; ip++) {
             if (!PIPELINE) {
-                f_qi_0 = tiles[Q0 + i * H4P + e0];
-                f_qi_1 = tiles[Q0 + i * H4P + e1];
-                f_gi_0 = tiles[DO0 + i * H4P + e0];
-                f_gi_1 = tiles[DO0 + i * H4P + e1];
-                f_pa = mat[P0 + ra * (BS + 1u) + i];
-                f_pb = mat[P0 + rb * (BS + 1u) + i];
-                f_dsa = mat[DS0 + ra * (BS + 1u) + i];
-                f_dsb = mat[DS0 + rb * (BS + 1u) + i];
-                if (RPT == 4u) {
-                    f_pc = mat[P0 + rc * (BS + 1u) + i];
-                    f_pd = mat[P0 + rd * (BS + 1u) + i];
-                    f_dsc = mat[DS0 + rc * (BS + 1u) + i];
-                    f_dsd = mat[DS0 + rd * (BS + 1u) + i];
-                }
+                let i = 2u * ip;
+                f_p = get_pair(0u, g, ip);
+                f_ds = get_pair(DS4, g, ip);
+                f_q00 = tiles[Q0 + i * H4P + e0];
+                f_q01 = tiles[Q0 + i * H4P + e1];
+                f_q10 = tiles[Q0 + (i + 1u) * H4P + e0];
+                f_q11 = tiles[Q0 + (i + 1u) * H4P + e1];
+                f_g00 = tiles[DO0 + i * H4P + e0];
+                f_g01 = tiles[DO0 + i * H4P + e1];
+                f_g10 = tiles[DO0 + (i + 1u) * H4P + e0];
+                f_g11 = tiles[DO0 + (i + 1u) * H4P + e1];
             }
-            let q_0 = f_qi_0;
-            let q_1 = f_qi_1;
-            let g_0 = f_gi_0;
-            let g_1 = f_gi_1;
-            let pa = f_pa;
-            let pb = f_pb;
-            let dsa = f_dsa;
-            let dsb = f_dsb;
-            let pc = f_pc;
-            let pd = f_pd;
-            let dsc = f_dsc;
-            let dsd = f_dsd;
-            if (PIPELINE && i + 1u < BS) {
-                let n = i + 1u;
-                f_qi_0 = tiles[Q0 + n * H4P + e0];
-                f_qi_1 = tiles[Q0 + n * H4P + e1];
-                f_gi_0 = tiles[DO0 + n * H4P + e0];
-                f_gi_1 = tiles[DO0 + n * H4P + e1];
-                f_pa = mat[P0 + ra * (BS + 1u) + n];
-                f_pb = mat[P0 + rb * (BS + 1u) + n];
-                f_dsa = mat[DS0 + ra * (BS + 1u) + n];
-                f_dsb = mat[DS0 + rb * (BS + 1u) + n];
-                if (RPT == 4u) {
-                    f_pc = mat[P0 + rc * (BS + 1u) + n];
-                    f_pd = mat[P0 + rd * (BS + 1u) + n];
-                    f_dsc = mat[DS0 + rc * (BS + 1u) + n];
-                    f_dsd = mat[DS0 + rd * (BS + 1u) + n];
-                }
+            let p = f_p;
+            let ds = f_ds;
+            let q00 = f_q00;
+            let q01 = f_q01;
+            let q10 = f_q10;
+            let q11 = f_q11;
+            let g00 = f_g00;
+            let g01 = f_g01;
+            let g10 = f_g10;
+            let g11 = f_g11;
+            if (PIPELINE && ip + 1u < BS / 2u) {
+                let n = 2u * ip + 2u;
+                f_p = get_pair(0u, g, ip + 1u);
+                f_ds = get_pair(DS4, g, ip + 1u);
+                f_q00 = tiles[Q0 + n * H4P + e0];
+                f_q01 = tiles[Q0 + n * H4P + e1];
+                f_q10 = tiles[Q0 + (n + 1u) * H4P + e0];
+                f_q11 = tiles[Q0 + (n + 1u) * H4P + e1];
+                f_g00 = tiles[DO0 + n * H4P + e0];
+                f_g01 = tiles[DO0 + n * H4P + e1];
+                f_g10 = tiles[DO0 + (n + 1u) * H4P + e0];
+                f_g11 = tiles[DO0 + (n + 1u) * H4P + e1];
             }
-            dv_a0 = axpy4(pa, g_0, dv_a0);
-            dv_a1 = axpy4(pa, g_1, dv_a1);
-            dv_b0 = axpy4(pb, g_0, dv_b0);
-            dv_b1 = axpy4(pb, g_1, dv_b1);
-            dk_a0 = axpy4(dsa, q_0, dk_a0);
-            dk_a1 = axpy4(dsa, q_1, dk_a1);
-            dk_b0 = axpy4(dsb, q_0, dk_b0);
-            dk_b1 = axpy4(dsb, q_1, dk_b1);
-            if (RPT == 4u) {
-                dv_c0 = axpy4(pc, g_0, dv_c0);
-                dv_c1 = axpy4(pc, g_1, dv_c1);
-                dv_d0 = axpy4(pd, g_0, dv_d0);
-                dv_d1 = axpy4(pd, g_1, dv_d1);
-                dk_c0 = axpy4(dsc, q_0, dk_c0);
-                dk_c1 = axpy4(dsc, q_1, dk_c1);
-                dk_d0 = axpy4(dsd, q_0, dk_d0);
-                dk_d1 = axpy4(dsd, q_1, dk_d1);
-            }
+            dv = acc_key(dv, p.j0, g00, g01);
+            dk = acc_key(dk, ds.j0, q00, q01);
+            dv = acc_key(dv, p.j1, g10, g11);
+            dk = acc_key(dk, ds.j1, q10, q11);
         }
     }
-    store_grad(b, h, key.x, 1u, d0, d1, dk_a0 * scale, dk_a1 * scale);
-    store_grad(b, h, key.x, 2u, d0, d1, dv_a0, dv_a1);
-    store_grad(b, h, key.y, 1u, d0, d1, dk_b0 * scale, dk_b1 * scale);
-    store_grad(b, h, key.y, 2u, d0, d1, dv_b0, dv_b1);
+    store_grad(b, h, key.x, 1u, d0, d1, dk.a0 * scale, dk.a1 * scale);
+    store_grad(b, h, key.x, 2u, d0, d1, dv.a0, dv.a1);
+    store_grad(b, h, key.y, 1u, d0, d1, dk.b0 * scale, dk.b1 * scale);
+    store_grad(b, h, key.y, 2u, d0, d1, dv.b0, dv.b1);
     if (RPT == 4u) {
-        store_grad(b, h, key.z, 1u, d0, d1, dk_c0 * scale, dk_c1 * scale);
-        store_grad(b, h, key.z, 2u, d0, d1, dv_c0, dv_c1);
-        store_grad(b, h, key.w, 1u, d0, d1, dk_d0 * scale, dk_d1 * scale);
-        store_grad(b, h, key.w, 2u, d0, d1, dv_d0, dv_d1);
+        store_grad(b, h, key.z, 1u, d0, d1, dk.c0 * scale, dk.c1 * scale);
+        store_grad(b, h, key.z, 2u, d0, d1, dv.c0, dv.c1);
+        store_grad(b, h, key.w, 1u, d0, d1, dk.d0 * scale, dk.d1 * scale);
+        store_grad(b, h, key.w, 2u, d0, d1, dv.d0, dv.d1);
     }
 }
 

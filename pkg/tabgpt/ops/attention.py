@@ -68,15 +68,17 @@ class Tile:
         return -(-hs // (8 * self.TC))
 
 
-def workgroup_memory(entry: str, hs: int, t: Tile) -> tuple[int, int]:
-    """(vec4s of `tiles`, f32s of `mat`) an entry point needs: the layouts written above each in the WGSL."""
+def workgroup_memory(entry: str, hs: int, t: Tile) -> tuple[int, int, int]:
+    """(vec4s of `tiles`, f32s of `mat`, vec4s of `pt`) an entry point needs: the layouts written above each in the
+    WGSL. A score-shaped tile in `pt` is BS / 2 pair rows of PW4 = BR / 2 + 4 vec4s (the shader's header)."""
     h4p, BR, BS = hs // 4 + 1, t.RPT * t.NR, 4 * t.TC
-    if entry == "attention_forward":        # Q | K | V;  P (BR, BS+1) | Mx (BR, TC)
-        return (BR + 2 * BS) * h4p, BR * (BS + 1) + BR * t.TC
-    if entry == "attention_backward_dq":    # Q | dO | K | V;  dS (BR, BS+1)
-        return (2 * BR + 2 * BS) * h4p, BR * (BS + 1)
-    if entry == "attention_backward_dkv":   # K | V | Q | dO;  P, dS (BR, BS+1) | lse, delta (BS)
-        return (2 * BR + 2 * BS) * h4p, 2 * BR * (BS + 1) + 2 * BS
+    score = (BS // 2) * (BR // 2 + 4)
+    if entry == "attention_forward":        # Q | K | V;  P;  Mx (BR, TC)
+        return (BR + 2 * BS) * h4p, BR * t.TC, score
+    if entry == "attention_backward_dq":    # Q | dO | K | V;  dS
+        return (2 * BR + 2 * BS) * h4p, 0, score
+    if entry == "attention_backward_dkv":   # K | V | Q | dO;  P | dS;  lse, delta (BS)
+        return (2 * BR + 2 * BS) * h4p, 2 * BS, 2 * score
     raise ValueError(entry)
 
 
@@ -99,11 +101,11 @@ def tile_problem(entry: str, hs: int, t: Tile, limits: dict) -> str:
     threads = t.NR * t.TC
     if t.RPT not in (2, 4):
         return f"RPT={t.RPT} rows per thread (2 or 4)"
-    smv, sms = workgroup_memory(entry, hs, t)
+    smv, sms, smp = workgroup_memory(entry, hs, t)
     if threads > limits["max-compute-invocations-per-workgroup"] or threads > limits["max-compute-workgroup-size-x"]:
         return f"{threads} threads"
-    if 16 * smv + 4 * sms > limits["max-compute-workgroup-storage-size"]:
-        return f"{16 * smv + 4 * sms} bytes of workgroup memory"
+    if 16 * smv + 4 * sms + 16 * smp > limits["max-compute-workgroup-storage-size"]:
+        return f"{16 * smv + 4 * sms + 16 * smp} bytes of workgroup memory"
     return ""
 
 
@@ -241,12 +243,12 @@ class Attention:
                 raise GPUError(f"{entry}: tile {t} does not fit head size {hs}: {problem}")
             if n_head * t.chunks(hs) > dev.limits["max-compute-workgroups-per-dimension"]:
                 raise GPUError(f"{entry}: n_head={n_head} x {t.chunks(hs)} chunks exceeds the workgroup grid limit")
-            smv, sms = workgroup_memory(entry, hs, t)
+            smv, sms, smp = workgroup_memory(entry, hs, t)
             chosen[entry] = t
             prefetched[entry] = bool(prefetch) and not prefetch_problem(hs, t)
             kernels[entry] = await dev.kernel(FILE, entry, constants={
-                "HS": hs, "TC": t.TC, "NR": t.NR, "RPT": t.RPT, "DS": t.chunks(hs), "SMV": smv, "SMS": sms,
-                "PIPELINE": bool(pipeline), "PREFETCH": prefetched[entry],
+                "HS": hs, "TC": t.TC, "NR": t.NR, "RPT": t.RPT, "DS": t.chunks(hs), "SMV": smv,
+                "SMS": max(1, sms), "SMP": smp, "PIPELINE": bool(pipeline), "PREFETCH": prefetched[entry],
                 **({"STORE_DS": True} if dq == "ds" and entry == "attention_backward_dkv" else {})})
         ds = no_ds = None
         if dq == "ds":
