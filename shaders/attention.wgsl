@@ -143,24 +143,38 @@ fn pair_at(m4: u32, g: u32, j: u32) -> u32 {
     return m4 + (j >> 1u) * PW4 + (RPT / 2u) * g;
 }
 
-// x (the thread group's rows a..d of streamed row j) into the tile at m4.
-fn put_col(m4: u32, g: u32, j: u32, x: vec4<f32>) {
-    let i = pair_at(m4, g, j);
+// x (a thread group's rows a..d of a streamed row j) at vec4 i = pair_at(.., j) of `pt`, odd = j & 1.
+fn put_col(i: u32, odd: u32, x: vec4<f32>) {
     if (RPT == 4u) {
-        pt[i + (j & 1u)] = x;
+        pt[i + odd] = x;
     } else {
-        let c = 2u * (j & 1u);
-        pt[i][c] = x.x;
-        pt[i][c + 1u] = x.y;
+        pt[i][2u * odd] = x.x;
+        pt[i][2u * odd + 1u] = x.y;
     }
 }
 
 // A thread's score-shaped tile (its rows a..d x_a..x_d, streamed rows tc + TC (0, 1, 2, 3)) into the tile at m4.
+// With TC even (all but TC = 1) the four streamed rows share their parity and lie TC / 2 pair rows apart: one
+// index for all four, stepped by a constant.
 fn put_tile(m4: u32, g: u32, tc: u32, x_a: vec4<f32>, x_b: vec4<f32>, x_c: vec4<f32>, x_d: vec4<f32>) {
-    put_col(m4, g, tc, vec4(x_a.x, x_b.x, x_c.x, x_d.x));
-    put_col(m4, g, tc + TC, vec4(x_a.y, x_b.y, x_c.y, x_d.y));
-    put_col(m4, g, tc + 2u * TC, vec4(x_a.z, x_b.z, x_c.z, x_d.z));
-    put_col(m4, g, tc + 3u * TC, vec4(x_a.w, x_b.w, x_c.w, x_d.w));
+    let x0 = vec4(x_a.x, x_b.x, x_c.x, x_d.x);
+    let x1 = vec4(x_a.y, x_b.y, x_c.y, x_d.y);
+    let x2 = vec4(x_a.z, x_b.z, x_c.z, x_d.z);
+    let x3 = vec4(x_a.w, x_b.w, x_c.w, x_d.w);
+    if (TC % 2u == 0u) {
+        let i = pair_at(m4, g, tc);
+        let odd = tc & 1u;
+        let step = (TC / 2u) * PW4;
+        put_col(i, odd, x0);
+        put_col(i + step, odd, x1);
+        put_col(i + 2u * step, odd, x2);
+        put_col(i + 3u * step, odd, x3);
+    } else {
+        put_col(pair_at(m4, g, tc), tc & 1u, x0);
+        put_col(pair_at(m4, g, tc + TC), (tc + TC) & 1u, x1);
+        put_col(pair_at(m4, g, tc + 2u * TC), (tc + 2u * TC) & 1u, x2);
+        put_col(pair_at(m4, g, tc + 3u * TC), (tc + 3u * TC) & 1u, x3);
+    }
 }
 
 // The thread group's rows a..d of streamed rows 2 jp (j0) and 2 jp + 1 (j1) of the tile at m4 (zeros past RPT).
@@ -175,14 +189,6 @@ fn get_pair(m4: u32, g: u32, jp: u32) -> Pair {
     return Pair(vec4(u.xy, 0.0, 0.0), vec4(u.zw, 0.0, 0.0));
 }
 
-// Entry (r, j) of the tile at m4: block row r, streamed row j.
-fn get_entry(m4: u32, r: u32, j: u32) -> f32 {
-    let i = pair_at(m4, r / RPT, j);
-    if (RPT == 4u) {
-        return pt[i + (j & 1u)][r % 4u];
-    }
-    return pt[i][2u * (j & 1u) + r % 2u];
-}
 
 // Copy `rows` rows (tokens t0..) of one third of qkv (part 0: q, 1: k, 2: v), head h, into tiles[dst + r*H4P];
 // rows past T are zero.
@@ -995,15 +1001,37 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
         put_tile(DS4, g, tc, p_a * (dp_a - delta4), p_b * (dp_b - delta4), p_c * (dp_c - delta4),
                  p_d * (dp_d - delta4));
         workgroupBarrier();
-        // STORE_DS: the tile's dS (unscaled) to ds_out[b, h, key, query] for attention_backward_dq_ds; neighbouring
-        // threads take neighbouring queries of a key (neighbouring addresses). The first dim chunk writes it.
+        // STORE_DS: the tile's dS (unscaled) to ds_out[b, h, key, query] for attention_backward_dq_ds, by the first
+        // dim chunk.
         if (STORE_DS && wg.y % DS == 0u) {
             let base = (b * ap.NH + h) * ap.T * ap.T;
-            for (var i = lid; i < BR * BS; i += NT) {
-                let kr = i / BS;
-                let qc = i % BS;
-                if (q0 + qc < ap.T && k0 + kr < ap.T) {
-                    ds_out[base + (k0 + kr) * ap.T + q0 + qc] = get_entry(DS4, kr, qc);
+            // One vec4 of the tile a step, neighbouring threads on neighbouring pair rows (queries, so neighbouring
+            // addresses): RPT = 2, keys 2 c, 2 c + 1 x queries 2 jp, 2 jp + 1; RPT = 4, keys 4 (c / 2) .. + 3 x
+            // query 2 jp + c % 2.
+            for (var v = lid; v < (BS / 2u) * (BR / 2u); v += NT) {
+                let jp = v % (BS / 2u);
+                let c = v / (BS / 2u);
+                let x = pt[DS4 + jp * PW4 + c];
+                if (RPT == 4u) {
+                    let q = q0 + 2u * jp + c % 2u;
+                    let kr = k0 + 4u * (c / 2u);
+                    if (q < ap.T) {
+                        if (kr < ap.T) { ds_out[base + kr * ap.T + q] = x.x; }
+                        if (kr + 1u < ap.T) { ds_out[base + (kr + 1u) * ap.T + q] = x.y; }
+                        if (kr + 2u < ap.T) { ds_out[base + (kr + 2u) * ap.T + q] = x.z; }
+                        if (kr + 3u < ap.T) { ds_out[base + (kr + 3u) * ap.T + q] = x.w; }
+                    }
+                } else {
+                    let q = q0 + 2u * jp;
+                    let kr = k0 + 2u * c;
+                    if (kr < ap.T) {
+                        if (q < ap.T) { ds_out[base + kr * ap.T + q] = x.x; }
+                        if (q + 1u < ap.T) { ds_out[base + kr * ap.T + q + 1u] = x.z; }
+                    }
+                    if (kr + 1u < ap.T) {
+                        if (q < ap.T) { ds_out[base + (kr + 1u) * ap.T + q] = x.y; }
+                        if (q + 1u < ap.T) { ds_out[base + (kr + 1u) * ap.T + q + 1u] = x.w; }
+                    }
                 }
             }
         }
