@@ -242,6 +242,24 @@ def test_the_pages_memory_estimate_counts_the_stored_ds_where_auto_keeps_it(monk
     assert with_ds[1] == big.gpu_bytes_estimate()
 
 
+def test_buffers_smaller_than_their_shapes_are_refused(dev):
+    # The kernels index without clamps (gpu.UNCLAMPED_FILES): a buffer too small for B, T, C must not reach them.
+    B, T, C, NH = 2, 16, 32, 2
+    attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH))
+    full = lambda n: dev.buffer(4 * n, "x")  # noqa: E731
+    qkv, out, lse, dout, dqkv = full(B * T * 3 * C), full(B * T * C), full(B * NH * T), full(B * T * C), \
+        full(B * T * 3 * C)
+    seq = dev.sequence("attention")
+    attn.forward(seq, out=out, lse=lse, qkv=qkv)
+    attn.backward(seq, dqkv=dqkv, dout=dout, qkv=qkv, out=out, lse=lse)
+    with pytest.raises(gpu.GPUError, match=r"qkv binds 12284 bytes, needs \(32, 96\) f32 = 12288"):
+        attn.forward(seq, out=out, lse=lse, qkv=full(B * T * 3 * C - 1))
+    with pytest.raises(gpu.GPUError, match="lse binds"):
+        attn.forward(seq, out=out, lse=full(B * NH * T - 1), qkv=qkv)
+    with pytest.raises(gpu.GPUError, match="dqkv binds"):
+        attn.backward(seq, dqkv=out, dout=dout, qkv=qkv, out=out, lse=lse)
+
+
 def test_dq_mode_follows_the_binding_limit_and_refuses_what_does_not_fit(dev, monkeypatch):
     assert attention_op.dq_mode(dev, 2, 1024, 4, 16) == "ds"                     # 32 MiB of dS
     assert attention_op.dq_mode(dev, 8, 2048, 4, 16) == "recompute"              # 512 MiB: over the limits

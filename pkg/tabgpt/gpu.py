@@ -409,8 +409,9 @@ SHADER_CHECKS = {"all": None, "bounds": 0x1, "none": 0x0}
 DEFAULT_SHADER_CHECKS = "bounds"
 # Files whose kernels drop the index clamps too under "bounds": every index they form is in range by construction
 # (workgroup tiles indexed by constants and thread ids; global reads and writes behind explicit row / column
-# checks against sizes ops/matmul.py validates against the bound buffers before any dispatch).
-UNCLAMPED_FILES = {"matmul.wgsl"}
+# checks against sizes that ops/matmul.py and ops/attention.py validate against the bound buffers before any
+# dispatch).
+UNCLAMPED_FILES = {"matmul.wgsl", "attention.wgsl"}
 
 
 def _trusted_modules_available() -> bool:

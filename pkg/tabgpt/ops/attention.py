@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from tabgpt.gpu import Device, GPUError, Sequence
 from tabgpt.ops.elementwise import fold_grid
+from tabgpt.ops.matmul import span
 
 FILE = "attention.wgsl"
 MAX_HEAD_SIZE = 128
@@ -267,14 +268,30 @@ class Attention:
         t = self.tiles[entry]
         return (-(-self.T // (t.RPT * t.NR)), self.n_head * t.chunks(self.hs), self.B)
 
+    def _check(self, **bound):
+        """Each bound buffer at least as big as its shape: the kernels index without clamps (gpu.UNCLAMPED_FILES),
+        every index in range by construction for buffers of these shapes."""
+        rows = self.B * self.T
+        shapes = {"qkv": (rows, 3 * self.C), "out": (rows, self.C), "dout": (rows, self.C), "dqkv": (rows, 3 * self.C),
+                  "lse": (self.B, self.n_head, self.T)}
+        for name, x in bound.items():
+            shape = shapes[name]
+            need = 4 * shape[0] * shape[1] * (shape[2] if len(shape) > 2 else 1)
+            size = span(x)[2]
+            if size < need:
+                raise GPUError(f"attention B={self.B} T={self.T} C={self.C}: {name} binds {size} bytes, needs "
+                               f"{shape} f32 = {need}")
+
     def forward(self, seq: Sequence, out, lse, qkv):
         """out (B*T, C) = causal softmax(q k^T / sqrt(hs)) v per head of qkv (B*T, 3C); lse (B, NH, T) written."""
+        self._check(out=out, lse=lse, qkv=qkv)
         e = "attention_forward"
         seq.dispatch(self.k[e], self._grid(e), ap=self.params, qkv=qkv, out=out, lse=lse)
 
     def backward(self, seq: Sequence, dqkv, dout, qkv, out, lse):
         """dqkv (B*T, 3C) WRITTEN from dout (B*T, C) and the forward's qkv, out and lse. Three dispatches: delta,
         then dq and dkv, or (dq "ds") dkv storing dS, then dq from it."""
+        self._check(dqkv=dqkv, dout=dout, qkv=qkv, out=out, lse=lse)
         seq.dispatch(self.k["attention_backward_delta"], fold_grid(-(-self.B * self.n_head * self.T // 64)),
                      ap=self.params, dout=dout, out_in=out, delta=self.delta)
         e = "attention_backward_dkv"
