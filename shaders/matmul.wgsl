@@ -515,8 +515,29 @@ fn matmul_split_sum(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) n
     let n4 = mp.M * (mp.N / 4u);
     if (i >= n4) { return; }
     let n_slices = (mp.K + mp.chunk - 1u) / mp.chunk;
+    // Eight slabs a step with their loads in flight together (with one load a step, each waited for its memory
+    // latency in turn: 28 of them one after the other for 29 slices), added in slice order. Past the last slice
+    // the loads read the last slab again (in range) and are not added: the same sum to the bit.
+    let last = n_slices - 1u;
     var y = split4[i];
-    for (var z = 1u; z < n_slices; z++) { y += split4[z * n4 + i]; }
+    for (var z = 1u; z < n_slices; z += 8u) {
+        let x0 = split4[z * n4 + i];
+        let x1 = split4[min(z + 1u, last) * n4 + i];
+        let x2 = split4[min(z + 2u, last) * n4 + i];
+        let x3 = split4[min(z + 3u, last) * n4 + i];
+        let x4 = split4[min(z + 4u, last) * n4 + i];
+        let x5 = split4[min(z + 5u, last) * n4 + i];
+        let x6 = split4[min(z + 6u, last) * n4 + i];
+        let x7 = split4[min(z + 7u, last) * n4 + i];
+        y += x0;
+        y = select(y, y + x1, z + 1u <= last);
+        y = select(y, y + x2, z + 2u <= last);
+        y = select(y, y + x3, z + 3u <= last);
+        y = select(y, y + x4, z + 4u <= last);
+        y = select(y, y + x5, z + 5u <= last);
+        y = select(y, y + x6, z + 6u <= last);
+        y = select(y, y + x7, z + 7u <= last);
+    }
     if (HAS_BIAS) { y += bias4[i % (mp.N / 4u)]; }
     if (ACCUMULATE) { y += out4[i]; }
     if (EPILOGUE != 0u) { y = epilogue4(i, y); }

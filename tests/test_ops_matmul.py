@@ -305,6 +305,34 @@ def test_split_k_slices_summed_in_order_match(dev, layout, bias, accumulate):
     assert_product(f"{layout} split-K x3, bias={bias}, accumulate={accumulate}", got, ref, scale)
 
 
+@pytest.mark.parametrize("n_slices", [2, 8, 9, 13, 29])
+def test_split_k_sum_adds_the_slabs_in_slice_order_to_the_bit(dev, n_slices):
+    # The second pass loads eight slabs a step and adds them in order, skipping those past the last slice: its sum
+    # must be the float32 sum slab 0 + slab 1 + ... of the slices' own products, each made here as a product of
+    # its K-slice alone (same kernel and tiles, one slice: the same fma chain).
+    M, N, bk = 20, 36, TILES_MEDIUM["BK"]
+    K = n_slices * bk
+    rng = np.random.default_rng(n_slices)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal((K, N)).astype(np.float32)
+
+    def tiled(a, b, splits):
+        mm = wait(Matmul.create(dev, M, N, a.shape[1], "nn", variant="tiled", tiles=TILES_MEDIUM, splits=splits))
+        out = upload(dev, np.zeros((M, N), np.float32), "out")
+        ba, bb = upload(dev, a, "a"), upload(dev, b, "b")
+        run(dev, lambda seq: mm.dispatch(seq, out=out, a=ba, b=bb))
+        return download(dev, out, (M, N)), mm
+
+    got, mm = tiled(a, b, n_slices)
+    assert mm.splits == n_slices and mm.chunks[0][3][2] == n_slices
+    want = np.zeros((M, N), np.float32)
+    for z in range(n_slices):
+        ks = slice(z * bk, (z + 1) * bk)
+        slab = tiled(np.ascontiguousarray(a[:, ks]), np.ascontiguousarray(b[ks]), 1)[0]
+        want = slab if z == 0 else want + slab
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), np.abs(got - want).max()
+
+
 def test_split_k_with_row_chunks_matches(dev):
     init = np.random.default_rng(15).standard_normal((20, 64)).astype(np.float32)
     got, ref, scale, mm = product(dev, "tn", 20, 64, 300, seed=15, bias=True, init=init, variant="tiled", splits=2,
