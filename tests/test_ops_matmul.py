@@ -911,6 +911,8 @@ def test_autotune_times_every_split_count_up_to_the_fine_limit(dev, tune_cache, 
     from tabgpt.ops import matmul
     monkeypatch.setattr(matmul, "TUNE_REFINE", [])
     monkeypatch.setattr(matmul, "TUNE_SPLITS", (1, 2))
+    # the default count as on a CPU adapter (1) on every adapter: a GPU's (4 at K = 1024) would be one count more
+    monkeypatch.setattr(matmul, "default_splits", lambda dev, workgroups, K: 1)
     timed = {}
     for fine, K in ((0, 512), (4, 512), (8, 384)):
         matmul._tuned.pop(dev, None)
@@ -918,7 +920,7 @@ def test_autotune_times_every_split_count_up_to_the_fine_limit(dev, tune_cache, 
         tiles, splits = wait(matmul.autotune(dev, 64, 96, K, "nn", candidates=[dict(TILES_MEDIUM)], persist=False))
         assert splits in range(1, max(2, fine) + 1) and splits <= K // 128
         timed[fine] = timed_candidates(dev)
-    # the default count (1 on a CPU adapter) and 2; then 3 and 4; K = 384 allows 3 slices at most
+    # the default count (1) and 2; then 3 and 4; K = 384 allows 3 slices at most
     assert timed == {0: 2, 4: 4, 8: 3}, timed
     key = matmul._adapter_key(dev)
     monkeypatch.setattr(matmul, "TUNE_FINE_SPLITS", 32)
