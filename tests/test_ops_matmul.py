@@ -522,7 +522,9 @@ def test_autotune_survives_a_corrupt_cache_file_and_can_be_turned_off(dev, tune_
     assert "nn:64x96x40" in json.dumps(json.loads(tune_cache.read_text()))   # rewritten whole
     gpu = FakeAdapter(vendor="NVIDIA", device="NVIDIA H100 80GB HBM3", adapter_type="DiscreteGPU")
     gpu.backend = "wgpu-native"
-    assert matmul.autotune_enabled(gpu) and not matmul.autotune_enabled(dev)   # GPUs only, lavapipe not
+    cpu = FakeAdapter(vendor="llvmpipe", device="llvmpipe (LLVM 15.0.6, 256 bits)", adapter_type="CPU")
+    cpu.backend = "wgpu-native"
+    assert matmul.autotune_enabled(gpu) and not matmul.autotune_enabled(cpu)   # GPUs only, lavapipe not
     monkeypatch.setenv("TABGPT_AUTOTUNE", "0")
     assert not matmul.autotune_enabled(gpu)
     monkeypatch.setenv("TABGPT_AUTOTUNE", "yes")
