@@ -85,6 +85,11 @@ override EPILOGUE: u32 = 0u;        // then 0 none, 1 GELU, 2 RESIDUAL, 3 GELU_G
 // land on a few banks of workgroup memory (4-way conflicts at BM = 128); with ROWS they take neighbouring rows,
 // whose stores land on neighbouring banks (global reads: 16 bytes from each of 32 rows instead of 64 bytes from
 // each of 8). The products are the same, in the same order.
+// GROUP: the order in which workgroups take the blocks of out. GPUs start workgroups in id order, x fastest;
+// with the plain order (GROUP = 1: block row wg.y, column wg.x) the workgroups running at one time cover a few
+// block rows across all of B's columns. With GROUP = 8 they go down 8 block rows of one block column, then the
+// next column: the blocks in flight together share more of A's and B's tiles in the GPU's cache. 2% faster at
+// 4096^3 on an H200 (79% -> 81% of cuBLAS), 1-2% on the other shapes measured; the same values either way.
 
 override BM: u32 = 64u;
 override BN: u32 = 64u;
@@ -97,6 +102,7 @@ override DOUBLE_BUFFER: bool = false;
 override ROWS: bool = false;
 override FENCE: bool = false;   // the next row's tile reads ordered after the row's first fma (below)
 override ROW_STEP: bool = true;  // the next row's tile indices stepped by one add per row (below)
+override GROUP: u32 = 8u;        // block rows per group of the workgroups' order (above); 1: the plain order
 override DB: bool = DOUBLE_BUFFER && PREFETCH;   // double buffering in effect
 override N_BUF: u32 = select(1u, 2u, DB);        // copies of each tile
 override WG_X: u32 = BN / TN;
@@ -252,9 +258,19 @@ fn store_bias_row(slab: u32, n: u32, v: vec4<f32>) {
 }
 
 @compute @workgroup_size(WG_X, WG_Y)
-fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec3u) {
-    let m0 = wg.y * BM;
-    let n0 = wg.x * BN;
+fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                @builtin(local_invocation_id) lid: vec3u) {
+    // GROUP: workgroup id w = wg.y nwg.x + wg.x takes block (by, bx): groups of GROUP block rows (fewer in the
+    // last), column by column within a group, down the group's rows within a column.
+    let w = wg.y * nwg.x + wg.x;
+    let group = w / (GROUP * nwg.x);
+    let first = group * GROUP;
+    let rows = min(nwg.y - first, GROUP);
+    let r = w - group * GROUP * nwg.x;
+    let by = first + r % rows;
+    let bx = r / rows;
+    let m0 = by * BM;
+    let n0 = bx * BN;
     let tid = lid.y * WG_X + lid.x;
     // Split-K: workgroup z sums k in [k_begin, k_end) into slab z of out (M, N); chunk is a multiple of BK.
     let k_begin = wg.z * mp.chunk;
@@ -308,7 +324,7 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) 
     var cur = 0u;   // DB: the tile copy of the slice being multiplied
     // BIAS_ROW: the threads of the first row of threads of the first block row sum B's columns (their column
     // groups) over the slice's k, in order, for out's last row.
-    let bias_thread = BIAS_ROW && wg.y == 0u && lid.y == 0u;
+    let bias_thread = BIAS_ROW && by == 0u && lid.y == 0u;
     var bsum0 = vec4(0.0);
     var bsum1 = vec4(0.0);
     var bsum2 = vec4(0.0);
