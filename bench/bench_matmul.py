@@ -37,7 +37,7 @@ from tabgpt import gpu  # noqa: E402
 
 from common import append_result, device_label, best_seconds  # noqa: E402  (bench/common.py)
 from tabgpt.gpu import wait  # noqa: E402
-from tabgpt.ops.matmul import Matmul, tiles_label  # noqa: E402
+from tabgpt.ops.matmul import TILE_FLAGS, Matmul, tiles_label  # noqa: E402
 
 # GPT-2 small (C = 768) at B*T = 8192: c_attn, attn c_proj, c_fc, mlp c_proj; then a square product.
 GPT2_SIZES = ["8192x2304x768", "8192x768x768", "8192x3072x768", "8192x768x3072", "4096x4096x4096"]
@@ -73,20 +73,22 @@ def parse_size(s: str, layout: str) -> tuple[str, int, int, int]:
 
 
 def parse_tiles(s: str) -> dict:
-    """"BM,BN,BK,TM,TN[,flag...]" -> tiles; flags "spread", "prefetch" and "double" (DOUBLE_BUFFER, with prefetch:
-    two copies of the workgroup tiles, one barrier per K slice instead of two), "rows" (ROWS: neighbouring threads
-    stage neighbouring rows of k-running operands), "fence" (FENCE: the next row's tile reads after the row's
-    first fma); "auto": the autotuner's choice."""
+    """"BM,BN,BK,TM,TN[,flag...]" -> tiles, with the flags' labels of ops/matmul.py's TILE_FLAGS, as the tables
+    print them: "spread", "prefetch" and "double" (DOUBLE_BUFFER, with prefetch: two copies of the workgroup
+    tiles, one barrier per K slice instead of two), "rows" (ROWS: neighbouring threads stage neighbouring rows of
+    k-running operands), "fence" (FENCE: the next row's tile reads after the row's first fma), "rowindex"
+    (ROW_STEP off: the next row's tile indices made from the row number); "auto": the autotuner's choice."""
     if s == "auto":
         return "auto"
     parts = s.split(",")
     BM, BN, BK, TM, TN = (int(v) for v in parts[:5])
     t = {"BM": BM, "BN": BN, "BK": BK, "TM": TM, "TN": TN}
-    flags = {"spread": "SPREAD", "prefetch": "PREFETCH", "double": "DOUBLE_BUFFER", "rows": "ROWS", "fence": "FENCE"}
+    flags = {label: (key, value) for key, (value, label) in TILE_FLAGS.items()}
     for flag in parts[5:]:
         if flag not in flags:
             raise argparse.ArgumentTypeError(f"unknown tile flag {flag!r} ({', '.join(flags)})")
-        t[flags[flag]] = True
+        key, value = flags[flag]
+        t[key] = value
     if t.get("DOUBLE_BUFFER") and not t.get("PREFETCH"):
         raise argparse.ArgumentTypeError(f"tile flag 'double' needs 'prefetch': {s!r}")
     return t
