@@ -189,6 +189,50 @@ fn get_pair(m4: u32, g: u32, jp: u32) -> Pair {
     return Pair(vec4(u.xy, 0.0, 0.0), vec4(u.zw, 0.0, 0.0));
 }
 
+// A thread's accumulators and its rows' running sums of the weights.
+struct AccL { acc: Acc, l: vec4<f32> }
+
+// s.acc + W X and s.l + rowsum(W) over a tile's BS streamed rows, two at a time: W the score-shaped tile at vec4 m4
+// of `pt` (thread group g's rows: one vec4 of W holds them for both streamed rows, two with RPT = 4), X the tile's
+// rows at x0 of `tiles` (the thread's dims e0, e1). f_*: streamed rows j, j + 1's values, read during the previous
+// pair's fmas (PIPELINE) or at the top of the step (the step-0 reads before the loop then dead code).
+fn acc_tile(s: AccL, m4: u32, g: u32, x0: u32, e0: u32, e1: u32) -> AccL {
+    var r = s;
+    var f_w = get_pair(m4, g, 0u);
+    var f_x00 = tiles[x0 + e0];
+    var f_x01 = tiles[x0 + e1];
+    var f_x10 = tiles[x0 + H4P + e0];
+    var f_x11 = tiles[x0 + H4P + e1];
+    for (var jp = 0u; jp < BS / 2u; jp++) {
+        if (!PIPELINE) {
+            let j = 2u * jp;
+            f_w = get_pair(m4, g, jp);
+            f_x00 = tiles[x0 + j * H4P + e0];
+            f_x01 = tiles[x0 + j * H4P + e1];
+            f_x10 = tiles[x0 + (j + 1u) * H4P + e0];
+            f_x11 = tiles[x0 + (j + 1u) * H4P + e1];
+        }
+        let w = f_w;
+        let x00 = f_x00;
+        let x01 = f_x01;
+        let x10 = f_x10;
+        let x11 = f_x11;
+        if (PIPELINE && jp + 1u < BS / 2u) {
+            let n = 2u * jp + 2u;
+            f_w = get_pair(m4, g, jp + 1u);
+            f_x00 = tiles[x0 + n * H4P + e0];
+            f_x01 = tiles[x0 + n * H4P + e1];
+            f_x10 = tiles[x0 + (n + 1u) * H4P + e0];
+            f_x11 = tiles[x0 + (n + 1u) * H4P + e1];
+        }
+        r.l += w.j0;
+        r.acc = acc_key(r.acc, w.j0, x00, x01);
+        r.l += w.j1;
+        r.acc = acc_key(r.acc, w.j1, x10, x11);
+    }
+    return r;
+}
+
 
 // Copy `rows` rows (tokens t0..) of one third of qkv (part 0: q, 1: k, 2: v), head h, into tiles[dst + r*H4P];
 // rows past T are zero.
@@ -438,40 +482,10 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation
         put_tile(0u, g, tc, select(vec4(0.0), exp(s_a - mn.x), ok_a), select(vec4(0.0), exp(s_b - mn.y), ok_b),
                  select(vec4(0.0), exp(s_c - mn.z), ok_c), select(vec4(0.0), exp(s_d - mn.w), ok_d));
         workgroupBarrier();
-        // 3. acc += P V and l += rowsum(P) over the tile's keys, two at a time: one vec4 of P (two with RPT = 4)
-        //    holds the thread's rows of both (get_pair). f_*: keys j, j + 1's values, as in step 1.
-        var f_p = get_pair(0u, g, 0u);
-        var f_v00 = tiles[V0 + e0];
-        var f_v01 = tiles[V0 + e1];
-        var f_v10 = tiles[V0 + H4P + e0];
-        var f_v11 = tiles[V0 + H4P + e1];
-        for (var jp = 0u; jp < BS / 2u; jp++) {
-            if (!PIPELINE) {
-                let j = 2u * jp;
-                f_p = get_pair(0u, g, jp);
-                f_v00 = tiles[V0 + j * H4P + e0];
-                f_v01 = tiles[V0 + j * H4P + e1];
-                f_v10 = tiles[V0 + (j + 1u) * H4P + e0];
-                f_v11 = tiles[V0 + (j + 1u) * H4P + e1];
-            }
-            let p = f_p;
-            let v00 = f_v00;
-            let v01 = f_v01;
-            let v10 = f_v10;
-            let v11 = f_v11;
-            if (PIPELINE && jp + 1u < BS / 2u) {
-                let n = 2u * jp + 2u;
-                f_p = get_pair(0u, g, jp + 1u);
-                f_v00 = tiles[V0 + n * H4P + e0];
-                f_v01 = tiles[V0 + n * H4P + e1];
-                f_v10 = tiles[V0 + (n + 1u) * H4P + e0];
-                f_v11 = tiles[V0 + (n + 1u) * H4P + e1];
-            }
-            l += p.j0;
-            acc = acc_key(acc, p.j0, v00, v01);
-            l += p.j1;
-            acc = acc_key(acc, p.j1, v10, v11);
-        }
+        // 3. acc += P V and l += rowsum(P) over the tile's keys.
+        let sums = acc_tile(AccL(acc, l), 0u, g, V0, e0, e1);
+        acc = sums.acc;
+        l = sums.l;
     }
     // l >= 1 for real rows: key 0 is visible to every row.
     let first = wg.y % DS == 0u && tc == 0u;
@@ -708,37 +722,8 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoca
         put_tile(0u, g, tc, p_a * (dp_a - delta4.x), p_b * (dp_b - delta4.y), p_c * (dp_c - delta4.z),
                  p_d * (dp_d - delta4.w));
         workgroupBarrier();
-        // 2. acc += dS K over the tile's keys, two at a time (as the forward's step 3).
-        var f_ds = get_pair(0u, g, 0u);
-        var f_k00 = tiles[K0 + e0];
-        var f_k01 = tiles[K0 + e1];
-        var f_k10 = tiles[K0 + H4P + e0];
-        var f_k11 = tiles[K0 + H4P + e1];
-        for (var jp = 0u; jp < BS / 2u; jp++) {
-            if (!PIPELINE) {
-                let j = 2u * jp;
-                f_ds = get_pair(0u, g, jp);
-                f_k00 = tiles[K0 + j * H4P + e0];
-                f_k01 = tiles[K0 + j * H4P + e1];
-                f_k10 = tiles[K0 + (j + 1u) * H4P + e0];
-                f_k11 = tiles[K0 + (j + 1u) * H4P + e1];
-            }
-            let ds = f_ds;
-            let k00 = f_k00;
-            let k01 = f_k01;
-            let k10 = f_k10;
-            let k11 = f_k11;
-            if (PIPELINE && jp + 1u < BS / 2u) {
-                let n = 2u * jp + 2u;
-                f_ds = get_pair(0u, g, jp + 1u);
-                f_k00 = tiles[K0 + n * H4P + e0];
-                f_k01 = tiles[K0 + n * H4P + e1];
-                f_k10 = tiles[K0 + (n + 1u) * H4P + e0];
-                f_k11 = tiles[K0 + (n + 1u) * H4P + e1];
-            }
-            acc = acc_key(acc, ds.j0, k00, k01);
-            acc = acc_key(acc, ds.j1, k10, k11);
-        }
+        // 2. acc += dS K over the tile's keys (the row sums of dS unused).
+        acc = acc_tile(AccL(acc, vec4(0.0)), 0u, g, K0, e0, e1).acc;
     }
     store_grad(b, h, row.x, 0u, d0, d1, acc.a0 * scale, acc.a1 * scale);
     store_grad(b, h, row.y, 0u, d0, d1, acc.b0 * scale, acc.b1 * scale);
@@ -1035,7 +1020,8 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
                 }
             }
         }
-        // 2. dv += P^T dO and dk += dS^T Q over the tile's queries, two at a time (as the forward's step 3).
+        // 2. dv += P^T dO and dk += dS^T Q over the tile's queries, two at a time: acc_tile's loop with both
+        //    products in one pass over the pairs.
         var f_p = get_pair(0u, g, 0u);
         var f_ds = get_pair(DS4, g, 0u);
         var f_q00 = tiles[Q0 + e0];
