@@ -42,8 +42,7 @@ import struct
 from dataclasses import dataclass
 
 from tabgpt.gpu import Device, GPUError, Sequence
-from tabgpt.ops.elementwise import fold_grid
-from tabgpt.ops.matmul import span
+from tabgpt.ops.elementwise import bound_at_least, fold_grid
 
 FILE = "attention.wgsl"
 MAX_HEAD_SIZE = 128
@@ -275,12 +274,7 @@ class Attention:
         shapes = {"qkv": (rows, 3 * self.C), "out": (rows, self.C), "dout": (rows, self.C), "dqkv": (rows, 3 * self.C),
                   "lse": (self.B, self.n_head, self.T)}
         for name, x in bound.items():
-            shape = shapes[name]
-            need = 4 * shape[0] * shape[1] * (shape[2] if len(shape) > 2 else 1)
-            size = span(x)[2]
-            if size < need:
-                raise GPUError(f"attention B={self.B} T={self.T} C={self.C}: {name} binds {size} bytes, needs "
-                               f"{shape} f32 = {need}")
+            bound_at_least(x, shapes[name], f"attention B={self.B} T={self.T} C={self.C}", name)
 
     def forward(self, seq: Sequence, out, lse, qkv):
         """out (B*T, C) = causal softmax(q k^T / sqrt(hs)) v per head of qkv (B*T, 3C); lse (B, NH, T) written."""

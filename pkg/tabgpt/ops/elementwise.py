@@ -14,6 +14,7 @@ Operands larger than the device's storage binding limit are split into several d
 
 from __future__ import annotations
 
+import math
 import struct
 
 from tabgpt.gpu import Buffer, Device, GPUError, Sequence, View
@@ -38,6 +39,16 @@ def span(x: Buffer | View) -> tuple[Buffer, int, int]:
     if isinstance(x, View):
         return x.buffer, x.offset, x.size
     raise GPUError(f"expected a gpu.Buffer or gpu.View, got {type(x).__name__}")
+
+
+def bound_at_least(x: Buffer | View, shape: tuple, what: str, name: str) -> tuple[Buffer, int]:
+    """(buffer, byte offset) of x, after checking that it binds at least `shape` f32s (what: the op, for the error;
+    name: the operand)."""
+    buf, off, size = span(x)
+    need = 4 * math.prod(shape)
+    if size < need:
+        raise GPUError(f"{what}: {name} binds {size} bytes, needs {shape} f32 = {need}")
+    return buf, off
 
 
 def chunk_views(dev: Device, n: int, operands: dict, unit: int = 4, limit: int | None = None

@@ -35,7 +35,8 @@ import time
 import weakref
 from pathlib import Path
 
-from tabgpt.gpu import Buffer, Device, GPUError, Sequence, View
+from tabgpt.gpu import Buffer, Device, GPUError, Sequence
+from tabgpt.ops.elementwise import MAX_GROUPS, bound_at_least, fold_grid, span
 
 FILE = "matmul.wgsl"
 LAYOUTS = ("nn", "nt", "tn")
@@ -44,7 +45,6 @@ SUM_WG = 256          # matmul_split_sum: vec4s per workgroup
 SPLIT_TARGET = 1024   # split-K aims at this many workgroups (about 8 per multiprocessor of a 132-SM H100)
 BIAS_COLS = 64        # bias_grad_partial: columns per workgroup
 BIAS_ROWS = 128       # bias_grad_partial: rows per block (one partial sum per block and column)
-MAX_GROUPS = 65535
 ROW_ALIGN = 64        # chunks start at multiples of 64 rows: 64 * 4 bytes * any row length is 256-byte aligned
 
 # Tile shapes (override constants of matmul_tiled). On GPUs: 128 x 128 blocks, 8 x 8 outputs per thread, spread
@@ -58,15 +58,6 @@ TILES_LARGE = {"BM": 128, "BN": 128, "BK": 8, "TM": 8, "TN": 8, "SPREAD": True, 
                "DOUBLE_BUFFER": True}
 TILES_MEDIUM = {"BM": 64, "BN": 64, "BK": 8, "TM": 4, "TN": 4, "PREFETCH": True}
 TILES_CPU = {"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}
-
-
-def span(x) -> tuple[Buffer, int, int]:
-    """(buffer, byte offset, byte size) of a gpu.Buffer or gpu.View."""
-    if isinstance(x, Buffer):
-        return x, 0, x.size
-    if isinstance(x, View):
-        return x.buffer, x.offset, x.size
-    raise GPUError(f"expected a gpu.Buffer or gpu.View, got {type(x).__name__}")
 
 
 def is_cpu_adapter(dev: Device) -> bool:
@@ -341,13 +332,6 @@ def tiles_label(t: dict) -> str:
     return f"{t['BM']}x{t['BN']}x{t['BK']} / {t['TM']}x{t['TN']}{flags}"
 
 
-def fold_grid(groups: int) -> tuple[int, int, int]:
-    """A 1-D count of workgroups as an (x, y) grid within 65535 per dimension (the kernel flattens it back)."""
-    groups = max(1, groups)
-    gx = min(groups, MAX_GROUPS)
-    return (gx, -(-groups // gx), 1)
-
-
 def check_tiles(dev: Device, t: dict):
     """Raise GPUError unless tile shape t (BM, BN, BK, TM, TN; the optional flags of TILE_FLAGS) is valid here.
     DOUBLE_BUFFER needs PREFETCH and keeps two copies of the tiles: 8*BK*(BM+BN) bytes of workgroup memory instead
@@ -540,11 +524,7 @@ class Matmul:
                 raise GPUError("this matmul was created with bias=False: create it with bias=True to add one")
             if name == "aux" and not self.epilogue:
                 raise GPUError("this matmul has no epilogue: create it with epilogue=... to pass aux")
-            buf, off, size = span(x)
-            need = 4 * shape[0] * (shape[1] if len(shape) > 1 else 1)
-            if size < need:
-                raise GPUError(f"matmul {layout} {M}x{N}x{K}: {name} binds {size} bytes, needs {shape} f32 = {need}")
-            spans[name] = (buf, off)
+            spans[name] = bound_at_least(x, shape, f"matmul {layout} {M}x{N}x{K}", name)
         if bias is None:
             bias = self.no_bias           # never read (HAS_BIAS false), but the layout has the binding
         if aux is None:
