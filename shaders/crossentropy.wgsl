@@ -11,7 +11,8 @@
 //
 // losses[row] = logsumexp(logits[row, :V]) - logits[row, target]. One workgroup per row (grid folded into
 // 2-D): each thread keeps a running (max, sum of exp) over its columns, one read of the row, then a fixed-order
-// tree combines the threads' pairs (deterministic).
+// tree combines the threads' pairs (deterministic). crossentropy_subgroups.wgsl has the same kernels with the pairs
+// combined by subgroup operations instead of the tree.
 
 struct CEParams { N: u32, V: u32, Vp4: u32, grad_scale: f32 }
 struct MeanParams { n: u32, accumulate: u32, scale: f32, _p: u32 }
@@ -58,27 +59,64 @@ fn row_index(wg: vec3u, nwg: vec3u) -> u32 {
     return wg.y * nwg.x + wg.x;
 }
 
+// Each thread's running pair over its columns of the row at base (in logits, or in dlogits for the fused kernel).
+// Two running pairs per thread, so that two loads are in flight.
+fn logits_pair(base: u32, lid: u32) -> vec2<f32> {
+    let n4 = (cp.V + 3u) / 4u;
+    var ms0 = vec2(NEG_BIG, 0.0);
+    var ms1 = vec2(NEG_BIG, 0.0);
+    var i = lid;
+    for (; i + WG < n4; i += 2u * WG) {
+        ms0 = online4(ms0, logits[base + i], 4u * i);
+        ms1 = online4(ms1, logits[base + i + WG], 4u * (i + WG));
+    }
+    if (i < n4) { ms0 = online4(ms0, logits[base + i], 4u * i); }
+    return combine(ms0, ms1);
+}
+
+fn dlogits_pair(base: u32, lid: u32) -> vec2<f32> {
+    let n4 = (cp.V + 3u) / 4u;
+    var ms0 = vec2(NEG_BIG, 0.0);
+    var ms1 = vec2(NEG_BIG, 0.0);
+    var i = lid;
+    for (; i + WG < n4; i += 2u * WG) {
+        ms0 = online4(ms0, dlogits[base + i], 4u * i);
+        ms1 = online4(ms1, dlogits[base + i + WG], 4u * (i + WG));
+    }
+    if (i < n4) { ms0 = online4(ms0, dlogits[base + i], 4u * i); }
+    return combine(ms0, ms1);
+}
+
+// The loss of the row at base from its (max, sum): thread 0 writes it.
+fn store_loss(row: u32, base: u32, total: vec2<f32>, lid: u32) {
+    if (lid == 0u) {
+        let t = min(targets[row], cp.V - 1u);
+        losses[row] = log(total.y) + total.x - logits[base + t / 4u][t % 4u];
+    }
+}
+
+// The fused kernel's outputs: the loss (x_target: the target's logit, read before the row was overwritten) and
+// dlogits over the logits.
+fn store_loss_and_grad(row: u32, base: u32, t: u32, x_target: f32, total: vec2<f32>, lid: u32) {
+    if (lid == 0u) {
+        losses[row] = log(total.y) + total.x - x_target;
+    }
+    let inv_sum = 1.0 / total.y;
+    for (var i = lid; i < cp.Vp4; i += WG) {
+        let v = vec4(4u * i) + vec4(0u, 1u, 2u, 3u);    // the four columns
+        let p = exp(dlogits[base + i] - total.x) * inv_sum;
+        let d = (p - select(vec4(0.0), vec4(1.0), v == vec4(t))) * cp.grad_scale;
+        dlogits[base + i] = select(d, vec4(0.0), v >= vec4(cp.V));
+    }
+}
+
 @compute @workgroup_size(WG)
 fn crossentropy_forward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
                         @builtin(local_invocation_id) lid: vec3u) {
     let row = row_index(wg, nwg);
     if (row >= cp.N) { return; }
     let base = row * cp.Vp4;
-    let n4 = (cp.V + 3u) / 4u;
-    // Two running pairs per thread, so that two loads are in flight.
-    var ms0 = vec2(NEG_BIG, 0.0);
-    var ms1 = vec2(NEG_BIG, 0.0);
-    var i = lid.x;
-    for (; i + WG < n4; i += 2u * WG) {
-        ms0 = online4(ms0, logits[base + i], 4u * i);
-        ms1 = online4(ms1, logits[base + i + WG], 4u * (i + WG));
-    }
-    if (i < n4) { ms0 = online4(ms0, logits[base + i], 4u * i); }
-    let total = wg_combine(combine(ms0, ms1), lid.x);
-    if (lid.x == 0u) {
-        let t = min(targets[row], cp.V - 1u);
-        losses[row] = log(total.y) + total.x - logits[base + t / 4u][t % 4u];
-    }
+    store_loss(row, base, wg_combine(logits_pair(base, lid.x), lid.x), lid.x);
 }
 
 @compute @workgroup_size(WG)
@@ -87,29 +125,11 @@ fn crossentropy_forward_backward(@builtin(workgroup_id) wg: vec3u, @builtin(num_
     let row = row_index(wg, nwg);
     if (row >= cp.N) { return; }
     let base = row * cp.Vp4;
-    let n4 = (cp.V + 3u) / 4u;
     let t = min(targets[row], cp.V - 1u);
     // Read the target's logit now: after the barrier below the row is being overwritten.
     let x_target = dlogits[base + t / 4u][t % 4u];
-    var ms0 = vec2(NEG_BIG, 0.0);
-    var ms1 = vec2(NEG_BIG, 0.0);
-    var i = lid.x;
-    for (; i + WG < n4; i += 2u * WG) {
-        ms0 = online4(ms0, dlogits[base + i], 4u * i);
-        ms1 = online4(ms1, dlogits[base + i + WG], 4u * (i + WG));
-    }
-    if (i < n4) { ms0 = online4(ms0, dlogits[base + i], 4u * i); }
-    let total = wg_combine(combine(ms0, ms1), lid.x);
-    if (lid.x == 0u) {
-        losses[row] = log(total.y) + total.x - x_target;
-    }
-    let inv_sum = 1.0 / total.y;
-    for (var i = lid.x; i < cp.Vp4; i += WG) {
-        let v = vec4(4u * i) + vec4(0u, 1u, 2u, 3u);    // the four columns
-        let p = exp(dlogits[base + i] - total.x) * inv_sum;
-        let d = (p - select(vec4(0.0), vec4(1.0), v == vec4(t))) * cp.grad_scale;
-        dlogits[base + i] = select(d, vec4(0.0), v >= vec4(cp.V));
-    }
+    let total = wg_combine(dlogits_pair(base, lid.x), lid.x);
+    store_loss_and_grad(row, base, t, x_target, total, lid.x);
 }
 
 // One workgroup: the mean (or any scaled sum) of the per-row losses, in a fixed order.

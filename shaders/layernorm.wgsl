@@ -178,10 +178,16 @@ fn layernorm_backward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups)
         workgroupBarrier();   // red is reused by the next R rows; row_sums and row_stats are read below
     }
 
-    // 2. Per channel (the thread's own): dinp of every row in the block, and the block's dweight/dbias sums, rows in
-    //    order. The loads of 4 rows are issued before their stores (a store to dinp would otherwise keep the next
-    //    row's loads waiting).
-    for (var i = lid.x; i < C4; i += WG) {
+    backward_channels(blk, row0, rows, lid.x);
+}
+
+// Backward step 2, after row_sums and row_stats hold the block's rows (both backward kernels).
+fn backward_channels(blk: u32, row0: u32, rows: u32, lid: u32) {
+    let C4 = lp.C4;
+    // Per channel (the thread's own): dinp of every row in the block, and the block's dweight/dbias sums, rows in
+    // order. The loads of 4 rows are issued before their stores (a store to dinp would otherwise keep the next
+    // row's loads waiting).
+    for (var i = lid; i < C4; i += WG) {
         let w = weight[i];
         var dw = vec4(0.0);
         var db = vec4(0.0);

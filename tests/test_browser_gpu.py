@@ -90,3 +90,59 @@ def test_no_webgpu_shows_which_browsers_have_it(chromium, site_url):
     text = status_without_webgpu(chromium, site_url, "/check/index.html",
                                  "window.tabgptCheck && window.tabgptCheck.stage === 'error'")
     assert "WebGPU" in text and "Chrome" in text and "Safari" in text, text
+
+
+def test_subgroup_reductions_match_numpy_in_browser(check_page):
+    """LayerNorm and cross-entropy with subgroup reductions (SwiftShader's subgroups have 4 lanes) and with the
+    workgroup-memory trees, in Pyodide on the page's WebGPU, against NumPy."""
+    import base64
+    import reference
+    r = np.random.default_rng(11)
+    n, c, v, vp = 19, 200, 1001, 1024       # C4 50: past KMAX vec4s per 4-lane subgroup; 19 rows: odd
+    x = (r.standard_normal((n, c)) * 2 + 3).astype(np.float32)
+    w, b = r.standard_normal((2, c)).astype(np.float32)
+    dout = r.standard_normal((n, c)).astype(np.float32)
+    logits = (r.standard_normal((n, vp)) * 3).astype(np.float32)
+    logits[:, v:] = 1e4
+    targets = r.integers(0, v, n).astype(np.uint32)
+    enc = {k: base64.b64encode(a.tobytes()).decode() for k, a in
+           dict(x=x, w=w, b=b, dout=dout, logits=logits, targets=targets).items()}
+    code = f"""
+import base64, json
+from tabgpt import gpu
+from tabgpt.ops.layernorm import LayerNorm
+from tabgpt.ops.crossentropy import CrossEntropy
+dev = await gpu.open_device()
+enc = {enc!r}
+up = lambda k: dev.buffer(len(base64.b64decode(enc[k])), k, base64.b64decode(enc[k]))
+res = {{"default": dev.subgroup_reductions(), "features": sorted(dev.features)}}
+for sg in (False, True):
+    ln = await LayerNorm.create(dev, {n}, {c}, 3, subgroups=sg)
+    ce = await CrossEntropy.create(dev, {n}, {v}, {vp}, subgroups=sg)
+    bufs = dict(out=dev.buffer(4 * {n * c}), mean=dev.buffer(4 * {n}), rstd=dev.buffer(4 * {n}),
+                dinp=dev.buffer(4 * {n * c}), dw=dev.buffer(4 * {c}), db=dev.buffer(4 * {c}),
+                losses=dev.buffer(4 * {n}), dlogits=up("logits"))
+    bx, bw = up("x"), up("w")
+    seq = dev.sequence("t")
+    ln.forward(seq, out=bufs["out"], mean=bufs["mean"], rstd=bufs["rstd"], inp=bx, weight=bw, bias=up("b"))
+    ln.backward(seq, dinp=bufs["dinp"], dweight=bufs["dw"], dbias=bufs["db"], dout=up("dout"), inp=bx, weight=bw,
+                mean=bufs["mean"], rstd=bufs["rstd"])
+    ce.forward_backward(seq, losses=bufs["losses"], logits=bufs["dlogits"], targets=up("targets"))
+    await seq.build()
+    seq.run()
+    res[str(sg)] = {{k: base64.b64encode(await dev.read(bf)).decode() for k, bf in bufs.items()}}
+json.dumps(res)
+"""
+    res = run_py(check_page, code)
+    assert "subgroups" in res["features"] and res["default"], res.get("features")
+    ref_out, ref_mean, ref_rstd = reference.layernorm_forward(x, w, b)
+    ref_dinp, ref_dw, ref_db = reference.layernorm_backward(dout, x, w, ref_mean, ref_rstd)
+    ref_losses = reference.crossentropy_forward(logits, targets, v)
+    ref_d = reference.crossentropy_softmax_backward(reference.softmax_forward(logits, v), targets, 1.0 / n)
+    refs = dict(out=(ref_out, 1e-5), mean=(ref_mean, 1e-5), rstd=(ref_rstd, 1e-5), dinp=(ref_dinp, 1e-5),
+                dw=(ref_dw, 1e-4), db=(ref_db, 1e-4), losses=(ref_losses, 1e-5), dlogits=(ref_d, 1e-6))
+    for sg in ("False", "True"):
+        for k, (ref, tol) in refs.items():
+            got = np.frombuffer(base64.b64decode(res[sg][k]), np.float32).reshape(np.shape(ref))
+            err = np.abs(got.astype(np.float64) - ref).max()
+            assert err <= tol * (1 + np.abs(ref).max()), f"subgroups={sg} {k}: max abs error {err:.3g}"

@@ -98,6 +98,29 @@ def test_subgroups_enable_line_is_handled_per_backend():
     assert missing == "shader-f16"
 
 
+def test_subgroup_reductions_need_the_feature_and_the_builtins_and_obey_the_switch(monkeypatch):
+    d = gpu.Device()
+    monkeypatch.delenv("TABGPT_SUBGROUPS", raising=False)
+    assert not d.subgroup_reductions()           # neither
+    d.features.add("subgroups")
+    assert not d.subgroup_reductions()           # a browser without the subgroup_id builtin
+    d.subgroup_ids = True
+    assert d.subgroup_reductions()
+    for off in ("0", "off", "false"):
+        monkeypatch.setenv("TABGPT_SUBGROUPS", off)
+        assert not d.subgroup_reductions()
+    monkeypatch.setenv("TABGPT_SUBGROUPS", "1")
+    assert d.subgroup_reductions()
+
+
+def test_kernel_of_joins_files_with_the_enable_line_first(dev):
+    """A subgroup file ahead of the file whose bindings it uses compiles as one module (on lavapipe, which has
+    subgroups)."""
+    k = gpu.wait(dev.kernel_of(["layernorm_subgroups.wgsl", "layernorm.wgsl"], "layernorm_forward_sg"))
+    assert k.file == "layernorm.wgsl" and k.entry == "layernorm_forward_sg"
+    assert k.binding_names() == ["lp", "inp", "weight", "bias", "out", "mean", "rstd"]
+
+
 def test_fixture_device_is_held_to_webgpu_default_limits(dev):
     assert dev.limits["max-storage-buffers-per-shader-stage"] == 8
     assert dev.limits["max-compute-workgroup-storage-size"] == 16384

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import reference
 
-from tabgpt.gpu import wait
+from tabgpt.gpu import GPUError, wait
 from tabgpt.ops.crossentropy import CrossEntropy
 from tabgpt.ops.elementwise import Elementwise, chunk_views
 from tabgpt.ops.embedding import Embedding
@@ -62,10 +62,10 @@ def rng(seed):
 # ---------------------------------------------------------------------------------------------
 # references: tests/reference.py's ops (float64 inside, float32 out), adapted to flat rows and accumulation
 
-def crossentropy_ref(logits, targets, grad_scale):
+def crossentropy_ref(logits, targets, grad_scale, v=V):
     """losses (N,) and dlogits (N, Vp) = (softmax - onehot) * grad_scale, 0 in the padded columns."""
-    losses = reference.crossentropy_forward(logits, targets, V)
-    probs = reference.softmax_forward(logits, V)
+    losses = reference.crossentropy_forward(logits, targets, v)
+    probs = reference.softmax_forward(logits, v)
     return losses, reference.crossentropy_softmax_backward(probs, targets, grad_scale)
 
 
@@ -200,10 +200,12 @@ def test_layernorm_backward_is_deterministic(dev):
         assert first == second, f"layernorm {name} differs between two runs"
 
 
-def layernorm_run(dev, n, c, x, w, b, dout, dinp0, dw0, db0, rows_per_block=None, threads_per_row=None):
+def layernorm_run(dev, n, c, x, w, b, dout, dinp0, dw0, db0, rows_per_block=None, threads_per_row=None,
+                  subgroups=False):
     """Forward then backward (accumulating into dinp0, dw0, db0) of one LayerNorm; the downloaded
     out, mean, rstd, dinp, dweight, dbias, and the LayerNorm."""
-    ln = wait(LayerNorm.create(dev, n, c, rows_per_block, threads_per_row))
+    ln = wait(LayerNorm.create(dev, n, c, rows_per_block, threads_per_row, subgroups=subgroups))
+    assert ln.subgroups == subgroups
     bx, bw = upload(dev, x), upload(dev, w)
     out, mean, rstd = dev.buffer(4 * n * c, "out"), dev.buffer(4 * n, "mean"), dev.buffer(4 * n, "rstd")
     dinp, dw, db = upload(dev, dinp0), upload(dev, dw0), upload(dev, db0)
@@ -242,15 +244,28 @@ LN_SHAPES = [
     (130, 12, 64, None),  # C4 3: 1 thread per row, 64 rows at once in the forward and the backward; 130 = 2 x 64 + 2
     (23, 384, 8, None),  # the browser preset's C: 16 threads per row, 4 rows per workgroup
     (1, 384, None, None),   # one row (the decoder's)
+    (11, 1040, 3, None),  # C4 260: past KMAX vec4s per lane for subgroups of up to 32 (the tail re-read per pass)
 ]
 
 
+def has_subgroups(dev):
+    return "subgroups" in dev.features and dev.subgroup_ids
+
+
+# The subgroup kernels (a subgroup per row; lavapipe's subgroups have 8 lanes, SwiftShader's 4, NVIDIA's 32) and
+# the workgroup-memory trees. Every device the tests run on (lavapipe, SwiftShader) has subgroups; one without
+# must refuse subgroups=True with a clear error.
+@pytest.mark.parametrize("subgroups", [False, True], ids=["trees", "subgroups"])
 @pytest.mark.parametrize("n,c,rows_per_block,tpr", LN_SHAPES)
-def test_layernorm_shapes(dev, n, c, rows_per_block, tpr):
+def test_layernorm_shapes(dev, n, c, rows_per_block, tpr, subgroups):
     x, w, b, dout, dinp0, dw0, db0 = layernorm_inputs(5, n, c, loc=3.0, scale=2.0)
+    if subgroups and not has_subgroups(dev):
+        with pytest.raises(GPUError, match="subgroups=False"):
+            wait(LayerNorm.create(dev, n, c, rows_per_block, tpr, subgroups=True))
+        return
     (out, mean, rstd, dinp, dw, db), ln = layernorm_run(dev, n, c, x, w, b, dout, dinp0, dw0, db0,
-                                                        rows_per_block, tpr)
-    if tpr:
+                                                        rows_per_block, tpr, subgroups)
+    if tpr and not subgroups:
         assert ln.tpr == tpr and ln.rows_per_group == 64 // tpr
     ref_out, ref_mean, ref_rstd = reference.layernorm_forward(x, w, b)
     assert_close("layernorm out", out, ref_out, atol=1e-5, rtol=1e-5)
@@ -262,14 +277,17 @@ def test_layernorm_shapes(dev, n, c, rows_per_block, tpr):
     assert_close("dbias (accumulated)", db, db0 + ref_db, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("c,tpr", [(72, None), (384, None), (200, 2)])
-def test_layernorm_large_mean(dev, c, tpr):
+@pytest.mark.parametrize("c,tpr,subgroups", [(72, None, False), (384, None, False), (200, 2, False),
+                                             (384, None, True), (1040, None, True)])
+def test_layernorm_large_mean(dev, c, tpr, subgroups):
     """Rows of mean 1000, std 1: the variance from E[x^2] - mean^2 in f32 would lose most of its digits (x^2 ~ 1e6,
     f32 spacing 0.06 there, against a variance of 1); the centred second pass keeps rstd to f32 rounding. The
     output's error is the f32 mean's (its spacing near 1000 is 6e-5), times rstd and weight."""
     n = 41
     x, w, b, dout, dinp0, dw0, db0 = layernorm_inputs(6, n, c, loc=1000.0, scale=1.0)
-    (out, mean, rstd, dinp, dw, db), _ = layernorm_run(dev, n, c, x, w, b, dout, dinp0, dw0, db0, 4, tpr)
+    if subgroups and not has_subgroups(dev):
+        pytest.skip("no subgroups on this device (the shapes test checks the refusal)")
+    (out, mean, rstd, dinp, dw, db), _ = layernorm_run(dev, n, c, x, w, b, dout, dinp0, dw0, db0, 4, tpr, subgroups)
     ref_out, ref_mean, ref_rstd = reference.layernorm_forward(x, w, b)
     assert_close("mean", mean, ref_mean, atol=0, rtol=1e-6)
     assert_close("rstd", rstd, ref_rstd, atol=0, rtol=1e-5)
@@ -280,13 +298,16 @@ def test_layernorm_large_mean(dev, c, tpr):
     assert_close("dbias (accumulated)", db, db0 + ref_db, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("n,c,rows_per_block,tpr", [(N, C, 8, None), (33, 200, 4, 2), (45, 64, 5, 8),
-                                                    (37, 384, 3, None)])
-def test_layernorm_is_bit_identical(dev, n, c, rows_per_block, tpr):
+@pytest.mark.parametrize("n,c,rows_per_block,tpr,subgroups", [
+    (N, C, 8, None, False), (33, 200, 4, 2, False), (45, 64, 5, 8, False), (37, 384, 3, None, False),
+    (N, C, 8, None, True), (37, 384, 3, None, True), (11, 1040, 3, None, True)])
+def test_layernorm_is_bit_identical(dev, n, c, rows_per_block, tpr, subgroups):
     """Two runs (fresh buffers, the same LayerNorm) give the same bits in every output."""
+    if subgroups and not has_subgroups(dev):
+        pytest.skip("no subgroups on this device (the shapes test checks the refusal)")
     inputs = layernorm_inputs(7, n, c, loc=2.0, scale=3.0)
-    first, ln = layernorm_run(dev, n, c, *inputs, rows_per_block, tpr)
-    second, _ = layernorm_run(dev, n, c, *inputs, rows_per_block, tpr)
+    first, ln = layernorm_run(dev, n, c, *inputs, rows_per_block, tpr, subgroups)
+    second, _ = layernorm_run(dev, n, c, *inputs, rows_per_block, tpr, subgroups)
     for name, a, b in zip(("out", "mean", "rstd", "dinp", "dweight", "dbias"), first, second):
         assert a.tobytes() == b.tobytes(), f"layernorm {name} differs between two runs"
 
@@ -366,19 +387,36 @@ def test_operands_beyond_the_binding_limit_are_split_into_aligned_views(dev):
 # ---------------------------------------------------------------------------------------------
 # cross-entropy
 
-def crossentropy_inputs(seed):
+def crossentropy_inputs(seed, v=V, vp=Vp):
     r = rng(seed)
-    logits = (r.standard_normal((N, Vp)) * 3).astype(np.float32)
-    logits[:, V:] = 1e4                 # padding columns: garbage that must not enter the softmax
+    logits = (r.standard_normal((N, vp)) * 3).astype(np.float32)
+    logits[:, v:] = 1e4                 # padding columns: garbage that must not enter the softmax
     logits[7, 123] = 88.0               # exp would overflow without the max subtraction
-    targets = r.integers(0, V, N).astype(np.uint32)
-    targets[0], targets[1], targets[7] = 0, V - 1, 123
+    targets = r.integers(0, v, N).astype(np.uint32)
+    targets[0], targets[1], targets[7] = 0, v - 1, 123
     return logits, targets
 
 
-def test_crossentropy_forward_backward_and_mean(dev):
-    logits, targets = crossentropy_inputs(8)
-    ce = wait(CrossEntropy.create(dev, N, V, Vp))
+def make_crossentropy(dev, subgroups, v=V, vp=Vp, **kw):
+    """The CrossEntropy with the subgroup kernels or the trees; None where the device refuses subgroups (checked)."""
+    if subgroups and not has_subgroups(dev):
+        with pytest.raises(GPUError, match="subgroups=False"):
+            wait(CrossEntropy.create(dev, N, v, vp, subgroups=True, **kw))
+        return None
+    ce = wait(CrossEntropy.create(dev, N, v, vp, subgroups=subgroups, **kw))
+    assert ce.subgroups == subgroups
+    return ce
+
+
+# V 1001: 251 vec4s, fewer than the 256 threads (the last five read nothing); V 3001 in Vp 3008: the two running
+# pairs per thread both in use, padding inside the last vec4.
+@pytest.mark.parametrize("subgroups", [False, True], ids=["trees", "subgroups"])
+@pytest.mark.parametrize("v,vp", [(V, Vp), (3001, 3008)])
+def test_crossentropy_forward_backward_and_mean(dev, subgroups, v, vp):
+    logits, targets = crossentropy_inputs(8, v, vp)
+    ce = make_crossentropy(dev, subgroups, v, vp)
+    if ce is None:
+        return
     blog, bt = upload(dev, logits), upload(dev, targets)
     losses_fwd, losses = dev.buffer(4 * N, "losses_fwd"), dev.buffer(4 * N, "losses")
     loss = dev.buffer(16, "loss")
@@ -389,19 +427,22 @@ def test_crossentropy_forward_backward_and_mean(dev):
         ce.mean(s, loss=loss.view(0, 4), losses=losses)
         ce.mean(s, loss=loss, losses=losses, accumulate=True)            # += : twice the mean
     run(dev, append)
-    ref_losses, ref_d = crossentropy_ref(logits, targets, 1.0 / N)
+    ref_losses, ref_d = crossentropy_ref(logits, targets, 1.0 / N, v)
     assert_close("losses (forward)", download(dev, losses_fwd), ref_losses, atol=1e-5, rtol=1e-5)
     assert_close("losses (forward_backward)", download(dev, losses), ref_losses, atol=1e-5, rtol=1e-5)
-    d = download(dev, blog, shape=(N, Vp))
+    d = download(dev, blog, shape=(N, vp))
     assert_close("dlogits", d, ref_d, atol=1e-8, rtol=1e-4)
-    assert not d[:, V:].any(), "padded columns got a gradient"
+    assert not d[:, v:].any(), "padded columns got a gradient"
     ref_mean = 2 * ref_losses.astype(np.float64).mean()
     assert_close("mean loss, accumulated twice", download(dev, loss)[0], ref_mean, atol=1e-5, rtol=1e-6)
 
 
-def test_crossentropy_is_deterministic(dev):
+@pytest.mark.parametrize("subgroups", [False, True], ids=["trees", "subgroups"])
+def test_crossentropy_is_deterministic(dev, subgroups):
     logits, targets = crossentropy_inputs(9)
-    ce = wait(CrossEntropy.create(dev, N, V, Vp, grad_scale=0.25))
+    ce = make_crossentropy(dev, subgroups, grad_scale=0.25)
+    if ce is None:
+        return
     results = []
     for _ in range(2):
         blog, losses, loss = upload(dev, logits), dev.buffer(4 * N, "losses"), dev.buffer(4, "loss")

@@ -321,6 +321,20 @@ class Device:
         self.bytes_allocated = 0
         self.tune_log: list[str] = []   # what autotuned kernels chose (ops/matmul.autotune)
         self.shader_checks = "all"   # natively: the runtime checks of our shader modules (NativeDevice.open)
+        self.subgroup_ids = False    # the WGSL builtins subgroup_id and num_subgroups compile here
+
+    def subgroup_reductions(self) -> bool:
+        """Whether the kernels' row and workgroup reductions use subgroup operations (subgroupAdd, subgroupMax):
+        where the adapter has the `subgroups` feature and the compiler the subgroup_id / num_subgroups builtins.
+        TABGPT_SUBGROUPS=0 turns them off (the workgroup-memory trees instead; benchmarks compare the two)."""
+        off = os.environ.get("TABGPT_SUBGROUPS", "1").strip().lower() in ("0", "off", "no", "false")
+        return "subgroups" in self.features and self.subgroup_ids and not off
+
+    async def kernel_of(self, files: list[str], entry: str, constants: dict | None = None) -> Kernel:
+        """Compile `entry` of several shader files joined into one module, labelled by the last file: a file of
+        variants (say with `enable subgroups;`, which must come first) ahead of the file whose bindings and
+        helpers it uses (WGSL declarations may come in any order)."""
+        return await self.kernel(files[-1], entry, constants, source="\n".join(self.source(f) for f in files))
 
     # -- sources and kernels
     def source(self, file: str) -> str:
@@ -470,6 +484,7 @@ class NativeDevice(Device):
             if nf in native:
                 feats.append(nf)
                 self.features.add(f)
+        self.subgroup_ids = "subgroups" in self.features   # naga compiles subgroup_id and num_subgroups
         alim = adapter.limits
         want = {}
         for name in RAISED_LIMITS:
@@ -694,6 +709,8 @@ class BrowserDevice(Device):
         self.info["backend_type"] = "WebGPU"
         feats = [f for f in WANTED_FEATURES if adapter.features.has(f)]
         self.features = set(feats)
+        lang = getattr(gpu, "wgslLanguageFeatures", None)
+        self.subgroup_ids = bool(lang is not None and lang.has("subgroup_id"))
         camel = lambda n: re.sub(r"-(\w)", lambda m: m.group(1).upper(), n)  # noqa: E731
         want = {}
         for name in RAISED_LIMITS:

@@ -9,6 +9,10 @@ losses (N,) f32; loss a buffer or view of at least one f32. Columns V..Vp are pa
 zero gradient. dlogits = (softmax - onehot) * grad_scale, WRITTEN over the logits (as llm.c: no second
 (N, Vp) buffer). grad_scale and loss_scale default to 1/N, the mean over rows; with gradient accumulation over
 k micro-batches pass 1/(N*k) for both and call mean(..., accumulate=True) after zeroing the slot.
+
+Where the device has subgroup operations (Device.subgroup_reductions), the row kernels of
+crossentropy_subgroups.wgsl combine the threads' (max, sum) pairs by subgroupMax / subgroupAdd and one barrier
+instead of an eight-level tree; loss_mean (one workgroup) keeps its tree.
 """
 
 from __future__ import annotations
@@ -19,28 +23,39 @@ from tabgpt.gpu import Device, GPUError, Sequence
 from tabgpt.ops.elementwise import fold_grid
 
 FILE = "crossentropy.wgsl"
+SG_FILE = "crossentropy_subgroups.wgsl"
+ROW_KERNELS = ("crossentropy_forward", "crossentropy_forward_backward")
 
 
 class CrossEntropy:
-    def __init__(self, dev, N, V, Vp, kernels, params, mean_params):
+    def __init__(self, dev, N, V, Vp, kernels, params, mean_params, subgroups=False):
         self.dev, self.N, self.V, self.Vp = dev, N, V, Vp
+        self.subgroups = subgroups        # the row kernels of SG_FILE
         self.k = kernels
         self.params = params              # uniform CEParams
         self.mean_params = mean_params    # {accumulate: uniform MeanParams}
 
     @classmethod
     async def create(cls, dev: Device, N: int, V: int, Vp: int, grad_scale: float | None = None,
-                     loss_scale: float | None = None) -> "CrossEntropy":
+                     loss_scale: float | None = None, subgroups: bool | None = None) -> "CrossEntropy":
+        """subgroups: the subgroup kernels (True) or the trees (False) instead of the device's default."""
         if Vp % 4 or not 0 < V <= Vp:
             raise GPUError(f"CrossEntropy needs 0 < V <= Vp and Vp a multiple of 4, got V={V}, Vp={Vp}")
+        if subgroups is None:
+            subgroups = dev.subgroup_reductions()
+        elif subgroups and not ("subgroups" in dev.features and dev.subgroup_ids):
+            raise GPUError("this device has no subgroup operations (the subgroups feature and the subgroup_id "
+                           "builtin): create CrossEntropy with subgroups=False")
         grad_scale = 1.0 / N if grad_scale is None else grad_scale
         loss_scale = 1.0 / N if loss_scale is None else loss_scale
-        kernels = {name: await dev.kernel(FILE, name)
-                   for name in ("crossentropy_forward", "crossentropy_forward_backward", "loss_mean")}
+        kernels = {"loss_mean": await dev.kernel(FILE, "loss_mean")}
+        for name in ROW_KERNELS:
+            kernels[name] = (await dev.kernel_of([SG_FILE, FILE], name + "_sg") if subgroups
+                             else await dev.kernel(FILE, name))
         params = dev.uniform(struct.pack("<3If", N, V, Vp // 4, grad_scale), "crossentropy-params")
         mean_params = {acc: dev.uniform(struct.pack("<2IfI", N, int(acc), loss_scale, 0), "loss-mean-params")
                        for acc in (False, True)}
-        return cls(dev, N, V, Vp, kernels, params, mean_params)
+        return cls(dev, N, V, Vp, kernels, params, mean_params, subgroups)
 
     def forward(self, seq: Sequence, losses, logits, targets):
         """losses (N,) = cross-entropy of each row of logits (N, Vp) against targets (N,); logits untouched."""

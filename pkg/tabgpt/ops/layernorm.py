@@ -18,6 +18,11 @@ tree). The forward runs ceil(N / R) workgroups. The backward's block of rows_per
 reduced R_b rows at a time, R_b = min(R, rows_per_block rounded up to a power of two) with TPR_b = 64 / R_b threads
 per row, so that small blocks (1 row for N <= 1024) keep all 64 threads busy. The results depend on these choices
 (summation order), which depend only on C and rows_per_block: bit-identical run to run.
+
+Where the device has subgroup operations (Device.subgroup_reductions), the kernels of layernorm_subgroups.wgsl
+reduce each row within one subgroup (a warp on NVIDIA) by subgroupAdd instead: no trees and no barriers in the
+forward, one barrier in the backward; two rows per forward workgroup (SG_ROWS). Their row sums are added in
+the device's subgroup order: the same results up to rounding, still bit-identical run to run on one device.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from tabgpt.gpu import Device, GPUError, Sequence
 from tabgpt.ops.elementwise import fold_grid
 
 FILE = "layernorm.wgsl"
+SG_FILE = "layernorm_subgroups.wgsl"
+SG_ROWS = 2      # rows per forward workgroup of the subgroup kernels (SG_ROWS in SG_FILE)
 WG = 64          # invocations per workgroup (WG in the WGSL)
 MAX_ROWS = 64    # rows per backward block at most (MAX_ROWS in the WGSL)
 KMAX = 8         # vec4s of a row per thread kept in registers (KMAX in the WGSL)
@@ -42,8 +49,9 @@ def pick_threads_per_row(C: int) -> int:
 
 
 class LayerNorm:
-    def __init__(self, dev, N, C, rows_per_block, tpr, kernels, params, partial):
+    def __init__(self, dev, N, C, rows_per_block, tpr, kernels, params, partial, subgroups=False):
         self.dev, self.N, self.C = dev, N, C
+        self.subgroups = subgroups        # the kernels of SG_FILE
         self.rows_per_block = rows_per_block
         self.n_blocks = (N + rows_per_block - 1) // rows_per_block
         self.tpr = tpr                    # threads per row (forward)
@@ -55,8 +63,10 @@ class LayerNorm:
 
     @classmethod
     async def create(cls, dev: Device, N: int, C: int, rows_per_block: int | None = None,
-                     threads_per_row: int | None = None) -> "LayerNorm":
-        """threads_per_row (the forward's TPR, a power of two in 1..64) overrides the choice above (tests)."""
+                     threads_per_row: int | None = None, subgroups: bool | None = None) -> "LayerNorm":
+        """threads_per_row (the forward's TPR, a power of two in 1..64) overrides the choice above (tests);
+        subgroups picks the subgroup kernels (True) or the workgroup-memory trees (False) instead of the device's
+        default (Device.subgroup_reductions)."""
         if C % 4:
             raise GPUError(f"LayerNorm needs C (n_embd) to be a multiple of 4, got {C}")
         # About 1024 row blocks: enough workgroups to fill a GPU, and partial sums (2C per block) that cost
@@ -70,16 +80,25 @@ class LayerNorm:
         n_blocks = (N + rows_per_block - 1) // rows_per_block
         params = dev.uniform(struct.pack("<4I", N, C // 4, rows_per_block, n_blocks), "layernorm-params")
         partial = dev.buffer(4 * n_blocks * 2 * C, "layernorm-partial")
-        self = cls(dev, N, C, rows_per_block, tpr, {}, params, partial)
-        self.k = {"layernorm_forward": await dev.kernel(FILE, "layernorm_forward", constants={"TPR": tpr}),
-                  "layernorm_backward": await dev.kernel(FILE, "layernorm_backward",
-                                                         constants={"TPR": self.tpr_backward}),
-                  "layernorm_param_grads": await dev.kernel(FILE, "layernorm_param_grads")}
+        if subgroups is None:
+            subgroups = dev.subgroup_reductions()
+        elif subgroups and not ("subgroups" in dev.features and dev.subgroup_ids):
+            raise GPUError("this device has no subgroup operations (the subgroups feature and the subgroup_id "
+                           "builtin): create LayerNorm with subgroups=False")
+        self = cls(dev, N, C, rows_per_block, tpr, {}, params, partial, subgroups)
+        if subgroups:
+            self.k = {name: await dev.kernel_of([SG_FILE, FILE], name + "_sg")
+                      for name in ("layernorm_forward", "layernorm_backward", "layernorm_param_grads")}
+        else:
+            self.k = {"layernorm_forward": await dev.kernel(FILE, "layernorm_forward", constants={"TPR": tpr}),
+                      "layernorm_backward": await dev.kernel(FILE, "layernorm_backward",
+                                                             constants={"TPR": self.tpr_backward}),
+                      "layernorm_param_grads": await dev.kernel(FILE, "layernorm_param_grads")}
         return self
 
     def forward(self, seq: Sequence, out, mean, rstd, inp, weight, bias):
         """out (N, C) = layernorm(inp (N, C)) * weight (C,) + bias (C,); writes mean, rstd (N,) for the backward."""
-        groups = -(-self.N // self.rows_per_group)
+        groups = -(-self.N // (SG_ROWS if self.subgroups else self.rows_per_group))
         seq.dispatch(self.k["layernorm_forward"], fold_grid(groups), lp=self.params,
                      out=out, mean=mean, rstd=rstd, inp=inp, weight=weight, bias=bias)
 
