@@ -14,7 +14,8 @@ enable subgroups;
 // so results are bit-identical run to run there.
 //
 // layernorm_forward_sg:     one workgroup per SG_ROWS rows; its subgroups take rows sid, sid + num_subgroups, ...
-// layernorm_backward_sg:    step 1 a subgroup per row of the block (one barrier in all), step 2 as
+// layernorm_backward_sg:    step 1 a subgroup per pair of rows of the block (both rows' loads in flight together,
+//                           one subgroupAdd for both rows' two sums; one barrier in all), step 2 as
 //                           layernorm_backward
 // layernorm_param_grads_sg: each subgroup's blocks added by subgroupAdd, the subgroups' sums in order
 
@@ -93,29 +94,57 @@ fn layernorm_backward_sg(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgrou
     let rows = min(lp.rows_per_block, lp.N - row0);
     let inv_c = 1.0 / f32(4u * C4);
 
-    // 1. Per row, a subgroup: the two means over the channels.
-    for (var rr = 0u; rr < rows; rr += nsg) {
-        let r = rr + sid;
-        var acc = vec2(0.0);
-        if (r < rows) {
-            let row = row0 + r;
-            let base = row * C4;
-            let m = mean[row];
-            let rs = rstd[row];
-            for (var i = lane; i < C4; i += width) {
-                let norm = (inp[base + i] - m) * rs;
-                let dnorm = weight[i] * dout[base + i];
-                acc += vec2(sum4(dnorm), dot(dnorm, norm));
+    // 1. Per pair of rows r, r + 1, a subgroup: the two means over the channels of both rows (their loads in flight
+    //    together), one vec4 subgroupAdd.
+    for (var rr = 0u; rr < rows; rr += 2u * nsg) {
+        let r = rr + 2u * sid;
+        let live0 = r < rows;
+        let live1 = r + 1u < rows;
+        var st0 = vec2(0.0);   // (mean, rstd) of row r
+        var st1 = vec2(0.0);
+        if (live0) { st0 = vec2(mean[row0 + r], rstd[row0 + r]); }
+        if (live1) { st1 = vec2(mean[row0 + r + 1u], rstd[row0 + r + 1u]); }
+        let base0 = (row0 + r) * C4;
+        let base1 = base0 + C4;
+        var a0 = vec2(0.0);    // row r: (sum of dnorm, sum of dnorm * norm)
+        var a1 = vec2(0.0);
+        // A loop of KMAX steps, which the compiler unrolls so that the steps' loads are in flight together (the
+        // lane stride is known only at run time), then the rest of a long row.
+        for (var k = 0u; k < KMAX; k++) {
+            let i = lane + k * width;
+            if (i < C4) {
+                let w = weight[i];
+                if (live0) { a0 = dnorm_sums(a0, base0 + i, w, st0); }
+                if (live1) { a1 = dnorm_sums(a1, base1 + i, w, st1); }
             }
-            if (lane == 0u) { row_stats[r] = vec2(m, rs); }
         }
-        let total = subgroupAdd(acc);
-        if (lane == 0u && r < rows) { row_sums[r] = total * inv_c; }
+        for (var i = lane + KMAX * width; i < C4; i += width) {
+            let w = weight[i];
+            if (live0) { a0 = dnorm_sums(a0, base0 + i, w, st0); }
+            if (live1) { a1 = dnorm_sums(a1, base1 + i, w, st1); }
+        }
+        let total = subgroupAdd(vec4(a0, a1)) * inv_c;
+        if (lane == 0u) {
+            if (live0) {
+                row_stats[r] = st0;
+                row_sums[r] = total.xy;
+            }
+            if (live1) {
+                row_stats[r + 1u] = st1;
+                row_sums[r + 1u] = total.zw;
+            }
+        }
     }
     workgroupBarrier();   // row_sums and row_stats are read by every thread below
 
     // 2. As layernorm_backward.
     backward_channels(blk, row0, rows, lid.x);
+}
+
+// a + (sum of dnorm, sum of dnorm * norm) over the vec4 at idx of a row with (mean, rstd) st; w: its weights.
+fn dnorm_sums(a: vec2<f32>, idx: u32, w: vec4<f32>, st: vec2<f32>) -> vec2<f32> {
+    let dnorm = w * dout[idx];
+    return a + vec2(sum4(dnorm), dot(dnorm, (inp[idx] - st.x) * st.y));
 }
 
 @compute @workgroup_size(WG)

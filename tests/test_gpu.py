@@ -98,19 +98,19 @@ def test_subgroups_enable_line_is_handled_per_backend():
     assert missing == "shader-f16"
 
 
-def test_subgroup_reductions_need_the_feature_and_the_builtins_and_obey_the_switch(monkeypatch):
+def test_subgroup_reductions_need_the_feature_and_the_builtins_and_are_opt_in(monkeypatch):
     d = gpu.Device()
-    monkeypatch.delenv("TABGPT_SUBGROUPS", raising=False)
-    assert not d.subgroup_reductions()           # neither
-    d.features.add("subgroups")
-    assert not d.subgroup_reductions()           # a browser without the subgroup_id builtin
-    d.subgroup_ids = True
-    assert d.subgroup_reductions()
-    for off in ("0", "off", "false"):
-        monkeypatch.setenv("TABGPT_SUBGROUPS", off)
-        assert not d.subgroup_reductions()
     monkeypatch.setenv("TABGPT_SUBGROUPS", "1")
-    assert d.subgroup_reductions()
+    assert not d.has_subgroup_ops() and not d.subgroup_reductions()       # neither
+    d.features.add("subgroups")
+    assert not d.has_subgroup_ops() and not d.subgroup_reductions()       # a browser without subgroup_id
+    d.subgroup_ids = True
+    assert d.has_subgroup_ops() and d.subgroup_reductions()
+    for off in ("0", "off", "", "no"):
+        monkeypatch.setenv("TABGPT_SUBGROUPS", off)
+        assert d.has_subgroup_ops() and not d.subgroup_reductions()
+    monkeypatch.delenv("TABGPT_SUBGROUPS")
+    assert not d.subgroup_reductions()                                     # off by default
 
 
 def test_kernel_of_joins_files_with_the_enable_line_first(dev):

@@ -249,7 +249,7 @@ LN_SHAPES = [
 
 
 def has_subgroups(dev):
-    return "subgroups" in dev.features and dev.subgroup_ids
+    return dev.has_subgroup_ops()
 
 
 # The subgroup kernels (a subgroup per row; lavapipe's subgroups have 8 lanes, SwiftShader's 4, NVIDIA's 32) and

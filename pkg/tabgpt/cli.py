@@ -22,14 +22,17 @@ def cmd_device(args) -> int:
     cost = gpu.wait(selftest.dispatch_cost(dev))
     if args.json:
         print(json.dumps({"info": dev.info, "backend": dev.backend, "features": sorted(dev.features),
-                          "subgroup_reductions": dev.subgroup_reductions(), "limits": dev.limits, "selftest": res, "dispatch": cost}, indent=1))
+                          "subgroup_ops": dev.has_subgroup_ops(), "subgroup_reductions": dev.subgroup_reductions(),
+                          "limits": dev.limits, "selftest": res, "dispatch": cost}, indent=1))
     else:
         info = dev.info
         print(f"adapter   {info.get('device') or info.get('vendor')}  ({info.get('description', '')})")
         print(f"backend   {dev.backend} / {info.get('backend_type', '')}, type {info.get('adapter_type', '')}")
         print(f"features  {', '.join(sorted(dev.features)) or '(none of shader-f16, subgroups, timestamp-query)'}")
-        print(f"reductions {'subgroup operations' if dev.subgroup_reductions() else 'workgroup-memory trees'}"
-              " (layernorm, cross-entropy)")
+        sg = ("subgroup operations" if dev.subgroup_reductions() else
+              "workgroup-memory trees" + (" (subgroup operations available: TABGPT_SUBGROUPS=1)"
+                                          if dev.has_subgroup_ops() else ""))
+        print(f"reductions {sg}  (layernorm, cross-entropy rows)")
         print("limits")
         for k, v in dev.limits.items():
             print(f"  {k:40s} {v}")

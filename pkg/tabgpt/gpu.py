@@ -323,12 +323,18 @@ class Device:
         self.shader_checks = "all"   # natively: the runtime checks of our shader modules (NativeDevice.open)
         self.subgroup_ids = False    # the WGSL builtins subgroup_id and num_subgroups compile here
 
+    def has_subgroup_ops(self) -> bool:
+        """The adapter has the `subgroups` feature and its WGSL compiler the subgroup_id / num_subgroups builtins:
+        the subgroup kernels (layernorm_subgroups.wgsl, crossentropy_subgroups.wgsl) can run here."""
+        return "subgroups" in self.features and self.subgroup_ids
+
     def subgroup_reductions(self) -> bool:
-        """Whether the kernels' row and workgroup reductions use subgroup operations (subgroupAdd, subgroupMax):
-        where the adapter has the `subgroups` feature and the compiler the subgroup_id / num_subgroups builtins.
-        TABGPT_SUBGROUPS=0 turns them off (the workgroup-memory trees instead; benchmarks compare the two)."""
-        off = os.environ.get("TABGPT_SUBGROUPS", "1").strip().lower() in ("0", "off", "no", "false")
-        return "subgroups" in self.features and self.subgroup_ids and not off
+        """Whether layernorm and cross-entropy reduce their rows with subgroup operations (subgroupAdd,
+        subgroupMax) by default: only with TABGPT_SUBGROUPS=1 and where has_subgroup_ops(). They are off by
+        default because on the one real GPU measured (NVIDIA H200) the workgroup-memory trees were as fast or
+        faster (BENCHMARKS.md, "Row reductions")."""
+        on = os.environ.get("TABGPT_SUBGROUPS", "0").strip().lower() in ("1", "on", "yes", "true")
+        return on and self.has_subgroup_ops()
 
     async def kernel_of(self, files: list[str], entry: str, constants: dict | None = None) -> Kernel:
         """Compile `entry` of several shader files joined into one module, labelled by the last file: a file of

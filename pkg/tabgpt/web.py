@@ -58,6 +58,7 @@ async def check() -> str:
     out["backend"] = dev.backend
     out["info"] = dev.info
     out["features"] = sorted(dev.features)
+    out["subgroup_ops"] = dev.has_subgroup_ops()
     out["subgroup_reductions"] = dev.subgroup_reductions()
     out["limits"] = dev.limits
     post({"type": "status", "message": "running the kernel self-test"})

@@ -10,9 +10,9 @@ zero gradient. dlogits = (softmax - onehot) * grad_scale, WRITTEN over the logit
 (N, Vp) buffer). grad_scale and loss_scale default to 1/N, the mean over rows; with gradient accumulation over
 k micro-batches pass 1/(N*k) for both and call mean(..., accumulate=True) after zeroing the slot.
 
-Where the device has subgroup operations (Device.subgroup_reductions), the row kernels of
-crossentropy_subgroups.wgsl combine the threads' (max, sum) pairs by subgroupMax / subgroupAdd and one barrier
-instead of an eight-level tree; loss_mean (one workgroup) keeps its tree.
+With subgroups=True, or TABGPT_SUBGROUPS=1 where the device has subgroup operations (Device.subgroup_reductions;
+off by default), the row kernels of crossentropy_subgroups.wgsl combine the threads' (max, sum) pairs by
+subgroupMax / subgroupAdd and one barrier instead of an eight-level tree; loss_mean (one workgroup) keeps its tree.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class CrossEntropy:
             raise GPUError(f"CrossEntropy needs 0 < V <= Vp and Vp a multiple of 4, got V={V}, Vp={Vp}")
         if subgroups is None:
             subgroups = dev.subgroup_reductions()
-        elif subgroups and not ("subgroups" in dev.features and dev.subgroup_ids):
+        elif subgroups and not dev.has_subgroup_ops():
             raise GPUError("this device has no subgroup operations (the subgroups feature and the subgroup_id "
                            "builtin): create CrossEntropy with subgroups=False")
         grad_scale = 1.0 / N if grad_scale is None else grad_scale

@@ -19,10 +19,12 @@ reduced R_b rows at a time, R_b = min(R, rows_per_block rounded up to a power of
 per row, so that small blocks (1 row for N <= 1024) keep all 64 threads busy. The results depend on these choices
 (summation order), which depend only on C and rows_per_block: bit-identical run to run.
 
-Where the device has subgroup operations (Device.subgroup_reductions), the kernels of layernorm_subgroups.wgsl
-reduce each row within one subgroup (a warp on NVIDIA) by subgroupAdd instead: no trees and no barriers in the
-forward, one barrier in the backward; two rows per forward workgroup (SG_ROWS). Their row sums are added in
-the device's subgroup order: the same results up to rounding, still bit-identical run to run on one device.
+With subgroups=True, or TABGPT_SUBGROUPS=1 where the device has subgroup operations (Device.subgroup_reductions;
+off by default: on an H200 the trees were as fast or faster), the kernels of layernorm_subgroups.wgsl reduce
+each row within one subgroup (a warp on NVIDIA) by subgroupAdd: no trees and no barriers in the forward (two
+rows per workgroup, SG_ROWS), one barrier in the backward (whose subgroups take two rows at a time). Their row
+sums are added in the device's subgroup order: the same results up to rounding, still bit-identical run to run
+on one device.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class LayerNorm:
         partial = dev.buffer(4 * n_blocks * 2 * C, "layernorm-partial")
         if subgroups is None:
             subgroups = dev.subgroup_reductions()
-        elif subgroups and not ("subgroups" in dev.features and dev.subgroup_ids):
+        elif subgroups and not dev.has_subgroup_ops():
             raise GPUError("this device has no subgroup operations (the subgroups feature and the subgroup_id "
                            "builtin): create LayerNorm with subgroups=False")
         self = cls(dev, N, C, rows_per_block, tpr, {}, params, partial, subgroups)
