@@ -143,15 +143,15 @@ def main():
     lines = [f"## Row reductions, {datetime.date.today()}, {device_label(dev)}", "",
              f"`python bench/bench_reductions.py {' '.join(sys.argv[1:])}`: best of {args.trials} rounds, "
              "microseconds per call; GB/s over the bytes the op must move at least; PyTorch fp32 on the same GPU.", "",
-             "| shape | N x C (Vp) | op | trees us | subgroups us | subgroups vs trees | GB/s (subgroups) "
-             "| PyTorch us | subgroups vs PyTorch |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| shape | N x C (Vp) | op | trees us | subgroups us | subgroups vs trees | GB/s (trees / subgroups) "
+             "| PyTorch us | trees vs PyTorch | subgroups vs PyTorch |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, N, C, Vp, op, t_tree, t_sg, t_ref in rows:
-        gbs = min_bytes(op, N, C, Vp) / t_sg / 1e9
+        gbs = " / ".join(f"{min_bytes(op, N, C, Vp) / t / 1e9:.0f}" for t in (t_tree, t_sg))
         ref = "-" if t_ref is None else f"{1e6 * t_ref:.1f}"
-        ratio = "-" if t_ref is None else f"{t_sg / t_ref:.2f}x"
+        ratios = " | ".join("-" if t_ref is None else f"{t / t_ref:.2f}x" for t in (t_tree, t_sg))
         lines.append(f"| {label} | {N} x {C} ({Vp}) | {op} | {1e6 * t_tree:.1f} | {1e6 * t_sg:.1f} "
-                     f"| {t_sg / t_tree:.2f}x | {gbs:.0f} | {ref} | {ratio} |")
+                     f"| {t_sg / t_tree:.2f}x | {gbs} | {ref} | {ratios} |")
     text = "\n".join(lines) + "\n"
     print()
     print(text)
