@@ -62,6 +62,52 @@ fn sum4(v: vec4<f32>) -> f32 {
     return (v.x + v.y) + (v.z + v.w);
 }
 
+// The forward's three passes over one thread's share of the row at base: its vec4s t, t + stride, t + 2 stride, ...
+// (the first KMAX of them kept in x by row_sum, the rest read again by each pass), for both forward kernels
+// (stride TPR here, the subgroup's width in layernorm_subgroups.wgsl).
+fn row_sum(x: ptr<function, array<vec4<f32>, KMAX>>, base: u32, t: u32, stride: u32) -> f32 {
+    let C4 = lp.C4;
+    for (var k = 0u; k < KMAX; k++) {
+        let i = t + k * stride;
+        if (i < C4) { (*x)[k] = inp[base + i]; }
+    }
+    var s = 0.0;
+    for (var k = 0u; k < KMAX; k++) {
+        if (t + k * stride < C4) { s += sum4((*x)[k]); }
+    }
+    for (var i = t + KMAX * stride; i < C4; i += stride) {
+        s += sum4(inp[base + i]);
+    }
+    return s;
+}
+
+fn row_centred_squares(x: ptr<function, array<vec4<f32>, KMAX>>, base: u32, t: u32, stride: u32, m: f32) -> f32 {
+    let C4 = lp.C4;
+    var q = 0.0;
+    for (var k = 0u; k < KMAX; k++) {
+        if (t + k * stride < C4) {
+            let d = (*x)[k] - m;
+            q += dot(d, d);
+        }
+    }
+    for (var i = t + KMAX * stride; i < C4; i += stride) {
+        let d = inp[base + i] - m;
+        q += dot(d, d);
+    }
+    return q;
+}
+
+fn row_store(x: ptr<function, array<vec4<f32>, KMAX>>, base: u32, t: u32, stride: u32, m: f32, r: f32) {
+    let C4 = lp.C4;
+    for (var k = 0u; k < KMAX; k++) {
+        let i = t + k * stride;
+        if (i < C4) { out[base + i] = ((*x)[k] - m) * r * weight[i] + bias[i]; }
+    }
+    for (var i = t + KMAX * stride; i < C4; i += stride) {
+        out[base + i] = (inp[base + i] - m) * r * weight[i] + bias[i];
+    }
+}
+
 @compute @workgroup_size(WG)
 fn layernorm_forward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
                      @builtin(local_invocation_id) lid: vec3u) {
@@ -79,18 +125,7 @@ fn layernorm_forward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) 
     // 1. The mean. x[k] = vec4 t + k TPR of the row, where that is < C4.
     var x: array<vec4<f32>, KMAX>;
     var s = 0.0;
-    if (live) {
-        for (var k = 0u; k < KMAX; k++) {
-            let i = t + k * TPR;
-            if (i < C4) { x[k] = inp[base + i]; }
-        }
-        for (var k = 0u; k < KMAX; k++) {
-            if (t + k * TPR < C4) { s += sum4(x[k]); }
-        }
-        for (var i = t + KMAX * TPR; i < C4; i += TPR) {
-            s += sum4(inp[base + i]);
-        }
-    }
+    if (live) { s = row_sum(&x, base, t, TPR); }
     red_m[lid.x] = s;
     workgroupBarrier();
     for (var h = TPR / 2u; h > 0u; h >>= 1u) {
@@ -101,18 +136,7 @@ fn layernorm_forward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) 
 
     // 2. The variance from the centred values (two passes): no cancellation for rows with a large mean.
     var q = 0.0;
-    if (live) {
-        for (var k = 0u; k < KMAX; k++) {
-            if (t + k * TPR < C4) {
-                let d = x[k] - m;
-                q += dot(d, d);
-            }
-        }
-        for (var i = t + KMAX * TPR; i < C4; i += TPR) {
-            let d = inp[base + i] - m;
-            q += dot(d, d);
-        }
-    }
+    if (live) { q = row_centred_squares(&x, base, t, TPR, m); }
     red_q[lid.x] = q;
     workgroupBarrier();
     for (var h = TPR / 2u; h > 0u; h >>= 1u) {
@@ -123,13 +147,7 @@ fn layernorm_forward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) 
 
     // 3. The output.
     if (live) {
-        for (var k = 0u; k < KMAX; k++) {
-            let i = t + k * TPR;
-            if (i < C4) { out[base + i] = (x[k] - m) * r * weight[i] + bias[i]; }
-        }
-        for (var i = t + KMAX * TPR; i < C4; i += TPR) {
-            out[base + i] = (inp[base + i] - m) * r * weight[i] + bias[i];
-        }
+        row_store(&x, base, t, TPR, m, r);
         if (t == 0u) {
             mean[row] = m;
             rstd[row] = r;

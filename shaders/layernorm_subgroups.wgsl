@@ -38,41 +38,13 @@ fn layernorm_forward_sg(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroup
         let base = row * C4;
         var x: array<vec4<f32>, KMAX>;
         var s = 0.0;
-        if (live) {
-            for (var k = 0u; k < KMAX; k++) {
-                let i = lane + k * width;
-                if (i < C4) { x[k] = inp[base + i]; }
-            }
-            for (var k = 0u; k < KMAX; k++) {
-                if (lane + k * width < C4) { s += sum4(x[k]); }
-            }
-            for (var i = lane + KMAX * width; i < C4; i += width) {
-                s += sum4(inp[base + i]);
-            }
-        }
+        if (live) { s = row_sum(&x, base, lane, width); }
         let m = subgroupAdd(s) * inv_c;
         var q = 0.0;
-        if (live) {
-            for (var k = 0u; k < KMAX; k++) {
-                if (lane + k * width < C4) {
-                    let d = x[k] - m;
-                    q += dot(d, d);
-                }
-            }
-            for (var i = lane + KMAX * width; i < C4; i += width) {
-                let d = inp[base + i] - m;
-                q += dot(d, d);
-            }
-        }
+        if (live) { q = row_centred_squares(&x, base, lane, width, m); }
         let rs = inverseSqrt(subgroupAdd(q) * inv_c + EPS);
         if (live) {
-            for (var k = 0u; k < KMAX; k++) {
-                let i = lane + k * width;
-                if (i < C4) { out[base + i] = (x[k] - m) * rs * weight[i] + bias[i]; }
-            }
-            for (var i = lane + KMAX * width; i < C4; i += width) {
-                out[base + i] = (inp[base + i] - m) * rs * weight[i] + bias[i];
-            }
+            row_store(&x, base, lane, width, m, rs);
             if (lane == 0u) {
                 mean[row] = m;
                 rstd[row] = rs;
