@@ -1,8 +1,9 @@
 enable subgroups;
 
-// LayerNorm's kernels with subgroup reductions: compiled together with layernorm.wgsl (its bindings, constants and
-// backward_channels), where the device has subgroups (ops/layernorm.py). Same results as those kernels up to the
-// order of the row sums.
+// LayerNorm's kernels with subgroup reductions: compiled together with layernorm.wgsl (its bindings, constants,
+// the forward's row passes and backward_channels), used with subgroups=True or TABGPT_SUBGROUPS=1 where the device
+// has subgroups (ops/layernorm.py; the trees are the default: on an H200 they were as fast or faster). Same results
+// as those kernels up to the order of the row sums.
 //
 // A subgroup (a warp of 32 on NVIDIA, 4 lanes on SwiftShader, 8 on lavapipe, ...) reduces a whole row: its lanes
 // read the row's vec4s lane, lane + width, ... and subgroupAdd adds their sums, with no workgroup memory and no

@@ -139,6 +139,20 @@ def test_forward_logits_and_loss_match_reference(model):
 
 
 def test_every_gradient_matches_reference(model):
+    check_every_gradient(model)
+
+
+def test_every_gradient_matches_reference_with_subgroup_reductions(dev, monkeypatch):
+    """TABGPT_SUBGROUPS=1: the model's layernorms and cross-entropies take the subgroup kernels (the test devices,
+    lavapipe among them, have subgroups), and the whole model still matches the reference."""
+    monkeypatch.setenv("TABGPT_SUBGROUPS", "1")
+    m = wait(GPT.create(dev, config(), B, T))
+    assert m.ops.ln.subgroups and m.ops.ce.subgroups and m.ops.ce_eval.subgroups, "subgroup kernels not used"
+    check_every_gradient(m)
+    test_forward_logits_and_loss_match_reference(m)
+
+
+def check_every_gradient(model):
     params = noisy_params()
     x, y = batch(2)
     upload(model, params)
