@@ -395,6 +395,13 @@ def test_bias_grad_accumulates_column_sums_deterministically(dev, rows, max_bind
     assert np.array_equal(results[0].view(np.uint32), results[1].view(np.uint32)), "bias grad runs differ"
 
 
+def test_bias_grad_refuses_a_too_small_dout(dev):
+    bg = wait(BiasGrad.create(dev, 10, C))
+    small = dev.buffer(4 * 10 * C - 4, "dout")
+    with pytest.raises(GPUError, match=rf"bias grad: dout binds {4 * 10 * C - 4} bytes, needs \(10, {C}\) f32"):
+        bg.dispatch(dev.sequence("t"), dbias=dev.buffer(4 * C, "dbias"), dout=small)
+
+
 # ---------------------------------------------------------------------------------------------
 # The model's layers against tests/reference.py
 

@@ -583,9 +583,7 @@ class BiasGrad:
 
     def dispatch(self, seq: Sequence, dbias, dout):
         """dbias (N,) += dout (M, N) summed over rows. Two dispatches per chunk of rows."""
-        buf, off, size = span(dout)
-        if size < 4 * self.M * self.N:
-            raise GPUError(f"bias grad: dout binds {size} bytes, needs ({self.M}, {self.N}) f32")
+        buf, off = bound_at_least(dout, (self.M, self.N), "bias grad", "dout")
         for start, rows, params in self.chunks:
             d = dout if len(self.chunks) == 1 else buf.view(off + 4 * start * self.N, 4 * rows * self.N)
             seq.dispatch(self.k["bias_grad_partial"], (-(-self.N // BIAS_COLS), -(-rows // BIAS_ROWS)),
