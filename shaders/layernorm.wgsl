@@ -97,7 +97,8 @@ fn row_centred_squares(x: ptr<function, array<vec4<f32>, KMAX>>, base: u32, t: u
     return q;
 }
 
-fn row_store(x: ptr<function, array<vec4<f32>, KMAX>>, base: u32, t: u32, stride: u32, m: f32, r: f32) {
+// The output of row `row` (at base), and its mean and rstd (thread or lane 0).
+fn row_store(x: ptr<function, array<vec4<f32>, KMAX>>, row: u32, base: u32, t: u32, stride: u32, m: f32, r: f32) {
     let C4 = lp.C4;
     for (var k = 0u; k < KMAX; k++) {
         let i = t + k * stride;
@@ -105,6 +106,10 @@ fn row_store(x: ptr<function, array<vec4<f32>, KMAX>>, base: u32, t: u32, stride
     }
     for (var i = t + KMAX * stride; i < C4; i += stride) {
         out[base + i] = (inp[base + i] - m) * r * weight[i] + bias[i];
+    }
+    if (t == 0u) {
+        mean[row] = m;
+        rstd[row] = r;
     }
 }
 
@@ -146,13 +151,7 @@ fn layernorm_forward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) 
     let r = inverseSqrt(red_q[first] * inv_c + EPS);
 
     // 3. The output.
-    if (live) {
-        row_store(&x, base, t, TPR, m, r);
-        if (t == 0u) {
-            mean[row] = m;
-            rstd[row] = r;
-        }
-    }
+    if (live) { row_store(&x, row, base, t, TPR, m, r); }
 }
 
 // dnorm = weight * dout;  dinp += (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd
@@ -180,9 +179,7 @@ fn layernorm_backward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups)
             let m = mean[row];
             let rs = rstd[row];
             for (var i = t; i < C4; i += TPR) {
-                let norm = (inp[base + i] - m) * rs;
-                let dnorm = weight[i] * dout[base + i];
-                acc += vec2(sum4(dnorm), dot(dnorm, norm));
+                acc = dnorm_sums(acc, base + i, weight[i], vec2(m, rs));
             }
             if (t == 0u) { row_stats[r] = vec2(m, rs); }
         }
@@ -197,6 +194,13 @@ fn layernorm_backward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups)
     }
 
     backward_channels(blk, row0, rows, lid.x);
+}
+
+// Backward step 1 (both backward kernels): a + (sum of dnorm, sum of dnorm * norm) over the vec4 at idx of a row
+// with (mean, rstd) st; w: its weights.
+fn dnorm_sums(a: vec2<f32>, idx: u32, w: vec4<f32>, st: vec2<f32>) -> vec2<f32> {
+    let dnorm = w * dout[idx];
+    return a + vec2(sum4(dnorm), dot(dnorm, (inp[idx] - st.x) * st.y));
 }
 
 // Backward step 2, after row_sums and row_stats hold the block's rows (both backward kernels).

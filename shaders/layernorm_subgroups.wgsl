@@ -1,9 +1,9 @@
 enable subgroups;
 
 // LayerNorm's kernels with subgroup reductions: compiled together with layernorm.wgsl (its bindings, constants,
-// the forward's row passes and backward_channels), used with subgroups=True or TABGPT_SUBGROUPS=1 where the device
-// has subgroups (ops/layernorm.py; the trees are the default: on an H200 they were as fast or faster). Same results
-// as those kernels up to the order of the row sums.
+// the forward's row passes, dnorm_sums and backward_channels), used with subgroups=True or TABGPT_SUBGROUPS=1
+// where the device has subgroups (ops/layernorm.py; the trees are the default: on an H200 they were as fast or
+// faster). Same results as those kernels up to the order of the row sums.
 //
 // A subgroup (a warp of 32 on NVIDIA, 4 lanes on SwiftShader, 8 on lavapipe, ...) reduces a whole row: its lanes
 // read the row's vec4s lane, lane + width, ... and subgroupAdd adds their sums, with no workgroup memory and no
@@ -44,13 +44,7 @@ fn layernorm_forward_sg(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroup
         var q = 0.0;
         if (live) { q = row_centred_squares(&x, base, lane, width, m); }
         let rs = inverseSqrt(subgroupAdd(q) * inv_c + EPS);
-        if (live) {
-            row_store(&x, base, lane, width, m, rs);
-            if (lane == 0u) {
-                mean[row] = m;
-                rstd[row] = rs;
-            }
-        }
+        if (live) { row_store(&x, row, base, lane, width, m, rs); }
     }
 }
 
@@ -112,12 +106,6 @@ fn layernorm_backward_sg(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgrou
 
     // 2. As layernorm_backward.
     backward_channels(blk, row0, rows, lid.x);
-}
-
-// a + (sum of dnorm, sum of dnorm * norm) over the vec4 at idx of a row with (mean, rstd) st; w: its weights.
-fn dnorm_sums(a: vec2<f32>, idx: u32, w: vec4<f32>, st: vec2<f32>) -> vec2<f32> {
-    let dnorm = w * dout[idx];
-    return a + vec2(sum4(dnorm), dot(dnorm, (inp[idx] - st.x) * st.y));
 }
 
 @compute @workgroup_size(WG)
