@@ -226,60 +226,6 @@ def test_double_buffer_is_bit_identical_to_prefetch(dev, layout, bias, accumulat
     assert not differ.any(), f"{layout} {tiles} x{splits}: {differ.sum()} entries differ with DOUBLE_BUFFER"
 
 
-# AHEAD 2: each slice's global loads two slices before its products, the loop taking slices in pairs (the
-# second of a trip computed past the end as zeros; split-K chunks a multiple of 2 BK).
-@pytest.mark.parametrize("tiles", list(LOOP_TILES))
-@pytest.mark.parametrize("layout,bias,accumulate", [("nn", True, False), ("nt", False, False), ("tn", False, True)])
-def test_two_slices_ahead_is_bit_identical_to_one(dev, layout, bias, accumulate, tiles):
-    # Whole K: the same fmas in the same order (K = 100 and 93: an odd number of slices, the last pair's second
-    # slice past the end), so the same bits as AHEAD 1, and NumPy's result within tolerance.
-    Mm, N, K = DB_SHAPES[layout]
-    init = np.random.default_rng(46).standard_normal((Mm, N)).astype(np.float32)
-    results = []
-    for ahead in (1, 2):
-        t = dict(LOOP_TILES[tiles], PREFETCH=True, DOUBLE_BUFFER=True, AHEAD=ahead)
-        got, ref, scale, mm = product(dev, layout, Mm, N, K, seed=46, bias=bias, accumulate=accumulate, init=init,
-                                      variant="tiled", tiles=t, splits=1)
-        assert mm.tiles == t
-        assert_product(f"{layout} {t}", got, ref, scale)
-        results.append(got)
-    differ = results[0].view(np.uint32) != results[1].view(np.uint32)
-    assert not differ.any(), f"{layout} {tiles}: {differ.sum()} entries differ with AHEAD 2"
-
-
-@pytest.mark.parametrize("splits", [2, 3, 5])
-@pytest.mark.parametrize("tiles", ["64x64x8/8x8", "128x96x8/8x8", "uneven", "64x128x8/8x16"])
-@pytest.mark.parametrize("layout,bias,accumulate", [("nn", True, False), ("nt", False, True), ("tn", False, True)])
-def test_two_slices_ahead_with_split_k_matches_numpy(dev, layout, bias, accumulate, tiles, splits):
-    # Chunks of a multiple of 2 BK, each starting its own pairs at k_begin; the last chunk shorter (and with an
-    # odd number of slices where K allows), its pair's second slice past K.
-    Mm, N, K = DB_SHAPES[layout]
-    t = dict(LOOP_TILES[tiles], PREFETCH=True, DOUBLE_BUFFER=True, AHEAD=2)
-    init = np.random.default_rng(47).standard_normal((Mm, N)).astype(np.float32) if accumulate else None
-    got, ref, scale, mm = product(dev, layout, Mm, N, K, seed=47, bias=bias, accumulate=accumulate, init=init,
-                                  times=2 if accumulate else 1, variant="tiled", tiles=t, splits=splits)
-    assert mm.chunks[0][3][2] > 1
-    assert_product(f"{layout} {t} x{splits}", got, ref, scale)
-
-
-def test_two_slices_ahead_gives_the_weight_and_bias_gradients(dev):
-    # bias_row's column sums come from the staged tiles of both slices of a pair
-    Kin, Nout, rows = C, 4 * C, M
-    rng = np.random.default_rng(48)
-    inp = rng.standard_normal((rows, Kin)).astype(np.float32)
-    dout = rng.standard_normal((rows, Nout)).astype(np.float32)
-    for splits in (1, 3):
-        t = dict(TILE_SHAPES["large"], PREFETCH=True, DOUBLE_BUFFER=True, AHEAD=2)
-        mm = wait(Matmul.create(dev, Kin, Nout, rows, "tn", accumulate=True, bias_row=True, tiles=t, splits=splits))
-        out = upload(dev, np.zeros((Kin + 1, Nout), np.float32), "out")
-        run(dev, lambda seq: mm.dispatch(seq, out=out, a=upload(dev, inp, "inp"), b=upload(dev, dout, "dout")))
-        got = download(dev, out, (Kin + 1, Nout))
-        i64, d64 = inp.astype(np.float64), dout.astype(np.float64)
-        ref = np.vstack([i64.T @ d64, d64.sum(0, keepdims=True)])
-        scale = np.vstack([np.abs(i64).T @ np.abs(d64), np.abs(d64).sum(0, keepdims=True)])
-        assert_product(f"bias_row AHEAD 2 x{splits}", got, ref, scale)
-
-
 class FakeDevice:
     def __init__(self, **limits):
         self.limits = dict(DEFAULT_LIMITS, **limits)
@@ -298,11 +244,6 @@ def test_double_buffer_tiles_are_checked(dev):
     for t in DB_TILES.values():
         check_tiles(dev, dict(t, PREFETCH=True, DOUBLE_BUFFER=True))
         check_tiles(dev, dict(t, DOUBLE_BUFFER=False))
-    check_tiles(dev, dict(TILES_LARGE, AHEAD=2))
-    for t, why in ((dict(TILES_LARGE, AHEAD=2, DOUBLE_BUFFER=False), "AHEAD 2 needs PREFETCH and DOUBLE_BUFFER"),
-                   (dict(TILES_LARGE, AHEAD=3), "AHEAD must be 1 or 2")):
-        with pytest.raises(GPUError, match=why):
-            check_tiles(dev, t)
 
 
 def test_tiled_and_simple_kernels_agree(dev):

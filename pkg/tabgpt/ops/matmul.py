@@ -127,7 +127,7 @@ TUNE_TILES = [
 # next row's tile indices made from the row number, as before 2026-12-04, instead of stepped by one add per row):
 # on an H200 stepping made the nn and tn products measured 2-9% faster, two nt products 0-2% slower and nt
 # 8192x768x3072 20% slower (bench/results/h200/run12_loop_forms.txt, run12_row_step.txt).
-TUNE_REFINE = [{"FENCE": True}, {"ROW_STEP": False}, {"AHEAD": 2}]
+TUNE_REFINE = [{"FENCE": True}, {"ROW_STEP": False}]
 # Then the fastest TUNE_SPLIT_SHAPES tile shapes are timed with every split-K count of TUNE_SPLITS that the
 # reduction allows (slices at least 128 long): the count decides how full the last wave of workgroups is, which
 # the product's shape alone does not tell. Three shapes: a refinement that wins at the default count leaves its
@@ -324,8 +324,7 @@ def runoff_finalists(results: list, n: int) -> list[list]:
 
 # The optional flags of a tile shape (override constants of matmul_tiled): the value a label names, and the label.
 TILE_FLAGS = {"SPREAD": (True, "spread"), "PREFETCH": (True, "prefetch"), "DOUBLE_BUFFER": (True, "double"),
-              "ROWS": (True, "rows"), "FENCE": (True, "fence"), "ROW_STEP": (False, "rowindex"),
-              "AHEAD": (2, "ahead2")}
+              "ROWS": (True, "rows"), "FENCE": (True, "fence"), "ROW_STEP": (False, "rowindex")}
 
 
 def tiles_label(t: dict) -> str:
@@ -347,10 +346,6 @@ def check_tiles(dev: Device, t: dict):
         problems.append("PREFETCH holds at most 4 vec4s per thread and operand: BK*max(BM, BN)/4 <= 4 * threads")
     if t.get("DOUBLE_BUFFER") and not t.get("PREFETCH"):
         problems.append("DOUBLE_BUFFER needs PREFETCH")
-    if t.get("AHEAD", 1) not in (1, 2):
-        problems.append("AHEAD must be 1 or 2")
-    elif t.get("AHEAD", 1) == 2 and not (t.get("DOUBLE_BUFFER") and t.get("PREFETCH")):
-        problems.append("AHEAD 2 needs PREFETCH and DOUBLE_BUFFER")
     if TM not in (4, 8) or TN not in (4, 8, 16):
         problems.append("TM must be 4 or 8, TN 4, 8 or 16")
     if BM % TM or BN % TN or BK % 4 or BK <= 0:
@@ -474,9 +469,7 @@ class Matmul:
         for start in range(0, long, rows):
             n = min(rows, long - start)
             cm, ck = (Mo, n) if layout == "tn" else (n, K)
-            # reduction length per slice: a multiple of BK, of 2 BK with AHEAD 2 (whose loop takes slices in pairs)
-            step = bk * (tiles or {}).get("AHEAD", 1)
-            kc = -(-ck // (splits * step)) * step if splits > 1 else ck
+            kc = -(-ck // (splits * bk)) * bk if splits > 1 else ck   # reduction length per slice
             params = dev.uniform(struct.pack("<4I", cm, N, ck, kc), f"matmul-{layout}-params")
             gy = -(-(M if layout == "tn" else n) // bm)      # bias_row's extra row needs no block row of its own
             chunks.append((start, n, params, (gx, gy, -(-ck // kc)), fold_grid(-(-cm * N // 4 // SUM_WG))))
