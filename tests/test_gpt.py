@@ -286,37 +286,6 @@ def test_grad_accumulation_equals_the_full_batch(dev, model):
     report("grad_accum=2 of B=3 vs one batch of B=6", rows, TOL_GRAD)
 
 
-@pytest.mark.parametrize("accum", [1, 2, 3])
-def test_a_train_step_in_one_submission_per_micro_batch_equals_its_parts(dev, model, accum):
-    """run_train_step (zero-grad joined to the first micro-batch, the update to the last) gives the bits that
-    set_step, run_zero_grad, set_batch + run_forward_backward per micro-batch and run_update give."""
-    other = model if accum == 1 else wait(GPT.create(dev, config(grad_accum=accum), B, T))
-    params = noisy_params(2)
-    steps = [[batch(10 * step + micro) for micro in range(accum)] for step in range(3)]
-    lr = lambda s: 1e-3 * (s + 1)                        # noqa: E731
-    states = []
-    for joined in (False, True):
-        upload(other, params)
-        for step, micro_batches in enumerate(steps):
-            if joined:
-                other.run_train_step(step, lr(step), [(u32(x), u32(y)) for x, y in micro_batches])
-            else:
-                other.set_step(step, lr(step))
-                other.run_zero_grad()
-                for x, y in micro_batches:
-                    other.set_batch(u32(x), u32(y))
-                    other.run_forward_backward()
-                other.run_update(slot=step)
-        state = dict(wait(other.get_state()), params=wait(dev.read(other.params)))
-        states.append((wait(other.read_step_stats(range(3))), {k: bytes(v) for k, v in state.items()}))
-    assert states[0][0] == states[1][0] and all(math.isfinite(loss) for loss, _, _ in states[0][0])
-    assert states[0][1].keys() == states[1][1].keys() and states[0][1]
-    for k in states[0][1]:
-        assert states[0][1][k] == states[1][1][k], f"{k} differs between the joined and the separate submissions"
-    with pytest.raises(ValueError, match=f"grad_accum = {accum} micro-batches, got {accum + 1}"):
-        other.run_train_step(3, 1e-3, [(u32(x), u32(y)) for x, y in steps[0]] + [steps[0][0]])
-
-
 def test_non_finite_step_is_skipped_and_reported(model):
     params = noisy_params()
     x, y = batch(5)

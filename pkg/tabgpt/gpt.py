@@ -3,9 +3,10 @@ backward written out explicitly (as llm.c), built once into dispatch sequences a
 
     model = await GPT.create(dev, cfg, B, T)          # buffers allocated, kernels compiled, sequences built
     await model.init_weights(seed)
-    model.run_train_step(step, lr, micro_batches)     # [(x, y)]: array('I') of B*T token ids and targets each
-    # the same, a part at a time: set_step, run_zero_grad, per micro-batch set_batch + run_forward_backward,
-    # run_update (one submission each instead of one per micro-batch)
+    model.set_step(step, lr); model.run_zero_grad()
+    for x, y in micro_batches:                        # array('I') of B*T token ids and targets
+        model.set_batch(x, y); model.run_forward_backward()
+    model.run_update(slot=step)
     (loss, grad_norm, skipped), = await model.read_step_stats([step])   # later: the GPU runs ahead meanwhile
     logits = await model.prefill(prompt); logits = await model.decode(token)   # generation, Vp floats each
 
@@ -341,16 +342,7 @@ class GPT:
         o.ce_eval.forward(s, losses=a.losses, logits=a.logits, targets=a.targets)
         s.dispatch(self.k_top1, fold_grid(N), tp=top1_params, logits=a.logits, targets=a.targets, correct=a.correct)
 
-        # A whole step in as few submissions as its micro-batches allow (run_train_step): each submission costs the
-        # GPU an idle gap (on an H200 a step of the browser preset measured 21.0 ms by the CPU in three, 20.5 ms of
-        # GPU span in one; bench/profile_step.py). The ops are the same objects: no bind group is made twice.
-        self.step_seq = dev.sequence("train_step").extend(self.zero_seq).extend(self.fwd_bwd_seq)
-        self.step_seq.extend(self.update_seq)
-        self.first_seq = dev.sequence("zero_grad+forward_backward").extend(self.zero_seq).extend(self.fwd_bwd_seq)
-        self.last_seq = dev.sequence("forward_backward+update").extend(self.fwd_bwd_seq).extend(self.update_seq)
-
-        self.sequences = [self.zero_seq, self.fwd_bwd_seq, self.update_seq, self.eval_seq, self.metrics_seq,
-                          self.step_seq, self.first_seq, self.last_seq]
+        self.sequences = [self.zero_seq, self.fwd_bwd_seq, self.update_seq, self.eval_seq, self.metrics_seq]
         for s in self.sequences:
             await s.build()
         self.gen = None                                    # generation state, made by the first prefill
@@ -413,26 +405,6 @@ class GPT:
         """Clip + AdamW, and store (loss, grad norm, skipped) of this step at ring slot % RING."""
         self.dev.write(self.record_params, struct.pack("<4I", slot % RING, RING, 0, 0))
         self.update_seq.run()
-
-    def run_train_step(self, step: int, lr: float, batches):
-        """One whole training step (zero-grad, a forward-backward per micro-batch, clip + AdamW, the step's stats at
-        ring slot step % RING): batches, [(x, y)] of cfg.grad_accum micro-batches as set_batch takes them. The same
-        dispatches as set_step, run_zero_grad, set_batch + run_forward_backward each, run_update, in one submission
-        per micro-batch (its tokens are uploaded before it) instead of one per part: the zero-grad joins the first,
-        the update the last."""
-        batches = list(batches)
-        if len(batches) != self.cfg.grad_accum:
-            raise ValueError(f"run_train_step needs grad_accum = {self.cfg.grad_accum} micro-batches, "
-                             f"got {len(batches)}")
-        self.set_step(step, lr)
-        self.dev.write(self.record_params, struct.pack("<4I", step % RING, RING, 0, 0))
-        last = len(batches) - 1
-        for i, (x, y) in enumerate(batches):
-            self.set_batch(x, y)
-            if last == 0:
-                self.step_seq.run()
-            else:
-                (self.first_seq if i == 0 else self.last_seq if i == last else self.fwd_bwd_seq).run()
 
     async def read_step_stats(self, steps) -> list[tuple[float, float, bool]]:
         """(loss, grad norm, skipped) of each step in `steps`, which must be among the last RING recorded."""
