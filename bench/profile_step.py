@@ -88,6 +88,17 @@ def timestamped(dev, ops, per_dispatch: bool, repeat: int = 1) -> list[int]:
     return list(memoryview(raw).cast("Q"))
 
 
+def dispatch_floor(dev, model, trials, n=256) -> float:
+    """GPU ns a dispatch costs beyond its work: n one-workgroup fills of one small buffer in one pass (each waits
+    for the one before, as the step's dispatches do: wgpu puts a barrier between writes of a buffer), the pass's
+    span divided by n, best of trials."""
+    buf = dev.buffer(256, "dispatch-floor")
+    seq = dev.sequence("dispatch-floor")
+    for _ in range(n):
+        model.ops.ew.zero(seq, buf, 64)
+    return min((lambda t: t[-1] - t[0])(timestamped(dev, seq.ops, False)) for _ in range(trials)) / n
+
+
 def profile_timestamps(dev, model, cfg, trials):
     """(span ns of the step as trained, [(label, op, interval ns, run ns)] per dispatch): of `trials` runs each,
     the run whose span is shortest."""
@@ -113,7 +124,7 @@ def main():
     ap.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's)")
     ap.add_argument("--repeat", type=int, default=20, help="replays of a dispatch per submission")
     ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10, help="timed whole steps")
+    ap.add_argument("--steps", type=int, default=20, help="timed whole steps")
     ap.add_argument("--top", type=int, default=20, help="list this many of the slowest single dispatches")
     ap.add_argument("--quick", action="store_true", help="few replays (checks that it runs)")
     ap.add_argument("--write", action="store_true", help="append the table to bench/results/profile.md")
@@ -191,6 +202,7 @@ def main():
 
 def timestamp_table(args, cfg, dev, model, step_ms) -> str:
     span, span_each, rows = profile_timestamps(dev, model, cfg, args.trials)
+    floor = dispatch_floor(dev, model, args.trials)
     interval, run, count = defaultdict(float), defaultdict(float), defaultdict(int)
     for name, _, iv, rn in rows:
         interval[name] += iv / 1e6
@@ -204,7 +216,9 @@ def timestamp_table(args, cfg, dev, model, step_ms) -> str:
              f"({cfg.tokens_per_step / step_ms * 1e3:,.0f} tokens/s); GPU span of a step as it trains "
              f"{span / 1e6:.2f} ms; with each dispatch in its own pass {span_each / 1e6:.2f} ms, of which the "
              f"kernels' runs (beginning to end of each) {runs:.2f} ms and the rest, {span_each / 1e6 - runs:.2f} ms "
-             f"({(span_each / 1e6 - runs) / n * 1e3:.1f} us a dispatch), between them (barriers, launches).",
+             f"({(span_each / 1e6 - runs) / n * 1e3:.1f} us a dispatch), between them (barriers, launches). A "
+             f"dispatch of one workgroup that waits for the one before costs {floor / 1e3:.1f} us in a pass "
+             f"({n} such: {n * floor / 1e6:.2f} ms).",
              f"Command: `python bench/profile_step.py {' '.join(sys.argv[1:])}`", "",
              "| kernel | dispatches | interval ms per step | run ms per step | share of the span |",
              "| --- | ---: | ---: | ---: | ---: |"]

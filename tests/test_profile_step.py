@@ -43,6 +43,13 @@ def test_the_table_names_every_kernel_and_the_span(trainer):
         preset, trials, top = "tiny", 1, 5
 
     text = profile_step.timestamp_table(Args, cfg, dev, model, step_ms=1.0)
-    assert "GPU span of a step as it trains" in text and "us a dispatch" in text
+    assert "GPU span of a step as it trains" in text and "us a dispatch" in text and "waits for the one" in text
     assert "| attention:attention_backward_dkv |" in text
     assert text.count("\n| matmul:matmul_tiled") >= 3
+
+
+def test_the_dispatch_floor_is_a_positive_time_per_dispatch(trainer):
+    cfg, dev, model = trainer
+    floor = profile_step.dispatch_floor(dev, model, trials=1, n=8)
+    span, _, rows = profile_step.profile_timestamps(dev, model, cfg, trials=1)
+    assert 0 < floor < span                    # ns per one-workgroup dispatch: far below a whole step
