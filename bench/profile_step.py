@@ -25,6 +25,7 @@ import datetime
 import sys
 import time
 from collections import defaultdict
+from types import SimpleNamespace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,40 +49,19 @@ def step_ops(model, cfg):
     return (list(model.zero_seq.ops) + list(model.fwd_bwd_seq.ops) * cfg.grad_accum + list(model.update_seq.ops))
 
 
-def timestamped(dev, ops, per_dispatch: bool, repeat: int = 1) -> list[int]:
-    """Run ops (a whole step) `repeat` times with GPU timestamps; returns the raw timestamps of the last run: per
-    dispatch (beginning, end) of its own pass with per_dispatch, else (beginning, end) of each compute pass of the
-    step as it trains (consecutive dispatches share one; copies end it)."""
+def timestamped(dev, ops, per_dispatch: bool) -> list[int]:
+    """Run ops (a whole step) once with GPU timestamps; returns the raw timestamps: per dispatch (beginning, end)
+    of its own pass with per_dispatch, else (beginning, end) of each compute pass of the step as it trains
+    (consecutive dispatches share one; copies end it)."""
     import wgpu
     n_pass = sum(op.kind == "dispatch" for op in ops) if per_dispatch else \
         sum(op.kind == "dispatch" and (i == 0 or ops[i - 1].kind != "dispatch") for i, op in enumerate(ops))
     qs = dev.device.create_query_set(type=wgpu.QueryType.timestamp, count=2 * n_pass)
     out = dev.device.create_buffer(size=16 * n_pass, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
-    for _ in range(repeat):
-        enc = dev.device.create_command_encoder()
-        cpass, k = None, 0
-        for op in ops:
-            if op.kind == "dispatch":
-                if cpass is None:
-                    cpass = enc.begin_compute_pass(timestamp_writes={
-                        "query_set": qs, "beginning_of_pass_write_index": 2 * k, "end_of_pass_write_index": 2 * k + 1})
-                    k += 1
-                cpass.set_pipeline(op.kernel.handle)
-                cpass.set_bind_group(0, op.bind_group)
-                cpass.dispatch_workgroups(*op.groups)
-                if per_dispatch:
-                    cpass.end()
-                    cpass = None
-            else:
-                if cpass is not None:
-                    cpass.end()
-                    cpass = None
-                src, so, dst, do, n = op.copy
-                enc.copy_buffer_to_buffer(src.handle, so, dst.handle, do, n)
-        if cpass is not None:
-            cpass.end()
-        enc.resolve_query_set(qs, 0, 2 * n_pass, out, 0)
-        dev.device.queue.submit([enc.finish()])
+    work = dev._encode(SimpleNamespace(ops=ops), 1, query_set=qs, per_dispatch=per_dispatch)
+    enc = dev.device.create_command_encoder()
+    enc.resolve_query_set(qs, 0, 2 * n_pass, out, 0)
+    dev.device.queue.submit([work, enc.finish()])
     raw = dev.device.queue.read_buffer(out)
     qs.destroy()
     out.destroy()

@@ -569,17 +569,28 @@ class NativeDevice(Device):
         except Exception as e:
             raise GPUError(f"{kernel.file}:{kernel.entry}: {e}") from e
 
-    def _encode(self, seq, repeat=1):
+    def _encode(self, seq, repeat=1, query_set=None, per_dispatch=False):
+        """The command buffer of seq's ops, repeat times: consecutive dispatches share a compute pass. For
+        bench/profile_step.py: query_set (timestamp-query) gets each pass's beginning and end (queries 2i, 2i + 1 of
+        pass i, counted again in each repetition); per_dispatch puts every dispatch in a pass of its own."""
         enc = self.device.create_command_encoder()
         cpass = None
         for _ in range(repeat):
+            n_pass = 0
             for op in seq.ops:
                 if op.kind == "dispatch":
                     if cpass is None:
-                        cpass = enc.begin_compute_pass()
+                        stamps = {} if query_set is None else {"timestamp_writes": {
+                            "query_set": query_set, "beginning_of_pass_write_index": 2 * n_pass,
+                            "end_of_pass_write_index": 2 * n_pass + 1}}
+                        cpass = enc.begin_compute_pass(**stamps)
+                        n_pass += 1
                     cpass.set_pipeline(op.kernel.handle)
                     cpass.set_bind_group(0, op.bind_group)
                     cpass.dispatch_workgroups(*op.groups)
+                    if per_dispatch:
+                        cpass.end()
+                        cpass = None
                 else:
                     if cpass is not None:
                         cpass.end()
