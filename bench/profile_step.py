@@ -25,8 +25,8 @@ import datetime
 import sys
 import time
 from collections import defaultdict
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pkg"))
@@ -68,6 +68,11 @@ def timestamped(dev, ops, per_dispatch: bool) -> list[int]:
     return list(memoryview(raw).cast("Q"))
 
 
+def span_of(stamps: list[int]) -> int:
+    """From the first timestamp to the last."""
+    return stamps[-1] - stamps[0]
+
+
 def dispatch_floor(dev, model, trials, n=256) -> float:
     """GPU ns a dispatch costs beyond its work: n one-workgroup fills of one small buffer in one pass (each waits
     for the one before, as the step's dispatches do: wgpu puts a barrier between writes of a buffer), the pass's
@@ -76,26 +81,22 @@ def dispatch_floor(dev, model, trials, n=256) -> float:
     seq = dev.sequence("dispatch-floor")
     for _ in range(n):
         model.ops.ew.zero(seq, buf, 64)
-    return min((lambda t: t[-1] - t[0])(timestamped(dev, seq.ops, False)) for _ in range(trials)) / n
+    return min(span_of(timestamped(dev, seq.ops, False)) for _ in range(trials)) / n
 
 
 def profile_timestamps(dev, model, cfg, trials):
     """(span ns of the step as trained, [(label, op, interval ns, run ns)] per dispatch): of `trials` runs each,
     the run whose span is shortest."""
     ops = step_ops(model, cfg)
-    span = min((lambda t: t[-1] - t[0])(timestamped(dev, ops, False)) for _ in range(trials))
-    best = None
-    for _ in range(trials):
-        t = timestamped(dev, ops, True)
-        if best is None or t[-1] - t[0] < best[-1] - best[0]:
-            best = t
+    span = min(span_of(timestamped(dev, ops, False)) for _ in range(trials))
+    best = min((timestamped(dev, ops, True) for _ in range(trials)), key=span_of)
     dispatches = [op for op in ops if op.kind == "dispatch"]
     rows = []
     for i, op in enumerate(dispatches):
         begin, end = best[2 * i], best[2 * i + 1]
         prev_end = best[2 * i - 1] if i else begin
         rows.append((label(op), op, end - prev_end, end - begin))
-    return span, best[-1] - best[0], rows
+    return span, span_of(best), rows
 
 
 def main():
@@ -120,12 +121,12 @@ def main():
 
     cfg = preset(args.preset, batch_size=args.batch)
     dev, model, step, seconds = native_trainer(cfg)     # as bench_train.py times it
-    seconds(0, 3)                                       # warm-up
-    step_ms = seconds(3, args.steps) / args.steps * 1e3
-
     stamps = "timestamp-query" in dev.features and dev.backend == "wgpu-native"
     if args.timestamps and not stamps:
         sys.exit("this adapter (or the browser backend) has no timestamp-query here: use --replay")
+    seconds(0, 3)                                       # warm-up
+    step_ms = seconds(3, args.steps) / args.steps * 1e3
+
     if stamps and not args.replay:
         text = timestamp_table(args, cfg, dev, model, step_ms)
         print(text)
