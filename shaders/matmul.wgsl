@@ -58,6 +58,12 @@ struct MatmulParams {
 @group(0) @binding(11) var<storage, read_write> dbias: array<f32>;
 @group(0) @binding(12) var<storage, read> split4: array<vec4<f32>>;
 @group(0) @binding(13) var<storage, read_write> aux4: array<vec4<f32>>;   // EPILOGUE's operand, laid out as out4
+// #if GROUPED
+// The second product of a grouped matmul_tiled (below).
+@group(0) @binding(14) var<storage, read> a4_2: array<vec4<f32>>;
+@group(0) @binding(15) var<storage, read> b4_2: array<vec4<f32>>;
+@group(0) @binding(16) var<uniform> mp2: MatmulParams;   // its M and N; K as mp's; chunk: its slabs' first vec4
+// #endif
 
 override A_T: bool = false;         // A stored (K, M)
 override B_T: bool = false;         // B stored (N, K)
@@ -65,6 +71,24 @@ override HAS_BIAS: bool = false;    // out += bias broadcast over rows
 override ACCUMULATE: bool = false;  // out += product (parameter gradients) instead of out = product
 override BIAS_ROW: bool = false;    // with A_T: out has a last row more, (+)= the column sums of B (see matmul_tiled)
 override EPILOGUE: u32 = 0u;        // then 0 none, 1 GELU, 2 RESIDUAL, 3 GELU_GRAD (header comment)
+
+// GROUPED, a conditional block (`// #if GROUPED`, kept only in the kernel compiled with that define: ops/matmul.py
+// MatmulPair; gpu.select_blocks): matmul_tiled with A_T and split-K slabs makes two weight-gradient products with
+// the same reduction length K and the same tiles in one dispatch, out1 (M, N) = A^T B (mp, a4, b4) and
+// out2 (mp2.M, mp2.N) = A2^T B2 (mp2, a4_2, b4_2): the grid is (blocks of out1 + blocks of out2, 1, slices), and
+// out4 gets the slabs of out1 from vec4 0 and those of out2 from vec4 mp2.chunk (each then summed by its own
+// matmul_split_sum). Two products that each fill a wave or less fill more of the GPU together
+// (bench/results/h200/run29_merge_probe.txt: a product of twice the size takes 3-27% less than two). A block and
+// not an override constant: the second product's code, even under a condition that is false once the pipeline is
+// made, changed what NVIDIA's compiler made of the plain products (bench/results/h200/run30_grouped_kernel_*).
+// #if GROUPED
+var<private> second: bool;   // this workgroup makes the second product
+
+// The dimensions of the product this workgroup makes.
+fn dim_m() -> u32 { return select(mp.M, mp2.M, second); }
+
+fn dim_n() -> u32 { return select(mp.N, mp2.N, second); }
+// #endif
 
 // ---------------------------------------------------------------------------------------------
 // Register-blocked, workgroup-tiled product. Tile sizes are override constants so that each adapter can
@@ -122,8 +146,15 @@ fn fetch_a(m0: u32, k0: u32, v: u32) -> vec4<f32> {
         // BIAS_ROW: A has mp.M - 1 columns (out's last row is the bias gradient's, made apart).
         let k = k0 + v / (BM / 4u);
         let m = m0 + 4u * (v % (BM / 4u));
+        // #if GROUPED
+        let cols = select(dim_m(), dim_m() - 1u, BIAS_ROW);
+        if (k < mp.K && m < cols) {
+            if (second) { x = a4_2[(k * cols + m) / 4u]; } else { x = a4[(k * cols + m) / 4u]; }
+        }
+        // #else
         let cols = select(mp.M, mp.M - 1u, BIAS_ROW);
         if (k < mp.K && m < cols) { x = a4[(k * cols + m) / 4u]; }
+        // #endif
     } else {
         // A (M, K): a vec4 runs along k; its 4 values go to 4 k-rows of the tile.
         var m = m0 + v / (BK / 4u);
@@ -166,7 +197,14 @@ fn fetch_b(n0: u32, k0: u32, v: u32) -> vec4<f32> {
         // B (K, N): a vec4 runs along n.
         let k = k0 + v / (BN / 4u);
         let n = n0 + 4u * (v % (BN / 4u));
+        // #if GROUPED
+        let nn = dim_n();
+        if (k < mp.K && n < nn) {
+            if (second) { x = b4_2[(k * nn + n) / 4u]; } else { x = b4[(k * nn + n) / 4u]; }
+        }
+        // #else
         if (k < mp.K && n < mp.N) { x = b4[(k * mp.N + n) / 4u]; }
+        // #endif
     }
     return x;
 }
@@ -239,10 +277,18 @@ fn epilogue4(o: u32, y: vec4<f32>) -> vec4<f32> {
 // out[m, n..n+4] (+)= v (+ bias), if inside: N % 4 == 0, so 4 columns are wholly inside or wholly outside.
 // Then the epilogue (EPILOGUE is 0 with split-K: the slabs are partial sums).
 fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
+    // #if GROUPED
+    if (m >= select(dim_m(), dim_m() - 1u, BIAS_ROW) || n >= dim_n()) { return; }
+    // #else
     if (m >= select(mp.M, mp.M - 1u, BIAS_ROW) || n >= mp.N) { return; }
+    // #endif
     var y = v;
     if (HAS_BIAS) { y += bias4[n / 4u]; }
+    // #if GROUPED
+    let o = slab + (m * dim_n() + n) / 4u;
+    // #else
     let o = slab + (m * mp.N + n) / 4u;
+    // #endif
     if (ACCUMULATE) { y += out4[o]; }
     if (EPILOGUE != 0u) { y = epilogue4(o, y); }
     out4[o] = y;
@@ -250,8 +296,13 @@ fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
 
 // BIAS_ROW: out's last row (mp.M - 1)[n..n+4] (+)= v.
 fn store_bias_row(slab: u32, n: u32, v: vec4<f32>) {
+    // #if GROUPED
+    if (n >= dim_n()) { return; }
+    let o = slab + ((dim_m() - 1u) * dim_n() + n) / 4u;
+    // #else
     if (n >= mp.N) { return; }
     let o = slab + ((mp.M - 1u) * mp.N + n) / 4u;
+    // #endif
     var y = v;
     if (ACCUMULATE) { y += out4[o]; }
     out4[o] = y;
@@ -262,11 +313,25 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
                 @builtin(local_invocation_id) lid: vec3u) {
     // GROUP: workgroup id w = wg.y nwg.x + wg.x takes block (by, bx): groups of GROUP block rows (fewer in the
     // last), column by column within a group, down the group's rows within a column.
+    // #if GROUPED
+    // grid (blocks of out1 + blocks of out2, 1, slices): the first product's blocks, then the second's
+    let gx1 = (mp.N + BN - 1u) / BN;
+    let gy1 = (select(mp.M, mp.M - 1u, BIAS_ROW) + BM - 1u) / BM;
+    second = wg.x >= gx1 * gy1;
+    let gx = select(gx1, (mp2.N + BN - 1u) / BN, second);   // the product's blocks along x and y
+    let gy = select(gy1, (select(mp2.M, mp2.M - 1u, BIAS_ROW) + BM - 1u) / BM, second);
+    let w = select(wg.x, wg.x - gx1 * gy1, second);
+    let group = w / (GROUP * gx);
+    let first = group * GROUP;
+    let rows = min(gy - first, GROUP);
+    let r = w - group * GROUP * gx;
+    // #else
     let w = wg.y * nwg.x + wg.x;
     let group = w / (GROUP * nwg.x);
     let first = group * GROUP;
     let rows = min(nwg.y - first, GROUP);
     let r = w - group * GROUP * nwg.x;
+    // #endif
     let by = first + r % rows;
     let bx = r / rows;
     let m0 = by * BM;
@@ -275,7 +340,11 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
     // Split-K: workgroup z sums k in [k_begin, k_end) into slab z of out (M, N); chunk is a multiple of BK.
     let k_begin = wg.z * mp.chunk;
     let k_end = min(mp.K, k_begin + mp.chunk);
+    // #if GROUPED
+    let slab = select(0u, mp2.chunk, second) + wg.z * dim_m() * (dim_n() / 4u);
+    // #else
     let slab = wg.z * mp.M * (mp.N / 4u);
+    // #endif
     // The thread's vec4 groups of rows (ga_lo, ga_hi < BM/4) and columns (gb_lo, gb_hi < BN/4).
     let ga_lo = select(lid.y * (TM / 4u), lid.y, SPREAD);
     let gb_lo = select(lid.x * (TN / 4u), lid.x, SPREAD);

@@ -98,6 +98,27 @@ def test_subgroups_enable_line_is_handled_per_backend():
     assert missing == "shader-f16"
 
 
+def test_conditional_blocks_keep_one_part_and_the_line_numbers():
+    src = "a\n  // #if X\nx1\nx2\n  // #else\ny\n// #endif\nb\n// #if Y\nz\n// #endif\n"
+    assert gpu.select_blocks(src) == "a\n\n\n\n\ny\n\nb\n\n\n\n"
+    assert gpu.select_blocks(src, {"X", "Y"}) == "a\n\nx1\nx2\n\n\n\nb\n\nz\n\n"
+    for bad, what in [("// #if X\n", "without its `#endif`"), ("// #endif\n", "without its `#if`"),
+                      ("// #if X\n// #if Y\n", "cannot nest"), ("// #if\n", "needs a name"),
+                      ("// #if X\n// #else\n// #else\n", "second `#else`")]:
+        with pytest.raises(GPUError, match=what):
+            gpu.select_blocks(bad, file="f.wgsl")
+
+
+def test_kernels_with_other_defines_are_other_modules(dev):
+    """matmul.wgsl's GROUPED block: its bindings exist only in the kernel compiled with the define."""
+    consts = {"A_T": True, "BIAS_ROW": True, "BM": 64, "BN": 64, "TM": 8, "TN": 8}
+    plain = wait(dev.kernel("matmul.wgsl", "matmul_tiled", consts))
+    grouped = wait(dev.kernel("matmul.wgsl", "matmul_tiled", consts, defines={"GROUPED"}))
+    assert grouped is not plain and grouped is wait(dev.kernel("matmul.wgsl", "matmul_tiled", consts,
+                                                                 defines=["GROUPED"]))
+    assert {b.name for b in grouped.bindings} - {b.name for b in plain.bindings} == {"a4_2", "b4_2", "mp2"}
+
+
 def test_subgroup_reductions_need_the_feature_and_the_builtins_and_are_opt_in(monkeypatch):
     d = gpu.Device()
     monkeypatch.setenv("TABGPT_SUBGROUPS", "1")

@@ -16,7 +16,7 @@ import pytest
 
 import reference
 from tabgpt.gpu import DEFAULT_LIMITS, GPUError, wait
-from tabgpt.ops.matmul import (TILES_CPU, TILES_LARGE, TILES_MEDIUM, BiasGrad, Conv1D, LMHead, Matmul,
+from tabgpt.ops.matmul import (TILES_CPU, TILES_LARGE, TILES_MEDIUM, BiasGrad, Conv1D, LMHead, Matmul, MatmulPair,
                                check_tiles, default_splits, default_tiles)
 
 RTOL = 1e-5
@@ -1003,3 +1003,76 @@ def test_split_k_scratch_is_shared_while_used_and_freed_after(dev):
     del a, b
     gc.collect()
     assert len(pool) == 0                                            # nothing held once no product uses it
+
+
+# ---------------------------------------------------------------------------------------------
+# MatmulPair: two weight-gradient products (tn, the same K) in one grouped dispatch, each summed by its own pass
+
+PAIR_TILES = {"large": dict(TILES_LARGE), "medium": dict(TILES_MEDIUM), "uneven": dict(TILE_SHAPES["uneven"]),
+              "64x128 tn16": {"BM": 64, "BN": 128, "BK": 8, "TM": 8, "TN": 16, "SPREAD": True, "PREFETCH": True,
+                              "DOUBLE_BUFFER": True}}
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("tiles", list(PAIR_TILES))
+@pytest.mark.parametrize("bias_row", [False, True], ids=["plain", "bias_row"])
+def test_pair_is_bit_identical_to_its_products_apart(dev, tiles, splits, bias_row):
+    # Awkward shapes: M, N no multiple of any tile edge (multiples of 4), K = 93 rows; out accumulated into twice.
+    K, shapes = 93, [(36, 20), (20, 52)]
+    rng = np.random.default_rng(60)
+    ops = [(rng.standard_normal((K, m)).astype(np.float32), rng.standard_normal((K, n)).astype(np.float32),
+            rng.standard_normal((m + bias_row, n)).astype(np.float32)) for m, n in shapes]
+    t = PAIR_TILES[tiles]
+    pair = wait(MatmulPair.create(dev, shapes[0], shapes[1], K, accumulate=True, bias_row=bias_row, tiles=t,
+                                  splits=splits))
+    assert pair.grid[0] == sum(-(-n // t["BN"]) * -(-m // t["BM"]) for m, n in shapes)
+    bufs = [(upload(dev, a, "a"), upload(dev, b, "b"), upload(dev, init, "out")) for a, b, init in ops]
+    run(dev, lambda seq: pair.dispatch(seq, out1=bufs[0][2], a1=bufs[0][0], b1=bufs[0][1], out2=bufs[1][2],
+                                       a2=bufs[1][0], b2=bufs[1][1]), times=2)
+    for (m, n), (a, b, init), (_, _, out), member in zip(shapes, ops, bufs, (pair.m1, pair.m2)):
+        got = download(dev, out, (m + bias_row, n))
+        # apart: the same tiles and slices, one Matmul each
+        alone = wait(Matmul.create(dev, m, n, K, "tn", accumulate=True, bias_row=bias_row, tiles=t, splits=splits))
+        o = upload(dev, init, "out-alone")
+        run(dev, lambda seq: alone.dispatch(seq, out=o, a=upload(dev, a, "a"), b=upload(dev, b, "b")), times=2)
+        want = download(dev, o, (m + bias_row, n))
+        differ = got.view(np.uint32) != want.view(np.uint32)
+        assert not differ.any(), f"{tiles} x{splits} {m}x{n}: {differ.sum()} entries differ from the product apart"
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        ref = a64.T @ b64
+        scale = np.abs(a64).T @ np.abs(b64)
+        if bias_row:
+            ref, scale = np.vstack([ref, b64.sum(0)]), np.vstack([scale, np.abs(b64).sum(0)])
+        assert_product(f"pair {tiles} x{splits} {m}x{n}", got, init + 2 * ref, 2 * scale + np.abs(init))
+
+
+def test_pair_checks_its_operands_and_needs_one_reduction(dev):
+    pair = wait(MatmulPair.create(dev, (8, 12), (16, 4), 40, tiles=dict(TILES_MEDIUM), splits=2))
+    small, ok = dev.buffer(16, "small"), dev.buffer(4096, "ok")
+    seq = dev.sequence("pair")
+    with pytest.raises(GPUError, match="matmul pair 2: tn 16x4x40"):
+        pair.dispatch(seq, out1=ok, a1=ok, b1=ok, out2=ok, a2=small, b2=ok)
+    assert pair.splits == 2 and len(seq) == 0
+
+
+def test_autotuned_pair_matches_numpy_and_is_remembered(dev, tune_cache):
+    from tabgpt.ops import matmul
+    matmul._tuned.pop(dev, None)
+    K, shapes = 256, [(64, 96), (32, 128)]
+    pair = wait(MatmulPair.create(dev, shapes[0], shapes[1], K, accumulate=False, bias_row=True, tiles="auto"))
+    keys = [k for choices in json.loads(tune_cache.read_text()).values() for k in choices if "+pair:" in k]
+    assert keys == ["tn:64x96x256+bias_row+pair:32x128"], keys
+    assert "+pair:32x128" in dev.tune_log[-1]
+    assert pair.tiles in [dict(t, **r) for t in matmul.TUNE_TILES for r in [{}] + matmul.TUNE_REFINE] \
+        or pair.tiles == matmul.default_tiles(dev, 96, 128, K)
+    rng = np.random.default_rng(61)
+    ops = [(rng.standard_normal((K, m)).astype(np.float32), rng.standard_normal((K, n)).astype(np.float32))
+           for m, n in shapes]
+    outs = [dev.buffer(4 * (m + 1) * n, "out") for m, n in shapes]
+    run(dev, lambda seq: pair.dispatch(seq, out1=outs[0], a1=upload(dev, ops[0][0]), b1=upload(dev, ops[0][1]),
+                                       out2=outs[1], a2=upload(dev, ops[1][0]), b2=upload(dev, ops[1][1])))
+    for (m, n), (a, b), out in zip(shapes, ops, outs):
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        ref = np.vstack([a64.T @ b64, b64.sum(0)])
+        scale = np.vstack([np.abs(a64).T @ np.abs(b64), np.abs(b64).sum(0)])
+        assert_product(f"autotuned pair {m}x{n}", download(dev, out, (m + 1, n)), ref, scale)

@@ -169,6 +169,38 @@ def used_bindings(src: str, entry: str) -> list[Binding]:
     return sorted((bindings[n] for n in names), key=lambda b: b.index)
 
 
+_DIRECTIVE_RE = re.compile(r"^\s*//\s*#(if|else|endif)\b\s*(\w*)\s*$")
+
+
+def select_blocks(src: str, defines=frozenset(), file: str = "shader") -> str:
+    """The source with its conditional blocks resolved: between the lines `// #if NAME` and `// #endif` (an
+    optional `// #else` between), the lines of the #if part are kept where NAME is in `defines`, else those of the
+    #else part. Dropped lines and the directives become empty lines (line numbers stay those of the file). So a
+    kernel can have a variant of its own while the code of the others stays exactly what it is: a condition on an
+    override constant would leave both branches in the module, and NVIDIA's compiler makes other code of the
+    whole kernel even where the branch is never taken."""
+    out, state, lineno = [], None, 0   # state: None outside a block, else (NAME, in the #else part)
+    for lineno, line in enumerate(src.splitlines(), 1):
+        m = _DIRECTIVE_RE.match(line)
+        if m:
+            word, name = m.groups()
+            if word == "if":
+                if state is not None or not name:
+                    raise GPUError(f"{file}:{lineno}: `#if NAME` needs a name and cannot nest")
+                state = (name, False)
+            elif state is None or name or (word == "else" and state[1]):
+                raise GPUError(f"{file}:{lineno}: `#{word}` without its `#if` (or a second `#else`)")
+            else:
+                state = (state[0], True) if word == "else" else None
+            out.append("")
+            continue
+        keep = state is None or (state[0] in defines) != state[1]
+        out.append(line if keep else "")
+    if state is not None:
+        raise GPUError(f"{file}: `#if {state[0]}` without its `#endif`")
+    return "\n".join(out) + "\n"
+
+
 def prepare_source(src: str, features: set[str]) -> tuple[str, str]:
     """Per-backend WGSL differences: the `enable` lines.
 
@@ -352,13 +384,15 @@ class Device:
         return self._sources[file]
 
     async def kernel(self, file: str, entry: str, constants: dict | None = None,
-                     source: str | None = None) -> Kernel:
-        """Compile `entry` of shaders/`file` (or of `source`) with override constants; cached."""
+                     source: str | None = None, defines=frozenset()) -> Kernel:
+        """Compile `entry` of shaders/`file` (or of `source`) with override constants and the conditional blocks
+        named by `defines` (select_blocks); cached."""
         constants = dict(constants or {})
-        key = (file, entry, tuple(sorted(constants.items())), source)
+        defines = frozenset(defines)
+        key = (file, entry, tuple(sorted(constants.items())), source, defines)
         if key in self._kernels:
             return self._kernels[key]
-        src = source if source is not None else self.source(file)
+        src = select_blocks(source if source is not None else self.source(file), defines, file)
         code, missing = prepare_source(src, self.features)
         if missing:
             raise GPUError(f"{file} needs the WebGPU feature {missing!r}, which this adapter lacks")

@@ -207,13 +207,15 @@ def _save_tune_file(dev: Device, choices: dict):
 
 
 async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates: list | None = None,
-                   persist: bool = True, bias_row: bool = False) -> tuple[dict, int]:
+                   persist: bool = True, bias_row: bool = False,
+                   pair: tuple[int, int] | None = None) -> tuple[dict, int]:
     """(tiles, splits) of the fastest candidate for an out (M, N) = op(A) (M, K) @ op(B) (K, N) product on dev,
-    timed on zero-filled operands; remembered per device (and on disk when persist)."""
+    timed on zero-filled operands; remembered per device (and on disk when persist). pair (M2, N2): the same for a
+    MatmulPair of this tn product and an (M2, N2) one with the same K, timed together."""
     choices = _tuned.get(dev)
     if choices is None:
         choices = _tuned[dev] = _load_tune_file(dev) if persist else {}
-    key = f"{layout}:{M}x{N}x{K}" + ("+bias_row" if bias_row else "")
+    key = f"{layout}:{M}x{N}x{K}" + ("+bias_row" if bias_row else "") + (f"+pair:{pair[0]}x{pair[1]}" if pair else "")
     if key in choices:
         try:
             t, splits = choices[key]
@@ -227,13 +229,23 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
     b = dev.buffer(4 * b_shape[0] * b_shape[1], "tune-b")
     out = dev.buffer(4 * (M + bias_row) * N, "tune-out")
     flops = 2.0 * M * N * K
+    if pair:
+        M2, N2 = pair
+        a2, b2 = dev.buffer(4 * K * M2, "tune-a2"), dev.buffer(4 * K * N2, "tune-b2")
+        out2 = dev.buffer(4 * (M2 + bias_row) * N2, "tune-out2")
+        flops += 2.0 * M2 * N2 * K
     results = []
 
     async def build(tiles, splits):
         """(sequence running the candidate once, submissions per timing, the splits Matmul.create kept)."""
-        mm = await Matmul.create(dev, M, N, K, layout, tiles=tiles, splits=splits, bias_row=bias_row)
         seq = dev.sequence("autotune")
-        mm.dispatch(seq, out=out, a=a, b=b)
+        if pair:
+            mm = await MatmulPair.create(dev, (M, N), pair, K, accumulate=False, bias_row=bias_row, tiles=tiles,
+                                         splits=splits)
+            mm.dispatch(seq, out1=out, a1=a, b1=b, out2=out2, a2=a2, b2=b2)
+        else:
+            mm = await Matmul.create(dev, M, N, K, layout, tiles=tiles, splits=splits, bias_row=bias_row)
+            mm.dispatch(seq, out=out, a=a, b=b)
         await seq.build()
         seq.run(1)
         await dev.sync()
@@ -558,6 +570,76 @@ class Matmul:
                              bias4=views["bias"], aux4=views["aux"])
 
 
+class MatmulPair:
+    """Two weight-gradient products with the same reduction length K in ONE dispatch (matmul_tiled GROUPED), each
+    then summed from its split-K slabs by its own pass:
+
+        out1 (M1 [+1], N1) [+]= A1 (K, M1)^T @ B1 (K, N1),   out2 (M2 [+1], N2) [+]= A2 (K, M2)^T @ B2 (K, N2)
+
+    (layout tn; bias_row as Matmul's: each out has a last row more, the column sums of its B). Two products that
+    each fill a wave of workgroups or less fill more of the GPU together. Each member is a Matmul with the same
+    tiles and split count (its uniform, sum kernels and checks); the pair adds the grouped product kernel and one
+    scratch for both members' slabs. Every output is the same fma chain as its member's alone: bit-identical."""
+
+    def __init__(self, dev, m1, m2, kernel, grid, params2, scratch, base2):
+        self.dev, self.m1, self.m2, self.kernel, self.grid = dev, m1, m2, kernel, grid
+        self.params2, self.scratch, self.base2 = params2, scratch, base2
+        self.tiles, self.splits = m1.tiles, m1.splits
+
+    @classmethod
+    async def create(cls, dev: Device, shape1: tuple[int, int], shape2: tuple[int, int], K: int,
+                     accumulate: bool = True, bias_row: bool = False, tiles: dict | None = None,
+                     splits: int | None = None) -> "MatmulPair":
+        """shape1, shape2: (M, N) of the two products (without bias_row's extra row). tiles and splits None: the
+        autotuner times the pair as a whole where it is on (else the per-adapter defaults); tiles "auto": always."""
+        (M1, N1), (M2, N2) = shape1, shape2
+        if tiles == "auto" or tiles is None and splits is None and autotune_enabled(dev, 2.0 * (M1 * N1 + M2 * N2) * K):
+            tiles, splits = await autotune(dev, M1, N1, K, "tn", bias_row=bias_row, pair=(M2, N2))
+        tiles = dict(tiles or default_tiles(dev, M1 + M2, max(N1, N2), K))
+        if splits is None:
+            wg = sum(-(-n // tiles["BN"]) * -(-m // tiles["BM"]) for m, n in (shape1, shape2))
+            splits = default_splits(dev, wg, K)
+        splits = max(2, int(splits))                       # the slabs are where the two products meet
+        ms = [await Matmul.create(dev, m, n, K, "tn", accumulate=accumulate, variant="tiled", tiles=tiles,
+                                  splits=splits, bias_row=bias_row) for m, n in (shape1, shape2)]
+        if any(len(m.chunks) != 1 or m.splits != ms[0].splits or m.chunks[0][3][2] != ms[0].chunks[0][3][2]
+               for m in ms):
+            raise GPUError(f"a MatmulPair needs both {K}-long reductions in one binding with the same slices; "
+                           f"make the products apart (Matmul)")
+        m1, m2 = ms
+        kernel = await dev.kernel(FILE, "matmul_tiled", dict({"A_T": True, "B_T": False,
+                                                              **({"BIAS_ROW": True} if bias_row else {})}, **tiles),
+                                  defines={"GROUPED"})
+        z = m1.chunks[0][3][2]
+        size1 = 4 * z * m1.out_rows * N1
+        base2 = -(-size1 // 256) * 256                      # the second member's slabs: 256-byte aligned
+        scratch = shared_scratch(dev, base2 + 4 * z * m2.out_rows * N2)
+        params2 = dev.uniform(struct.pack("<4I", m2.out_rows, N2, K, base2 // 16), "matmul-pair-params")
+        blocks = sum(m.chunks[0][3][0] * m.chunks[0][3][1] for m in ms)
+        if blocks > MAX_GROUPS:
+            raise GPUError(f"a MatmulPair of {blocks} blocks exceeds {MAX_GROUPS} workgroups along x")
+        return cls(dev, m1, m2, kernel, (blocks, 1, z), params2, scratch, base2)
+
+    def dispatch(self, seq: Sequence, out1, a1, b1, out2, a2, b2):
+        """Append both products: the grouped slab product, then each member's sum into its out ([+]=)."""
+        spans = {}
+        for m, tag, out, a, b in ((self.m1, "1", out1, a1, b1), (self.m2, "2", out2, a2, b2)):
+            name = f"matmul pair {tag}: tn {m.M}x{m.N}x{m.K}"
+            spans["out" + tag] = bound_at_least(out, (m.out_rows, m.N), name, "out")
+            bound_at_least(a, (m.K, m.M), name, "a")
+            bound_at_least(b, (m.K, m.N), name, "b")
+        m1, m2 = self.m1, self.m2
+        z = self.grid[2]
+        size1 = 4 * z * m1.out_rows * m1.N
+        size2 = 4 * z * m2.out_rows * m2.N
+        seq.dispatch(self.kernel, self.grid, mp=m1.chunks[0][2], mp2=self.params2, a4=a1, b4=b1, a4_2=a2, b4_2=b2,
+                     bias4=m1.no_bias, out4=self.scratch.view(0, self.base2 + size2), aux4=m1.no_aux)
+        for m, out, base, size in ((m1, out1, 0, size1), (m2, out2, self.base2, size2)):
+            params, sum_grid = m.chunks[0][2], m.chunks[0][4]
+            seq.dispatch(m.k["sum"], sum_grid, mp=params, split4=self.scratch.view(base, size), out4=out,
+                         bias4=m.no_bias, aux4=m.no_aux)
+
+
 class BiasGrad:
     """dbias (N,) += column sums of dout (M, N), without atomics: per 128-row block, then blocks in order."""
 
@@ -634,9 +716,11 @@ class Conv1D:
                                + (f"pass {name}" if x is None else f"{name} needs forward_epilogue={want!r}"))
         self.fwd.dispatch(seq, out=out, a=inp, b=weight, bias=bias, aux=gelu_out if ep == "gelu" else residual)
 
-    def backward(self, seq: Sequence, dinp, dweight, dout, inp, weight, dbias=None, gelu_pre=None):
+    def backward(self, seq: Sequence, dinp, dweight, dout, inp, weight, dbias=None, gelu_pre=None,
+                 weight_grad: bool = True):
         """dinp (M, K) = dout @ weight^T (WRITTEN; with dinp_gelu_grad times gelu'(gelu_pre (M, K)));
-        dweight (K, N) += inp^T @ dout; dbias (N,) += sum of dout rows."""
+        dweight (K, N) += inp^T @ dout; dbias (N,) += sum of dout rows. weight_grad=False: dinp only (the
+        weight and bias gradients are made elsewhere, e.g. by a MatmulPair with another Conv1D's)."""
         if self.dinp is None:
             raise GPUError("this Conv1D was created with backward=False")
         fused = self.dinp.epilogue == "gelu_grad"
@@ -644,21 +728,29 @@ class Conv1D:
             raise GPUError("Conv1D with dinp_gelu_grad: pass gelu_pre" if fused else
                            "gelu_pre needs a Conv1D created with dinp_gelu_grad=True")
         self.dinp.dispatch(seq, out=dinp, a=dout, b=weight, aux=gelu_pre)
+        if not weight_grad:
+            return
         if self.dweight.bias_row:
             # fused bias gradient: out = [dweight; dbias], one contiguous range
-            if dbias is None:
-                raise GPUError("this Conv1D has a bias: pass dbias")
-            wbuf, woff, wsize = span(dweight)
-            bbuf, boff, bsize = span(dbias)
-            if bbuf is not wbuf or boff != woff + wsize:
-                raise GPUError("a Conv1D with fuse_bias_grad needs dbias stored right after dweight in one buffer; "
-                               "create it with fuse_bias_grad=False otherwise")
-            dweight = wbuf.view(woff, wsize + bsize)
+            dweight = weight_and_bias(dweight, dbias)
         self.dweight.dispatch(seq, out=dweight, a=inp, b=dout)
         if self.dbias is not None:
             if dbias is None:
                 raise GPUError("this Conv1D has a bias: pass dbias")
             self.dbias.dispatch(seq, dbias=dbias, dout=dout)
+
+
+def weight_and_bias(dweight, dbias):
+    """[dweight; dbias] as one view, for the products that make the bias gradient as the weight gradient's last row
+    (bias_row): dbias must lie right after dweight in the same buffer."""
+    if dbias is None:
+        raise GPUError("this Conv1D has a bias: pass dbias")
+    wbuf, woff, wsize = span(dweight)
+    bbuf, boff, bsize = span(dbias)
+    if bbuf is not wbuf or boff != woff + wsize:
+        raise GPUError("a Conv1D with fuse_bias_grad needs dbias stored right after dweight in one buffer; "
+                       "create it with fuse_bias_grad=False otherwise")
+    return wbuf.view(woff, wsize + bsize)
 
 
 class LMHead:
