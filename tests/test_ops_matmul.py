@@ -16,8 +16,8 @@ import pytest
 
 import reference
 from tabgpt.gpu import DEFAULT_LIMITS, GPUError, wait
-from tabgpt.ops.matmul import (TILES_CPU, TILES_LARGE, TILES_MEDIUM, BiasGrad, Conv1D, LMHead, Matmul, MatmulPair,
-                               check_tiles, default_splits, default_tiles)
+from tabgpt.ops.matmul import (TILES_CPU, TILES_LARGE, TILES_MEDIUM, TUNE_TILES, BiasGrad, Conv1D, LMHead, Matmul,
+                               MatmulPair, check_tiles, default_splits, default_tiles)
 
 RTOL = 1e-5
 B, T, C, Vp = 3, 37, 72, 1024
@@ -527,6 +527,22 @@ def test_autotuned_product_matches_numpy_and_is_remembered(dev, tune_cache, layo
     matmul._tuned.pop(dev, None)
     fresh = wait(Matmul.create(dev, Mx, Nx, Kx, layout, tiles="auto"))
     assert (fresh.tiles, fresh.splits) == (mm.tiles, mm.splits) and len(dev.tune_log) == log_before + 1
+
+
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn"])
+@pytest.mark.parametrize("candidate", range(len(TUNE_TILES)))
+def test_every_autotune_candidate_matches_numpy(dev, layout, candidate):
+    """Each tile shape the autotuner may pick, on an awkward shape (no edge a multiple of a tile's) with split-K."""
+    t = TUNE_TILES[candidate]
+    if (8 if t.get("DOUBLE_BUFFER") else 4) * t["BK"] * (t["BM"] + t["BN"]) > \
+            dev.limits["max-compute-workgroup-storage-size"]:
+        with pytest.raises(GPUError, match="bytes of workgroup memory"):   # the autotuner passes it over here
+            check_tiles(dev, t)
+        t = dict(t, DOUBLE_BUFFER=False)                                   # and the kernel is tested without
+    Mx, Nx, Kx = {"nn": (100, 76, 52), "nt": (76, 100, 52), "tn": (52, 76, 300)}[layout]
+    got, ref, scale, mm = product(dev, layout, Mx, Nx, Kx, seed=22, bias=layout == "nn", tiles=t,
+                                  splits=1 if layout == "nn" else 3)
+    assert_product(f"{layout} {t}", got, ref, scale)
 
 
 def test_autotune_survives_a_corrupt_cache_file_and_can_be_turned_off(dev, tune_cache, monkeypatch):

@@ -119,6 +119,12 @@ TUNE_TILES = [
     # 12 x 12 threads, 96 x 96 blocks: more, smaller workgroups where 128-wide blocks leave multiprocessors idle
     # in the last wave (an out of 8192 x 384 is 192 blocks of 128 x 128, 344 of 96 x 96).
     dict(TILES_LARGE, BM=96, BN=96),                                               # 12 KiB
+    # Fewer accumulators a thread (8 x 4) or fewer threads (64): more, smaller workgroups an SM, for the products
+    # whose out is small (a weight gradient 384 x 384 of a long reduction, 8192 x 384 of a short one). On an H200,
+    # tn 384x384x8192 20.6 -> 22.4 TFLOP/s (128 x 64 / 8 x 4), nt 8192x384x1152 27.0 -> 29.4 (64 x 64 / 8 x 8);
+    # the other products of the browser preset within the autotuner's noise (bench/results/h200/run33_tile_probe.txt)
+    {"BM": 128, "BN": 64, "BK": 8, "TM": 8, "TN": 4, "SPREAD": True, "PREFETCH": True, "DOUBLE_BUFFER": True},
+    {"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8, "SPREAD": True, "PREFETCH": True, "DOUBLE_BUFFER": True},
     TILES_MEDIUM,
 ]
 # Then the fastest shape is timed again with each of these changes (and split-K after that). FENCE (the next
