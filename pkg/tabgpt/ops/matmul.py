@@ -119,14 +119,12 @@ TUNE_TILES = [
     # 12 x 12 threads, 96 x 96 blocks: more, smaller workgroups where 128-wide blocks leave multiprocessors idle
     # in the last wave (an out of 8192 x 384 is 192 blocks of 128 x 128, 344 of 96 x 96).
     dict(TILES_LARGE, BM=96, BN=96),                                               # 12 KiB
-    # Fewer accumulators a thread (8 x 4) or fewer threads (64): more, smaller workgroups an SM, for the products
-    # whose out is small (a weight gradient 384 x 384 of a long reduction, 8192 x 384 of a short one). On an H200,
-    # tn 384x384x8192 20.6 -> 22.4 TFLOP/s (128 x 64 / 8 x 4), nt 8192x384x1152 27.0 -> 29.4 (64 x 64 / 8 x 8);
-    # the other products of the browser preset within the autotuner's noise (bench/results/h200/run33_tile_probe.txt)
-    {"BM": 128, "BN": 64, "BK": 8, "TM": 8, "TN": 4, "SPREAD": True, "PREFETCH": True, "DOUBLE_BUFFER": True},
-    {"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8, "SPREAD": True, "PREFETCH": True, "DOUBLE_BUFFER": True},
     TILES_MEDIUM,
 ]
+# Not among them: 128 x 64 / 8 x 4 and 64 x 64 / 8 x 8 (more, smaller workgroups an SM for small outs). Autotuned
+# alone, two browser-preset products ran faster with them (tn 384x384x8192 20.6 -> 22.4 TFLOP/s, nt 8192x384x1152
+# 27.0 -> 29.4: run33_tile_probe.txt), but training was no faster (397,361 against 398,836 tokens/s, four runs
+# each: run35_train_*.txt), and every candidate costs each product's autotune time.
 # Then the fastest shape is timed again with each of these changes (and split-K after that). FENCE (the next
 # row's tile reads after the row's first fma) moves single products on an H100 by -4 to +14 points of cuBLAS
 # either way, depending on the shape (bench/results/h100/fence_products.txt, phi_prefetch.txt). ROW_STEP off (the
