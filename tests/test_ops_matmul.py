@@ -1049,6 +1049,7 @@ def test_pair_is_bit_identical_to_its_products_apart(dev, tiles, splits, bias_ro
         got = download(dev, out, (m + bias_row, n))
         # apart: the same tiles and slices, one Matmul each
         alone = wait(Matmul.create(dev, m, n, K, "tn", accumulate=True, bias_row=bias_row, tiles=t, splits=splits))
+        assert (alone.tiles, alone.splits) == (member.tiles, member.splits)
         o = upload(dev, init, "out-alone")
         run(dev, lambda seq: alone.dispatch(seq, out=o, a=upload(dev, a, "a"), b=upload(dev, b, "b")), times=2)
         want = download(dev, o, (m + bias_row, n))

@@ -179,7 +179,7 @@ def select_blocks(src: str, defines=frozenset(), file: str = "shader") -> str:
     kernel can have a variant of its own while the code of the others stays exactly what it is: a condition on an
     override constant would leave both branches in the module, and NVIDIA's compiler makes other code of the
     whole kernel even where the branch is never taken."""
-    out, state, lineno = [], None, 0   # state: None outside a block, else (NAME, in the #else part)
+    out, state = [], None   # state: None outside a block, else (NAME, in the #else part)
     for lineno, line in enumerate(src.splitlines(), 1):
         m = _DIRECTIVE_RE.match(line)
         if m:

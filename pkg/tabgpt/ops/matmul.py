@@ -125,6 +125,7 @@ TUNE_TILES = [
 # alone, two browser-preset products ran faster with them (tn 384x384x8192 20.6 -> 22.4 TFLOP/s, nt 8192x384x1152
 # 27.0 -> 29.4: run33_tile_probe.txt), but training was no faster (397,361 against 398,836 tokens/s, four runs
 # each: run35_train_*.txt), and every candidate costs each product's autotune time.
+
 # Then the fastest shape is timed again with each of these changes (and split-K after that). FENCE (the next
 # row's tile reads after the row's first fma) moves single products on an H100 by -4 to +14 points of cuBLAS
 # either way, depending on the shape (bench/results/h100/fence_products.txt, phi_prefetch.txt). ROW_STEP off (the
@@ -585,9 +586,9 @@ class MatmulPair:
     tiles and split count (its uniform, sum kernels and checks); the pair adds the grouped product kernel and one
     scratch for both members' slabs. Every output is the same fma chain as its member's alone: bit-identical."""
 
-    def __init__(self, dev, m1, m2, kernel, grid, params2, scratch, base2):
+    def __init__(self, dev, m1, m2, kernel, grid, params2, scratch, slabs):
         self.dev, self.m1, self.m2, self.kernel, self.grid = dev, m1, m2, kernel, grid
-        self.params2, self.scratch, self.base2 = params2, scratch, base2
+        self.params2, self.scratch, self.slabs = params2, scratch, slabs   # slabs: each member's (offset, bytes)
         self.tiles, self.splits = m1.tiles, m1.splits
 
     @classmethod
@@ -615,33 +616,29 @@ class MatmulPair:
                                                               **({"BIAS_ROW": True} if bias_row else {})}, **tiles),
                                   defines={"GROUPED"})
         z = m1.chunks[0][3][2]
-        size1 = 4 * z * m1.out_rows * N1
+        size1, size2 = (4 * z * m.out_rows * m.N for m in ms)
         base2 = -(-size1 // 256) * 256                      # the second member's slabs: 256-byte aligned
-        scratch = shared_scratch(dev, base2 + 4 * z * m2.out_rows * N2)
+        scratch = shared_scratch(dev, base2 + size2)
         params2 = dev.uniform(struct.pack("<4I", m2.out_rows, N2, K, base2 // 16), "matmul-pair-params")
         blocks = sum(m.chunks[0][3][0] * m.chunks[0][3][1] for m in ms)
         if blocks > MAX_GROUPS:
             raise GPUError(f"a MatmulPair of {blocks} blocks exceeds {MAX_GROUPS} workgroups along x")
-        return cls(dev, m1, m2, kernel, (blocks, 1, z), params2, scratch, base2)
+        return cls(dev, m1, m2, kernel, (blocks, 1, z), params2, scratch, ((0, size1), (base2, size2)))
 
     def dispatch(self, seq: Sequence, out1, a1, b1, out2, a2, b2):
         """Append both products: the grouped slab product, then each member's sum into its out ([+]=)."""
-        spans = {}
         for m, tag, out, a, b in ((self.m1, "1", out1, a1, b1), (self.m2, "2", out2, a2, b2)):
             name = f"matmul pair {tag}: tn {m.M}x{m.N}x{m.K}"
-            spans["out" + tag] = bound_at_least(out, (m.out_rows, m.N), name, "out")
+            bound_at_least(out, (m.out_rows, m.N), name, "out")
             bound_at_least(a, (m.K, m.M), name, "a")
             bound_at_least(b, (m.K, m.N), name, "b")
-        m1, m2 = self.m1, self.m2
-        z = self.grid[2]
-        size1 = 4 * z * m1.out_rows * m1.N
-        size2 = 4 * z * m2.out_rows * m2.N
+        m1 = self.m1
+        base2, size2 = self.slabs[1]
         seq.dispatch(self.kernel, self.grid, mp=m1.chunks[0][2], mp2=self.params2, a4=a1, b4=b1, a4_2=a2, b4_2=b2,
-                     bias4=m1.no_bias, out4=self.scratch.view(0, self.base2 + size2), aux4=m1.no_aux)
-        for m, out, base, size in ((m1, out1, 0, size1), (m2, out2, self.base2, size2)):
-            params, sum_grid = m.chunks[0][2], m.chunks[0][4]
-            seq.dispatch(m.k["sum"], sum_grid, mp=params, split4=self.scratch.view(base, size), out4=out,
-                         bias4=m.no_bias, aux4=m.no_aux)
+                     bias4=m1.no_bias, out4=self.scratch.view(0, base2 + size2), aux4=m1.no_aux)
+        for m, out, (base, size) in zip((m1, self.m2), (out1, out2), self.slabs):
+            seq.dispatch(m.k["sum"], m.chunks[0][4], mp=m.chunks[0][2], split4=self.scratch.view(base, size),
+                         out4=out, bias4=m.no_bias, aux4=m.no_aux)
 
 
 class BiasGrad:
