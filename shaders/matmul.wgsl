@@ -90,6 +90,29 @@ fn dim_m() -> u32 { return select(mp.M, mp2.M, second); }
 fn dim_n() -> u32 { return select(mp.N, mp2.N, second); }
 // #endif
 
+// BATCHED, a conditional block as GROUPED (ops/matmul.py BatchedMatmul): matmul_tiled makes one product per
+// workgroup z, z = b * heads + h, each of strided matrices inside larger ones (the heads of attention): element
+// (r, c) of the stored A at float a_off + r * lda + c of a4, a_off = a_0 + b * a_b + h * a_h, and likewise B
+// (ldb, b_0, b_b, b_h) and out (ldc, c_0, c_b, c_h); no split-K, bias, accumulation or epilogue. Every stride and offset is a multiple
+// of 4. A row's vec4 may run past its K (or M, N) columns into the row's padding, which must hold finite values:
+// they meet zeros of the other operand, or land in padding of out. CAUSAL (z's products of causal attention, rows
+// and columns both positions): 1 skips the blocks of out wholly above the diagonal (n0 > m0 + BM - 1: never read),
+// 2 sums k from m0 only (tn: A^T's column k, a query, is zero before the key m0), 3 sums k below m0 + BM only (nn:
+// A's row m, a query, is zero past key m).
+// #if BATCHED
+struct BatchParams {
+    lda: u32, ldb: u32, ldc: u32, heads: u32,
+    a_0: u32, a_b: u32, a_h: u32, b_0: u32,
+    b_b: u32, b_h: u32, c_0: u32, c_b: u32,
+    c_h: u32, _p0: u32, _p1: u32, _p2: u32,
+}
+@group(0) @binding(17) var<uniform> bp: BatchParams;
+override CAUSAL: u32 = 0u;
+var<private> a_off: u32;
+var<private> b_off: u32;
+var<private> c_off: u32;
+// #endif
+
 // ---------------------------------------------------------------------------------------------
 // Register-blocked, workgroup-tiled product. Tile sizes are override constants so that each adapter can
 // get its own: BM % TM == 0, BN % TN == 0, TM in {4, 8}, TN in {4, 8, 16}, BK % 4 == 0, (BM/TM)*(BN/TN) <= 256
@@ -151,6 +174,8 @@ fn fetch_a(m0: u32, k0: u32, v: u32) -> vec4<f32> {
         if (k < mp.K && m < cols) {
             if (second) { x = a4_2[(k * cols + m) / 4u]; } else { x = a4[(k * cols + m) / 4u]; }
         }
+        // #elif BATCHED
+        if (k < mp.K && m < mp.M) { x = a4[(a_off + k * bp.lda + m) / 4u]; }
         // #else
         let cols = select(mp.M, mp.M - 1u, BIAS_ROW);
         if (k < mp.K && m < cols) { x = a4[(k * cols + m) / 4u]; }
@@ -163,7 +188,11 @@ fn fetch_a(m0: u32, k0: u32, v: u32) -> vec4<f32> {
             m = m0 + v % BM;
             k = k0 + 4u * (v / BM);
         }
+        // #if BATCHED
+        if (m < mp.M && k < mp.K) { x = a4[(a_off + m * bp.lda + k) / 4u]; }
+        // #else
         if (m < mp.M && k < mp.K) { x = a4[(m * mp.K + k) / 4u]; }
+        // #endif
     }
     return x;
 }
@@ -192,7 +221,11 @@ fn fetch_b(n0: u32, k0: u32, v: u32) -> vec4<f32> {
             n = n0 + v % BN;
             k = k0 + 4u * (v / BN);
         }
+        // #if BATCHED
+        if (n < mp.N && k < mp.K) { x = b4[(b_off + n * bp.ldb + k) / 4u]; }
+        // #else
         if (n < mp.N && k < mp.K) { x = b4[(n * mp.K + k) / 4u]; }
+        // #endif
     } else {
         // B (K, N): a vec4 runs along n.
         let k = k0 + v / (BN / 4u);
@@ -202,6 +235,8 @@ fn fetch_b(n0: u32, k0: u32, v: u32) -> vec4<f32> {
         if (k < mp.K && n < nn) {
             if (second) { x = b4_2[(k * nn + n) / 4u]; } else { x = b4[(k * nn + n) / 4u]; }
         }
+        // #elif BATCHED
+        if (k < mp.K && n < mp.N) { x = b4[(b_off + k * bp.ldb + n) / 4u]; }
         // #else
         if (k < mp.K && n < mp.N) { x = b4[(k * mp.N + n) / 4u]; }
         // #endif
@@ -286,6 +321,8 @@ fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
     if (HAS_BIAS) { y += bias4[n / 4u]; }
     // #if GROUPED
     let o = slab + (m * dim_n() + n) / 4u;
+    // #elif BATCHED
+    let o = (c_off + m * bp.ldc + n) / 4u;
     // #else
     let o = slab + (m * mp.N + n) / 4u;
     // #endif
@@ -337,11 +374,24 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
     let m0 = by * BM;
     let n0 = bx * BN;
     let tid = lid.y * WG_X + lid.x;
+    // #if BATCHED
+    let batch = wg.z / bp.heads;
+    let head = wg.z % bp.heads;
+    a_off = bp.a_0 + batch * bp.a_b + head * bp.a_h;
+    b_off = bp.b_0 + batch * bp.b_b + head * bp.b_h;
+    c_off = bp.c_0 + batch * bp.c_b + head * bp.c_h;
+    if (CAUSAL == 1u && n0 > m0 + BM - 1u) { return; }   // the whole workgroup: before any barrier
+    let k_begin = select(0u, m0, CAUSAL == 2u);
+    let k_end = select(mp.K, min(mp.K, m0 + BM), CAUSAL == 3u);
+    // #else
     // Split-K: workgroup z sums k in [k_begin, k_end) into slab z of out (M, N); chunk is a multiple of BK.
     let k_begin = wg.z * mp.chunk;
     let k_end = min(mp.K, k_begin + mp.chunk);
+    // #endif
     // #if GROUPED
     let slab = select(0u, mp2.chunk, second) + wg.z * dim_m() * (dim_n() / 4u);
+    // #elif BATCHED
+    let slab = 0u;
     // #else
     let slab = wg.z * mp.M * (mp.N / 4u);
     // #endif

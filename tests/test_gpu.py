@@ -102,9 +102,14 @@ def test_conditional_blocks_keep_one_part_and_the_line_numbers():
     src = "a\n  // #if X\nx1\nx2\n  // #else\ny\n// #endif\nb\n// #if Y\nz\n// #endif\n"
     assert gpu.select_blocks(src) == "a\n\n\n\n\ny\n\nb\n\n\n\n"
     assert gpu.select_blocks(src, {"X", "Y"}) == "a\n\nx1\nx2\n\n\n\nb\n\nz\n\n"
+    chain = "// #if X\nx\n// #elif Y\ny\n// #elif Z\nz\n// #else\nw\n// #endif\n"
+    for defines, kept in [({"X", "Y"}, "x"), ({"Y", "Z"}, "y"), ({"Z"}, "z"), (set(), "w")]:
+        assert [l for l in gpu.select_blocks(chain, defines).splitlines() if l] == [kept]
     for bad, what in [("// #if X\n", "without its `#endif`"), ("// #endif\n", "without its `#if`"),
                       ("// #if X\n// #if Y\n", "cannot nest"), ("// #if\n", "needs a name"),
-                      ("// #if X\n// #else\n// #else\n", "second `#else`")]:
+                      ("// #if X\n// #else\n// #else\n", "after `#else`"),
+                      ("// #if X\n// #else\n// #elif Y\n", "after `#else`"), ("// #if X\n// #elif\n", "without a name"),
+                      ("// #if X\n// #endif X\n", "with a name")]:
         with pytest.raises(GPUError, match=what):
             gpu.select_blocks(bad, file="f.wgsl")
 

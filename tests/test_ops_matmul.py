@@ -1097,3 +1097,112 @@ def test_autotuned_pair_matches_numpy_and_is_remembered(dev, tune_cache):
         ref = np.vstack([a64.T @ b64, b64.sum(0)])
         scale = np.vstack([np.abs(a64).T @ np.abs(b64), np.abs(b64).sum(0)])
         assert_product(f"autotuned pair {m}x{n}", download(dev, out, (m + 1, n)), ref, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchedMatmul: one product per (batch element, head), each a strided matrix inside a larger one
+
+def embed(rng, batches, heads, rows, cols, st, fill):
+    """A buffer's floats holding a (batches, heads, rows, cols) stack of matrices at Strided st, everything else
+    `fill` (random finite values where None); returns (flat array, the matrices)."""
+    n = st.floats(batches, heads, rows, cols)
+    flat = rng.standard_normal(n).astype(np.float32) if fill is None else np.full(n, fill, np.float32)
+    mats = rng.standard_normal((batches, heads, rows, cols)).astype(np.float32)
+    for bi in range(batches):
+        for h in range(heads):
+            o = st.base + bi * st.per_batch + h * st.per_head
+            for r in range(rows):
+                flat[o + r * st.ld: o + r * st.ld + cols] = mats[bi, h, r]
+    return flat, mats
+
+
+def extract(flat, batches, heads, rows, cols, st):
+    return np.array([[[flat[st.base + bi * st.per_batch + h * st.per_head + r * st.ld:][:cols] for r in range(rows)]
+                      for h in range(heads)] for bi in range(batches)])
+
+
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn"])
+def test_batched_products_match_numpy(dev, layout):
+    from tabgpt.ops.matmul import BatchedMatmul, Strided
+    rng = np.random.default_rng(70)
+    # odd M and K: rows' last vec4s read their padding (nt reads both operands along K: K % 4 == 0 there)
+    batches, heads, M, N, K = 2, 3, 37, 20, 44 if layout == "nt" else 41
+    a_rows, a_cols = (K, M) if layout == "tn" else (M, K)
+    b_rows, b_cols = (N, K) if layout == "nt" else (K, N)
+    # heads side by side in a row (as in qkv), batch elements one after another, a base offset
+    sa = Strided(ld=heads * 44 + 8, base=4, per_batch=a_rows * (heads * 44 + 8), per_head=44)
+    sb = Strided(ld=48, base=8, per_batch=heads * b_rows * 48, per_head=b_rows * 48)
+    so = Strided(ld=heads * 20, base=12, per_batch=M * heads * 20, per_head=20)
+    a, am = embed(rng, batches, heads, a_rows, a_cols, sa, None)
+    b, bm = embed(rng, batches, heads, b_rows, b_cols, sb, None)
+    out0, _ = embed(rng, batches, heads, M, N, so, 5.0)
+    tiles = {"BM": 16, "BN": 8, "BK": 8, "TM": 4, "TN": 4, "PREFETCH": True}
+    mm = wait(BatchedMatmul.create(dev, M, N, K, layout, batches, heads, sa, sb, so, tiles=tiles))
+    bo = upload(dev, out0, "out")
+    run(dev, lambda seq: mm.dispatch(seq, out=bo, a=upload(dev, a, "a"), b=upload(dev, b, "b")))
+    got = np.frombuffer(wait(dev.read(bo)), np.float32)
+    A = am.transpose(0, 1, 3, 2) if layout == "tn" else am
+    B = bm.transpose(0, 1, 3, 2) if layout == "nt" else bm
+    ref = A.astype(np.float64) @ B.astype(np.float64)
+    scale = np.abs(A).astype(np.float64) @ np.abs(B).astype(np.float64)
+    assert_product(f"batched {layout}", extract(got, batches, heads, M, N, so), ref, scale)
+    # and nothing outside the matrices of out was written (N % 4 == 0 here: no padding written either)
+    mask = np.ones(got.size, bool)
+    for bi in range(batches):
+        for h in range(heads):
+            o = so.base + bi * so.per_batch + h * so.per_head
+            for r in range(M):
+                mask[o + r * so.ld: o + r * so.ld + N] = False
+    assert (got[mask] == 5.0).all()
+
+
+def test_batched_causal_products_read_only_the_band_and_skip_the_upper_blocks(dev):
+    """The backward's products of causal attention: P and dS are zero above the diagonal up to 128 columns past it
+    and NaN beyond (never to be read); S's blocks wholly above the diagonal are never written."""
+    from tabgpt.ops.matmul import BatchedMatmul, Strided
+    rng = np.random.default_rng(71)
+    T, Tp, hs, heads = 301, 304, 12, 2
+    sp = Strided(ld=Tp, per_head=T * Tp)
+    P = rng.standard_normal((heads, T, Tp)).astype(np.float32)
+    i, j = np.indices((T, Tp))
+    P[:, j > i] = 0.0
+    P[:, j > i + 131] = np.nan
+    X = rng.standard_normal((heads, T, hs)).astype(np.float32)          # dO or Q (tn), K (nn)
+    sx = Strided(ld=hs, per_head=T * hs)
+    tiles = {"BM": 32, "BN": 8, "BK": 8, "TM": 4, "TN": 4, "PREFETCH": True}
+    Pl = np.tril(P[:, :, :T].astype(np.float64))
+    for layout, causal, ref in [("tn", "k_from_row", Pl.transpose(0, 2, 1) @ X), ("nn", "k_to_row", Pl @ X)]:
+        mm = wait(BatchedMatmul.create(dev, T, hs, T, layout, 1, heads, sp, sx, sx, causal=causal, tiles=tiles))
+        bo = dev.buffer(4 * heads * T * hs, "out")
+        run(dev, lambda seq: mm.dispatch(seq, out=bo, a=upload(dev, P, "p"), b=upload(dev, X, "x")))
+        got = download(dev, bo, (heads, T, hs))
+        assert np.isfinite(got).all(), f"{layout} read past the band"
+        scale = np.abs(Pl).transpose(0, 2, 1) @ np.abs(X) if layout == "tn" else np.abs(Pl) @ np.abs(X)
+        assert_product(f"causal {layout}", got, ref, scale)
+    Q = rng.standard_normal((heads, T, hs)).astype(np.float32)
+    mm = wait(BatchedMatmul.create(dev, T, T, hs, "nt", 1, heads, sx, sx, sp, causal="skip_upper", tiles=tiles))
+    bo = upload(dev, np.full(heads * T * Tp, 7.0, np.float32), "s")
+    run(dev, lambda seq: mm.dispatch(seq, out=bo, a=upload(dev, Q, "q"), b=upload(dev, X, "k")))
+    S = download(dev, bo, (heads, T, Tp))
+    ref = Q.astype(np.float64) @ X.astype(np.float64).transpose(0, 2, 1)
+    low = j[:, :T] <= i[:, :T]
+    assert_product("causal nt", S[:, :, :T][:, low], ref[:, low],
+                   (np.abs(Q).astype(np.float64) @ np.abs(X).transpose(0, 2, 1))[:, low])
+    above = (j // 8) * 8 > (i // 32) * 32 + 31                           # blocks of 32 x 8 wholly above
+    assert above.any() and (S[:, above] == 7.0).all()
+
+
+def test_batched_matmul_refuses_unaligned_strides_and_small_buffers(dev):
+    from tabgpt.ops.matmul import BatchedMatmul, Strided
+    with pytest.raises(GPUError, match="multiples of 4"):
+        wait(BatchedMatmul.create(dev, 8, 8, 8, "nn", 1, 1, Strided(ld=10), Strided(ld=8), Strided(ld=8)))
+    with pytest.raises(GPUError, match="need ld >= 12"):
+        wait(BatchedMatmul.create(dev, 8, 8, 9, "nn", 1, 1, Strided(ld=8), Strided(ld=8), Strided(ld=8)))
+    with pytest.raises(GPUError, match="K % 4"):
+        wait(BatchedMatmul.create(dev, 8, 8, 9, "nt", 1, 1, Strided(ld=12), Strided(ld=12), Strided(ld=8)))
+    mm = wait(BatchedMatmul.create(dev, 8, 8, 8, "nn", 2, 1, Strided(ld=8, per_batch=64), Strided(ld=8),
+                                   Strided(ld=8, per_batch=64)))
+    seq = dev.sequence("small")
+    with pytest.raises(GPUError, match="binds 256 bytes"):
+        mm.dispatch(seq, out=dev.buffer(512), a=dev.buffer(256), b=dev.buffer(256))
+    assert len(seq) == 0

@@ -169,17 +169,17 @@ def used_bindings(src: str, entry: str) -> list[Binding]:
     return sorted((bindings[n] for n in names), key=lambda b: b.index)
 
 
-_DIRECTIVE_RE = re.compile(r"^\s*//\s*#(if|else|endif)\b\s*(\w*)\s*$")
+_DIRECTIVE_RE = re.compile(r"^\s*//\s*#(if|elif|else|endif)\b\s*(\w*)\s*$")
 
 
 def select_blocks(src: str, defines=frozenset(), file: str = "shader") -> str:
-    """The source with its conditional blocks resolved: between the lines `// #if NAME` and `// #endif` (an
-    optional `// #else` between), the lines of the #if part are kept where NAME is in `defines`, else those of the
-    #else part. Dropped lines and the directives become empty lines (line numbers stay those of the file). So a
-    kernel can have a variant of its own while the code of the others stays exactly what it is: a condition on an
-    override constant would leave both branches in the module, and NVIDIA's compiler makes other code of the
-    whole kernel even where the branch is never taken."""
-    out, state = [], None   # state: None outside a block, else (NAME, in the #else part)
+    """The source with its conditional blocks resolved: `// #if NAME`, optional `// #elif NAME` parts, an optional
+    `// #else` part and `// #endif`, each on a line of its own; the lines of the first part whose NAME is in
+    `defines` are kept (those of #else where none is), the others dropped. Dropped lines and the directives become
+    empty lines (line numbers stay those of the file). So a kernel can have a variant of its own while the code of
+    the others stays exactly what it is: a condition on an override constant would leave both branches in the
+    module, and NVIDIA's compiler makes other code of the whole kernel even where the branch is never taken."""
+    out, state = [], None   # state: None outside a block, else [keeping this part, a part taken, #else seen, NAME]
     for lineno, line in enumerate(src.splitlines(), 1):
         m = _DIRECTIVE_RE.match(line)
         if m:
@@ -187,17 +187,20 @@ def select_blocks(src: str, defines=frozenset(), file: str = "shader") -> str:
             if word == "if":
                 if state is not None or not name:
                     raise GPUError(f"{file}:{lineno}: `#if NAME` needs a name and cannot nest")
-                state = (name, False)
-            elif state is None or name or (word == "else" and state[1]):
-                raise GPUError(f"{file}:{lineno}: `#{word}` without its `#if` (or a second `#else`)")
+                state = [name in defines, name in defines, False, name]
+            elif state is None or (state[2] and word != "endif") or (word == "elif") != bool(name):
+                raise GPUError(f"{file}:{lineno}: `#{word}` without its `#if`, after `#else`, or "
+                               + ("without a name" if word == "elif" else "with a name"))
+            elif word == "endif":
+                state = None
             else:
-                state = (state[0], True) if word == "else" else None
+                keep = not state[1] and (word == "else" or name in defines)
+                state = [keep, state[1] or keep, word == "else", state[3]]
             out.append("")
             continue
-        keep = state is None or (state[0] in defines) != state[1]
-        out.append(line if keep else "")
+        out.append(line if state is None or state[0] else "")
     if state is not None:
-        raise GPUError(f"{file}: `#if {state[0]}` without its `#endif`")
+        raise GPUError(f"{file}: `#if {state[3]}` without its `#endif`")
     return "\n".join(out) + "\n"
 
 

@@ -33,6 +33,7 @@ import os
 import struct
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 from tabgpt.gpu import Buffer, Device, GPUError, Sequence
@@ -639,6 +640,94 @@ class MatmulPair:
         for m, out, (base, size) in zip((m1, self.m2), (out1, out2), self.slabs):
             seq.dispatch(m.k["sum"], m.chunks[0][4], mp=m.chunks[0][2], split4=self.scratch.view(base, size),
                          out4=out, bias4=m.no_bias, aux4=m.no_aux)
+
+
+@dataclass(frozen=True)
+class Strided:
+    """Where each product's matrix of a BatchedMatmul lies in its buffer (floats): row r, column c of the matrix
+    of batch element b, head h at base + b * per_batch + h * per_head + r * ld + c."""
+    ld: int
+    base: int = 0
+    per_batch: int = 0
+    per_head: int = 0
+
+    def floats(self, batches: int, heads: int, rows: int, cols: int) -> int:
+        """The floats a buffer needs for every matrix (each row read or written in whole vec4s)."""
+        return (self.base + (batches - 1) * self.per_batch + (heads - 1) * self.per_head + (rows - 1) * self.ld
+                + -(-cols // 4) * 4)
+
+
+BATCH_CAUSAL = {None: 0, "skip_upper": 1, "k_from_row": 2, "k_to_row": 3}
+
+
+class BatchedMatmul:
+    """One product per batch element b and head h in ONE dispatch (matmul_tiled BATCHED), out_z (M, N) =
+    op(A_z) (M, K) @ op(B_z) (K, N), z = b * heads + h, each matrix strided inside a larger one (Strided): the
+    per-head products of attention. No split-K, bias or accumulation: out is written. Strides and offsets are
+    multiples of 4; a row's vec4s may run past its columns into the row's padding (ld at least the columns rounded
+    up to 4), which must hold finite values: they meet zeros of the other operand (nt, where both rows run along
+    K, needs K % 4 == 0) or land in out's padding. causal (the products of causal attention's backward, rows and
+    columns positions): "skip_upper" leaves out's blocks wholly above the diagonal unwritten, "k_from_row" (tn)
+    sums the reduction from the block's first row, "k_to_row" (nn) up to its last (the zeros of P and dS beyond
+    the diagonal, which the products then read only within 128 columns of it)."""
+
+    def __init__(self, dev, M, N, K, layout, batches, heads, strides, kernel, params, grid, tiles):
+        self.dev, self.M, self.N, self.K, self.layout = dev, M, N, K, layout
+        self.batches, self.heads, self.strides, self.kernel = batches, heads, strides, kernel
+        self.params, self.grid, self.tiles = params, grid, tiles
+        self.no_bias, self.no_aux = dev.buffer(16, "matmul-no-bias"), dev.buffer(16, "matmul-no-aux")
+
+    @classmethod
+    async def create(cls, dev: Device, M: int, N: int, K: int, layout: str, batches: int, heads: int,
+                     a: Strided, b: Strided, out: Strided, causal: str | None = None,
+                     tiles: dict | None = None) -> "BatchedMatmul":
+        if layout not in LAYOUTS:
+            raise GPUError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if causal not in BATCH_CAUSAL:
+            raise GPUError(f"causal must be one of {sorted(k for k in BATCH_CAUSAL if k)} or None, got {causal!r}")
+        if min(M, N, K, batches, heads) <= 0:
+            raise GPUError(f"batched matmul sizes must be positive, got M={M} N={N} K={K} {batches}x{heads}")
+        a_cols, b_cols = (M if layout == "tn" else K), (K if layout == "nt" else N)
+        for name, st, cols in (("a", a, a_cols), ("b", b, b_cols), ("out", out, N)):
+            if any(v % 4 for v in (st.ld, st.base, st.per_batch, st.per_head)):
+                raise GPUError(f"batched matmul {name}: strides and offsets must be multiples of 4, got {st}")
+            if st.ld < -(-cols // 4) * 4:
+                raise GPUError(f"batched matmul {name}: rows of {cols} columns need ld >= {-(-cols // 4) * 4}")
+        if layout == "nt" and K % 4:
+            raise GPUError(f"batched matmul nt: both operands' rows run along K, whose padding would meet: K % 4 "
+                           f"must be 0, got K={K}")
+        if N % 4 and 0 < out.per_head < out.ld:
+            raise GPUError(f"batched matmul out: heads side by side in a row need N % 4 == 0 (a row's last vec4 "
+                           f"would reach the next head's columns), got N={N}")
+        if batches * heads > dev.limits["max-compute-workgroups-per-dimension"]:
+            raise GPUError(f"batched matmul: {batches} x {heads} products exceed the workgroup grid limit")
+        if tiles is None:
+            tiles = dict(TILES_CPU) if is_cpu_adapter(dev) else \
+                {"BM": 128, "BN": 128 if N >= 128 else 64, "BK": 16, "TM": 8, "TN": 8, "SPREAD": True,
+                 "PREFETCH": True}
+        tiles = dict(tiles)
+        check_tiles(dev, tiles)
+        consts = dict(tiles, A_T=layout == "tn", B_T=layout == "nt", CAUSAL=BATCH_CAUSAL[causal])
+        kernel = await dev.kernel(FILE, "matmul_tiled", consts, defines={"BATCHED"})
+        params = dev.uniform(struct.pack("<4I", M, N, K, 0), "matmul-batched-params")
+        bp = dev.uniform(struct.pack("<16I", a.ld, b.ld, out.ld, heads, a.base, a.per_batch, a.per_head, b.base,
+                                     b.per_batch, b.per_head, out.base, out.per_batch, out.per_head, 0, 0, 0),
+                         "matmul-batched-strides")
+        grid = (-(-N // tiles["BN"]), -(-M // tiles["BM"]), batches * heads)
+        if max(grid[:2]) > MAX_GROUPS:
+            raise GPUError(f"batched matmul {M}x{N}: {grid[:2]} workgroups exceed {MAX_GROUPS}")
+        strides = {"a": (a, (K if layout == "tn" else M), a_cols), "b": (b, (N if layout == "nt" else K), b_cols),
+                   "out": (out, M, N)}
+        return cls(dev, M, N, K, layout, batches, heads, strides, kernel, (params, bp), grid, tiles)
+
+    def dispatch(self, seq: Sequence, out, a, b):
+        """Append the products (out written where its blocks are made)."""
+        name = f"batched matmul {self.layout} {self.M}x{self.N}x{self.K} ({self.batches}x{self.heads})"
+        for what, x in (("a", a), ("b", b), ("out", out)):
+            st, rows, cols = self.strides[what]
+            bound_at_least(x, (st.floats(self.batches, self.heads, rows, cols),), name, what)
+        seq.dispatch(self.kernel, self.grid, mp=self.params[0], bp=self.params[1], a4=a, b4=b, out4=out,
+                     bias4=self.no_bias, aux4=self.no_aux)
 
 
 class BiasGrad:
