@@ -37,13 +37,14 @@ def tiles_of(tile):
 
 
 def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True, pipeline=True, prefetch=False,
-                  dq="auto", dq_rows=None):
+                  dq="auto", dq_rows=None, backward="auto"):
     """Forward and backward on the GPU; returns (out (B, T, C), lse (B, NH, T), dqkv (B, T, 3C)).
     tile: a Tile forced on all three tiled kernels, or {entry: Tile} (None: each picks its own);
     pipeline, prefetch: the PIPELINE and PREFETCH overrides (PREFETCH only where the tile allows it)."""
     attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tiles_of(tile), pipeline=pipeline,
-                                 prefetch=prefetch, dq=dq, dq_rows=dq_rows))
+                                 prefetch=prefetch, dq=dq, dq_rows=dq_rows, backward=backward))
     assert dq == "auto" or attn.dq == dq
+    assert backward == "auto" or attn.backward_mode == backward
     assert all(attn.k[e].constants["PIPELINE"] is pipeline for e in ENTRIES)
     hs = C // NH
     assert attn.prefetch == {e: prefetch and not attention_op.prefetch_problem(hs, attn.tiles[e]) for e in ENTRIES}
@@ -77,9 +78,10 @@ def inputs(B, T, C, seed=0, scale=1.0):
     return qkv, dout
 
 
-def check(dev, B, T, C, NH, seed=0, scale=1.0, tile=None, pipeline=True, prefetch=False):
+def check(dev, B, T, C, NH, seed=0, scale=1.0, tile=None, pipeline=True, prefetch=False, backward="auto"):
     qkv, dout = inputs(B, T, C, seed, scale)
-    out, lse, dqkv = run_attention(dev, B, T, C, NH, qkv, dout, tile, pipeline=pipeline, prefetch=prefetch)
+    out, lse, dqkv = run_attention(dev, B, T, C, NH, qkv, dout, tile, pipeline=pipeline, prefetch=prefetch,
+                                   backward=backward)
     ref_out, att = reference.attention_forward(qkv, NH)
     ref_dqkv = reference.attention_backward(dout, qkv, att, NH)
     ref_lse = lse_reference(qkv, NH)
@@ -87,7 +89,7 @@ def check(dev, B, T, C, NH, seed=0, scale=1.0, tile=None, pipeline=True, prefetc
     for part, name in enumerate("qkv"):   # per third, so that a failure says which gradient is off
         errs["d" + name] = rel_err(dqkv[..., part * C:(part + 1) * C], ref_dqkv[..., part * C:(part + 1) * C])
     shape = (f"B={B} T={T} C={C} NH={NH} hs={C // NH} scale={scale} tile={tile} pipeline={pipeline} "
-             f"prefetch={prefetch}")
+             f"prefetch={prefetch} backward={backward}")
     assert np.isfinite(dqkv).all(), f"{shape}: dqkv has non-finite entries (not every element written)"
     assert errs["out"] < TOL_OUT, f"{shape}: out max rel err {errs['out']:.3g} > {TOL_OUT}"
     assert errs["lse"] < TOL_LSE, f"{shape}: lse max rel err {errs['lse']:.3g} > {TOL_LSE}"
@@ -108,6 +110,22 @@ PREFETCHES = pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch",
 @pytest.mark.parametrize("B,T,C,NH", [(3, 37, 72, 3), (2, 64, 64, 4), (1, 130, 48, 2)])
 def test_attention_matches_reference(dev, B, T, C, NH, pipeline, prefetch):
     check(dev, B, T, C, NH, seed=T, pipeline=pipeline, prefetch=prefetch)
+
+
+@pytest.mark.parametrize("B,T,C,NH", [(3, 37, 72, 3), (2, 64, 64, 4), (1, 130, 48, 2), (2, 301, 32, 2), (2, 1, 24, 3)])
+def test_attention_backward_through_products_matches_reference(dev, B, T, C, NH):
+    """backward="products": S and dP as batched products, P and dS from them, then dV, dK, dQ as batched products;
+    T = 130 and 301 reach past the 128 columns beyond the diagonal that attention_backward_softmax writes."""
+    check(dev, B, T, C, NH, seed=T + 1, backward="products")
+
+
+def test_attention_backward_mode_is_checked(dev, monkeypatch):
+    with pytest.raises(gpu.GPUError, match="must be auto, flash or products"):
+        wait(Attention.create(dev, B=1, T=8, C=32, n_head=2, backward="gemm"))
+    monkeypatch.setenv("TABGPT_ATTENTION_BACKWARD", "products")
+    assert wait(Attention.create(dev, B=1, T=8, C=32, n_head=2)).backward_mode == "products"
+    with pytest.raises(gpu.GPUError, match="use a smaller batch or backward=.flash."):
+        wait(Attention.create(dev, B=64, T=1024, C=32, n_head=8, backward="products"))
 
 
 def test_attention_single_token(dev):

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from tabgpt.gpu import Device, GPUError, Sequence
 from tabgpt.ops.elementwise import bound_at_least, fold_grid
+from tabgpt.ops.matmul import BatchedMatmul, Strided
 
 FILE = "attention.wgsl"
 MAX_HEAD_SIZE = 128
@@ -196,9 +197,31 @@ def dq_mode(dev: Device, B: int, T: int, n_head: int, hs: int, dq: str = "auto",
     return dq
 
 
+def products_bytes(B: int, n_head: int, T: int) -> int:
+    """Bytes of the backward's two (B, n_head, T, T rounded up to 4) f32 scratches in backward "products"."""
+    return 2 * 4 * B * n_head * T * (-(-T // 4) * 4)
+
+
+def backward_mode(dev: Device, B: int, T: int, n_head: int, backward: str = "auto") -> str:
+    """How the backward runs: "flash" (the fused kernels: dq and dk, dv each walk the other's tiles) or "products"
+    (S = Q K^T and dP = dO V^T as batched products, P and dS from them by attention_backward_softmax, then
+    dV = P^T dO, dK = dS^T Q and dQ = dS K as batched products: the matmul kernel's speed, memory T*T per head
+    twice). TABGPT_ATTENTION_BACKWARD overrides "auto", which is "flash"; "products" needs each scratch within
+    one binding."""
+    if backward == "auto":
+        backward = os.environ.get("TABGPT_ATTENTION_BACKWARD", "auto")
+    if backward not in ("auto", "flash", "products"):
+        raise GPUError(f"the attention backward must be auto, flash or products, got {backward!r}")
+    if backward == "products" and products_bytes(B, n_head, T) // 2 > dev.limits["max-storage-buffer-binding-size"]:
+        raise GPUError(f"attention backward 'products' needs {products_bytes(B, n_head, T) // 2} bytes in one "
+                       f"binding, over this device's {dev.limits['max-storage-buffer-binding-size']}: use a smaller "
+                       "batch or backward='flash'")
+    return "flash" if backward == "auto" else backward
+
+
 class Attention:
     def __init__(self, dev, B, T, C, n_head, kernels, tiles, params, delta, pipeline=False, prefetch=None,
-                 dq="recompute", ds=None, no_ds=None):
+                 dq="recompute", ds=None, no_ds=None, products=None):
         self.dev, self.B, self.T, self.C, self.n_head = dev, B, T, C, n_head
         self.hs = C // n_head
         self.k = kernels          # {entry: Kernel}
@@ -211,18 +234,22 @@ class Attention:
         self.dq = dq              # "ds": dkv stores dS and attention_backward_dq_ds makes dQ; "recompute"
         self.ds = ds              # "ds": the stored dS (B, n_head, T, T) f32, else None
         self.no_ds = no_ds        # bound as dkv's ds_out where it stores nothing (never touched)
+        # backward "products": {"s", "dp", "dv", "dk", "dq": BatchedMatmul, "s_buf", "dp_buf": scratch}, else None
+        self.products = products
+        self.backward_mode = "products" if products else "flash"
 
     @classmethod
     async def create(cls, dev: Device, B: int, T: int, C: int, n_head: int,
                      tiles: dict | None = None, pipeline: bool = False, prefetch: bool = True,
-                     dq: str = "auto", dq_rows: int | None = None) -> "Attention":
+                     dq: str = "auto", dq_rows: int | None = None, backward: str = "auto") -> "Attention":
         """Compile the kernels for this shape. tiles={entry: Tile} forces tile shapes (tests, benchmarks);
         pipeline=True compiles the inner loops with software pipelining (override PIPELINE, same results);
         prefetch=True reads the next streamed tile into registers during the current one (override PREFETCH,
         same results) in each kernel whose tile allows it (prefetch_problem; the others load as without).
         dq: "auto", "ds" or "recompute" (dq_mode): how the backward makes dQ; both give the same values.
         dq_rows: attention_backward_dq_ds's query rows per thread (4 or 8; benchmarks), else dq_ds_shape's; with
-        dq "auto", rows that do not fit the device mean "recompute"."""
+        dq "auto", rows that do not fit the device mean "recompute". backward: "auto", "flash" or "products"
+        (backward_mode); with "products" dq is unused."""
         if n_head <= 0 or C % n_head or (C // n_head) % 4:
             raise GPUError(f"attention needs C (n_embd) divisible by n_head and a head size that is a multiple "
                            f"of 4, got C={C}, n_head={n_head}")
@@ -234,7 +261,8 @@ class Attention:
         if 4 * B * T * 3 * C > dev.limits["max-storage-buffer-binding-size"]:
             raise GPUError(f"attention: qkv of {4 * B * T * 3 * C} bytes exceeds this device's storage binding "
                            "limit; use a smaller batch")
-        dq = dq_mode(dev, B, T, n_head, hs, dq, dq_rows)
+        mode = backward_mode(dev, B, T, n_head, backward)
+        dq = "recompute" if mode == "products" else dq_mode(dev, B, T, n_head, hs, dq, dq_rows)
         kernels, chosen, prefetched = {}, {}, {}
         for entry in ENTRIES:
             t = (tiles or {}).get(entry) or pick_tile(entry, hs, T, dev.limits)
@@ -261,7 +289,31 @@ class Attention:
         kernels["attention_backward_delta"] = await dev.kernel(FILE, "attention_backward_delta", constants={"HS": hs})
         params = dev.uniform(struct.pack("<4I", B, T, n_head, 0), "attention-params")
         delta = dev.buffer(4 * B * n_head * T, "attention-delta")
-        return cls(dev, B, T, C, n_head, kernels, chosen, params, delta, bool(pipeline), prefetched, dq, ds, no_ds)
+        products = await cls._products(dev, B, T, C, n_head) if mode == "products" else None
+        if products:
+            kernels["attention_backward_softmax"] = await dev.kernel(FILE, "attention_backward_softmax",
+                                                                     constants={"HS": hs})
+        return cls(dev, B, T, C, n_head, kernels, chosen, params, delta, bool(pipeline), prefetched, dq, ds, no_ds,
+                   products)
+
+    @staticmethod
+    async def _products(dev: Device, B: int, T: int, C: int, n_head: int) -> dict:
+        """The batched products of backward "products" and their two scratches (B, n_head, T, Tp), Tp = T rounded
+        up to 4: S (then P) and dP (then scale dS), each (query, key). qkv's and dqkv's thirds: q at column 0, k at
+        C, v at 2C, head h at h * hs; dout's head h at h * hs."""
+        hs, Tp = C // n_head, -(-T // 4) * 4
+        sq = lambda third: Strided(ld=3 * C, base=third * C, per_batch=T * 3 * C, per_head=hs)   # noqa: E731
+        sdo = Strided(ld=C, per_batch=T * C, per_head=hs)
+        stt = Strided(ld=Tp, per_batch=n_head * T * Tp, per_head=T * Tp)
+        bm = lambda M, N, K, layout, a, b, out, causal: BatchedMatmul.create(  # noqa: E731
+            dev, M, N, K, layout, B, n_head, a, b, out, causal=causal)
+        return {"s": await bm(T, T, hs, "nt", sq(0), sq(1), stt, "skip_upper"),        # S = Q K^T
+                "dp": await bm(T, T, hs, "nt", sdo, sq(2), stt, "skip_upper"),         # dP = dO V^T
+                "dv": await bm(T, hs, T, "tn", stt, sdo, sq(2), "k_from_row"),         # dV = P^T dO
+                "dk": await bm(T, hs, T, "tn", stt, sq(0), sq(1), "k_from_row"),       # dK = scale dS^T Q
+                "dq": await bm(T, hs, T, "nn", stt, sq(1), sq(0), "k_to_row"),         # dQ = scale dS K
+                "s_buf": dev.buffer(4 * B * n_head * T * Tp, "attention-s"),
+                "dp_buf": dev.buffer(4 * B * n_head * T * Tp, "attention-dp")}
 
     def _grid(self, entry: str) -> tuple[int, int, int]:
         t = self.tiles[entry]
@@ -288,6 +340,18 @@ class Attention:
         self._check(dqkv=dqkv, dout=dout, qkv=qkv, out=out, lse=lse)
         seq.dispatch(self.k["attention_backward_delta"], fold_grid(-(-self.B * self.n_head * self.T // 64)),
                      ap=self.params, dout=dout, out_in=out, delta=self.delta)
+        pr = self.products
+        if pr:
+            s, dp = pr["s_buf"], pr["dp_buf"]
+            pr["s"].dispatch(seq, out=s, a=qkv, b=qkv)
+            pr["dp"].dispatch(seq, out=dp, a=dout, b=qkv)
+            n = self.B * self.n_head * self.T * -(-self.T // 4)
+            seq.dispatch(self.k["attention_backward_softmax"], fold_grid(-(-n // 64)), ap=self.params, s_io=s,
+                         dp_io=dp, lse_in=lse, delta_in=self.delta)
+            pr["dv"].dispatch(seq, out=dqkv, a=s, b=dout)
+            pr["dk"].dispatch(seq, out=dqkv, a=dp, b=qkv)
+            pr["dq"].dispatch(seq, out=dqkv, a=dp, b=qkv)
+            return
         e = "attention_backward_dkv"
         dkv = lambda: seq.dispatch(self.k[e], self._grid(e), ap=self.params, qkv=qkv, dout=dout,  # noqa: E731
                                    lse_in=lse, delta_in=self.delta, dqkv=dqkv, ds_out=self.ds or self.no_ds)
