@@ -177,8 +177,8 @@ def main():
                                      for e, t in attn.tiles.items())
                     loops = "pipelined" if pipeline else "plain"
                     loads = loads_label(attn)
-                    dq = attn.dq + (f" ({attn.k['attention_backward_dq_ds'].constants['RQ']} rows)"
-                                    if attn.dq == "ds" else "")
+                    dq = "products" if attn.backward_mode == "products" else attn.dq + (
+                        f" ({attn.k['attention_backward_dq_ds'].constants['RQ']} rows)" if attn.dq == "ds" else "")
                     r = {"size": f"{B}x{T}x{NH}x{hs}", "tiles": tiles, "loops": loops, "loads": loads, "dq": dq,
                          "fwd": t_fwd, "bwd": t_bwd, "t_fwd": ref and ref[0], "t_bwd": ref and ref[1],
                          "err_out": ref and rel_err(out, ref[2]), "err_dqkv": ref and rel_err(dqkv, ref[3])}
@@ -193,7 +193,8 @@ def main():
              "scaled_dot_product_attention fp32 (is_causal, TF32 off); tiles: kernel TC,NR,RPT; loops: inner loops "
              "software-pipelined (PIPELINE) or plain; loads: streamed tiles prefetched into registers one tile "
              "ahead (PREFETCH; by the kernels named, where not all) or loaded directly; dq: from the dS that dkv "
-             "stored, or recomputed (ops/attention.py dq_mode).", "",
+             "stored, or recomputed (ops/attention.py dq_mode); products: the backward as batched products "
+             "(backward_mode).", "",
              "| B x T x NH x hs | tiles | loops | loads | dq | fwd ms | bwd ms | PyTorch fwd ms | PyTorch bwd ms "
              "| fwd vs PyTorch | bwd vs PyTorch | max rel err out / dqkv |",
              "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -146,3 +146,42 @@ json.dumps(res)
             got = np.frombuffer(base64.b64decode(res[sg][k]), np.float32).reshape(np.shape(ref))
             err = np.abs(got.astype(np.float64) - ref).max()
             assert err <= tol * (1 + np.abs(ref).max()), f"subgroups={sg} {k}: max abs error {err:.3g}"
+
+
+def test_attention_backward_through_products_matches_reference_in_browser(check_page):
+    """The backward as batched products (matmul.wgsl's BATCHED block, attention_backward_softmax) and the fused
+    kernels, in Pyodide on the page's WebGPU, against NumPy: T = 150 reaches past the 128-column band."""
+    import base64
+    import reference
+    B, T, C, NH = 2, 150, 48, 2
+    r = np.random.default_rng(12)
+    qkv = r.standard_normal((B, T, 3 * C)).astype(np.float32)
+    dout = r.standard_normal((B, T, C)).astype(np.float32)
+    enc = {k: base64.b64encode(a.tobytes()).decode() for k, a in dict(qkv=qkv, dout=dout).items()}
+    code = f"""
+import base64, json
+from tabgpt import gpu
+from tabgpt.ops.attention import Attention
+dev = await gpu.open_device()
+enc = {enc!r}
+up = lambda k: dev.buffer(len(base64.b64decode(enc[k])), k, base64.b64decode(enc[k]))
+res = {{}}
+for mode in ("flash", "products"):
+    attn = await Attention.create(dev, B={B}, T={T}, C={C}, n_head={NH}, backward=mode)
+    out, lse, dqkv, qkv = dev.buffer(4 * {B * T * C}), dev.buffer(4 * {B * NH * T}), dev.buffer(4 * {B * T * 3 * C}), up("qkv")
+    seq = dev.sequence("t")
+    attn.forward(seq, out=out, lse=lse, qkv=qkv)
+    attn.backward(seq, dqkv=dqkv, dout=up("dout"), qkv=qkv, out=out, lse=lse)
+    await seq.build()
+    seq.run()
+    res[mode] = [attn.backward_mode, base64.b64encode(await dev.read(dqkv)).decode()]
+json.dumps(res)
+"""
+    res = run_py(check_page, code)
+    _, att = reference.attention_forward(qkv, NH)
+    ref = reference.attention_backward(dout, qkv, att, NH)
+    for mode in ("flash", "products"):
+        assert res[mode][0] == mode
+        got = np.frombuffer(base64.b64decode(res[mode][1]), np.float32).reshape(ref.shape)
+        err = np.abs(got - ref).max() / max(1.0, np.abs(ref).max())
+        assert err < 2e-5, f"{mode}: max relative error {err:.3g}"

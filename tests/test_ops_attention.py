@@ -124,6 +124,11 @@ def test_attention_backward_mode_is_checked(dev, monkeypatch):
         wait(Attention.create(dev, B=1, T=8, C=32, n_head=2, backward="gemm"))
     monkeypatch.setenv("TABGPT_ATTENTION_BACKWARD", "products")
     assert wait(Attention.create(dev, B=1, T=8, C=32, n_head=2)).backward_mode == "products"
+    monkeypatch.delenv("TABGPT_ATTENTION_BACKWARD")
+    # "auto": the products from PRODUCTS_MIN_T positions where their scratches fit (DS_MAX_BYTES, a binding)
+    mode = lambda B, T, NH: attention_op.backward_mode(dev, B, T, NH)   # noqa: E731
+    assert mode(1, 1023, 2) == "flash" and mode(1, 1024, 2) == "products"
+    assert mode(64, 1024, 8) == "flash"                          # 2 GiB each: the fused kernels, without a word
     with pytest.raises(gpu.GPUError, match="use a smaller batch or backward=.flash."):
         wait(Attention.create(dev, B=64, T=1024, C=32, n_head=8, backward="products"))
 
@@ -209,15 +214,21 @@ def test_attention_gpt2_head_sizes(dev, B, T, C, NH):
 
 
 def test_attention_memory_is_linear_in_T_when_dq_is_recomputed(dev):
-    # dq "recompute": no (T, T) buffer anywhere, the op's only scratch is delta (B, NH, T) (and a 16-byte dummy);
-    # dq "ds": the stored dS (B, NH, T, T) besides.
+    # backward "flash", dq "recompute": no (T, T) buffer anywhere, the op's only scratch is delta (B, NH, T) (and a
+    # 16-byte dummy); dq "ds": the stored dS (B, NH, T, T) besides.
+    # backward "products" (the default from T = 1024 where it fits): two (B, NH, T, T) scratches instead.
     before = dev.bytes_allocated
-    attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4, dq="recompute"))
+    attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4, dq="recompute", backward="flash"))
     assert attn.dq == "recompute" and attn.ds is None
     assert dev.bytes_allocated - before <= 16 + 16 + 4 * 2 * 4 * 1024, dev.bytes_allocated - before
     before = dev.bytes_allocated
-    attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4))
+    attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4, backward="flash"))
     assert attn.dq == "ds" and dev.bytes_allocated - before == 4 * 2 * 4 * 1024 * (1 + 1024)   # delta, dS
+    before = dev.bytes_allocated
+    attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4))
+    assert attn.backward_mode == "products" and attn.ds is None
+    # delta, S and dP, the 16-byte dummies (dkv's ds_out, each product's bias and epilogue operand)
+    assert dev.bytes_allocated - before == 4 * 2 * 4 * 1024 * (1 + 2 * 1024) + 16 + 5 * 32
 
 
 @pytest.mark.parametrize("B,T,C,NH", [(3, 37, 72, 3), (2, 130, 48, 3), (1, 1, 32, 2), (2, 67, 128, 2),

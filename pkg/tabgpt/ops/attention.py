@@ -135,6 +135,11 @@ DQ_QB = 64                    # attention_backward_dq_ds: queries per workgroup
 DQ_KS = 16                    #   keys per staged step
 DQ_ROWS = (4, 8)              #   query rows per thread, the first whose threads fit
 DS_MAX_BYTES = 512 << 20      # "auto" stores dS up to this size (and the binding limit): GPT-2 small, T = 1024: 402 MB
+# The backward through batched products ("products", backward_mode) by default from this sequence length, where each
+# of its two (B, n_head, T, T) scratches fits DS_MAX_BYTES and a binding. On an H200 (bench/results/h200/run38_*,
+# run39_*): at T = 1024 (GPT-2 small) the backward 1.914 -> 1.641 ms and training +2.1%; at T = 256 (the browser
+# preset) the fused kernels stay faster, 0.348 against 0.388 ms (its products are short: K = 64, 2 x 2 blocks).
+PRODUCTS_MIN_T = 1024
 
 
 def dq_ds_vec4s(hs: int) -> int:
@@ -206,8 +211,9 @@ def backward_mode(dev: Device, B: int, T: int, n_head: int, backward: str = "aut
     """How the backward runs: "flash" (the fused kernels: dq and dk, dv each walk the other's tiles) or "products"
     (S = Q K^T and dP = dO V^T as batched products, P and dS from them by attention_backward_softmax, then
     dV = P^T dO, dK = dS^T Q and dQ = dS K as batched products: the matmul kernel's speed, memory T*T per head
-    twice). TABGPT_ATTENTION_BACKWARD overrides "auto", which is "flash"; "products" needs each scratch within
-    one binding."""
+    twice). TABGPT_ATTENTION_BACKWARD overrides "auto", which is "products" from PRODUCTS_MIN_T positions where
+    each scratch fits DS_MAX_BYTES and a binding, else "flash"; "products" asked for by name takes any size one
+    binding holds."""
     if backward == "auto":
         backward = os.environ.get("TABGPT_ATTENTION_BACKWARD", "auto")
     if backward not in ("auto", "flash", "products"):
@@ -216,7 +222,11 @@ def backward_mode(dev: Device, B: int, T: int, n_head: int, backward: str = "aut
         raise GPUError(f"attention backward 'products' needs {products_bytes(B, n_head, T) // 2} bytes in one "
                        f"binding, over this device's {dev.limits['max-storage-buffer-binding-size']}: use a smaller "
                        "batch or backward='flash'")
-    return "flash" if backward == "auto" else backward
+    if backward == "auto":
+        one = products_bytes(B, n_head, T) // 2
+        fits = one <= min(DS_MAX_BYTES, dev.limits["max-storage-buffer-binding-size"])
+        backward = "products" if T >= PRODUCTS_MIN_T and fits else "flash"
+    return backward
 
 
 class Attention:
