@@ -269,6 +269,14 @@ def test_the_pages_memory_estimate_counts_the_stored_ds_where_auto_keeps_it(monk
     monkeypatch.setattr(attention_op, "DS_MAX_BYTES", 0)                   # nothing stored: dS drops out
     assert with_ds[0] - small.gpu_bytes_estimate() == 48 << 20
     assert with_ds[1] == big.gpu_bytes_estimate()
+    # from 1024 positions the products' two scratches, where each fits the binding: 4 x 4 x 1024 x 1024 floats
+    monkeypatch.undo()
+    long_, longer = preset("tiny", block_size=1024, batch_size=4), preset("tiny", block_size=1024, batch_size=32)
+    products = [long_.gpu_bytes_estimate(), longer.gpu_bytes_estimate()]
+    monkeypatch.setattr(attention_op, "PRODUCTS_MIN_T", 4096)                # the stored dS instead
+    assert products[0] - long_.gpu_bytes_estimate() == attention_op.products_bytes(4, long_.n_head, 1024) - \
+        attention_op.ds_bytes(4, long_.n_head, 1024) == 32 << 20
+    assert products[1] == longer.gpu_bytes_estimate()      # 32 sequences: 256 MiB each, over the binding: neither
 
 
 def test_buffers_smaller_than_their_shapes_are_refused(dev):

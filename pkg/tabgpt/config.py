@@ -99,11 +99,10 @@ class Config:
         P = self.n_params()
         tokens = self.batch_size * self.block_size
         acts = tokens * (17 * self.n_layer * self.n_embd + 4 * self.n_embd + self.padded_vocab_size)
-        # the attention backward's stored dS (B, n_head, T, T), where "auto" keeps it within WebGPU's default
-        # 128 MiB binding
-        from tabgpt.ops.attention import ds_by_default, ds_bytes
-        B, H, T = self.batch_size, self.n_head, self.block_size
-        return 4 * (4 * P + acts) + (ds_bytes(B, H, T) if ds_by_default(B, H, T, 128 << 20) else 0)
+        # the attention backward's (B, n_head, T, T) scratches (the stored dS, or the products' S and dP), as "auto"
+        # allocates them within WebGPU's default 128 MiB binding
+        from tabgpt.ops.attention import backward_scratch_bytes
+        return 4 * (4 * P + acts) + backward_scratch_bytes(self.batch_size, self.n_head, self.block_size, 128 << 20)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the weights plus attention (PaLM appendix B, as nanoGPT)."""

@@ -207,6 +207,21 @@ def products_bytes(B: int, n_head: int, T: int) -> int:
     return 2 * 4 * B * n_head * T * (-(-T // 4) * 4)
 
 
+def products_by_default(B: int, n_head: int, T: int, binding: int) -> bool:
+    """Whether "auto" runs the backward as products: from PRODUCTS_MIN_T positions, each scratch within one binding
+    of `binding` bytes and DS_MAX_BYTES."""
+    return T >= PRODUCTS_MIN_T and products_bytes(B, n_head, T) // 2 <= min(binding, DS_MAX_BYTES)
+
+
+def backward_scratch_bytes(B: int, n_head: int, T: int, binding: int) -> int:
+    """The (T, T)-per-head scratch bytes the default ("auto") backward allocates with bindings of `binding` bytes:
+    the products' two, or the stored dS (where dq_mode's kernel fits, which it does for every head size of the
+    presets), or none."""
+    if products_by_default(B, n_head, T, binding):
+        return products_bytes(B, n_head, T)
+    return ds_bytes(B, n_head, T) if ds_by_default(B, n_head, T, binding) else 0
+
+
 def backward_mode(dev: Device, B: int, T: int, n_head: int, backward: str = "auto") -> str:
     """How the backward runs: "flash" (the fused kernels: dq and dk, dv each walk the other's tiles) or "products"
     (S = Q K^T and dP = dO V^T as batched products, P and dS from them by attention_backward_softmax, then
@@ -223,9 +238,8 @@ def backward_mode(dev: Device, B: int, T: int, n_head: int, backward: str = "aut
                        f"binding, over this device's {dev.limits['max-storage-buffer-binding-size']}: use a smaller "
                        "batch or backward='flash'")
     if backward == "auto":
-        one = products_bytes(B, n_head, T) // 2
-        fits = one <= min(DS_MAX_BYTES, dev.limits["max-storage-buffer-binding-size"])
-        backward = "products" if T >= PRODUCTS_MIN_T and fits else "flash"
+        binding = dev.limits["max-storage-buffer-binding-size"]
+        backward = "products" if products_by_default(B, n_head, T, binding) else "flash"
     return backward
 
 

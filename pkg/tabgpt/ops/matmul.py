@@ -669,7 +669,9 @@ class BatchedMatmul:
     K, needs K % 4 == 0) or land in out's padding. causal (the products of causal attention's backward, rows and
     columns positions): "skip_upper" leaves out's blocks wholly above the diagonal unwritten, "k_from_row" (tn)
     sums the reduction from the block's first row, "k_to_row" (nn) up to its last (the zeros of P and dS beyond
-    the diagonal, which the products then read only within 128 columns of it)."""
+    the diagonal, which the products then read only within 128 columns of it). Tiles, where not given: on GPUs
+    128 x 128 (x 64 where N < 128) x 16, 8 x 8 a thread, spread and prefetched, the autotuner's picks for flat
+    products of attention's shapes on an H200 (bench/results/h200/run37_attention_as_products.txt); not tuned."""
 
     def __init__(self, dev, M, N, K, layout, batches, heads, strides, kernel, params, grid, tiles):
         self.dev, self.M, self.N, self.K, self.layout = dev, M, N, K, layout
