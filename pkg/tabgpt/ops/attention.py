@@ -15,6 +15,9 @@ its key tiles) and dk, dv (each key block walks its query tiles), so that no two
 element and nothing needs atomics. Results are bit-identical run to run. Where the (B, n_head, T, T) gradient of
 the scores fits one binding and DS_MAX_BYTES (dq_mode), the dk, dv kernel also stores it and dq is one product
 from it (attention_backward_dq_ds) instead of recomputing the scores: same dq to the bit, memory T*T per head.
+From PRODUCTS_MIN_T positions, where its two (B, n_head, T, T) scratches fit, the backward instead runs as batched
+matrix products (backward_mode "products": S, dP, then P and dS elementwise, then dV, dK, dQ), which the matmul
+kernel makes faster than the fused kernels at long T.
 
 Workgroup shapes are chosen per kernel to fit the device's workgroup memory: small tiles (and heads split
 into chunks of dims) within WebGPU's default 16 KiB, bigger ones where more is granted (32 KiB on lavapipe and
@@ -360,7 +363,8 @@ class Attention:
 
     def backward(self, seq: Sequence, dqkv, dout, qkv, out, lse):
         """dqkv (B*T, 3C) WRITTEN from dout (B*T, C) and the forward's qkv, out and lse. Three dispatches: delta,
-        then dq and dkv, or (dq "ds") dkv storing dS, then dq from it."""
+        then dq and dkv, or (dq "ds") dkv storing dS, then dq from it; or (backward "products") delta, S, dP, P and
+        dS from them, dV, dK, dQ."""
         self._check(dqkv=dqkv, dout=dout, qkv=qkv, out=out, lse=lse)
         seq.dispatch(self.k["attention_backward_delta"], fold_grid(-(-self.B * self.n_head * self.T // 64)),
                      ap=self.params, dout=dout, out_in=out, delta=self.delta)
