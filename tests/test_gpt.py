@@ -152,6 +152,14 @@ def test_every_gradient_matches_reference_with_the_weight_gradients_apart(dev, m
     check_every_gradient(m)
 
 
+def test_every_gradient_matches_reference_with_the_attention_backward_as_products(dev, monkeypatch):
+    """TABGPT_ATTENTION_BACKWARD=products (the default from 1024 positions) on the test model's short sequences."""
+    monkeypatch.setenv("TABGPT_ATTENTION_BACKWARD", "products")
+    m = wait(GPT.create(dev, config(), B, T))
+    assert m.ops.attn.backward_mode == "products"
+    check_every_gradient(m)
+
+
 def test_every_gradient_matches_reference_with_subgroup_reductions(dev, monkeypatch):
     """TABGPT_SUBGROUPS=1: the model's layernorms and cross-entropies take the subgroup kernels (the test devices,
     lavapipe among them, have subgroups), and the whole model still matches the reference."""
@@ -417,7 +425,7 @@ def test_cached_generation_matches_full_forward(model):
 
 def test_attention_stores_ds_only_where_there_is_a_backward(dev):
     # Training ops keep the attention backward's dS for the dq pass (it fits here); forward-only ops (prompt
-    # prefill) allocate none.
+    # prefill) allocate none; nor the products' scratches.
     from tabgpt.config import preset
     from tabgpt.gpt import Ops
     cfg = preset("tiny")
@@ -425,3 +433,8 @@ def test_attention_stores_ds_only_where_there_is_a_backward(dev):
     prompt = wait(Ops.create(dev, cfg, 1, 16, backward=False, head=False))
     assert train.attn.dq == "ds" and train.attn.ds is not None
     assert prompt.attn.dq == "recompute" and prompt.attn.ds is None
+    # from 1024 positions training runs the backward as products; a forward-only model allocates no scratch for it
+    long_train = wait(Ops.create(dev, cfg.replace(block_size=1024), 1, 1024))
+    long_prompt = wait(Ops.create(dev, cfg.replace(block_size=1024), 1, 1024, backward=False, head=False))
+    assert long_train.attn.backward_mode == "products" and long_train.attn.products is not None
+    assert long_prompt.attn.backward_mode == "flash" and long_prompt.attn.products is None
