@@ -114,6 +114,17 @@ def test_conditional_blocks_keep_one_part_and_the_line_numbers():
             gpu.select_blocks(bad, file="f.wgsl")
 
 
+def test_plain_matmul_source_holds_none_of_the_variants_code():
+    """matmul.wgsl's GROUPED and BATCHED blocks leave nothing of theirs in the plain kernels' module."""
+    src = gpu.shader_dir().joinpath("matmul.wgsl").read_text()
+    names = ("a4_2", "b4_2", "mp2", "second", "dim_m", "dim_n", "bp", "BatchParams", "a_off", "b_off", "c_off",
+             "CAUSAL")
+    plain = set(gpu._IDENT_RE.findall(gpu._strip_comments(gpu.select_blocks(src))))
+    assert plain.isdisjoint(names), plain & set(names)
+    for define, own in (("GROUPED", {"a4_2", "mp2", "second"}), ("BATCHED", {"bp", "a_off", "CAUSAL"})):
+        assert own <= set(gpu._IDENT_RE.findall(gpu.select_blocks(src, {define}))), define
+
+
 def test_kernels_with_other_defines_are_other_modules(dev):
     """matmul.wgsl's GROUPED block: its bindings exist only in the kernel compiled with the define."""
     consts = {"A_T": True, "BIAS_ROW": True, "BM": 64, "BN": 64, "TM": 8, "TN": 8}
