@@ -179,28 +179,29 @@ def select_blocks(src: str, defines=frozenset(), file: str = "shader") -> str:
     empty lines (line numbers stay those of the file). So a kernel can have a variant of its own while the code of
     the others stays exactly what it is: a condition on an override constant would leave both branches in the
     module, and NVIDIA's compiler makes other code of the whole kernel even where the branch is never taken."""
-    out, state = [], None   # state: None outside a block, else [keeping this part, a part taken, #else seen, NAME]
+    out, name = [], None        # name: the open block's, None outside one
+    keep, taken, after_else = True, False, False   # this part's lines kept; a part taken; past its #else
     for lineno, line in enumerate(src.splitlines(), 1):
         m = _DIRECTIVE_RE.match(line)
-        if m:
-            word, name = m.groups()
-            if word == "if":
-                if state is not None or not name:
-                    raise GPUError(f"{file}:{lineno}: `#if NAME` needs a name and cannot nest")
-                state = [name in defines, name in defines, False, name]
-            elif state is None or (state[2] and word != "endif") or (word == "elif") != bool(name):
-                raise GPUError(f"{file}:{lineno}: `#{word}` without its `#if`, after `#else`, or "
-                               + ("without a name" if word == "elif" else "with a name"))
-            elif word == "endif":
-                state = None
-            else:
-                keep = not state[1] and (word == "else" or name in defines)
-                state = [keep, state[1] or keep, word == "else", state[3]]
-            out.append("")
+        if not m:
+            out.append(line if keep else "")
             continue
-        out.append(line if state is None or state[0] else "")
-    if state is not None:
-        raise GPUError(f"{file}: `#if {state[3]}` without its `#endif`")
+        word, arg = m.groups()
+        if word == "if":
+            if name is not None or not arg:
+                raise GPUError(f"{file}:{lineno}: `#if NAME` needs a name and cannot nest")
+            name, keep, taken, after_else = arg, arg in defines, arg in defines, False
+        elif name is None or (after_else and word != "endif") or (word == "elif") != bool(arg):
+            raise GPUError(f"{file}:{lineno}: `#{word}` without its `#if`, after `#else`, or "
+                           + ("without a name" if word == "elif" else "with a name"))
+        elif word == "endif":
+            name, keep = None, True
+        else:
+            keep = not taken and (word == "else" or arg in defines)
+            taken, after_else = taken or keep, word == "else"
+        out.append("")
+    if name is not None:
+        raise GPUError(f"{file}: `#if {name}` without its `#endif`")
     return "\n".join(out) + "\n"
 
 

@@ -693,8 +693,9 @@ class BatchedMatmul:
         for name, st, cols in (("a", a, a_cols), ("b", b, b_cols), ("out", out, N)):
             if any(v % 4 for v in (st.ld, st.base, st.per_batch, st.per_head)):
                 raise GPUError(f"batched matmul {name}: strides and offsets must be multiples of 4, got {st}")
-            if st.ld < -(-cols // 4) * 4:
-                raise GPUError(f"batched matmul {name}: rows of {cols} columns need ld >= {-(-cols // 4) * 4}")
+            padded = -(-cols // 4) * 4
+            if st.ld < padded:
+                raise GPUError(f"batched matmul {name}: rows of {cols} columns need ld >= {padded}")
         if layout == "nt" and K % 4:
             raise GPUError(f"batched matmul nt: both operands' rows run along K, whose padding would meet: K % 4 "
                            f"must be 0, got K={K}")
