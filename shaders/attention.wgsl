@@ -67,8 +67,6 @@ struct AttnParams { B: u32, T: u32, NH: u32, _pad: u32 }
 @group(0) @binding(9) var<storage, read_write> dqkv: array<vec4<f32>>;
 @group(0) @binding(10) var<storage, read_write> ds_out: array<f32>;   // dkv, STORE_DS: dS (B, NH, T keys, T queries)
 @group(0) @binding(11) var<storage, read> ds_in: array<f32>;          // attention_backward_dq_ds: the same
-@group(0) @binding(12) var<storage, read_write> s_io: array<vec4<f32>>;   // attention_backward_softmax: S in, P out
-@group(0) @binding(13) var<storage, read_write> dp_io: array<vec4<f32>>;  //   dP in, scale dS out
 
 override HS: u32 = 64u;      // head size, a multiple of 4
 override TC: u32 = 8u;       // threads per row pair; streamed tiles hold BS = 4 TC rows
@@ -510,31 +508,6 @@ fn store_out(b: u32, h: u32, t: u32, d0: u32, d1: u32, y0: vec4<f32>, y1: vec4<f
 
 // ---------------------------------------------------------------------------------------------------------
 // Backward.
-
-// The backward through batched products (ops/attention.py, backward "products"): s_io (B, NH, T, TP) holds the
-// unscaled scores Q K^T (ops/matmul.py BatchedMatmul) and gets P; dp_io (B, NH, T, TP) holds dP = dO V^T and gets
-// scale dS; TP = T rounded up to 4. In each row i the entries j <= i get P = exp(scale s - lse) and
-// scale P (dP - delta), and the entries past the diagonal zeros, up to BAND columns past it (the products that
-// read P and dS stop within their blocks of at most 128 rows: BatchedMatmul's causal modes); entries above the
-// diagonal are never read (the scores' blocks there are not even made).
-const BAND: u32 = 131u;   // the last column of a row's vec4s written: i + 128 + 3
-
-@compute @workgroup_size(64)
-fn attention_backward_softmax(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
-                              @builtin(local_invocation_index) lid: u32) {
-    let tp4 = (ap.T + 3u) / 4u;
-    let n = (wg.y * nwg.x + wg.x) * 64u + lid;   // ((b * NH + h) * T + i) * tp4 + j / 4
-    if (n >= ap.B * ap.NH * ap.T * tp4) { return; }
-    let row = n / tp4;                           // (b * NH + h) * T + i: lse's and delta's index
-    let i = row % ap.T;
-    let j = 4u * (n % tp4);
-    if (j + 3u > i + BAND) { return; }
-    let on = vec4(j) + vec4(0u, 1u, 2u, 3u) <= vec4(i);
-    let scale = 1.0 / sqrt(f32(HS));
-    let p = select(vec4(0.0), exp(scale * s_io[n] - lse_in[row]), on);
-    dp_io[n] = select(vec4(0.0), scale * p * (dp_io[n] - delta_in[row]), on);
-    s_io[n] = p;
-}
 
 // One thread per (b, h, t): delta[b, h, t] = dout[b*T + t, h-slice] . out[b*T + t, h-slice].
 @compute @workgroup_size(64)

@@ -113,6 +113,26 @@ var<private> b_off: u32;
 var<private> c_off: u32;
 // #endif
 
+// SOFTMAX, with BATCHED (the causal attention backward's S = Q K^T and dP = dO V^T, ops/attention.py): the stores
+// of out's element (z, m, n), z = b * heads + h, become masked softmax terms: with r = row_in[z * M + m] and
+// scale = 1 / sqrt(K) (K the head size), P = exp(scale y - r) (r the row's log-sum-exp) or, SOFTMAX_DS,
+// scale P (y - r) with P read from aux4 at out's place (r the row's delta = dO . O); zeros where n > m (past the
+// diagonal, and in the rows' padding past N). So every block of out that is made holds P (scale dS) and zeros:
+// the products that read them stay within such blocks (Attention checks it).
+// #if SOFTMAX
+@group(0) @binding(18) var<storage, read> row_in: array<f32>;
+var<private> z_row: u32;   // z * M: this workgroup's first row of row_in
+
+// Which of out's columns n..n+3 of row m are on or below the diagonal.
+fn on_or_below(m: u32, n: u32) -> vec4<bool> {
+    return vec4(n) + vec4(0u, 1u, 2u, 3u) <= vec4(m);
+}
+
+fn softmax_scale() -> f32 {
+    return 1.0 / sqrt(f32(mp.K));
+}
+// #endif
+
 // ---------------------------------------------------------------------------------------------
 // Register-blocked, workgroup-tiled product. Tile sizes are override constants so that each adapter can
 // get its own: BM % TM == 0, BN % TN == 0, TM in {4, 8}, TN in {4, 8, 16}, BK % 4 == 0, (BM/TM)*(BN/TN) <= 256
@@ -328,6 +348,11 @@ fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
     // #endif
     if (ACCUMULATE) { y += out4[o]; }
     if (EPILOGUE != 0u) { y = epilogue4(o, y); }
+    // #if SOFTMAX_DS
+    y = select(vec4(0.0), softmax_scale() * aux4[o] * (y - row_in[z_row + m]), on_or_below(m, n));
+    // #elif SOFTMAX
+    y = select(vec4(0.0), exp(softmax_scale() * y - row_in[z_row + m]), on_or_below(m, n));
+    // #endif
     out4[o] = y;
 }
 
@@ -380,6 +405,11 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
     a_off = bp.a_0 + batch * bp.a_b + head * bp.a_h;
     b_off = bp.b_0 + batch * bp.b_b + head * bp.b_h;
     c_off = bp.c_0 + batch * bp.c_b + head * bp.c_h;
+    // #endif
+    // #if SOFTMAX
+    z_row = wg.z * mp.M;
+    // #endif
+    // #if BATCHED
     if (CAUSAL == 1u && n0 > m0 + BM - 1u) { return; }   // the whole workgroup: before any barrier
     let k_begin = select(0u, m0, CAUSAL == 2u);
     let k_end = select(mp.K, min(mp.K, m0 + BM), CAUSAL == 3u);

@@ -149,7 +149,7 @@ json.dumps(res)
 
 
 def test_attention_backward_through_products_matches_reference_in_browser(check_page):
-    """The backward as batched products (matmul.wgsl's BATCHED block, attention_backward_softmax) and the fused
+    """The backward as batched products (matmul.wgsl's BATCHED and SOFTMAX blocks) and the fused
     kernels, in Pyodide on the page's WebGPU, against NumPy: T = 150 reaches past the 128-column band."""
     import base64
     import reference

@@ -58,6 +58,9 @@ def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True, pip
     # NaN-filled: the backward must write every element of dqkv, not add to it.
     fill = np.full(B * T * 3 * C, np.nan if garbage_dqkv else 0.0, dtype=np.float32)
     b_dqkv = dev.buffer(fill.nbytes, "dqkv", fill)
+    if attn.products:   # NaN-filled too: the products must read only the entries of P and dS that are stored
+        for scratch in (attn.products["s_buf"], attn.products["dp_buf"]):
+            dev.write(scratch, np.full(scratch.size // 4, np.nan, np.float32))
     seq = dev.sequence("attention")
     attn.forward(seq, out=b_out, lse=b_lse, qkv=b_qkv)
     attn.backward(seq, dqkv=b_dqkv, dout=b_dout, qkv=b_qkv, out=b_out, lse=b_lse)
@@ -115,8 +118,23 @@ def test_attention_matches_reference(dev, B, T, C, NH, pipeline, prefetch):
 @pytest.mark.parametrize("B,T,C,NH", [(3, 37, 72, 3), (2, 64, 64, 4), (1, 130, 48, 2), (2, 301, 32, 2), (2, 1, 24, 3)])
 def test_attention_backward_through_products_matches_reference(dev, B, T, C, NH):
     """backward="products": S and dP as batched products, P and dS from them, then dV, dK, dQ as batched products;
-    T = 130 and 301 reach past the 128 columns beyond the diagonal that attention_backward_softmax writes."""
+    T = 130 and 301: S's blocks of 64 (lavapipe's tiles) above the diagonal are skipped."""
     check(dev, B, T, C, NH, seed=T + 1, backward="products")
+
+
+def test_products_read_only_blocks_that_are_stored():
+    """The products that read P and dS past the diagonal (within squares of their rows on it) must find blocks that
+    S's and dP's products store; other tiles are refused before anything runs."""
+    tiles = lambda bm, bn: {"BM": bm, "BN": bn}   # noqa: E731
+    for T in (1, 64, 130, 256, 301, 1024):
+        attention_op.reads_made_blocks(T, tiles(128, 128), 128, "x")
+        attention_op.reads_made_blocks(T, tiles(128, 64), 128, "x")
+        attention_op.reads_made_blocks(T, tiles(64, 64), 64, "x")
+        attention_op.reads_made_blocks(T, tiles(128, 128), 64, "x")
+    with pytest.raises(gpu.GPUError, match=r"rows of 96 read entry \(96, 191\), in a block of 128 x 128"):
+        attention_op.reads_made_blocks(300, tiles(128, 128), 96, "s read by dv")
+    with pytest.raises(gpu.GPUError, match="not made"):
+        attention_op.reads_made_blocks(256, tiles(64, 64), 128, "s read by dv")
 
 
 def test_attention_backward_mode_is_checked(dev, monkeypatch):

@@ -1192,6 +1192,54 @@ def test_batched_causal_products_read_only_the_band_and_skip_the_upper_blocks(de
     assert above.any() and (S[:, above] == 7.0).all()
 
 
+def test_batched_softmax_stores_match_numpy(dev):
+    """softmax "p": S = Q K^T's blocks store P = exp(scale S - lse) on and below the diagonal, zeros past it and in
+    the rows' padding; "ds": dP = dO V^T's store scale P (dP - delta), P read at out's place. Blocks wholly above
+    the diagonal keep what they held. T odd (rows padded to Tp), heads side by side in the operands' rows."""
+    from tabgpt.ops.matmul import BatchedMatmul, Strided
+    rng = np.random.default_rng(72)
+    batches, heads, T, Tp, hs = 2, 3, 45, 48, 12
+    sx = Strided(ld=heads * hs, per_batch=T * heads * hs, per_head=hs)
+    sp = Strided(ld=Tp, per_batch=heads * T * Tp, per_head=T * Tp)
+    X = rng.standard_normal((4, batches, T, heads * hs)).astype(np.float32)      # Q, K, dO, V
+    r = rng.standard_normal((2, batches * heads * T)).astype(np.float32)          # lse, delta
+    tiles = {"BM": 16, "BN": 8, "BK": 8, "TM": 4, "TN": 4, "PREFETCH": True}
+    mm = {kind: wait(BatchedMatmul.create(dev, T, T, hs, "nt", batches, heads, sx, sx, sp, causal="skip_upper",
+                                          tiles=tiles, softmax=kind)) for kind in ("p", "ds")}
+    bufs = [upload(dev, x, f"x{i}") for i, x in enumerate(X)]
+    rows = [upload(dev, x, f"r{i}") for i, x in enumerate(r)]
+    bp, bds = (upload(dev, np.full(batches * heads * T * Tp, 7.0, np.float32), n) for n in ("p", "ds"))
+    run(dev, lambda seq: (mm["p"].dispatch(seq, out=bp, a=bufs[0], b=bufs[1], row_in=rows[0]),
+                          mm["ds"].dispatch(seq, out=bds, a=bufs[2], b=bufs[3], row_in=rows[1], aux=bp)))
+    got = {n: np.frombuffer(wait(dev.read(b)), np.float32).reshape(batches, heads, T, Tp) for n, b in
+           (("p", bp), ("ds", bds))}
+    heads_of = lambda x: x.astype(np.float64).reshape(batches, T, heads, hs).transpose(0, 2, 1, 3)  # noqa: E731
+    scale = 1 / np.sqrt(hs)
+    i, j = np.indices((T, Tp))
+    low, made = j <= i, (j // 8) * 8 <= (i // 16) * 16 + 15
+    S = np.zeros((batches, heads, T, Tp))
+    S[..., :T] = heads_of(X[0]) @ heads_of(X[1]).transpose(0, 1, 3, 2)
+    dP = np.zeros_like(S)
+    dP[..., :T] = heads_of(X[2]) @ heads_of(X[3]).transpose(0, 1, 3, 2)
+    lse, delta = (x.reshape(batches, heads, T, 1).astype(np.float64) for x in r)
+    P = np.where(low, np.exp(scale * S - lse), 0.0)
+    dS = np.where(low, scale * P * (dP - delta), 0.0)
+    for name, ref in (("p", P), ("ds", dS)):
+        g = got[name]
+        assert np.abs(g[..., made] - ref[..., made]).max() < 1e-5 * max(1.0, np.abs(ref).max()), name
+        assert (g[..., made & ~low] == 0.0).all() and (g[..., ~made] == 7.0).all(), name
+    with pytest.raises(GPUError, match="needs row_in"):
+        run(dev, lambda seq: mm["p"].dispatch(seq, out=bp, a=bufs[0], b=bufs[1]))
+    with pytest.raises(GPUError, match="needs aux"):
+        run(dev, lambda seq: mm["ds"].dispatch(seq, out=bds, a=bufs[2], b=bufs[3], row_in=rows[1]))
+    with pytest.raises(GPUError, match="row_in binds"):
+        run(dev, lambda seq: mm["p"].dispatch(seq, out=bp, a=bufs[0], b=bufs[1], row_in=upload(dev, r[0][:9])))
+    with pytest.raises(GPUError, match="square causal products"):
+        wait(BatchedMatmul.create(dev, T, T, hs, "nt", 1, 1, sx, sx, sp, tiles=tiles, softmax="p"))
+    with pytest.raises(GPUError, match="softmax must be"):
+        wait(BatchedMatmul.create(dev, T, T, hs, "nt", 1, 1, sx, sx, sp, causal="skip_upper", softmax="q"))
+
+
 def test_batched_matmul_refuses_unaligned_strides_and_small_buffers(dev):
     from tabgpt.ops.matmul import BatchedMatmul, Strided
     with pytest.raises(GPUError, match="multiples of 4"):

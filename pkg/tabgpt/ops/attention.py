@@ -16,8 +16,8 @@ element and nothing needs atomics. Results are bit-identical run to run. Where t
 the scores fits one binding and DS_MAX_BYTES (dq_mode), the dk, dv kernel also stores it and dq is one product
 from it (attention_backward_dq_ds) instead of recomputing the scores: same dq to the bit, memory T*T per head.
 From PRODUCTS_MIN_T positions, where its two (B, n_head, T, T) scratches fit, the backward instead runs as batched
-matrix products (backward_mode "products": S, dP, then P and dS elementwise, then dV, dK, dQ), which the matmul
-kernel makes faster than the fused kernels at long T.
+matrix products (backward_mode "products": S and dP, whose stores are P and scale dS, then dV, dK, dQ), which the
+matmul kernel makes faster than the fused kernels at long T.
 
 Workgroup shapes are chosen per kernel to fit the device's workgroup memory: small tiles (and heads split
 into chunks of dims) within WebGPU's default 16 KiB, bigger ones where more is granted (32 KiB on lavapipe and
@@ -205,6 +205,19 @@ def dq_mode(dev: Device, B: int, T: int, n_head: int, hs: int, dq: str = "auto",
     return dq
 
 
+def reads_made_blocks(T: int, made: dict, reader_rows: int, what: str) -> None:
+    """Check that the causal products of backward "products", which read P (dS) past the diagonal only within
+    squares of reader_rows positions on it (their blocks of rows: BatchedMatmul's causal modes), read only blocks
+    of the S (dP) product, tiles `made`, that it stores (skip_upper: those not wholly above the diagonal, which
+    hold zeros past it). The farthest such entry of a square is its top right one."""
+    bm, bn = made["BM"], made["BN"]
+    for r0 in range(0, T, reader_rows):
+        i, j = r0, min(r0 + reader_rows, T) - 1
+        if (j // bn) * bn > (i // bm) * bm + bm - 1:
+            raise GPUError(f"attention backward products: {what}: rows of {reader_rows} read entry ({i}, {j}), in a "
+                           f"block of {bm} x {bn} that is not made")
+
+
 def products_bytes(B: int, n_head: int, T: int) -> int:
     """Bytes of the backward's two (B, n_head, T, T rounded up to 4) f32 scratches in backward "products"."""
     return 2 * 4 * B * n_head * T * (-(-T // 4) * 4)
@@ -227,7 +240,7 @@ def backward_scratch_bytes(B: int, n_head: int, T: int, binding: int) -> int:
 
 def backward_mode(dev: Device, B: int, T: int, n_head: int, backward: str = "auto") -> str:
     """How the backward runs: "flash" (the fused kernels: dq and dk, dv each walk the other's tiles) or "products"
-    (S = Q K^T and dP = dO V^T as batched products, P and dS from them by attention_backward_softmax, then
+    (S = Q K^T and dP = dO V^T as batched products that store P and scale dS instead (BatchedMatmul softmax), then
     dV = P^T dO, dK = dS^T Q and dQ = dS K as batched products: the matmul kernel's speed, memory T*T per head
     twice). TABGPT_ATTENTION_BACKWARD overrides "auto", which is "products" from PRODUCTS_MIN_T positions where
     each scratch fits DS_MAX_BYTES and a binding, else "flash"; "products" asked for by name takes any size one
@@ -317,30 +330,32 @@ class Attention:
         params = dev.uniform(struct.pack("<4I", B, T, n_head, 0), "attention-params")
         delta = dev.buffer(4 * B * n_head * T, "attention-delta")
         products = await cls._products(dev, B, T, C, n_head) if mode == "products" else None
-        if products:
-            kernels["attention_backward_softmax"] = await dev.kernel(FILE, "attention_backward_softmax",
-                                                                     constants={"HS": hs})
         return cls(dev, B, T, C, n_head, kernels, chosen, params, delta, bool(pipeline), prefetched, dq, ds, no_ds,
                    products)
 
     @staticmethod
     async def _products(dev: Device, B: int, T: int, C: int, n_head: int) -> dict:
         """The batched products of backward "products" and their two scratches (B, n_head, T, Tp), Tp = T rounded
-        up to 4: S (then P) and dP (then scale dS), each (query, key). qkv's and dqkv's thirds: q at column 0, k at
-        C, v at 2C, head h at h * hs; dout's head h at h * hs."""
+        up to 4: P and scale dS, each (query, key), stored by the products of S = Q K^T and dP = dO V^T themselves
+        (BatchedMatmul softmax). qkv's and dqkv's thirds: q at column 0, k at C, v at 2C, head h at h * hs; dout's
+        head h at h * hs."""
         hs, Tp = C // n_head, -(-T // 4) * 4
         sq = lambda third: Strided(ld=3 * C, base=third * C, per_batch=T * 3 * C, per_head=hs)   # noqa: E731
         sdo = Strided(ld=C, per_batch=T * C, per_head=hs)
         stt = Strided(ld=Tp, per_batch=n_head * T * Tp, per_head=T * Tp)
-        bm = lambda M, N, K, layout, a, b, out, causal: BatchedMatmul.create(  # noqa: E731
-            dev, M, N, K, layout, B, n_head, a, b, out, causal=causal)
-        return {"s": await bm(T, T, hs, "nt", sq(0), sq(1), stt, "skip_upper"),        # S = Q K^T
-                "dp": await bm(T, T, hs, "nt", sdo, sq(2), stt, "skip_upper"),         # dP = dO V^T
-                "dv": await bm(T, hs, T, "tn", stt, sdo, sq(2), "k_from_row"),         # dV = P^T dO
-                "dk": await bm(T, hs, T, "tn", stt, sq(0), sq(1), "k_from_row"),       # dK = scale dS^T Q
-                "dq": await bm(T, hs, T, "nn", stt, sq(1), sq(0), "k_to_row"),         # dQ = scale dS K
-                "s_buf": dev.buffer(4 * B * n_head * T * Tp, "attention-s"),
-                "dp_buf": dev.buffer(4 * B * n_head * T * Tp, "attention-dp")}
+        bm = lambda M, N, K, layout, a, b, out, causal, softmax=None: BatchedMatmul.create(  # noqa: E731
+            dev, M, N, K, layout, B, n_head, a, b, out, causal=causal, softmax=softmax)
+        pr = {"s": await bm(T, T, hs, "nt", sq(0), sq(1), stt, "skip_upper", "p"),     # P from S = Q K^T
+              "dp": await bm(T, T, hs, "nt", sdo, sq(2), stt, "skip_upper", "ds"),     # scale dS from dP = dO V^T
+              "dv": await bm(T, hs, T, "tn", stt, sdo, sq(2), "k_from_row"),           # dV = P^T dO
+              "dk": await bm(T, hs, T, "tn", stt, sq(0), sq(1), "k_from_row"),         # dK = scale dS^T Q
+              "dq": await bm(T, hs, T, "nn", stt, sq(1), sq(0), "k_to_row")}           # dQ = scale dS K
+        for made in ("s", "dp"):
+            for reader in ("dv", "dk", "dq"):
+                reads_made_blocks(T, pr[made].tiles, pr[reader].tiles["BM"], f"{made} read by {reader}")
+        pr["s_buf"] = dev.buffer(4 * B * n_head * T * Tp, "attention-s")
+        pr["dp_buf"] = dev.buffer(4 * B * n_head * T * Tp, "attention-dp")
+        return pr
 
     def _grid(self, entry: str) -> tuple[int, int, int]:
         t = self.tiles[entry]
@@ -371,11 +386,8 @@ class Attention:
         pr = self.products
         if pr:
             s, dp = pr["s_buf"], pr["dp_buf"]
-            pr["s"].dispatch(seq, out=s, a=qkv, b=qkv)
-            pr["dp"].dispatch(seq, out=dp, a=dout, b=qkv)
-            n = self.B * self.n_head * self.T * -(-self.T // 4)
-            seq.dispatch(self.k["attention_backward_softmax"], fold_grid(-(-n // 64)), ap=self.params, s_io=s,
-                         dp_io=dp, lse_in=lse, delta_in=self.delta)
+            pr["s"].dispatch(seq, out=s, a=qkv, b=qkv, row_in=lse)
+            pr["dp"].dispatch(seq, out=dp, a=dout, b=qkv, row_in=self.delta, aux=s)
             pr["dv"].dispatch(seq, out=dqkv, a=s, b=dout)
             pr["dk"].dispatch(seq, out=dqkv, a=dp, b=qkv)
             pr["dq"].dispatch(seq, out=dqkv, a=dp, b=qkv)

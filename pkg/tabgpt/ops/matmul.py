@@ -658,6 +658,7 @@ class Strided:
 
 
 BATCH_CAUSAL = {None: 0, "skip_upper": 1, "k_from_row": 2, "k_to_row": 3}
+BATCH_SOFTMAX = {None: set(), "p": {"SOFTMAX"}, "ds": {"SOFTMAX", "SOFTMAX_DS"}}
 
 
 class BatchedMatmul:
@@ -669,26 +670,35 @@ class BatchedMatmul:
     K, needs K % 4 == 0) or land in out's padding. causal (the products of causal attention's backward, rows and
     columns positions): "skip_upper" leaves out's blocks wholly above the diagonal unwritten, "k_from_row" (tn)
     sums the reduction from the block's first row, "k_to_row" (nn) up to its last (the zeros of P and dS beyond
-    the diagonal, which the products then read only within 128 columns of it). Tiles, where not given: on GPUs
+    the diagonal, which the products then read only within their blocks of rows). softmax (with "skip_upper", M = N:
+    the attention backward's S and dP, matmul.wgsl's SOFTMAX block) stores masked softmax terms instead of the
+    product y, each row m of product z with its r = row_in[z * M + m] and scale = 1 / sqrt(K): "p" P =
+    exp(scale y - r), "ds" scale P (y - r) with P from aux at out's place; zeros past the diagonal (and in the
+    rows' padding) in every block made. Tiles, where not given: on GPUs
     128 x 128 (x 64 where N < 128) x 16, 8 x 8 a thread, spread and prefetched, the autotuner's picks for flat
     products of attention's shapes on an H200 (bench/results/h200/run37_attention_as_products.txt); not tuned."""
 
-    def __init__(self, dev, M, N, K, layout, batches, heads, strides, kernel, params, grid, tiles):
+    def __init__(self, dev, M, N, K, layout, batches, heads, strides, kernel, params, grid, tiles, softmax=None):
         self.dev, self.M, self.N, self.K, self.layout = dev, M, N, K, layout
         self.batches, self.heads, self.strides, self.kernel = batches, heads, strides, kernel
-        self.params, self.grid, self.tiles = params, grid, tiles
+        self.params, self.grid, self.tiles, self.softmax = params, grid, tiles, softmax
         self.no_bias, self.no_aux = dev.buffer(16, "matmul-no-bias"), dev.buffer(16, "matmul-no-aux")
 
     @classmethod
     async def create(cls, dev: Device, M: int, N: int, K: int, layout: str, batches: int, heads: int,
                      a: Strided, b: Strided, out: Strided, causal: str | None = None,
-                     tiles: dict | None = None) -> "BatchedMatmul":
+                     tiles: dict | None = None, softmax: str | None = None) -> "BatchedMatmul":
         if layout not in LAYOUTS:
             raise GPUError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if causal not in BATCH_CAUSAL:
             raise GPUError(f"causal must be one of {sorted(k for k in BATCH_CAUSAL if k)} or None, got {causal!r}")
         if min(M, N, K, batches, heads) <= 0:
             raise GPUError(f"batched matmul sizes must be positive, got M={M} N={N} K={K} {batches}x{heads}")
+        if softmax not in BATCH_SOFTMAX:
+            raise GPUError(f"softmax must be 'p', 'ds' or None, got {softmax!r}")
+        if softmax and (causal != "skip_upper" or M != N):
+            raise GPUError(f"softmax stores are for the square causal products (causal 'skip_upper', M = N), got "
+                           f"causal={causal!r}, M={M}, N={N}")
         a_cols, b_cols = (M if layout == "tn" else K), (K if layout == "nt" else N)
         for name, st, cols in (("a", a, a_cols), ("b", b, b_cols), ("out", out, N)):
             if any(v % 4 for v in (st.ld, st.base, st.per_batch, st.per_head)):
@@ -711,7 +721,7 @@ class BatchedMatmul:
         tiles = dict(tiles)
         check_tiles(dev, tiles)
         consts = dict(tiles, A_T=layout == "tn", B_T=layout == "nt", CAUSAL=BATCH_CAUSAL[causal])
-        kernel = await dev.kernel(FILE, "matmul_tiled", consts, defines={"BATCHED"})
+        kernel = await dev.kernel(FILE, "matmul_tiled", consts, defines={"BATCHED"} | BATCH_SOFTMAX[softmax])
         params = dev.uniform(struct.pack("<4I", M, N, K, 0), "matmul-batched-params")
         bp = dev.uniform(struct.pack("<16I", a.ld, b.ld, out.ld, heads, a.base, a.per_batch, a.per_head, b.base,
                                      b.per_batch, b.per_head, out.base, out.per_batch, out.per_head, 0, 0, 0),
@@ -721,16 +731,26 @@ class BatchedMatmul:
             raise GPUError(f"batched matmul {M}x{N}: {grid[:2]} workgroups exceed {MAX_GROUPS}")
         strides = {"a": (a, (K if layout == "tn" else M), a_cols), "b": (b, (N if layout == "nt" else K), b_cols),
                    "out": (out, M, N)}
-        return cls(dev, M, N, K, layout, batches, heads, strides, kernel, (params, bp), grid, tiles)
+        return cls(dev, M, N, K, layout, batches, heads, strides, kernel, (params, bp), grid, tiles, softmax)
 
-    def dispatch(self, seq: Sequence, out, a, b):
-        """Append the products (out written where its blocks are made)."""
+    def dispatch(self, seq: Sequence, out, a, b, row_in=None, aux=None):
+        """Append the products (out written where its blocks are made). With softmax: row_in (batches * heads * M)
+        f32, and ("ds") aux, P laid out as out."""
         name = f"batched matmul {self.layout} {self.M}x{self.N}x{self.K} ({self.batches}x{self.heads})"
-        for what, x in (("a", a), ("b", b), ("out", out)):
-            st, rows, cols = self.strides[what]
+        operands = {"a": a, "b": b, "out": out} | ({"aux": aux} if self.softmax == "ds" else {})
+        for what, x in operands.items():
+            if x is None:
+                raise GPUError(f"{name}: softmax {self.softmax!r} needs {what}")
+            st, rows, cols = self.strides["out" if what == "aux" else what]
             bound_at_least(x, (st.floats(self.batches, self.heads, rows, cols),), name, what)
+        extra = {}
+        if self.softmax:
+            if row_in is None:
+                raise GPUError(f"{name}: softmax {self.softmax!r} needs row_in")
+            bound_at_least(row_in, (self.batches * self.heads * self.M,), name, "row_in")
+            extra["row_in"] = row_in
         seq.dispatch(self.kernel, self.grid, mp=self.params[0], bp=self.params[1], a4=a, b4=b, out4=out,
-                     bias4=self.no_bias, aux4=self.no_aux)
+                     bias4=self.no_bias, aux4=aux if self.softmax == "ds" else self.no_aux, **extra)
 
 
 class BiasGrad:
