@@ -93,12 +93,12 @@ fn dim_n() -> u32 { return select(mp.N, mp2.N, second); }
 // BATCHED, a conditional block as GROUPED (ops/matmul.py BatchedMatmul): matmul_tiled makes one product per
 // workgroup z, z = b * heads + h, each of strided matrices inside larger ones (the heads of attention): element
 // (r, c) of the stored A at float a_off + r * lda + c of a4, a_off = a_0 + b * a_b + h * a_h, and likewise B
-// (ldb, b_0, b_b, b_h) and out (ldc, c_0, c_b, c_h); no split-K, bias, accumulation or epilogue. Every stride and offset is a multiple
-// of 4. A row's vec4 may run past its K (or M, N) columns into the row's padding, which must hold finite values:
-// they meet zeros of the other operand, or land in padding of out. CAUSAL (z's products of causal attention, rows
-// and columns both positions): 1 skips the blocks of out wholly above the diagonal (n0 > m0 + BM - 1: never read),
-// 2 sums k from m0 only (tn: A^T's column k, a query, is zero before the key m0), 3 sums k below m0 + BM only (nn:
-// A's row m, a query, is zero past key m).
+// (ldb, b_0, b_b, b_h) and out (ldc, c_0, c_b, c_h); no split-K, bias, accumulation or EPILOGUE (but SOFTMAX,
+// below). Every stride and offset is a multiple of 4. A row's vec4 may run past its K (or M, N) columns into the
+// row's padding, which must hold finite values: they meet zeros of the other operand, or land in padding of out.
+// CAUSAL (z's products of causal attention, rows and columns both positions): 1 skips the blocks of out wholly
+// above the diagonal (n0 > m0 + BM - 1: never read), 2 sums k from m0 only (tn: A^T's column k, a query, is zero
+// before the key m0), 3 sums k below m0 + BM only (nn: A's row m, a query, is zero past key m).
 // #if BATCHED
 struct BatchParams {
     lda: u32, ldb: u32, ldc: u32, heads: u32,

@@ -139,9 +139,9 @@ DQ_KS = 16                    #   keys per staged step
 DQ_ROWS = (4, 8)              #   query rows per thread, the first whose threads fit
 DS_MAX_BYTES = 512 << 20      # "auto" stores dS up to this size (and the binding limit): GPT-2 small, T = 1024: 402 MB
 # The backward through batched products ("products", backward_mode) by default from this sequence length, where each
-# of its two (B, n_head, T, T) scratches fits DS_MAX_BYTES and a binding. On an H200 (bench/results/h200/run38_*,
-# run39_*): at T = 1024 (GPT-2 small) the backward 1.914 -> 1.641 ms and training +2.1%; at T = 256 (the browser
-# preset) the fused kernels stay faster, 0.348 against 0.388 ms (its products are short: K = 64, 2 x 2 blocks).
+# of its two (B, n_head, T, T) scratches fits DS_MAX_BYTES and a binding. On an H200 (bench/results/h200/run41_*):
+# at T = 1024 (GPT-2 small) the backward 1.915 -> 1.428 ms and training +3%; at T = 256 (the browser preset) the
+# two the same, 0.339 against 0.332 ms, and training within noise (run42_*): there the fused kernels, no scratch.
 PRODUCTS_MIN_T = 1024
 
 
