@@ -396,7 +396,14 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
     // #endif
     let by = first + r % rows;
     let bx = r / rows;
+    // #if BATCHED
+    // CAUSAL 3: the block rows in reverse, the longest reductions (down to the last row) first, so that a product's
+    // last workgroups are short ones (at T = 256 the attention backward 0.341-0.349 -> 0.326-0.328 ms on an H200:
+    // bench/results/h200/run43_dq_longest_first.txt).
+    let m0 = select(by, nwg.y - 1u - by, CAUSAL == 3u) * BM;
+    // #else
     let m0 = by * BM;
+    // #endif
     let n0 = bx * BN;
     let tid = lid.y * WG_X + lid.x;
     // #if BATCHED
