@@ -737,6 +737,10 @@ class BatchedMatmul:
         """Append the products (out written where its blocks are made). With softmax: row_in (batches * heads * M)
         f32, and ("ds") aux, P laid out as out."""
         name = f"batched matmul {self.layout} {self.M}x{self.N}x{self.K} ({self.batches}x{self.heads})"
+        for what, x, wanted in (("row_in", row_in, bool(self.softmax)), ("aux", aux, self.softmax == "ds")):
+            if x is not None and not wanted:
+                raise GPUError(f"{name}: {what} is for softmax " + ("'p' and 'ds'" if what == "row_in" else "'ds'")
+                               + f" stores, this product's softmax is {self.softmax!r}")
         operands = {"a": a, "b": b, "out": out} | ({"aux": aux} if self.softmax == "ds" else {})
         for what, x in operands.items():
             if x is None:
