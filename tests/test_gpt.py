@@ -153,7 +153,7 @@ def test_every_gradient_matches_reference_with_the_weight_gradients_apart(dev, m
 
 
 def test_every_gradient_matches_reference_with_the_attention_backward_as_products(dev, monkeypatch):
-    """TABGPT_ATTENTION_BACKWARD=products (the default from 1024 positions) on the test model's short sequences."""
+    """TABGPT_ATTENTION_BACKWARD=products (the default from 384 positions) on the test model's short sequences."""
     monkeypatch.setenv("TABGPT_ATTENTION_BACKWARD", "products")
     m = wait(GPT.create(dev, config(), B, T))
     assert m.ops.attn.backward_mode == "products"
@@ -433,7 +433,7 @@ def test_attention_stores_ds_only_where_there_is_a_backward(dev):
     prompt = wait(Ops.create(dev, cfg, 1, 16, backward=False, head=False))
     assert train.attn.dq == "ds" and train.attn.ds is not None
     assert prompt.attn.dq == "recompute" and prompt.attn.ds is None
-    # from 1024 positions training runs the backward as products; a forward-only model allocates no scratch for it
+    # from 384 positions training runs the backward as products; a forward-only model allocates no scratch for it
     long_train = wait(Ops.create(dev, cfg.replace(block_size=1024), 1, 1024))
     long_prompt = wait(Ops.create(dev, cfg.replace(block_size=1024), 1, 1024, backward=False, head=False))
     assert long_train.attn.backward_mode == "products" and long_train.attn.products is not None

@@ -145,7 +145,7 @@ def test_attention_backward_mode_is_checked(dev, monkeypatch):
     monkeypatch.delenv("TABGPT_ATTENTION_BACKWARD")
     # "auto": the products from PRODUCTS_MIN_T positions where their scratches fit (DS_MAX_BYTES, a binding)
     mode = lambda B, T, NH: attention_op.backward_mode(dev, B, T, NH)   # noqa: E731
-    assert mode(1, 1023, 2) == "flash" and mode(1, 1024, 2) == "products"
+    assert mode(1, 383, 2) == "flash" and mode(1, 384, 2) == "products" and mode(1, 1024, 2) == "products"
     assert mode(64, 1024, 8) == "flash"                          # 2 GiB each: the fused kernels, without a word
     with pytest.raises(gpu.GPUError, match="use a smaller batch or backward=.flash."):
         wait(Attention.create(dev, B=64, T=1024, C=32, n_head=8, backward="products"))
@@ -234,7 +234,7 @@ def test_attention_gpt2_head_sizes(dev, B, T, C, NH):
 def test_attention_memory_is_linear_in_T_when_dq_is_recomputed(dev):
     # backward "flash", dq "recompute": no (T, T) buffer anywhere, the op's only scratch is delta (B, NH, T) (and a
     # 16-byte dummy); dq "ds": the stored dS (B, NH, T, T) besides.
-    # backward "products" (the default from T = 1024 where it fits): two (B, NH, T, T) scratches instead.
+    # backward "products" (the default from T = 384 where it fits): two (B, NH, T, T) scratches instead.
     before = dev.bytes_allocated
     attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4, dq="recompute", backward="flash"))
     assert attn.dq == "recompute" and attn.ds is None
@@ -287,7 +287,8 @@ def test_the_pages_memory_estimate_counts_the_stored_ds_where_auto_keeps_it(monk
     monkeypatch.setattr(attention_op, "DS_MAX_BYTES", 0)                   # nothing stored: dS drops out
     assert with_ds[0] - small.gpu_bytes_estimate() == 48 << 20
     assert with_ds[1] == big.gpu_bytes_estimate()
-    # from 1024 positions the products' two scratches, where each fits the binding: 4 x 4 x 1024 x 1024 floats
+    # from PRODUCTS_MIN_T positions the products' two scratches, where each fits the binding: 4 x 4 x 1024 x 1024
+    # floats
     monkeypatch.undo()
     long_, longer = preset("tiny", block_size=1024, batch_size=4), preset("tiny", block_size=1024, batch_size=32)
     products = [long_.gpu_bytes_estimate(), longer.gpu_bytes_estimate()]

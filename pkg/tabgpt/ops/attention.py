@@ -139,10 +139,11 @@ DQ_KS = 16                    #   keys per staged step
 DQ_ROWS = (4, 8)              #   query rows per thread, the first whose threads fit
 DS_MAX_BYTES = 512 << 20      # "auto" stores dS up to this size (and the binding limit): GPT-2 small, T = 1024: 402 MB
 # The backward through batched products ("products", backward_mode) by default from this sequence length, where each
-# of its two (B, n_head, T, T) scratches fits DS_MAX_BYTES and a binding. On an H200 (bench/results/h200/run41_*):
-# at T = 1024 (GPT-2 small) the backward 1.915 -> 1.428 ms and training +3%; at T = 256 (the browser preset) the
-# two the same, 0.339 against 0.332 ms, and training within noise (run42_*): there the fused kernels, no scratch.
-PRODUCTS_MIN_T = 1024
+# of its two (B, n_head, T, T) scratches fits DS_MAX_BYTES and a binding. On an H200, 8192 tokens a batch, heads of
+# 64 (bench/results/h200/run44_products_crossover.txt): from T = 384 the products take 0.75-0.90x the fused time
+# (GPT-2 small: 1.905 -> 1.427 ms, training +3%, run41_*); at T = 256 0.90-0.98x (the browser preset: 0.98x, its
+# training the same within noise, run42_*), where the fused kernels, which need no scratch, stay the default.
+PRODUCTS_MIN_T = 384
 
 
 def dq_ds_vec4s(hs: int) -> int:
