@@ -117,7 +117,7 @@ def test_attention_matches_reference(dev, B, T, C, NH, pipeline, prefetch):
 
 @pytest.mark.parametrize("B,T,C,NH", [(3, 37, 72, 3), (2, 64, 64, 4), (1, 130, 48, 2), (2, 301, 32, 2), (2, 1, 24, 3)])
 def test_attention_backward_through_products_matches_reference(dev, B, T, C, NH):
-    """backward="products": S and dP as batched products, P and dS from them, then dV, dK, dQ as batched products;
+    """backward="products": S's and dP's batched products storing P and dS, then dV, dK, dQ as batched products;
     T = 130 and 301: S's blocks of 64 (lavapipe's tiles) above the diagonal are skipped."""
     check(dev, B, T, C, NH, seed=T + 1, backward="products")
 
