@@ -45,10 +45,10 @@ def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True, pip
                                  prefetch=prefetch, dq=dq, dq_rows=dq_rows, backward=backward))
     assert dq == "auto" or attn.dq == dq
     assert backward == "auto" or attn.backward_mode == backward
-    assert all(attn.k[e].constants["PIPELINE"] is pipeline for e in ENTRIES)
+    assert all(attn.k[e].constants["PIPELINE"] is pipeline for e in attn.tiles)
     hs = C // NH
-    assert attn.prefetch == {e: prefetch and not attention_op.prefetch_problem(hs, attn.tiles[e]) for e in ENTRIES}
-    assert all(attn.k[e].constants["PREFETCH"] is attn.prefetch[e] for e in ENTRIES)
+    assert attn.prefetch == {e: prefetch and not attention_op.prefetch_problem(hs, attn.tiles[e]) for e in attn.tiles}
+    assert all(attn.k[e].constants["PREFETCH"] is attn.prefetch[e] for e in attn.tiles)
     print("tiles:", {e[len("attention_"):]: tuple(vars(t).values()) for e, t in attn.tiles.items()},
           "prefetch:", attn.prefetch)
     b_qkv = dev.buffer(qkv.nbytes, "qkv", qkv)
@@ -135,6 +135,24 @@ def test_products_read_only_blocks_that_are_stored():
         attention_op.reads_made_blocks(300, tiles(128, 128), 96, "s read by dv")
     with pytest.raises(gpu.GPUError, match="not made"):
         attention_op.reads_made_blocks(256, tiles(64, 64), 128, "s read by dv")
+
+
+def test_only_the_kernels_that_run_are_compiled(dev):
+    """flash: the forward, dk/dv, delta and one dq kernel (that of the dq mode); products: the forward and delta
+    (and the batched products); none (forward only): the forward alone, and backward refuses to run."""
+    make = lambda **kw: wait(Attention.create(dev, B=2, T=16, C=32, n_head=2, **kw))   # noqa: E731
+    fwd, dq, dkv, dq_ds, delta = (*ENTRIES, "attention_backward_dq_ds", "attention_backward_delta")
+    assert set(make(backward="flash", dq="ds").k) == {fwd, dkv, dq_ds, delta}
+    assert set(make(backward="flash", dq="recompute").k) == {fwd, dq, dkv, delta}
+    products = make(backward="products")
+    assert set(products.k) == {fwd, delta} and set(products.tiles) == {fwd} and products.products
+    none = make(backward="none")
+    assert set(none.k) == {fwd} and none.backward_mode == "none" and none.delta is None and not none.products
+    b = {n: dev.buffer(4 * 2 * 16 * 3 * 32, n) for n in ("qkv", "out", "lse", "dout", "dqkv")}
+    seq = dev.sequence("forward only")
+    none.forward(seq, out=b["out"], lse=b["lse"], qkv=b["qkv"])
+    with pytest.raises(gpu.GPUError, match="forward only.*backward='auto' to train"):
+        none.backward(seq, dqkv=b["dqkv"], dout=b["dout"], qkv=b["qkv"], out=b["out"], lse=b["lse"])
 
 
 def test_attention_backward_mode_is_checked(dev, monkeypatch):
@@ -245,8 +263,11 @@ def test_attention_memory_is_linear_in_T_when_dq_is_recomputed(dev):
     before = dev.bytes_allocated
     attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4))
     assert attn.backward_mode == "products" and attn.ds is None
-    # delta, S and dP, the 16-byte dummies (dkv's ds_out, each product's bias and epilogue operand)
-    assert dev.bytes_allocated - before == 4 * 2 * 4 * 1024 * (1 + 2 * 1024) + 16 + 5 * 32
+    # delta, S and dP, the 16-byte dummies (each product's bias and epilogue operand; no dkv kernel to bind one)
+    assert dev.bytes_allocated - before == 4 * 2 * 4 * 1024 * (1 + 2 * 1024) + 5 * 32
+    before = dev.bytes_allocated
+    attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4, backward="none"))
+    assert dev.bytes_allocated == before                              # forward only: nothing besides its params
 
 
 @pytest.mark.parametrize("B,T,C,NH", [(3, 37, 72, 3), (2, 130, 48, 3), (1, 1, 32, 2), (2, 67, 128, 2),
@@ -455,13 +476,15 @@ def test_prefetch_vec4s():
 def test_prefetch_falls_back_per_kernel(dev_full):
     # A tile whose share would need more than 4 registers compiles without PREFETCH; the others keep it.
     tiles = {"attention_forward": Tile(4, 8), "attention_backward_dq": Tile(8, 4), "attention_backward_dkv": Tile(1, 4)}
-    attn = wait(Attention.create(dev_full, B=1, T=29, C=40, n_head=2, tiles=tiles, prefetch=True))
+    make = lambda **kw: wait(Attention.create(dev_full, B=1, T=29, C=40, n_head=2, tiles=tiles, dq="recompute",  # noqa
+                                              **kw))
+    attn = make(prefetch=True)
     assert attn.prefetch == {"attention_forward": True, "attention_backward_dq": False,
                              "attention_backward_dkv": False}
     assert [attn.k[e].constants["PREFETCH"] for e in ENTRIES] == [True, False, False]
-    off = wait(Attention.create(dev_full, B=1, T=29, C=40, n_head=2, tiles=tiles, prefetch=False))
+    off = make(prefetch=False)
     assert off.prefetch == {e: False for e in ENTRIES}
-    default = wait(Attention.create(dev_full, B=1, T=29, C=40, n_head=2, tiles=tiles))   # on where it fits
+    default = make()   # on where it fits
     assert default.prefetch == attn.prefetch
 
 

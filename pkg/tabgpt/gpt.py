@@ -190,9 +190,8 @@ class Ops:
         self.ln = await LayerNorm.create(dev, N, C)
         if sequence:
             self.emb = await Embedding.create(dev, B, T, C, Vp)
-            # a forward only (prompts, evaluation) has no backward to store dS or the products' scratches for
-            self.attn = await Attention.create(dev, B, T, C, NH, dq="auto" if backward else "recompute",
-                                               backward="auto" if backward else "flash")
+            # a forward only (prompts, evaluation): no backward kernels, no stored dS or products' scratches
+            self.attn = await Attention.create(dev, B, T, C, NH, backward="auto" if backward else "none")
         # fused: residual adds after both c_proj, GELU after c_fc, and the GELU's backward into mlp c_proj's dinp;
         # each bias gradient comes out of its weight gradient's product, where the bias lies right after the
         # weight in the gradients (every weight is C x kC floats: no alignment gap when C % 8 == 0)

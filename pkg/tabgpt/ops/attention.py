@@ -245,7 +245,9 @@ def backward_mode(dev: Device, B: int, T: int, n_head: int, backward: str = "aut
     dV = P^T dO, dK = dS^T Q and dQ = dS K as batched products: the matmul kernel's speed, memory T*T per head
     twice). TABGPT_ATTENTION_BACKWARD overrides "auto", which is "products" from PRODUCTS_MIN_T positions where
     each scratch fits DS_MAX_BYTES and a binding, else "flash"; "products" asked for by name takes any size one
-    binding holds."""
+    binding holds. "none": a forward-only op (prompts, evaluation), which compiles no backward kernel."""
+    if backward == "none":
+        return backward
     if backward == "auto":
         backward = os.environ.get("TABGPT_ATTENTION_BACKWARD", "auto")
     if backward not in ("auto", "flash", "products"):
@@ -265,19 +267,19 @@ class Attention:
                  dq="recompute", ds=None, no_ds=None, products=None):
         self.dev, self.B, self.T, self.C, self.n_head = dev, B, T, C, n_head
         self.hs = C // n_head
-        self.k = kernels          # {entry: Kernel}
-        self.tiles = tiles        # {entry: Tile}
+        self.k = kernels          # {entry: Kernel}, the entries that the modes run
+        self.tiles = tiles        # {entry: Tile} of those of ENTRIES
         self.params = params      # uniform AttnParams
-        self.delta = delta        # scratch (B, n_head, T) f32
+        self.delta = delta        # scratch (B, n_head, T) f32 (None: backward "none")
         self.pipeline = pipeline  # the PIPELINE override the kernels were compiled with
-        # {entry: the PREFETCH override it was compiled with} for the three tiled kernels
-        self.prefetch = prefetch or {e: False for e in ENTRIES}
+        # {entry: the PREFETCH override it was compiled with} for the tiled kernels compiled
+        self.prefetch = prefetch or {e: False for e in tiles}
         self.dq = dq              # "ds": dkv stores dS and attention_backward_dq_ds makes dQ; "recompute"
         self.ds = ds              # "ds": the stored dS (B, n_head, T, T) f32, else None
         self.no_ds = no_ds        # bound as dkv's ds_out where it stores nothing (never touched)
         # backward "products": {"s", "dp", "dv", "dk", "dq": BatchedMatmul, "s_buf", "dp_buf": scratch}, else None
         self.products = products
-        self.backward_mode = "products" if products else "flash"
+        self.backward_mode = "products" if products else "flash" if "attention_backward_dkv" in kernels else "none"
 
     @classmethod
     async def create(cls, dev: Device, B: int, T: int, C: int, n_head: int,
@@ -289,8 +291,10 @@ class Attention:
         same results) in each kernel whose tile allows it (prefetch_problem; the others load as without).
         dq: "auto", "ds" or "recompute" (dq_mode): how the backward makes dQ; both give the same values.
         dq_rows: attention_backward_dq_ds's query rows per thread (4 or 8; benchmarks), else dq_ds_shape's; with
-        dq "auto", rows that do not fit the device mean "recompute". backward: "auto", "flash" or "products"
-        (backward_mode); with "products" dq is unused."""
+        dq "auto", rows that do not fit the device mean "recompute". backward: "auto", "flash", "products" or
+        "none" (backward_mode); with "products" or "none" dq is unused. Only the kernels that the modes run are
+        compiled: the forward; with "flash" dkv, delta and dq's kernel (attention_backward_dq or _dq_ds); with
+        "products" delta (and the batched products); with "none" nothing else (backward then refuses to run)."""
         if n_head <= 0 or C % n_head or (C // n_head) % 4:
             raise GPUError(f"attention needs C (n_embd) divisible by n_head and a head size that is a multiple "
                            f"of 4, got C={C}, n_head={n_head}")
@@ -303,9 +307,11 @@ class Attention:
             raise GPUError(f"attention: qkv of {4 * B * T * 3 * C} bytes exceeds this device's storage binding "
                            "limit; use a smaller batch")
         mode = backward_mode(dev, B, T, n_head, backward)
-        dq = "recompute" if mode == "products" else dq_mode(dev, B, T, n_head, hs, dq, dq_rows)
+        dq = dq_mode(dev, B, T, n_head, hs, dq, dq_rows) if mode == "flash" else "recompute"
         kernels, chosen, prefetched = {}, {}, {}
-        for entry in ENTRIES:
+        entries = {"flash": ENTRIES if dq == "recompute" else ("attention_forward", "attention_backward_dkv"),
+                   "products": ENTRIES[:1], "none": ENTRIES[:1]}[mode]
+        for entry in entries:
             t = (tiles or {}).get(entry) or pick_tile(entry, hs, T, dev.limits)
             problem = tile_problem(entry, hs, t, dev.limits)
             if problem:
@@ -325,11 +331,13 @@ class Attention:
             kernels["attention_backward_dq_ds"] = await dev.kernel(FILE, "attention_backward_dq_ds", constants={
                 "HS": hs, "QB": DQ_QB, "RQ": rq, "KS": DQ_KS, "SMV": dq_ds_vec4s(hs), "SMS": 1})
             ds = dev.buffer(ds_bytes(B, n_head, T), "attention-ds")
-        else:
+        elif mode == "flash":
             no_ds = dev.buffer(16, "attention-no-ds")
-        kernels["attention_backward_delta"] = await dev.kernel(FILE, "attention_backward_delta", constants={"HS": hs})
+        if mode != "none":
+            kernels["attention_backward_delta"] = await dev.kernel(FILE, "attention_backward_delta",
+                                                                   constants={"HS": hs})
         params = dev.uniform(struct.pack("<4I", B, T, n_head, 0), "attention-params")
-        delta = dev.buffer(4 * B * n_head * T, "attention-delta")
+        delta = dev.buffer(4 * B * n_head * T, "attention-delta") if mode != "none" else None
         products = await cls._products(dev, B, T, C, n_head) if mode == "products" else None
         return cls(dev, B, T, C, n_head, kernels, chosen, params, delta, bool(pipeline), prefetched, dq, ds, no_ds,
                    products)
@@ -381,6 +389,9 @@ class Attention:
         """dqkv (B*T, 3C) WRITTEN from dout (B*T, C) and the forward's qkv, out and lse. Three dispatches: delta,
         then dq and dkv, or (dq "ds") dkv storing dS, then dq from it; or (backward "products") delta, S, dP, P and
         dS from them, dV, dK, dQ."""
+        if self.backward_mode == "none":
+            raise GPUError("this attention op was made for the forward only (backward 'none'); make it with "
+                           "backward='auto' to train")
         self._check(dqkv=dqkv, dout=dout, qkv=qkv, out=out, lse=lse)
         seq.dispatch(self.k["attention_backward_delta"], fold_grid(-(-self.B * self.n_head * self.T // 64)),
                      ap=self.params, dout=dout, out_in=out, delta=self.delta)
