@@ -115,17 +115,18 @@ def test_conditional_blocks_keep_one_part_and_the_line_numbers():
 
 
 def test_plain_matmul_source_holds_none_of_the_variants_code():
-    """matmul.wgsl's GROUPED, BATCHED and SOFTMAX blocks leave nothing of theirs in the plain kernels' module, nor
-    SOFTMAX's in the plain batched kernels'."""
+    """matmul.wgsl's GROUPED, BATCHED, SOFTMAX and PAIRED blocks leave nothing of theirs in the plain kernels'
+    module, nor SOFTMAX's and PAIRED's in the plain batched kernels'."""
     src = gpu.shader_dir().joinpath("matmul.wgsl").read_text()
     idents = lambda defines: set(gpu._IDENT_RE.findall(gpu._strip_comments(gpu.select_blocks(src, defines))))  # noqa
     softmax = {"row_in", "z_row", "on_or_below", "softmax_scale", "exp"}
     names = {"a4_2", "b4_2", "mp2", "second", "dim_m", "dim_n", "bp", "BatchParams", "a_off", "b_off", "c_off",
-             "CAUSAL"} | softmax
+             "CAUSAL", "bp2"} | softmax
     assert idents(set()).isdisjoint(names), idents(set()) & names
-    assert idents({"BATCHED"}).isdisjoint(softmax), idents({"BATCHED"}) & softmax
+    assert idents({"BATCHED"}).isdisjoint(softmax | {"bp2", "a4_2", "b4_2", "second"}), idents({"BATCHED"}) & names
     for defines, own in ((("GROUPED",), {"a4_2", "mp2", "second"}), (("BATCHED",), {"bp", "a_off", "CAUSAL"}),
-                         (("BATCHED", "SOFTMAX"), softmax), (("BATCHED", "SOFTMAX", "SOFTMAX_DS"), softmax - {"exp"})):
+                         (("BATCHED", "SOFTMAX"), softmax), (("BATCHED", "SOFTMAX", "SOFTMAX_DS"), softmax - {"exp"}),
+                         (("BATCHED", "PAIRED"), {"bp2", "a4_2", "b4_2", "second", "a_off"})):
         assert own <= idents(set(defines)), defines
 
 

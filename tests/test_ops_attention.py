@@ -122,6 +122,19 @@ def test_attention_backward_through_products_matches_reference(dev, B, T, C, NH)
     check(dev, B, T, C, NH, seed=T + 1, backward="products")
 
 
+def test_products_pair_dv_and_dk_bit_identically(dev, monkeypatch):
+    """dV's and dK's products as one batched pair (the default) or apart (TABGPT_MATMUL_PAIRS=0): the same bits."""
+    B, T, C, NH = 2, 77, 48, 3
+    qkv, dout = inputs(B, T, C, seed=5)
+    grads = {}
+    for pairs in ("1", "0"):
+        monkeypatch.setenv("TABGPT_MATMUL_PAIRS", pairs)
+        attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, backward="products"))
+        assert ("dvk" in attn.products) == (pairs == "1") and ("dv" in attn.products) == (pairs == "0")
+        grads[pairs] = run_attention(dev, B, T, C, NH, qkv, dout, backward="products")[2]
+    assert np.array_equal(grads["1"].view(np.uint32), grads["0"].view(np.uint32))
+
+
 def test_products_read_only_blocks_that_are_stored():
     """The products that read P and dS past the diagonal (within squares of their rows on it) must find blocks that
     S's and dP's products store; other tiles are refused before anything runs."""
@@ -263,8 +276,10 @@ def test_attention_memory_is_linear_in_T_when_dq_is_recomputed(dev):
     before = dev.bytes_allocated
     attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4))
     assert attn.backward_mode == "products" and attn.ds is None
-    # delta, S and dP, the 16-byte dummies (each product's bias and epilogue operand; no dkv kernel to bind one)
-    assert dev.bytes_allocated - before == 4 * 2 * 4 * 1024 * (1 + 2 * 1024) + 5 * 32
+    # delta, S and dP, the 16-byte dummies (each product's bias and epilogue operand; no dkv kernel to bind one):
+    # four products, dV's and dK's a pair
+    assert sorted(k for k in attn.products if not k.endswith("_buf")) == ["dp", "dq", "dvk", "s"]
+    assert dev.bytes_allocated - before == 4 * 2 * 4 * 1024 * (1 + 2 * 1024) + 4 * 32
     before = dev.bytes_allocated
     attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4, backward="none"))
     assert dev.bytes_allocated == before                              # forward only: nothing besides its params

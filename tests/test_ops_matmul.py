@@ -1242,6 +1242,45 @@ def test_batched_softmax_stores_match_numpy(dev):
         wait(BatchedMatmul.create(dev, T, T, hs, "nt", 1, 1, sx, sx, sp, causal="skip_upper", softmax="q"))
 
 
+@pytest.mark.parametrize("causal", [None, "k_from_row"])
+def test_batched_pair_is_bit_identical_to_its_products_apart(dev, causal):
+    """second (PAIRED): two tn products of one shape in one dispatch, as dV = P^T dO and dK = dS^T Q: A's in buffers
+    of their own, B's with other strides (dO's rows C long, Q's inside qkv's 3C), both outs in one buffer (dqkv's
+    v and k thirds); the same floats as the two products apart, and nothing else of out written."""
+    from tabgpt.ops.matmul import BatchedMatmul, Strided
+    rng = np.random.default_rng(73)
+    batches, heads, T, Tp, hs = 2, 3, 45, 48, 12
+    C = heads * hs
+    sp = Strided(ld=Tp, per_batch=heads * T * Tp, per_head=T * Tp)
+    sdo = Strided(ld=C, per_batch=T * C, per_head=hs)
+    third = lambda i: Strided(ld=3 * C, base=i * C, per_batch=T * 3 * C, per_head=hs)   # noqa: E731
+    bufs = {n: upload(dev, rng.standard_normal(n_).astype(np.float32), n) for n, n_ in
+            (("p", batches * heads * T * Tp), ("ds", batches * heads * T * Tp), ("do", batches * T * C),
+             ("qkv", batches * T * 3 * C))}
+    tiles = {"BM": 16, "BN": 8, "BK": 8, "TM": 4, "TN": 4, "PREFETCH": True}
+    create = lambda b, out, **kw: wait(BatchedMatmul.create(  # noqa: E731
+        dev, T, hs, T, "tn", batches, heads, sp, b, out, causal=causal, tiles=tiles, **kw))
+    pair = create(sdo, third(2), second=(sp, third(0), third(1)))
+    apart = [create(sdo, third(2)), create(third(0), third(1))]
+    outs = [upload(dev, np.full(batches * T * 3 * C, 5.0, np.float32), f"out{i}") for i in range(2)]
+    run(dev, lambda seq: pair.dispatch(seq, out=outs[0], a=bufs["p"], b=bufs["do"], a2=bufs["ds"], b2=bufs["qkv"]))
+    run(dev, lambda seq: (apart[0].dispatch(seq, out=outs[1], a=bufs["p"], b=bufs["do"]),
+                          apart[1].dispatch(seq, out=outs[1], a=bufs["ds"], b=bufs["qkv"])))
+    got, ref = (np.frombuffer(wait(dev.read(o)), np.float32) for o in outs)
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+    assert (got.reshape(batches, T, 3, C)[:, :, 0] == 5.0).all() and (got != 5.0).sum() > 0
+    with pytest.raises(GPUError, match="a pair needs a2 and b2"):
+        run(dev, lambda seq: pair.dispatch(seq, out=outs[0], a=bufs["p"], b=bufs["do"]))
+    with pytest.raises(GPUError, match="a2 and b2 are for a pair"):
+        run(dev, lambda seq: apart[0].dispatch(seq, out=outs[0], a=bufs["p"], b=bufs["do"], a2=bufs["ds"],
+                                               b2=bufs["qkv"]))
+    with pytest.raises(GPUError, match="b2 binds"):
+        run(dev, lambda seq: pair.dispatch(seq, out=outs[0], a=bufs["p"], b=bufs["do"], a2=bufs["ds"],
+                                           b2=bufs["do"]))
+    with pytest.raises(GPUError, match="two tn products without softmax stores whose outs have one row length"):
+        create(sdo, third(2), second=(sp, third(0), sdo))
+
+
 def test_batched_matmul_refuses_unaligned_strides_and_small_buffers(dev):
     from tabgpt.ops.matmul import BatchedMatmul, Strided
     with pytest.raises(GPUError, match="multiples of 4"):

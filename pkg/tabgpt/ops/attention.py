@@ -277,7 +277,8 @@ class Attention:
         self.dq = dq              # "ds": dkv stores dS and attention_backward_dq_ds makes dQ; "recompute"
         self.ds = ds              # "ds": the stored dS (B, n_head, T, T) f32, else None
         self.no_ds = no_ds        # bound as dkv's ds_out where it stores nothing (never touched)
-        # backward "products": {"s", "dp", "dv", "dk", "dq": BatchedMatmul, "s_buf", "dp_buf": scratch}, else None
+        # backward "products": {"s", "dp", "dq", "dvk" (or "dv", "dk" apart): BatchedMatmul, "s_buf", "dp_buf":
+        # scratch}, else None
         self.products = products
         self.backward_mode = "products" if products else "flash" if "attention_backward_dkv" in kernels else "none"
 
@@ -352,15 +353,21 @@ class Attention:
         sq = lambda third: Strided(ld=3 * C, base=third * C, per_batch=T * 3 * C, per_head=hs)   # noqa: E731
         sdo = Strided(ld=C, per_batch=T * C, per_head=hs)
         stt = Strided(ld=Tp, per_batch=n_head * T * Tp, per_head=T * Tp)
-        bm = lambda M, N, K, layout, a, b, out, causal, softmax=None: BatchedMatmul.create(  # noqa: E731
-            dev, M, N, K, layout, B, n_head, a, b, out, causal=causal, softmax=softmax)
+        bm = lambda M, N, K, layout, a, b, out, causal, softmax=None, second=None: BatchedMatmul.create(  # noqa
+            dev, M, N, K, layout, B, n_head, a, b, out, causal=causal, softmax=softmax, second=second)
         pr = {"s": await bm(T, T, hs, "nt", sq(0), sq(1), stt, "skip_upper", "p"),     # P from S = Q K^T
               "dp": await bm(T, T, hs, "nt", sdo, sq(2), stt, "skip_upper", "ds"),     # scale dS from dP = dO V^T
-              "dv": await bm(T, hs, T, "tn", stt, sdo, sq(2), "k_from_row"),           # dV = P^T dO
-              "dk": await bm(T, hs, T, "tn", stt, sq(0), sq(1), "k_from_row"),         # dK = scale dS^T Q
               "dq": await bm(T, hs, T, "nn", stt, sq(1), sq(0), "k_to_row")}           # dQ = scale dS K
+        # dV = P^T dO and dK = scale dS^T Q: one dispatch (a batched pair), or apart with TABGPT_MATMUL_PAIRS=0
+        # or where 2 B n_head products exceed the grid
+        dv, dk = (T, hs, T, "tn", stt, sdo, sq(2), "k_from_row"), (T, hs, T, "tn", stt, sq(0), sq(1), "k_from_row")
+        if os.environ.get("TABGPT_MATMUL_PAIRS", "1") != "0" and \
+                2 * B * n_head <= dev.limits["max-compute-workgroups-per-dimension"]:
+            pr["dvk"] = await bm(*dv, second=dk[4:7])
+        else:
+            pr["dv"], pr["dk"] = await bm(*dv), await bm(*dk)
         for made in ("s", "dp"):
-            for reader in ("dv", "dk", "dq"):
+            for reader in ("dvk" if "dvk" in pr else "dv", "dq"):
                 reads_made_blocks(T, pr[made].tiles, pr[reader].tiles["BM"], f"{made} read by {reader}")
         pr["s_buf"] = dev.buffer(4 * B * n_head * T * Tp, "attention-s")
         pr["dp_buf"] = dev.buffer(4 * B * n_head * T * Tp, "attention-dp")
@@ -400,8 +407,11 @@ class Attention:
             s, dp = pr["s_buf"], pr["dp_buf"]
             pr["s"].dispatch(seq, out=s, a=qkv, b=qkv, row_in=lse)
             pr["dp"].dispatch(seq, out=dp, a=dout, b=qkv, row_in=self.delta, aux=s)
-            pr["dv"].dispatch(seq, out=dqkv, a=s, b=dout)
-            pr["dk"].dispatch(seq, out=dqkv, a=dp, b=qkv)
+            if "dvk" in pr:
+                pr["dvk"].dispatch(seq, out=dqkv, a=s, b=dout, a2=dp, b2=qkv)
+            else:
+                pr["dv"].dispatch(seq, out=dqkv, a=s, b=dout)
+                pr["dk"].dispatch(seq, out=dqkv, a=dp, b=qkv)
             pr["dq"].dispatch(seq, out=dqkv, a=dp, b=qkv)
             return
         e = "attention_backward_dkv"

@@ -674,7 +674,11 @@ class BatchedMatmul:
     the attention backward's S and dP, matmul.wgsl's SOFTMAX block) stores masked softmax terms instead of the
     product y, each row m of product z with its r = row_in[z * M + m] and scale = 1 / sqrt(K): "p" P =
     exp(scale y - r), "ds" scale P (y - r) with P from aux at out's place; zeros past the diagonal (and in the
-    rows' padding) in every block made. Tiles, where not given: on GPUs
+    rows' padding) in every block made. second (tn only, no softmax): a second product of the same shape in the
+    same dispatch (matmul.wgsl's PAIRED block), (a2, b2, out2) its Strided operands, a2 and b2 in buffers of their
+    own (dispatch's a2, b2), out2 in out's buffer with out's row length: the attention backward's dV and dK, 12-14%
+    faster together than apart on an H200 (bench/results/h200/run47_batched_pair_probe.txt). Tiles, where not
+    given: on GPUs
     128 x 128 (x 64 where N < 128) x 16, 8 x 8 a thread, spread and prefetched, the autotuner's picks for flat
     products of attention's shapes on an H200 (bench/results/h200/run37_attention_as_products.txt); not tuned."""
 
@@ -682,12 +686,14 @@ class BatchedMatmul:
         self.dev, self.M, self.N, self.K, self.layout = dev, M, N, K, layout
         self.batches, self.heads, self.strides, self.kernel = batches, heads, strides, kernel
         self.params, self.grid, self.tiles, self.softmax = params, grid, tiles, softmax
+        self.paired = "a2" in strides
         self.no_bias, self.no_aux = dev.buffer(16, "matmul-no-bias"), dev.buffer(16, "matmul-no-aux")
 
     @classmethod
     async def create(cls, dev: Device, M: int, N: int, K: int, layout: str, batches: int, heads: int,
                      a: Strided, b: Strided, out: Strided, causal: str | None = None,
-                     tiles: dict | None = None, softmax: str | None = None) -> "BatchedMatmul":
+                     tiles: dict | None = None, softmax: str | None = None,
+                     second: tuple[Strided, Strided, Strided] | None = None) -> "BatchedMatmul":
         if layout not in LAYOUTS:
             raise GPUError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if causal not in BATCH_CAUSAL:
@@ -699,8 +705,14 @@ class BatchedMatmul:
         if softmax and (causal != "skip_upper" or M != N):
             raise GPUError(f"softmax stores are for the square causal products (causal 'skip_upper', M = N), got "
                            f"causal={causal!r}, M={M}, N={N}")
+        if second and (layout != "tn" or softmax or second[2].ld != out.ld):
+            raise GPUError(f"a batched pair is for two tn products without softmax stores whose outs have one row "
+                           f"length, got layout {layout!r}, softmax {softmax!r}, out ld {out.ld} and "
+                           f"{second[2].ld}")
         a_cols, b_cols = (M if layout == "tn" else K), (K if layout == "nt" else N)
-        for name, st, cols in (("a", a, a_cols), ("b", b, b_cols), ("out", out, N)):
+        operands = [("a", a, a_cols), ("b", b, b_cols), ("out", out, N)]
+        operands += [(name + "2", st, cols) for (name, _, cols), st in zip(operands, second)] if second else []
+        for name, st, cols in operands:
             if any(v % 4 for v in (st.ld, st.base, st.per_batch, st.per_head)):
                 raise GPUError(f"batched matmul {name}: strides and offsets must be multiples of 4, got {st}")
             padded = -(-cols // 4) * 4
@@ -712,8 +724,10 @@ class BatchedMatmul:
         if N % 4 and 0 < out.per_head < out.ld:
             raise GPUError(f"batched matmul out: heads side by side in a row need N % 4 == 0 (a row's last vec4 "
                            f"would reach the next head's columns), got N={N}")
-        if batches * heads > dev.limits["max-compute-workgroups-per-dimension"]:
-            raise GPUError(f"batched matmul: {batches} x {heads} products exceed the workgroup grid limit")
+        n_products = batches * heads * (2 if second else 1)
+        if n_products > dev.limits["max-compute-workgroups-per-dimension"]:
+            raise GPUError(f"batched matmul: {n_products} products ({batches} x {heads}"
+                           f"{' x 2' if second else ''}) exceed the workgroup grid limit")
         if tiles is None:
             tiles = dict(TILES_CPU) if is_cpu_adapter(dev) else \
                 {"BM": 128, "BN": 128 if N >= 128 else 64, "BK": 16, "TM": 8, "TN": 8, "SPREAD": True,
@@ -721,28 +735,35 @@ class BatchedMatmul:
         tiles = dict(tiles)
         check_tiles(dev, tiles)
         consts = dict(tiles, A_T=layout == "tn", B_T=layout == "nt", CAUSAL=BATCH_CAUSAL[causal])
-        kernel = await dev.kernel(FILE, "matmul_tiled", consts, defines={"BATCHED"} | BATCH_SOFTMAX[softmax])
+        defines = {"BATCHED"} | BATCH_SOFTMAX[softmax] | ({"PAIRED"} if second else set())
+        kernel = await dev.kernel(FILE, "matmul_tiled", consts, defines=defines)
         params = dev.uniform(struct.pack("<4I", M, N, K, 0), "matmul-batched-params")
-        bp = dev.uniform(struct.pack("<16I", a.ld, b.ld, out.ld, heads, a.base, a.per_batch, a.per_head, b.base,
-                                     b.per_batch, b.per_head, out.base, out.per_batch, out.per_head, 0, 0, 0),
-                         "matmul-batched-strides")
-        grid = (-(-N // tiles["BN"]), -(-M // tiles["BM"]), batches * heads)
+        pack = lambda a, b, out: struct.pack(  # noqa: E731
+            "<16I", a.ld, b.ld, out.ld, heads, a.base, a.per_batch, a.per_head, b.base, b.per_batch, b.per_head,
+            out.base, out.per_batch, out.per_head, 0, 0, 0)
+        bps = [dev.uniform(pack(*abo), "matmul-batched-strides") for abo in [(a, b, out)] + [second] * bool(second)]
+        grid = (-(-N // tiles["BN"]), -(-M // tiles["BM"]), n_products)
         if max(grid[:2]) > MAX_GROUPS:
             raise GPUError(f"batched matmul {M}x{N}: {grid[:2]} workgroups exceed {MAX_GROUPS}")
-        strides = {"a": (a, (K if layout == "tn" else M), a_cols), "b": (b, (N if layout == "nt" else K), b_cols),
-                   "out": (out, M, N)}
-        return cls(dev, M, N, K, layout, batches, heads, strides, kernel, (params, bp), grid, tiles, softmax)
+        shapes = {"a": ((K if layout == "tn" else M), a_cols), "b": ((N if layout == "nt" else K), b_cols),
+                  "out": (M, N)}
+        strides = {name: (st, *shapes[name.rstrip("2")]) for name, st, _ in operands}
+        return cls(dev, M, N, K, layout, batches, heads, strides, kernel, (params, *bps), grid, tiles, softmax)
 
-    def dispatch(self, seq: Sequence, out, a, b, row_in=None, aux=None):
+    def dispatch(self, seq: Sequence, out, a, b, row_in=None, aux=None, a2=None, b2=None):
         """Append the products (out written where its blocks are made). With softmax: row_in (batches * heads * M)
-        f32, and ("ds") aux, P laid out as out."""
+        f32, and ("ds") aux, P laid out as out. Paired (second): a2 and b2, the second product's operands (its out
+        in out's buffer)."""
         name = f"batched matmul {self.layout} {self.M}x{self.N}x{self.K} ({self.batches}x{self.heads})"
+        if (a2 is None or b2 is None) == self.paired:
+            raise GPUError(f"{name}: " + ("a pair needs a2 and b2" if self.paired else "a2 and b2 are for a pair"))
         for what, x, wanted in (("row_in", row_in, bool(self.softmax)), ("aux", aux, self.softmax == "ds")):
             if x is not None and not wanted:
                 raise GPUError(f"{name}: {what} is for softmax " + ("'p' and 'ds'" if what == "row_in" else "'ds'")
                                + f" stores, this product's softmax is {self.softmax!r}")
-        operands = {"a": a, "b": b, "out": out} | ({"aux": aux} if self.softmax == "ds" else {})
-        for what, x in operands.items():
+        operands = [("a", a), ("b", b), ("out", out)] + ([("aux", aux)] if self.softmax == "ds" else []) + \
+            ([("a2", a2), ("b2", b2), ("out2", out)] if self.paired else [])
+        for what, x in operands:
             if x is None:
                 raise GPUError(f"{name}: softmax {self.softmax!r} needs {what}")
             st, rows, cols = self.strides["out" if what == "aux" else what]
@@ -753,6 +774,8 @@ class BatchedMatmul:
                 raise GPUError(f"{name}: softmax {self.softmax!r} needs row_in")
             bound_at_least(row_in, (self.batches * self.heads * self.M,), name, "row_in")
             extra["row_in"] = row_in
+        if self.paired:
+            extra.update(a4_2=a2, b4_2=b2, bp2=self.params[2])
         seq.dispatch(self.kernel, self.grid, mp=self.params[0], bp=self.params[1], a4=a, b4=b, out4=out,
                      bias4=self.no_bias, aux4=aux if self.softmax == "ds" else self.no_aux, **extra)
 
