@@ -135,9 +135,9 @@ fn softmax_scale() -> f32 {
 
 // PAIRED, with BATCHED, tn only (the attention backward's dV = P^T dO and dK = dS^T Q, ops/attention.py): two
 // batched products of the same shape in one dispatch, z < nwg.z / 2 the first (a4, b4, bp), the others the second
-// (a4_2, b4_2 and the strides and offsets of bp2, but out's row length bp.ldc), both into out4. One dispatch of
-// both takes 12-14% less time than two (bench/results/h200/run47_batched_pair_probe.txt): the last wave of each
-// small grid fills with the other's workgroups.
+// (a4_2, b4_2 and the strides and offsets of bp2, but out's row length bp.ldc), both into out4: the last wave of
+// each small grid fills with the other's workgroups (on an H200 the attention backward 4-6% faster than with the
+// two apart: bench/results/h200/run47_batched_pair_probe.txt, run48_attention_pair.txt).
 // #if PAIRED
 @group(0) @binding(14) var<storage, read> a4_2: array<vec4<f32>>;
 @group(0) @binding(15) var<storage, read> b4_2: array<vec4<f32>>;

@@ -676,9 +676,9 @@ class BatchedMatmul:
     exp(scale y - r), "ds" scale P (y - r) with P from aux at out's place; zeros past the diagonal (and in the
     rows' padding) in every block made. second (tn only, no softmax): a second product of the same shape in the
     same dispatch (matmul.wgsl's PAIRED block), (a2, b2, out2) its Strided operands, a2 and b2 in buffers of their
-    own (dispatch's a2, b2), out2 in out's buffer with out's row length: the attention backward's dV and dK, 12-14%
-    faster together than apart on an H200 (bench/results/h200/run47_batched_pair_probe.txt). Tiles, where not
-    given: on GPUs
+    own (dispatch's a2, b2), out2 in out's buffer with out's row length: the attention backward's dV and dK (on an
+    H200 the backward 4-6% faster than with the two apart: bench/results/h200/run47_batched_pair_probe.txt,
+    run48_attention_pair.txt). Tiles, where not given: on GPUs
     128 x 128 (x 64 where N < 128) x 16, 8 x 8 a thread, spread and prefetched, the autotuner's picks for flat
     products of attention's shapes on an H200 (bench/results/h200/run37_attention_as_products.txt); not tuned."""
 
