@@ -42,7 +42,6 @@ from __future__ import annotations
 import array
 import asyncio
 import math
-import os
 import struct
 from dataclasses import dataclass
 
@@ -53,7 +52,7 @@ from tabgpt.ops.crossentropy import CrossEntropy
 from tabgpt.ops.elementwise import Elementwise, fold_grid
 from tabgpt.ops.embedding import Embedding
 from tabgpt.ops.layernorm import LayerNorm
-from tabgpt.ops.matmul import Conv1D, LMHead, Matmul, MatmulPair, weight_and_bias
+from tabgpt.ops.matmul import Conv1D, LMHead, Matmul, MatmulPair, pairs_enabled, weight_and_bias
 from tabgpt.ops.optim import AdamW
 
 ALIGN = 64     # floats: 256 bytes, the storage-buffer offset alignment WebGPU guarantees
@@ -204,7 +203,7 @@ class Ops:
         # the weight gradients of the MLP's two products in one dispatch, and of attention's two in another (the
         # products of a layer's backward that have their operands at the same time): MatmulPair
         self.mlp_pair = self.attn_pair = None
-        if backward and fb and os.environ.get("TABGPT_MATMUL_PAIRS", "1") != "0":
+        if backward and fb and pairs_enabled():
             try:
                 self.mlp_pair = await MatmulPair.create(dev, (4 * C, C), (C, 4 * C), N, bias_row=True)
                 self.attn_pair = await MatmulPair.create(dev, (C, 3 * C), (C, C), N, bias_row=True)

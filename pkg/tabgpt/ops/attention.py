@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from tabgpt.gpu import Device, GPUError, Sequence
 from tabgpt.ops.elementwise import bound_at_least, fold_grid
-from tabgpt.ops.matmul import BatchedMatmul, Strided
+from tabgpt.ops.matmul import BatchedMatmul, Strided, pairs_enabled
 
 FILE = "attention.wgsl"
 MAX_HEAD_SIZE = 128
@@ -361,8 +361,7 @@ class Attention:
         # dV = P^T dO and dK = scale dS^T Q: one dispatch (a batched pair), or apart with TABGPT_MATMUL_PAIRS=0
         # or where 2 B n_head products exceed the grid
         dv, dk = (T, hs, T, "tn", stt, sdo, sq(2), "k_from_row"), (T, hs, T, "tn", stt, sq(0), sq(1), "k_from_row")
-        if os.environ.get("TABGPT_MATMUL_PAIRS", "1") != "0" and \
-                2 * B * n_head <= dev.limits["max-compute-workgroups-per-dimension"]:
+        if pairs_enabled() and 2 * B * n_head <= dev.limits["max-compute-workgroups-per-dimension"]:
             pr["dvk"] = await bm(*dv, second=dk[4:7])
         else:
             pr["dv"], pr["dk"] = await bm(*dv), await bm(*dk)

@@ -164,6 +164,12 @@ def tune_file() -> Path:
     return Path(os.environ.get("TABGPT_CACHE", "~/.cache/tabgpt")).expanduser() / "matmul-tune.json"
 
 
+def pairs_enabled() -> bool:
+    """Whether products that can share a dispatch do (MatmulPair's weight gradients, BatchedMatmul's pair of the
+    attention backward); TABGPT_MATMUL_PAIRS=0 makes them apart (the same results)."""
+    return os.environ.get("TABGPT_MATMUL_PAIRS", "1") != "0"
+
+
 def autotune_enabled(dev: Device, flops: float | None = None) -> bool:
     """Autotune on GPUs natively (not on CPU adapters, where timings say little; not in the browser, where one
     compile costs more than it would save), products of at least TUNE_MIN_FLOPS (when flops is given), unless
