@@ -368,8 +368,8 @@ class Attention:
         for made in ("s", "dp"):
             for reader in ("dvk" if "dvk" in pr else "dv", "dq"):
                 reads_made_blocks(T, pr[made].tiles, pr[reader].tiles["BM"], f"{made} read by {reader}")
-        pr["s_buf"] = dev.buffer(4 * B * n_head * T * Tp, "attention-s")
-        pr["dp_buf"] = dev.buffer(4 * B * n_head * T * Tp, "attention-dp")
+        scratch = products_bytes(B, n_head, T) // 2       # each: (B, n_head, T, Tp) f32, as the estimates count it
+        pr["s_buf"], pr["dp_buf"] = dev.buffer(scratch, "attention-s"), dev.buffer(scratch, "attention-dp")
         return pr
 
     def _grid(self, entry: str) -> tuple[int, int, int]:
@@ -392,9 +392,9 @@ class Attention:
         seq.dispatch(self.k[e], self._grid(e), ap=self.params, qkv=qkv, out=out, lse=lse)
 
     def backward(self, seq: Sequence, dqkv, dout, qkv, out, lse):
-        """dqkv (B*T, 3C) WRITTEN from dout (B*T, C) and the forward's qkv, out and lse. Three dispatches: delta,
-        then dq and dkv, or (dq "ds") dkv storing dS, then dq from it; or (backward "products") delta, S, dP, P and
-        dS from them, dV, dK, dQ."""
+        """dqkv (B*T, 3C) WRITTEN from dout (B*T, C) and the forward's qkv, out and lse. The dispatches: delta,
+        then dq and dkv, or (dq "ds") dkv storing dS, then dq from it; or (backward "products") delta, S's product
+        storing P, dP's storing scale dS, dV's and dK's (one dispatch where paired), dQ's."""
         if self.backward_mode == "none":
             raise GPUError("this attention op was made for the forward only (backward 'none'); make it with "
                            "backward='auto' to train")
