@@ -1234,6 +1234,8 @@ def test_batched_softmax_stores_match_numpy(dev):
         run(dev, lambda seq: mm["ds"].dispatch(seq, out=bds, a=bufs[2], b=bufs[3], row_in=rows[1]))
     with pytest.raises(GPUError, match="row_in binds"):
         run(dev, lambda seq: mm["p"].dispatch(seq, out=bp, a=bufs[0], b=bufs[1], row_in=upload(dev, r[0][:9])))
+    with pytest.raises(GPUError, match="pass out"):
+        run(dev, lambda seq: mm["p"].dispatch(seq, out=None, a=bufs[0], b=bufs[1], row_in=rows[0]))
     with pytest.raises(GPUError, match="aux is for softmax 'ds' stores, this product's softmax is 'p'"):
         run(dev, lambda seq: mm["p"].dispatch(seq, out=bp, a=bufs[0], b=bufs[1], row_in=rows[0], aux=bds))
     with pytest.raises(GPUError, match="square causal products"):

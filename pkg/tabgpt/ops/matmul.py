@@ -771,7 +771,8 @@ class BatchedMatmul:
             ([("a2", a2), ("b2", b2), ("out2", out)] if self.paired else [])
         for what, x in operands:
             if x is None:
-                raise GPUError(f"{name}: softmax {self.softmax!r} needs {what}")
+                need = f"softmax {self.softmax!r} needs aux" if what == "aux" else f"pass {what}"
+                raise GPUError(f"{name}: {need}")
             st, rows, cols = self.strides["out" if what == "aux" else what]
             bound_at_least(x, (st.floats(self.batches, self.heads, rows, cols),), name, what)
         extra = {}
