@@ -1,0 +1,50 @@
+"""bench/probe_tiles.py and bench/probe_nt_as_nn.py in their quick modes (tiny sizes, lavapipe)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import probe_nt_as_nn  # noqa: E402
+import probe_tiles  # noqa: E402
+
+
+def run_main(module, monkeypatch, capsys, *argv):
+    monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
+    module.main()
+    return capsys.readouterr().out
+
+
+def test_probe_tiles_times_each_form_and_compares_outputs(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("TABGPT_CACHE", str(tmp_path))
+    out = run_main(probe_tiles, monkeypatch, capsys, "--quick", "--tiles", "64,64,8,8,8", "--tiles",
+                   "64,64,8,4,4,prefetch", "--tiles", "64,64,12,8,8")
+    rows = [line for line in out.splitlines() if line.startswith("| nn") or line.startswith("| tn")]
+    assert len(rows) == len(probe_tiles.QUICK_SIZES)
+    for row in rows:
+        cells = row.split(" | ")[3:]
+        assert "1.000x) same" in cells[0]
+        assert "same" in cells[1]                      # other tiles, the same summation order: the same bits
+    # BK 12 cuts tn's split-K slices elsewhere (264 rows instead of 256): other sums, still right
+    tn = next(r for r in rows if r.startswith("| tn"))
+    assert "DIFF (err" in tn and "WRONG" not in tn
+    assert "64x64x8 / 4x4 prefetch" in out            # the forms are named as bench_matmul.py names them
+
+
+def test_probe_tiles_refuses_bad_sizes_and_auto(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        run_main(probe_tiles, monkeypatch, capsys, "--quick", "--tiles", "auto")
+    with pytest.raises(SystemExit):
+        run_main(probe_tiles, monkeypatch, capsys, "--tiles", "64,64,8,8,8", "--sizes", "nn:64x64")
+    assert "layout:MxNxK:splits" in capsys.readouterr().err
+
+
+def test_probe_nt_as_nn_prints_both_forms(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("TABGPT_CACHE", str(tmp_path))
+    out = run_main(probe_nt_as_nn, monkeypatch, capsys, "--quick")
+    rows = [line for line in out.splitlines() if line.startswith("| 256x")]
+    assert len(rows) == len(probe_nt_as_nn.QUICK_SHAPES)
+    assert "gelu_grad" in rows[0] and all(float(r.rstrip(" |").split(" | ")[-1]) > 0 for r in rows)
