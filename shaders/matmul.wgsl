@@ -76,8 +76,8 @@ override EPILOGUE: u32 = 0u;        // then 0 none, 1 GELU, 2 RESIDUAL, 3 GELU_G
 // MatmulPair; gpu.select_blocks): matmul_tiled with A_T and split-K slabs makes two weight-gradient products with
 // the same reduction length K and the same tiles in one dispatch, out1 (M, N) = A^T B (mp, a4, b4) and
 // out2 (mp2.M, mp2.N) = A2^T B2 (mp2, a4_2, b4_2): the grid is (blocks of out1 + blocks of out2, 1, slices), and
-// out4 gets the slabs of out1 from vec4 0 and those of out2 from vec4 mp2.chunk (each then summed by its own
-// matmul_split_sum). Two products that each fill a wave or less fill more of the GPU together
+// out4 gets the slabs of out1 from vec4 0 and those of out2 from vec4 mp2.chunk (then both summed by one
+// matmul_split_sum of the same define). Two products that each fill a wave or less fill more of the GPU together
 // (bench/results/h200/run29_merge_probe.txt: a product of twice the size takes 3-27% less than two). A block and
 // not an override constant: the second product's code, even under a condition that is false once the pipeline is
 // made, changed what NVIDIA's compiler made of the plain products (bench/results/h200/run30_grouped_kernel_*).
@@ -714,27 +714,42 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
 
 // Split-K, second pass: out (M, N) (+)= the slabs of split4 (n_slices, M, N) summed in slice order (+ bias),
 // then the epilogue.
+// GROUPED: both members of a grouped product in one pass: the threads past out1's vec4s sum out2's slabs (from vec4
+// mp2.chunk of split4, as the grouped product wrote them, with mp's slice count) into out4_2 (mp2.M, mp2.N).
+// #if GROUPED
+@group(0) @binding(20) var<storage, read_write> out4_2: array<vec4<f32>>;
+// #endif
 @compute @workgroup_size(256)
 fn matmul_split_sum(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
                     @builtin(local_invocation_id) lid: vec3u) {
+    // #if GROUPED
+    let i_all = (wg.y * nwg.x + wg.x) * 256u + lid.x;
+    let n4_1 = mp.M * (mp.N / 4u);
+    second = i_all >= n4_1;
+    let i = select(i_all, i_all - n4_1, second);
+    let n4 = select(n4_1, mp2.M * (mp2.N / 4u), second);
+    let j = select(0u, mp2.chunk, second) + i;       // the vec4 of the first slab
+    // #else
     let i = (wg.y * nwg.x + wg.x) * 256u + lid.x;
     let n4 = mp.M * (mp.N / 4u);
+    let j = i;
+    // #endif
     if (i >= n4) { return; }
     let n_slices = (mp.K + mp.chunk - 1u) / mp.chunk;
     // Eight slabs a step with their loads in flight together (with one load a step, each waited for its memory
     // latency in turn: 28 of them one after the other for 29 slices), added in slice order. Past the last slice
     // the loads read the last slab again (in range) and are not added: the same sum to the bit.
     let last = n_slices - 1u;
-    var y = split4[i];
+    var y = split4[j];
     for (var z = 1u; z < n_slices; z += 8u) {
-        let x0 = split4[z * n4 + i];
-        let x1 = split4[min(z + 1u, last) * n4 + i];
-        let x2 = split4[min(z + 2u, last) * n4 + i];
-        let x3 = split4[min(z + 3u, last) * n4 + i];
-        let x4 = split4[min(z + 4u, last) * n4 + i];
-        let x5 = split4[min(z + 5u, last) * n4 + i];
-        let x6 = split4[min(z + 6u, last) * n4 + i];
-        let x7 = split4[min(z + 7u, last) * n4 + i];
+        let x0 = split4[z * n4 + j];
+        let x1 = split4[min(z + 1u, last) * n4 + j];
+        let x2 = split4[min(z + 2u, last) * n4 + j];
+        let x3 = split4[min(z + 3u, last) * n4 + j];
+        let x4 = split4[min(z + 4u, last) * n4 + j];
+        let x5 = split4[min(z + 5u, last) * n4 + j];
+        let x6 = split4[min(z + 6u, last) * n4 + j];
+        let x7 = split4[min(z + 7u, last) * n4 + j];
         y += x0;
         y = select(y, y + x1, z + 1u <= last);
         y = select(y, y + x2, z + 2u <= last);
@@ -744,6 +759,13 @@ fn matmul_split_sum(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) n
         y = select(y, y + x6, z + 6u <= last);
         y = select(y, y + x7, z + 7u <= last);
     }
+    // #if GROUPED
+    if (second) {                   // a pair's sums: no bias, no epilogue
+        if (ACCUMULATE) { y += out4_2[i]; }
+        out4_2[i] = y;
+        return;
+    }
+    // #endif
     if (HAS_BIAS) { y += bias4[i % (mp.N / 4u)]; }
     if (ACCUMULATE) { y += out4[i]; }
     if (EPILOGUE != 0u) { y = epilogue4(i, y); }

@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import probe_nt_as_nn  # noqa: E402
+import probe_pair_sum  # noqa: E402
 import probe_tiles  # noqa: E402
 
 
@@ -48,3 +49,11 @@ def test_probe_nt_as_nn_prints_both_forms(monkeypatch, capsys, tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("| 256x")]
     assert len(rows) == len(probe_nt_as_nn.QUICK_SHAPES)
     assert "gelu_grad" in rows[0] and all(float(r.rstrip(" |").split(" | ")[-1]) > 0 for r in rows)
+
+
+def test_probe_pair_sum_times_both_forms_and_finds_the_same_bits(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("TABGPT_CACHE", str(tmp_path))
+    out = run_main(probe_pair_sum, monkeypatch, capsys, "--quick")
+    row = next(line for line in out.splitlines() if line.startswith("| small"))
+    assert row.rstrip().endswith("| yes |")            # the grouped sum and the sums apart: the same bits
+    assert float(row.split(" | ")[4]) > 0

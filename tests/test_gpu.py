@@ -121,10 +121,11 @@ def test_plain_matmul_source_holds_none_of_the_variants_code():
     idents = lambda defines: set(gpu._IDENT_RE.findall(gpu._strip_comments(gpu.select_blocks(src, defines))))  # noqa
     softmax = {"row_in", "z_row", "on_or_below", "softmax_scale", "exp"}
     names = {"a4_2", "b4_2", "mp2", "second", "dim_m", "dim_n", "bp", "BatchParams", "a_off", "b_off", "c_off",
-             "CAUSAL", "bp2"} | softmax
+             "CAUSAL", "bp2", "out4_2", "i_all", "n4_1"} | softmax
     assert idents(set()).isdisjoint(names), idents(set()) & names
     assert idents({"BATCHED"}).isdisjoint(softmax | {"bp2", "a4_2", "b4_2", "second"}), idents({"BATCHED"}) & names
-    for defines, own in ((("GROUPED",), {"a4_2", "mp2", "second"}), (("BATCHED",), {"bp", "a_off", "CAUSAL"}),
+    for defines, own in ((("GROUPED",), {"a4_2", "mp2", "second", "out4_2", "i_all"}),
+                         (("BATCHED",), {"bp", "a_off", "CAUSAL"}),
                          (("BATCHED", "SOFTMAX"), softmax), (("BATCHED", "SOFTMAX", "SOFTMAX_DS"), softmax - {"exp"}),
                          (("BATCHED", "PAIRED"), {"bp2", "a4_2", "b4_2", "second", "a_off"})):
         assert own <= idents(set(defines)), defines
@@ -138,6 +139,10 @@ def test_kernels_with_other_defines_are_other_modules(dev):
     assert grouped is not plain and grouped is wait(dev.kernel("matmul.wgsl", "matmul_tiled", consts,
                                                                  defines=["GROUPED"]))
     assert {b.name for b in grouped.bindings} - {b.name for b in plain.bindings} == {"a4_2", "b4_2", "mp2"}
+    # and its sum of both products' slabs: the second product's uniform and out
+    plain_sum = wait(dev.kernel("matmul.wgsl", "matmul_split_sum", {"ACCUMULATE": True}))
+    grouped_sum = wait(dev.kernel("matmul.wgsl", "matmul_split_sum", {"ACCUMULATE": True}, defines={"GROUPED"}))
+    assert {b.name for b in grouped_sum.bindings} - {b.name for b in plain_sum.bindings} == {"mp2", "out4_2"}
 
 
 def test_subgroup_reductions_need_the_feature_and_the_builtins_and_are_opt_in(monkeypatch):

@@ -583,19 +583,21 @@ class Matmul:
 
 
 class MatmulPair:
-    """Two weight-gradient products with the same reduction length K in ONE dispatch (matmul_tiled GROUPED), each
-    then summed from its split-K slabs by its own pass:
+    """Two weight-gradient products with the same reduction length K in ONE dispatch (matmul_tiled GROUPED), then
+    both summed from their split-K slabs by one more (matmul_split_sum GROUPED):
 
         out1 (M1 [+1], N1) [+]= A1 (K, M1)^T @ B1 (K, N1),   out2 (M2 [+1], N2) [+]= A2 (K, M2)^T @ B2 (K, N2)
 
     (layout tn; bias_row as Matmul's: each out has a last row more, the column sums of its B). Two products that
     each fill a wave of workgroups or less fill more of the GPU together. Each member is a Matmul with the same
-    tiles and split count (its uniform, sum kernels and checks); the pair adds the grouped product kernel and one
-    scratch for both members' slabs. Every output is the same fma chain as its member's alone: bit-identical."""
+    tiles and split count (its uniform and checks); the pair adds the grouped product and sum kernels and one
+    scratch for both members' slabs. Every output is the same fma chain, and the same sum of slices in the same
+    order, as its member's alone: bit-identical."""
 
-    def __init__(self, dev, m1, m2, kernel, grid, params2, scratch, slabs):
+    def __init__(self, dev, m1, m2, kernel, grid, params2, scratch, slabs, sum_kernel, sum_grid):
         self.dev, self.m1, self.m2, self.kernel, self.grid = dev, m1, m2, kernel, grid
         self.params2, self.scratch, self.slabs = params2, scratch, slabs   # slabs: each member's (offset, bytes)
+        self.sum_kernel, self.sum_grid = sum_kernel, sum_grid
         self.tiles, self.splits = m1.tiles, m1.splits
 
     @classmethod
@@ -630,10 +632,13 @@ class MatmulPair:
         blocks = sum(m.chunks[0][3][0] * m.chunks[0][3][1] for m in ms)
         if blocks > MAX_GROUPS:
             raise GPUError(f"a MatmulPair of {blocks} blocks exceeds {MAX_GROUPS} workgroups along x")
-        return cls(dev, m1, m2, kernel, (blocks, 1, z), params2, scratch, ((0, size1), (base2, size2)))
+        sum_kernel = await dev.kernel(FILE, "matmul_split_sum", {"ACCUMULATE": accumulate}, defines={"GROUPED"})
+        vec4s = sum(m.out_rows * m.N // 4 for m in ms)
+        return cls(dev, m1, m2, kernel, (blocks, 1, z), params2, scratch, ((0, size1), (base2, size2)), sum_kernel,
+                   fold_grid(-(-vec4s // SUM_WG)))
 
     def dispatch(self, seq: Sequence, out1, a1, b1, out2, a2, b2):
-        """Append both products: the grouped slab product, then each member's sum into its out ([+]=)."""
+        """Append both products: the grouped slab product, then the grouped sum into out1 and out2 ([+]=)."""
         for m, tag, out, a, b in ((self.m1, "1", out1, a1, b1), (self.m2, "2", out2, a2, b2)):
             name = f"matmul pair {tag}: tn {m.M}x{m.N}x{m.K}"
             bound_at_least(out, (m.out_rows, m.N), name, "out")
@@ -641,11 +646,11 @@ class MatmulPair:
             bound_at_least(b, (m.K, m.N), name, "b")
         m1 = self.m1
         base2, size2 = self.slabs[1]
+        slabs = self.scratch.view(0, base2 + size2)
         seq.dispatch(self.kernel, self.grid, mp=m1.chunks[0][2], mp2=self.params2, a4=a1, b4=b1, a4_2=a2, b4_2=b2,
-                     bias4=m1.no_bias, out4=self.scratch.view(0, base2 + size2), aux4=m1.no_aux)
-        for m, out, (base, size) in zip((m1, self.m2), (out1, out2), self.slabs):
-            seq.dispatch(m.k["sum"], m.chunks[0][4], mp=m.chunks[0][2], split4=self.scratch.view(base, size),
-                         out4=out, bias4=m.no_bias, aux4=m.no_aux)
+                     bias4=m1.no_bias, out4=slabs, aux4=m1.no_aux)
+        seq.dispatch(self.sum_kernel, self.sum_grid, mp=m1.chunks[0][2], mp2=self.params2, split4=slabs, out4=out1,
+                     out4_2=out2, bias4=m1.no_bias, aux4=m1.no_aux)
 
 
 @dataclass(frozen=True)
