@@ -29,6 +29,26 @@ def best_seconds(run, sync, trials: int = 3, seconds: float = 0.25, max_repeat: 
     return best
 
 
+def probe_parser(doc: str, rounds: int = 3, seconds: float = 0.05):
+    """The arguments the probes share (bench/probe_*.py): --quick (tiny sizes, one round: a smoke run for CPU
+    adapters), --rounds (each form timed once a round, in turn; each keeps its best round) and --seconds (time
+    per timed submission). Parse with probe_args."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke run for CPU adapters")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--seconds", type=float, default=seconds, help="time per timed submission")
+    return ap
+
+
+def probe_args(ap):
+    """ap's arguments, with rounds 1 under --quick."""
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds = 1
+    return args
+
+
 def append_result(name: str, text: str) -> Path:
     """Append `text` (a dated markdown section) to bench/results/NAME.md."""
     out = RESULTS / f"{name}.md"

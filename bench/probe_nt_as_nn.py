@@ -10,7 +10,6 @@ keeping its best round. The table goes to standard output (bench/results/h200/ru
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tabgpt import gpu  # noqa: E402
 from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.matmul import Matmul, tiles_label  # noqa: E402
 
-from common import best_seconds, device_label  # noqa: E402  (bench/)
+from common import best_seconds, device_label, probe_args, probe_parser  # noqa: E402  (bench/)
 
 # (M, N, K, epilogue): mlp c_proj's input gradient (times gelu'), c_attn's, attn c_proj's, c_fc's; the lm_head's
 # logits; then two products the forward makes as nn anyway, for scale.
@@ -33,13 +32,9 @@ QUICK_SHAPES = [(256, 128, 64, "gelu_grad"), (256, 64, 128, None)]
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, one round")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=0.1, help="time per timed submission")
-    args = ap.parse_args()
+    args = probe_args(probe_parser(__doc__, rounds=3, seconds=0.1))
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    rounds = 1 if args.quick else args.rounds
+    rounds = args.rounds
     dev = wait(gpu.open_device())
     rng = np.random.default_rng(0)
     arms = {}

@@ -11,7 +11,6 @@ product, then each member's matmul_split_sum), in rounds, each keeping its best 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from tabgpt import gpu  # noqa: E402
 from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.matmul import MatmulPair, tiles_label  # noqa: E402
 
-from common import best_seconds, device_label  # noqa: E402  (bench/)
+from common import best_seconds, device_label, probe_args, probe_parser  # noqa: E402  (bench/)
 
 PAIRS = {"mlp": ((1536, 384), (384, 1536), 8192), "attention": ((384, 1152), (384, 384), 8192)}
 QUICK_PAIRS = {"small": ((36, 20), (20, 52), 300)}
@@ -43,13 +42,9 @@ def apart(seq, pair, outs, ops):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=0.05, help="time per timed submission")
-    args = ap.parse_args()
+    args = probe_args(probe_parser(__doc__, rounds=5))
     pairs = QUICK_PAIRS if args.quick else PAIRS
-    rounds = 1 if args.quick else args.rounds
+    rounds = args.rounds
     dev = wait(gpu.open_device())
     rng = np.random.default_rng(0)
     arms = {}

@@ -31,7 +31,7 @@ from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.matmul import Matmul, tiles_label  # noqa: E402
 
 from bench_matmul import parse_tiles  # noqa: E402  (bench/)
-from common import best_seconds, device_label  # noqa: E402
+from common import best_seconds, device_label, probe_args, probe_parser  # noqa: E402
 
 # Squares of each layout, then every product of a browser-preset step (forward nn, input gradient nt, weight
 # gradient tn; the lm_head's three last), with split-K counts the autotuner picks for them on an H200.
@@ -57,19 +57,16 @@ def parse_size(s: str) -> tuple[str, int, int, int, int]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = probe_parser(__doc__)
     ap.add_argument("--tiles", action="append", required=True, type=parse_tiles,
                     help="BM,BN,BK,TM,TN[,flag...] (bench_matmul.py's); repeat: the first is the reference")
     ap.add_argument("--sizes", nargs="+", type=parse_size, help="layout:MxNxK:splits (default: squares and the "
                                                                  "browser preset's products)")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke run for CPU adapters")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=0.05, help="time per timed submission")
-    args = ap.parse_args()
+    args = probe_args(ap)
     if "auto" in args.tiles:
         ap.error("fixed tiles only: the autotuner's choice differs from product to product")
     sizes = args.sizes or [parse_size(s) for s in (QUICK_SIZES if args.quick else SIZES)]
-    rounds = 1 if args.quick else args.rounds
+    rounds = args.rounds
     dev = wait(gpu.open_device())
     rng = np.random.default_rng(0)
     runs = {}       # (size index, form index) -> [sequence, best seconds per round, "same" / "DIFF" / error]
