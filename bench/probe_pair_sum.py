@@ -49,9 +49,8 @@ def main():
     rng = np.random.default_rng(0)
     arms = {}
     for name, (s1, s2, K) in pairs.items():
-        pair = wait(MatmulPair.create(dev, s1, s2, K, accumulate=True, bias_row=True,
-                                      tiles=None if not args.quick else {"BM": 64, "BN": 64, "BK": 8, "TM": 8,
-                                                                         "TN": 8}, splits=None if not args.quick else 3))
+        fixed = dict(tiles={"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}, splits=3) if args.quick else {}
+        pair = wait(MatmulPair.create(dev, s1, s2, K, accumulate=True, bias_row=True, **fixed))   # else autotuned
         ops = [tuple(dev.buffer(4 * K * d, "x", rng.standard_normal(K * d, dtype=np.float32)) for d in s) for s in
                (s1, s2)]
         got = {}
