@@ -219,15 +219,20 @@ def reads_made_blocks(T: int, made: dict, reader_rows: int, what: str) -> None:
                            f"block of {bm} x {bn} that is not made")
 
 
+def product_scratch_bytes(B: int, n_head: int, T: int) -> int:
+    """Bytes of each of the two (B, n_head, T, T rounded up to 4) f32 scratches of backward "products" (S's, dP's)."""
+    return 4 * B * n_head * T * (-(-T // 4) * 4)
+
+
 def products_bytes(B: int, n_head: int, T: int) -> int:
-    """Bytes of the backward's two (B, n_head, T, T rounded up to 4) f32 scratches in backward "products"."""
-    return 2 * 4 * B * n_head * T * (-(-T // 4) * 4)
+    """Bytes of both scratches of backward "products"."""
+    return 2 * product_scratch_bytes(B, n_head, T)
 
 
 def products_by_default(B: int, n_head: int, T: int, binding: int) -> bool:
     """Whether "auto" runs the backward as products: from PRODUCTS_MIN_T positions, each scratch within one binding
     of `binding` bytes and DS_MAX_BYTES."""
-    return T >= PRODUCTS_MIN_T and products_bytes(B, n_head, T) // 2 <= min(binding, DS_MAX_BYTES)
+    return T >= PRODUCTS_MIN_T and product_scratch_bytes(B, n_head, T) <= min(binding, DS_MAX_BYTES)
 
 
 def backward_scratch_bytes(B: int, n_head: int, T: int, binding: int) -> int:
@@ -252,8 +257,9 @@ def backward_mode(dev: Device, B: int, T: int, n_head: int, backward: str = "aut
         backward = os.environ.get("TABGPT_ATTENTION_BACKWARD", "auto")
     if backward not in ("auto", "flash", "products"):
         raise GPUError(f"the attention backward must be auto, flash or products, got {backward!r}")
-    if backward == "products" and products_bytes(B, n_head, T) // 2 > dev.limits["max-storage-buffer-binding-size"]:
-        raise GPUError(f"attention backward 'products' needs {products_bytes(B, n_head, T) // 2} bytes in one "
+    scratch = product_scratch_bytes(B, n_head, T)
+    if backward == "products" and scratch > dev.limits["max-storage-buffer-binding-size"]:
+        raise GPUError(f"attention backward 'products' needs {scratch} bytes in one "
                        f"binding, over this device's {dev.limits['max-storage-buffer-binding-size']}: use a smaller "
                        "batch or backward='flash'")
     if backward == "auto":
@@ -368,7 +374,7 @@ class Attention:
         for made in ("s", "dp"):
             for reader in ("dvk" if "dvk" in pr else "dv", "dq"):
                 reads_made_blocks(T, pr[made].tiles, pr[reader].tiles["BM"], f"{made} read by {reader}")
-        scratch = products_bytes(B, n_head, T) // 2       # each: (B, n_head, T, Tp) f32, as the estimates count it
+        scratch = product_scratch_bytes(B, n_head, T)     # each: (B, n_head, T, Tp) f32, as the estimates count it
         pr["s_buf"], pr["dp_buf"] = dev.buffer(scratch, "attention-s"), dev.buffer(scratch, "attention-dp")
         return pr
 
