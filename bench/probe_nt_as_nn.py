@@ -22,7 +22,8 @@ from tabgpt import gpu  # noqa: E402
 from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.matmul import Matmul, tiles_label  # noqa: E402
 
-from common import best_seconds, device_label, probe_args, probe_parser  # noqa: E402  (bench/)
+from bench_matmul import operands  # noqa: E402  (bench/)
+from common import best_seconds, device_label, probe_args, probe_parser  # noqa: E402
 
 # (M, N, K, epilogue): mlp c_proj's input gradient (times gelu'), c_attn's, attn c_proj's, c_fc's; the lm_head's
 # logits; then two products the forward makes as nn anyway, for scale.
@@ -34,14 +35,12 @@ QUICK_SHAPES = [(256, 128, 64, "gelu_grad"), (256, 64, 128, None)]
 def main():
     args = probe_args(probe_parser(__doc__, rounds=3, seconds=0.1))
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    rounds = args.rounds
     dev = wait(gpu.open_device())
     rng = np.random.default_rng(0)
     arms = {}
     for M, N, K, ep in shapes:
         for layout in ("nt", "nn"):
-            a = rng.standard_normal((M, K), dtype=np.float32)
-            b = rng.standard_normal((N, K) if layout == "nt" else (K, N), dtype=np.float32)
+            a, b = operands(M, N, K, layout)
             mm = wait(Matmul.create(dev, M, N, K, layout, tiles="auto", epilogue=ep))
             kw = {}
             if ep:
@@ -52,10 +51,10 @@ def main():
                         b=dev.buffer(b.nbytes, "b", b), **kw)
             wait(seq.build())
             arms[M, N, K, ep, layout] = (seq, mm, [])
-    for _ in range(rounds):
+    for _ in range(args.rounds):
         for seq, _, times in arms.values():
             times.append(best_seconds(seq.run, lambda: wait(dev.sync()), 3, args.seconds))
-    print(f"## nt products against nn of the same shape, {device_label(dev)}, autotuned, best of {rounds} rounds\n")
+    print(f"## nt products against nn of the same shape, {device_label(dev)}, autotuned, best of {args.rounds} rounds\n")
     print("| M x N x K | epilogue | nt ms | nt tiles | nn ms | nn tiles | nn / nt |")
     print("| --- | --- | ---: | --- | ---: | --- | ---: |")
     for M, N, K, ep in shapes:

@@ -44,7 +44,6 @@ def apart(seq, pair, outs, ops):
 def main():
     args = probe_args(probe_parser(__doc__, rounds=5))
     pairs = QUICK_PAIRS if args.quick else PAIRS
-    rounds = args.rounds
     dev = wait(gpu.open_device())
     rng = np.random.default_rng(0)
     arms = {}
@@ -68,11 +67,11 @@ def main():
             arms[name, form] = (seq, pair, [])
         same = all(np.array_equal(x, y) for x, y in zip(got["grouped"], got["apart"]))
         arms[name, "same"] = same
-    for _ in range(rounds):
+    for _ in range(args.rounds):
         for key, arm in arms.items():
             if key[1] != "same":
                 arm[2].append(best_seconds(arm[0].run, lambda: wait(dev.sync()), 3, args.seconds))
-    print(f"## A MatmulPair's sums in one dispatch or two, {device_label(dev)}, best of {rounds} rounds\n")
+    print(f"## A MatmulPair's sums in one dispatch or two, {device_label(dev)}, best of {args.rounds} rounds\n")
     print("| pair | tiles, split-K | grouped sum ms | sums apart ms | grouped / apart | same bits |")
     print("| --- | --- | ---: | ---: | ---: | --- |")
     for name in pairs:

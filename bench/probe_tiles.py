@@ -30,7 +30,7 @@ from tabgpt import gpu  # noqa: E402
 from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.matmul import Matmul, tiles_label  # noqa: E402
 
-from bench_matmul import parse_tiles  # noqa: E402  (bench/)
+from bench_matmul import operands, parse_tiles  # noqa: E402  (bench/)
 from common import best_seconds, device_label, probe_args, probe_parser  # noqa: E402
 
 # Squares of each layout, then every product of a browser-preset step (forward nn, input gradient nt, weight
@@ -66,13 +66,10 @@ def main():
     if "auto" in args.tiles:
         ap.error("fixed tiles only: the autotuner's choice differs from product to product")
     sizes = args.sizes or [parse_size(s) for s in (QUICK_SIZES if args.quick else SIZES)]
-    rounds = args.rounds
     dev = wait(gpu.open_device())
-    rng = np.random.default_rng(0)
     runs = {}       # (size index, form index) -> [sequence, best seconds per round, "same" / "DIFF" / error]
     for i, (layout, M, N, K, splits) in enumerate(sizes):
-        a = rng.standard_normal((K, M) if layout == "tn" else (M, K), dtype=np.float32)
-        b = rng.standard_normal((N, K) if layout == "nt" else (K, N), dtype=np.float32)
+        a, b = operands(M, N, K, layout)
         ba, bb = dev.buffer(a.nbytes, "a", a), dev.buffer(b.nbytes, "b", b)
         out = dev.buffer(4 * M * N, "out")
         rows = sorted({0, M // 2, M - 1})
@@ -91,11 +88,11 @@ def main():
                 first = got.copy()
             same = "same" if np.array_equal(got, first) else f"DIFF (err {err:.1e})"
             runs[i, j] = [seq, [], same if err < 1e-4 else f"WRONG (err {err:.1e})"]
-    for _ in range(rounds):
+    for _ in range(args.rounds):
         for run in runs.values():
             run[1].append(best_seconds(run[0].run, lambda: wait(dev.sync()), 3, args.seconds))
     labels = [tiles_label(t) for t in args.tiles]
-    print(f"## Tile forms in turn, {device_label(dev)}, best of {rounds} rounds\n")
+    print(f"## Tile forms in turn, {device_label(dev)}, best of {args.rounds} rounds\n")
     print("ms per product (TFLOP/s, time against the first form), and the output against the first form's:\n")
     print("| layout | M x N x K | split-K | " + " | ".join(labels) + " |")
     print("| --- | --- | ---: | " + " | ".join("---" for _ in labels) + " |")
