@@ -54,7 +54,8 @@ def main():
     for _ in range(args.rounds):
         for seq, _, times in arms.values():
             times.append(best_seconds(seq.run, lambda: wait(dev.sync()), 3, args.seconds))
-    print(f"## nt products against nn of the same shape, {device_label(dev)}, autotuned, best of {args.rounds} rounds\n")
+    print(f"## nt products against nn of the same shape, {device_label(dev)}, autotuned, "
+          f"best of {args.rounds} rounds\n")
     print("| M x N x K | epilogue | nt ms | nt tiles | nn ms | nn tiles | nn / nt |")
     print("| --- | --- | ---: | --- | ---: | --- | ---: |")
     for M, N, K, ep in shapes:
