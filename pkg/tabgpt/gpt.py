@@ -52,7 +52,8 @@ from tabgpt.ops.crossentropy import CrossEntropy
 from tabgpt.ops.elementwise import Elementwise, fold_grid
 from tabgpt.ops.embedding import Embedding
 from tabgpt.ops.layernorm import LayerNorm
-from tabgpt.ops.matmul import Conv1D, LMHead, Matmul, MatmulPair, pairs_enabled, weight_and_bias
+from tabgpt.ops.matmul import (Conv1D, LMHead, Matmul, MatmulGroup, MatmulPair, layer_groups_enabled, pairs_enabled,
+                               weight_and_bias)
 from tabgpt.ops.optim import AdamW
 
 ALIGN = 64     # floats: 256 bytes, the storage-buffer offset alignment WebGPU guarantees
@@ -165,6 +166,7 @@ class Activations:
         self.dC = buf(N * C, "dC")                        # (N, C) scratch gradients
         self.d3C = buf(N * 3 * C, "d3C")                  # (N, 3C)
         self.d4C = buf(N * 4 * C, "d4C")                  # (N, 4C)
+        self.dres_mlp = buf(N * C, "dres_mlp")            # (N, C) res3's gradient, kept for a layer's weight group
 
 
 async def conv1d(dev: Device, M: int, K: int, N: int, backward: bool, **epilogues) -> Conv1D:
@@ -200,15 +202,24 @@ class Ops:
         self.c_fc = await conv1d(dev, N, C, 4 * C, backward, forward_epilogue="gelu", fuse_bias_grad=fb)
         self.mlp_proj = await conv1d(dev, N, 4 * C, C, backward, forward_epilogue="residual", dinp_gelu_grad=True,
                                      fuse_bias_grad=fb)
-        # the weight gradients of the MLP's two products in one dispatch, and of attention's two in another (the
-        # products of a layer's backward that have their operands at the same time): MatmulPair
-        self.mlp_pair = self.attn_pair = None
+        # a layer's four weight gradients in one dispatch at the end of its backward (MatmulGroup: mlp c_proj's,
+        # c_fc's, c_attn's, attn c_proj's), where the device binds the 9 storage buffers it needs; else the MLP's
+        # two in one dispatch and attention's two in another (MatmulPair: the products of a layer's backward that
+        # have their operands at the same time)
+        self.layer_group = self.mlp_pair = self.attn_pair = None
         if backward and fb and pairs_enabled():
-            try:
-                self.mlp_pair = await MatmulPair.create(dev, (4 * C, C), (C, 4 * C), N, bias_row=True)
-                self.attn_pair = await MatmulPair.create(dev, (C, 3 * C), (C, C), N, bias_row=True)
-            except GPUError:                      # a reduction beyond one binding: the products apart
-                self.mlp_pair = self.attn_pair = None
+            if layer_groups_enabled() and dev.limits["max-storage-buffers-per-shader-stage"] >= 9:
+                try:
+                    self.layer_group = await MatmulGroup.create(dev, [(4 * C, C), (C, 4 * C), (C, 3 * C), (C, C)],
+                                                                N, bias_row=True)
+                except GPUError:                  # a reduction beyond one binding: the pairs, or apart
+                    self.layer_group = None
+            if self.layer_group is None:
+                try:
+                    self.mlp_pair = await MatmulPair.create(dev, (4 * C, C), (C, 4 * C), N, bias_row=True)
+                    self.attn_pair = await MatmulPair.create(dev, (C, 3 * C), (C, C), N, bias_row=True)
+                except GPUError:                  # a reduction beyond one binding: the products apart
+                    self.mlp_pair = self.attn_pair = None
         if head:
             if backward:
                 self.lm_head = await LMHead.create(dev, N, C, Vp)
@@ -270,27 +281,34 @@ def backward(seq: Sequence, o: Ops, a: Activations, p: dict, g: dict, cfg: Confi
         x = a.encoded if l == 0 else a.res3[l - 1]
         # a.dres is the gradient of res3: back through the MLP (d4C: the gradient of fch, through the GELU)
         mp, fc, ap, ca = (h + n for n in ("mlp.c_proj.", "mlp.c_fc.", "attn.c_proj.", "attn.c_attn."))
-        paired = o.mlp_pair is not None
+        paired, grouped = o.mlp_pair is not None, o.layer_group is not None
+        apart = not (paired or grouped)   # each Conv1D's backward makes its own weight gradient
         o.mlp_proj.backward(seq, dinp=a.d4C, dweight=g[mp + "weight"], dbias=g[mp + "bias"], dout=a.dres,
-                            inp=a.fch_gelu[l], weight=p[mp + "weight"], gelu_pre=a.fch[l], weight_grad=not paired)
+                            inp=a.fch_gelu[l], weight=p[mp + "weight"], gelu_pre=a.fch[l], weight_grad=apart)
         o.c_fc.backward(seq, dinp=a.dC, dweight=g[fc + "weight"], dbias=g[fc + "bias"], dout=a.d4C, inp=a.ln2[l],
-                        weight=p[fc + "weight"], weight_grad=not paired)
+                        weight=p[fc + "weight"], weight_grad=apart)
         if paired:        # both weight gradients, before ln_2's backward adds into a.dres
             o.mlp_pair.dispatch(seq, out1=weight_and_bias(g[mp + "weight"], g[mp + "bias"]), a1=a.fch_gelu[l],
                                 b1=a.dres, out2=weight_and_bias(g[fc + "weight"], g[fc + "bias"]), a2=a.ln2[l],
                                 b2=a.d4C)
+        if grouped:       # res3's gradient for mlp c_proj's weight gradient, before ln_2's backward adds into a.dres
+            o.ew.copy(seq, a.dres_mlp, a.dres, n=N * C)
         o.ln.backward(seq, dinp=a.dres, dweight=g[h + "ln_2.weight"], dbias=g[h + "ln_2.bias"], dout=a.dC,
                       inp=a.res2[l], weight=p[h + "ln_2.weight"], mean=a.ln2_mean[l], rstd=a.ln2_rstd[l])
         # a.dres is now the gradient of res2: back through attention
         o.attn_proj.backward(seq, dinp=a.dC, dweight=g[ap + "weight"], dbias=g[ap + "bias"], dout=a.dres,
-                             inp=a.atty[l], weight=p[ap + "weight"], weight_grad=not paired)
+                             inp=a.atty[l], weight=p[ap + "weight"], weight_grad=apart)
         o.attn.backward(seq, dqkv=a.d3C, dout=a.dC, qkv=a.qkv[l], out=a.atty[l], lse=a.lse[l])
         o.c_attn.backward(seq, dinp=a.dC, dweight=g[ca + "weight"], dbias=g[ca + "bias"], dout=a.d3C,
-                          inp=a.ln1[l], weight=p[ca + "weight"], weight_grad=not paired)
+                          inp=a.ln1[l], weight=p[ca + "weight"], weight_grad=apart)
         if paired:        # both weight gradients, before ln_1's backward adds into a.dres
             o.attn_pair.dispatch(seq, out1=weight_and_bias(g[ca + "weight"], g[ca + "bias"]), a1=a.ln1[l],
                                  b1=a.d3C, out2=weight_and_bias(g[ap + "weight"], g[ap + "bias"]), a2=a.atty[l],
                                  b2=a.dres)
+        if grouped:       # the layer's four weight gradients (d4C, d3C and a.dres are still the MLP's and attention's)
+            o.layer_group.dispatch(seq, [(weight_and_bias(g[n + "weight"], g[n + "bias"]), x_in, dy) for n, x_in, dy in
+                                         ((mp, a.fch_gelu[l], a.dres_mlp), (fc, a.ln2[l], a.d4C),
+                                          (ca, a.ln1[l], a.d3C), (ap, a.atty[l], a.dres))])
         o.ln.backward(seq, dinp=a.dres, dweight=g[h + "ln_1.weight"], dbias=g[h + "ln_1.bias"], dout=a.dC,
                       inp=x, weight=p[h + "ln_1.weight"], mean=a.ln1_mean[l], rstd=a.ln1_rstd[l])
     o.emb.backward(seq, dwte=g["transformer.wte.weight"], dwpe=g["transformer.wpe.weight"], dout=a.dres, idx=a.idx)
