@@ -42,7 +42,13 @@ def main():
     shapes = [(4 * C, C), (C, 4 * C), (C, 3 * C), (C, C)]
     dev = wait(gpu.open_device())                    # the adapter's limits: a group of four binds 9 storage buffers
     rng = np.random.default_rng(0)
-    ops = [tuple(dev.buffer(4 * K * d, "x", rng.standard_normal(K * d, dtype=np.float32)) for d in s) for s in shapes]
+    # every A inside one buffer and every B inside another, as the model lays them out (the pairs and the products
+    # apart read the same views)
+    a_buf, a_views = MatmulGroup.arena(dev, [K * m for m, _ in shapes], "a-all")
+    b_buf, b_views = MatmulGroup.arena(dev, [K * n for _, n in shapes], "b-all")
+    for buf in (a_buf, b_buf):
+        dev.write(buf, rng.standard_normal(buf.size // 4, dtype=np.float32))
+    ops = list(zip(a_views, b_views))
     group = wait(MatmulGroup.create(dev, shapes, K, bias_row=True, **fixed))
     pairs = [wait(MatmulPair.create(dev, shapes[i], shapes[i + 1], K, bias_row=True, **fixed)) for i in (0, 2)]
     apart = [wait(Matmul.create(dev, m, n, K, "tn", accumulate=True, bias_row=True, **fixed)) for m, n in shapes]

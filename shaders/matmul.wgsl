@@ -65,14 +65,16 @@ struct MatmulParams {
 @group(0) @binding(16) var<uniform> mp2: MatmulParams;   // its M and N; K as mp's; chunk: its slabs' first vec4
 // #endif
 // #if GROUP4
-// The third and fourth products of a grouped matmul_tiled of three or four (GROUPED with GROUP4); an absent fourth
-// has no rows and no columns (M = 1 with BIAS_ROW, else 0; N = 0): no blocks and no vec4s.
-@group(0) @binding(21) var<storage, read> a4_3: array<vec4<f32>>;
-@group(0) @binding(22) var<storage, read> b4_3: array<vec4<f32>>;
-@group(0) @binding(23) var<uniform> mp3: MatmulParams;
-@group(0) @binding(24) var<storage, read> a4_4: array<vec4<f32>>;
-@group(0) @binding(25) var<storage, read> b4_4: array<vec4<f32>>;
-@group(0) @binding(26) var<uniform> mp4: MatmulParams;
+// The products of a group (below): each one's M (out's rows, with BIAS_ROW's), N, where its A and B begin in a4
+// and b4 (vec4s), and where its slabs begin in out4 (vec4s); K and the slice length as mp's.
+struct GroupParams {
+    m: vec4<u32>,
+    n: vec4<u32>,
+    a_off: vec4<u32>,
+    b_off: vec4<u32>,
+    slab: vec4<u32>,
+}
+@group(0) @binding(21) var<uniform> gp: GroupParams;
 // #endif
 
 override A_T: bool = false;         // A stored (K, M)
@@ -83,67 +85,40 @@ override BIAS_ROW: bool = false;    // with A_T: out has a last row more, (+)= t
 override EPILOGUE: u32 = 0u;        // then 0 none, 1 GELU, 2 RESIDUAL, 3 GELU_GRAD (header comment)
 
 // GROUPED, a conditional block (`// #if GROUPED`, kept only in the kernel compiled with that define: ops/matmul.py
-// MatmulGroup; gpu.select_blocks): matmul_tiled with A_T and split-K slabs makes two weight-gradient products with
+// MatmulPair; gpu.select_blocks): matmul_tiled with A_T and split-K slabs makes two weight-gradient products with
 // the same reduction length K and the same tiles in one dispatch, out1 (M, N) = A^T B (mp, a4, b4) and
 // out2 (mp2.M, mp2.N) = A2^T B2 (mp2, a4_2, b4_2): the grid is (blocks of out1 + blocks of out2, 1, slices), and
 // out4 gets the slabs of out1 from vec4 0 and those of out2 from vec4 mp2.chunk (then both summed by one
-// matmul_split_sum of the same define). With GROUP4 also, three or four products: out3 (mp3, a4_3, b4_3) and
-// out4 (mp4, a4_4, b4_4), their blocks after out2's and their slabs from vec4 mp3.chunk and mp4.chunk (a layer's
-// four weight gradients in one dispatch). No bias and no epilogue: bias4 and aux4 are not bound. Two products that each fill a wave or less fill more of the GPU together
+// matmul_split_sum of the same define). Two products that each fill a wave or less fill more of the GPU together
 // (bench/results/h200/run29_merge_probe.txt: a product of twice the size takes 3-27% less than two). A block and
 // not an override constant: the second product's code, even under a condition that is false once the pipeline is
 // made, changed what NVIDIA's compiler made of the plain products (bench/results/h200/run30_grouped_kernel_*).
 // #if GROUPED
-var<private> member: u32;   // the product this workgroup (matmul_split_sum: thread) makes, 0 the first
-var<private> g_m: u32;      // its M and N
-var<private> g_n: u32;
+var<private> second: bool;   // this workgroup makes the second product
 
 // The dimensions of the product this workgroup makes.
+fn dim_m() -> u32 { return select(mp.M, mp2.M, second); }
+
+fn dim_n() -> u32 { return select(mp.N, mp2.N, second); }
+// #endif
+
+// GROUP4, a conditional block as GROUPED (ops/matmul.py MatmulGroup): matmul_tiled with A_T and split-K slabs makes
+// two to four weight-gradient products with the same K and the same tiles in one dispatch, each product's A and
+// B at an offset inside ONE binding each (a4 and b4: a layer's activations and gradients laid out together), so
+// that a workgroup reads its product's operands at an offset, without choosing among bindings: out_j (gp.m[j],
+// gp.n[j]) = A_j^T B_j, the grid (every product's blocks one product after another, 1, slices), the slabs of
+// out_j from vec4 gp.slab[j] of out4 (then all summed by one matmul_split_sum of the same define into out4,
+// out4_2, out4_3 and out4_4). An absent product has no columns (gp.n[j] = 0): no blocks and no vec4s.
+// #if GROUP4
+var<private> member: u32;   // the product this workgroup (matmul_split_sum: thread) makes
+var<private> g_m: u32;      // its M and N, and where its A and B begin (floats)
+var<private> g_n: u32;
+var<private> g_a: u32;
+var<private> g_b: u32;
+
 fn dim_m() -> u32 { return g_m; }
 
 fn dim_n() -> u32 { return g_n; }
-// #endif
-// #if GROUP4
-const MEMBERS: u32 = 4u;
-
-fn member_params(j: u32) -> MatmulParams {
-    if (j == 3u) { return mp4; }
-    if (j == 2u) { return mp3; }
-    if (j == 1u) { return mp2; }
-    return mp;
-}
-
-// Vec4 i of this workgroup's product's A and B.
-fn member_a(i: u32) -> vec4<f32> {
-    if (member == 3u) { return a4_4[i]; }
-    if (member == 2u) { return a4_3[i]; }
-    if (member == 1u) { return a4_2[i]; }
-    return a4[i];
-}
-
-fn member_b(i: u32) -> vec4<f32> {
-    if (member == 3u) { return b4_4[i]; }
-    if (member == 2u) { return b4_3[i]; }
-    if (member == 1u) { return b4_2[i]; }
-    return b4[i];
-}
-// #elif GROUPED
-const MEMBERS: u32 = 2u;
-
-fn member_params(j: u32) -> MatmulParams {
-    if (j == 1u) { return mp2; }
-    return mp;
-}
-
-fn member_a(i: u32) -> vec4<f32> {
-    if (member == 1u) { return a4_2[i]; }
-    return a4[i];
-}
-
-fn member_b(i: u32) -> vec4<f32> {
-    if (member == 1u) { return b4_2[i]; }
-    return b4[i];
-}
 // #endif
 
 // BATCHED, a conditional block as GROUPED (ops/matmul.py BatchedMatmul): matmul_tiled makes one product per
@@ -257,10 +232,13 @@ fn fetch_a(m0: u32, k0: u32, v: u32) -> vec4<f32> {
         // BIAS_ROW: A has mp.M - 1 columns (out's last row is the bias gradient's, made apart).
         let k = k0 + v / (BM / 4u);
         let m = m0 + 4u * (v % (BM / 4u));
-        // #if GROUPED
+        // #if GROUP4
+        let cols = select(g_m, g_m - 1u, BIAS_ROW);
+        if (k < mp.K && m < cols) { x = a4[(g_a + k * cols + m) / 4u]; }
+        // #elif GROUPED
         let cols = select(dim_m(), dim_m() - 1u, BIAS_ROW);
         if (k < mp.K && m < cols) {
-            x = member_a((k * cols + m) / 4u);
+            if (second) { x = a4_2[(k * cols + m) / 4u]; } else { x = a4[(k * cols + m) / 4u]; }
         }
         // #elif PAIRED
         if (k < mp.K && m < mp.M) {
@@ -322,10 +300,12 @@ fn fetch_b(n0: u32, k0: u32, v: u32) -> vec4<f32> {
         // B (K, N): a vec4 runs along n.
         let k = k0 + v / (BN / 4u);
         let n = n0 + 4u * (v % (BN / 4u));
-        // #if GROUPED
+        // #if GROUP4
+        if (k < mp.K && n < g_n) { x = b4[(g_b + k * g_n + n) / 4u]; }
+        // #elif GROUPED
         let nn = dim_n();
         if (k < mp.K && n < nn) {
-            x = member_b((k * nn + n) / 4u);
+            if (second) { x = b4_2[(k * nn + n) / 4u]; } else { x = b4[(k * nn + n) / 4u]; }
         }
         // #elif PAIRED
         if (k < mp.K && n < mp.N) {
@@ -408,27 +388,26 @@ fn epilogue4(o: u32, y: vec4<f32>) -> vec4<f32> {
 // out[m, n..n+4] (+)= v (+ bias), if inside: N % 4 == 0, so 4 columns are wholly inside or wholly outside.
 // Then the epilogue (EPILOGUE is 0 with split-K: the slabs are partial sums).
 fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
-    // #if GROUPED
+    // #if GROUP4
+    if (m >= select(g_m, g_m - 1u, BIAS_ROW) || n >= g_n) { return; }
+    // #elif GROUPED
     if (m >= select(dim_m(), dim_m() - 1u, BIAS_ROW) || n >= dim_n()) { return; }
-    var y = v;
-    let o = slab + (m * dim_n() + n) / 4u;   // a group's products: no bias, no epilogue
-    if (ACCUMULATE) { y += out4[o]; }
-    // #elif BATCHED
+    // #else
     if (m >= select(mp.M, mp.M - 1u, BIAS_ROW) || n >= mp.N) { return; }
+    // #endif
     var y = v;
     if (HAS_BIAS) { y += bias4[n / 4u]; }
+    // #if GROUP4
+    let o = slab + (m * g_n + n) / 4u;
+    // #elif GROUPED
+    let o = slab + (m * dim_n() + n) / 4u;
+    // #elif BATCHED
     let o = (c_off + m * bp.ldc + n) / 4u;
     // #else
-    if (m >= select(mp.M, mp.M - 1u, BIAS_ROW) || n >= mp.N) { return; }
-    var y = v;
-    if (HAS_BIAS) { y += bias4[n / 4u]; }
     let o = slab + (m * mp.N + n) / 4u;
     // #endif
-    // #if GROUPED
-    // #else
     if (ACCUMULATE) { y += out4[o]; }
     if (EPILOGUE != 0u) { y = epilogue4(o, y); }
-    // #endif
     // #if SOFTMAX_DS
     y = select(vec4(0.0), softmax_scale() * aux4[o] * (y - row_in[z_row + m]), on_or_below(m, n));
     // #elif SOFTMAX
@@ -439,7 +418,10 @@ fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
 
 // BIAS_ROW: out's last row (mp.M - 1)[n..n+4] (+)= v.
 fn store_bias_row(slab: u32, n: u32, v: vec4<f32>) {
-    // #if GROUPED
+    // #if GROUP4
+    if (n >= g_n) { return; }
+    let o = slab + ((g_m - 1u) * g_n + n) / 4u;
+    // #elif GROUPED
     if (n >= dim_n()) { return; }
     let o = slab + ((dim_m() - 1u) * dim_n() + n) / 4u;
     // #else
@@ -456,22 +438,34 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
                 @builtin(local_invocation_id) lid: vec3u) {
     // GROUP: workgroup id w = wg.y nwg.x + wg.x takes block (by, bx): groups of GROUP block rows (fewer in the
     // last), column by column within a group, down the group's rows within a column.
-    // #if GROUPED
-    // grid (the members' blocks one after the other, 1, slices): the first product's blocks, then the second's, ...
+    // #if GROUP4
+    // grid (every product's blocks, one product after another, 1, slices)
     var w = wg.x;
-    var p = mp;
-    var gx = (p.N + BN - 1u) / BN;                                // the product's blocks along x and y
-    var gy = (select(p.M, p.M - 1u, BIAS_ROW) + BM - 1u) / BM;
     member = 0u;
-    for (var j = 1u; j < MEMBERS && w >= gx * gy; j++) {
+    var gx = (gp.n.x + BN - 1u) / BN;                              // the product's blocks along x and y
+    var gy = (select(gp.m.x, gp.m.x - 1u, BIAS_ROW) + BM - 1u) / BM;
+    for (var j = 1u; j < 4u && w >= gx * gy; j++) {
         w -= gx * gy;
         member = j;
-        p = member_params(j);
-        gx = (p.N + BN - 1u) / BN;
-        gy = (select(p.M, p.M - 1u, BIAS_ROW) + BM - 1u) / BM;
+        gx = (gp.n[j] + BN - 1u) / BN;
+        gy = (select(gp.m[j], gp.m[j] - 1u, BIAS_ROW) + BM - 1u) / BM;
     }
-    g_m = p.M;
-    g_n = p.N;
+    g_m = gp.m[member];
+    g_n = gp.n[member];
+    g_a = 4u * gp.a_off[member];
+    g_b = 4u * gp.b_off[member];
+    let group = w / (GROUP * gx);
+    let first = group * GROUP;
+    let rows = min(gy - first, GROUP);
+    let r = w - group * GROUP * gx;
+    // #elif GROUPED
+    // grid (blocks of out1 + blocks of out2, 1, slices): the first product's blocks, then the second's
+    let gx1 = (mp.N + BN - 1u) / BN;
+    let gy1 = (select(mp.M, mp.M - 1u, BIAS_ROW) + BM - 1u) / BM;
+    second = wg.x >= gx1 * gy1;
+    let gx = select(gx1, (mp2.N + BN - 1u) / BN, second);   // the product's blocks along x and y
+    let gy = select(gy1, (select(mp2.M, mp2.M - 1u, BIAS_ROW) + BM - 1u) / BM, second);
+    let w = select(wg.x, wg.x - gx1 * gy1, second);
     let group = w / (GROUP * gx);
     let first = group * GROUP;
     let rows = min(gy - first, GROUP);
@@ -528,8 +522,10 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
     let k_begin = wg.z * mp.chunk;
     let k_end = min(mp.K, k_begin + mp.chunk);
     // #endif
-    // #if GROUPED
-    let slab = select(0u, p.chunk, member > 0u) + wg.z * dim_m() * (dim_n() / 4u);   // others' chunk: their slabs
+    // #if GROUP4
+    let slab = gp.slab[member] + wg.z * g_m * (g_n / 4u);
+    // #elif GROUPED
+    let slab = select(0u, mp2.chunk, second) + wg.z * dim_m() * (dim_n() / 4u);
     // #elif BATCHED
     let slab = 0u;
     // #else
@@ -783,31 +779,37 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
 
 // Split-K, second pass: out (M, N) (+)= the slabs of split4 (n_slices, M, N) summed in slice order (+ bias),
 // then the epilogue.
-// GROUPED: every member of a grouped product in one pass: the threads past out1's vec4s sum out2's slabs (from vec4
-// mp2.chunk of split4, as the grouped product wrote them, with mp's slice count) into out4_2 (mp2.M, mp2.N), and
-// with GROUP4 the next ones out3's into out4_3 and out4's into out4_4; no bias, no epilogue.
+// GROUPED: both members of a grouped product in one pass: the threads past out1's vec4s sum out2's slabs (from vec4
+// mp2.chunk of split4, as the grouped product wrote them, with mp's slice count) into out4_2 (mp2.M, mp2.N).
+// GROUP4: every product of a group: the threads past out1's vec4s sum out2's slabs into out4_2, the next ones
+// out3's into out4_3 and out4's into out4_4 (each product's slabs from vec4 gp.slab[j] of split4).
 // #if GROUPED
 @group(0) @binding(20) var<storage, read_write> out4_2: array<vec4<f32>>;
-// #endif
-// #if GROUP4
+// #elif GROUP4
+@group(0) @binding(20) var<storage, read_write> out4_2: array<vec4<f32>>;
 @group(0) @binding(27) var<storage, read_write> out4_3: array<vec4<f32>>;
 @group(0) @binding(28) var<storage, read_write> out4_4: array<vec4<f32>>;
 // #endif
 @compute @workgroup_size(256)
 fn matmul_split_sum(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
                     @builtin(local_invocation_id) lid: vec3u) {
-    // #if GROUPED
+    // #if GROUP4
     var i = (wg.y * nwg.x + wg.x) * 256u + lid.x;
-    var n4 = mp.M * (mp.N / 4u);
-    var j = i;                                       // the vec4 of the first slab
     member = 0u;
-    for (var q = 1u; q < MEMBERS && i >= n4; q++) {
+    var n4 = gp.m.x * (gp.n.x / 4u);
+    for (var q = 1u; q < 4u && i >= n4; q++) {
         i -= n4;
         member = q;
-        let p = member_params(q);
-        n4 = p.M * (p.N / 4u);
-        j = p.chunk + i;
+        n4 = gp.m[q] * (gp.n[q] / 4u);
     }
+    let j = gp.slab[member] + i;                     // the vec4 of the first slab
+    // #elif GROUPED
+    let i_all = (wg.y * nwg.x + wg.x) * 256u + lid.x;
+    let n4_1 = mp.M * (mp.N / 4u);
+    second = i_all >= n4_1;
+    let i = select(i_all, i_all - n4_1, second);
+    let n4 = select(n4_1, mp2.M * (mp2.N / 4u), second);
+    let j = select(0u, mp2.chunk, second) + i;       // the vec4 of the first slab
     // #else
     let i = (wg.y * nwg.x + wg.x) * 256u + lid.x;
     let n4 = mp.M * (mp.N / 4u);
@@ -839,29 +841,29 @@ fn matmul_split_sum(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) n
         y = select(y, y + x7, z + 7u <= last);
     }
     // #if GROUP4
-    if (member == 3u) {
-        if (ACCUMULATE) { y += out4_4[i]; }
-        out4_4[i] = y;
+    if (member > 0u) {              // a group's sums: no bias, no epilogue
+        if (member == 1u) {
+            if (ACCUMULATE) { y += out4_2[i]; }
+            out4_2[i] = y;
+        } else if (member == 2u) {
+            if (ACCUMULATE) { y += out4_3[i]; }
+            out4_3[i] = y;
+        } else {
+            if (ACCUMULATE) { y += out4_4[i]; }
+            out4_4[i] = y;
+        }
         return;
     }
-    if (member == 2u) {
-        if (ACCUMULATE) { y += out4_3[i]; }
-        out4_3[i] = y;
-        return;
-    }
-    // #endif
-    // #if GROUPED
-    if (member == 1u) {
+    // #elif GROUPED
+    if (second) {                   // a pair's sums: no bias, no epilogue
         if (ACCUMULATE) { y += out4_2[i]; }
         out4_2[i] = y;
         return;
     }
-    if (ACCUMULATE) { y += out4[i]; }   // a group's sums: no bias, no epilogue
-    // #else
+    // #endif
     if (HAS_BIAS) { y += bias4[i % (mp.N / 4u)]; }
     if (ACCUMULATE) { y += out4[i]; }
     if (EPILOGUE != 0u) { y = epilogue4(i, y); }
-    // #endif
     out4[i] = y;
 }
 

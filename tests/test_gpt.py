@@ -139,30 +139,24 @@ def test_forward_logits_and_loss_match_reference(model):
 
 
 def test_every_gradient_matches_reference(model):
-    # the layers' weight gradients in pairs, one dispatch each (MatmulPair): WebGPU's default limits bind 8 storage
-    # buffers a shader stage, too few for a layer's group of four
-    assert model.ops.mlp_pair is not None and model.ops.attn_pair is not None and model.ops.layer_group is None
+    # a layer's four weight gradients in one dispatch (MatmulGroup), their operands laid out for it
+    assert model.ops.layer_group is not None and model.ops.mlp_pair is None and model.acts.grouped
     check_every_gradient(model)
 
 
-def test_every_gradient_matches_reference_with_a_layers_weight_gradients_in_one_group(monkeypatch):
-    """With the adapter's limits (lavapipe binds 32 storage buffers a stage), a layer's four weight gradients are
-    one MatmulGroup at the end of its backward; TABGPT_MATMUL_GROUP4=0 keeps the two pairs."""
-    from tabgpt import gpu
-    wide = wait(gpu.open_device())
-    m = wait(GPT.create(wide, config(), B, T))
-    assert m.ops.layer_group is not None and m.ops.mlp_pair is None and m.ops.attn_pair is None
-    check_every_gradient(m)
+def test_every_gradient_matches_reference_with_the_weight_gradients_in_pairs(dev, monkeypatch):
+    """TABGPT_MATMUL_GROUP4=0: the MLP's two weight gradients in one dispatch, attention's in another (MatmulPair)."""
     monkeypatch.setenv("TABGPT_MATMUL_GROUP4", "0")
-    m = wait(GPT.create(wide, config(), B, T))
-    assert m.ops.layer_group is None and m.ops.mlp_pair is not None
+    m = wait(GPT.create(dev, config(), B, T))
+    assert m.ops.layer_group is None and m.ops.mlp_pair is not None and m.ops.attn_pair is not None
+    check_every_gradient(m)
 
 
 def test_every_gradient_matches_reference_with_the_weight_gradients_apart(dev, monkeypatch):
     """TABGPT_MATMUL_PAIRS=0: each Conv1D makes its own weight (and bias) gradient."""
     monkeypatch.setenv("TABGPT_MATMUL_PAIRS", "0")
     m = wait(GPT.create(dev, config(), B, T))
-    assert m.ops.mlp_pair is None and m.ops.attn_pair is None
+    assert m.ops.mlp_pair is None and m.ops.attn_pair is None and m.ops.layer_group is None
     check_every_gradient(m)
 
 

@@ -36,7 +36,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from tabgpt.gpu import Buffer, Device, GPUError, Sequence
+from tabgpt.gpu import Buffer, Device, GPUError, Sequence, View
 from tabgpt.ops.elementwise import MAX_GROUPS, bound_at_least, fold_grid, span
 
 FILE = "matmul.wgsl"
@@ -171,8 +171,8 @@ def pairs_enabled() -> bool:
 
 
 def layer_groups_enabled() -> bool:
-    """Whether a layer's four weight gradients share one dispatch (MatmulGroup of four, where the device binds its
-    9 storage buffers) instead of two pairs (MatmulPair); TABGPT_MATMUL_GROUP4=0 keeps the pairs."""
+    """Whether a layer's four weight gradients share one dispatch (MatmulGroup) instead of two pairs (MatmulPair);
+    TABGPT_MATMUL_GROUP4=0 keeps the pairs."""
     return os.environ.get("TABGPT_MATMUL_GROUP4", "1") != "0"
 
 
@@ -225,17 +225,18 @@ def _save_tune_file(dev: Device, choices: dict):
 
 
 async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates: list | None = None,
-                   persist: bool = True, bias_row: bool = False,
+                   persist: bool = True, bias_row: bool = False, pair: tuple[int, int] | None = None,
                    group: tuple[tuple[int, int], ...] = ()) -> tuple[dict, int]:
     """(tiles, splits) of the fastest candidate for an out (M, N) = op(A) (M, K) @ op(B) (K, N) product on dev,
-    timed on zero-filled operands; remembered per device (and on disk when persist). group ((M2, N2), ...): the
-    same for a MatmulGroup of this tn product and the others, each (M_i, N_i) with the same K, timed together."""
+    timed on zero-filled operands; remembered per device (and on disk when persist). pair (M2, N2): the same for a
+    MatmulPair of this tn product and an (M2, N2) one with the same K, timed together; group ((M2, N2), ...): for
+    a MatmulGroup of this tn product and the others."""
     choices = _tuned.get(dev)
     if choices is None:
         choices = _tuned[dev] = _load_tune_file(dev) if persist else {}
     group = tuple(tuple(g) for g in group)
-    key = (f"{layout}:{M}x{N}x{K}" + ("+bias_row" if bias_row else "")
-           + (f"+{'pair' if len(group) == 1 else 'group'}:" + ",".join(f"{m}x{n}" for m, n in group) if group else ""))
+    key = (f"{layout}:{M}x{N}x{K}" + ("+bias_row" if bias_row else "") + (f"+pair:{pair[0]}x{pair[1]}" if pair else "")
+           + ("+group:" + ",".join(f"{m}x{n}" for m, n in group) if group else ""))
     if key in choices:
         try:
             t, splits = choices[key]
@@ -249,18 +250,30 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
     b = dev.buffer(4 * b_shape[0] * b_shape[1], "tune-b")
     out = dev.buffer(4 * (M + bias_row) * N, "tune-out")
     flops = 2.0 * M * N * K
-    group_ops = [(dev.buffer(4 * (m + bias_row) * n, "tune-out-g"), dev.buffer(4 * K * m, "tune-a-g"),
-                  dev.buffer(4 * K * n, "tune-b-g")) for m, n in group]
-    flops += sum(2.0 * m * n * K for m, n in group)
+    if pair:
+        M2, N2 = pair
+        a2, b2 = dev.buffer(4 * K * M2, "tune-a2"), dev.buffer(4 * K * N2, "tune-b2")
+        out2 = dev.buffer(4 * (M2 + bias_row) * N2, "tune-out2")
+        flops += 2.0 * M2 * N2 * K
+    if group:
+        # the group's operands as it meets them: every A inside one buffer, every B inside another
+        a_all, a_views = MatmulGroup.arena(dev, [K * m for m, _ in [(M, N), *group]], "tune-a")
+        b_all, b_views = MatmulGroup.arena(dev, [K * n for _, n in [(M, N), *group]], "tune-b")
+        outs = [out] + [dev.buffer(4 * (m + bias_row) * n, "tune-out") for m, n in group]
+        flops += sum(2.0 * m * n * K for m, n in group)
     results = []
 
     async def build(tiles, splits):
         """(sequence running the candidate once, submissions per timing, the splits Matmul.create kept)."""
         seq = dev.sequence("autotune")
-        if group:
+        if pair:
+            mm = await MatmulPair.create(dev, (M, N), pair, K, accumulate=False, bias_row=bias_row, tiles=tiles,
+                                         splits=splits)
+            mm.dispatch(seq, out1=out, a1=a, b1=b, out2=out2, a2=a2, b2=b2)
+        elif group:
             mm = await MatmulGroup.create(dev, [(M, N), *group], K, accumulate=False, bias_row=bias_row, tiles=tiles,
                                           splits=splits)
-            mm.dispatch(seq, [(out, a, b), *group_ops])
+            mm.dispatch(seq, list(zip(outs, a_views, b_views)))
         else:
             mm = await Matmul.create(dev, M, N, K, layout, tiles=tiles, splits=splits, bias_row=bias_row)
             mm.dispatch(seq, out=out, a=a, b=b)
@@ -588,42 +601,123 @@ class Matmul:
                              bias4=views["bias"], aux4=views["aux"])
 
 
+class MatmulPair:
+    """Two weight-gradient products with the same reduction length K in ONE dispatch (matmul_tiled GROUPED), then
+    both summed from their split-K slabs by one more (matmul_split_sum GROUPED):
+
+        out1 (M1 [+1], N1) [+]= A1 (K, M1)^T @ B1 (K, N1),   out2 (M2 [+1], N2) [+]= A2 (K, M2)^T @ B2 (K, N2)
+
+    (layout tn; bias_row as Matmul's: each out has a last row more, the column sums of its B). Two products that
+    each fill a wave of workgroups or less fill more of the GPU together. Each member is a Matmul with the same
+    tiles and split count (its uniform and checks); the pair adds the grouped product and sum kernels and one
+    scratch for both members' slabs. Every output is the same fma chain, and the same sum of slices in the same
+    order, as its member's alone: bit-identical."""
+
+    def __init__(self, dev, m1, m2, kernel, grid, params2, scratch, slabs, sum_kernel, sum_grid):
+        self.dev, self.m1, self.m2, self.kernel, self.grid = dev, m1, m2, kernel, grid
+        self.params2, self.scratch, self.slabs = params2, scratch, slabs   # slabs: each member's (offset, bytes)
+        self.sum_kernel, self.sum_grid = sum_kernel, sum_grid
+        self.tiles, self.splits = m1.tiles, m1.splits
+
+    @classmethod
+    async def create(cls, dev: Device, shape1: tuple[int, int], shape2: tuple[int, int], K: int,
+                     accumulate: bool = True, bias_row: bool = False, tiles: dict | None = None,
+                     splits: int | None = None) -> "MatmulPair":
+        """shape1, shape2: (M, N) of the two products (without bias_row's extra row). tiles and splits None: the
+        autotuner times the pair as a whole where it is on (else the per-adapter defaults); tiles "auto": always."""
+        (M1, N1), (M2, N2) = shape1, shape2
+        if tiles == "auto" or tiles is None and splits is None and autotune_enabled(dev, 2.0 * (M1 * N1 + M2 * N2) * K):
+            tiles, splits = await autotune(dev, M1, N1, K, "tn", bias_row=bias_row, pair=(M2, N2))
+        tiles = dict(tiles or default_tiles(dev, M1 + M2, max(N1, N2), K))
+        if splits is None:
+            wg = sum(-(-n // tiles["BN"]) * -(-m // tiles["BM"]) for m, n in (shape1, shape2))
+            splits = default_splits(dev, wg, K)
+        splits = max(2, int(splits))                       # the slabs are where the two products meet
+        ms = [await Matmul.create(dev, m, n, K, "tn", accumulate=accumulate, variant="tiled", tiles=tiles,
+                                  splits=splits, bias_row=bias_row) for m, n in (shape1, shape2)]
+        if any(len(m.chunks) != 1 or m.splits != ms[0].splits or m.chunks[0][3][2] != ms[0].chunks[0][3][2]
+               for m in ms):
+            raise GPUError(f"a MatmulPair needs both {K}-long reductions in one binding with the same slices; "
+                           f"make the products apart (Matmul)")
+        m1, m2 = ms
+        kernel = await dev.kernel(FILE, "matmul_tiled", dict({"A_T": True, "B_T": False,
+                                                              **({"BIAS_ROW": True} if bias_row else {})}, **tiles),
+                                  defines={"GROUPED"})
+        z = m1.chunks[0][3][2]
+        size1, size2 = (4 * z * m.out_rows * m.N for m in ms)
+        base2 = -(-size1 // 256) * 256                      # the second member's slabs: 256-byte aligned
+        scratch = shared_scratch(dev, base2 + size2)
+        params2 = dev.uniform(struct.pack("<4I", m2.out_rows, N2, K, base2 // 16), "matmul-pair-params")
+        blocks = sum(m.chunks[0][3][0] * m.chunks[0][3][1] for m in ms)
+        if blocks > MAX_GROUPS:
+            raise GPUError(f"a MatmulPair of {blocks} blocks exceeds {MAX_GROUPS} workgroups along x")
+        sum_kernel = await dev.kernel(FILE, "matmul_split_sum", {"ACCUMULATE": accumulate}, defines={"GROUPED"})
+        vec4s = sum(m.out_rows * m.N // 4 for m in ms)
+        return cls(dev, m1, m2, kernel, (blocks, 1, z), params2, scratch, ((0, size1), (base2, size2)), sum_kernel,
+                   fold_grid(-(-vec4s // SUM_WG)))
+
+    def dispatch(self, seq: Sequence, out1, a1, b1, out2, a2, b2):
+        """Append both products: the grouped slab product, then the grouped sum into out1 and out2 ([+]=)."""
+        for m, tag, out, a, b in ((self.m1, "1", out1, a1, b1), (self.m2, "2", out2, a2, b2)):
+            name = f"matmul pair {tag}: tn {m.M}x{m.N}x{m.K}"
+            bound_at_least(out, (m.out_rows, m.N), name, "out")
+            bound_at_least(a, (m.K, m.M), name, "a")
+            bound_at_least(b, (m.K, m.N), name, "b")
+        m1 = self.m1
+        base2, size2 = self.slabs[1]
+        slabs = self.scratch.view(0, base2 + size2)
+        seq.dispatch(self.kernel, self.grid, mp=m1.chunks[0][2], mp2=self.params2, a4=a1, b4=b1, a4_2=a2, b4_2=b2,
+                     bias4=m1.no_bias, out4=slabs, aux4=m1.no_aux)
+        seq.dispatch(self.sum_kernel, self.sum_grid, mp=m1.chunks[0][2], mp2=self.params2, split4=slabs, out4=out1,
+                     out4_2=out2, bias4=m1.no_bias, aux4=m1.no_aux)
+
+
 class MatmulGroup:
-    """Two to four weight-gradient products with the same reduction length K in ONE dispatch (matmul_tiled
-    GROUPED, with GROUP4 for three or four), then all summed from their split-K slabs by one more
-    (matmul_split_sum of the same defines):
+    """Two to four weight-gradient products with the same reduction length K in ONE dispatch (matmul_tiled GROUP4),
+    then all summed from their split-K slabs by one more (matmul_split_sum GROUP4):
 
-        out_i (M_i [+1], N_i) [+]= A_i (K, M_i)^T @ B_i (K, N_i)
+        out_j (M_j [+1], N_j) [+]= A_j (K, M_j)^T @ B_j (K, N_j)
 
-    (layout tn; bias_row as Matmul's: each out has a last row more, the column sums of its B). Products that each
-    fill a wave of workgroups or less fill more of the GPU together, with fewer slices each. Each member is a
-    Matmul with the same tiles and split count (its uniform and checks); the group adds the grouped product and
-    sum kernels and one scratch for all members' slabs. Every output is the same fma chain, and the same sum of
-    slices in the same order, as its member's alone: bit-identical. A group of three or four binds 9 storage
-    buffers (two a member and the slabs): create raises GPUError where the device allows fewer."""
+    (layout tn; bias_row as Matmul's: each out has a last row more, the column sums of its B): a layer's four
+    weight gradients. Every A is a view of ONE buffer and every B of another (arena() makes such views; the model's
+    activations and gradients are laid out so), so that a workgroup reads its product's operands at an offset
+    instead of choosing among bindings (which made NVIDIA's compiler slow the product's loop). Products that each
+    fill a wave of workgroups or less fill the GPU together, with fewer slices each. Each member is a Matmul with
+    the same tiles and split count (its uniform and checks); every output is the same fma chain, and the same sum
+    of slices in the same order, as its member's alone: bit-identical. 5 storage buffers (7 for the sum)."""
 
-    def __init__(self, dev, members, kernel, grid, params, scratch, slabs, sum_kernel, sum_grid, dummy):
+    def __init__(self, dev, members, kernel, grid, scratch, slabs, sum_kernel, sum_grid, dummy, bias_row):
         self.dev, self.members, self.kernel, self.grid = dev, members, kernel, grid
-        self.params, self.scratch, self.slabs = params, scratch, slabs   # params: members 2..4's; slabs: (offset, bytes)
-        self.sum_kernel, self.sum_grid, self.dummy = sum_kernel, sum_grid, dummy
+        self.scratch, self.slabs = scratch, slabs          # slabs: each member's (offset, bytes) in scratch
+        self.sum_kernel, self.sum_grid, self.dummy, self.bias_row = sum_kernel, sum_grid, dummy, bias_row
         self.tiles, self.splits = members[0].tiles, members[0].splits
+        self._params: dict[tuple, Buffer] = {}            # the group's uniform per layout of the operands
+
+    @staticmethod
+    def arena(dev: Device, floats: list[int], label: str) -> tuple[Buffer, list[View]]:
+        """One buffer holding tensors of the given float counts, each a view starting 256-byte aligned (where a
+        binding may start): the operands of a group as it wants them."""
+        offsets, end = [], 0
+        for n in floats:
+            offsets.append(end)
+            end = -(-(end + 4 * n) // 256) * 256
+        buf = dev.buffer(end, label)
+        return buf, [View(buf, o, 4 * n) for o, n in zip(offsets, floats)]
 
     @classmethod
     async def create(cls, dev: Device, shapes: list[tuple[int, int]], K: int, accumulate: bool = True,
                      bias_row: bool = False, tiles: dict | None = None, splits: int | None = None) -> "MatmulGroup":
         """shapes: (M, N) of each product (without bias_row's extra row), 2 to 4 of them. tiles and splits None: the
         autotuner times the group as a whole where it is on (else the per-adapter defaults); tiles "auto": always."""
-        shapes = [tuple(s) for s in shapes]
+        shapes = [(int(m), int(n)) for m, n in shapes]
         if not 2 <= len(shapes) <= 4:
             raise GPUError(f"a MatmulGroup makes 2 to 4 products, not {len(shapes)}")
-        flops = 2.0 * sum(m * n for m, n in shapes) * K
-        (M1, N1), others = shapes[0], tuple(shapes[1:])
-        if tiles == "auto" or tiles is None and splits is None and autotune_enabled(dev, flops):
-            tiles, splits = await autotune(dev, M1, N1, K, "tn", bias_row=bias_row, group=others)
+        if tiles == "auto" or tiles is None and splits is None and \
+                autotune_enabled(dev, 2.0 * sum(m * n for m, n in shapes) * K):
+            tiles, splits = await autotune(dev, *shapes[0], K, "tn", bias_row=bias_row, group=tuple(shapes[1:]))
         tiles = dict(tiles or default_tiles(dev, sum(m for m, _ in shapes), max(n for _, n in shapes), K))
         if splits is None:
-            wg = sum(-(-n // tiles["BN"]) * -(-m // tiles["BM"]) for m, n in shapes)
-            splits = default_splits(dev, wg, K)
+            splits = default_splits(dev, sum(-(-n // tiles["BN"]) * -(-m // tiles["BM"]) for m, n in shapes), K)
         splits = max(2, int(splits))                       # the slabs are where the products meet
         ms = [await Matmul.create(dev, m, n, K, "tn", accumulate=accumulate, variant="tiled", tiles=tiles,
                                   splits=splits, bias_row=bias_row) for m, n in shapes]
@@ -631,77 +725,67 @@ class MatmulGroup:
                for m in ms):
             raise GPUError(f"a MatmulGroup needs every {K}-long reduction in one binding with the same slices; "
                            f"make the products apart (Matmul)")
-        defines = {"GROUPED"} | ({"GROUP4"} if len(ms) > 2 else set())
         kernel = await dev.kernel(FILE, "matmul_tiled", dict({"A_T": True, "B_T": False,
                                                               **({"BIAS_ROW": True} if bias_row else {})}, **tiles),
-                                  defines=defines)
-        sum_kernel = await dev.kernel(FILE, "matmul_split_sum", {"ACCUMULATE": accumulate}, defines=defines)
+                                  defines={"GROUP4"})
+        sum_kernel = await dev.kernel(FILE, "matmul_split_sum", {"ACCUMULATE": accumulate}, defines={"GROUP4"})
         z = ms[0].chunks[0][3][2]
-        slabs, base = [], 0
-        for m in ms:                                       # each member's slabs: 256-byte aligned
-            size = 4 * z * m.out_rows * m.N
-            slabs.append((base, size))
-            base = -(-(base + size) // 256) * 256
-        scratch = shared_scratch(dev, slabs[-1][0] + slabs[-1][1])
-        params = [dev.uniform(struct.pack("<4I", m.out_rows, m.N, K, off // 16), "matmul-group-params")
-                  for m, (off, _) in zip(ms[1:], slabs[1:])]
-        if len(ms) == 3:                                   # GROUP4's absent fourth: no rows, no columns
-            params.append(dev.uniform(struct.pack("<4I", int(bias_row), 0, K, 0), "matmul-group-params"))
+        slabs, end = [], 0
+        for m in ms:                                       # each member's slabs, 256-byte aligned
+            slabs.append((end, 4 * z * m.out_rows * m.N))
+            end = -(-(end + slabs[-1][1]) // 256) * 256
         blocks = sum(m.chunks[0][3][0] * m.chunks[0][3][1] for m in ms)
         if blocks > MAX_GROUPS:
             raise GPUError(f"a MatmulGroup of {blocks} blocks exceeds {MAX_GROUPS} workgroups along x")
         vec4s = sum(m.out_rows * m.N // 4 for m in ms)
-        dummy = dev.buffer(16, "matmul-group-absent") if len(ms) == 3 else None
-        return cls(dev, ms, kernel, (blocks, 1, z), params, scratch, slabs, sum_kernel, fold_grid(-(-vec4s // SUM_WG)),
-                   dummy)
+        return cls(dev, ms, kernel, (blocks, 1, z), shared_scratch(dev, end), slabs, sum_kernel,
+                   fold_grid(-(-vec4s // SUM_WG)), dev.buffer(16, "matmul-group-absent"), bias_row)
+
+    def _binding(self, views: list, what: str) -> tuple[View, list[int]]:
+        """The one binding that holds every product's operand `what`, and each operand's first vec4 in it."""
+        spans = [span(v) for v in views]
+        buf = spans[0][0]
+        if any(b is not buf for b, _, _ in spans):
+            raise GPUError(f"a MatmulGroup reads every product's {what} from one buffer (views of it: "
+                           f"MatmulGroup.arena); these are in {len({id(b) for b, _, _ in spans})}")
+        if any(o % 16 for _, o, _ in spans):
+            raise GPUError(f"a MatmulGroup's {what} operands must start at multiples of 16 bytes")
+        lo = min(o for _, o, _ in spans) // 256 * 256
+        hi = max(o + n for _, o, n in spans)
+        limit = self.dev.limits["max-storage-buffer-binding-size"]
+        if hi - lo > limit:
+            raise GPUError(f"a MatmulGroup's {what} operands span {hi - lo} bytes, beyond this device's binding limit "
+                           f"of {limit}: make the products apart or in pairs")
+        return View(buf, lo, hi - lo), [(o - lo) // 16 for _, o, _ in spans]
 
     def dispatch(self, seq: Sequence, products: list[tuple]):
-        """Append every product, products[i] = (out_i, a_i, b_i): the grouped slab product, then the grouped sum
-        into each out ([+]=)."""
+        """Append every product, products[j] = (out_j, a_j, b_j), every a_j a view of one buffer and every b_j of
+        another: the grouped slab product, then the grouped sum into each out ([+]=)."""
         if len(products) != len(self.members):
             raise GPUError(f"this MatmulGroup makes {len(self.members)} products; got {len(products)}")
-        for i, (m, (out, a, b)) in enumerate(zip(self.members, products), 1):
-            name = f"matmul group product {i}: tn {m.M}x{m.N}x{m.K}"
+        for j, (m, (out, a, b)) in enumerate(zip(self.members, products), 1):
+            name = f"matmul group product {j}: tn {m.M}x{m.N}x{m.K}"
             bound_at_least(out, (m.out_rows, m.N), name, "out")
             bound_at_least(a, (m.K, m.M), name, "a")
             bound_at_least(b, (m.K, m.N), name, "b")
-        products = list(products) + [(self.dummy, self.dummy, self.dummy)] * (4 - len(products))
+        a4, a_offs = self._binding([a for _, a, _ in products], "A")
+        b4, b_offs = self._binding([b for _, _, b in products], "B")
+        key = (tuple(a_offs), tuple(b_offs))
+        if key not in self._params:
+            pad = 4 - len(self.members)                    # absent products: no columns
+            rows = [m.out_rows for m in self.members] + [int(self.bias_row)] * pad
+            cols = [m.N for m in self.members] + [0] * pad
+            self._params[key] = self.dev.uniform(struct.pack(
+                "<20I", *rows, *cols, *a_offs, *[0] * pad, *b_offs, *[0] * pad,
+                *[o // 16 for o, _ in self.slabs], *[0] * pad), "matmul-group-params")
+        gp, m0 = self._params[key], self.members[0]
         base, size = self.slabs[-1]
         slabs = self.scratch.view(0, base + size)
-        names = ("", "_2", "_3", "_4")
-        ab = {f"{x}4{t}": v for t, (_, a, b) in zip(names, products) for x, v in (("a", a), ("b", b))}
-        mps = {f"mp{i}": p for i, p in enumerate(self.params, 2)}
-        seq.dispatch(self.kernel, self.grid, mp=self.members[0].chunks[0][2], out4=slabs, **mps, **ab)
-        outs = {f"out4{t}": out for t, (out, _, _) in zip(names, products)}
-        seq.dispatch(self.sum_kernel, self.sum_grid, mp=self.members[0].chunks[0][2], split4=slabs, **mps, **outs)
-
-
-class MatmulPair(MatmulGroup):
-    """A MatmulGroup of two: out1 (M1 [+1], N1) [+]= A1^T B1 and out2 (M2 [+1], N2) [+]= A2^T B2 (matmul_tiled
-    GROUPED without GROUP4: 5 storage buffers)."""
-
-    @classmethod
-    async def create(cls, dev: Device, shape1: tuple[int, int], shape2: tuple[int, int], K: int,
-                     accumulate: bool = True, bias_row: bool = False, tiles: dict | None = None,
-                     splits: int | None = None) -> "MatmulPair":
-        return await super().create(dev, [shape1, shape2], K, accumulate=accumulate, bias_row=bias_row,
-                                    tiles=tiles, splits=splits)
-
-    @property
-    def m1(self):
-        return self.members[0]
-
-    @property
-    def m2(self):
-        return self.members[1]
-
-    @property
-    def params2(self):
-        return self.params[0]
-
-    def dispatch(self, seq: Sequence, out1, a1, b1, out2, a2, b2):
-        """Append both products: the grouped slab product, then the grouped sum into out1 and out2 ([+]=)."""
-        super().dispatch(seq, [(out1, a1, b1), (out2, a2, b2)])
+        seq.dispatch(self.kernel, self.grid, mp=m0.chunks[0][2], gp=gp, a4=a4, b4=b4, bias4=m0.no_bias, out4=slabs,
+                     aux4=m0.no_aux)
+        outs = [out for out, _, _ in products] + [self.dummy] * (4 - len(products))
+        seq.dispatch(self.sum_kernel, self.sum_grid, mp=m0.chunks[0][2], gp=gp, split4=slabs, out4=outs[0],
+                     out4_2=outs[1], out4_3=outs[2], out4_4=outs[3], bias4=m0.no_bias, aux4=m0.no_aux)
 
 
 @dataclass(frozen=True)
