@@ -64,18 +64,6 @@ struct MatmulParams {
 @group(0) @binding(15) var<storage, read> b4_2: array<vec4<f32>>;
 @group(0) @binding(16) var<uniform> mp2: MatmulParams;   // its M and N; K as mp's; chunk: its slabs' first vec4
 // #endif
-// #if GROUP4
-// The products of a group (below): each one's M (out's rows, with BIAS_ROW's), N, where its A and B begin in a4
-// and b4 (vec4s), and where its slabs begin in out4 (vec4s); K and the slice length as mp's.
-struct GroupParams {
-    m: vec4<u32>,
-    n: vec4<u32>,
-    a_off: vec4<u32>,
-    b_off: vec4<u32>,
-    slab: vec4<u32>,
-}
-@group(0) @binding(21) var<uniform> gp: GroupParams;
-// #endif
 
 override A_T: bool = false;         // A stored (K, M)
 override B_T: bool = false;         // B stored (N, K)
@@ -100,25 +88,6 @@ var<private> second: bool;   // this workgroup makes the second product
 fn dim_m() -> u32 { return select(mp.M, mp2.M, second); }
 
 fn dim_n() -> u32 { return select(mp.N, mp2.N, second); }
-// #endif
-
-// GROUP4, a conditional block as GROUPED (ops/matmul.py MatmulGroup): matmul_tiled with A_T and split-K slabs makes
-// two to four weight-gradient products with the same K and the same tiles in one dispatch, each product's A and
-// B at an offset inside ONE binding each (a4 and b4: a layer's activations and gradients laid out together), so
-// that a workgroup reads its product's operands at an offset, without choosing among bindings: out_j (gp.m[j],
-// gp.n[j]) = A_j^T B_j, the grid (every product's blocks one product after another, 1, slices), the slabs of
-// out_j from vec4 gp.slab[j] of out4 (then all summed by one matmul_split_sum of the same define into out4,
-// out4_2, out4_3 and out4_4). An absent product has no columns (gp.n[j] = 0): no blocks and no vec4s.
-// #if GROUP4
-var<private> member: u32;   // the product this workgroup (matmul_split_sum: thread) makes
-var<private> g_m: u32;      // its M and N, and where its A and B begin (floats)
-var<private> g_n: u32;
-var<private> g_a: u32;
-var<private> g_b: u32;
-
-fn dim_m() -> u32 { return g_m; }
-
-fn dim_n() -> u32 { return g_n; }
 // #endif
 
 // BATCHED, a conditional block as GROUPED (ops/matmul.py BatchedMatmul): matmul_tiled makes one product per
@@ -232,10 +201,7 @@ fn fetch_a(m0: u32, k0: u32, v: u32) -> vec4<f32> {
         // BIAS_ROW: A has mp.M - 1 columns (out's last row is the bias gradient's, made apart).
         let k = k0 + v / (BM / 4u);
         let m = m0 + 4u * (v % (BM / 4u));
-        // #if GROUP4
-        let cols = select(g_m, g_m - 1u, BIAS_ROW);
-        if (k < mp.K && m < cols) { x = a4[(g_a + k * cols + m) / 4u]; }
-        // #elif GROUPED
+        // #if GROUPED
         let cols = select(dim_m(), dim_m() - 1u, BIAS_ROW);
         if (k < mp.K && m < cols) {
             if (second) { x = a4_2[(k * cols + m) / 4u]; } else { x = a4[(k * cols + m) / 4u]; }
@@ -300,9 +266,7 @@ fn fetch_b(n0: u32, k0: u32, v: u32) -> vec4<f32> {
         // B (K, N): a vec4 runs along n.
         let k = k0 + v / (BN / 4u);
         let n = n0 + 4u * (v % (BN / 4u));
-        // #if GROUP4
-        if (k < mp.K && n < g_n) { x = b4[(g_b + k * g_n + n) / 4u]; }
-        // #elif GROUPED
+        // #if GROUPED
         let nn = dim_n();
         if (k < mp.K && n < nn) {
             if (second) { x = b4_2[(k * nn + n) / 4u]; } else { x = b4[(k * nn + n) / 4u]; }
@@ -388,18 +352,14 @@ fn epilogue4(o: u32, y: vec4<f32>) -> vec4<f32> {
 // out[m, n..n+4] (+)= v (+ bias), if inside: N % 4 == 0, so 4 columns are wholly inside or wholly outside.
 // Then the epilogue (EPILOGUE is 0 with split-K: the slabs are partial sums).
 fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
-    // #if GROUP4
-    if (m >= select(g_m, g_m - 1u, BIAS_ROW) || n >= g_n) { return; }
-    // #elif GROUPED
+    // #if GROUPED
     if (m >= select(dim_m(), dim_m() - 1u, BIAS_ROW) || n >= dim_n()) { return; }
     // #else
     if (m >= select(mp.M, mp.M - 1u, BIAS_ROW) || n >= mp.N) { return; }
     // #endif
     var y = v;
     if (HAS_BIAS) { y += bias4[n / 4u]; }
-    // #if GROUP4
-    let o = slab + (m * g_n + n) / 4u;
-    // #elif GROUPED
+    // #if GROUPED
     let o = slab + (m * dim_n() + n) / 4u;
     // #elif BATCHED
     let o = (c_off + m * bp.ldc + n) / 4u;
@@ -418,10 +378,7 @@ fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
 
 // BIAS_ROW: out's last row (mp.M - 1)[n..n+4] (+)= v.
 fn store_bias_row(slab: u32, n: u32, v: vec4<f32>) {
-    // #if GROUP4
-    if (n >= g_n) { return; }
-    let o = slab + ((g_m - 1u) * g_n + n) / 4u;
-    // #elif GROUPED
+    // #if GROUPED
     if (n >= dim_n()) { return; }
     let o = slab + ((dim_m() - 1u) * dim_n() + n) / 4u;
     // #else
@@ -438,27 +395,7 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
                 @builtin(local_invocation_id) lid: vec3u) {
     // GROUP: workgroup id w = wg.y nwg.x + wg.x takes block (by, bx): groups of GROUP block rows (fewer in the
     // last), column by column within a group, down the group's rows within a column.
-    // #if GROUP4
-    // grid (every product's blocks, one product after another, 1, slices)
-    var w = wg.x;
-    member = 0u;
-    var gx = (gp.n.x + BN - 1u) / BN;                              // the product's blocks along x and y
-    var gy = (select(gp.m.x, gp.m.x - 1u, BIAS_ROW) + BM - 1u) / BM;
-    for (var j = 1u; j < 4u && w >= gx * gy; j++) {
-        w -= gx * gy;
-        member = j;
-        gx = (gp.n[j] + BN - 1u) / BN;
-        gy = (select(gp.m[j], gp.m[j] - 1u, BIAS_ROW) + BM - 1u) / BM;
-    }
-    g_m = gp.m[member];
-    g_n = gp.n[member];
-    g_a = 4u * gp.a_off[member];
-    g_b = 4u * gp.b_off[member];
-    let group = w / (GROUP * gx);
-    let first = group * GROUP;
-    let rows = min(gy - first, GROUP);
-    let r = w - group * GROUP * gx;
-    // #elif GROUPED
+    // #if GROUPED
     // grid (blocks of out1 + blocks of out2, 1, slices): the first product's blocks, then the second's
     let gx1 = (mp.N + BN - 1u) / BN;
     let gy1 = (select(mp.M, mp.M - 1u, BIAS_ROW) + BM - 1u) / BM;
@@ -522,9 +459,7 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
     let k_begin = wg.z * mp.chunk;
     let k_end = min(mp.K, k_begin + mp.chunk);
     // #endif
-    // #if GROUP4
-    let slab = gp.slab[member] + wg.z * g_m * (g_n / 4u);
-    // #elif GROUPED
+    // #if GROUPED
     let slab = select(0u, mp2.chunk, second) + wg.z * dim_m() * (dim_n() / 4u);
     // #elif BATCHED
     let slab = 0u;
@@ -781,29 +716,13 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
 // then the epilogue.
 // GROUPED: both members of a grouped product in one pass: the threads past out1's vec4s sum out2's slabs (from vec4
 // mp2.chunk of split4, as the grouped product wrote them, with mp's slice count) into out4_2 (mp2.M, mp2.N).
-// GROUP4: every product of a group: the threads past out1's vec4s sum out2's slabs into out4_2, the next ones
-// out3's into out4_3 and out4's into out4_4 (each product's slabs from vec4 gp.slab[j] of split4).
 // #if GROUPED
 @group(0) @binding(20) var<storage, read_write> out4_2: array<vec4<f32>>;
-// #elif GROUP4
-@group(0) @binding(20) var<storage, read_write> out4_2: array<vec4<f32>>;
-@group(0) @binding(27) var<storage, read_write> out4_3: array<vec4<f32>>;
-@group(0) @binding(28) var<storage, read_write> out4_4: array<vec4<f32>>;
 // #endif
 @compute @workgroup_size(256)
 fn matmul_split_sum(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
                     @builtin(local_invocation_id) lid: vec3u) {
-    // #if GROUP4
-    var i = (wg.y * nwg.x + wg.x) * 256u + lid.x;
-    member = 0u;
-    var n4 = gp.m.x * (gp.n.x / 4u);
-    for (var q = 1u; q < 4u && i >= n4; q++) {
-        i -= n4;
-        member = q;
-        n4 = gp.m[q] * (gp.n[q] / 4u);
-    }
-    let j = gp.slab[member] + i;                     // the vec4 of the first slab
-    // #elif GROUPED
+    // #if GROUPED
     let i_all = (wg.y * nwg.x + wg.x) * 256u + lid.x;
     let n4_1 = mp.M * (mp.N / 4u);
     second = i_all >= n4_1;
@@ -840,21 +759,7 @@ fn matmul_split_sum(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) n
         y = select(y, y + x6, z + 6u <= last);
         y = select(y, y + x7, z + 7u <= last);
     }
-    // #if GROUP4
-    if (member > 0u) {              // a group's sums: no bias, no epilogue
-        if (member == 1u) {
-            if (ACCUMULATE) { y += out4_2[i]; }
-            out4_2[i] = y;
-        } else if (member == 2u) {
-            if (ACCUMULATE) { y += out4_3[i]; }
-            out4_3[i] = y;
-        } else {
-            if (ACCUMULATE) { y += out4_4[i]; }
-            out4_4[i] = y;
-        }
-        return;
-    }
-    // #elif GROUPED
+    // #if GROUPED
     if (second) {                   // a pair's sums: no bias, no epilogue
         if (ACCUMULATE) { y += out4_2[i]; }
         out4_2[i] = y;

@@ -8,7 +8,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-import probe_layer_group  # noqa: E402
 import probe_nt_as_nn  # noqa: E402
 import probe_pair_sum  # noqa: E402
 import probe_tiles  # noqa: E402
@@ -58,14 +57,3 @@ def test_probe_pair_sum_times_both_forms_and_finds_the_same_bits(monkeypatch, ca
     row = next(line for line in out.splitlines() if line.startswith("| small"))
     assert row.rstrip().endswith("| yes |")            # the grouped sum and the sums apart: the same bits
     assert float(row.split(" | ")[4]) > 0
-
-
-def test_probe_layer_group_times_the_three_forms(monkeypatch, capsys, tmp_path):
-    monkeypatch.setenv("TABGPT_CACHE", str(tmp_path))
-    out = run_main(probe_layer_group, monkeypatch, capsys, "--quick")
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")
-            and " x" not in line[:3] and not line.startswith("| ---") and not line.startswith("| form")}
-    assert set(rows) == {"group of four", "two pairs", "four apart"}, rows
-    for row in rows.values():
-        cells = row.rstrip(" |").split(" | ")
-        assert float(cells[2]) > 0 and float(cells[-1]) == 0.0   # the same tiles and slices in --quick: same bits

@@ -139,24 +139,16 @@ def test_forward_logits_and_loss_match_reference(model):
 
 
 def test_every_gradient_matches_reference(model):
-    # a layer's four weight gradients in one dispatch (MatmulGroup), their operands laid out for it
-    assert model.ops.layer_group is not None and model.ops.mlp_pair is None and model.acts.grouped
+    # the layers' weight gradients in pairs, one dispatch each (MatmulPair)
+    assert model.ops.mlp_pair is not None and model.ops.attn_pair is not None
     check_every_gradient(model)
-
-
-def test_every_gradient_matches_reference_with_the_weight_gradients_in_pairs(dev, monkeypatch):
-    """TABGPT_MATMUL_GROUP4=0: the MLP's two weight gradients in one dispatch, attention's in another (MatmulPair)."""
-    monkeypatch.setenv("TABGPT_MATMUL_GROUP4", "0")
-    m = wait(GPT.create(dev, config(), B, T))
-    assert m.ops.layer_group is None and m.ops.mlp_pair is not None and m.ops.attn_pair is not None
-    check_every_gradient(m)
 
 
 def test_every_gradient_matches_reference_with_the_weight_gradients_apart(dev, monkeypatch):
     """TABGPT_MATMUL_PAIRS=0: each Conv1D makes its own weight (and bias) gradient."""
     monkeypatch.setenv("TABGPT_MATMUL_PAIRS", "0")
     m = wait(GPT.create(dev, config(), B, T))
-    assert m.ops.mlp_pair is None and m.ops.attn_pair is None and m.ops.layer_group is None
+    assert m.ops.mlp_pair is None and m.ops.attn_pair is None
     check_every_gradient(m)
 
 

@@ -17,7 +17,7 @@ import pytest
 import reference
 from tabgpt.gpu import DEFAULT_LIMITS, GPUError, wait
 from tabgpt.ops.matmul import (TILES_CPU, TILES_LARGE, TILES_MEDIUM, TUNE_TILES, BiasGrad, Conv1D, LMHead, Matmul,
-                               MatmulGroup, MatmulPair, check_tiles, default_splits, default_tiles, is_cpu_adapter)
+                               MatmulPair, check_tiles, default_splits, default_tiles, is_cpu_adapter)
 
 RTOL = 1e-5
 B, T, C, Vp = 3, 37, 72, 1024
@@ -1074,95 +1074,6 @@ def test_pair_checks_its_operands_and_needs_one_reduction(dev):
     with pytest.raises(GPUError, match="matmul pair 2: tn 16x4x40"):
         pair.dispatch(seq, out1=ok, a1=ok, b1=ok, out2=ok, a2=small, b2=ok)
     assert pair.splits == 2 and len(seq) == 0
-
-
-# MatmulGroup: two to four weight-gradient products in one grouped dispatch (GROUP4), every A a view of one buffer
-# and every B of another, all summed by one more. Awkward shapes: M, N no multiple of any tile edge (multiples of
-# 4); the third has more rows than the others.
-GROUP_SHAPES = [(36, 20), (20, 52), (132, 12), (8, 28)]
-
-
-def group_operands(dev, ops):
-    """The products' A operands as views of one buffer (MatmulGroup.arena), likewise B, each out a buffer."""
-    a_buf, a_views = MatmulGroup.arena(dev, [a.size for a, _, _ in ops], "a-all")
-    b_buf, b_views = MatmulGroup.arena(dev, [b.size for _, b, _ in ops], "b-all")
-    for (a, b, _), av, bv in zip(ops, a_views, b_views):
-        dev.write(a_buf, a.tobytes(), av.offset)
-        dev.write(b_buf, b.tobytes(), bv.offset)
-    return [(upload(dev, init, "out"), av, bv) for (_, _, init), av, bv in zip(ops, a_views, b_views)]
-
-
-@pytest.mark.parametrize("members", [2, 3, 4])
-@pytest.mark.parametrize("splits", [2, 5])
-@pytest.mark.parametrize("tiles", list(PAIR_TILES))
-@pytest.mark.parametrize("bias_row", [False, True], ids=["plain", "bias_row"])
-def test_group_is_bit_identical_to_its_products_apart(dev, tiles, splits, bias_row, members):
-    # K = 93 rows; out accumulated into twice; on WebGPU's default limits (the group binds 5 storage buffers)
-    K, shapes = 93, GROUP_SHAPES[:members]
-    rng = np.random.default_rng(63)
-    ops = [(rng.standard_normal((K, m)).astype(np.float32), rng.standard_normal((K, n)).astype(np.float32),
-            rng.standard_normal((m + bias_row, n)).astype(np.float32)) for m, n in shapes]
-    t = PAIR_TILES[tiles]
-    group = wait(MatmulGroup.create(dev, shapes, K, accumulate=True, bias_row=bias_row, tiles=t, splits=splits))
-    assert group.grid[0] == sum(-(-n // t["BN"]) * -(-m // t["BM"]) for m, n in shapes)
-    products = group_operands(dev, ops)
-    run(dev, lambda seq: group.dispatch(seq, products), times=2)
-    for (m, n), (a, b, init), (out, _, _), member in zip(shapes, ops, products, group.members):
-        got = download(dev, out, (m + bias_row, n))
-        alone = wait(Matmul.create(dev, m, n, K, "tn", accumulate=True, bias_row=bias_row, tiles=t, splits=splits))
-        assert (alone.tiles, alone.splits) == (member.tiles, member.splits)
-        o = upload(dev, init, "out-alone")
-        run(dev, lambda seq: alone.dispatch(seq, out=o, a=upload(dev, a, "a"), b=upload(dev, b, "b")), times=2)
-        differ = got.view(np.uint32) != download(dev, o, (m + bias_row, n)).view(np.uint32)
-        assert not differ.any(), f"{tiles} x{splits} {m}x{n}: {differ.sum()} entries differ from the product apart"
-        a64, b64 = a.astype(np.float64), b.astype(np.float64)
-        ref, scale = a64.T @ b64, np.abs(a64).T @ np.abs(b64)
-        if bias_row:
-            ref, scale = np.vstack([ref, b64.sum(0)]), np.vstack([scale, np.abs(b64).sum(0)])
-        assert_product(f"group of {members} {tiles} x{splits} {m}x{n}", got, init + 2 * ref, 2 * scale + np.abs(init))
-
-
-def test_group_checks_its_products_and_where_their_operands_lie(dev):
-    t = dict(TILES_MEDIUM)
-    for shapes in ([(8, 12)], [(8, 12)] * 5):
-        with pytest.raises(GPUError, match=f"2 to 4 products, not {len(shapes)}"):
-            wait(MatmulGroup.create(dev, shapes, 40, tiles=t, splits=2))
-    shapes = [(8, 12), (16, 4), (12, 8)]
-    group = wait(MatmulGroup.create(dev, shapes, 40, tiles=t, splits=2))
-    ops = [(np.zeros((40, m), np.float32), np.zeros((40, n), np.float32), np.zeros((m, n), np.float32))
-           for m, n in shapes]
-    products = group_operands(dev, ops)
-    seq = dev.sequence("group")
-    with pytest.raises(GPUError, match="makes 3 products; got 2"):
-        group.dispatch(seq, products[:2])
-    small = dev.buffer(16, "small")
-    with pytest.raises(GPUError, match="matmul group product 3: tn 12x8x40: b binds 16 bytes"):
-        group.dispatch(seq, products[:2] + [(products[2][0], products[2][1], small)])
-    apart = upload(dev, ops[1][0], "a elsewhere")
-    with pytest.raises(GPUError, match="every product's A from one buffer"):
-        group.dispatch(seq, [products[0], (products[1][0], apart, products[1][2]), products[2]])
-    assert len(seq) == 0
-    run(dev, lambda s: group.dispatch(s, products))      # as laid out: fine
-
-
-def test_autotuned_group_is_remembered_under_its_members(dev, tune_cache):
-    from tabgpt.ops import matmul
-    matmul._tuned.pop(dev, None)
-    K, shapes = 256, [(64, 96), (32, 128), (96, 32)]
-    group = wait(MatmulGroup.create(dev, shapes, K, accumulate=False, bias_row=True, tiles="auto"))
-    keys = [k for choices in json.loads(tune_cache.read_text()).values() for k in choices if "+group:" in k]
-    assert keys == ["tn:64x96x256+bias_row+group:32x128,96x32"], keys
-    assert "+group:32x128,96x32" in dev.tune_log[-1]
-    rng = np.random.default_rng(62)
-    ops = [(rng.standard_normal((K, m)).astype(np.float32), rng.standard_normal((K, n)).astype(np.float32),
-            np.zeros((m + 1, n), np.float32)) for m, n in shapes]
-    products = group_operands(dev, ops)
-    run(dev, lambda seq: group.dispatch(seq, products))
-    for (m, n), (a, b, _), (out, _, _) in zip(shapes, ops, products):
-        a64, b64 = a.astype(np.float64), b.astype(np.float64)
-        ref = np.vstack([a64.T @ b64, b64.sum(0)])
-        scale = np.vstack([np.abs(a64).T @ np.abs(b64), np.abs(b64).sum(0)])
-        assert_product(f"autotuned group {m}x{n}", download(dev, out, (m + 1, n)), ref, scale)
 
 
 def test_autotuned_pair_matches_numpy_and_is_remembered(dev, tune_cache):

@@ -98,7 +98,7 @@ class Config:
         kept for the backward (about 17 n_embd floats per token per layer, the embeddings and the logits)."""
         P = self.n_params()
         tokens = self.batch_size * self.block_size
-        acts = tokens * (17 * self.n_layer * self.n_embd + 5 * self.n_embd + self.padded_vocab_size)
+        acts = tokens * (17 * self.n_layer * self.n_embd + 4 * self.n_embd + self.padded_vocab_size)
         # the attention backward's (B, n_head, T, T) scratches (the stored dS, or the products' S and dP), as "auto"
         # allocates them within WebGPU's default 128 MiB binding
         from tabgpt.ops.attention import backward_scratch_bytes

@@ -52,8 +52,7 @@ from tabgpt.ops.crossentropy import CrossEntropy
 from tabgpt.ops.elementwise import Elementwise, fold_grid
 from tabgpt.ops.embedding import Embedding
 from tabgpt.ops.layernorm import LayerNorm
-from tabgpt.ops.matmul import (Conv1D, LMHead, Matmul, MatmulGroup, MatmulPair, layer_groups_enabled, pairs_enabled,
-                               weight_and_bias)
+from tabgpt.ops.matmul import Conv1D, LMHead, Matmul, MatmulPair, pairs_enabled, weight_and_bias
 from tabgpt.ops.optim import AdamW
 
 ALIGN = 64     # floats: 256 bytes, the storage-buffer offset alignment WebGPU guarantees
@@ -134,32 +133,23 @@ class Activations:
                 return [buf(n, f"{label}.{l}") for l in range(L)]
             return [buf(n, label)] * L
 
-        # a training step's layers each lay out the inputs of their four weight gradients (fch_gelu, ln2, ln1, atty)
-        # in one buffer, and the gradients those products take (dres_mlp, d4C, d3C, dres_attn) share another, as
-        # one MatmulGroup reads them (ops/matmul.py), where such a buffer fits one binding. No dispatch may read one
-        # tensor of such a buffer while it writes another (WebGPU's usage rule), so c_fc's forward reads a copy of
-        # ln2 (ln2_in) and the residual gradients the group takes are copies of dres (dres_mlp, dres_attn).
-        self.grouped = backward and per_layer and layer_group_fits(dev, N, C)
-        if self.grouped:
-            acts = [MatmulGroup.arena(dev, [N * 4 * C, N * C, N * C, N * C], f"layer.{l}")[1] for l in range(L)]
         self.idx = buf(N, "idx")                          # (N,) u32
         self.encoded = buf(N * C, "encoded")              # (N, C)
-        self.ln1 = [v[2] for v in acts] if self.grouped else layers(N * C, "ln1")   # (N, C) per layer
+        self.ln1 = layers(N * C, "ln1")                   # (N, C) per layer
         self.ln1_mean = layers(N, "ln1_mean")             # (N,)
         self.ln1_rstd = layers(N, "ln1_rstd")             # (N,)
         self.qkv = qkv or layers(N * 3 * C, "qkv")        # (N, 3C)
-        self.atty = [v[3] for v in acts] if self.grouped else layers(N * C, "atty")   # (N, C)
+        self.atty = layers(N * C, "atty")                 # (N, C)
         self.lse = layers(B * NH * T, "lse")              # (B, NH, T)
         self.res2 = layers(N * C, "res2")                 # (N, C)
         if per_layer:
-            self.ln2 = [v[1] for v in acts] if self.grouped else layers(N * C, "ln2")   # (N, C)
+            self.ln2 = layers(N * C, "ln2")               # (N, C)
             self.ln2_mean = layers(N, "ln2_mean")         # (N,)
             self.ln2_rstd = layers(N, "ln2_rstd")         # (N,)
         else:
             self.ln2, self.ln2_mean, self.ln2_rstd = self.ln1, self.ln1_mean, self.ln1_rstd
         self.fch = layers(N * 4 * C, "fch")               # (N, 4C)
-        self.fch_gelu = [v[0] for v in acts] if self.grouped else layers(N * 4 * C, "fch_gelu")   # (N, 4C)
-        self.ln2_in = buf(N * C, "ln2_in") if self.grouped else None   # (N, C) c_fc forward's input: ln2's copy
+        self.fch_gelu = layers(N * 4 * C, "fch_gelu")     # (N, 4C)
         # the residual stream after each block; forward only, it stays in `encoded` (res2 + mlp writes it back)
         self.res3 = layers(N * C, "res3") if per_layer else [self.encoded] * L
         if not backward:
@@ -171,21 +161,10 @@ class Activations:
         self.logits = buf(N * Vp, "logits")               # (N, Vp), dlogits after the backward
         self.losses = buf(N, "losses")                    # (N,)
         self.correct = buf(N, "correct")                  # (N,) u32: top-1 hits (eval_metrics)
-        self.dC = buf(N * C, "dC")                        # (N, C) scratch gradients
         self.dres = buf(N * C, "dres")                    # (N, C) gradient of the residual stream
-        if self.grouped:   # (N, C) copies of res3's and res2's gradients (dres), for c_proj's weight gradients
-            _, (self.dres_mlp, self.d4C, self.d3C, self.dres_attn) = MatmulGroup.arena(
-                dev, [N * C, N * 4 * C, N * 3 * C, N * C], "grads")
-        else:
-            self.d3C = buf(N * 3 * C, "d3C")              # (N, 3C)
-            self.d4C = buf(N * 4 * C, "d4C")              # (N, 4C)
-
-
-def layer_group_fits(dev: Device, N: int, C: int) -> bool:
-    """Whether a layer's weight-gradient operands fit one binding each (a MatmulGroup's; the larger is the
-    gradients', N x 9C floats)."""
-    need = 4 * N * 9 * C + 4 * 256
-    return need <= min(dev.limits["max-storage-buffer-binding-size"], dev.limits["max-buffer-size"])
+        self.dC = buf(N * C, "dC")                        # (N, C) scratch gradients
+        self.d3C = buf(N * 3 * C, "d3C")                  # (N, 3C)
+        self.d4C = buf(N * 4 * C, "d4C")                  # (N, 4C)
 
 
 async def conv1d(dev: Device, M: int, K: int, N: int, backward: bool, **epilogues) -> Conv1D:
@@ -221,24 +200,15 @@ class Ops:
         self.c_fc = await conv1d(dev, N, C, 4 * C, backward, forward_epilogue="gelu", fuse_bias_grad=fb)
         self.mlp_proj = await conv1d(dev, N, 4 * C, C, backward, forward_epilogue="residual", dinp_gelu_grad=True,
                                      fuse_bias_grad=fb)
-        # a layer's four weight gradients in one dispatch at the end of its backward (MatmulGroup: mlp c_proj's,
-        # c_fc's, c_attn's, attn c_proj's), where their operands fit one binding each (Activations lays them out
-        # so); else the MLP's two in one dispatch and attention's two in another (MatmulPair: the products of a
-        # layer's backward that have their operands at the same time)
-        self.layer_group = self.mlp_pair = self.attn_pair = None
+        # the weight gradients of the MLP's two products in one dispatch, and of attention's two in another (the
+        # products of a layer's backward that have their operands at the same time): MatmulPair
+        self.mlp_pair = self.attn_pair = None
         if backward and fb and pairs_enabled():
-            if layer_groups_enabled() and layer_group_fits(dev, N, C):
-                try:
-                    self.layer_group = await MatmulGroup.create(dev, [(4 * C, C), (C, 4 * C), (C, 3 * C), (C, C)],
-                                                                N, bias_row=True)
-                except GPUError:                  # a reduction beyond one binding: the pairs, or apart
-                    self.layer_group = None
-            if self.layer_group is None:
-                try:
-                    self.mlp_pair = await MatmulPair.create(dev, (4 * C, C), (C, 4 * C), N, bias_row=True)
-                    self.attn_pair = await MatmulPair.create(dev, (C, 3 * C), (C, C), N, bias_row=True)
-                except GPUError:                  # a reduction beyond one binding: the products apart
-                    self.mlp_pair = self.attn_pair = None
+            try:
+                self.mlp_pair = await MatmulPair.create(dev, (4 * C, C), (C, 4 * C), N, bias_row=True)
+                self.attn_pair = await MatmulPair.create(dev, (C, 3 * C), (C, C), N, bias_row=True)
+            except GPUError:                      # a reduction beyond one binding: the products apart
+                self.mlp_pair = self.attn_pair = None
         if head:
             if backward:
                 self.lm_head = await LMHead.create(dev, N, C, Vp)
@@ -270,11 +240,7 @@ def forward_blocks(seq: Sequence, o: Ops, a: Activations, p: dict, cfg: Config):
                             bias=p[h + "attn.c_proj.bias"], residual=x)                  # (N, C) = x + ...
         o.ln.forward(seq, out=a.ln2[l], mean=a.ln2_mean[l], rstd=a.ln2_rstd[l], inp=a.res2[l],
                      weight=p[h + "ln_2.weight"], bias=p[h + "ln_2.bias"])
-        fc_in = a.ln2[l]
-        if a.ln2_in is not None:   # ln2 and fch_gelu lie in one buffer (Activations): c_fc reads ln2's copy
-            o.ew.copy(seq, a.ln2_in, a.ln2[l], n=a.N * cfg.n_embd)
-            fc_in = a.ln2_in
-        o.c_fc.forward(seq, out=a.fch[l], inp=fc_in, weight=p[h + "mlp.c_fc.weight"],
+        o.c_fc.forward(seq, out=a.fch[l], inp=a.ln2[l], weight=p[h + "mlp.c_fc.weight"],
                        bias=p[h + "mlp.c_fc.bias"], gelu_out=a.fch_gelu[l])              # (N, 4C) both
         o.mlp_proj.forward(seq, out=a.res3[l], inp=a.fch_gelu[l], weight=p[h + "mlp.c_proj.weight"],
                            bias=p[h + "mlp.c_proj.bias"], residual=a.res2[l])            # (N, C) = res2 + ...
@@ -304,37 +270,27 @@ def backward(seq: Sequence, o: Ops, a: Activations, p: dict, g: dict, cfg: Confi
         x = a.encoded if l == 0 else a.res3[l - 1]
         # a.dres is the gradient of res3: back through the MLP (d4C: the gradient of fch, through the GELU)
         mp, fc, ap, ca = (h + n for n in ("mlp.c_proj.", "mlp.c_fc.", "attn.c_proj.", "attn.c_attn."))
-        paired, grouped = o.mlp_pair is not None, o.layer_group is not None
-        if grouped and not a.grouped:
-            raise GPUError("a layer's weight-gradient group needs Activations laid out for it (a training step's)")
-        apart = not (paired or grouped)   # each Conv1D's backward makes its own weight gradient
+        paired = o.mlp_pair is not None
         o.mlp_proj.backward(seq, dinp=a.d4C, dweight=g[mp + "weight"], dbias=g[mp + "bias"], dout=a.dres,
-                            inp=a.fch_gelu[l], weight=p[mp + "weight"], gelu_pre=a.fch[l], weight_grad=apart)
+                            inp=a.fch_gelu[l], weight=p[mp + "weight"], gelu_pre=a.fch[l], weight_grad=not paired)
         o.c_fc.backward(seq, dinp=a.dC, dweight=g[fc + "weight"], dbias=g[fc + "bias"], dout=a.d4C, inp=a.ln2[l],
-                        weight=p[fc + "weight"], weight_grad=apart)
+                        weight=p[fc + "weight"], weight_grad=not paired)
         if paired:        # both weight gradients, before ln_2's backward adds into a.dres
             o.mlp_pair.dispatch(seq, out1=weight_and_bias(g[mp + "weight"], g[mp + "bias"]), a1=a.fch_gelu[l],
                                 b1=a.dres, out2=weight_and_bias(g[fc + "weight"], g[fc + "bias"]), a2=a.ln2[l],
                                 b2=a.d4C)
-        if grouped:       # res3's gradient for mlp c_proj's weight gradient, before ln_2's backward adds into a.dres
-            o.ew.copy(seq, a.dres_mlp, a.dres, n=N * C)
         o.ln.backward(seq, dinp=a.dres, dweight=g[h + "ln_2.weight"], dbias=g[h + "ln_2.bias"], dout=a.dC,
                       inp=a.res2[l], weight=p[h + "ln_2.weight"], mean=a.ln2_mean[l], rstd=a.ln2_rstd[l])
         # a.dres is now the gradient of res2: back through attention
         o.attn_proj.backward(seq, dinp=a.dC, dweight=g[ap + "weight"], dbias=g[ap + "bias"], dout=a.dres,
-                             inp=a.atty[l], weight=p[ap + "weight"], weight_grad=apart)
+                             inp=a.atty[l], weight=p[ap + "weight"], weight_grad=not paired)
         o.attn.backward(seq, dqkv=a.d3C, dout=a.dC, qkv=a.qkv[l], out=a.atty[l], lse=a.lse[l])
         o.c_attn.backward(seq, dinp=a.dC, dweight=g[ca + "weight"], dbias=g[ca + "bias"], dout=a.d3C,
-                          inp=a.ln1[l], weight=p[ca + "weight"], weight_grad=apart)
+                          inp=a.ln1[l], weight=p[ca + "weight"], weight_grad=not paired)
         if paired:        # both weight gradients, before ln_1's backward adds into a.dres
             o.attn_pair.dispatch(seq, out1=weight_and_bias(g[ca + "weight"], g[ca + "bias"]), a1=a.ln1[l],
                                  b1=a.d3C, out2=weight_and_bias(g[ap + "weight"], g[ap + "bias"]), a2=a.atty[l],
                                  b2=a.dres)
-        if grouped:       # the layer's four weight gradients (d4C and d3C are still the MLP's and attention's)
-            o.ew.copy(seq, a.dres_attn, a.dres, n=N * C)   # res2's gradient, before ln_1's backward adds into a.dres
-            o.layer_group.dispatch(seq, [(weight_and_bias(g[n + "weight"], g[n + "bias"]), x_in, dy) for n, x_in, dy in
-                                         ((mp, a.fch_gelu[l], a.dres_mlp), (fc, a.ln2[l], a.d4C),
-                                          (ca, a.ln1[l], a.d3C), (ap, a.atty[l], a.dres_attn))])
         o.ln.backward(seq, dinp=a.dres, dweight=g[h + "ln_1.weight"], dbias=g[h + "ln_1.bias"], dout=a.dC,
                       inp=x, weight=p[h + "ln_1.weight"], mean=a.ln1_mean[l], rstd=a.ln1_rstd[l])
     o.emb.backward(seq, dwte=g["transformer.wte.weight"], dwpe=g["transformer.wpe.weight"], dout=a.dres, idx=a.idx)

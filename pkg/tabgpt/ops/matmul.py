@@ -36,7 +36,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from tabgpt.gpu import Buffer, Device, GPUError, Sequence, View
+from tabgpt.gpu import Buffer, Device, GPUError, Sequence
 from tabgpt.ops.elementwise import MAX_GROUPS, bound_at_least, fold_grid, span
 
 FILE = "matmul.wgsl"
@@ -170,12 +170,6 @@ def pairs_enabled() -> bool:
     return os.environ.get("TABGPT_MATMUL_PAIRS", "1") != "0"
 
 
-def layer_groups_enabled() -> bool:
-    """Whether a layer's four weight gradients share one dispatch (MatmulGroup) instead of two pairs (MatmulPair);
-    TABGPT_MATMUL_GROUP4=0 keeps the pairs."""
-    return os.environ.get("TABGPT_MATMUL_GROUP4", "1") != "0"
-
-
 def autotune_enabled(dev: Device, flops: float | None = None) -> bool:
     """Autotune on GPUs natively (not on CPU adapters, where timings say little; not in the browser, where one
     compile costs more than it would save), products of at least TUNE_MIN_FLOPS (when flops is given), unless
@@ -225,18 +219,15 @@ def _save_tune_file(dev: Device, choices: dict):
 
 
 async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates: list | None = None,
-                   persist: bool = True, bias_row: bool = False, pair: tuple[int, int] | None = None,
-                   group: tuple[tuple[int, int], ...] = ()) -> tuple[dict, int]:
+                   persist: bool = True, bias_row: bool = False,
+                   pair: tuple[int, int] | None = None) -> tuple[dict, int]:
     """(tiles, splits) of the fastest candidate for an out (M, N) = op(A) (M, K) @ op(B) (K, N) product on dev,
     timed on zero-filled operands; remembered per device (and on disk when persist). pair (M2, N2): the same for a
-    MatmulPair of this tn product and an (M2, N2) one with the same K, timed together; group ((M2, N2), ...): for
-    a MatmulGroup of this tn product and the others."""
+    MatmulPair of this tn product and an (M2, N2) one with the same K, timed together."""
     choices = _tuned.get(dev)
     if choices is None:
         choices = _tuned[dev] = _load_tune_file(dev) if persist else {}
-    group = tuple(tuple(g) for g in group)
-    key = (f"{layout}:{M}x{N}x{K}" + ("+bias_row" if bias_row else "") + (f"+pair:{pair[0]}x{pair[1]}" if pair else "")
-           + ("+group:" + ",".join(f"{m}x{n}" for m, n in group) if group else ""))
+    key = f"{layout}:{M}x{N}x{K}" + ("+bias_row" if bias_row else "") + (f"+pair:{pair[0]}x{pair[1]}" if pair else "")
     if key in choices:
         try:
             t, splits = choices[key]
@@ -255,12 +246,6 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
         a2, b2 = dev.buffer(4 * K * M2, "tune-a2"), dev.buffer(4 * K * N2, "tune-b2")
         out2 = dev.buffer(4 * (M2 + bias_row) * N2, "tune-out2")
         flops += 2.0 * M2 * N2 * K
-    if group:
-        # the group's operands as it meets them: every A inside one buffer, every B inside another
-        a_all, a_views = MatmulGroup.arena(dev, [K * m for m, _ in [(M, N), *group]], "tune-a")
-        b_all, b_views = MatmulGroup.arena(dev, [K * n for _, n in [(M, N), *group]], "tune-b")
-        outs = [out] + [dev.buffer(4 * (m + bias_row) * n, "tune-out") for m, n in group]
-        flops += sum(2.0 * m * n * K for m, n in group)
     results = []
 
     async def build(tiles, splits):
@@ -270,10 +255,6 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
             mm = await MatmulPair.create(dev, (M, N), pair, K, accumulate=False, bias_row=bias_row, tiles=tiles,
                                          splits=splits)
             mm.dispatch(seq, out1=out, a1=a, b1=b, out2=out2, a2=a2, b2=b2)
-        elif group:
-            mm = await MatmulGroup.create(dev, [(M, N), *group], K, accumulate=False, bias_row=bias_row, tiles=tiles,
-                                          splits=splits)
-            mm.dispatch(seq, list(zip(outs, a_views, b_views)))
         else:
             mm = await Matmul.create(dev, M, N, K, layout, tiles=tiles, splits=splits, bias_row=bias_row)
             mm.dispatch(seq, out=out, a=a, b=b)
@@ -670,122 +651,6 @@ class MatmulPair:
                      bias4=m1.no_bias, out4=slabs, aux4=m1.no_aux)
         seq.dispatch(self.sum_kernel, self.sum_grid, mp=m1.chunks[0][2], mp2=self.params2, split4=slabs, out4=out1,
                      out4_2=out2, bias4=m1.no_bias, aux4=m1.no_aux)
-
-
-class MatmulGroup:
-    """Two to four weight-gradient products with the same reduction length K in ONE dispatch (matmul_tiled GROUP4),
-    then all summed from their split-K slabs by one more (matmul_split_sum GROUP4):
-
-        out_j (M_j [+1], N_j) [+]= A_j (K, M_j)^T @ B_j (K, N_j)
-
-    (layout tn; bias_row as Matmul's: each out has a last row more, the column sums of its B): a layer's four
-    weight gradients. Every A is a view of ONE buffer and every B of another (arena() makes such views; the model's
-    activations and gradients are laid out so), so that a workgroup reads its product's operands at an offset
-    instead of choosing among bindings (which made NVIDIA's compiler slow the product's loop). Products that each
-    fill a wave of workgroups or less fill the GPU together, with fewer slices each. Each member is a Matmul with
-    the same tiles and split count (its uniform and checks); every output is the same fma chain, and the same sum
-    of slices in the same order, as its member's alone: bit-identical. 5 storage buffers (7 for the sum)."""
-
-    def __init__(self, dev, members, kernel, grid, scratch, slabs, sum_kernel, sum_grid, dummy, bias_row):
-        self.dev, self.members, self.kernel, self.grid = dev, members, kernel, grid
-        self.scratch, self.slabs = scratch, slabs          # slabs: each member's (offset, bytes) in scratch
-        self.sum_kernel, self.sum_grid, self.dummy, self.bias_row = sum_kernel, sum_grid, dummy, bias_row
-        self.tiles, self.splits = members[0].tiles, members[0].splits
-        self._params: dict[tuple, Buffer] = {}            # the group's uniform per layout of the operands
-
-    @staticmethod
-    def arena(dev: Device, floats: list[int], label: str) -> tuple[Buffer, list[View]]:
-        """One buffer holding tensors of the given float counts, each a view starting 256-byte aligned (where a
-        binding may start): the operands of a group as it wants them."""
-        offsets, end = [], 0
-        for n in floats:
-            offsets.append(end)
-            end = -(-(end + 4 * n) // 256) * 256
-        buf = dev.buffer(end, label)
-        return buf, [View(buf, o, 4 * n) for o, n in zip(offsets, floats)]
-
-    @classmethod
-    async def create(cls, dev: Device, shapes: list[tuple[int, int]], K: int, accumulate: bool = True,
-                     bias_row: bool = False, tiles: dict | None = None, splits: int | None = None) -> "MatmulGroup":
-        """shapes: (M, N) of each product (without bias_row's extra row), 2 to 4 of them. tiles and splits None: the
-        autotuner times the group as a whole where it is on (else the per-adapter defaults); tiles "auto": always."""
-        shapes = [(int(m), int(n)) for m, n in shapes]
-        if not 2 <= len(shapes) <= 4:
-            raise GPUError(f"a MatmulGroup makes 2 to 4 products, not {len(shapes)}")
-        if tiles == "auto" or tiles is None and splits is None and \
-                autotune_enabled(dev, 2.0 * sum(m * n for m, n in shapes) * K):
-            tiles, splits = await autotune(dev, *shapes[0], K, "tn", bias_row=bias_row, group=tuple(shapes[1:]))
-        tiles = dict(tiles or default_tiles(dev, sum(m for m, _ in shapes), max(n for _, n in shapes), K))
-        if splits is None:
-            splits = default_splits(dev, sum(-(-n // tiles["BN"]) * -(-m // tiles["BM"]) for m, n in shapes), K)
-        splits = max(2, int(splits))                       # the slabs are where the products meet
-        ms = [await Matmul.create(dev, m, n, K, "tn", accumulate=accumulate, variant="tiled", tiles=tiles,
-                                  splits=splits, bias_row=bias_row) for m, n in shapes]
-        if any(len(m.chunks) != 1 or m.splits != ms[0].splits or m.chunks[0][3][2] != ms[0].chunks[0][3][2]
-               for m in ms):
-            raise GPUError(f"a MatmulGroup needs every {K}-long reduction in one binding with the same slices; "
-                           f"make the products apart (Matmul)")
-        kernel = await dev.kernel(FILE, "matmul_tiled", dict({"A_T": True, "B_T": False,
-                                                              **({"BIAS_ROW": True} if bias_row else {})}, **tiles),
-                                  defines={"GROUP4"})
-        sum_kernel = await dev.kernel(FILE, "matmul_split_sum", {"ACCUMULATE": accumulate}, defines={"GROUP4"})
-        z = ms[0].chunks[0][3][2]
-        slabs, end = [], 0
-        for m in ms:                                       # each member's slabs, 256-byte aligned
-            slabs.append((end, 4 * z * m.out_rows * m.N))
-            end = -(-(end + slabs[-1][1]) // 256) * 256
-        blocks = sum(m.chunks[0][3][0] * m.chunks[0][3][1] for m in ms)
-        if blocks > MAX_GROUPS:
-            raise GPUError(f"a MatmulGroup of {blocks} blocks exceeds {MAX_GROUPS} workgroups along x")
-        vec4s = sum(m.out_rows * m.N // 4 for m in ms)
-        return cls(dev, ms, kernel, (blocks, 1, z), shared_scratch(dev, end), slabs, sum_kernel,
-                   fold_grid(-(-vec4s // SUM_WG)), dev.buffer(16, "matmul-group-absent"), bias_row)
-
-    def _binding(self, views: list, what: str) -> tuple[View, list[int]]:
-        """The one binding that holds every product's operand `what`, and each operand's first vec4 in it."""
-        spans = [span(v) for v in views]
-        buf = spans[0][0]
-        if any(b is not buf for b, _, _ in spans):
-            raise GPUError(f"a MatmulGroup reads every product's {what} from one buffer (views of it: "
-                           f"MatmulGroup.arena); these are in {len({id(b) for b, _, _ in spans})}")
-        if any(o % 16 for _, o, _ in spans):
-            raise GPUError(f"a MatmulGroup's {what} operands must start at multiples of 16 bytes")
-        lo = min(o for _, o, _ in spans) // 256 * 256
-        hi = max(o + n for _, o, n in spans)
-        limit = self.dev.limits["max-storage-buffer-binding-size"]
-        if hi - lo > limit:
-            raise GPUError(f"a MatmulGroup's {what} operands span {hi - lo} bytes, beyond this device's binding limit "
-                           f"of {limit}: make the products apart or in pairs")
-        return View(buf, lo, hi - lo), [(o - lo) // 16 for _, o, _ in spans]
-
-    def dispatch(self, seq: Sequence, products: list[tuple]):
-        """Append every product, products[j] = (out_j, a_j, b_j), every a_j a view of one buffer and every b_j of
-        another: the grouped slab product, then the grouped sum into each out ([+]=)."""
-        if len(products) != len(self.members):
-            raise GPUError(f"this MatmulGroup makes {len(self.members)} products; got {len(products)}")
-        for j, (m, (out, a, b)) in enumerate(zip(self.members, products), 1):
-            name = f"matmul group product {j}: tn {m.M}x{m.N}x{m.K}"
-            bound_at_least(out, (m.out_rows, m.N), name, "out")
-            bound_at_least(a, (m.K, m.M), name, "a")
-            bound_at_least(b, (m.K, m.N), name, "b")
-        a4, a_offs = self._binding([a for _, a, _ in products], "A")
-        b4, b_offs = self._binding([b for _, _, b in products], "B")
-        key = (tuple(a_offs), tuple(b_offs))
-        if key not in self._params:
-            pad = 4 - len(self.members)                    # absent products: no columns
-            rows = [m.out_rows for m in self.members] + [int(self.bias_row)] * pad
-            cols = [m.N for m in self.members] + [0] * pad
-            self._params[key] = self.dev.uniform(struct.pack(
-                "<20I", *rows, *cols, *a_offs, *[0] * pad, *b_offs, *[0] * pad,
-                *[o // 16 for o, _ in self.slabs], *[0] * pad), "matmul-group-params")
-        gp, m0 = self._params[key], self.members[0]
-        base, size = self.slabs[-1]
-        slabs = self.scratch.view(0, base + size)
-        seq.dispatch(self.kernel, self.grid, mp=m0.chunks[0][2], gp=gp, a4=a4, b4=b4, bias4=m0.no_bias, out4=slabs,
-                     aux4=m0.no_aux)
-        outs = [out for out, _, _ in products] + [self.dummy] * (4 - len(products))
-        seq.dispatch(self.sum_kernel, self.sum_grid, mp=m0.chunks[0][2], gp=gp, split4=slabs, out4=outs[0],
-                     out4_2=outs[1], out4_3=outs[2], out4_4=outs[3], bias4=m0.no_bias, aux4=m0.no_aux)
 
 
 @dataclass(frozen=True)
