@@ -8,6 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import probe_bias_rows  # noqa: E402
 import probe_nt_as_nn  # noqa: E402
 import probe_pair_sum  # noqa: E402
 import probe_tiles  # noqa: E402
@@ -57,3 +58,11 @@ def test_probe_pair_sum_times_both_forms_and_finds_the_same_bits(monkeypatch, ca
     row = next(line for line in out.splitlines() if line.startswith("| small"))
     assert row.rstrip().endswith("| yes |")            # the grouped sum and the sums apart: the same bits
     assert float(row.split(" | ")[4]) > 0
+
+
+def test_probe_bias_rows_times_each_pair_with_and_without(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("TABGPT_CACHE", str(tmp_path))
+    out = run_main(probe_bias_rows, monkeypatch, capsys, "--quick")
+    rows = [line for line in out.splitlines() if line.startswith("| small")]
+    assert [r.split(" | ")[1] for r in rows] == ["yes", "no"], rows
+    assert all(float(r.split(" | ")[3]) > 0 for r in rows) and rows[1].rstrip().endswith("| 1.000 |")
