@@ -187,6 +187,7 @@ override N_BUF: u32 = select(1u, 2u, DB);        // copies of each tile
 override WG_X: u32 = BN / TN;
 override WG_Y: u32 = BM / TM;
 override N_THREADS: u32 = WG_X * WG_Y;
+override BIAS_G: u32 = N_THREADS / (BN / 4u);   // BIAS_ROW's row groups of threads (N_THREADS >= BN / 4)
 
 // Slices of op(A) and op(B), k-major: as_tile[kk][m] and bs_tile[kk][n], as vec4 along m and n; with DB two
 // copies one after the other (copy c starts at vec4 c*BK*BM/4 of as_tile and c*BK*BN/4 of bs_tile).
@@ -512,13 +513,11 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
     }
     let kzero = mp.K >> 31u;   // FENCE: 0
     var cur = 0u;   // DB: the tile copy of the slice being multiplied
-    // BIAS_ROW: the threads of the first row of threads of the first block row sum B's columns (their column
-    // groups) over the slice's k, in order, for out's last row.
-    let bias_thread = BIAS_ROW && by == 0u && lid.y == 0u;
-    var bsum0 = vec4(0.0);
-    var bsum1 = vec4(0.0);
-    var bsum2 = vec4(0.0);
-    var bsum3 = vec4(0.0);
+    // BIAS_ROW: the first block row's workgroups also sum B's columns over k for out's last row. Thread tid =
+    // g * BN/4 + c (g < BIAS_G row groups) adds rows g, g + BIAS_G, ... of each slice's column vec4 c, after the
+    // slice's products; the groups' sums are added in order after the loop. So every warp takes a share outside
+    // the loop over rows (one row of threads taking it all inside that loop held every warp at the barriers).
+    var bsum = vec4(0.0);
     for (var k0 = k_begin; k0 < k_end; k0 += BK) {
         if (!PREFETCH) {
             load_tiles(m0, n0, k0, tid);
@@ -614,14 +613,6 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
                 acc[14] = outer4(acc[14], a_hi.w, b_lo);
                 if (TN >= 8u) { acc[15] = outer4(acc[15], a_hi.w, b_hi); }
             }
-            if (bias_thread) {
-                bsum0 += b_lo;
-                if (TN >= 8u) { bsum1 += b_hi; }
-                if (TN == 16u) {
-                    bsum2 += b_2;
-                    bsum3 += b_3;
-                }
-            }
             if (TN == 16u) {
                 acc[16] = outer4(acc[16], a_lo.x, b_2);
                 acc[17] = outer4(acc[17], a_lo.x, b_3);
@@ -643,6 +634,11 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
                 }
             }
         }
+        if (BIAS_ROW && by == 0u && tid < BIAS_G * (BN / 4u)) {
+            for (var kk = tid / (BN / 4u); kk < BK; kk += BIAS_G) {
+                bsum += bs_tile[ob + kk * (BN / 4u) + tid % (BN / 4u)];
+            }
+        }
         if (DB) {
             // Slice i+1 into the other copy (nothing after the last slice).
             if (k1 < k_end) {
@@ -654,16 +650,20 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
         workgroupBarrier();
     }
 
-    let m = m0 + 4u * ga_lo;
-    let n = n0 + 4u * gb_lo;
-    if (bias_thread) {
-        store_bias_row(slab, n, bsum0);
-        if (TN >= 8u) { store_bias_row(slab, n0 + 4u * gb_hi, bsum1); }
-        if (TN == 16u) {
-            store_bias_row(slab, n0 + 4u * gb_2, bsum2);
-            store_bias_row(slab, n0 + 4u * gb_3, bsum3);
+    // BIAS_ROW: the row groups' sums, added in order, into out's last row (through the tiles' workgroup memory,
+    // free once every thread has passed the loop's last barrier).
+    if (BIAS_ROW) {
+        let groups = min(BIAS_G, BK);   // the groups that had rows
+        if (by == 0u && tid < groups * (BN / 4u)) { bs_tile[tid] = bsum; }
+        workgroupBarrier();
+        if (by == 0u && tid < BN / 4u) {
+            var s = bs_tile[tid];
+            for (var g = 1u; g < groups; g++) { s += bs_tile[g * (BN / 4u) + tid]; }
+            store_bias_row(slab, n0 + 4u * tid, s);
         }
     }
+    let m = m0 + 4u * ga_lo;
+    let n = n0 + 4u * gb_lo;
     store4(slab, m, n, acc[0]);
     store4(slab, m + 1u, n, acc[2]);
     store4(slab, m + 2u, n, acc[4]);

@@ -834,6 +834,14 @@ def test_bias_row_product_gives_weight_and_bias_gradients(dev, splits, tiles, ma
     assert_product(f"bias_row {tiles} x{splits}", got, ref, scale)
 
 
+def test_bias_row_needs_a_thread_for_each_column_vec4(dev):
+    # each of the block's BN/4 column vec4s is summed by threads of its own (BIAS_G row groups of them)
+    t = {"BM": 8, "BN": 128, "BK": 8, "TM": 8, "TN": 16}     # 8 threads, 32 column vec4s
+    with pytest.raises(GPUError, match="bias_row needs a thread for each of the block's 32 column vec4s"):
+        wait(Matmul.create(dev, 16, 128, 64, "tn", bias_row=True, tiles=dict(t), splits=1))
+    wait(Matmul.create(dev, 16, 128, 64, "tn", tiles=dict(t), splits=1))      # without the row: fine
+
+
 def test_conv1d_fused_bias_grad_matches_the_separate_pass(dev):
     Kin, Nout = C, 3 * C
     rng = np.random.default_rng(53)

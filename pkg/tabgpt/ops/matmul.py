@@ -452,6 +452,9 @@ class Matmul:
         if variant == "tiled":
             tiles = dict(tiles or default_tiles(dev, M, N, K))
             check_tiles(dev, tiles)
+            if bias_row and (tiles["BM"] // tiles["TM"]) * (tiles["BN"] // tiles["TN"]) < tiles["BN"] // 4:
+                raise GPUError(f"bias_row needs a thread for each of the block's {tiles['BN'] // 4} column vec4s; "
+                               f"tiles {tiles_label(tiles)} have fewer")
             consts.update(tiles)
             entry, bm, bn, bk = "matmul_tiled", tiles["BM"], tiles["BN"], tiles["BK"]
         else:
