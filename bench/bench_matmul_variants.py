@@ -100,15 +100,18 @@ def f16_variant(src: str) -> str:
         sub(f"var {v} = vec4(0.0);", f"var {v} = vec4<f16>(0.0);")
     sub("            if (FENCE) { acc[0] = outer4(acc[0], a_lo.x, b_lo); }\n", "")
     i = src.index("            if (!FENCE) { acc[0] = outer4(acc[0], a_lo.x, b_lo); }")
-    j = src.index("            if (bias_thread) {")
+    j = src.index("            if (TN == 16u) {\n                acc[16]")
     rows = ("a_lo.x", "a_lo.y", "a_lo.z", "a_lo.w", "a_hi.x", "a_hi.y", "a_hi.z", "a_hi.w")
     pairs = ("b_lo.xy", "b_lo.zw", "b_hi.xy", "b_hi.zw")
     fmas = "".join(f"            h[{4 * r + q}] = fma(vec2<f16>({a}), {b}, h[{4 * r + q}]);\n"
                    for r, a in enumerate(rows) for q, b in enumerate(pairs))
     src = src[:i] + "            if (TM != 8u || TN != 8u) { return; }\n" + fmas + src[j:]
-    for k in range(4):
-        b = ("b_lo", "b_hi", "b_2", "b_3")[k]
-        sub(f"bsum{k} += {b};", f"bsum{k} += vec4<f32>({b});")
+    # BIAS_ROW's column sums (unused here) read and write the f16 tiles
+    sub("bsum += bs_tile[ob + kk * (BN / 4u) + tid % (BN / 4u)];",
+        "bsum += vec4<f32>(bs_tile[ob + kk * (BN / 4u) + tid % (BN / 4u)]);")
+    sub("bs_tile[tid] = bsum;", "bs_tile[tid] = vec4<f16>(bsum);")
+    sub("var s = bs_tile[tid];", "var s = vec4<f32>(bs_tile[tid]);")
+    sub("s += bs_tile[g * (BN / 4u) + tid];", "s += vec4<f32>(bs_tile[g * (BN / 4u) + tid]);")
     src = re.sub(r"outer4\((acc\[\d+\]), (a_(?:lo|hi)\.[xyzw]), (b_[23])\)",    # TN = 16 code, unused here
                  r"outer4(\1, f32(\2), vec4<f32>(\3))", src)
     acc = "    var acc: array<vec4<f32>, 32>;\n"
@@ -130,7 +133,7 @@ ORDERS["reverse"] = ORDERS["grouped"][::-1]
 def order_variant(src: str, name: str) -> str:
     """The row's outer products of an 8x8-per-thread kernel in ORDERS[name] (FENCE's first one stays first)."""
     i = src.index("            if (!FENCE) { acc[0] = outer4(acc[0], a_lo.x, b_lo); }")
-    j = src.index("            if (bias_thread) {")
+    j = src.index("            if (TN == 16u) {\n                acc[16]")
     calls = []
     for n in ORDERS[name]:
         r, q = divmod(n, 2)

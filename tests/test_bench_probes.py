@@ -1,4 +1,4 @@
-"""bench/probe_tiles.py and bench/probe_nt_as_nn.py in their quick modes (tiny sizes, lavapipe)."""
+"""The bench probes in their quick modes (tiny sizes, lavapipe), and bench_matmul_variants.py's sources."""
 
 import sys
 from pathlib import Path
@@ -7,6 +7,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+
+from tabgpt.gpu import wait  # noqa: E402
 
 import probe_bias_rows  # noqa: E402
 import probe_nt_as_nn  # noqa: E402
@@ -66,3 +68,19 @@ def test_probe_bias_rows_times_each_pair_with_and_without(monkeypatch, capsys, t
     rows = [line for line in out.splitlines() if line.startswith("| small")]
     assert [r.split(" | ")[1] for r in rows] == ["yes", "no"], rows
     assert all(float(r.split(" | ")[3]) > 0 for r in rows) and rows[1].rstrip().endswith("| 1.000 |")
+
+
+def test_matmul_variants_sources_still_compile(dev):
+    # bench_matmul_variants.py rewrites shaders/matmul.wgsl by anchors in its text: every variant (and the f16
+    # form where the adapter has shader-f16) must still find them and compile, the tn kernel with its bias row too
+    import bench_matmul_variants as bmv
+    from tabgpt.ops.matmul import FILE, TILES_LARGE
+    names = ["base", "unroll2", "unroll4", "unrollBK", "literal", "wrap", "peel", "fence", "rowindex", "guarded",
+             "select", "wrap+unroll2", "fence+literal", "rowmajor", "colmajor", "grouped", "reverse", "nobarrier",
+             "noglobal"] + (["f16"] if "shader-f16" in dev.features else [])
+    base = dev.source(FILE)
+    for name in names:
+        src = bmv.variant(base, name, TILES_LARGE["BK"])
+        for consts in ({"A_T": False, "B_T": False}, {"A_T": True, "B_T": False, "BIAS_ROW": True}):
+            k = wait(dev.kernel(FILE, "matmul_tiled", dict(consts, **TILES_LARGE), source=src))
+            assert k.entry == "matmul_tiled", name
