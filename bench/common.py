@@ -41,6 +41,16 @@ def probe_parser(doc: str, rounds: int = 3, seconds: float = 0.05):
     return ap
 
 
+def time_in_turn(dev, arms, args) -> None:
+    """The probes' timing: each of args.rounds rounds times every arm's sequence once, in turn (best_seconds over
+    args.seconds), and appends the time to the arm's list. arms: (sequence, times) pairs."""
+    from tabgpt.gpu import wait
+    arms = list(arms)
+    for _ in range(args.rounds):
+        for seq, times in arms:
+            times.append(best_seconds(seq.run, lambda: wait(dev.sync()), 3, args.seconds))
+
+
 def probe_args(ap):
     """ap's arguments, with rounds 1 under --quick."""
     args = ap.parse_args()

@@ -23,7 +23,7 @@ from tabgpt import gpu  # noqa: E402
 from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.matmul import MatmulPair, tiles_label  # noqa: E402
 
-from common import best_seconds, device_label, probe_args, probe_parser  # noqa: E402  (bench/)
+from common import device_label, probe_args, probe_parser, time_in_turn  # noqa: E402  (bench/)
 
 PAIRS = {"mlp": ((1536, 384), (384, 1536), 8192), "attention": ((384, 1152), (384, 384), 8192)}
 QUICK_PAIRS = {"small": ((36, 20), (20, 52), 300)}
@@ -46,9 +46,7 @@ def main():
             pair.dispatch(seq, out1=ops[0][0], a1=ops[0][1], b1=ops[0][2], out2=ops[1][0], a2=ops[1][1], b2=ops[1][2])
             wait(seq.build())
             arms[name, bias_row] = (seq, f"{tiles_label(pair.tiles)}, {pair.splits}", [])
-    for _ in range(args.rounds):
-        for seq, _, times in arms.values():
-            times.append(best_seconds(seq.run, lambda: wait(dev.sync()), 3, args.seconds))
+    time_in_turn(dev, ((seq, times) for seq, _, times in arms.values()), args)
     print(f"## A layer's weight-gradient pairs with and without bias rows, {device_label(dev)}, "
           f"best of {args.rounds} rounds\n")
     print("| pair | bias rows | tiles, split-K | ms | with / without |")

@@ -23,7 +23,7 @@ from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.matmul import Matmul, tiles_label  # noqa: E402
 
 from bench_matmul import operands  # noqa: E402  (bench/)
-from common import best_seconds, device_label, probe_args, probe_parser  # noqa: E402
+from common import device_label, probe_args, probe_parser, time_in_turn  # noqa: E402
 
 # (M, N, K, epilogue): mlp c_proj's input gradient (times gelu'), c_attn's, attn c_proj's, c_fc's; the lm_head's
 # logits; then two products the forward makes as nn anyway, for scale.
@@ -51,9 +51,7 @@ def main():
                         b=dev.buffer(b.nbytes, "b", b), **kw)
             wait(seq.build())
             arms[M, N, K, ep, layout] = (seq, mm, [])
-    for _ in range(args.rounds):
-        for seq, _, times in arms.values():
-            times.append(best_seconds(seq.run, lambda: wait(dev.sync()), 3, args.seconds))
+    time_in_turn(dev, ((seq, times) for seq, _, times in arms.values()), args)
     print(f"## nt products against nn of the same shape, {device_label(dev)}, autotuned, "
           f"best of {args.rounds} rounds\n")
     print("| M x N x K | epilogue | nt ms | nt tiles | nn ms | nn tiles | nn / nt |")

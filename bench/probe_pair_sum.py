@@ -23,7 +23,7 @@ from tabgpt import gpu  # noqa: E402
 from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.matmul import MatmulPair, tiles_label  # noqa: E402
 
-from common import best_seconds, device_label, probe_args, probe_parser  # noqa: E402  (bench/)
+from common import device_label, probe_args, probe_parser, time_in_turn  # noqa: E402  (bench/)
 
 PAIRS = {"mlp": ((1536, 384), (384, 1536), 8192), "attention": ((384, 1152), (384, 384), 8192)}
 QUICK_PAIRS = {"small": ((36, 20), (20, 52), 300)}
@@ -67,10 +67,7 @@ def main():
             arms[name, form] = (seq, pair, [])
         same = all(np.array_equal(x, y) for x, y in zip(got["grouped"], got["apart"]))
         arms[name, "same"] = same
-    for _ in range(args.rounds):
-        for key, arm in arms.items():
-            if key[1] != "same":
-                arm[2].append(best_seconds(arm[0].run, lambda: wait(dev.sync()), 3, args.seconds))
+    time_in_turn(dev, ((arm[0], arm[2]) for key, arm in arms.items() if key[1] != "same"), args)
     print(f"## A MatmulPair's sums in one dispatch or two, {device_label(dev)}, best of {args.rounds} rounds\n")
     print("| pair | tiles, split-K | grouped sum ms | sums apart ms | grouped / apart | same bits |")
     print("| --- | --- | ---: | ---: | ---: | --- |")

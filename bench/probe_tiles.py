@@ -31,7 +31,7 @@ from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.matmul import Matmul, tiles_label  # noqa: E402
 
 from bench_matmul import operands, parse_tiles  # noqa: E402  (bench/)
-from common import best_seconds, device_label, probe_args, probe_parser  # noqa: E402
+from common import device_label, probe_args, probe_parser, time_in_turn  # noqa: E402
 
 # Squares of each layout, then every product of a browser-preset step (forward nn, input gradient nt, weight
 # gradient tn; the lm_head's three last), with split-K counts the autotuner picks for them on an H200.
@@ -88,9 +88,7 @@ def main():
                 first = got.copy()
             same = "same" if np.array_equal(got, first) else f"DIFF (err {err:.1e})"
             runs[i, j] = [seq, [], same if err < 1e-4 else f"WRONG (err {err:.1e})"]
-    for _ in range(args.rounds):
-        for run in runs.values():
-            run[1].append(best_seconds(run[0].run, lambda: wait(dev.sync()), 3, args.seconds))
+    time_in_turn(dev, ((run[0], run[1]) for run in runs.values()), args)
     labels = [tiles_label(t) for t in args.tiles]
     print(f"## Tile forms in turn, {device_label(dev)}, best of {args.rounds} rounds\n")
     print("ms per product (TFLOP/s, time against the first form), and the output against the first form's:\n")
