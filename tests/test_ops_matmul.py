@@ -840,6 +840,11 @@ def test_bias_row_needs_a_thread_for_each_column_vec4(dev):
     with pytest.raises(GPUError, match="bias_row needs a thread for each of the block's 32 column vec4s"):
         wait(Matmul.create(dev, 16, 128, 64, "tn", bias_row=True, tiles=dict(t), splits=1))
     wait(Matmul.create(dev, 16, 128, 64, "tn", tiles=dict(t), splits=1))      # without the row: fine
+    # the autotuner passes over such tiles for a bias-row product
+    from tabgpt.ops.matmul import autotune
+    good = dict(TILES_MEDIUM)
+    tiles, _ = wait(autotune(dev, 16, 128, 64, "tn", candidates=[dict(t), good], persist=False, bias_row=True))
+    assert {k: tiles[k] for k in ("BM", "BN", "TM", "TN")} == {k: good[k] for k in ("BM", "BN", "TM", "TN")}
 
 
 def test_conv1d_fused_bias_grad_matches_the_separate_pass(dev):

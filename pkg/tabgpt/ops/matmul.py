@@ -170,6 +170,12 @@ def pairs_enabled() -> bool:
     return os.environ.get("TABGPT_MATMUL_PAIRS", "1") != "0"
 
 
+def bias_row_fits(tiles: dict) -> bool:
+    """Whether a tiled kernel with these tiles can make a bias row: a thread for each of a block's BN/4 column vec4s
+    (matmul.wgsl BIAS_ROW's row groups of threads)."""
+    return (tiles["BM"] // tiles["TM"]) * (tiles["BN"] // tiles["TN"]) >= tiles["BN"] // 4
+
+
 def autotune_enabled(dev: Device, flops: float | None = None) -> bool:
     """Autotune on GPUs natively (not on CPU adapters, where timings say little; not in the browser, where one
     compile costs more than it would save), products of at least TUNE_MIN_FLOPS (when flops is given), unless
@@ -284,6 +290,8 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
         try:
             check_tiles(dev, tiles)
         except GPUError:
+            continue
+        if bias_row and not bias_row_fits(tiles):
             continue
         await time_one(dict(tiles), None)
     fallback = not results
@@ -452,7 +460,7 @@ class Matmul:
         if variant == "tiled":
             tiles = dict(tiles or default_tiles(dev, M, N, K))
             check_tiles(dev, tiles)
-            if bias_row and (tiles["BM"] // tiles["TM"]) * (tiles["BN"] // tiles["TN"]) < tiles["BN"] // 4:
+            if bias_row and not bias_row_fits(tiles):
                 raise GPUError(f"bias_row needs a thread for each of the block's {tiles['BN'] // 4} column vec4s; "
                                f"tiles {tiles_label(tiles)} have fewer")
             consts.update(tiles)
