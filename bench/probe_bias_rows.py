@@ -24,15 +24,13 @@ from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.matmul import MatmulPair, tiles_label  # noqa: E402
 
 from common import device_label, probe_args, probe_parser, time_in_turn  # noqa: E402  (bench/)
-
-PAIRS = {"mlp": ((1536, 384), (384, 1536), 8192), "attention": ((384, 1152), (384, 384), 8192)}
-QUICK_PAIRS = {"small": ((36, 20), (20, 52), 300)}
+from probe_pair_sum import PAIRS, QUICK_FIXED, QUICK_PAIRS  # noqa: E402  (the same pairs)
 
 
 def main():
     args = probe_args(probe_parser(__doc__, rounds=5))
     pairs = QUICK_PAIRS if args.quick else PAIRS
-    fixed = dict(tiles={"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}, splits=3) if args.quick else {}
+    fixed = QUICK_FIXED if args.quick else {}
     dev = wait(gpu.open_device())
     rng = np.random.default_rng(0)
     arms = {}

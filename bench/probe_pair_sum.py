@@ -27,6 +27,7 @@ from common import device_label, probe_args, probe_parser, time_in_turn  # noqa:
 
 PAIRS = {"mlp": ((1536, 384), (384, 1536), 8192), "attention": ((384, 1152), (384, 384), 8192)}
 QUICK_PAIRS = {"small": ((36, 20), (20, 52), 300)}
+QUICK_FIXED = dict(tiles={"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}, splits=3)   # --quick: no autotune
 
 
 def apart(seq, pair, outs, ops):
@@ -48,7 +49,7 @@ def main():
     rng = np.random.default_rng(0)
     arms = {}
     for name, (s1, s2, K) in pairs.items():
-        fixed = dict(tiles={"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}, splits=3) if args.quick else {}
+        fixed = QUICK_FIXED if args.quick else {}
         pair = wait(MatmulPair.create(dev, s1, s2, K, accumulate=True, bias_row=True, **fixed))   # else autotuned
         ops = [tuple(dev.buffer(4 * K * d, "x", rng.standard_normal(K * d, dtype=np.float32)) for d in s) for s in
                (s1, s2)]
