@@ -11,7 +11,9 @@ The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK
   fence     FENCE on: the next row's reads placed after the row's first fma and made to depend on it
   rowindex  ROW_STEP off: the next row's tile indices made from the row number kk (the kernel before 2026-12-04)
             instead of stepped by one add per row
-  guarded   the next slice's global reads only where there is a next slice (shaders/matmul.wgsl before
+  nolean    LEAN off: each slice's global reads worked out from scratch (row, column, bounds, index), as before
+            2026-12-04, instead of planned once before the loop over slices
+  guarded   (with LEAN off) the next slice's global reads only where there is a next slice (shaders/matmul.wgsl before
             it read them unconditionally: the registers' phi with their old values made the driver copy
             them, waiting for the reads before the products)
   select    the global reads unconditional at a clamped index, zeros chosen by select() (no predicated load)
@@ -25,6 +27,10 @@ The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK
             half): each accumulator's chain is unchanged (bit-identical results), but NVIDIA's compiler assigns
             registers and schedules by the order it is given (FENCE moved single products by up to 16 points)
   nobarrier diagnostic, wrong results: no workgroupBarrier() in the loop over slices (what the barriers cost)
+  nolds     diagnostic, wrong results: no tile reads inside the loop over a slice's rows (every row multiplies
+            the slice's first row again: what the rows' workgroup-memory reads and their indices cost)
+  breakif   the loop over rows with its exit test at its end (`loop { ..; continuing { kk++; break if ..; } }`)
+            instead of at its top, as naga translates `for`
   noglobal  diagnostic, wrong results: the slices' global-memory reads replaced by a constant (what they cost)
   frag      (for kernels that read a row's tile values at the top of its iteration) the next row's values
             read before this row's products: software pipelining by hand, which shaders/matmul.wgsl now does
@@ -95,7 +101,7 @@ def f16_variant(src: str) -> str:
     for t in ("as_tile", "bs_tile"):
         sub(f"var<workgroup> {t}: array<vec4<f32>,", f"var<workgroup> {t}: array<vec4<f16>,")
         sub(f"{t}[o + v] = x;", f"{t}[o + v] = vec4<f16>(x);")
-    src = re.sub(r"((?:as|bs)_tile\[o \+ [^\]]*\]\[base % 4u\]) = x\.([xyzw]);", r"\1 = f16(x.\2);", src)
+    src = re.sub(r"((?:as|bs)_tile\[r[^\]]*\]\[c\]) = x\.([xyzw]);", r"\1 = f16(x.\2);", src)
     for v in ("f_a_hi", "f_b_hi", "f_b_2", "f_b_3"):
         sub(f"var {v} = vec4(0.0);", f"var {v} = vec4<f16>(0.0);")
     sub("            if (FENCE) { acc[0] = outer4(acc[0], a_lo.x, b_lo); }\n", "")
@@ -150,12 +156,15 @@ def one_variant(src: str, name: str, bk: int) -> str:
         return order_variant(src, name)
     if name == "f16":
         return f16_variant(src)
-    if name in ("guarded", "fence", "rowindex"):
-        old, new = {"guarded": ("        if (PREFETCH) {\n            pa0 = fetch_a(m0, k1, va.x);",
-                                "        if (PREFETCH && k1 < k_end) {\n            pa0 = fetch_a(m0, k1, va.x);"),
+    if name in ("guarded", "fence", "rowindex", "nolean"):
+        if name == "guarded":   # the reads as fetch_a / fetch_b make them (LEAN off), with the guard
+            src = one_variant(src, "nolean", bk)
+        old, new = {"guarded": ("        } else if (PREFETCH) {\n            pa0 = fetch_a(m0, k1, va.x);",
+                                "        } else if (PREFETCH && k1 < k_end) {\n            pa0 = fetch_a(m0, k1, va.x);"),
                     # The kernel's FENCE form (shaders/matmul.wgsl; the autotuner tries it) for any tiles.
                     "fence": ("override FENCE: bool = false;", "override FENCE: bool = true;"),
-                    "rowindex": ("override ROW_STEP: bool = true;", "override ROW_STEP: bool = false;")}[name]
+                    "rowindex": ("override ROW_STEP: bool = true;", "override ROW_STEP: bool = false;"),
+                    "nolean": ("override LEAN: bool = true;", "override LEAN: bool = false;")}[name]
         if old not in src:
             raise ValueError(f"{name}: {old!r} not in the kernel")
         return src.replace(old, new, 1)
@@ -195,6 +204,11 @@ def one_variant(src: str, name: str, bk: int) -> str:
         i = src.index("fn matmul_tiled(")
         j = src.index("fn matmul_split_sum(")
         return src[:i] + src[i:j].replace("workgroupBarrier();", "") + src[j:]
+    if name == "nolds":
+        i, j = next_row_block(body)
+        return head + LOOP + body[:i] + body[j:] + "}" + tail
+    if name == "breakif":
+        return head + "{\nvar kk = 0u;\nloop {" + body + "continuing {\nkk++;\nbreak if kk >= BK;\n}\n}\n}" + tail
     if name == "noglobal":
         return (src.replace("x = a4[(k * cols + m) / 4u];", "x = vec4(f32(k & 1u));")
                    .replace("x = a4[(m * mp.K + k) / 4u];", "x = vec4(f32(k & 1u));")

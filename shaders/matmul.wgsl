@@ -182,6 +182,7 @@ override ROWS: bool = false;
 override FENCE: bool = false;   // the next row's tile reads ordered after the row's first fma (below)
 override ROW_STEP: bool = true;  // the next row's tile indices stepped by one add per row (below)
 override GROUP: u32 = 8u;        // block rows per group of the workgroups' order (above); 1: the plain order
+override LEAN: bool = true;      // PREFETCH's global reads planned once (plan_a, plan_b below)
 override DB: bool = DOUBLE_BUFFER && PREFETCH;   // double buffering in effect
 override N_BUF: u32 = select(1u, 2u, DB);        // copies of each tile
 override WG_X: u32 = BN / TN;
@@ -239,11 +240,14 @@ fn put_a(o: u32, v: u32, x: vec4<f32>) {
     if (A_T) {
         as_tile[o + v] = x;
     } else {
+        // float base of the tile: row k (4 rows, BM floats apart), column m; vec4 r, component c
         let base = select(4u * (v % (BK / 4u)) * BM + v / (BK / 4u), 4u * (v / BM) * BM + v % BM, ROWS);
-        as_tile[o + base / 4u][base % 4u] = x.x;
-        as_tile[o + (base + BM) / 4u][base % 4u] = x.y;
-        as_tile[o + (base + 2u * BM) / 4u][base % 4u] = x.z;
-        as_tile[o + (base + 3u * BM) / 4u][base % 4u] = x.w;
+        let r = o + base / 4u;
+        let c = base % 4u;
+        as_tile[r][c] = x.x;
+        as_tile[r + BM / 4u][c] = x.y;
+        as_tile[r + 2u * (BM / 4u)][c] = x.z;
+        as_tile[r + 3u * (BM / 4u)][c] = x.w;
     }
 }
 
@@ -285,13 +289,130 @@ fn fetch_b(n0: u32, k0: u32, v: u32) -> vec4<f32> {
     return x;
 }
 
+// LEAN (with PREFETCH): each prefetch register's global reads planned once, before the loop over slices, instead
+// of fetch_a / fetch_b working out row, column, bounds and index from scratch for every slice: Plan's i is the vec4
+// of a4 (b4) the register reads for the first slice, step how far it moves each slice, and the register reads
+// while k0 < lim (the slice's k and the register's row or column in range; lim 0: never). The same values land in
+// the same registers: bit-identical to fetch_a / fetch_b. Every stored row length and offset is a multiple of 4,
+// so (offset + row * length + column) / 4 moves by BK * length / 4 (A_T; B not B_T) or BK / 4 a slice.
+struct Plan { i: u32, lim: u32, step: u32 }
+
+fn plan_a(m0: u32, k0: u32, v: u32) -> Plan {
+    let ok = v < BK * BM / 4u;
+    if (A_T) {
+        let kr = v / (BM / 4u);
+        let m = m0 + 4u * (v % (BM / 4u));
+        // #if GROUPED
+        let cols = select(dim_m(), dim_m() - 1u, BIAS_ROW);
+        let lda = cols;
+        let i = (k0 + kr) * lda + m;
+        // #elif PAIRED
+        let cols = mp.M;
+        let lda = select(bp.lda, bp2.lda, second);
+        let i = a_off + (k0 + kr) * lda + m;
+        // #elif BATCHED
+        let cols = mp.M;
+        let lda = bp.lda;
+        let i = a_off + (k0 + kr) * lda + m;
+        // #else
+        let cols = select(mp.M, mp.M - 1u, BIAS_ROW);
+        let lda = cols;
+        let i = (k0 + kr) * lda + m;
+        // #endif
+        return Plan(i / 4u, select(0u, mp.K - kr, ok && m < cols && kr < mp.K), BK * (lda / 4u));
+    }
+    var m = m0 + v / (BK / 4u);
+    var kq = 4u * (v % (BK / 4u));
+    if (ROWS) {
+        m = m0 + v % BM;
+        kq = 4u * (v / BM);
+    }
+    // #if BATCHED
+    let i = a_off + m * bp.lda + k0 + kq;
+    // #else
+    let i = m * mp.K + k0 + kq;
+    // #endif
+    return Plan(i / 4u, select(0u, mp.K - kq, ok && m < mp.M && kq < mp.K), BK / 4u);
+}
+
+fn plan_b(n0: u32, k0: u32, v: u32) -> Plan {
+    let ok = v < BK * BN / 4u;
+    if (B_T) {
+        var n = n0 + v / (BK / 4u);
+        var kq = 4u * (v % (BK / 4u));
+        if (ROWS) {
+            n = n0 + v % BN;
+            kq = 4u * (v / BN);
+        }
+        // #if BATCHED
+        let i = b_off + n * bp.ldb + k0 + kq;
+        // #else
+        let i = n * mp.K + k0 + kq;
+        // #endif
+        return Plan(i / 4u, select(0u, mp.K - kq, ok && n < mp.N && kq < mp.K), BK / 4u);
+    }
+    let kr = v / (BN / 4u);
+    let n = n0 + 4u * (v % (BN / 4u));
+    // #if GROUPED
+    let cols = dim_n();
+    let ldb = cols;
+    let i = (k0 + kr) * ldb + n;
+    // #elif PAIRED
+    let cols = mp.N;
+    let ldb = select(bp.ldb, bp2.ldb, second);
+    let i = b_off + (k0 + kr) * ldb + n;
+    // #elif BATCHED
+    let cols = mp.N;
+    let ldb = bp.ldb;
+    let i = b_off + (k0 + kr) * ldb + n;
+    // #else
+    let cols = mp.N;
+    let ldb = cols;
+    let i = (k0 + kr) * ldb + n;
+    // #endif
+    return Plan(i / 4u, select(0u, mp.K - kr, ok && n < cols && kr < mp.K), BK * (ldb / 4u));
+}
+
+// A planned read for the slice at k0 (zeros where the plan says out of range), and the plan moved to the next slice.
+fn read_a(p: ptr<function, Plan>, k0: u32) -> vec4<f32> {
+    var x = vec4(0.0);
+    if (k0 < (*p).lim) {
+        // #if GROUPED
+        if (second) { x = a4_2[(*p).i]; } else { x = a4[(*p).i]; }
+        // #elif PAIRED
+        if (second) { x = a4_2[(*p).i]; } else { x = a4[(*p).i]; }
+        // #else
+        x = a4[(*p).i];
+        // #endif
+    }
+    (*p).i += (*p).step;
+    return x;
+}
+
+fn read_b(p: ptr<function, Plan>, k0: u32) -> vec4<f32> {
+    var x = vec4(0.0);
+    if (k0 < (*p).lim) {
+        // #if GROUPED
+        if (second) { x = b4_2[(*p).i]; } else { x = b4[(*p).i]; }
+        // #elif PAIRED
+        if (second) { x = b4_2[(*p).i]; } else { x = b4[(*p).i]; }
+        // #else
+        x = b4[(*p).i];
+        // #endif
+    }
+    (*p).i += (*p).step;
+    return x;
+}
+
 fn put_b(o: u32, v: u32, x: vec4<f32>) {
     if (B_T) {
         let base = select(4u * (v % (BK / 4u)) * BN + v / (BK / 4u), 4u * (v / BN) * BN + v % BN, ROWS);
-        bs_tile[o + base / 4u][base % 4u] = x.x;
-        bs_tile[o + (base + BN) / 4u][base % 4u] = x.y;
-        bs_tile[o + (base + 2u * BN) / 4u][base % 4u] = x.z;
-        bs_tile[o + (base + 3u * BN) / 4u][base % 4u] = x.w;
+        let r = o + base / 4u;
+        let c = base % 4u;
+        bs_tile[r][c] = x.x;
+        bs_tile[r + BN / 4u][c] = x.y;
+        bs_tile[r + 2u * (BN / 4u)][c] = x.z;
+        bs_tile[r + 3u * (BN / 4u)][c] = x.w;
     } else {
         bs_tile[o + v] = x;
     }
@@ -492,7 +613,25 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
     var pb1 = vec4(0.0);
     var pb2 = vec4(0.0);
     var pb3 = vec4(0.0);
-    if (PREFETCH && k_begin < k_end) {
+    // LEAN: the registers' plans (those past n_a, n_b unused).
+    var qa0 = plan_a(m0, k_begin, va.x);
+    var qa1 = plan_a(m0, k_begin, va.y);
+    var qa2 = plan_a(m0, k_begin, va.z);
+    var qa3 = plan_a(m0, k_begin, va.w);
+    var qb0 = plan_b(n0, k_begin, va.x);
+    var qb1 = plan_b(n0, k_begin, va.y);
+    var qb2 = plan_b(n0, k_begin, va.z);
+    var qb3 = plan_b(n0, k_begin, va.w);
+    if (PREFETCH && LEAN) {
+        pa0 = read_a(&qa0, k_begin);
+        if (n_a > 1u) { pa1 = read_a(&qa1, k_begin); }
+        if (n_a > 2u) { pa2 = read_a(&qa2, k_begin); }
+        if (n_a > 3u) { pa3 = read_a(&qa3, k_begin); }
+        pb0 = read_b(&qb0, k_begin);
+        if (n_b > 1u) { pb1 = read_b(&qb1, k_begin); }
+        if (n_b > 2u) { pb2 = read_b(&qb2, k_begin); }
+        if (n_b > 3u) { pb3 = read_b(&qb3, k_begin); }
+    } else if (PREFETCH && k_begin < k_end) {
         pa0 = fetch_a(m0, k_begin, va.x);
         if (n_a > 1u) { pa1 = fetch_a(m0, k_begin, va.y); }
         if (n_a > 2u) { pa2 = fetch_a(m0, k_begin, va.z); }
@@ -531,7 +670,16 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
         // their old values, and NVIDIA's compiler resolved it with copies that waited for the loads before the
         // products (bench/sass.py; 5% of a training step on an H100).
         let k1 = k0 + BK;
-        if (PREFETCH) {
+        if (PREFETCH && LEAN) {
+            pa0 = read_a(&qa0, k1);
+            if (n_a > 1u) { pa1 = read_a(&qa1, k1); }
+            if (n_a > 2u) { pa2 = read_a(&qa2, k1); }
+            if (n_a > 3u) { pa3 = read_a(&qa3, k1); }
+            pb0 = read_b(&qb0, k1);
+            if (n_b > 1u) { pb1 = read_b(&qb1, k1); }
+            if (n_b > 2u) { pb2 = read_b(&qb2, k1); }
+            if (n_b > 3u) { pb3 = read_b(&qb3, k1); }
+        } else if (PREFETCH) {
             pa0 = fetch_a(m0, k1, va.x);
             if (n_a > 1u) { pa1 = fetch_a(m0, k1, va.y); }
             if (n_a > 2u) { pa2 = fetch_a(m0, k1, va.z); }
