@@ -27,6 +27,8 @@ The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK
             half): each accumulator's chain is unchanged (bit-identical results), but NVIDIA's compiler assigns
             registers and schedules by the order it is given (FENCE moved single products by up to 16 points)
   nobarrier diagnostic, wrong results: no workgroupBarrier() in the loop over slices (what the barriers cost)
+  midfence  the next row's reads after the row's first 32 fmas, their indices depending on the 32nd (FENCE's trick
+            on the middle of the row): with literal, the reads of row r + 1 sit in the second half of row r
   nolds     diagnostic, wrong results: no tile reads inside the loop over a slice's rows (every row multiplies
             the slice's first row again: what the rows' workgroup-memory reads and their indices cost)
   breakif   the loop over rows with its exit test at its end (`loop { ..; continuing { kk++; break if ..; } }`)
@@ -204,6 +206,16 @@ def one_variant(src: str, name: str, bk: int) -> str:
         i = src.index("fn matmul_tiled(")
         j = src.index("fn matmul_split_sum(")
         return src[:i] + src[i:j].replace("workgroupBarrier();", "") + src[j:]
+    if name == "midfence":
+        # The next row's reads after the row's first 32 fmas (a_lo's), their indices depending on the last of them
+        # (as FENCE does on the first): in straight-line code (literal) they cannot be hoisted into the row before.
+        i, j = next_row_block(body)
+        block = body[i:j].replace("select(0u, bitcast<u32>(acc[0].x) & kzero, FENCE)", "bitcast<u32>(acc[7].x) & kzero")
+        rest = body[:i] + body[j:]
+        anchor = "            if (TN >= 8u) { acc[7] = outer4(acc[7], a_lo.w, b_hi); }\n"
+        if anchor not in rest or block == body[i:j]:
+            raise ValueError("midfence: the row's anchors are not in the kernel")
+        return head + LOOP + rest.replace(anchor, anchor + "            " + block + "\n", 1) + "}" + tail
     if name == "nolds":
         i, j = next_row_block(body)
         return head + LOOP + body[:i] + body[j:] + "}" + tail

@@ -710,6 +710,9 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
             f_b_2 = bs_tile[ib + 2u * gb_step];
             f_b_3 = bs_tile[ib + 3u * gb_step];
         }
+        // LITERAL (a tile flag, ops/matmul.py): the BK rows written out (gpu.unroll_loops), each row's indices
+        // constants; else a loop, which NVIDIA's compiler keeps as one.
+        // #unroll LITERAL BK
         for (var kk = 0u; kk < BK; kk++) {
             let a_lo = f_a_lo;
             let b_lo = f_b_lo;

@@ -114,6 +114,27 @@ def test_conditional_blocks_keep_one_part_and_the_line_numbers():
             gpu.select_blocks(bad, file="f.wgsl")
 
 
+def test_marked_loops_are_written_out_where_asked():
+    src = ("a\n  // #unroll L BK\n  for (var kk = 0u; kk < BK; kk++) {\n    x += t[kk] + tkk[2u];\n  }\nb\n"
+           "// #unroll M N\nfor (var i = 0u; i < N; i++) {\n  if (i > 0u) { y(i); }\n}\nc\n")
+    assert gpu.unroll_loops(src) == src
+    out = gpu.unroll_loops(src, {"L", "M"}, {"BK": 3, "N": 2})
+    assert [l.strip() for l in out.splitlines() if l.strip()] == [
+        "a", "{", "x += t[0u] + tkk[2u];", "}", "{", "x += t[1u] + tkk[2u];", "}", "{", "x += t[2u] + tkk[2u];", "}",
+        "b", "{", "if (0u > 0u) { y(0u); }", "}", "{", "if (1u > 0u) { y(1u); }", "}", "c"]
+    assert "for" not in gpu.unroll_loops(src, {"L"}, {"BK": 1}).split("b\n")[0]
+    # matmul.wgsl's rows of a slice (the tile flag LITERAL, ops/matmul.py kernel_args)
+    mm = (gpu.shader_dir() / "matmul.wgsl").read_text()
+    loop = "for (var kk = 0u; kk < BK; kk++)"
+    assert loop in mm and loop not in gpu.unroll_loops(gpu.select_blocks(mm), {"LITERAL"}, {"BK": 8})
+    for bad, consts, what in [("// #unroll L BK\nx = 1;\n", {"BK": 2}, "must precede"),
+                              ("// #unroll L BK\nfor (var k = 0u; k < BN; k++) {\n}\n", {"BK": 2}, "must precede"),
+                              ("// #unroll L BK\nfor (var k = 0u; k < BK; k++) {\n}\n", {}, "needs BK"),
+                              ("// #unroll L BK\nfor (var k = 0u; k < BK; k++) {\n}\n", {"BK": 0}, "needs BK")]:
+        with pytest.raises(GPUError, match=what):
+            gpu.unroll_loops(bad, {"L"}, consts, "f.wgsl")
+
+
 def test_plain_matmul_source_holds_none_of_the_variants_code():
     """matmul.wgsl's GROUPED, BATCHED, SOFTMAX and PAIRED blocks leave nothing of theirs in the plain kernels'
     module, nor SOFTMAX's and PAIRED's in the plain batched kernels'."""

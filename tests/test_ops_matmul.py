@@ -1043,7 +1043,8 @@ def test_split_k_scratch_is_shared_while_used_and_freed_after(dev):
 
 PAIR_TILES = {"large": dict(TILES_LARGE), "medium": dict(TILES_MEDIUM), "uneven": dict(TILE_SHAPES["uneven"]),
               "64x128 tn16": {"BM": 64, "BN": 128, "BK": 8, "TM": 8, "TN": 16, "SPREAD": True, "PREFETCH": True,
-                              "DOUBLE_BUFFER": True}}
+                              "DOUBLE_BUFFER": True},
+              "128x64 literal": dict(TILES_LARGE, BN=64, LITERAL=True)}
 
 
 @pytest.mark.parametrize("splits", [2, 3, 5])
@@ -1134,8 +1135,9 @@ def extract(flat, batches, heads, rows, cols, st):
                       for h in range(heads)] for bi in range(batches)])
 
 
+@pytest.mark.parametrize("literal", [False, True], ids=["loop", "literal"])
 @pytest.mark.parametrize("layout", ["nn", "nt", "tn"])
-def test_batched_products_match_numpy(dev, layout):
+def test_batched_products_match_numpy(dev, layout, literal):
     from tabgpt.ops.matmul import BatchedMatmul, Strided
     rng = np.random.default_rng(70)
     # odd M and K: rows' last vec4s read their padding (nt reads both operands along K: K % 4 == 0 there)
@@ -1149,7 +1151,7 @@ def test_batched_products_match_numpy(dev, layout):
     a, am = embed(rng, batches, heads, a_rows, a_cols, sa, None)
     b, bm = embed(rng, batches, heads, b_rows, b_cols, sb, None)
     out0, _ = embed(rng, batches, heads, M, N, so, 5.0)
-    tiles = {"BM": 16, "BN": 8, "BK": 8, "TM": 4, "TN": 4, "PREFETCH": True}
+    tiles = {"BM": 16, "BN": 8, "BK": 8, "TM": 4, "TN": 4, "PREFETCH": True, **({"LITERAL": True} if literal else {})}
     mm = wait(BatchedMatmul.create(dev, M, N, K, layout, batches, heads, sa, sb, so, tiles=tiles))
     bo = upload(dev, out0, "out")
     run(dev, lambda seq: mm.dispatch(seq, out=bo, a=upload(dev, a, "a"), b=upload(dev, b, "b")))

@@ -205,6 +205,41 @@ def select_blocks(src: str, defines=frozenset(), file: str = "shader") -> str:
     return "\n".join(out) + "\n"
 
 
+_UNROLL_RE = re.compile(r"^\s*//\s*#unroll\s+(\w+)\s+(\w+)\s*$")
+_FOR_RE = re.compile(r"^\s*for \(var (\w+) = 0u; \1 < (\w+); \1\+\+\) \{\s*$")
+
+
+def unroll_loops(src: str, defines=frozenset(), constants: dict | None = None, file: str = "shader") -> str:
+    """The source with its marked loops written out where asked: a line `// #unroll NAME COUNT` before a loop
+    `for (var v = 0u; v < COUNT; v++) {` that runs on its own lines, with NAME in `defines`, becomes the loop's
+    body COUNT times over (COUNT an override constant, its value from `constants`), each copy in a block of its own
+    with v a literal (0u, 1u, ...). NVIDIA's compiler does not unroll loops that naga writes, and WGSL has no hint
+    for it; written out, the copies' indices are constants. Without NAME in defines the loop stays a loop."""
+    lines = src.splitlines()
+    out, i = [], 0
+    while i < len(lines):
+        m = _UNROLL_RE.match(lines[i])
+        if not m or m.group(1) not in defines:
+            out.append(lines[i])
+            i += 1
+            continue
+        name, count = m.groups()
+        loop = _FOR_RE.match(lines[i + 1]) if i + 1 < len(lines) else None
+        if not loop or loop.group(2) != count:
+            raise GPUError(f"{file}:{i + 1}: `#unroll {name} {count}` must precede `for (var v = 0u; v < {count}; "
+                           "v++) {` on a line of its own")
+        if not isinstance((constants or {}).get(count), int) or not 0 < constants[count] <= 64:
+            raise GPUError(f"{file}:{i + 1}: `#unroll {name} {count}` needs {count} among the constants (1 to 64)")
+        text = "\n".join(lines[i + 1:])
+        start = text.index("{")
+        end = block_end(text, start)
+        body = text[start + 1:end - 1]
+        var = re.compile(rf"\b{loop.group(1)}\b")
+        copies = "\n".join("{" + var.sub(f"{r}u", body) + "}" for r in range(constants[count]))
+        return "\n".join(out + [""]) + "\n" + copies + unroll_loops(text[end:], defines, constants, file)
+    return "\n".join(out) + "\n"
+
+
 def prepare_source(src: str, features: set[str]) -> tuple[str, str]:
     """Per-backend WGSL differences: the `enable` lines.
 
@@ -397,6 +432,7 @@ class Device:
         if key in self._kernels:
             return self._kernels[key]
         src = select_blocks(source if source is not None else self.source(file), defines, file)
+        src = unroll_loops(src, defines, constants, file)
         code, missing = prepare_source(src, self.features)
         if missing:
             raise GPUError(f"{file} needs the WebGPU feature {missing!r}, which this adapter lacks")

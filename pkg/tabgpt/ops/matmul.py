@@ -121,6 +121,12 @@ TUNE_TILES = [
     # in the last wave (an out of 8192 x 384 is 192 blocks of 128 x 128, 344 of 96 x 96).
     dict(TILES_LARGE, BM=96, BN=96),                                               # 12 KiB
     TILES_MEDIUM,
+    # 128 threads, each slice's 8 rows written out (LITERAL): on an H200 the written-out rows lose at 128 x 128
+    # (73-79% of cuBLAS against 82-88% as a loop), where the driver spills at its 128-register cap, but win in
+    # blocks of 128 x 64 or 64 x 128 on some products (nn 8192x1536x384 88% -> 90%, nt 8192x4096x384 82% -> 85%;
+    # bench/results/h200/run72_midfence.txt, run73_literal_small_wg.txt).
+    dict(TILES_LARGE, BN=64, LITERAL=True),                                        # 12 KiB
+    dict(TILES_LARGE, BM=64, LITERAL=True),
 ]
 # Not among them: 128 x 64 / 8 x 4 and 64 x 64 / 8 x 8 (more, smaller workgroups an SM for small outs). Autotuned
 # alone, two browser-preset products ran faster with them (tn 384x384x8192 20.6 -> 22.4 TFLOP/s, nt 8192x384x1152
@@ -356,7 +362,18 @@ def runoff_finalists(results: list, n: int) -> list[list]:
 
 # The optional flags of a tile shape (override constants of matmul_tiled): the value a label names, and the label.
 TILE_FLAGS = {"SPREAD": (True, "spread"), "PREFETCH": (True, "prefetch"), "DOUBLE_BUFFER": (True, "double"),
-              "ROWS": (True, "rows"), "FENCE": (True, "fence"), "ROW_STEP": (False, "rowindex")}
+              "ROWS": (True, "rows"), "FENCE": (True, "fence"), "ROW_STEP": (False, "rowindex"),
+              "LITERAL": (True, "literal")}
+# Flags that are not override constants but conditional source (gpu.Device.kernel's defines): LITERAL writes the
+# loop over a slice's BK rows out as BK copies (`// #unroll LITERAL BK` in matmul.wgsl, gpu.unroll_loops).
+SOURCE_FLAGS = ("LITERAL",)
+
+
+def kernel_args(tiles: dict, consts: dict | None = None, defines=()) -> tuple[dict, frozenset]:
+    """(override constants, defines) of matmul_tiled for tiles: consts with the tiles' shape and override flags,
+    defines with the source flags that are set."""
+    c = dict(consts or {}, **{k: v for k, v in tiles.items() if k not in SOURCE_FLAGS})
+    return c, frozenset(defines) | {k for k in SOURCE_FLAGS if tiles.get(k)}
 
 
 def tiles_label(t: dict) -> str:
@@ -463,10 +480,10 @@ class Matmul:
             if bias_row and not bias_row_fits(tiles):
                 raise GPUError(f"bias_row needs a thread for each of the block's {tiles['BN'] // 4} column vec4s; "
                                f"tiles {tiles_label(tiles)} have fewer")
-            consts.update(tiles)
+            consts, defines = kernel_args(tiles, consts)
             entry, bm, bn, bk = "matmul_tiled", tiles["BM"], tiles["BN"], tiles["BK"]
         else:
-            tiles = None
+            tiles, defines = None, frozenset()
             entry, bm, bn, bk = "matmul_simple", SIMPLE_WG, SIMPLE_WG, 1
         gx = -(-N // bn)
         if gx > MAX_GROUPS:
@@ -524,13 +541,13 @@ class Matmul:
                 first, rest = dict(first, **ep), dict(rest, **ep)
         kernels = {}
         if splits == 1:
-            kernels["product"] = await dev.kernel(FILE, entry, dict(consts, **first))
-            kernels["product_rest"] = await dev.kernel(FILE, entry, dict(consts, **rest))
-            kernels["product_last"] = await dev.kernel(FILE, entry, dict(consts, **last))
+            kernels["product"] = await dev.kernel(FILE, entry, dict(consts, **first), defines=defines)
+            kernels["product_rest"] = await dev.kernel(FILE, entry, dict(consts, **rest), defines=defines)
+            kernels["product_last"] = await dev.kernel(FILE, entry, dict(consts, **last), defines=defines)
             scratch = None
         else:
             kernels["product"] = kernels["product_rest"] = kernels["product_last"] = \
-                await dev.kernel(FILE, entry, consts)
+                await dev.kernel(FILE, entry, consts, defines=defines)
             kernels["sum"] = await dev.kernel(FILE, "matmul_split_sum", first)
             kernels["sum_rest"] = await dev.kernel(FILE, "matmul_split_sum", rest)
             kernels["sum_last"] = await dev.kernel(FILE, "matmul_split_sum", last)
@@ -632,9 +649,9 @@ class MatmulPair:
             raise GPUError(f"a MatmulPair needs both {K}-long reductions in one binding with the same slices; "
                            f"make the products apart (Matmul)")
         m1, m2 = ms
-        kernel = await dev.kernel(FILE, "matmul_tiled", dict({"A_T": True, "B_T": False,
-                                                              **({"BIAS_ROW": True} if bias_row else {})}, **tiles),
-                                  defines={"GROUPED"})
+        consts, defines = kernel_args(tiles, {"A_T": True, "B_T": False, **({"BIAS_ROW": True} if bias_row else {})},
+                                      {"GROUPED"})
+        kernel = await dev.kernel(FILE, "matmul_tiled", consts, defines=defines)
         z = m1.chunks[0][3][2]
         size1, size2 = (4 * z * m.out_rows * m.N for m in ms)
         base2 = -(-size1 // 256) * 256                      # the second member's slabs: 256-byte aligned
@@ -756,8 +773,8 @@ class BatchedMatmul:
                  "PREFETCH": True}
         tiles = dict(tiles)
         check_tiles(dev, tiles)
-        consts = dict(tiles, A_T=layout == "tn", B_T=layout == "nt", CAUSAL=BATCH_CAUSAL[causal])
-        defines = {"BATCHED"} | BATCH_SOFTMAX[softmax] | ({"PAIRED"} if second else set())
+        consts, defines = kernel_args(tiles, dict(A_T=layout == "tn", B_T=layout == "nt", CAUSAL=BATCH_CAUSAL[causal]),
+                                      {"BATCHED"} | BATCH_SOFTMAX[softmax] | ({"PAIRED"} if second else set()))
         kernel = await dev.kernel(FILE, "matmul_tiled", consts, defines=defines)
         params = dev.uniform(struct.pack("<4I", M, N, K, 0), "matmul-batched-params")
         pack = lambda a, b, out: struct.pack(  # noqa: E731
