@@ -123,14 +123,14 @@ def test_marked_loops_are_written_out_where_asked():
         "a", "{", "x += t[0u] + tkk[2u];", "}", "{", "x += t[1u] + tkk[2u];", "}", "{", "x += t[2u] + tkk[2u];", "}",
         "b", "{", "if (0u > 0u) { y(0u); }", "}", "{", "if (1u > 0u) { y(1u); }", "}", "c"]
     assert "for" not in gpu.unroll_loops(src, {"L"}, {"BK": 1}).split("b\n")[0]
+    assert gpu.unroll_loops(src, {"L", "M"}, {"BK": 3}).count("for (var") == 1     # N not set: M's loop stays
     # matmul.wgsl's rows of a slice (the tile flag LITERAL, ops/matmul.py kernel_args)
     mm = (gpu.shader_dir() / "matmul.wgsl").read_text()
     loop = "for (var kk = 0u; kk < BK; kk++)"
     assert loop in mm and loop not in gpu.unroll_loops(gpu.select_blocks(mm), {"LITERAL"}, {"BK": 8})
     for bad, consts, what in [("// #unroll L BK\nx = 1;\n", {"BK": 2}, "must precede"),
                               ("// #unroll L BK\nfor (var k = 0u; k < BN; k++) {\n}\n", {"BK": 2}, "must precede"),
-                              ("// #unroll L BK\nfor (var k = 0u; k < BK; k++) {\n}\n", {}, "needs BK"),
-                              ("// #unroll L BK\nfor (var k = 0u; k < BK; k++) {\n}\n", {"BK": 0}, "needs BK")]:
+                              ("// #unroll L BK\nfor (var k = 0u; k < BK; k++) {\n}\n", {"BK": 0}, "must be 1 to 64")]:
         with pytest.raises(GPUError, match=what):
             gpu.unroll_loops(bad, {"L"}, consts, "f.wgsl")
 

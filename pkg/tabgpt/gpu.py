@@ -211,10 +211,11 @@ _FOR_RE = re.compile(r"^\s*for \(var (\w+) = 0u; \1 < (\w+); \1\+\+\) \{\s*$")
 
 def unroll_loops(src: str, defines=frozenset(), constants: dict | None = None, file: str = "shader") -> str:
     """The source with its marked loops written out where asked: a line `// #unroll NAME COUNT` before a loop
-    `for (var v = 0u; v < COUNT; v++) {` that runs on its own lines, with NAME in `defines`, becomes the loop's
-    body COUNT times over (COUNT an override constant, its value from `constants`), each copy in a block of its own
-    with v a literal (0u, 1u, ...). NVIDIA's compiler does not unroll loops that naga writes, and WGSL has no hint
-    for it; written out, the copies' indices are constants. Without NAME in defines the loop stays a loop."""
+    `for (var v = 0u; v < COUNT; v++) {` that runs on its own lines, with NAME in `defines` and COUNT (an override
+    constant) among `constants`, becomes the loop's body COUNT times over, each copy in a block of its own with v a
+    literal (0u, 1u, ...). NVIDIA's compiler does not unroll loops that naga writes, and WGSL has no hint for it;
+    written out, the copies' indices are constants. Without NAME in defines, or COUNT among the constants (a loop
+    of another entry point of the file, whose constants this kernel does not set), the loop stays a loop."""
     lines = src.splitlines()
     out, i = [], 0
     while i < len(lines):
@@ -228,8 +229,12 @@ def unroll_loops(src: str, defines=frozenset(), constants: dict | None = None, f
         if not loop or loop.group(2) != count:
             raise GPUError(f"{file}:{i + 1}: `#unroll {name} {count}` must precede `for (var v = 0u; v < {count}; "
                            "v++) {` on a line of its own")
-        if not isinstance((constants or {}).get(count), int) or not 0 < constants[count] <= 64:
-            raise GPUError(f"{file}:{i + 1}: `#unroll {name} {count}` needs {count} among the constants (1 to 64)")
+        if count not in (constants or {}):
+            out.append(lines[i])
+            i += 1
+            continue
+        if not isinstance(constants[count], int) or not 0 < constants[count] <= 64:
+            raise GPUError(f"{file}:{i + 1}: `#unroll {name} {count}`: {count} must be 1 to 64, got {constants[count]!r}")
         text = "\n".join(lines[i + 1:])
         start = text.index("{")
         end = block_end(text, start)
