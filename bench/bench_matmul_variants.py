@@ -32,7 +32,8 @@ The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK
   nolds     diagnostic, wrong results: no tile reads inside the loop over a slice's rows (every row multiplies
             the slice's first row again: what the rows' workgroup-memory reads and their indices cost)
   breakif   the loop over rows with its exit test at its end (`loop { ..; continuing { kk++; break if ..; } }`)
-            instead of at its top, as naga translates `for`
+            instead of at its top, as naga translates `for` (last in a combination: it removes the `for` line
+            that the others find)
   noglobal  diagnostic, wrong results: the slices' global-memory reads replaced by a constant (what they cost)
   frag      (for kernels that read a row's tile values at the top of its iteration) the next row's values
             read before this row's products: software pipelining by hand, which shaders/matmul.wgsl now does
@@ -161,8 +162,9 @@ def one_variant(src: str, name: str, bk: int) -> str:
     if name in ("guarded", "fence", "rowindex", "nolean"):
         if name == "guarded":   # the reads as fetch_a / fetch_b make them (LEAN off), with the guard
             src = one_variant(src, "nolean", bk)
-        old, new = {"guarded": ("        } else if (PREFETCH) {\n            pa0 = fetch_a(m0, k1, va.x);",
-                                "        } else if (PREFETCH && k1 < k_end) {\n            pa0 = fetch_a(m0, k1, va.x);"),
+        first = "            pa0 = fetch_a(m0, k1, va.x);"
+        old, new = {"guarded": ("        } else if (PREFETCH) {\n" + first,
+                                "        } else if (PREFETCH && k1 < k_end) {\n" + first),
                     # The kernel's FENCE form (shaders/matmul.wgsl; the autotuner tries it) for any tiles.
                     "fence": ("override FENCE: bool = false;", "override FENCE: bool = true;"),
                     "rowindex": ("override ROW_STEP: bool = true;", "override ROW_STEP: bool = false;"),

@@ -77,7 +77,8 @@ def test_matmul_variants_sources_still_compile(dev):
     from tabgpt.ops.matmul import FILE, TILES_LARGE
     names = ["base", "unroll2", "unroll4", "unrollBK", "literal", "wrap", "peel", "fence", "rowindex", "guarded",
              "select", "wrap+unroll2", "fence+literal", "rowmajor", "colmajor", "grouped", "reverse", "nobarrier",
-             "noglobal", "nolds", "breakif", "nolean", "midfence", "midfence+literal", "noglobal+nobarrier+nolds"] + (["f16"] if "shader-f16" in dev.features else [])
+             "noglobal", "nolds", "breakif", "nolean", "midfence", "midfence+literal", "noglobal+nobarrier+nolds"]
+    names += ["f16"] if "shader-f16" in dev.features else []
     base = dev.source(FILE)
     for name in names:
         src = bmv.variant(base, name, TILES_LARGE["BK"])

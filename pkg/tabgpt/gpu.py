@@ -234,7 +234,8 @@ def unroll_loops(src: str, defines=frozenset(), constants: dict | None = None, f
             i += 1
             continue
         if not isinstance(constants[count], int) or not 0 < constants[count] <= 64:
-            raise GPUError(f"{file}:{i + 1}: `#unroll {name} {count}`: {count} must be 1 to 64, got {constants[count]!r}")
+            raise GPUError(f"{file}:{i + 1}: `#unroll {name} {count}`: {count} must be 1 to 64, "
+                           f"got {constants[count]!r}")
         text = "\n".join(lines[i + 1:])
         start = text.index("{")
         end = block_end(text, start)

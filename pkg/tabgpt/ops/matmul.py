@@ -122,9 +122,10 @@ TUNE_TILES = [
     dict(TILES_LARGE, BM=96, BN=96),                                               # 12 KiB
     TILES_MEDIUM,
     # 128 threads, each slice's 8 rows written out (LITERAL): on an H200 the written-out rows lose at 128 x 128
-    # (73-79% of cuBLAS against 82-88% as a loop), where the driver spills at its 128-register cap, but win in
-    # blocks of 128 x 64 or 64 x 128 on some products (nn 8192x1536x384 88% -> 90%, nt 8192x4096x384 82% -> 85%;
-    # bench/results/h200/run72_midfence.txt, run73_literal_small_wg.txt).
+    # (73-79% of cuBLAS against 82-88% as a loop: bench/results/h200/run72_midfence.txt) but win in blocks of
+    # 128 x 64 or 64 x 128 (nn 8192x1536x384 88% -> 90%, nt 8192x4096x384 82% -> 85%: run73_literal_small_wg.txt),
+    # and the autotuner picks them for every product of the browser preset (70-98% of cuBLAS where the loop gave
+    # 62-89%; training +3.7%: run74_matmul_browser.txt, run74_train_*.txt).
     dict(TILES_LARGE, BN=64, LITERAL=True),                                        # 12 KiB
     dict(TILES_LARGE, BM=64, LITERAL=True),
 ]
