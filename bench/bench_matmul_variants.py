@@ -5,7 +5,8 @@ The variants are made from shaders/matmul.wgsl by rewriting the loop over the BK
   unroll2   two rows per iteration, each in its own block
   unroll4   four rows per iteration
   unrollBK  eight rows per iteration (the whole slice at BK = 8)
-  literal   the whole slice as straight-line code, each row's index a literal (needs the tiles' BK)
+  literal   the whole slice as straight-line code, each row's index a literal (needs the tiles' BK): the tile
+            flag LITERAL's form (gpu.unroll_loops), for tiles of any shape
   wrap      the next row's reads unconditional (the last row reads row 0 again): no compare and branch
   peel      the last row after the loop, the others reading the next row unconditionally
   fence     FENCE on: the next row's reads placed after the row's first fma and made to depend on it
@@ -202,8 +203,8 @@ def one_variant(src: str, name: str, bk: int) -> str:
         return (head + "for (var kk = 0u; kk + 1u < BK; kk++) {" + uncond + "}\n{"
                 + with_row(body[:i] + body[j:], "BK - 1u") + "}" + tail)
     if name == "literal":
-        rows = "".join("{" + with_row(body, f"{r}u") + "}\n" for r in range(bk))
-        return head + f"if (BK != {bk}u) {{ return; }}\n" + rows + tail
+        # what the tile flag LITERAL compiles: the loop marked `// #unroll LITERAL BK` written out BK times
+        return gpu.unroll_loops(src, {"LITERAL"}, {"BK": bk}, FILE)
     if name == "nobarrier":
         i = src.index("fn matmul_tiled(")
         j = src.index("fn matmul_split_sum(")
