@@ -1,6 +1,7 @@
 #!/bin/bash
 # A/B on the GPU machine: the working tree ("new") against a copy of an earlier commit in .dev/base ("base"),
-# one process after the other in one lease, each with a fresh autotune file (as a new user's first run).
+# one process after the other in one lease, each with a fresh autotune file (as a new user's first run), kept in
+# $OUT/tune_N_LABEL (the tile shapes and split-K counts that arm's products ran with).
 # Prepare the base here:  rm -rf .dev/base && mkdir -p .dev/base && git archive BASE pkg shaders bench | tar -x -C .dev/base
 # then carry .gl, .whl and .dev:  bash bench/gpu_ab.sh [check|train|attention|gpt2|matmul|profile|all]
 # ALT="NAME=value" adds a third arm to `train`: the working tree with that environment variable set.
@@ -8,11 +9,15 @@ set -uo pipefail
 source bench/h100_env.sh
 WHAT=${1:-all}
 ALT=${ALT:-}
+ARM=0
 train() {   # train TREE LABEL [ARGS]: bench_train from TREE's bench/ (and so its pkg/); prints tokens/s and wall time
   local tree=$1 label=$2; shift 2
   local t0=$(date +%s.%N)
-  echo "== $label: bench_train $*"
-  TABGPT_CACHE=$(mktemp -d) python3 "$tree/bench/bench_train.py" --steps 30 "$@" 2>&1 \
+  ARM=$((ARM + 1))
+  local cache="$OUT/tune_${ARM}_$label"    # a fresh autotune file, kept: what this arm's products ran with
+  mkdir -p "$cache"
+  echo "== $label: bench_train $* (tune file: $cache)"
+  TABGPT_CACHE="$cache" python3 "$tree/bench/bench_train.py" --steps 30 "$@" 2>&1 \
     | tee -a "$OUT/train_$label.txt" | grep -E '^\| (tabgpt|PyTorch)'
   echo "   wall $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s (start-up, autotune, steps)"
 }
