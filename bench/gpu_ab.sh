@@ -4,7 +4,8 @@
 # $OUT/tune_N_LABEL (the tile shapes and split-K counts that arm's products ran with).
 # Prepare the base here:  rm -rf .dev/base && mkdir -p .dev/base && git archive BASE pkg shaders bench | tar -x -C .dev/base
 # then carry .gl, .whl and .dev:  bash bench/gpu_ab.sh [check|train|attention|gpt2|matmul|profile|all]
-# ALT="NAME=value" adds a third arm to `train`: the working tree with that environment variable set.
+# ALT="NAME=value" adds a third arm to `train`: the working tree with that environment variable set; several arms
+# are separated by ';' and each may set several variables: ALT="A=1;B=1;A=1 B=1" (arms alt1, alt2, alt3).
 set -uo pipefail
 source bench/h100_env.sh
 WHAT=${1:-all}
@@ -32,7 +33,15 @@ if [ "$WHAT" = train ] || [ "$WHAT" = all ]; then
   for round in 1 2; do
     train .dev/base base --preset browser --no-torch
     if [ $round = 1 ]; then train . new --preset browser; else train . new --preset browser --no-torch; fi
-    if [ -n "$ALT" ]; then export "$ALT"; train . alt --preset browser --no-torch; unset "${ALT%%=*}"; fi
+    # each ALT arm: the working tree with its settings (space-separated NAME=value pairs) in the environment
+    IFS=';' read -ra arms <<< "$ALT"
+    for i in "${!arms[@]}"; do
+      [ -n "${arms[$i]// /}" ] || continue
+      label=alt; [ "${#arms[@]}" -gt 1 ] && label="alt$((i + 1))"
+      echo "   $label: ${arms[$i]}"
+      ( export ${arms[$i]}; train . "$label" --preset browser --no-torch )
+      ARM=$((ARM + 1))   # the subshell's count is lost with it
+    done
   done
 fi
 if [ "$WHAT" = attention ] || [ "$WHAT" = all ]; then
