@@ -1,5 +1,6 @@
 """The GPU core natively: buffers, kernels, sequences, errors, and the self-test kernels vs NumPy."""
 
+import re
 import struct
 
 import numpy as np
@@ -115,19 +116,26 @@ def test_conditional_blocks_keep_one_part_and_the_line_numbers():
 
 
 def test_marked_loops_are_written_out_where_asked():
-    src = ("a\n  // #unroll L BK\n  for (var kk = 0u; kk < BK; kk++) {\n    x += t[kk] + tkk[2u];\n  }\nb\n"
+    src = ("a\n  // #unroll L BK\n  for (var kk = 0u; kk < BK; kk++) {\n    x += t[kk] + tkk[2u];  // kk\n  }\nb\n"
            "// #unroll M N\nfor (var i = 0u; i < N; i++) {\n  if (i > 0u) { y(i); }\n}\nc\n")
     assert gpu.unroll_loops(src) == src
     out = gpu.unroll_loops(src, {"L", "M"}, {"BK": 3, "N": 2})
     assert [l.strip() for l in out.splitlines() if l.strip()] == [
-        "a", "{", "x += t[0u] + tkk[2u];", "}", "{", "x += t[1u] + tkk[2u];", "}", "{", "x += t[2u] + tkk[2u];", "}",
-        "b", "{", "if (0u > 0u) { y(0u); }", "}", "{", "if (1u > 0u) { y(1u); }", "}", "c"]
+        "a", "{ x += t[0u] + tkk[2u]; }", "{ x += t[1u] + tkk[2u]; }", "{ x += t[2u] + tkk[2u]; }",
+        "b", "{ if (0u > 0u) { y(0u); } }", "{ if (1u > 0u) { y(1u); } }", "c"]
+    # the copies take the directive's and the loop's lines: every line after a loop keeps its number
+    assert [n for n, l in enumerate(out.splitlines()) if l in ("a", "b", "c")] == [0, 5, 10] == \
+        [n for n, l in enumerate(src.splitlines()) if l in ("a", "b", "c")]
+    many = gpu.unroll_loops(src, {"L"}, {"BK": 12})       # more copies than lines: several a line
+    assert many.splitlines()[5:] == src.splitlines()[5:] and many.count("x += t[") == 12
+    assert [int(v) for v in re.findall(r"t\[(\d+)u\]", many)] == list(range(12))
     assert "for" not in gpu.unroll_loops(src, {"L"}, {"BK": 1}).split("b\n")[0]
     assert gpu.unroll_loops(src, {"L", "M"}, {"BK": 3}).count("for (var") == 1     # N not set: M's loop stays
     # matmul.wgsl's rows of a slice (the tile flag LITERAL, ops/matmul.py kernel_args)
     mm = (gpu.shader_dir() / "matmul.wgsl").read_text()
     loop = "for (var kk = 0u; kk < BK; kk++)"
-    assert loop in mm and loop not in gpu.unroll_loops(gpu.select_blocks(mm), {"LITERAL"}, {"BK": 8})
+    written = gpu.unroll_loops(gpu.select_blocks(mm), {"LITERAL"}, {"BK": 8})
+    assert loop in mm and loop not in written and len(written.splitlines()) == len(mm.splitlines())
     for bad, consts, what in [("// #unroll L BK\nx = 1;\n", {"BK": 2}, "must precede"),
                               ("// #unroll L BK\nfor (var k = 0u; k < BN; k++) {\n}\n", {"BK": 2}, "must precede"),
                               ("// #unroll L BK\nfor (var k = 0u; k < BK; k++) {\n}\n", {"BK": 0}, "must be 1 to 64")]:

@@ -215,7 +215,9 @@ def unroll_loops(src: str, defines=frozenset(), constants: dict | None = None, f
     constant) among `constants`, becomes the loop's body COUNT times over, each copy in a block of its own with v a
     literal (0u, 1u, ...). NVIDIA's compiler does not unroll loops that naga writes, and WGSL has no hint for it;
     written out, the copies' indices are constants. Without NAME in defines, or COUNT among the constants (a loop
-    of another entry point of the file, whose constants this kernel does not set), the loop stays a loop."""
+    of another entry point of the file, whose constants this kernel does not set), the loop stays a loop.
+    The copies take the lines of the directive and the loop (several copies a line, their `//` comments dropped),
+    so that every line after the loop keeps its number: a compiler's message points into the file as it is."""
     lines = src.splitlines()
     out, i = [], 0
     while i < len(lines):
@@ -239,10 +241,14 @@ def unroll_loops(src: str, defines=frozenset(), constants: dict | None = None, f
         text = "\n".join(lines[i + 1:])
         start = text.index("{")
         end = block_end(text, start)
-        body = text[start + 1:end - 1]
+        body = " ".join(line.split("//")[0].strip() for line in text[start + 1:end - 1].splitlines())
         var = re.compile(rf"\b{loop.group(1)}\b")
-        copies = "\n".join("{" + var.sub(f"{r}u", body) + "}" for r in range(constants[count]))
-        return "\n".join(out + [""]) + "\n" + copies + unroll_loops(text[end:], defines, constants, file)
+        copies = ["{ " + var.sub(f"{r}u", body).strip() + " }" for r in range(constants[count])]
+        slots = text[:end].count("\n") + 2          # the directive's line and the loop's
+        per = -(-len(copies) // slots)
+        rows = [" ".join(copies[a:a + per]) for a in range(0, len(copies), per)]
+        segment = "\n".join(rows + [""] * (slots - len(rows)))
+        return "\n".join(out + [""]) + segment + unroll_loops(text[end:], defines, constants, file)
     return "\n".join(out) + "\n"
 
 
