@@ -85,3 +85,23 @@ def test_matmul_variants_sources_still_compile(dev):
         for consts in ({"A_T": False, "B_T": False}, {"A_T": True, "B_T": False, "BIAS_ROW": True}):
             k = wait(dev.kernel(FILE, "matmul_tiled", dict(consts, **TILES_LARGE), source=src))
             assert k.entry == "matmul_tiled", name
+
+
+def test_attention_variants_rewrite_what_they_say(monkeypatch, capsys):
+    # bench_attention_variants.py rewrites shaders/attention.wgsl by anchors in its text: every diagnostic must find
+    # them, compile and change what it leaves out (its results differ from the base's), the base none
+    import bench_attention
+    import bench_attention_variants as bav
+    monkeypatch.setattr(bench_attention, "TARGET_SECONDS", 0.001)
+    names = ["base", "nostore", "nodsread", "noexp", "noglobal", "nobarrier", "nostore+nodsread"]
+    out = run_main(bav, monkeypatch, capsys, "--sizes", "2x40x2x16", "--trials", "1", "--no-write",
+                   "--variants", *names)
+    rows = {r.split(" | ")[1]: r for r in out.splitlines() if r.startswith("| 2x40x2x16 |")}
+    assert list(rows) == names
+    diffs = {n: [float(x) for x in r.rstrip(" |").split(" | ")[-1].split(" / ")] for n, r in rows.items()}
+    assert diffs["base"] == [0.0, 0.0]
+    assert diffs["noexp"][0] > 0 and diffs["noglobal"][0] > 0             # the forward changed
+    assert diffs["nostore"][0] == 0 and diffs["nostore"][1] > 0           # only the backward (dq from dS)
+    assert diffs["nodsread"][0] == 0 and diffs["nodsread"][1] > 0
+    with pytest.raises(ValueError, match="unknown variant"):
+        bav.variant("", "fast")
