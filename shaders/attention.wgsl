@@ -44,8 +44,9 @@
 // before use). Same FMAs in the
 // same order either way: the results are bit-identical.
 // PREFETCH (the Python side turns it on where a tile allows): register prefetch of the streamed tiles, as
-// matmul.wgsl's PREFETCH. Each thread's share of a streamed tile is PF_N = ceil(BS H4 / (NR TC)) vec4s per streamed matrix (K and V in forward and dq,
-// Q and dO in dkv; vec4s lid + s NR TC of the tile, s < PF_N, the ones load_qkv / load_dout give it) and, in
+// matmul.wgsl's PREFETCH. Each thread's share of a streamed tile is PF_N = ceil(BS H4 / (NR TC)) vec4s per
+// streamed matrix (K and V in forward and dq, Q and dO in dkv; vec4s lid + s NR TC of the tile, s < PF_N, the
+// ones load_qkv / load_dout give it) and, in
 // dkv, PF_S = ceil(BS / (NR TC)) lse/delta pairs. They are read from global memory into named registers
 // (p*0..p*3, never an indexed array) right after the barrier that starts a tile's arithmetic, for the NEXT
 // tile, so the loads are in flight during this tile's products; the next iteration stores them into `tiles`
