@@ -105,3 +105,34 @@ def test_attention_variants_rewrite_what_they_say(monkeypatch, capsys):
     assert diffs["nodsread"][0] == 0 and diffs["nodsread"][1] > 0
     with pytest.raises(ValueError, match="unknown variant"):
         bav.variant("", "fast")
+
+
+def test_probe_epilogues_times_each_form_and_frees_the_arithmetic(monkeypatch, capsys, dev):
+    import probe_epilogues as pe
+    import numpy as np
+    from tabgpt.ops.matmul import FILE, Matmul
+    out = run_main(pe, monkeypatch, capsys, "--quick")
+    rows = [line.split(" | ")[:2] for line in out.splitlines() if line.startswith("| small")]
+    assert rows == [["| small gelu", f] for f in ("epilogue", "none", "free", "autotuned")] + \
+        [["| small gelu_grad", f] for f in ("epilogue", "none", "free", "autotuned")], rows
+    # the free source's GELU is the identity: the activation written beside the pre-activation equals it
+    base = dev.source(FILE)
+    try:
+        dev._sources[FILE] = pe.free_source(base)
+        dev._kernels.clear()
+        M, N, K = 8, 8, 4
+        mm = wait(Matmul.create(dev, M, N, K, "nn", epilogue="gelu", **pe.QUICK_FIXED))
+        rng = np.random.default_rng(0)
+        bufs = {k: dev.buffer(4 * n, k, rng.standard_normal(n, np.float32))
+                for k, n in (("a", M * K), ("b", K * N), ("out", M * N), ("aux", M * N))}
+        seq = dev.sequence("free gelu")
+        mm.dispatch(seq, out=bufs["out"], a=bufs["a"], b=bufs["b"], aux=bufs["aux"])
+        wait(seq.build())
+        seq.run()
+        got = {k: np.frombuffer(wait(dev.read(bufs[k])), np.float32) for k in ("out", "aux")}
+        assert np.array_equal(got["out"], got["aux"]) and np.abs(got["out"]).max() > 0
+    finally:
+        dev._sources[FILE] = base
+        dev._kernels.clear()
+    with pytest.raises(ValueError, match="is not in"):
+        pe.free_source("")

@@ -1,0 +1,98 @@
+"""What the fused epilogues cost: the browser preset's products that carry one, with it and without, in turn.
+
+Each product made as training makes it (c_fc's forward with its bias and GELU: pre-activation and activation
+written at once; mlp c_proj's dinp times GELU' of the pre-activation; both c_proj forwards with the residual added),
+autotuned with its epilogue, then timed in rounds in four forms with those same tiles and split-K count:
+  epilogue   as training runs it
+  none       the same product without the epilogue (no aux read or written)
+  free       the epilogue's memory traffic kept, its arithmetic left out (GELU and GELU' the identity: a diagnostic,
+             wrong results; the residual has no arithmetic to leave out)
+  autotuned  the product without the epilogue, autotuned on its own (what it costs alone)
+each keeping its best round. So the gap epilogue - none splits into its arithmetic (epilogue - free) and its
+memory traffic (free - none).
+
+    python bench/probe_epilogues.py
+    python bench/probe_epilogues.py --quick       # tiny shapes (lavapipe): checks that it runs
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "pkg"))
+
+from tabgpt import gpu  # noqa: E402
+from tabgpt.gpu import wait  # noqa: E402
+from tabgpt.ops.matmul import FILE, Matmul, tiles_label  # noqa: E402
+
+from common import device_label, probe_args, probe_parser, time_in_turn  # noqa: E402  (bench/)
+
+# name: (layout, M, N, K, bias, epilogue), the browser preset's (B*T = 8192, C = 384)
+PRODUCTS = {"c_fc forward": ("nn", 8192, 1536, 384, True, "gelu"),
+            "mlp c_proj dinp": ("nt", 8192, 1536, 384, False, "gelu_grad"),
+            "mlp c_proj forward": ("nn", 8192, 384, 1536, True, "residual"),
+            "attn c_proj forward": ("nn", 8192, 384, 384, True, "residual")}
+QUICK_PRODUCTS = {"small gelu": ("nn", 40, 24, 12, True, "gelu"), "small gelu_grad": ("nt", 40, 24, 12, False,
+                                                                                       "gelu_grad")}
+QUICK_FIXED = dict(tiles={"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}, splits=1)   # --quick: no autotune
+FREE = [(r"fn mm_gelu\(x: vec4<f32>\) -> vec4<f32> \{", "fn mm_gelu(x: vec4<f32>) -> vec4<f32> {\n    return x;"),
+        (r"fn mm_gelu_grad\(x: vec4<f32>\) -> vec4<f32> \{",
+         "fn mm_gelu_grad(x: vec4<f32>) -> vec4<f32> {\n    return x;")]
+
+
+def free_source(src: str) -> str:
+    """matmul.wgsl with GELU and GELU' returning their argument first thing (the rest of each body unreached)."""
+    for pattern, repl in FREE:
+        src, n = re.subn(pattern, repl, src)
+        if n != 1:
+            raise ValueError(f"probe_epilogues: {pattern!r} is not in {FILE} once")
+    return src
+
+
+def main():
+    args = probe_args(probe_parser(__doc__, rounds=5))
+    products = QUICK_PRODUCTS if args.quick else PRODUCTS
+    fixed = QUICK_FIXED if args.quick else {}
+    dev = wait(gpu.open_device())
+    rng = np.random.default_rng(0)
+    base_src = dev.source(FILE)
+    arms = {}
+    for name, (layout, M, N, K, bias, epilogue) in products.items():
+        a = dev.buffer(4 * M * K, "a", rng.standard_normal(M * K, np.float32))
+        b = dev.buffer(4 * K * N, "b", rng.standard_normal(K * N, np.float32))
+        out = dev.buffer(4 * M * N, "out")
+        aux = dev.buffer(4 * M * N, "aux", rng.standard_normal(M * N, np.float32))
+        bias_buf = dev.buffer(4 * N, "bias", rng.standard_normal(N, np.float32)) if bias else None
+        first = wait(Matmul.create(dev, M, N, K, layout, bias=bias, epilogue=epilogue, **fixed))
+        same = dict(tiles=first.tiles, splits=first.splits)
+        for form in ("epilogue", "none", "free", "autotuned"):
+            if form == "free" and epilogue == "residual":
+                continue
+            dev._sources[FILE] = free_source(base_src) if form == "free" else base_src
+            dev._kernels.clear()
+            mm = wait(Matmul.create(dev, M, N, K, layout, bias=bias,
+                                    epilogue=None if form in ("none", "autotuned") else epilogue,
+                                    **(fixed if form == "autotuned" else same)))
+            seq = dev.sequence(f"{name} {form}")
+            mm.dispatch(seq, out=out, a=a, b=b, **({"bias": bias_buf} if bias else {}),
+                        **({"aux": aux} if mm.epilogue else {}))
+            wait(seq.build())
+            arms[name, form] = (seq, f"{tiles_label(mm.tiles)}, {mm.splits}", [])
+    dev._sources[FILE] = base_src
+    dev._kernels.clear()
+    time_in_turn(dev, ((seq, times) for seq, _, times in arms.values()), args)
+    print(f"## The fused epilogues' cost, {device_label(dev)}, best of {args.rounds} rounds\n")
+    print("| product | form | tiles, split-K | ms | against none |")
+    print("| --- | --- | --- | ---: | ---: |")
+    for (name, form), (_, label, times) in arms.items():
+        ratio = min(times) / min(arms[name, "none"][2])
+        print(f"| {name} | {form} | {label} | {min(times) * 1e3:.4f} | {ratio:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
