@@ -377,9 +377,7 @@ fn plan_b(n0: u32, k0: u32, v: u32) -> Plan {
 fn read_a(p: ptr<function, Plan>, k0: u32) -> vec4<f32> {
     var x = vec4(0.0);
     if (k0 < (*p).lim) {
-        // #if GROUPED
-        if (second) { x = a4_2[(*p).i]; } else { x = a4[(*p).i]; }
-        // #elif PAIRED
+        // #if GROUPED || PAIRED
         if (second) { x = a4_2[(*p).i]; } else { x = a4[(*p).i]; }
         // #else
         x = a4[(*p).i];
@@ -392,9 +390,7 @@ fn read_a(p: ptr<function, Plan>, k0: u32) -> vec4<f32> {
 fn read_b(p: ptr<function, Plan>, k0: u32) -> vec4<f32> {
     var x = vec4(0.0);
     if (k0 < (*p).lim) {
-        // #if GROUPED
-        if (second) { x = b4_2[(*p).i]; } else { x = b4[(*p).i]; }
-        // #elif PAIRED
+        // #if GROUPED || PAIRED
         if (second) { x = b4_2[(*p).i]; } else { x = b4[(*p).i]; }
         // #else
         x = b4[(*p).i];

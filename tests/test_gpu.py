@@ -106,7 +106,11 @@ def test_conditional_blocks_keep_one_part_and_the_line_numbers():
     chain = "// #if X\nx\n// #elif Y\ny\n// #elif Z\nz\n// #else\nw\n// #endif\n"
     for defines, kept in [({"X", "Y"}, "x"), ({"Y", "Z"}, "y"), ({"Z"}, "z"), (set(), "w")]:
         assert [l for l in gpu.select_blocks(chain, defines).splitlines() if l] == [kept]
+    either = "// #if X || Y\nxy\n// #elif Z||W\nzw\n// #else\nv\n// #endif\n"   # a part taken where any name is set
+    for defines, kept in [({"Y"}, "xy"), ({"X", "W"}, "xy"), ({"W"}, "zw"), ({"Z"}, "zw"), (set(), "v")]:
+        assert [l for l in gpu.select_blocks(either, defines).splitlines() if l] == [kept]
     for bad, what in [("// #if X\n", "without its `#endif`"), ("// #endif\n", "without its `#if`"),
+                      ("// #if X ||\n// #endif\n", "malformed"), ("// #if X Y\n// #endif\n", "malformed"),
                       ("// #if X\n// #if Y\n", "cannot nest"), ("// #if\n", "needs a name"),
                       ("// #if X\n// #else\n// #else\n", "after `#else`"),
                       ("// #if X\n// #else\n// #elif Y\n", "after `#else`"), ("// #if X\n// #elif\n", "without a name"),

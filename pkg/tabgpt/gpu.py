@@ -169,13 +169,15 @@ def used_bindings(src: str, entry: str) -> list[Binding]:
     return sorted((bindings[n] for n in names), key=lambda b: b.index)
 
 
-_DIRECTIVE_RE = re.compile(r"^\s*//\s*#(if|elif|else|endif)\b\s*(\w*)\s*$")
+_DIRECTIVE_START_RE = re.compile(r"^\s*//\s*#(if|elif|else|endif)\b")
+_DIRECTIVE_RE = re.compile(r"^\s*//\s*#(if|elif|else|endif)\b\s*(\w*(?:\s*\|\|\s*\w+)*)\s*$")
 
 
 def select_blocks(src: str, defines=frozenset(), file: str = "shader") -> str:
     """The source with its conditional blocks resolved: `// #if NAME`, optional `// #elif NAME` parts, an optional
     `// #else` part and `// #endif`, each on a line of its own; the lines of the first part whose NAME is in
-    `defines` are kept (those of #else where none is), the others dropped. Dropped lines and the directives become
+    `defines` are kept (those of #else where none is), the others dropped. A part may name several defines,
+    `NAME || OTHER`: it is taken where any of them is set. Dropped lines and the directives become
     empty lines (line numbers stay those of the file). So a kernel can have a variant of its own while the code of
     the others stays exactly what it is: a condition on an override constant would leave both branches in the
     module, and NVIDIA's compiler makes other code of the whole kernel even where the branch is never taken."""
@@ -184,20 +186,24 @@ def select_blocks(src: str, defines=frozenset(), file: str = "shader") -> str:
     for lineno, line in enumerate(src.splitlines(), 1):
         m = _DIRECTIVE_RE.match(line)
         if not m:
+            if _DIRECTIVE_START_RE.match(line):
+                raise GPUError(f"{file}:{lineno}: a malformed directive: `{line.strip()}` (`// #if NAME`, "
+                               "`// #elif NAME || OTHER`, `// #else`, `// #endif`)")
             out.append(line if keep else "")
             continue
         word, arg = m.groups()
+        named = any(n.strip() in defines for n in arg.split("||")) if arg else False
         if word == "if":
             if name is not None or not arg:
                 raise GPUError(f"{file}:{lineno}: `#if NAME` needs a name and cannot nest")
-            name, keep, taken, after_else = arg, arg in defines, arg in defines, False
+            name, keep, taken, after_else = arg, named, named, False
         elif name is None or (after_else and word != "endif") or (word == "elif") != bool(arg):
             raise GPUError(f"{file}:{lineno}: `#{word}` without its `#if`, after `#else`, or "
                            + ("without a name" if word == "elif" else "with a name"))
         elif word == "endif":
             name, keep = None, True
         else:
-            keep = not taken and (word == "else" or arg in defines)
+            keep = not taken and (word == "else" or named)
             taken, after_else = taken or keep, word == "else"
         out.append("")
     if name is not None:
