@@ -142,7 +142,10 @@ def test_marked_loops_are_written_out_where_asked():
     assert loop in mm and loop not in written and len(written.splitlines()) == len(mm.splitlines())
     for bad, consts, what in [("// #unroll L BK\nx = 1;\n", {"BK": 2}, "must precede"),
                               ("// #unroll L BK\nfor (var k = 0u; k < BN; k++) {\n}\n", {"BK": 2}, "must precede"),
-                              ("// #unroll L BK\nfor (var k = 0u; k < BK; k++) {\n}\n", {"BK": 0}, "must be 1 to 64")]:
+                              ("// #unroll L BK\nfor (var k = 0u; k < BK; k++) {\n}\n", {"BK": 0}, "must be 1 to 64"),
+                              # after a written-out loop, an error names its line in the file
+                              ("x\n// #unroll L BK\nfor (var k = 0u; k < BK; k++) {\n}\ny\n// #unroll L BK\nz = 1;\n",
+                               {"BK": 2}, "f.wgsl:6: .* must precede")]:
         with pytest.raises(GPUError, match=what):
             gpu.unroll_loops(bad, {"L"}, consts, "f.wgsl")
 

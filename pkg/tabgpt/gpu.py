@@ -247,14 +247,17 @@ def unroll_loops(src: str, defines=frozenset(), constants: dict | None = None, f
         text = "\n".join(lines[i + 1:])
         start = text.index("{")
         end = block_end(text, start)
+        last = i + 1 + text[:end].count("\n")      # the line of the loop's closing brace
         body = " ".join(line.split("//")[0].strip() for line in text[start + 1:end - 1].splitlines())
         var = re.compile(rf"\b{loop.group(1)}\b")
         copies = ["{ " + var.sub(f"{r}u", body).strip() + " }" for r in range(constants[count])]
-        slots = text[:end].count("\n") + 2          # the directive's line and the loop's
+        slots = last - i + 1                         # the directive's line and the loop's
         per = -(-len(copies) // slots)
         rows = [" ".join(copies[a:a + per]) for a in range(0, len(copies), per)]
-        segment = "\n".join(rows + [""] * (slots - len(rows)))
-        return "\n".join(out + [""]) + segment + unroll_loops(text[end:], defines, constants, file)
+        rows += [""] * (slots - len(rows))
+        rows[-1] += text[end:].split("\n", 1)[0]    # whatever follows the closing brace on its line
+        out += rows
+        i = last + 1
     return "\n".join(out) + "\n"
 
 
