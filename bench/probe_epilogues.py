@@ -31,6 +31,7 @@ from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.matmul import FILE, Matmul, tiles_label  # noqa: E402
 
 from common import device_label, probe_args, probe_parser, time_in_turn  # noqa: E402  (bench/)
+from probe_pair_sum import QUICK_FIXED as PAIR_FIXED  # noqa: E402
 
 # name: (layout, M, N, K, bias, epilogue), the browser preset's (B*T = 8192, C = 384)
 PRODUCTS = {"c_fc forward": ("nn", 8192, 1536, 384, True, "gelu"),
@@ -39,7 +40,7 @@ PRODUCTS = {"c_fc forward": ("nn", 8192, 1536, 384, True, "gelu"),
             "attn c_proj forward": ("nn", 8192, 384, 384, True, "residual")}
 QUICK_PRODUCTS = {"small gelu": ("nn", 40, 24, 12, True, "gelu"), "small gelu_grad": ("nt", 40, 24, 12, False,
                                                                                        "gelu_grad")}
-QUICK_FIXED = dict(tiles={"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}, splits=1)   # --quick: no autotune
+QUICK_FIXED = dict(PAIR_FIXED, splits=1)   # --quick: no autotune (probe_pair_sum's tiles)
 FREE = [(r"fn mm_gelu\(x: vec4<f32>\) -> vec4<f32> \{", "fn mm_gelu(x: vec4<f32>) -> vec4<f32> {\n    return x;"),
         (r"fn mm_gelu_grad\(x: vec4<f32>\) -> vec4<f32> \{",
          "fn mm_gelu_grad(x: vec4<f32>) -> vec4<f32> {\n    return x;")]
@@ -71,20 +72,24 @@ def main():
         first = wait(Matmul.create(dev, M, N, K, layout, bias=bias, epilogue=epilogue, **fixed))
         same = dict(tiles=first.tiles, splits=first.splits)
         for form in ("epilogue", "none", "free", "autotuned"):
-            if form == "free" and epilogue == "residual":
-                continue
-            dev._sources[FILE] = free_source(base_src) if form == "free" else base_src
-            dev._kernels.clear()
-            mm = wait(Matmul.create(dev, M, N, K, layout, bias=bias,
-                                    epilogue=None if form in ("none", "autotuned") else epilogue,
-                                    **(fixed if form == "autotuned" else same)))
+            if form == "epilogue":
+                mm = first
+            elif form == "free":
+                if epilogue == "residual":
+                    continue
+                dev._sources[FILE] = free_source(base_src)   # its kernels compiled from the free source, then
+                dev._kernels.clear()                         # the device's own source and cache back
+                mm = wait(Matmul.create(dev, M, N, K, layout, bias=bias, epilogue=epilogue, **same))
+                dev._sources[FILE] = base_src
+                dev._kernels.clear()
+            else:
+                mm = wait(Matmul.create(dev, M, N, K, layout, bias=bias,
+                                        **(fixed if form == "autotuned" else same)))
             seq = dev.sequence(f"{name} {form}")
             mm.dispatch(seq, out=out, a=a, b=b, **({"bias": bias_buf} if bias else {}),
                         **({"aux": aux} if mm.epilogue else {}))
             wait(seq.build())
             arms[name, form] = (seq, f"{tiles_label(mm.tiles)}, {mm.splits}", [])
-    dev._sources[FILE] = base_src
-    dev._kernels.clear()
     time_in_turn(dev, ((seq, times) for seq, _, times in arms.values()), args)
     print(f"## The fused epilogues' cost, {device_label(dev)}, best of {args.rounds} rounds\n")
     print("| product | form | tiles, split-K | ms | against none |")
