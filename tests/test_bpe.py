@@ -464,6 +464,24 @@ def test_cli_trains_writes_and_summarises(tmp_path, capsys):
     assert (tmp_path / "tok.merges.txt").exists()
     assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=100, out=str(out))) == 2
     assert "at least 257" in capsys.readouterr().err
-    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
-    assert bpe.cli_main(argparse.Namespace(input=str(tmp_path / "latin1.txt"), vocab_size=300, out=str(out))) == 2
-    assert "not UTF-8" in capsys.readouterr().err
+
+    # read as `tabgpt fetch --file` reads: Latin-1 and UTF-16 without a byte-order mark converted, with a note
+    (tmp_path / "latin1.txt").write_bytes("café au lait, déjà vu. ".encode("latin-1") * 50)
+    (tmp_path / "utf16.txt").write_bytes("plain words, twice over. ".encode("utf-16-le") * 50)
+    for name, note in (("latin1.txt", "Latin-1"), ("utf16.txt", "UTF-16")):
+        assert bpe.cli_main(argparse.Namespace(input=str(tmp_path / name), vocab_size=300, out=str(out))) == 0
+        assert note in capsys.readouterr().err
+        assert Tokenizer.load(out).decode(Tokenizer.load(out).encode("déjà")) == "déjà"
+
+    # refused before any work, the input untouched: binary data, --out the input itself or a folder
+    (tmp_path / "prog").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4)
+    assert bpe.cli_main(argparse.Namespace(input=str(tmp_path / "prog"), vocab_size=300, out=str(out))) == 2
+    assert "not text" in capsys.readouterr().err
+    before = src.read_bytes()
+    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(src))) == 2
+    assert "is the input file" in capsys.readouterr().err and src.read_bytes() == before
+    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(tmp_path))) == 2
+    assert "is a folder" in capsys.readouterr().err
+    nested = tmp_path / "new" / "dir" / "tok.json"   # a missing folder is made
+    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(nested), verbose=False)) == 0
+    assert nested.is_file()

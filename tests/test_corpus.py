@@ -205,7 +205,7 @@ def test_book_by_repository_name_and_unknown_ids(mirror):
     c = load({"book": "Alice-s-Adventures-in-Wonderland_11"}, mirror=mirror)
     assert c.sources[0]["id"] == 11 and "Alice was beginning" in c.text
     e = error_of({"book": 99999999})
-    assert e.kind == "unknown_book" and "not in the bundled catalogue" in str(e) and "{'url'" in str(e)
+    assert e.kind == "unknown_book" and "not in the bundled catalogue" in str(e) and "URL of its plain" in str(e)
     assert error_of({"book": "no such thing"}).kind == "unknown_book"
 
 
@@ -214,7 +214,7 @@ def test_book_missing_on_mirror_tries_every_shape_then_says_what_to_do(mirror):
     assert e.kind == "not_found"
     assert [p.split("/master/")[1] for p in Handler.log] == ["1342-0.txt", "1342.txt", "1342-8.txt",
                                                              "1342-h/1342-h.htm"]
-    assert "Pride and Prejudice" in str(e) and "{'url'" in str(e)
+    assert "Pride and Prejudice" in str(e) and "by its URL" in str(e)
 
 
 def test_several_books_split_by_whole_book(mirror):
@@ -301,7 +301,30 @@ def test_empty_input_is_refused(server):
                    "\n\n\n*** END OF THIS PROJECT GUTENBERG EBOOK NOTHING ***\nlicence text\n")
     e = error_of({"text": boilerplate})
     assert e.kind == "empty" and "no text after cleaning" in str(e)
-    assert error_of({"text": " \n\t\n"}).kind == "empty"
+    e = error_of({"text": " \n\t\n"})
+    assert e.kind == "empty" and "no text" in str(e) and "boilerplate" not in str(e)
+
+
+def test_utf16_without_byte_order_mark_is_converted(tmp_path):
+    text = "To be, or not to be: that is the question.\n" * 20
+    for enc in ("utf-16-le", "utf-16-be"):
+        (tmp_path / enc).write_bytes(text.encode(enc))
+        c = load({"file": str(tmp_path / enc)})
+        assert c.text.strip() == text.strip() and any("UTF-16" in n for n in c.notices), enc
+
+
+def test_what_is_not_a_web_address_is_refused():
+    for url in ("notaurl", "http://[::1", "https://", "ftp://example.org/a.txt"):
+        e = error_of({"url": url})
+        assert e.kind == "bad_url" and "not a web address" in str(e), url
+
+
+def test_cap_from_the_environment(server, monkeypatch):
+    monkeypatch.setenv("TABGPT_MAX_MB", "1")
+    e = error_of({"url": server + "/big.txt"})
+    assert e.kind == "too_large" and "above the cap of 1 MB" in str(e) and "TABGPT_MAX_MB" in str(e)
+    monkeypatch.setenv("TABGPT_MAX_MB", "lots")
+    assert "not a positive number" in str(error_of("default"))
 
 
 def test_too_large_for_memory_is_capped(server, tmp_path):
@@ -439,6 +462,14 @@ def test_cli_fetch(mirror, tmp_path, monkeypatch, capsys):
     assert "Through the Looking-Glass" in capsys.readouterr().out
     assert C.cli_main(fetch_args(book=[1342])) == 1                         # not on the local mirror
     assert "none of its usual files" in capsys.readouterr().err
+    # --out: refused before any work when it is the input or a folder; a missing folder is made
+    before = out.read_bytes()
+    assert C.cli_main(fetch_args(file=str(out), out=str(out))) == 1
+    assert "is the input file" in capsys.readouterr().err and out.read_bytes() == before
+    assert C.cli_main(fetch_args(file=str(out), out=str(tmp_path))) == 1
+    assert "is a folder" in capsys.readouterr().err
+    assert C.cli_main(fetch_args(file=str(out), out=str(tmp_path / "a" / "b.txt"))) == 0
+    assert (tmp_path / "a" / "b.txt").read_text(encoding="utf-8").strip() == before.decode().strip()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -166,6 +167,103 @@ def test_nan_updates_are_skipped_then_training_stops_with_advice(tmp_path, text)
         assert bytes(after[name][1]) == bytes(data), name
 
 
+def test_divergence_keeps_the_last_checkpoint_and_a_non_finite_one_is_named(tmp_path, text):
+    """A run that diverges leaves its last checkpoint as it was (it used to be replaced by the weights that
+    diverged, labelled with an older step); a checkpoint whose weights are not finite is named as the cause where
+    training resumes from it, and sampling and evaluation say so instead of printing NaN."""
+    cfg = tiny_cfg(max_steps=3, eval_interval=0)
+    run_dir = tmp_path / "r"
+
+    def poison(model):
+        spec = model.specs[3]  # a LayerNorm bias: NaN there makes every loss NaN
+        model.dev.write(model.params, np.full(spec.numel, np.nan, np.float32).tobytes(), 4 * spec.offset)
+
+    async def diverge():
+        pipe = await _pipeline(text, run_dir, cfg=cfg)
+        await pipe.train()                                   # checkpoint at step 3
+        saved = (run_dir / "model.safetensors").read_bytes(), (run_dir / "state.safetensors").read_bytes()
+        pipe.cfg = pipe.cfg.replace(max_steps=30)
+
+        def emit(ev):
+            if ev["type"] == "step" and ev["step"] == 5:
+                poison(pipe.model)
+        pipe.emit = emit
+        with pytest.raises(TrainingError) as e:
+            await pipe.train()
+        await pipe.run.save_checkpoint(pipe.model, 3)       # now a checkpoint of NaN weights, as corruption might
+        return saved, str(e.value)
+
+    saved, err = asyncio.run(diverge())
+    assert "Lower the learning rate" in err and "The last checkpoint, step 3, is untouched" in err, err
+    errors = [e for e in RunFolder(run_dir).read_metrics() if e["type"] == "error"]
+    assert errors and errors[-1]["message"] == err
+
+    async def resume_and_use():
+        pipe = await _pipeline(text, run_dir)
+        run = RunFolder(run_dir)
+        pipe.use_tokenizer(run.read_tokenizer())
+        await pipe.build_model(run.read_config().replace(max_steps=30), resume_from=run)
+        with pytest.raises(TrainingError) as e:
+            await pipe.train()
+        from tabgpt.evaluate import evaluate
+        from tabgpt.sample import generate
+        with pytest.raises(ValueError) as ev:
+            await evaluate(pipe.model, pipe.tokenizer, pipe.corpus.val_text[:2000])
+        with pytest.raises(ValueError) as sv:
+            [p async for p in generate(pipe.model, pipe.tokenizer, "the ", max_new_tokens=5)]
+        return str(e.value), str(ev.value), str(sv.value)
+
+    resumed, evaluated, sampled = asyncio.run(resume_and_use())
+    assert "after resuming at step 3" in resumed and "not finite" in resumed, resumed
+    assert "not finite" in evaluated and "not finite" in sampled
+    assert saved[0] != (run_dir / "model.safetensors").read_bytes()   # (the poisoned save above did land)
+
+
+def test_a_one_token_context_samples(text):
+    """block_size 1: the context refills from the last token (it was emptied: window[-0:] kept everything)."""
+    cfg = tiny_cfg(block_size=1, max_steps=2, eval_interval=0)
+
+    async def go():
+        pipe = await _pipeline(text, None, cfg=cfg)
+        await pipe.train()
+        return await pipe.sample("the", max_new_tokens=6, temperature=0, stream=False)
+
+    assert isinstance(asyncio.run(go()), str)
+
+
+def test_bad_settings_are_refused_with_what_to_do():
+    cases = {"n_head": (0, "n_head must be at least 1"), "min_lr": (-1.0, "min_lr (-1.0) must be in [0"),
+             "eval_steps": (0, "eval_steps (0) must be at least 1"),
+             "eval_interval": (-5, "eval_interval must not be negative"),
+             "warmup_steps": (-1, "warmup_steps must not be negative"), "n_layer": ("2", "must be an integer"),
+             "learning_rate": (float("nan"), "finite"), "batch_size": (2.5, "must be an integer")}
+    for name, (value, message) in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            preset("tiny", **{name: value})
+    with pytest.raises(ValueError, match="min_lr"):
+        preset("tiny", min_lr=0.5)   # above the learning rate
+    preset("tiny", min_lr=0.0, warmup_steps=0, eval_interval=0)   # zero is a choice
+
+    from tabgpt.metrics import check_sampling
+    for kw, message in ((dict(top_k=-5), "top_k"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
+                        (dict(temperature=float("nan")), "temperature"), (dict(temperature=-1), "temperature"),
+                        (dict(max_new_tokens=-5), "max_new_tokens")):
+        with pytest.raises(ValueError, match=message):
+            check_sampling(**{"max_new_tokens": 10, **kw})
+    check_sampling(0, 0, 0, 1.0)
+    check_sampling(10, float("inf"), None, None)
+
+
+def test_too_little_text_says_how_much_more():
+    import array
+    from tabgpt.train import TokenData
+    # 2,000 bytes at 4 bytes a token, 5% held out: 25 validation tokens, 40 short of a 64-token block
+    data = TokenData(array.array("I", range(475)), array.array("I", range(25)), 1900, 100)
+    with pytest.raises(TrainingError, match=r"validation text has 25 tokens.*about 3,200 more bytes"):
+        data.check(64)
+    data.check(24)
+
+
 def test_run_folder_loads_in_transformers_with_the_same_logits(tmp_path, text):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
@@ -298,3 +396,41 @@ def test_config_beyond_the_gpu_limits_is_refused_with_advice():
 
     with pytest.raises(RunError, match="lower --batch-size"):
         check_fits(Dev(), preset("gpt2"))
+    # a weight that outgrows a binding on its own: only n_embd sizes it
+    with pytest.raises(RunError, match=r"MLP weight .* lower --n-embd$"):
+        check_fits(Dev(), preset("tiny", n_layer=1, n_embd=2944, n_head=23, batch_size=1, block_size=8))
+
+
+def test_cli_refuses_bad_paths_and_settings_before_any_work(cli_run, tmp_path):
+    corpus = cli_run / "corpus.txt"
+    # --out: a folder of other files, or a file: refused before the tokenizer trains, every file as it was
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    (mine / "notes.txt").write_text("notes")
+    before = _snapshot(mine)
+    for out in (mine, mine / "notes.txt"):
+        r = _cli("train", "--data", corpus, "--max-steps", 2, "--out", out, check=False)
+        assert r.returncode == 1 and ("not a tabgpt run" in r.stderr or "is a file" in r.stderr), r.stderr
+        assert "tokenizer:" not in r.stderr, "the work started before the path was refused"
+    assert _snapshot(mine) == before
+    # a run that fails before its first save writes nothing
+    r = _cli("train", "--data", corpus, "--batch-size", 4096, "--max-steps", 2, "--out", tmp_path / "big",
+             check=False)
+    assert r.returncode == 1 and "--batch-size" in r.stderr and not (tmp_path / "big").exists(), r.stderr
+    # resuming: the model's sizes cannot change, the training settings can (and say so)
+    run = tmp_path / "run"
+    shutil.copytree(cli_run / "run", run)
+    r = _cli("train", "--data", corpus, "--resume", "--out", run, "--n-layer", 4, "--preset", "small", check=False)
+    assert r.returncode == 1 and "--n-layer, --preset cannot change when resuming" in r.stderr, r.stderr
+    r = _cli("train", "--data", corpus, "--resume", "--out", run, "--max-steps", 5, "--learning-rate", 1e-3,
+             "--quiet")
+    assert "resuming with learning_rate 0.001" in r.stderr
+    assert json.loads((run / "config.json").read_text())["learning_rate"] == 1e-3
+    # sampling and evaluation settings, and a binary evaluation text
+    for args, message in ((("sample", "--top-k", -5), "top_k"), (("sample", "--top-p", 1.5), "top_p"),
+                          (("sample", "--num-samples", 0), "--num-samples"),
+                          (("eval", "--data", corpus, "--max-tokens", -5), "--max-tokens"),
+                          (("eval", "--data", sys.executable), "not text")):
+        r = _cli(*args, "--run", run, check=False)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

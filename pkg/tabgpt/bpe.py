@@ -639,15 +639,19 @@ class Tokenizer:
 
 def cli_main(args) -> int:
     """Train on args.input, write args.out (+ the merges listing); progress to stderr, a summary to stdout."""
+    from tabgpt.corpus import CorpusError, decode_bytes, prepare_out
     try:
-        text = Path(args.input).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        print(f"error: {args.input} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})",
-              file=sys.stderr)
+        prepare_out(args.out, [args.input])
+        raw = Path(args.input).read_bytes()
+        text, _, notice = decode_bytes(raw, args.input)   # as `tabgpt fetch --file` reads it
+    except CorpusError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: cannot read {args.input}: {e.strerror}", file=sys.stderr)
         return 2
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
     verbose = getattr(args, "verbose", False)
 
     def progress(p):
@@ -664,7 +668,11 @@ def cli_main(args) -> int:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
     print(file=sys.stderr)
-    tok.save(args.out)
+    try:
+        tok.save(args.out)
+    except OSError as e:
+        print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     n_tokens = len(tok.encode_array(text))
     enc_seconds = time.perf_counter() - t0

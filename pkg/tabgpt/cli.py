@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="get a corpus: the bundled default, Gutenberg books, a URL or a file")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--default", action="store_true", help="the bundled default corpus (offline)")
-    g.add_argument("--book", type=int, nargs="+", metavar="ID", help="Project Gutenberg book ids (Gitenberg mirror)")
+    g.add_argument("--book", nargs="+", metavar="ID",
+                   help="Project Gutenberg book ids, or GITenberg repository names such as Pride-and-Prejudice_1342 "
+                        "(Gitenberg mirror)")
     g.add_argument("--url", help="any URL of a plain-text file")
     g.add_argument("--file", help="a local text file")
     g.add_argument("--search", metavar="QUERY", help="search the bundled book catalogue and print matches")
@@ -81,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a GPT; writes a run folder")
     p.add_argument("--data", required=True, help="a text file, or 'default' for the bundled corpus")
     p.add_argument("--tokenizer", help="an existing tokenizer.json (else one is trained)")
-    p.add_argument("--preset", default="tiny", help="tiny, small, browser or gpt2")
+    p.add_argument("--preset", default=None, help="tiny (the default), small, browser or gpt2")
     p.add_argument("--out", required=True, help="the run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (the model's sizes stay; the training "
+                        "settings below may change, such as a lower --learning-rate after a divergence)")
     for name, typ in [("n-layer", int), ("n-head", int), ("n-embd", int), ("block-size", int),
                       ("batch-size", int), ("grad-accum", int), ("vocab-size", int), ("learning-rate", float),
                       ("min-lr", float), ("warmup-steps", int), ("max-steps", int), ("weight-decay", float),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -51,7 +52,22 @@ class Config:
         return self.batch_size * self.block_size * self.grad_accum
 
     def validate(self) -> "Config":
+        """Refuse settings that cannot train, each problem named with what to do (ValueError)."""
         problems = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            want = int if f.type in ("int", int) else float
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (want is int and not isinstance(v, int)):
+                problems.append(f"{f.name} must be {'an integer' if want is int else 'a number'}, got {v!r}")
+            elif want is float and not math.isfinite(v):
+                problems.append(f"{f.name} must be a finite number, got {v!r}")
+        if problems:   # the checks below compare numbers
+            raise ValueError("bad configuration: " + "; ".join(problems))
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if problems:   # head_size divides by n_head
+            raise ValueError("bad configuration: " + "; ".join(problems))
         if self.n_embd % self.n_head:
             problems.append(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.n_embd % 4:
@@ -60,13 +76,27 @@ class Config:
             problems.append(f"head size n_embd/n_head = {self.head_size} must be a multiple of 4")
         if self.head_size > 128:
             problems.append(f"head size n_embd/n_head = {self.head_size} is above 128; use more heads")
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1")
         if self.vocab_size < 257:
             problems.append(f"vocab_size ({self.vocab_size}) must be at least 257 (256 bytes + end of text)")
         if not 0 < self.learning_rate < 1:
             problems.append(f"learning_rate ({self.learning_rate}) must be in (0, 1)")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            problems.append(f"min_lr ({self.min_lr}) must be in [0, learning_rate = {self.learning_rate}]: the "
+                            f"cosine decay ends there")
+        if self.eval_steps < 1:
+            problems.append(f"eval_steps ({self.eval_steps}) must be at least 1 (batches per validation loss); "
+                            f"eval_interval 0 turns evaluations off")
+        for name in ("warmup_steps", "eval_interval", "sample_interval", "checkpoint_interval", "sample_tokens",
+                     "weight_decay", "grad_clip", "time_limit", "eps"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.log_interval < 1:
+            problems.append(f"log_interval must be at least 1, got {self.log_interval}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name} ({getattr(self, name)}) must be in [0, 1)")
+        if not 0 < self.val_fraction < 1:
+            problems.append(f"val_fraction ({self.val_fraction}) must be in (0, 1)")
         if problems:
             raise ValueError("bad configuration: " + "; ".join(problems))
         return self

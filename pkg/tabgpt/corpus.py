@@ -102,6 +102,11 @@ def decode_bytes(data: bytes, name: str = "the input") -> tuple[str, str, str | 
             raise CorpusError(f"{name} looks like gzip data but cannot be decompressed ({e}).", "binary")
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return data.decode("utf-16", errors="replace"), "utf-16", f"{name} is UTF-16; it was converted to UTF-8."
+    utf16 = _utf16_without_bom(data)
+    if utf16:
+        return (data.decode(utf16, errors="replace"), utf16,
+                f"{name} is UTF-16 ({'little' if utf16.endswith('le') else 'big'}-endian, without a byte-order "
+                f"mark); it was converted to UTF-8.")
     for magic, what in _MAGIC:
         if data.startswith(magic) and not _mostly_text(data):
             raise CorpusError(f"{name} is {what}, not text. Give a plain-text (.txt) file; "
@@ -122,6 +127,49 @@ def decode_bytes(data: bytes, name: str = "the input") -> tuple[str, str, str | 
     return text, enc, (f"{name} is not valid UTF-8 (byte {where}); it was read as Latin-1 "
                        f"({'Windows-1252' if enc == 'cp1252' else 'ISO-8859-1'}). "
                        "If accents look wrong, save the file as UTF-8 and load it again.")
+
+
+def _utf16_without_bom(data: bytes) -> str | None:
+    """'utf-16-le' or 'utf-16-be' where mostly Latin text in those encodings lacks its byte-order mark: the NUL
+    high bytes of its characters on one side of at least 70% of the pairs, none on the other (and the pairs
+    decode to text), else None."""
+    head = data[:65536 - 65536 % 2] if len(data) >= 65536 else data[:len(data) - len(data) % 2]
+    if len(head) < 4:
+        return None
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    half = len(head) // 2
+    for enc, zeros, other in (("utf-16-le", odd, even), ("utf-16-be", even, odd)):
+        if zeros >= 0.7 * half and other <= 0.01 * half:   # mostly Latin text, as text without its mark is
+            try:
+                text = head.decode(enc)
+            except UnicodeDecodeError:
+                continue
+            if _mostly_text(text.encode("utf-8", errors="replace")):
+                return enc
+    return None
+
+
+def prepare_out(out, inputs=()) -> Path:
+    """A path that a command may write its result to, checked before the work: not a folder, not one of its
+    inputs (which it would overwrite); its folder is created. CorpusError says what to do otherwise."""
+    path = Path(out)
+    if path.is_dir():
+        raise CorpusError(f"--out {out} is a folder: give a file name, for example {path / 'out.txt'}")
+    for i in inputs:
+        try:
+            same = i is not None and path.exists() and Path(i).exists() and path.samefile(i)
+        except OSError:
+            same = False
+        if same:
+            raise CorpusError(f"--out {out} is the input file {i}: writing it would replace the input; choose "
+                              f"another --out")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CorpusError(f"cannot create the folder of --out {out}: {e.strerror or e}") from e
+    if not os.access(path.parent, os.W_OK):
+        raise CorpusError(f"cannot write --out {out}: its folder {path.parent} is not writable")
+    return path
 
 
 def _mostly_text(data: bytes) -> bool:
@@ -290,8 +338,22 @@ def check_cap(nbytes: int, max_bytes: int, name: str, so_far: bool = False) -> N
     if nbytes > max_bytes:
         raise CorpusError(
             f"{name} is {'at least ' if so_far else ''}{nbytes / 1e6:.1f} MB, above the cap of "
-            f"{max_bytes / 1e6:.0f} MB that a browser tab holds comfortably. Choose fewer or smaller books, "
-            "cut the file, or raise max_bytes natively.", "too_large")
+            f"{max_bytes / 1e6:.0f} MB{' that a browser tab holds comfortably' if max_bytes == MAX_BYTES else ''}. "
+            "Choose fewer or smaller books or cut the file"
+            + ("." if IN_BROWSER else "; natively, TABGPT_MAX_MB=N raises the cap to N MB."), "too_large")
+
+
+def cap_bytes() -> int:
+    """The cap on a download and on a whole corpus: MAX_BYTES, natively TABGPT_MAX_MB (megabytes) if set."""
+    mb = os.environ.get("TABGPT_MAX_MB", "") if not IN_BROWSER else ""
+    if not mb:
+        return MAX_BYTES
+    try:
+        if float(mb) > 0:
+            return int(float(mb) * 1_000_000)
+    except ValueError:
+        pass
+    raise CorpusError(f"TABGPT_MAX_MB={mb!r} is not a positive number of megabytes", "bad_source")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,8 +430,8 @@ def find_book(book) -> dict:
             return _book_dict(row)
     raise CorpusError(
         f"book {book_id} is not in the bundled catalogue of {len(catalogue()['books'])} popular books. "
-        "Give its GITenberg repository name instead (e.g. {'book': 'Pride-and-Prejudice_1342'}, see "
-        "github.com/GITenberg), or the URL of its plain text with {'url': ...}.", "unknown_book")
+        "Give its GITenberg repository name instead (such as Pride-and-Prejudice_1342, see github.com/GITenberg), "
+        "or the URL of its plain text.", "unknown_book")
 
 
 def book_urls(repo: str, book_id: int, mirror: str | None = None) -> list[str]:
@@ -390,13 +452,33 @@ class Download:
     cors: bool | None = None        # natively: did the server allow cross-origin reads? (None: unknown)
 
 
-async def fetch_bytes(url: str, progress=None, max_bytes: int = MAX_BYTES, timeout: float = TIMEOUT) -> Download:
+async def fetch_bytes(url: str, progress=None, max_bytes: int | None = None,
+                      timeout: float = TIMEOUT) -> Download:
     """GET ``url``. Raises CorpusError: not_found (404), http (other status), network (unreachable,
     timed out), cors (the browser refused a cross-origin read), too_large (over ``max_bytes``).
-    ``progress(event)`` gets {"stage": "download", "url", "done", "total"} as bytes arrive."""
+    ``progress(event)`` gets {"stage": "download", "url", "done", "total"} as bytes arrive; bad_url: not an
+    http(s) address. max_bytes: cap_bytes() where None."""
+    max_bytes = max_bytes or cap_bytes()
+    check_url(url)
     if IN_BROWSER:
         return await _fetch_browser(url, progress, max_bytes)
     return _fetch_native(url, progress, max_bytes, timeout)
+
+
+def check_url(url: str) -> None:
+    """Refuse what is not a web address (http or https with a host; natively file: too, for a local mirror) with a
+    CorpusError that says what to give."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        ok = (parts.scheme in ("http", "https") and bool(parts.hostname)) or (parts.scheme == "file"
+                                                                               and not IN_BROWSER)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise CorpusError(f"{url!r} is not a web address: give a full http(s) URL such as "
+                          "https://example.org/book.txt (a file on this machine goes by its path instead).",
+                          "bad_url", url)
 
 
 def _fetch_native(url, progress, max_bytes, timeout) -> Download:
@@ -534,12 +616,13 @@ class Cache:
 # Sources -> documents -> Corpus.
 
 async def load_corpus(source="default", *, val_fraction: float = VAL_FRACTION, progress=None,
-                      cache: bool | Cache = True, max_bytes: int = MAX_BYTES, timeout: float = TIMEOUT,
+                      cache: bool | Cache = True, max_bytes: int | None = None, timeout: float = TIMEOUT,
                       mirror: str | None = None) -> Corpus:
     """Load, clean and split a corpus. ``source``: "default" (or None), {"book": id}, {"books": [ids]},
     {"url": url}, {"file": path}, {"text": str}, a list of these, or a plain string (a URL or a path).
     ``cache``: True (default location), False, or a Cache. ``mirror``: a raw-file URL template with
     {repo} and {file} in place of the Gitenberg mirror."""
+    max_bytes = max_bytes or cap_bytes()
     if cache is True:
         cache = Cache()
     state = _Load(cache or None, progress, max_bytes, timeout, mirror)
@@ -587,9 +670,12 @@ class _Load:
 
     def _add(self, text: str, info: dict) -> None:
         if not text.strip():
-            raise CorpusError(f"{info['name']} holds no text after cleaning"
-                              f"{' (only Project Gutenberg boilerplate)' if info.get('raw_bytes') else ''}. "
+            gutenberg = _START.search(info.get("raw_text") or "") or _END.search(info.get("raw_text") or "")
+            raise CorpusError(f"{info['name']} holds no text"
+                              f"{' after cleaning (only Project Gutenberg boilerplate)' if gutenberg else ''}"
+                              f"{' (only white space)' if not gutenberg and info.get('raw_bytes') else ''}. "
                               "Choose another source.", "empty")
+        info.pop("raw_text", None)
         self.documents.append(text)
         self.sources.append({**info, **text_stats(text)})
 
@@ -598,7 +684,7 @@ class _Load:
             for title, text in load_default_works():
                 self._add(text, {"name": title, "kind": "default", "author": "William Shakespeare"})
         elif "text" in s:
-            self._add(clean_gutenberg(str(s["text"])), {"name": "pasted text", "kind": "text"})
+            self._add(clean_gutenberg(str(s["text"])), {"name": "pasted text", "kind": "text", "raw_text": s["text"]})
         elif "file" in s:
             path = Path(s["file"])
             if not path.is_file():
@@ -640,7 +726,7 @@ class _Load:
         raise CorpusError(
             f"book {book['id']} ({book['title']}): none of its usual files is on the mirror "
             f"({', '.join(names)} under {urls[0][:-len(names[0])]}). "
-            "Look the repository up on github.com/GITenberg and load its text file with {'url': ...}.",
+            "Look the repository up on github.com/GITenberg and load its text file by its URL.",
             "not_found", urls[0])
 
     async def _download(self, url: str, look_in_cache: bool = True) -> Download:
@@ -668,7 +754,7 @@ class _Load:
             text = html_to_text(text)
             if info["kind"] != "book":
                 self.notices.append(f"{name} is an HTML page; its text was extracted (tags removed).")
-        self._add(clean_gutenberg(text), {**info, "encoding": encoding, "raw_bytes": len(data)})
+        self._add(clean_gutenberg(text), {**info, "encoding": encoding, "raw_bytes": len(data), "raw_text": text})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,6 +782,8 @@ def cli_main(args) -> int:
         print(f"\r  {ev['url'].rsplit('/', 1)[-1]}: {ev['done'] / 1e6:.2f}{total} MB", end="", file=sys.stderr)
 
     try:
+        if getattr(args, "out", None):
+            prepare_out(args.out, [getattr(args, "file", None)])
         corpus = load_corpus_sync(source, progress=show)
     except CorpusError as e:
         print(f"\nerror: {e}", file=sys.stderr)
@@ -711,6 +799,10 @@ def cli_main(args) -> int:
     for n in corpus.notices:
         print(f"notice: {n}")
     if getattr(args, "out", None):
-        Path(args.out).write_text(corpus.text, encoding="utf-8")
+        try:
+            Path(args.out).write_text(corpus.text, encoding="utf-8")
+        except OSError as e:
+            print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+            return 1
         print(f"wrote {args.out}")
     return 0

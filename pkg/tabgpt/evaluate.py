@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import json
+import math
 import sys
 import time
 
@@ -18,6 +19,8 @@ from tabgpt import metrics
 async def evaluate(model, tokenizer, text: str, train_text: str | None = None, train_tokens=None,
                    samples: list[str] | None = None, max_tokens: int | None = None) -> dict:
     t0 = time.perf_counter()
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a whole number >= 1 (or none: the whole text), got {max_tokens!r}")
     ids = array.array("I", tokenizer.encode(text))
     if max_tokens and len(ids) > max_tokens + 1:
         ids = ids[:max_tokens + 1]
@@ -41,6 +44,10 @@ async def evaluate(model, tokenizer, text: str, train_text: str | None = None, t
         total_loss, n_tok, n_correct = total_loss + l, n_tok + n, n_correct + c
     scored_bytes = len(tokenizer.decode_bytes(ids[1:1 + n_tok]))
     mean = total_loss / n_tok
+    if not math.isfinite(mean):
+        raise ValueError(f"the model's loss on this text is {mean}: its weights are not finite (a run that "
+                         f"diverged, or a corrupt checkpoint). Evaluate an earlier checkpoint, or train again with a "
+                         f"lower learning rate")
     out = {
         "val_loss": mean,
         "perplexity": metrics.perplexity(mean),
@@ -80,6 +87,9 @@ def cli_main(args) -> int:
 
     async def main():
         run = RunFolder(args.run)
+        if args.max_tokens is not None and args.max_tokens < 1:
+            raise ValueError(f"--max-tokens must be at least 1 (leave it out for the whole text), got "
+                             f"{args.max_tokens}")
         if args.data == "default":
             from tabgpt.corpus import load_corpus
             c = await load_corpus("default")
@@ -100,9 +110,10 @@ def cli_main(args) -> int:
         res["step"] = step
         print(json.dumps(res))
 
+    from tabgpt.corpus import CorpusError
     try:
         asyncio.run(main())
-    except (RunError, ValueError) as e:
+    except (RunError, ValueError, CorpusError, gpu.GPUError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

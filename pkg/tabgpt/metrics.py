@@ -138,6 +138,25 @@ def distinct_n(text, n=2):
 # ----------------------------------------------------------------------------------------------------------
 # sampling one token on the CPU
 
+NOT_FINITE = ("the model's logits contain NaN or inf: its weights are not finite (a run that diverged, or a corrupt "
+              "checkpoint). Sample from an earlier checkpoint, or train again with a lower learning rate")
+
+
+def check_sampling(max_new_tokens=0, temperature=1.0, top_k=None, top_p=None):
+    """Refuse sampling settings that mean nothing (ValueError that says what each takes)."""
+    problems = []
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        problems.append(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
+        problems.append(f"temperature must be >= 0 (0 picks the most likely token), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        problems.append(f"top_k must be a whole number >= 0 (0 or none: no cut), got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        problems.append(f"top_p must be in (0, 1] (1 or none: no cut), got {top_p!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def sample_token(logits, vocab_size, temperature=1.0, top_k=None, top_p=None, rng=None):
     """Draw a token id from one row of logits (list or array.array of floats, length >= vocab_size).
 
@@ -153,7 +172,7 @@ def sample_token(logits, vocab_size, temperature=1.0, top_k=None, top_p=None, rn
     row = logits[:vocab_size]
     m = float(max(row))
     if m != m or m == math.inf:
-        raise ValueError("logits contain NaN or +inf")
+        raise ValueError(NOT_FINITE)
     if temperature <= 0:
         return row.index(m)
 
@@ -169,7 +188,7 @@ def sample_token(logits, vocab_size, temperature=1.0, top_k=None, top_p=None, rn
     weights = [exp((x - m) * scale) for x in row]
     total = sum(weights)
     if not total > 0:  # NaN somewhere, or no mass at all
-        raise ValueError("logits contain NaN or give no probability mass")
+        raise ValueError(NOT_FINITE)
 
     if top_p is not None and top_p < 1.0:
         # Keep a token while the mass of the tokens above it is < top_p (HF removes, in ascending order, the

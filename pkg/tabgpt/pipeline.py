@@ -145,11 +145,12 @@ class Pipeline:
                 self.emit(ev)
                 last = ev
         except TrainingError as e:
-            ev = {"type": "error", "message": str(e)}
-            if run is not None:
-                run.append_metrics(ev)
-                await checkpoint(self.step, "error")
-            raise
+            # No checkpoint here: the weights that diverged would replace the last good ones.
+            if run is None:
+                raise
+            err = TrainingError(f"{e}. {run.checkpoint_note()}")
+            run.append_metrics({"type": "error", "message": str(err)})
+            raise err from e
         self.step = last["step"] if last else self.step
         self.best_val = best[0]
         return last
@@ -187,15 +188,18 @@ def check_fits(dev, cfg: Config):
     """Refuse configurations beyond the GPU's limits with a message that says what to change."""
     limit = dev.limits["max-storage-buffer-binding-size"]
     C, Vp, B, T = cfg.n_embd, cfg.padded_vocab_size, cfg.batch_size, cfg.block_size
-    biggest = {
-        "the logits (batch_size x block_size x padded vocab)": 4 * B * T * Vp,
-        "the MLP activations (batch_size x block_size x 4 n_embd)": 4 * B * T * 4 * C,
-        "the token embedding (vocab x n_embd)": 4 * Vp * C,
+    biggest = {   # what one binding of a kernel holds at once, and the settings that size it
+        "the logits (batch_size x block_size x padded vocab)": (4 * B * T * Vp,
+                                                                  "--batch-size, --block-size or --vocab-size"),
+        "the MLP activations (batch_size x block_size x 4 n_embd)": (4 * B * T * 4 * C,
+                                                                       "--batch-size, --block-size or --n-embd"),
+        "the token embedding (vocab x n_embd)": (4 * Vp * C, "--vocab-size or --n-embd"),
+        "each MLP weight (n_embd x 4 n_embd)": (4 * C * 4 * C, "--n-embd"),
     }
-    for what, nbytes in biggest.items():
+    for what, (nbytes, flags) in biggest.items():
         if nbytes > limit:
             raise RunError(f"{what} need {nbytes / 2**20:.0f} MiB in one binding, above this GPU's limit of "
-                           f"{limit / 2**20:.0f} MiB: lower --batch-size, --block-size or --vocab-size")
+                           f"{limit / 2**20:.0f} MiB: lower {flags}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +208,10 @@ def check_fits(dev, cfg: Config):
 FLAG_NAMES = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "vocab_size",
               "learning_rate", "min_lr", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "eval_interval",
               "eval_steps", "sample_interval", "checkpoint_interval", "seed", "time_limit"]
+
+
+# what a resumed run cannot change: the shapes of the checkpoint's weights
+RESUME_FIXED = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size"]
 
 
 class ProgressPrinter:
@@ -274,12 +282,20 @@ def cli_train(args) -> int:
         if args.resume:
             pipe.run.check(need_state=True)
             base = pipe.run.read_config()
-            cfg = base.replace(**{k: v for k, v in overrides.items() if k in ("max_steps", "time_limit",
-                                                                                "eval_interval", "sample_interval",
-                                                                                "checkpoint_interval")})
+            fixed = [f"--{k.replace('_', '-')}" for k in RESUME_FIXED if overrides.get(k) is not None]
+            fixed += [f"--{k}" for k in ("preset", "tokenizer") if getattr(args, k, None) is not None]
+            if fixed:
+                raise RunError(f"{', '.join(fixed)} cannot change when resuming: the checkpoint in {pipe.run.path} "
+                               f"was trained with {base.model_dict()}. Drop {'it' if len(fixed) == 1 else 'them'}, "
+                               f"or train a new run into another --out")
+            cfg = base.replace(**overrides).validate()
+            for k in FLAG_NAMES:
+                if getattr(cfg, k) != getattr(base, k):
+                    print(f"note: resuming with {k} {getattr(cfg, k)} (was {getattr(base, k)})", file=sys.stderr)
             resume = pipe.run
         else:
-            cfg = preset(args.preset, **overrides)
+            cfg = preset(args.preset or "tiny", **overrides)
+            pipe.run.check_new()   # before any work: a path that a new run must not write into is refused now
         source = "default" if args.data == "default" else args.data
         info = await pipe.load_data(source)
         print(f"data: {pipe.corpus.summary()}", file=sys.stderr)
@@ -290,7 +306,11 @@ def cli_train(args) -> int:
             check_tokenizer_matches(tok, cfg, str(pipe.run.path / "tokenizer.json"))
             pipe.use_tokenizer(tok)
         elif args.tokenizer:
-            tok = bpe.Tokenizer.load(args.tokenizer)
+            try:
+                tok = bpe.Tokenizer.load(args.tokenizer)
+            except OSError as e:
+                raise RunError(f"cannot read --tokenizer {args.tokenizer}: {e.strerror or e}; make one with "
+                               f"`tabgpt tokenizer`, or leave --tokenizer out to train one") from e
             if args.vocab_size is None:
                 cfg = cfg.replace(vocab_size=tok.vocab_size)
             check_tokenizer_matches(tok, cfg, args.tokenizer)
@@ -299,9 +319,9 @@ def cli_train(args) -> int:
             r = await pipe.train_tokenizer(cfg.vocab_size)
             print(f"\ntokenizer: {r['vocab_size']} tokens in {r['seconds']:.1f} s, "
                   f"{r['bytes_per_token']:.2f} bytes/token", file=sys.stderr)
-        if resume is None:
-            pipe.run.create(cfg.replace(vocab_size=pipe.tokenizer.vocab_size), pipe.tokenizer.to_json())
-        m = await pipe.build_model(cfg, resume_from=resume)
+        m = await pipe.build_model(cfg, resume_from=resume)   # checks the data's size and the GPU's limits
+        if resume is None:   # the folder is written only once the run can start
+            pipe.run.create(pipe.cfg, pipe.tokenizer.to_json())
         print(f"model: {m['n_params'] / 1e6:.2f} M parameters, {m['gpu_bytes'] / 2**20:.0f} MiB on "
               f"{pipe.dev.info.get('device') or pipe.dev.info.get('vendor')}, {m['kernels']} kernels compiled in "
               f"{m['compile_seconds']:.1f} s" + (f", resuming at step {m['step']}" if resume else ""),

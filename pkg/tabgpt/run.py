@@ -24,6 +24,9 @@ from tabgpt.safetensors import CheckpointError, atomic_write
 from tabgpt import safetensors as st
 
 FORMAT = "tabgpt-run-1"
+# the files a run folder may hold (and atomic_write's temporary files, .NAME.*.tmp)
+RUN_FILES = {"config.json", "tokenizer.json", "model.safetensors", "state.safetensors", "best.safetensors",
+             "metrics.jsonl", "source.json"}
 
 
 class RunError(Exception):
@@ -54,13 +57,38 @@ class RunFolder:
         self.path = Path(path)
 
     # -- writing
-    def create(self, cfg: Config, tokenizer_json: str, overwrite: bool = False):
-        if (self.path / "model.safetensors").exists() and not overwrite:
+    def check_new(self):
+        """Refuse a path that a new run must not write into: a file, a run that holds a model (--resume continues
+        it), or a folder of other files. A folder left by a run that failed before its first save is reused."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"--out {self.path} is a file, not a run folder: choose a folder (it is created)")
+        if (self.path / "model.safetensors").exists():
             raise RunError(f"{self.path} already holds a trained model: pass --resume to continue it, or choose "
                            f"another --out")
+        if not self.path.is_dir():
+            return
+        names = sorted(p.name for p in self.path.iterdir())
+        if not names:
+            return
+        foreign = [n for n in names if n not in RUN_FILES and not (n.startswith(".") and n.endswith(".tmp"))]
+        ours = False
+        try:
+            ours = json.loads((self.path / "config.json").read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            pass
+        if foreign or not ours:
+            shown = ", ".join((foreign or names)[:5]) + (" ..." if len(foreign or names) > 5 else "")
+            raise RunError(f"--out {self.path} already holds files that are not a tabgpt run ({shown}): choose a "
+                           f"new or empty folder, so that nothing in it is overwritten")
+
+    def create(self, cfg: Config, tokenizer_json: str, overwrite: bool = False):
+        """config.json and tokenizer.json of a new run, and an empty metrics.jsonl (overwrite: no checks)."""
+        if not overwrite:
+            self.check_new()
         self.path.mkdir(parents=True, exist_ok=True)
         self.write_config(cfg)
         atomic_write(self.path / "tokenizer.json", tokenizer_json.encode())
+        atomic_write(self.path / "metrics.jsonl", b"")
 
     def write_config(self, cfg: Config):
         atomic_write(self.path / "config.json", json.dumps(hf_config(cfg), indent=1).encode())
@@ -111,6 +139,16 @@ class RunFolder:
             f.write(json.dumps(event) + "\n")
 
     # -- reading
+    def checkpoint_note(self) -> str:
+        """Where training can go on from: the last checkpoint's step, or that there is none yet."""
+        try:
+            _, meta = st.load_header(self.path / "model.safetensors")
+            return (f"The last checkpoint, step {int((meta or {}).get('step', 0))}, is untouched in {self.path} "
+                    f"(a run saves at its end and every checkpoint interval)")
+        except (CheckpointError, OSError, ValueError):
+            return (f"No checkpoint had been saved in {self.path} yet (a run saves at its end and every checkpoint "
+                    f"interval): start the run again")
+
     def check(self, need_state: bool = False):
         if not self.path.is_dir():
             raise RunError(f"run folder {self.path} does not exist: train one with `tabgpt train --out {self.path}`")
@@ -126,7 +164,13 @@ class RunFolder:
             d = json.loads((self.path / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise RunError(f"{self.path / 'config.json'} is unreadable ({e}); restore it or retrain") from e
-        return Config.from_dict(d).validate()
+        if not isinstance(d, dict):
+            raise RunError(f"{self.path / 'config.json'} holds a JSON {type(d).__name__}, not a run's settings (an "
+                           f"object); restore it or retrain")
+        try:
+            return Config.from_dict(d).validate()
+        except ValueError as e:
+            raise RunError(f"{self.path / 'config.json'}: {e}; restore it or retrain") from e
 
     def read_tokenizer(self):
         from tabgpt.bpe import Tokenizer

@@ -12,12 +12,13 @@ import random
 import sys
 import time
 
-from tabgpt.metrics import sample_token
+from tabgpt.metrics import check_sampling, sample_token
 
 
 async def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                    top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_at_eot: bool = True):
     """Yield the generated text piece by piece (the prompt itself is not repeated)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     rng = random.Random(seed)
     cfg = model.cfg
     ids = list(tokenizer.encode(prompt)) if prompt else []
@@ -36,7 +37,7 @@ async def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, tem
         window.append(tok)
         if len(window) >= cfg.block_size:
             # The context is full: keep the most recent half and prefill again (rare, and keeps quality).
-            window = window[-(cfg.block_size // 2):]
+            window = window[-max(1, cfg.block_size // 2):]
             logits = await model.prefill(window)
         else:
             logits = await model.decode(tok)
@@ -51,6 +52,9 @@ def cli_main(args) -> int:
     from tabgpt.run import RunError, RunFolder, load_model
 
     async def main():
+        if args.num_samples < 1:
+            raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)   # before the model loads
         dev = await gpu.open_device()
         cfg, tok, model, step = await load_model(dev, RunFolder(args.run), B=1)
         for i in range(args.num_samples):
@@ -68,7 +72,7 @@ def cli_main(args) -> int:
 
     try:
         asyncio.run(main())
-    except RunError as e:
+    except (RunError, ValueError, gpu.GPUError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

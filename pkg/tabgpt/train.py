@@ -44,13 +44,23 @@ class TokenData:
     val_bytes: int = 0
 
     def check(self, block_size: int):
+        """Refuse streams shorter than one block (block_size + 1 tokens), with how much more text it would take:
+        the shortfall in tokens at the corpus's bytes per token, over the share of the text that stream gets."""
         need = block_size + 1
-        for name, toks in (("training", self.train), ("validation", self.val)):
+        total_bytes = self.train_bytes + self.val_bytes
+        n_tokens = len(self.train) + len(self.val)
+        per_token = total_bytes / n_tokens if total_bytes and n_tokens else 4.0
+        for name, toks, nbytes, share in (("training", self.train, self.train_bytes, 0.95),
+                                          ("validation", self.val, self.val_bytes, 0.05)):
             if len(toks) < need:
+                if nbytes and total_bytes:
+                    share = nbytes / total_bytes
+                more = math.ceil((need - len(toks)) * per_token / share / 100) * 100
                 raise TrainingError(
                     f"the {name} text has {len(toks)} tokens, fewer than one training block needs "
-                    f"({need} = block_size + 1): add more text (about {need * 4} more characters), or lower "
-                    f"--block-size")
+                    f"({need} = block_size + 1): give a text of about {more:,} more bytes in all (the {name} "
+                    f"part is {100 * share:.0f}% of it; a few times more to learn anything), or a smaller "
+                    f"block_size")
 
 
 def get_lr(step: int, cfg: Config) -> float:
@@ -140,11 +150,17 @@ async def train(model, data: TokenData, cfg: Config, control: Control | None = N
                 bad_streak += 1
                 yield {"type": "nan", "step": s, "loss": loss, "grad_norm": norm,
                        "message": f"step {s}: non-finite loss or gradient; the update was skipped"}
+                if bad_streak >= 5 and start_step > 0 and s - bad_streak + 1 == start_step:
+                    raise TrainingError(
+                        f"the first {bad_streak} steps after resuming at step {start_step} all had a non-finite "
+                        f"loss or gradient: the weights or optimizer state loaded from the checkpoint are "
+                        f"probably not finite (a corrupt or diverged checkpoint). Resume from an earlier copy "
+                        f"of the run, or start a new one")
                 if bad_streak >= 5:
                     raise TrainingError(
                         f"training diverged: {bad_streak} steps in a row had a non-finite loss or gradient "
-                        f"(last at step {s}). Lower the learning rate (now {cfg.learning_rate}) or raise "
-                        f"warmup, then resume from the last checkpoint")
+                        f"(last at step {s}). Lower the learning rate (now {cfg.learning_rate}) or raise the "
+                        f"warmup (now {cfg.warmup_steps} steps), then resume from the last checkpoint")
                 continue
             bad_streak = 0
             last_loss = loss
