@@ -33,7 +33,8 @@ def test_unattended_run_reaches_done_with_falling_loss(context, site_url):
     page = context.new_page()
     logs = []
     page.on("console", lambda m: logs.append(m.text))
-    page.goto(f"{site_url}/demo/index.html?corpus=default&preset=tiny&steps={STEPS}&autostart=1&vocab=512")
+    # vocab=600: not among the page's choices, so the page adds it
+    page.goto(f"{site_url}/demo/index.html?corpus=default&preset=tiny&steps={STEPS}&autostart=1&vocab=600")
     page.wait_for_function("window.tabgpt && (window.tabgpt.stage === 'training' && window.tabgpt.losses.length >= 4"
                            " || ['done', 'error'].includes(window.tabgpt.stage))", timeout=300_000)
     page.screenshot(path=str(ARTIFACTS / "demo-training.png"), full_page=True)
@@ -51,6 +52,7 @@ def test_unattended_run_reaches_done_with_falling_loss(context, site_url):
         assert key in ev, key
     assert ev["baselines"]["gzip"] > 0
     assert "bits per byte" in page.inner_text("#eval-out")
+    assert "600 tokens learned" in page.inner_text("#tok-out")
     page.close()
 
 
@@ -71,6 +73,14 @@ def test_reload_resumes_from_the_saved_checkpoint(context, site_url):
     r = run_py(page, "import json\nb64 = await tabgpt.web.run_folder_zip()\n"
                      "json.loads(await tabgpt.web.load_run_files({'tabgpt-run.zip': b64}))")
     assert r["step"] == STEPS and len(r["losses"]) == STEPS, r
+    # a bad upload says what to choose, in a sentence (no traceback), and leaves the run and its model as they were
+    zipped = run_py(page, "await tabgpt.web.run_folder_zip()")
+    for files, message in (({"tabgpt-run.zip": zipped[:len(zipped) // 2 // 4 * 4]}, "not a readable zip file"),
+                           ({"junk.bin": "AAAA"}, "the chosen files lack config.json")):
+        with pytest.raises(Exception) as e:
+            run_py(page, f"await tabgpt.web.load_run_files({files!r})")
+        assert message in str(e.value) and "Traceback" not in str(e.value), str(e.value)[:2000]
+    assert run_py(page, "await tabgpt.web.run_folder_zip()") == zipped, "a bad upload changed the run folder"
     page.click("#btn-sample")
     page.wait_for_function("window.tabgpt.stage === 'sampling'", timeout=10_000)
     page.wait_for_function("window.tabgpt.stage !== 'sampling'", timeout=300_000)
@@ -108,4 +118,22 @@ def test_book_search_lists_catalogue_matches(context, site_url):
     page.click("#btn-data")
     page.wait_for_function("window.tabgpt.stage === 'error'", timeout=10_000)
     assert "pick at least one book" in page.inner_text("#status")
+    page.close()
+
+
+@pytest.mark.parametrize("query, message", [
+    ("corpus=nosuch", 'corpus=nosuch: "nosuch" is neither "default"'),
+    ("preset=nosuch", "preset=nosuch: no such preset; choose one of tiny"),
+    ("steps=abc", "steps=abc: give a whole number"),
+    ("vocab=1", "vocab=1: give a whole number of tokens from 257"),
+    ("corpus=999999999&preset=tiny&steps=2", "book 999999999 is not in the bundled catalogue"),   # from Python
+])
+def test_bad_url_settings_stop_with_what_to_give(context, site_url, query, message):
+    page = context.new_page()
+    page.goto(f"{site_url}/demo/index.html?{query}&autostart=1")
+    page.wait_for_function("window.tabgpt && ['error', 'done', 'tokenizer', 'training'].includes(window.tabgpt.stage)",
+                           timeout=180_000)
+    s = _state(page)
+    assert s["stage"] == "error" and message in s["error"] and "Traceback" not in s["error"], s
+    assert page.inner_text("#status") == s["error"]
     page.close()

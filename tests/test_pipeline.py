@@ -427,6 +427,11 @@ def test_cli_refuses_bad_paths_and_settings_before_any_work(cli_run, tmp_path):
              "--quiet")
     assert "resuming with learning_rate 0.001" in r.stderr
     assert json.loads((run / "config.json").read_text())["learning_rate"] == 1e-3
+    r = _cli("train", "--data", corpus, "--tokenizer", run / "tokenizer.json", "--vocab-size", 512, "--out",
+             tmp_path / "t", check=False)
+    assert r.returncode == 1 and "drop --vocab-size" in r.stderr, r.stderr
+    r = _cli("sample", "--run", run / "config.json", check=False)
+    assert r.returncode == 1 and "is a file, not a run folder" in r.stderr, r.stderr
     # sampling and evaluation settings, and a binary evaluation text
     for args, message in ((("sample", "--top-k", -5), "top_k"), (("sample", "--top-p", 1.5), "top_p"),
                           (("sample", "--num-samples", 0), "--num-samples"),

@@ -46,6 +46,7 @@ OPFS_FOLDER = "tabgpt-corpus"                       # the browser's cache of dow
 # Books come from the raw files of the GITenberg repositories (the catalogue's "url" template; that host
 # answers with "Access-Control-Allow-Origin: *", so a page can read them). TABGPT_MIRROR, a template of
 # the same shape with {repo} and {file}, replaces it (another mirror, or a local server in tests).
+SMALL_BYTES = 20_000         # below this a corpus gets a notice: too little to learn from
 MAX_BYTES = 64_000_000      # cap per download and for a whole corpus: a browser tab must hold it several times
 VAL_FRACTION = 0.05         # validation share (config.val_fraction has the same default)
 TIMEOUT = 60.0              # seconds per download, natively
@@ -630,6 +631,10 @@ async def load_corpus(source="default", *, val_fraction: float = VAL_FRACTION, p
         await state.add(s)
     total = sum(s["bytes"] for s in state.sources)
     check_cap(total, max_bytes, "the corpus")
+    if total < SMALL_BYTES:
+        state.notices.append(f"The text is only {total:,} bytes: a model learns little from so little, and the "
+                             "smallest presets need a few thousand bytes to train at all (a book is a few hundred "
+                             "thousand).")
     train, val, held = split_train_val(state.documents, val_fraction)
     if held:
         names = ", ".join(state.sources[i]["name"] for i in held)

@@ -33,3 +33,11 @@ async def write(folder: str, name: str, data: bytes, atomic: bool = False) -> No
     await writable.close()
     if atomic:
         await handle.move(name)
+
+
+async def remove(folder: str, name: str) -> None:
+    """Delete folder/name where it exists."""
+    try:
+        await (await _folder(folder)).removeEntry(name)
+    except Exception:                       # NotFoundError, or no OPFS at all
+        pass

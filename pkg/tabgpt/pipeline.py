@@ -95,18 +95,18 @@ class Pipeline:
             self.data.check(cfg.block_size)
         self.dev = self.dev or await gpu.open_device()
         check_fits(self.dev, cfg)
+        # the checkpoint is read whole before anything is replaced: a bad one leaves the current model as it was
+        resume = resume_from.read_resume(cfg) if resume_from is not None else None
         t0 = time.perf_counter()
         tuned_before = len(self.dev.tune_log)
-        self.model = await GPT.create(self.dev, cfg, B=cfg.batch_size, T=cfg.block_size)
-        self.cfg = cfg
-        self.step = 0
-        if resume_from is not None:
-            params, state, step = resume_from.read_resume(cfg)
-            self.model.load_params(params)
-            self.model.load_state(state)
-            self.step = step
+        model = await GPT.create(self.dev, cfg, B=cfg.batch_size, T=cfg.block_size)
+        if resume is not None:
+            params, state, step = resume
+            model.load_params(params)
+            model.load_state(state)
         else:
-            await self.model.init_weights(cfg.seed)
+            await model.init_weights(cfg.seed)
+        self.model, self.cfg, self.step = model, cfg, resume[2] if resume is not None else 0
         return {"config": cfg.to_dict(), "n_params": cfg.n_params(), "gpu_bytes": self.model.gpu_bytes,
                 "kernels": self.model.kernel_count, "compile_seconds": time.perf_counter() - t0, "step": self.step,
                 "autotuned": self.dev.tune_log[tuned_before:]}
@@ -313,6 +313,9 @@ def cli_train(args) -> int:
                                f"`tabgpt tokenizer`, or leave --tokenizer out to train one") from e
             if args.vocab_size is None:
                 cfg = cfg.replace(vocab_size=tok.vocab_size)
+            elif args.vocab_size != tok.vocab_size:
+                raise RunError(f"--tokenizer {args.tokenizer} has {tok.vocab_size} tokens but --vocab-size says "
+                               f"{args.vocab_size}: drop --vocab-size (the tokenizer sets it)")
             check_tokenizer_matches(tok, cfg, args.tokenizer)
             pipe.use_tokenizer(tok)
         else:

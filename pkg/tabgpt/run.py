@@ -150,6 +150,8 @@ class RunFolder:
                     f"interval): start the run again")
 
     def check(self, need_state: bool = False):
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"{self.path} is a file, not a run folder: give the folder that `tabgpt train --out` made")
         if not self.path.is_dir():
             raise RunError(f"run folder {self.path} does not exist: train one with `tabgpt train --out {self.path}`")
         need = ["config.json", "tokenizer.json", "model.safetensors"] + (["state.safetensors"] if need_state else [])
@@ -188,6 +190,9 @@ class RunFolder:
         try:
             tensors, meta = st.load(path)
         except CheckpointError as e:
+            if path.name == "best.safetensors":
+                raise RunError(f"{e}. The last step's weights in model.safetensors are separate: delete "
+                               f"{path} to sample and evaluate with those") from e
             raise RunError(str(e)) from e
         from tabgpt.gpt import parameter_specs
         specs, _ = parameter_specs(cfg)

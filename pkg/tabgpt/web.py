@@ -226,6 +226,7 @@ async def _mirror_to_opfs():
     for name in RUN_FILES:
         path = os.path.join(RUN_DIR, name)
         if not os.path.exists(path):
+            await opfs.remove(OPFS_FOLDER, name)   # a loaded run without it: the saved copy matches the folder
             continue
         with open(path, "rb") as f:
             # atomic: a reload in the middle of a checkpoint keeps the previous one
@@ -291,21 +292,52 @@ async def run_folder_zip() -> str:
 
 
 async def load_run_files(files: dict) -> str:
-    """Load a run folder the visitor picked: its files (or one zip of them), base64-encoded by name."""
-    from tabgpt.run import RunFolder
-    os.makedirs(RUN_DIR, exist_ok=True)
-    for name, b64 in files.items():
-        data = base64.b64decode(b64)
-        if name.endswith(".zip"):
-            with zipfile.ZipFile(io.BytesIO(data)) as z:
-                for member in z.namelist():
-                    base = member.rsplit("/", 1)[-1]
-                    if base in RUN_FILES:
-                        with open(os.path.join(RUN_DIR, base), "wb") as f:
-                            f.write(z.read(member))
-        elif name in RUN_FILES:
-            with open(os.path.join(RUN_DIR, name), "wb") as f:
-                f.write(data)
+    """Load a run folder the visitor picked: its files (or one zip of them), base64-encoded by name. Checked
+    whole in a folder of its own first, so that a bad upload leaves the current run, its model and its files as
+    they were."""
+    import shutil
+    import tempfile
+    from tabgpt.run import RunError, RunFolder, check_tokenizer_matches
+    staging = tempfile.mkdtemp(prefix="tabgpt-upload-")
+    try:
+        found = []
+        for name, b64 in files.items():
+            data = base64.b64decode(b64)
+            if name.endswith(".zip"):
+                try:
+                    with zipfile.ZipFile(io.BytesIO(data)) as z:
+                        for member in z.namelist():
+                            base = member.rsplit("/", 1)[-1]
+                            if base in RUN_FILES:
+                                found.append(base)
+                                with open(os.path.join(staging, base), "wb") as f:
+                                    f.write(z.read(member))
+                except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
+                    raise RunError(f"{name} is not a readable zip file ({e}): choose the .zip that 'Download run "
+                                   f"folder' saved, or the run's own files") from e
+            elif name in RUN_FILES:
+                found.append(name)
+                with open(os.path.join(staging, name), "wb") as f:
+                    f.write(data)
+        need = ["config.json", "tokenizer.json", "model.safetensors", "state.safetensors"]
+        missing = [n for n in need if n not in found]
+        if missing:
+            raise RunError(f"the chosen files lack {', '.join(missing)}: choose a whole run folder ({', '.join(need)}"
+                           f"), or the .zip that 'Download run folder' saved")
+        run = RunFolder(staging)
+        cfg = run.read_config()
+        check_tokenizer_matches(run.read_tokenizer(), cfg, "tokenizer.json")
+        run.read_resume(cfg)   # every tensor, shape and step checked
+        # good: it replaces the run folder's files (those it lacks go, so no file of the old run stays behind)
+        os.makedirs(RUN_DIR, exist_ok=True)
+        for name in RUN_FILES:
+            target = os.path.join(RUN_DIR, name)
+            if name in found:
+                shutil.copyfile(os.path.join(staging, name), target)
+            elif os.path.exists(target):
+                os.remove(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     r = await _restore(RunFolder(RUN_DIR))
     await _mirror_to_opfs()
     return json.dumps(r)

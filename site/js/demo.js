@@ -28,7 +28,9 @@ function setStage(stage) { state.stage = stage; document.body.dataset.stage = st
 function setStatus(text, cls = "") { $("status").textContent = text; $("status").className = "tg-status " + cls; }
 function fail(err) {
   const msg = String(err && err.message || err);
+  if (err && err.traceback) console.error(err.traceback);
   state.error = msg; setStage("error"); setStatus(msg, "bad");
+  $("btn-pause").disabled = $("btn-stop").disabled = true;
   enable(true);
 }
 function enable(ok) {
@@ -123,7 +125,8 @@ async function trainTokenizer() {
   const colors = ["#dbeafe", "#fde68a", "#bbf7d0", "#fbcfe8", "#ddd6fe", "#fed7aa"];
   const pieces = r.preview.map(([text, id], i) =>
     `<span class="tg-tok" style="background:${colors[i % colors.length]}" title="${id}">${esc(text)}</span>`).join("");
-  $("tok-out").innerHTML = `<p>${r.vocab_size} tokens learned in ${fmt(r.seconds, 1)} s; ` +
+  const short = r.vocab_size < vocab ? ` (of the ${vocab} asked for: the text ran out of pairs to merge)` : "";
+  $("tok-out").innerHTML = `<p>${r.vocab_size} tokens learned${short} in ${fmt(r.seconds, 1)} s; ` +
     `<b>${fmt(r.bytes_per_token, 2)} bytes per token</b> on held-out text; ${human(r.train_tokens)} training tokens.</p>` +
     `<div class="tg-tokens">${pieces}</div>`;
   state.tokReady = true; enable(true); setStage("idle");
@@ -217,14 +220,41 @@ async function resumeSaved() {
   return r;
 }
 
+// The URL's settings, checked before any work: {source, preset, steps, vocab}, or an Error that says what to give.
+const WHOLE = /^\d+$/;
+function urlSettings() {
+  const items = (params.get("corpus") || "default").split(",").map((x) => x.trim()).filter((x) => x);
+  const source = [];
+  for (const x of items) {
+    if (x === "default") source.push("default");
+    else if (WHOLE.test(x) || /^[A-Za-z0-9._-]+_\d+$/.test(x)) source.push({ book: x });
+    else throw new Error(`corpus=${params.get("corpus")}: "${x}" is neither "default", a Project Gutenberg id ` +
+                         "(such as 1342) nor a GITenberg repository name (such as Pride-and-Prejudice_1342); " +
+                         "separate several with commas");
+  }
+  const preset = params.get("preset") || $("preset").value;
+  if (!presets[preset])
+    throw new Error(`preset=${preset}: no such preset; choose one of ${Object.keys(presets).join(", ")}`);
+  if (!presets[preset].fits)
+    throw new Error(`preset=${preset} is too big for this GPU's limits; choose a smaller one`);
+  const steps = params.get("steps") || $("steps").value;
+  if (!WHOLE.test(steps) || Number(steps) < 1)
+    throw new Error(`steps=${steps}: give a whole number of training steps, at least 1`);
+  const vocab = params.get("vocab") || String(presets[preset].vocab_size);
+  if (!WHOLE.test(vocab) || Number(vocab) < 257 || Number(vocab) > MAX_VOCAB)
+    throw new Error(`vocab=${vocab}: give a whole number of tokens from 257 (the 256 bytes and end-of-text) ` +
+                    `to ${MAX_VOCAB}`);
+  return { source: source.length === 1 ? source[0] : source, preset, steps: Number(steps), vocab };
+}
+const MAX_VOCAB = 65536;
+
 async function unattended() {
-  const corpus = params.get("corpus") || "default";
-  if (params.get("preset")) $("preset").value = params.get("preset");
-  const steps = Number(params.get("steps") || $("steps").value);
+  const { source, preset, steps, vocab } = urlSettings();
+  $("preset").value = preset;
   $("steps").value = steps;
-  if (params.get("vocab")) $("vocab").value = params.get("vocab");
-  else if (presets[$("preset").value]) $("vocab").value = String(presets[$("preset").value].vocab_size);
-  await loadData(corpus === "default" ? "default" : { books: corpus.split(",").map(Number) });
+  if (![...$("vocab").options].some((o) => o.value === vocab)) $("vocab").add(new Option(vocab, vocab));
+  $("vocab").value = vocab;
+  await loadData(source);
   await trainTokenizer();
   await trainModel(steps);
   await sample();

@@ -26,7 +26,10 @@ export class TabGPTWorker {
     const p = this.pending.get(msg.id);
     if (!p) return;
     this.pending.delete(msg.id);
-    if (msg.ok) p.resolve(msg.result); else p.reject(new Error(msg.error));
+    if (msg.ok) { p.resolve(msg.result); return; }
+    const err = new Error(msg.error);
+    err.traceback = msg.traceback;   // Python's, where the error came from Python
+    p.reject(err);
   }
   run(code) {
     const id = this.nextId++;

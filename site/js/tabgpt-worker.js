@@ -2,7 +2,7 @@
 // itself (never from a third party), then runs Python snippets sent by the page and posts their results.
 // Messages in:  {id, code}            -> Python source run with runPythonAsync; its value must be JSON-able
 // Messages out: {type: "ready", manifest, seconds} | {type: "fatal", error}
-//               {id, ok: true, result} | {id, ok: false, error}
+//               {id, ok: true, result} | {id, ok: false, error, traceback}: error the exception's own message
 //               JSON strings {"type": "event", ...} posted from Python by tabgpt.web.post()
 const runtime = new URL("../runtime/", import.meta.url);
 let py = null;
@@ -43,6 +43,21 @@ self.onmessage = async (e) => {
     }
     postMessage({ id, ok: true, result });
   } catch (err) {
-    postMessage({ id, ok: false, error: String(err && err.message || err) });
+    postMessage({ id, ok: false, ...pythonError(err) });
   }
 };
+
+// The errors tabgpt raises for bad input carry a message written for the visitor: show that alone, not the
+// traceback around it (which goes to the console). Anything else is a bug: its type stays in the message.
+const EXPECTED = ["RunError", "CorpusError", "TrainingError", "GPUError", "CheckpointError", "ValueError"];
+function pythonError(err) {
+  const full = String(err && err.message || err);
+  const type = err && err.type;
+  if (!type || !full.includes("Traceback (most recent call last)")) return { error: full };
+  const lines = full.split("\n");
+  const head = new RegExp(`^(?:[\\w.]+\\.)?${type}: ?`);
+  const at = lines.findLastIndex((l) => head.test(l));
+  const text = at < 0 ? full : [lines[at].replace(head, ""), ...lines.slice(at + 1)].join("\n").trim();
+  const error = EXPECTED.includes(type) ? text : `${type}: ${text} (details in the browser console)`;
+  return { error, traceback: full };
+}
