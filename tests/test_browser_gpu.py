@@ -86,6 +86,38 @@ msg
     assert r.startswith("GPUError") and "bad" in r, r
 
 
+def test_uncaptured_errors_and_a_lost_device_are_readable_in_browser(check_page):
+    """What arrives as an event (an error nothing captured, as running out of memory does; the device's loss) is
+    raised by the next read or sync as a GPUError that says what happened and what to do."""
+    r = run_py(check_page, """
+import json
+from js import Object
+from pyodide.ffi import to_js
+from tabgpt import gpu
+dev = await gpu.BrowserDevice.open()   # a device of its own: this test breaks it
+buf = dev.buffer(16, 'x')
+out = []
+dev.device.createBuffer(to_js({'size': 4, 'usage': 0}, dict_converter=Object.fromEntries))   # invalid, uncaptured
+try:
+    for _ in range(50):
+        await dev.sync()
+    out.append('no error')
+except gpu.GPUError as e:
+    out.append(str(e))
+out.append((await dev.read(buf)).hex())   # reported once; the device still works
+dev.device.destroy()
+try:
+    await dev.read(buf)
+    out.append('no error')
+except gpu.GPUError as e:
+    out.append(str(e))
+json.dumps(out)
+""")
+    assert r[0].startswith("the GPU reported an error: ") and len(r[0]) > len("the GPU reported an error: "), r
+    assert r[1] == "00" * 16, r
+    assert r[2].startswith("the GPU device was lost (destroyed") and "Reload the page" in r[2], r
+
+
 def test_no_webgpu_shows_which_browsers_have_it(chromium, site_url):
     text = status_without_webgpu(chromium, site_url, "/check/index.html",
                                  "window.tabgptCheck && window.tabgptCheck.stage === 'error'")

@@ -471,6 +471,10 @@ class Device:
     def sequence(self, label: str = "sequence") -> Sequence:
         return Sequence(self, label)
 
+    def raise_if_broken(self):
+        """GPUError where the device is lost or reported an error asynchronously (the browser's; wgpu-py raises
+        at the call)."""
+
     # -- buffers
     def buffer(self, nbytes: int, label: str = "buffer", data=None) -> Buffer:
         """A storage buffer (also copy source and destination), zero-filled or holding `data`."""
@@ -837,6 +841,22 @@ class BrowserDevice(Device):
             if v is not None:
                 self.limits[name] = int(v)
         self.adapter = adapter
+        # Errors nothing captured (out of memory while allocating, mostly) and the loss of the device (a driver
+        # reset, a kernel that ran too long) arrive as events: kept here and raised by the next read or sync,
+        # instead of training on with buffers that do not exist.
+        from pyodide.ffi import create_proxy
+        self._errors, self._lost = [], None
+
+        def on_error(ev):
+            err = getattr(ev, "error", None)
+            self._errors.append(str(getattr(err, "message", "") or err))
+
+        def on_lost(info):
+            self._lost = (f"{getattr(info, 'reason', '') or 'unknown'}: {getattr(info, 'message', '') or ''}"
+                          .rstrip(": "))
+        self._handlers = (create_proxy(on_error), create_proxy(on_lost))
+        self.device.onuncapturederror = self._handlers[0]
+        self.device.lost.then(self._handlers[1])
         from js import GPUBufferUsage
         self._usage_storage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST
         self._usage_uniform = GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST
@@ -850,8 +870,28 @@ class BrowserDevice(Device):
         from pyodide.ffi import to_js
         self.device.queue.writeBuffer(buf.handle, offset, to_js(mv))
 
+    def raise_if_broken(self):
+        """GPUError where the device was lost or reported an error nothing captured (each reported once)."""
+        if self._lost is not None:
+            raise GPUError(f"the GPU device was lost ({self._lost}): the browser or its driver reset it, for example "
+                           f"after a kernel ran too long or the GPU ran out of memory. Reload the page: 'Resume saved "
+                           f"run' goes on from the last checkpoint saved in this browser, and a smaller preset asks "
+                           f"less of the GPU")
+        if self._errors:
+            msg, self._errors = self._errors[0], []
+            if "memory" in msg.lower():
+                raise GPUError(f"the GPU ran out of memory ({msg}): choose a smaller preset, or a smaller batch or "
+                               f"context")
+            raise GPUError(f"the GPU reported an error: {msg}")
+
     async def _read(self, buf, offset, size):
-        arr = await self.js.read(self.device, buf.handle, offset, size)
+        self.raise_if_broken()
+        try:
+            arr = await self.js.read(self.device, buf.handle, offset, size)
+        except Exception:
+            self.raise_if_broken()   # the read failed because the device is gone: say so
+            raise
+        self.raise_if_broken()       # an error in the work this read waited for
         return arr.to_bytes()
 
     async def _create_kernel(self, file, entry, code, bindings, constants):
@@ -900,7 +940,9 @@ class BrowserDevice(Device):
         self.js.submit(self.device, self._ops(seq), repeat)
 
     async def sync(self):
+        self.raise_if_broken()
         await self.device.queue.onSubmittedWorkDone()
+        self.raise_if_broken()
 
     def destroy(self):
         self.device.destroy()

@@ -106,6 +106,7 @@ class Pipeline:
             model.load_state(state)
         else:
             await model.init_weights(cfg.seed)
+        await self.dev.sync()   # where the GPU could not allocate the model, it says so here, not steps later
         self.model, self.cfg, self.step = model, cfg, resume[2] if resume is not None else 0
         return {"config": cfg.to_dict(), "n_params": cfg.n_params(), "gpu_bytes": self.model.gpu_bytes,
                 "kernels": self.model.kernel_count, "compile_seconds": time.perf_counter() - t0, "step": self.step,
