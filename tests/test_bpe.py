@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import unicodedata
 from pathlib import Path
 
@@ -482,6 +483,19 @@ def test_cli_trains_writes_and_summarises(tmp_path, capsys):
     assert "is the input file" in capsys.readouterr().err and src.read_bytes() == before
     assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(tmp_path))) == 2
     assert "is a folder" in capsys.readouterr().err
+    other = tmp_path / "notes.txt"   # a file that is not a tokenizer (or its listing) is not overwritten
+    other.write_text("my notes")
+    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(other))) == 2
+    assert "is not a tokenizer's JSON" in capsys.readouterr().err and other.read_text() == "my notes"
+    listing = tmp_path / "tok2.merges.txt"
+    listing.write_text("my list")
+    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(tmp_path / "tok2.json"))) == 2
+    assert "merges listing" in capsys.readouterr().err and listing.read_text() == "my list"
+    # what is not a tokenizer says so, with the file's name
+    for bad, what in ((b'{"n_layer": 2}', "no 'model' entry"), (b"\x86\x00\xff", "binary data")):
+        (tmp_path / "bad.json").write_bytes(bad)
+        with pytest.raises(ValueError, match=re.escape(f"bad.json is not a tokenizer ({what}")):
+            Tokenizer.load(tmp_path / "bad.json")
     nested = tmp_path / "new" / "dir" / "tok.json"   # a missing folder is made
     assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(nested), verbose=False)) == 0
     assert nested.is_file()

@@ -332,8 +332,16 @@ def test_cap_from_the_environment(server, monkeypatch):
     monkeypatch.setenv("TABGPT_MAX_MB", "1")
     e = error_of({"url": server + "/big.txt"})
     assert e.kind == "too_large" and "above the cap of 1 MB" in str(e) and "TABGPT_MAX_MB" in str(e)
-    monkeypatch.setenv("TABGPT_MAX_MB", "lots")
-    assert "not a positive number" in str(error_of("default"))
+    for bad in ("lots", "inf", "0", "-1"):
+        monkeypatch.setenv("TABGPT_MAX_MB", bad)
+        assert "not a positive number" in str(error_of("default")), bad
+    monkeypatch.setenv("TABGPT_MAX_MB", "0.0001")
+    assert "above the cap of 0.0001 MB" in str(error_of({"url": server + "/big.txt"}))
+
+
+def test_a_mirror_that_is_no_template_is_named():
+    e = error_of({"book": 11}, mirror="https://example.org/{repo")
+    assert e.kind == "bad_source" and "TABGPT_MIRROR" in str(e)
 
 
 def test_too_large_for_memory_is_capped(server, tmp_path):
@@ -469,6 +477,10 @@ def test_cli_fetch(mirror, tmp_path, monkeypatch, capsys):
     assert out.read_text(encoding="utf-8") == C.load_default()
     assert C.cli_main(fetch_args(search="carroll")) == 0
     assert "Through the Looking-Glass" in capsys.readouterr().out
+    assert C.cli_main(fetch_args(search="")) == 0                          # every book: says it shows 50
+    assert "the first 50 of 392 books" in capsys.readouterr().out
+    assert C.cli_main(fetch_args(search="zzzqqq")) == 1
+    assert "no book of the catalogue matches 'zzzqqq'" in capsys.readouterr().out
     assert C.cli_main(fetch_args(book=[1342])) == 1                         # not on the local mirror
     assert "none of its usual files" in capsys.readouterr().err
     # --out: refused before any work when it is the input or a folder; a missing folder is made

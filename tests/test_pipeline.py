@@ -427,6 +427,8 @@ def test_cli_refuses_bad_paths_and_settings_before_any_work(cli_run, tmp_path):
              "--quiet")
     assert "resuming with learning_rate 0.001" in r.stderr
     assert json.loads((run / "config.json").read_text())["learning_rate"] == 1e-3
+    r = _cli("train", "--data", corpus, "--resume", "--out", run, "--max-steps", 5, check=False)   # at step 5
+    assert r.returncode == 1 and "already at step 5: give --max-steps above 5" in r.stderr, r.stderr
     r = _cli("train", "--data", corpus, "--tokenizer", run / "tokenizer.json", "--vocab-size", 512, "--out",
              tmp_path / "t", check=False)
     assert r.returncode == 1 and "drop --vocab-size" in r.stderr, r.stderr
@@ -439,3 +441,66 @@ def test_cli_refuses_bad_paths_and_settings_before_any_work(cli_run, tmp_path):
                           (("eval", "--data", sys.executable), "not text")):
         r = _cli(*args, "--run", run, check=False)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def _start(args, log):
+    """The CLI in the background, its stderr in the file log."""
+    return subprocess.Popen([sys.executable, "-m", "tabgpt", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _wait_for(log, text, proc, seconds=240):
+    import time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if text in log.read_text():
+            return
+        assert proc.poll() is None, f"exited before {text!r}: {log.read_text()[-2000:]}"
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no {text!r} within {seconds} s: {log.read_text()[-2000:]}")
+
+
+def test_ctrl_c_before_training_stops_at_once_and_a_kill_while_training_saves(cli_run, tmp_path):
+    import signal
+    import time
+    # Ctrl+C while the tokenizer trains or the kernels compile: out at once, nothing written (it used to wait
+    # until the whole run, samples and evaluation had finished)
+    log, out = tmp_path / "int.log", tmp_path / "int"
+    p = _start(["train", "--data", "default", "--vocab-size", 8192, "--max-steps", 2000, "--out", out], log)
+    _wait_for(log, "data:", p)
+    p.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    assert p.wait(timeout=60) == 130 and time.monotonic() - t0 < 30, log.read_text()[-2000:]
+    assert "interrupted" in log.read_text() and "training " not in log.read_text() and not out.exists()
+    # a plain kill (SIGTERM) while training stops at the next step with a checkpoint, as Ctrl+C does
+    log, out = tmp_path / "term.log", tmp_path / "term"
+    p = _start(["train", "--data", cli_run / "corpus.txt", "--vocab-size", 300, "--max-steps", 100_000, "--out",
+                out], log)
+    _wait_for(log, "training ", p)
+    time.sleep(1)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=240) == 0, log.read_text()[-2000:]
+    assert "interrupted (SIGTERM)" in log.read_text()
+    checkpoints = [e for e in RunFolder(out).read_metrics() if e["type"] == "checkpoint"]
+    assert checkpoints and checkpoints[-1]["reason"] == "stop" and (out / "state.safetensors").is_file()
+
+
+def test_what_a_run_folder_holds_decides_what_may_start_in_it(tmp_path):
+    from tabgpt.run import json_safe
+    folder = RunFolder(tmp_path / "r")
+    folder.create(preset("tiny"), "{}")
+    folder.check_new()                                   # a run that never saved: reused
+    (folder.path / "best.safetensors").write_bytes(b"x")   # a run killed before its first checkpoint
+    with pytest.raises(RunError, match="best.safetensors of a run that stopped"):
+        folder.check_new()
+    (folder.path / "best.safetensors").unlink()
+    (folder.path / "model.safetensors").write_bytes(b"x")  # a save cut short (the disk full)
+    with pytest.raises(RunError, match="without state.safetensors"):
+        folder.check_new()
+    # metrics: JSON that JSON.parse reads (a NaN loss becomes null)
+    folder.append_metrics({"type": "nan", "loss": float("nan"), "grad_norm": float("inf"), "x": [float("nan")]})
+    line = (folder.path / "metrics.jsonl").read_text().splitlines()[-1]
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in JSON")) == {
+        "type": "nan", "loss": None, "grad_norm": None, "x": [None]}
+    assert json_safe({"a": 1.5, "b": "s"}) == {"a": 1.5, "b": "s"}

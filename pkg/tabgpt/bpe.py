@@ -564,7 +564,8 @@ class Tokenizer:
             model = doc["model"]
             vocab, merges_in = model["vocab"], model["merges"]
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"not a tokenizer.json: {e}") from None
+            raise ValueError(f"not a tokenizer.json: {'no ' + str(e) + ' entry' if isinstance(e, KeyError) else e}"
+                             ) from None
         if model.get("type", "BPE") != "BPE":
             raise ValueError(f"not a BPE tokenizer.json (model type {model.get('type')!r})")
         for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback", "ignore_merges"):
@@ -620,7 +621,14 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        """from_json of a file; ValueError naming the file and what it should be (OSError where it is unreadable)."""
+        try:
+            return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:   # (UnicodeDecodeError is a ValueError: binary data)
+            what = ("binary data, not JSON" if isinstance(e, UnicodeDecodeError)
+                    else str(e).removeprefix("not a tokenizer.json: "))
+            raise ValueError(f"{path} is not a tokenizer ({what}): give the tokenizer.json that `tabgpt tokenizer` "
+                             f"or a training run wrote") from None
 
     def merges_listing(self) -> str:
         """The merges, one a line: `rank id: [left][right] -> [token]`, tokens as text with escapes for the rest."""
@@ -637,11 +645,31 @@ class Tokenizer:
 # `tabgpt tokenizer --input corpus.txt --vocab-size N --out tokenizer.json`
 
 
+def _check_replaceable(out: Path):
+    """The tokenizer command replaces an earlier tokenizer (and its merges listing), never another kind of file."""
+    from tabgpt.corpus import CorpusError
+    listing = out.with_name(out.name.removesuffix(".json") + ".merges.txt")
+    for path, looks_right in ((out, lambda t: Tokenizer.from_json(t) is not None),
+                              (listing, lambda t: t.startswith("# byte-level BPE"))):
+        if not path.is_file():
+            continue
+        try:
+            ok = looks_right(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            ok = False
+        if not ok:
+            kind = "merges listing" if path == listing else "JSON"
+            raise CorpusError(f"{path} exists and is not a tokenizer's {kind}: choose another --out, so that it is "
+                              f"not overwritten (the tokenizer is written as NAME.json, its merges as NAME.merges.txt "
+                              f"beside it)")
+
+
 def cli_main(args) -> int:
     """Train on args.input, write args.out (+ the merges listing); progress to stderr, a summary to stdout."""
     from tabgpt.corpus import CorpusError, decode_bytes, prepare_out
     try:
-        prepare_out(args.out, [args.input])
+        prepare_out(args.out, [args.input], example="tokenizer.json")
+        _check_replaceable(Path(args.out))
         raw = Path(args.input).read_bytes()
         text, _, notice = decode_bytes(raw, args.input)   # as `tabgpt fetch --file` reads it
     except CorpusError as e:

@@ -150,12 +150,12 @@ def _utf16_without_bom(data: bytes) -> str | None:
     return None
 
 
-def prepare_out(out, inputs=()) -> Path:
+def prepare_out(out, inputs=(), example: str = "out.txt") -> Path:
     """A path that a command may write its result to, checked before the work: not a folder, not one of its
     inputs (which it would overwrite); its folder is created. CorpusError says what to do otherwise."""
     path = Path(out)
     if path.is_dir():
-        raise CorpusError(f"--out {out} is a folder: give a file name, for example {path / 'out.txt'}")
+        raise CorpusError(f"--out {out} is a folder: give a file name, for example {path / example}")
     for i in inputs:
         try:
             same = i is not None and path.exists() and Path(i).exists() and path.samefile(i)
@@ -339,7 +339,7 @@ def check_cap(nbytes: int, max_bytes: int, name: str, so_far: bool = False) -> N
     if nbytes > max_bytes:
         raise CorpusError(
             f"{name} is {'at least ' if so_far else ''}{nbytes / 1e6:.1f} MB, above the cap of "
-            f"{max_bytes / 1e6:.0f} MB{' that a browser tab holds comfortably' if max_bytes == MAX_BYTES else ''}. "
+            f"{max_bytes / 1e6:g} MB{' that a browser tab holds comfortably' if max_bytes == MAX_BYTES else ''}. "
             "Choose fewer or smaller books or cut the file"
             + ("." if IN_BROWSER else "; natively, TABGPT_MAX_MB=N raises the cap to N MB."), "too_large")
 
@@ -350,8 +350,8 @@ def cap_bytes() -> int:
     if not mb:
         return MAX_BYTES
     try:
-        if float(mb) > 0:
-            return int(float(mb) * 1_000_000)
+        if 0 < float(mb) < 1e6:   # (a terabyte of text: more is a typo)
+            return max(1, int(float(mb) * 1_000_000))
     except ValueError:
         pass
     raise CorpusError(f"TABGPT_MAX_MB={mb!r} is not a positive number of megabytes", "bad_source")
@@ -439,7 +439,11 @@ def book_urls(repo: str, book_id: int, mirror: str | None = None) -> list[str]:
     """Candidate raw-file URLs of a GITenberg repository, best first: UTF-8 text, ASCII text,
     Latin-1 text, then the HTML edition (its tags are stripped). Names vary across repositories."""
     mirror = mirror or os.environ.get("TABGPT_MIRROR") or catalogue()["url"]
-    return [mirror.format(repo=repo, file=f.format(id=book_id)) for f in catalogue()["files"]]
+    try:
+        return [mirror.format(repo=repo, file=f.format(id=book_id)) for f in catalogue()["files"]]
+    except (KeyError, IndexError, ValueError) as e:
+        raise CorpusError(f"the mirror {mirror!r} is not a URL template with {{repo}} and {{file}} in it ({e}); "
+                          "fix TABGPT_MIRROR or unset it", "bad_source") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,7 +650,8 @@ async def load_corpus(source="default", *, val_fraction: float = VAL_FRACTION, p
 
 def load_corpus_sync(source="default", **kw) -> Corpus:
     """load_corpus natively, where nothing truly suspends (CLI, tests)."""
-    return asyncio.run(load_corpus(source, **kw))
+    import tabgpt
+    return tabgpt.run_main(load_corpus(source, **kw))
 
 
 def _source_list(source) -> list:
@@ -768,11 +773,15 @@ class _Load:
 def cli_main(args) -> int:
     """tabgpt fetch {--default | --book ID... | --url URL | --file PATH | --search QUERY} [--out FILE]"""
     if getattr(args, "search", None) is not None:
-        books = search_catalogue(args.search, limit=50)
-        for b in books:
+        books = search_catalogue(args.search, limit=len(catalogue()["books"]))
+        for b in books[:50]:
             print(f"{b['id']:>6}  {b['title'][:60]:60s}  {b['author']}")
-        print(f"{len(books)} book(s); fetch one with: tabgpt fetch --book ID --out corpus.txt")
-        return 0 if books else 1
+        if not books:
+            print(f"no book of the catalogue matches {args.search!r}; try a shorter word of the title or author")
+            return 1
+        shown = f"the first 50 of {len(books)} books" if len(books) > 50 else f"{len(books)} book(s)"
+        print(f"{shown}; fetch one with: tabgpt fetch --book ID --out corpus.txt")
+        return 0
     if getattr(args, "book", None):
         source = {"books": args.book}
     elif getattr(args, "url", None):

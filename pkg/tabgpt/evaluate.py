@@ -81,7 +81,7 @@ async def _score(model, ids, windows, B, T):
 
 
 def cli_main(args) -> int:
-    import asyncio
+    import tabgpt
     from tabgpt import gpu
     from tabgpt.run import RunError, RunFolder, load_model
 
@@ -100,7 +100,9 @@ def cli_main(args) -> int:
             except OSError as e:
                 raise RunError(f"cannot read {args.data}: {e.strerror}") from e
             from tabgpt.corpus import decode_bytes
-            text = decode_bytes(raw, args.data)[0]
+            text, _, notice = decode_bytes(raw, args.data)
+            if notice:
+                print(f"note: {notice}", file=sys.stderr)
             train_text = None
         dev = await gpu.open_device()
         cfg, tok, model, step = await load_model(dev, run, B=8)
@@ -112,7 +114,7 @@ def cli_main(args) -> int:
 
     from tabgpt.corpus import CorpusError
     try:
-        asyncio.run(main())
+        tabgpt.run_main(main())
     except (RunError, ValueError, CorpusError, gpu.GPUError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

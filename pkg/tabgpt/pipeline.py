@@ -6,9 +6,9 @@ and the page posts to the browser's main thread. Nothing here knows which front 
 from __future__ import annotations
 
 import array
-import asyncio
 import time
 
+import tabgpt
 from tabgpt.config import Config
 from tabgpt.run import RunError, RunFolder, check_tokenizer_matches
 from tabgpt.train import Control, TokenData, TrainingError, train
@@ -103,7 +103,11 @@ class Pipeline:
         if resume is not None:
             params, state, step = resume
             model.load_params(params)
-            model.load_state(state)
+            try:
+                model.load_state(state)
+            except ValueError as e:
+                raise RunError(f"{resume_from.path / 'state.safetensors'} does not belong to this run's model ({e}): "
+                               f"it was copied from another run. Put back the run's own, or start a new run") from e
         else:
             await model.init_weights(cfg.seed)
         await self.dev.sync()   # where the GPU could not allocate the model, it says so here, not steps later
@@ -246,7 +250,8 @@ class ProgressPrinter:
                        f"{ev['tokens_per_s']:,.0f} tok/s {ev['gflops']:.1f} GFLOP/s "
                        f"ETA {int(eta // 60)}:{int(eta % 60):02d}" + ("" if self.tty else "\n"))
         elif t == "eval":
-            self._line(f"\nstep {ev['step']}: validation loss {ev['val_loss']:.4f} (train {ev['train_loss']:.4f})\n")
+            train = "" if ev.get("train_loss") is None else f" (train {ev['train_loss']:.4f})"
+            self._line(f"\nstep {ev['step']}: validation loss {ev['val_loss']:.4f}{train}\n")
         elif t == "sample":
             self._line(f"\n--- sample at step {ev['step']} ---\n{ev['text']}\n---\n")
         elif t == "checkpoint" and ev.get("saved"):
@@ -275,6 +280,9 @@ def cli_train(args) -> int:
     from tabgpt.gpu import GPUError
 
     overrides = {name: getattr(args, name, None) for name in FLAG_NAMES}
+    if not str(args.out or "").strip():
+        print("error: --out needs the name of the run folder (it is created)", file=sys.stderr)
+        return 1
     printer = ProgressPrinter(quiet=args.quiet)
     pipe = Pipeline(printer, run_dir=args.out)
 
@@ -289,7 +297,12 @@ def cli_train(args) -> int:
                 raise RunError(f"{', '.join(fixed)} cannot change when resuming: the checkpoint in {pipe.run.path} "
                                f"was trained with {base.model_dict()}. Drop {'it' if len(fixed) == 1 else 'them'}, "
                                f"or train a new run into another --out")
-            cfg = base.replace(**overrides).validate()
+            # the time limit is this session's, not the run's: it is not inherited from the last one
+            cfg = base.replace(time_limit=0.0).replace(**overrides).validate()
+            _, step = pipe.run.read_model(base)
+            if cfg.max_steps <= step:
+                raise RunError(f"{pipe.run.path} is already at step {step}: give --max-steps above {step} to train "
+                               f"on (`tabgpt sample` and `tabgpt eval` use it as it is)")
             for k in FLAG_NAMES:
                 if getattr(cfg, k) != getattr(base, k):
                     print(f"note: resuming with {k} {getattr(cfg, k)} (was {getattr(base, k)})", file=sys.stderr)
@@ -338,14 +351,17 @@ def cli_train(args) -> int:
                 print(f"  {line}", file=sys.stderr)
         pipe.run.write_config(pipe.cfg)
 
-        def on_sigint(*_):
-            pipe.control.request_stop("interrupted (Ctrl+C); a checkpoint is being written")
+        def on_signal(signum, _frame):
+            what = "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
+            pipe.control.request_stop(f"interrupted ({what}); a checkpoint is being written")
 
-        old = signal.signal(signal.SIGINT, on_sigint)
+        # while training, Ctrl+C (and a plain kill, SIGTERM) stop at the next step with a checkpoint
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             last = await pipe.train()
         finally:
-            signal.signal(signal.SIGINT, old)
+            for s, handler in old.items():
+                signal.signal(s, handler)
         best_step = await pipe.use_best_weights()
         if best_step is not None:
             print(f"\nsampling and evaluating the best weights (step {best_step}, validation loss "
@@ -367,7 +383,11 @@ def cli_train(args) -> int:
         return 0 if last and last["type"] in ("done", "stopped") else 1
 
     try:
-        return asyncio.run(main())
+        return tabgpt.run_main(main())
     except (RunError, TrainingError, GPUError, ValueError, corpus_mod.CorpusError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:   # the run folder cannot be written: read-only, or the disk is full
+        print(f"\nerror: cannot write to {e.filename or args.out}: {e.strerror or e}. Free some space or choose "
+              f"a writable --out; the checkpoints saved before are as they were", file=sys.stderr)
         return 1

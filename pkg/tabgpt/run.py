@@ -16,6 +16,7 @@ Every file is written atomically (temp file + rename), so an interrupted save ne
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -31,6 +32,17 @@ RUN_FILES = {"config.json", "tokenizer.json", "model.safetensors", "state.safete
 
 class RunError(Exception):
     """A run folder is missing, incomplete, corrupt or does not match; the message says what to do."""
+
+
+def json_safe(value):
+    """value with every float that is not finite (a NaN loss) as None: JSON has no NaN, and JSON.parse refuses it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def hf_config(cfg: Config) -> dict:
@@ -63,10 +75,18 @@ class RunFolder:
         if self.path.exists() and not self.path.is_dir():
             raise RunError(f"--out {self.path} is a file, not a run folder: choose a folder (it is created)")
         if (self.path / "model.safetensors").exists():
+            if not (self.path / "state.safetensors").exists():
+                raise RunError(f"{self.path} holds model.safetensors without state.safetensors (a save was cut "
+                               f"short, or the disk was full): `tabgpt sample` and `tabgpt eval` still use it, but "
+                               f"training cannot resume it; for a new run choose another --out")
             raise RunError(f"{self.path} already holds a trained model: pass --resume to continue it, or choose "
                            f"another --out")
         if not self.path.is_dir():
             return
+        if (self.path / "best.safetensors").exists():
+            raise RunError(f"{self.path} holds best.safetensors of a run that stopped before its first checkpoint: "
+                           f"`tabgpt sample` and `tabgpt eval` can still use it; for a new run choose another --out "
+                           f"(or delete it)")
         names = sorted(p.name for p in self.path.iterdir())
         if not names:
             return
@@ -136,7 +156,7 @@ class RunFolder:
 
     def append_metrics(self, event: dict):
         with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(event) + "\n")
+            f.write(json.dumps(json_safe(event)) + "\n")
 
     # -- reading
     def checkpoint_note(self) -> str:
@@ -223,8 +243,9 @@ class RunFolder:
         state, meta = self.read_state()
         if int(meta.get("step", -1)) != step:
             raise RunError(f"{self.path}: model.safetensors (step {step}) and state.safetensors "
-                           f"(step {meta.get('step')}) disagree: a save was interrupted; the model alone still "
-                           f"samples and evaluates")
+                           f"(step {meta.get('step')}) are of different steps: a save was cut short, or one was copied "
+                           f"from another run. The model alone still samples and evaluates; training resumes only "
+                           f"from a matching pair")
         return params, state, step
 
     def read_metrics(self) -> list[dict]:

@@ -47,7 +47,7 @@ async def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, tem
 
 
 def cli_main(args) -> int:
-    import asyncio
+    import tabgpt
     from tabgpt import gpu
     from tabgpt.run import RunError, RunFolder, load_model
 
@@ -71,7 +71,7 @@ def cli_main(args) -> int:
             print(f"[{n} pieces in {time.perf_counter() - t0:.1f} s, step {step}]", file=sys.stderr)
 
     try:
-        asyncio.run(main())
+        tabgpt.run_main(main())
     except (RunError, ValueError, gpu.GPUError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

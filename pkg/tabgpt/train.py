@@ -134,7 +134,7 @@ async def train(model, data: TokenData, cfg: Config, control: Control | None = N
     t_last, step_last = t_start, start_step
     pending = []          # steps whose loss is on the GPU but not read yet
     bad_streak = 0
-    last_loss = float("nan")
+    last_loss = None      # no step read back yet (a resumed run's first evaluation)
     step = start_step
 
     def step_events(steps, results):
@@ -203,7 +203,7 @@ async def train(model, data: TokenData, cfg: Config, control: Control | None = N
         if checkpoint and cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
             yield {"type": "checkpoint", "step": step, **(await checkpoint(step, "interval"))}
         if cfg.time_limit and time.perf_counter() - t_start > cfg.time_limit:
-            control.request_stop(f"time limit of {cfg.time_limit:.0f} s reached")
+            control.request_stop(f"time limit of {cfg.time_limit:g} s reached")
 
     if pending:  # stopped early: the steps still on the GPU, reported like every other step
         for ev in step_events(pending, await model.read_step_stats(pending)):

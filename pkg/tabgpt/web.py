@@ -28,11 +28,17 @@ _pipe = None
 _source = None
 
 
+def _dumps(value) -> str:
+    """JSON for the page: floats that are not finite become null (JSON.parse refuses NaN and Infinity)."""
+    from tabgpt.run import json_safe
+    return json.dumps(json_safe(value))
+
+
 def post(event: dict) -> None:
     """Send one event (a JSON-able dict) to the page; natively it is printed, which helps when testing."""
     if IN_BROWSER:
         import js
-        js.postMessage(json.dumps({"type": "event", **event} if "type" not in event else event))
+        js.postMessage(_dumps({"type": "event", **event} if "type" not in event else event))
     else:  # pragma: no cover - only used when running page code natively
         print(json.dumps(event))
 
@@ -54,7 +60,7 @@ async def check() -> str:
         dev = await gpu.open_device()
     except gpu.GPUError as e:
         out["error"] = str(e)
-        return json.dumps(out)
+        return _dumps(out)
     out["backend"] = dev.backend
     out["info"] = dev.info
     out["features"] = sorted(dev.features)
@@ -66,7 +72,7 @@ async def check() -> str:
     post({"type": "status", "message": "measuring the cost of a replayed dispatch"})
     out["dispatch"] = await selftest.dispatch_cost(dev, n=1000, reps=3)
     out["seconds"] = time.perf_counter() - t0
-    return json.dumps(out)
+    return _dumps(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +99,7 @@ async def open_session() -> str:
     saved = await _saved_run_info()
     name = (info.get("description") or info.get("device")
             or " ".join(x for x in (info.get("vendor"), info.get("architecture")) if x) or "unknown")
-    return json.dumps({"adapter": name,
+    return _dumps({"adapter": name,
                        "info": info, "fallback": fallback, "presets": presets,
                        "default_preset": "tiny" if fallback else "browser", "saved": saved})
 
@@ -111,11 +117,11 @@ async def load_data(source) -> str:
         source = {"file": path}
     r = await _pipeline().load_data(source)
     _source = source
-    return json.dumps(r)
+    return _dumps(r)
 
 
 async def train_tokenizer(vocab_size: int) -> str:
-    return json.dumps(await _pipeline().train_tokenizer(int(vocab_size)))
+    return _dumps(await _pipeline().train_tokenizer(int(vocab_size)))
 
 
 async def build_model(options: dict) -> str:
@@ -129,7 +135,7 @@ async def build_model(options: dict) -> str:
     with open(os.path.join(RUN_DIR, "metrics.jsonl"), "w"):
         pass
     _write_source()
-    return json.dumps(r)
+    return _dumps(r)
 
 
 async def train() -> str:
@@ -154,18 +160,18 @@ async def train() -> str:
     finally:
         pipe.run.save_checkpoint = original
     sample = next((e["text"] for e in reversed(pipe.history) if e["type"] == "sample"), None)
-    return json.dumps({**last, "sample": sample})
+    return _dumps({**last, "sample": sample})
 
 
 def toggle_pause() -> str:
     c = _pipeline().control
     c.pause = not c.pause
-    return json.dumps(c.pause)
+    return _dumps(c.pause)
 
 
 def request_stop() -> str:
     _pipeline().control.request_stop("stopped by the user")
-    return json.dumps(True)
+    return _dumps(True)
 
 
 async def sample(options: dict) -> str:
@@ -187,7 +193,7 @@ async def sample(options: dict) -> str:
         pipe.emit = emit
     pipe.last_samples = getattr(pipe, "last_samples", [])[-4:] + [text]
     dt = time.perf_counter() - t0
-    return json.dumps({"text": options.get("prompt", "") + text, "tokens": n[0], "tokens_per_s": n[0] / max(dt, 1e-9)})
+    return _dumps({"text": options.get("prompt", "") + text, "tokens": n[0], "tokens_per_s": n[0] / max(dt, 1e-9)})
 
 
 async def evaluate() -> str:
@@ -199,12 +205,12 @@ async def evaluate() -> str:
     r = await pipe.evaluate(samples=samples, max_tokens=50_000)
     pipe.run.append_metrics({"type": "final_eval", "step": pipe.step, **r})
     await _mirror_to_opfs()
-    return json.dumps(r)
+    return _dumps(r)
 
 
 def search_books(query: str) -> str:
     from tabgpt.corpus import search_catalogue
-    return json.dumps(search_catalogue(query, limit=30))
+    return _dumps(search_catalogue(query, limit=30))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +264,7 @@ async def resume_saved() -> str:
         if data is not None:
             with open(os.path.join(RUN_DIR, name), "wb") as f:
                 f.write(data)
-    return json.dumps(await _restore(RunFolder(RUN_DIR)))
+    return _dumps(await _restore(RunFolder(RUN_DIR)))
 
 
 async def _restore(run) -> dict:
@@ -340,4 +346,4 @@ async def load_run_files(files: dict) -> str:
         shutil.rmtree(staging, ignore_errors=True)
     r = await _restore(RunFolder(RUN_DIR))
     await _mirror_to_opfs()
-    return json.dumps(r)
+    return _dumps(r)
