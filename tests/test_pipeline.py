@@ -504,3 +504,33 @@ def test_what_a_run_folder_holds_decides_what_may_start_in_it(tmp_path):
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in JSON")) == {
         "type": "nan", "loss": None, "grad_norm": None, "x": [None]}
     assert json_safe({"a": 1.5, "b": "s"}) == {"a": 1.5, "b": "s"}
+
+
+def test_the_pages_run_folder_holds_one_run_with_its_best_weights(tmp_path, monkeypatch, text):
+    """The page's functions natively: its run folder (and the zip it downloads) carries best.safetensors, and a
+    second run in the same tab starts without the first one's weights (its best was judged against the old)."""
+    import base64
+    import io
+    import zipfile
+    from tabgpt import web
+    monkeypatch.setattr(web, "RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr(web, "_pipe", None)
+    run = tmp_path / "run"
+
+    async def go():
+        await web.load_data({"text": text})
+        await web.train_tokenizer(300)
+        options = {"preset": "tiny", "n_embd": 32, "block_size": 32, "max_steps": 4}
+        await web.build_model(options)
+        await web.train()
+        zipped = zipfile.ZipFile(io.BytesIO(base64.b64decode(await web.run_folder_zip()))).namelist()
+        had = {n: (run / n).exists() for n in ("best.safetensors", "model.safetensors", "source.json")}
+        await web.build_model(options)
+        return zipped, had
+
+    zipped, had = asyncio.run(go())
+    assert all(had.values()), had
+    assert {"tabgpt-run/best.safetensors", "tabgpt-run/model.safetensors", "tabgpt-run/source.json"} <= set(zipped)
+    for name in ("best.safetensors", "model.safetensors", "state.safetensors"):
+        assert not (run / name).exists(), f"the second run kept the first one's {name}"
+    assert (run / "metrics.jsonl").read_text() == ""

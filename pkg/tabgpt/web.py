@@ -21,8 +21,8 @@ from tabgpt import IN_BROWSER, __version__, opfs
 
 RUN_DIR = "/run" if IN_BROWSER else os.path.join(os.environ.get("TMPDIR", "/tmp"), "tabgpt-web-run")
 OPFS_FOLDER = "tabgpt-run"
-RUN_FILES = ["config.json", "tokenizer.json", "model.safetensors", "state.safetensors", "metrics.jsonl",
-             "source.json"]
+RUN_FILES = ["config.json", "tokenizer.json", "model.safetensors", "state.safetensors", "best.safetensors",
+             "metrics.jsonl", "source.json"]
 
 _pipe = None
 _source = None
@@ -131,9 +131,13 @@ async def build_model(options: dict) -> str:
     cfg = preset(options.pop("preset", "tiny"), **options)
     r = await pipe.build_model(cfg)
     os.makedirs(RUN_DIR, exist_ok=True)
-    pipe.run.create(pipe.cfg, pipe.tokenizer.to_json(), overwrite=True)
-    with open(os.path.join(RUN_DIR, "metrics.jsonl"), "w"):
-        pass
+    # The last run's weights go (its copy in OPFS stays until this run's first checkpoint): a new run's best must
+    # not be judged against the old one's, nor a download mix the two.
+    for name in ("model.safetensors", "state.safetensors", "best.safetensors"):
+        path = os.path.join(RUN_DIR, name)
+        if os.path.exists(path):
+            os.remove(path)
+    pipe.run.create(pipe.cfg, pipe.tokenizer.to_json(), overwrite=True)   # (and an empty metrics.jsonl)
     _write_source()
     return _dumps(r)
 
@@ -334,6 +338,8 @@ async def load_run_files(files: dict) -> str:
         cfg = run.read_config()
         check_tokenizer_matches(run.read_tokenizer(), cfg, "tokenizer.json")
         run.read_resume(cfg)   # every tensor, shape and step checked
+        if "best.safetensors" in found:
+            run.read_model(cfg, best=True)
         # good: it replaces the run folder's files (those it lacks go, so no file of the old run stays behind)
         os.makedirs(RUN_DIR, exist_ok=True)
         for name in RUN_FILES:
