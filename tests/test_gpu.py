@@ -189,9 +189,12 @@ def test_subgroup_reductions_need_the_feature_and_the_builtins_and_are_opt_in(mo
     assert not d.has_subgroup_ops() and not d.subgroup_reductions()       # a browser without subgroup_id
     d.subgroup_ids = True
     assert d.has_subgroup_ops() and d.subgroup_reductions()
-    for off in ("0", "off", "", "no"):
-        monkeypatch.setenv("TABGPT_SUBGROUPS", off)
-        assert d.has_subgroup_ops() and not d.subgroup_reductions()
+    monkeypatch.setenv("TABGPT_SUBGROUPS", "0")
+    assert d.has_subgroup_ops() and not d.subgroup_reductions()
+    for bad in ("2", "on", "", "yes"):   # a setting that is neither 0 nor 1 is refused, not read as off
+        monkeypatch.setenv("TABGPT_SUBGROUPS", bad)
+        with pytest.raises(gpu.GPUError, match="TABGPT_SUBGROUPS must be 0 or 1"):
+            d.subgroup_reductions()
     monkeypatch.delenv("TABGPT_SUBGROUPS")
     assert not d.subgroup_reductions()                                     # off by default
 

@@ -80,6 +80,19 @@ def wait(coro):
 # ---------------------------------------------------------------------------------------------
 # WGSL sources: find files, parse bindings and which entry point uses which binding.
 
+def env_switch(name: str, value: bool | None = None, default: bool = False) -> bool:
+    """value where given, else the environment variable `name` as 0 or 1 (unset: default); anything else is
+    refused, so that a misspelt setting cannot go unnoticed."""
+    if value is not None:
+        return bool(value)
+    env = os.environ.get(name)
+    if env is None:
+        return default
+    if env not in ("0", "1"):
+        raise GPUError(f"{name} must be 0 or 1, got {env!r}")
+    return env == "1"
+
+
 def shader_dir() -> Path:
     """shaders/ inside the installed wheel, or the repository's shaders/ in a development install."""
     here = Path(__file__).resolve().parent
@@ -425,8 +438,7 @@ class Device:
         subgroupMax) by default: only with TABGPT_SUBGROUPS=1 and where has_subgroup_ops(). They are off by
         default because on the one real GPU measured (NVIDIA H200) the workgroup-memory trees were as fast or
         faster (BENCHMARKS.md, "Row reductions")."""
-        on = os.environ.get("TABGPT_SUBGROUPS", "0").strip().lower() in ("1", "on", "yes", "true")
-        return on and self.has_subgroup_ops()
+        return env_switch("TABGPT_SUBGROUPS") and self.has_subgroup_ops()
 
     async def kernel_of(self, files: list[str], entry: str, constants: dict | None = None) -> Kernel:
         """Compile `entry` of several shader files joined into one module, labelled by the last file: a file of

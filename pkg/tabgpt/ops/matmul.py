@@ -36,7 +36,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from tabgpt.gpu import Buffer, Device, GPUError, Sequence
+from tabgpt.gpu import Buffer, Device, GPUError, Sequence, env_switch
 from tabgpt.ops.elementwise import MAX_GROUPS, bound_at_least, fold_grid, span
 
 FILE = "matmul.wgsl"
@@ -174,7 +174,7 @@ def tune_file() -> Path:
 def pairs_enabled() -> bool:
     """Whether products that can share a dispatch do (MatmulPair's weight gradients, BatchedMatmul's pair of the
     attention backward); TABGPT_MATMUL_PAIRS=0 makes them apart (the same results)."""
-    return os.environ.get("TABGPT_MATMUL_PAIRS", "1") != "0"
+    return env_switch("TABGPT_MATMUL_PAIRS", default=True)
 
 
 def bias_row_fits(tiles: dict) -> bool:
