@@ -853,15 +853,19 @@ class BrowserDevice(Device):
             if v is not None:
                 self.limits[name] = int(v)
         self.adapter = adapter
-        # Errors nothing captured (out of memory while allocating, mostly) and the loss of the device (a driver
-        # reset, a kernel that ran too long) arrive as events: kept here and raised by the next read or sync,
-        # instead of training on with buffers that do not exist.
+        # Errors nothing captured (running out of memory while allocating, internal errors) and the loss of the
+        # device (a driver reset, a kernel that ran too long) arrive as events: kept here and raised by the next
+        # read or sync, instead of training on with buffers that do not exist.
         from pyodide.ffi import create_proxy
         self._errors, self._lost = [], None
 
         def on_error(ev):
+            # out of memory and internal errors; validation errors are our own mistakes, which build() reports in
+            # an error scope of its own (the browser logs them to the console as well)
             err = getattr(ev, "error", None)
-            self._errors.append(str(getattr(err, "message", "") or err))
+            kind = str(getattr(getattr(err, "constructor", None), "name", "") or "")
+            if kind in ("GPUOutOfMemoryError", "GPUInternalError"):
+                self._errors.append(f"{kind}: {getattr(err, 'message', '') or err}")
 
         def on_lost(info):
             self._lost = (f"{getattr(info, 'reason', '') or 'unknown'}: {getattr(info, 'message', '') or ''}"
