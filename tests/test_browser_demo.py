@@ -121,6 +121,31 @@ def test_book_search_lists_catalogue_matches(context, site_url):
     page.close()
 
 
+def test_stopping_the_tokenizer_is_no_error_and_new_text_needs_a_new_tokenizer(context, site_url):
+    page = context.new_page()
+    page.goto(f"{site_url}/demo/index.html")
+    page.wait_for_function("window.tabgpt && window.tabgpt.stage === 'idle'", timeout=180_000)
+    idle = "window.tabgpt.stage === 'idle' && !document.querySelector('#btn-tok').disabled"
+    page.click("#btn-data")                                   # the bundled Shakespeare
+    page.wait_for_function(idle, timeout=120_000)
+    page.evaluate("() => { const v = document.getElementById('vocab'); v.add(new Option('65536', '65536')); "
+                  "v.value = '65536'; }")                     # long enough to be stopped on the way
+    page.click("#btn-tok")
+    page.wait_for_function("!document.querySelector('#btn-stop').disabled", timeout=30_000)
+    page.click("#btn-stop")
+    page.wait_for_function("window.tabgpt.stage !== 'tokenizer'", timeout=120_000)
+    s = _state(page)
+    assert s["stage"] == "idle" and s["error"] is None, s
+    assert "Tokenizer training stopped" in page.inner_text("#status")
+    page.select_option("#vocab", "512")
+    page.click("#btn-tok")
+    page.wait_for_function(idle + " && !document.querySelector('#btn-train').disabled", timeout=180_000)
+    page.click("#btn-data")                                   # new text: the tokenizer must be trained again
+    page.wait_for_function(idle, timeout=120_000)
+    assert page.is_disabled("#btn-train") and page.is_enabled("#btn-tok")
+    page.close()
+
+
 @pytest.mark.parametrize("query, message", [
     ("corpus=nosuch", 'corpus=nosuch: "nosuch" is neither "default"'),
     ("preset=nosuch", "preset=nosuch: no such preset; choose one of tiny"),

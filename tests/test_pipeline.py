@@ -534,3 +534,45 @@ def test_the_pages_run_folder_holds_one_run_with_its_best_weights(tmp_path, monk
     for name in ("best.safetensors", "model.safetensors", "state.safetensors"):
         assert not (run / name).exists(), f"the second run kept the first one's {name}"
     assert (run / "metrics.jsonl").read_text() == ""
+
+
+def test_a_stop_after_an_evaluation_does_not_repeat_it_and_checkpoints_follow_every_step(tmp_path, text):
+    cfg = tiny_cfg(max_steps=12, eval_interval=2, checkpoint_interval=3)
+
+    async def go():
+        pipe = await _pipeline(text, tmp_path / "r", cfg=cfg)
+
+        def emit(ev):
+            if ev["type"] == "eval" and ev["step"] == 4:
+                pipe.control.request_stop("test")
+        pipe.emit = emit
+        return await pipe.train()
+
+    last = asyncio.run(go())
+    assert last["type"] == "stopped" and last["step"] == 4
+    events = RunFolder(tmp_path / "r").read_metrics()
+    evals = [e["step"] for e in events if e["type"] == "eval"]
+    assert evals == [2, 4], evals                      # the stop at 4 came right after its evaluation
+    for i, e in enumerate(events):                     # a checkpoint's metrics hold every step up to it
+        if e["type"] == "checkpoint":
+            logged = {x["step"] for x in events[:i] if x["type"] == "step"}
+            assert set(range(1, e["step"] + 1)) <= logged, (e, sorted(logged))
+
+
+def test_a_new_tokenizer_drops_the_model_and_new_text_needs_a_new_tokenizer(text):
+    cfg = tiny_cfg(max_steps=2, eval_interval=0)
+
+    async def go():
+        pipe = await _pipeline(text, None, cfg=cfg)
+        await pipe.train_tokenizer(290)                  # the model spoke the old tokenizer's ids
+        assert pipe.model is None
+        with pytest.raises(RunError, match="no model to sample"):
+            await pipe.sample("the ", max_new_tokens=3)
+        with pytest.raises(RunError, match="no model to evaluate"):
+            await pipe.evaluate()
+        await pipe.build_model(cfg)
+        await pipe.load_data({"text": text[:50_000]})    # new text, the tokenizer not trained on it
+        with pytest.raises(RunError, match="train the tokenizer again"):
+            await pipe.train()
+
+    asyncio.run(go())

@@ -636,9 +636,8 @@ async def load_corpus(source="default", *, val_fraction: float = VAL_FRACTION, p
     total = sum(s["bytes"] for s in state.sources)
     check_cap(total, max_bytes, "the corpus")
     if total < SMALL_BYTES:
-        state.notices.append(f"The text is only {total:,} bytes: a model learns little from so little, and the "
-                             "smallest presets need a few thousand bytes to train at all (a book is a few hundred "
-                             "thousand).")
+        state.notices.append(f"The text is only {total:,} bytes: a model learns little from so little (a book is "
+                             "a few hundred thousand).")
     train, val, held = split_train_val(state.documents, val_fraction)
     if held:
         names = ", ".join(state.sources[i]["name"] for i in held)

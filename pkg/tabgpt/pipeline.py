@@ -63,6 +63,7 @@ class Pipeline:
 
         self.tokenizer = await bpe.train_tokenizer_async(self.corpus.train_text, vocab_size, progress=progress,
                                                          should_stop=lambda: self.control.stop)
+        self.model = None   # a model speaks the old tokenizer's ids: it goes with it
         seconds = time.perf_counter() - t0
         summary = self.tokenize()
         preview_text = self.corpus.val_text[:600]
@@ -120,6 +121,9 @@ class Pipeline:
     async def train(self, sample_prompt: str = "\n"):
         if self.model is None:
             raise RunError("build the model first")
+        if self.data is None:
+            raise RunError("the text changed since the tokenizer was trained: train the tokenizer again, then the "
+                           "model")
         self.control = Control()
         run = self.run
 
@@ -170,11 +174,14 @@ class Pipeline:
 
     # -- 5. sampling
     async def sample(self, prompt: str, max_new_tokens=200, temperature=0.8, top_k=None, top_p=None, seed=0,
-                     stream=True):
+                     stream=True, should_stop=None):
         from tabgpt.sample import generate
+        if self.model is None:
+            raise RunError("there is no model to sample from: train one (or load a run) first")
         pieces = []
         async for piece in generate(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
+                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                    should_stop=should_stop):
             pieces.append(piece)
             if stream:
                 self.emit({"type": "token", "text": piece})
@@ -183,6 +190,8 @@ class Pipeline:
     # -- 6. evaluation
     async def evaluate(self, text: str | None = None, samples: list[str] | None = None, max_tokens=None):
         from tabgpt.evaluate import evaluate
+        if self.model is None:
+            raise RunError("there is no model to evaluate: train one (or load a run) first")
         text = self.corpus.val_text if text is None else text
         return await evaluate(self.model, self.tokenizer, text, train_text=self.corpus.train_text if self.corpus
                               else None, train_tokens=self.data.train if self.data else None, samples=samples,

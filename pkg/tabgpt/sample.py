@@ -16,8 +16,10 @@ from tabgpt.metrics import check_sampling, sample_token
 
 
 async def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-                   top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_at_eot: bool = True):
-    """Yield the generated text piece by piece (the prompt itself is not repeated)."""
+                   top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_at_eot: bool = True,
+                   should_stop=None):
+    """Yield the generated text piece by piece (the prompt itself is not repeated); should_stop() true ends it
+    early (the page's Stop)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     rng = random.Random(seed)
     cfg = model.cfg
@@ -28,6 +30,8 @@ async def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, tem
     window = ids[-cfg.block_size:]
     logits = await model.prefill(window)
     for _ in range(max_new_tokens):
+        if should_stop is not None and should_stop():
+            break
         tok = sample_token(logits, cfg.vocab_size, temperature, top_k, top_p, rng)
         if stop_at_eot and tok == tokenizer.eot_id:
             break

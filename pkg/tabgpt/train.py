@@ -59,8 +59,8 @@ class TokenData:
                 raise TrainingError(
                     f"the {name} text has {len(toks)} tokens, fewer than one training block needs "
                     f"({need} = block_size + 1): give a text of about {more:,} more bytes in all (the {name} "
-                    f"part is {100 * share:.0f}% of it; a few times more to learn anything), or a smaller "
-                    f"block_size")
+                    f"part is {100 * share:.0f}% of it; a few times more to learn anything), or a shorter context "
+                    f"(block_size: a smaller preset)")
 
 
 def get_lr(step: int, cfg: Config) -> float:
@@ -134,6 +134,7 @@ async def train(model, data: TokenData, cfg: Config, control: Control | None = N
     t_last, step_last = t_start, start_step
     pending = []          # steps whose loss is on the GPU but not read yet
     bad_streak = 0
+    evaluated = None      # the step of the last evaluation (a stop right after one does not repeat it)
     last_loss = None      # no step read back yet (a resumed run's first evaluation)
     step = start_step
 
@@ -197,10 +198,16 @@ async def train(model, data: TokenData, cfg: Config, control: Control | None = N
 
         if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             val = await evaluate_loss(model, data.val, cfg.eval_steps)
+            evaluated = step
             yield {"type": "eval", "step": step, "val_loss": val, "train_loss": last_loss}
         if sampler and cfg.sample_interval and step % cfg.sample_interval == 0 and step < cfg.max_steps:
             yield {"type": "sample", "step": step, "text": await sampler(step)}
         if checkpoint and cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
+            # every step up to the checkpoint in the metrics first: a run resumed from it has its whole history
+            if pending:
+                for ev in step_events(pending, await model.read_step_stats(pending)):
+                    yield ev
+                pending = []
             yield {"type": "checkpoint", "step": step, **(await checkpoint(step, "interval"))}
         if cfg.time_limit and time.perf_counter() - t_start > cfg.time_limit:
             control.request_stop(f"time limit of {cfg.time_limit:g} s reached")
@@ -208,7 +215,7 @@ async def train(model, data: TokenData, cfg: Config, control: Control | None = N
     if pending:  # stopped early: the steps still on the GPU, reported like every other step
         for ev in step_events(pending, await model.read_step_stats(pending)):
             yield ev
-    if control.stop and step < cfg.max_steps and cfg.eval_interval:
+    if control.stop and step < cfg.max_steps and cfg.eval_interval and evaluated != step:
         val = await evaluate_loss(model, data.val, cfg.eval_steps)
         yield {"type": "eval", "step": step, "val_loss": val, "train_loss": last_loss}
     if checkpoint:

@@ -130,6 +130,7 @@ async def build_model(options: dict) -> str:
     options = dict(options)
     cfg = preset(options.pop("preset", "tiny"), **options)
     r = await pipe.build_model(cfg)
+    pipe.last_samples = []   # the evaluation's word statistics are of this model's samples
     os.makedirs(RUN_DIR, exist_ok=True)
     # The last run's weights go (its copy in OPFS stays until this run's first checkpoint): a new run's best must
     # not be judged against the old one's, nor a download mix the two.
@@ -189,10 +190,13 @@ async def sample(options: dict) -> str:
         emit(ev)
 
     pipe.emit = counting
+    from tabgpt.train import Control
+    pipe.control = Control()   # the page's Stop ends the generation
     try:
         text = await pipe.sample(options.get("prompt", ""), max_new_tokens=int(options.get("max_new_tokens", 200)),
                                  temperature=float(options.get("temperature", 0.8)), top_k=options.get("top_k"),
-                                 top_p=options.get("top_p"), seed=int(options.get("seed", 0)))
+                                 top_p=options.get("top_p"), seed=int(options.get("seed", 0)),
+                                 should_stop=lambda: pipe.control.stop)
     finally:
         pipe.emit = emit
     pipe.last_samples = getattr(pipe, "last_samples", [])[-4:] + [text]
@@ -281,13 +285,16 @@ async def _restore(run) -> dict:
             _source = json.load(f)["source"]
     except (OSError, ValueError, KeyError):
         _source = "default"
-    await pipe.load_data(_source)
-    pipe.use_tokenizer(run.read_tokenizer())
+    data = await pipe.load_data(_source)
+    tokens = pipe.use_tokenizer(run.read_tokenizer())
     model = await pipe.build_model(cfg, resume_from=run)
+    pipe.last_samples = []
     metrics = run.read_metrics()
     losses = [[e["step"], e["loss"]] for e in metrics if e.get("type") == "step"]
     val = [[e["step"], e["val_loss"]] for e in metrics if e.get("type") == "eval"]
-    return {"step": pipe.step, "max_steps": cfg.max_steps, "model": model, "losses": losses, "val_losses": val}
+    # data and tokenizer too, so that the page shows what the restored run was trained on
+    return {"step": pipe.step, "max_steps": cfg.max_steps, "model": model, "losses": losses, "val_losses": val,
+            "data": data, "tokenizer": {"vocab_size": pipe.tokenizer.vocab_size, **tokens}}
 
 
 async def run_folder_zip() -> str:

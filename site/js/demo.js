@@ -24,17 +24,22 @@ function toBase64(bytes) {  // chunked: String.fromCharCode(...big) overflows th
 let chart = null;
 let presets = {};
 
-function setStage(stage) { state.stage = stage; document.body.dataset.stage = stage; }
+function setStage(stage) {
+  state.stage = stage; document.body.dataset.stage = stage;
+  if (stage !== "error") state.error = null;   // an error belongs to the step that failed, not to the next ones
+}
 function setStatus(text, cls = "") { $("status").textContent = text; $("status").className = "tg-status " + cls; }
 function fail(err) {
   const msg = String(err && err.message || err);
   if (err && err.traceback) console.error(err.traceback);
   state.error = msg; setStage("error"); setStatus(msg, "bad");
-  $("btn-pause").disabled = $("btn-stop").disabled = true;
+  $("btn-pause").disabled = $("btn-stop").disabled = $("btn-sample-stop").disabled = true;
+  $("btn-pause").textContent = "Pause";
   enable(true);
 }
-function enable(ok) {
-  for (const id of ["btn-data", "btn-tok", "btn-train", "btn-sample", "btn-eval", "btn-download"]) $(id).disabled = !ok;
+function enable(ok) {   // ok: the buttons that fit the state; else none (work is running)
+  for (const id of ["btn-data", "btn-tok", "btn-train", "btn-sample", "btn-eval", "btn-download", "btn-resume",
+                    "run-upload"]) $(id).disabled = !ok;
   if (ok) { $("btn-tok").disabled = !state.dataReady; $("btn-train").disabled = !state.tokReady;
             $("btn-sample").disabled = $("btn-eval").disabled = $("btn-download").disabled = !state.modelReady; }
 }
@@ -84,7 +89,7 @@ function onEvent(ev) {
     case "nan": setStatus(ev.message, "bad"); break;
     case "checkpoint": setStatus(`checkpoint saved at step ${ev.step}`); break;
     case "token": $("sample-out").textContent += ev.text; break;
-    case "paused": break;
+    case "paused": setStatus(`Paused at step ${ev.step}: press Continue to go on.`); break;
   }
 }
 
@@ -104,13 +109,26 @@ function sourceFromUI() {
   return "default";
 }
 
+function showData(r) {
+  const rows = r.sources.map((s) => `<tr><td>${esc(s.title || s.name || "")}</td><td>${human(s.bytes)}B</td>` +
+    `<td>${human(s.words)} words</td></tr>`).join("");
+  $("data-out").innerHTML = `<table>${rows}</table><p>${human(r.train_bytes)}B for training, ` +
+    `${human(r.val_bytes)}B held out for validation.</p>` +
+    (r.notices || []).map((n) => `<p class="tg-hint">${esc(n)}</p>`).join("");
+}
+
+function setVocab(n) {   // the dropdown shows n, added to its choices where it is not among them
+  const v = String(n);
+  if (![...$("vocab").options].some((o) => o.value === v)) $("vocab").add(new Option(v, v));
+  $("vocab").value = v;
+}
+
 async function loadData(source) {
   setStage("data"); setStatus("Loading the text…"); enable(false);
   const r = await py(`await tabgpt.web.load_data(${pyArg(source)})`);
-  const rows = r.sources.map((s) => `<tr><td>${esc(s.title || s.name || "")}</td><td>${human(s.bytes)}B</td><td>${human(s.words)} words</td></tr>`).join("");
-  $("data-out").innerHTML = `<table>${rows}</table><p>${human(r.train_bytes)}B for training, ${human(r.val_bytes)}B held out for validation.</p>` +
-    (r.notices || []).map((n) => `<p class="tg-hint">${esc(n)}</p>`).join("");
-  state.dataReady = true; enable(true); setStage("idle");
+  showData(r);
+  // new text: the tokenizer and the model are of the old one (its ids, its vocabulary) until trained again
+  state.dataReady = true; state.tokReady = state.modelReady = false; enable(true); setStage("idle");
   setStatus("Text loaded. Next: train the tokenizer.", "ok");
   return r;
 }
@@ -121,7 +139,14 @@ async function trainTokenizer() {
   $("btn-stop").disabled = false;  // cancels the tokenizer
   let r;
   try { r = await py(`await tabgpt.web.train_tokenizer(${vocab})`); }
+  catch (err) {
+    if (!/training cancelled/.test(String(err && err.message))) throw err;
+    enable(true); setStage("idle");   // the visitor's Stop: no error
+    setStatus("Tokenizer training stopped. Train it again when you are ready.", "ok");
+    return null;
+  }
   finally { $("btn-stop").disabled = true; $("tok-progress").hidden = true; }
+  state.modelReady = false;   // a model speaks the old tokenizer's ids
   const colors = ["#dbeafe", "#fde68a", "#bbf7d0", "#fbcfe8", "#ddd6fe", "#fed7aa"];
   const pieces = r.preview.map(([text, id], i) =>
     `<span class="tg-tok" style="background:${colors[i % colors.length]}" title="${id}">${esc(text)}</span>`).join("");
@@ -136,16 +161,20 @@ async function trainTokenizer() {
 
 async function trainModel(steps) {
   setStage("training"); enable(false);
-  $("btn-pause").disabled = $("btn-stop").disabled = false;
-  state.losses = []; state.val_losses = []; redraw();
+  // a new run: nothing of the last one stays on show, and the saved run it replaces is no longer offered
+  state.losses = []; state.val_losses = []; state.step = 0; state.sample = ""; state.eval = null; redraw();
+  $("train-sample").hidden = true; $("train-sample").textContent = ""; $("eval-out").innerHTML = "";
+  $("sample-out").textContent = ""; $("train-stats").innerHTML = ""; $("btn-resume").hidden = true;
+  $("btn-pause").textContent = "Pause";
   const preset = $("preset").value;
   state.maxSteps = steps;
   setStatus("Compiling the kernels and allocating the model on the GPU…");
   const m = await py(`await tabgpt.web.build_model(${pyArg({ preset, max_steps: steps })})`);
   $("model-out").innerHTML = modelSummary(m);
   setStatus("Training…");
+  $("btn-pause").disabled = $("btn-stop").disabled = false;   // (ignored while compiling: enabled only now)
   const r = await py(`await tabgpt.web.train()`);
-  $("btn-pause").disabled = $("btn-stop").disabled = true;
+  $("btn-pause").disabled = $("btn-stop").disabled = true; $("btn-pause").textContent = "Pause";
   state.modelReady = true; enable(true); setStage("idle");
   if (r.sample) { state.sample = r.sample; $("train-sample").hidden = false; $("train-sample").textContent = r.sample; }
   setStatus(`${r.type === "done" ? "Training finished" : "Training stopped"} at step ${r.step}: loss ${fmt(r.loss)}. Next: sample or evaluate.`, "ok");
@@ -159,12 +188,18 @@ function modelSummary(m) {
 }
 
 async function sample() {
+  const field = (id) => $(id).value.trim() === "" ? null : Number($(id).value);   // empty: none (no cut)
+  const tokens = field("max-tokens");
+  if (tokens === null || !Number.isInteger(tokens) || tokens < 1 || tokens > 2000)
+    throw new Error(`Tokens: give a whole number from 1 to 2000, not "${$("max-tokens").value}"`);
+  const opts = { prompt: $("prompt").value, temperature: field("temperature") ?? 0.8, top_k: field("top-k"),
+                 top_p: field("top-p"), max_new_tokens: tokens, seed: Math.floor(Math.random() * 1e9) };
   setStage("sampling"); enable(false);
   $("sample-out").textContent = $("prompt").value;
-  const opts = { prompt: $("prompt").value, temperature: Number($("temperature").value),
-                 top_k: Number($("top-k").value) || null, top_p: Number($("top-p").value) || null,
-                 max_new_tokens: Number($("max-tokens").value), seed: Math.floor(Math.random() * 1e9) };
-  const r = await py(`await tabgpt.web.sample(${pyArg(opts)})`);
+  $("btn-sample-stop").disabled = false;
+  let r;
+  try { r = await py(`await tabgpt.web.sample(${pyArg(opts)})`); }
+  finally { $("btn-sample-stop").disabled = true; }
   $("sample-out").textContent = r.text;
   state.sample = r.text; enable(true); setStage("idle");
   setStatus(`Generated ${r.tokens} tokens at ${fmt(r.tokens_per_s, 1)} tokens/s.`, "ok");
@@ -198,20 +233,31 @@ async function downloadRun() {
   a.download = "tabgpt-run.zip"; a.click();
 }
 
-async function resumeSaved() {
-  setStage("training"); enable(false);
-  setStatus("Restoring the saved run…");
-  const r = await py(`await tabgpt.web.resume_saved()`);
+function showRestored(r) {   // a run restored from the browser's storage or a loaded folder: what it was made of
   state.dataReady = state.tokReady = state.modelReady = true;
+  if (r.data) showData(r.data);
+  if (r.tokenizer) {
+    setVocab(r.tokenizer.vocab_size);
+    $("tok-out").innerHTML = `<p>The run's tokenizer: ${r.tokenizer.vocab_size} tokens, ` +
+      `<b>${fmt(r.tokenizer.bytes_per_token, 2)} bytes per token</b> on held-out text.</p>`;
+  }
+  $("model-out").innerHTML = modelSummary(r.model);
   state.losses = r.losses || []; state.val_losses = r.val_losses || []; redraw();
   state.step = r.step; state.maxSteps = r.max_steps;
-  $("model-out").innerHTML = modelSummary(r.model);
+  state.eval = null; $("eval-out").innerHTML = ""; $("sample-out").textContent = "";
+}
+
+async function resumeSaved() {
+  setStage("training"); enable(false); $("btn-resume").hidden = true;
+  setStatus("Restoring the saved run…");
+  const r = await py(`await tabgpt.web.resume_saved()`);
+  showRestored(r);
   $("steps").value = r.max_steps;
   if (r.step < r.max_steps) {
     $("btn-pause").disabled = $("btn-stop").disabled = false;
     setStatus(`Resumed from step ${r.step}; training on…`);
     const t = await py(`await tabgpt.web.train()`);
-    $("btn-pause").disabled = $("btn-stop").disabled = true;
+    $("btn-pause").disabled = $("btn-stop").disabled = true; $("btn-pause").textContent = "Pause";
     setStatus(`Training ${t.type === "done" ? "finished" : "stopped"} at step ${t.step}.`, "ok");
   } else {
     setStatus(`Restored the finished run (step ${r.step}).`, "ok");
@@ -252,8 +298,7 @@ async function unattended() {
   const { source, preset, steps, vocab } = urlSettings();
   $("preset").value = preset;
   $("steps").value = steps;
-  if (![...$("vocab").options].some((o) => o.value === vocab)) $("vocab").add(new Option(vocab, vocab));
-  $("vocab").value = vocab;
+  setVocab(vocab);
   await loadData(source);
   await trainTokenizer();
   await trainModel(steps);
@@ -293,6 +338,7 @@ async function main() {
     $("btn-pause").textContent = paused ? "Continue" : "Pause";
   };
   $("btn-stop").onclick = () => tg.run(`tabgpt.web.request_stop()`);
+  $("btn-sample-stop").onclick = () => tg.run(`tabgpt.web.request_stop()`);
   $("btn-sample").onclick = () => sample().catch(fail);
   $("btn-eval").onclick = () => evaluate().catch(fail);
   $("btn-download").onclick = () => downloadRun().catch(fail);
@@ -303,8 +349,9 @@ async function main() {
   $("run-upload").onchange = async (e) => {
     const files = {};
     for (const f of e.target.files) files[f.name] = toBase64(new Uint8Array(await f.arrayBuffer()));
-    try { const r = await py(`await tabgpt.web.load_run_files(${pyArg(files)})`); setStatus(`Loaded run at step ${r.step}.`, "ok");
-          state.dataReady = state.tokReady = state.modelReady = true; enable(true);
+    setStage("loading"); enable(false); setStatus("Checking and loading the run folder…");
+    try { const r = await py(`await tabgpt.web.load_run_files(${pyArg(files)})`); showRestored(r);
+          setStatus(`Loaded the run at step ${r.step}.`, "ok"); enable(true); setStage("idle");
     } catch (err) { fail(err); }
   };
   let timer = null;

@@ -49,7 +49,7 @@ self.onmessage = async (e) => {
 
 // The errors tabgpt raises for bad input carry a message written for the visitor: show that alone, not the
 // traceback around it (which goes to the console). Anything else is a bug: its type stays in the message.
-const EXPECTED = ["RunError", "CorpusError", "TrainingError", "GPUError", "CheckpointError", "ValueError"];
+const EXPECTED = ["RunError", "CorpusError", "TrainingError", "GPUError", "CheckpointError", "ValueError", "Cancelled"];
 function pythonError(err) {
   const full = String(err && err.message || err);
   const type = err && err.type;
