@@ -22,7 +22,6 @@ Standard library only: Pyodide has no numpy offline.
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import hashlib
 import json

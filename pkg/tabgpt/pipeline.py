@@ -308,8 +308,8 @@ def cli_train(args) -> int:
                                f"or train a new run into another --out")
             # the time limit is this session's, not the run's: it is not inherited from the last one
             cfg = base.replace(time_limit=0.0).replace(**overrides).validate()
-            _, step = pipe.run.read_model(base)
-            if cfg.max_steps <= step:
+            step = pipe.run.checkpoint_step()   # (the header: the weights are read once, by build_model)
+            if step is not None and cfg.max_steps <= step:
                 raise RunError(f"{pipe.run.path} is already at step {step}: give --max-steps above {step} to train "
                                f"on (`tabgpt sample` and `tabgpt eval` use it as it is)")
             for k in FLAG_NAMES:

@@ -26,8 +26,8 @@ from tabgpt import safetensors as st
 
 FORMAT = "tabgpt-run-1"
 # the files a run folder may hold (and atomic_write's temporary files, .NAME.*.tmp)
-RUN_FILES = {"config.json", "tokenizer.json", "model.safetensors", "state.safetensors", "best.safetensors",
-             "metrics.jsonl", "source.json"}
+RUN_FILES = ("config.json", "tokenizer.json", "model.safetensors", "state.safetensors", "best.safetensors",
+             "metrics.jsonl", "source.json")
 
 
 class RunError(Exception):
@@ -159,15 +159,22 @@ class RunFolder:
             f.write(json.dumps(json_safe(event)) + "\n")
 
     # -- reading
-    def checkpoint_note(self) -> str:
-        """Where training can go on from: the last checkpoint's step, or that there is none yet."""
+    def checkpoint_step(self) -> int | None:
+        """The step of model.safetensors from its header alone, or None where there is none (or it is unreadable)."""
         try:
             _, meta = st.load_header(self.path / "model.safetensors")
-            return (f"The last checkpoint, step {int((meta or {}).get('step', 0))}, is untouched in {self.path} "
-                    f"(a run saves at its end and every checkpoint interval)")
+            return int((meta or {}).get("step", 0))
         except (CheckpointError, OSError, ValueError):
-            return (f"No checkpoint had been saved in {self.path} yet (a run saves at its end and every checkpoint "
-                    f"interval): start the run again")
+            return None
+
+    def checkpoint_note(self) -> str:
+        """Where training can go on from: the last checkpoint's step, or that there is none yet."""
+        step = self.checkpoint_step()
+        if step is not None:
+            return (f"The last checkpoint, step {step}, is untouched in {self.path} (a run saves at its end and every "
+                    f"checkpoint interval)")
+        return (f"No checkpoint had been saved in {self.path} yet (a run saves at its end and every checkpoint "
+                f"interval): start the run again")
 
     def check(self, need_state: bool = False):
         if self.path.exists() and not self.path.is_dir():

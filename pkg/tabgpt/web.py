@@ -18,11 +18,10 @@ import time
 import zipfile
 
 from tabgpt import IN_BROWSER, __version__, opfs
+from tabgpt.run import RUN_FILES   # the files of a run folder: saved in OPFS, downloaded and loaded whole
 
 RUN_DIR = "/run" if IN_BROWSER else os.path.join(os.environ.get("TMPDIR", "/tmp"), "tabgpt-web-run")
 OPFS_FOLDER = "tabgpt-run"
-RUN_FILES = ["config.json", "tokenizer.json", "model.safetensors", "state.safetensors", "best.safetensors",
-             "metrics.jsonl", "source.json"]
 
 _pipe = None
 _source = None
