@@ -81,6 +81,15 @@ def test_reload_resumes_from_the_saved_checkpoint(context, site_url):
             run_py(page, f"await tabgpt.web.load_run_files({files!r})")
         assert message in str(e.value) and "Traceback" not in str(e.value), str(e.value)[:2000]
     assert run_py(page, "await tabgpt.web.run_folder_zip()") == zipped, "a bad upload changed the run folder"
+    # the same zip through the page's own "Load run folder" input: the run shows its data, tokenizer and model
+    import base64
+    page.set_input_files("#run-upload", files=[{"name": "tabgpt-run.zip", "mimeType": "application/zip",
+                                                "buffer": base64.b64decode(zipped)}])
+    page.wait_for_function("window.tabgpt.stage === 'idle' && document.getElementById('status').textContent"
+                           ".startsWith('Loaded the run')", timeout=300_000)
+    assert page.input_value("#vocab") == "600" and "600 tokens" in page.inner_text("#tok-out")
+    assert "for training" in page.inner_text("#data-out") and "parameters" in page.inner_text("#model-out")
+    assert _state(page)["step"] == STEPS and _state(page)["error"] is None
     page.click("#btn-sample")
     page.wait_for_function("window.tabgpt.stage === 'sampling'", timeout=10_000)
     page.wait_for_function("window.tabgpt.stage !== 'sampling'", timeout=300_000)
