@@ -427,8 +427,13 @@ def test_cli_refuses_bad_paths_and_settings_before_any_work(cli_run, tmp_path):
              "--quiet")
     assert "resuming with learning_rate 0.001" in r.stderr
     assert json.loads((run / "config.json").read_text())["learning_rate"] == 1e-3
+    assert "other text" not in r.stderr
     r = _cli("train", "--data", corpus, "--resume", "--out", run, "--max-steps", 5, check=False)   # at step 5
     assert r.returncode == 1 and "already at step 5: give --max-steps above 5" in r.stderr, r.stderr
+    other = tmp_path / "other.txt"                     # resuming on other text is allowed, and said
+    other.write_text(corpus.read_text()[::-1])
+    r = _cli("train", "--data", other, "--resume", "--out", run, "--max-steps", 6, "--quiet")
+    assert "this run was trained on " + str(corpus) in r.stderr and "goes on with other text" in r.stderr, r.stderr
     r = _cli("train", "--data", corpus, "--tokenizer", run / "tokenizer.json", "--vocab-size", 512, "--out",
              tmp_path / "t", check=False)
     assert r.returncode == 1 and "drop --vocab-size" in r.stderr, r.stderr

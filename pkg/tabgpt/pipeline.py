@@ -6,6 +6,7 @@ and the page posts to the browser's main thread. Nothing here knows which front 
 from __future__ import annotations
 
 import array
+import hashlib
 import time
 
 import tabgpt
@@ -324,7 +325,15 @@ def cli_train(args) -> int:
         print(f"data: {pipe.corpus.summary()}", file=sys.stderr)
         for n in info["notices"]:
             print(f"note: {n}", file=sys.stderr)
+        # the run's data, recorded in its metrics: a resume on other text says so (its validation loss is of that)
+        data_event = {"type": "data", "source": source if source == "default" else str(source),
+                      "sha256": hashlib.sha256(pipe.corpus.text.encode()).hexdigest(),
+                      "summary": pipe.corpus.summary()}
         if resume is not None:
+            earlier = [e for e in pipe.run.read_metrics() if e.get("type") == "data"]
+            if earlier and earlier[-1].get("sha256") != data_event["sha256"]:
+                print(f"note: this run was trained on {earlier[-1].get('source')} ({earlier[-1].get('summary')}); it "
+                      f"goes on with other text, so its losses from here are of that", file=sys.stderr)
             tok = pipe.run.read_tokenizer()
             check_tokenizer_matches(tok, cfg, str(pipe.run.path / "tokenizer.json"))
             pipe.use_tokenizer(tok)
@@ -348,6 +357,7 @@ def cli_train(args) -> int:
         m = await pipe.build_model(cfg, resume_from=resume)   # checks the data's size and the GPU's limits
         if resume is None:   # the folder is written only once the run can start
             pipe.run.create(pipe.cfg, pipe.tokenizer.to_json())
+        pipe.run.append_metrics(data_event)
         print(f"model: {m['n_params'] / 1e6:.2f} M parameters, {m['gpu_bytes'] / 2**20:.0f} MiB on "
               f"{pipe.dev.info.get('device') or pipe.dev.info.get('vendor')}, {m['kernels']} kernels compiled in "
               f"{m['compile_seconds']:.1f} s" + (f", resuming at step {m['step']}" if resume else ""),
