@@ -133,7 +133,8 @@ def _utf16_without_bom(data: bytes) -> str | None:
     """'utf-16-le' or 'utf-16-be' where mostly Latin text in those encodings lacks its byte-order mark: the NUL
     high bytes of its characters on one side of at least 70% of the pairs, none on the other (and the pairs
     decode to text), else None."""
-    head = data[:65536 - 65536 % 2] if len(data) >= 65536 else data[:len(data) - len(data) % 2]
+    head = data[:65536]
+    head = head[:len(head) - len(head) % 2]   # whole pairs
     if len(head) < 4:
         return None
     even, odd = head[0::2].count(0), head[1::2].count(0)
@@ -676,14 +677,14 @@ class _Load:
         self.max_bytes, self.timeout = max_bytes, timeout
         self.documents, self.sources, self.notices = [], [], []
 
-    def _add(self, text: str, info: dict) -> None:
+    def _add(self, text: str, info: dict, raw: str = "") -> None:
+        """A cleaned document and its stats; raw, the text before cleaning, names why an empty one is empty."""
         if not text.strip():
-            gutenberg = _START.search(info.get("raw_text") or "") or _END.search(info.get("raw_text") or "")
+            gutenberg = _START.search(raw) or _END.search(raw)
             raise CorpusError(f"{info['name']} holds no text"
                               f"{' after cleaning (only Project Gutenberg boilerplate)' if gutenberg else ''}"
                               f"{' (only white space)' if not gutenberg and info.get('raw_bytes') else ''}. "
                               "Choose another source.", "empty")
-        info.pop("raw_text", None)
         self.documents.append(text)
         self.sources.append({**info, **text_stats(text)})
 
@@ -692,7 +693,7 @@ class _Load:
             for title, text in load_default_works():
                 self._add(text, {"name": title, "kind": "default", "author": "William Shakespeare"})
         elif "text" in s:
-            self._add(clean_gutenberg(str(s["text"])), {"name": "pasted text", "kind": "text", "raw_text": s["text"]})
+            self._add(clean_gutenberg(str(s["text"])), {"name": "pasted text", "kind": "text"}, raw=str(s["text"]))
         elif "file" in s:
             path = Path(s["file"])
             if not path.is_file():
@@ -762,7 +763,7 @@ class _Load:
             text = html_to_text(text)
             if info["kind"] != "book":
                 self.notices.append(f"{name} is an HTML page; its text was extracted (tags removed).")
-        self._add(clean_gutenberg(text), {**info, "encoding": encoding, "raw_bytes": len(data), "raw_text": text})
+        self._add(clean_gutenberg(text), {**info, "encoding": encoding, "raw_bytes": len(data)}, raw=text)
 
 
 # ---------------------------------------------------------------------------------------------

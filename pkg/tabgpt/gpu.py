@@ -857,15 +857,15 @@ class BrowserDevice(Device):
         # device (a driver reset, a kernel that ran too long) arrive as events: kept here and raised by the next
         # read or sync, instead of training on with buffers that do not exist.
         from pyodide.ffi import create_proxy
-        self._errors, self._lost = [], None
+        self._error, self._lost = None, None   # the first such error since the last raised; the loss's reason
 
         def on_error(ev):
             # out of memory and internal errors; validation errors are our own mistakes, which build() reports in
             # an error scope of its own (the browser logs them to the console as well)
             err = getattr(ev, "error", None)
             kind = str(getattr(getattr(err, "constructor", None), "name", "") or "")
-            if kind in ("GPUOutOfMemoryError", "GPUInternalError"):
-                self._errors.append(f"{kind}: {getattr(err, 'message', '') or err}")
+            if kind in ("GPUOutOfMemoryError", "GPUInternalError") and self._error is None:
+                self._error = f"{kind}: {getattr(err, 'message', '') or err}"
 
         def on_lost(info):
             self._lost = (f"{getattr(info, 'reason', '') or 'unknown'}: {getattr(info, 'message', '') or ''}"
@@ -893,8 +893,8 @@ class BrowserDevice(Device):
                            f"after a kernel ran too long or the GPU ran out of memory. Reload the page: 'Resume saved "
                            f"run' goes on from the last checkpoint saved in this browser, and a smaller preset asks "
                            f"less of the GPU")
-        if self._errors:
-            msg, self._errors = self._errors[0], []
+        if self._error is not None:
+            msg, self._error = self._error, None
             if "memory" in msg.lower():
                 raise GPUError(f"the GPU ran out of memory ({msg}): choose a smaller preset, or a smaller batch or "
                                f"context")
