@@ -33,8 +33,11 @@ site: setup
 demo: site
 	$(PY) build/serve.py --port $(PORT)
 
+# Every test on lavapipe and in Chromium, then the native (non-browser) tests again on SwiftShader, the CPU Vulkan
+# driver that ships with Chromium (what browsers without a GPU run WebGPU on: no shader-f16, subgroups of 4 lanes).
 test: setup site
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests
+	TABGPT_TEST_ADAPTER=swiftshader $(PY) -m pytest -q -p no:cacheprovider --timeout=900 -m "not browser" tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not browser" tests

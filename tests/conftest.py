@@ -12,13 +12,47 @@ sys.path.insert(0, str(ROOT / "build"))  # `import serve`
 os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp/tabgpt-xdg-%d" % os.getuid())
 os.makedirs(os.environ["XDG_RUNTIME_DIR"], mode=0o700, exist_ok=True)
 
+# TABGPT_TEST_ADAPTER=swiftshader runs the native tests on SwiftShader, the Vulkan driver that Chromium ships and
+# browsers without a GPU fall back to (no shader-f16, subgroups of 4 lanes, 1 GiB bindings), instead of lavapipe:
+# `make test` runs the GPU tests on both. The Vulkan loader is pointed at SwiftShader's ICD alone, before wgpu
+# loads, and the CLI tests' processes inherit it.
+SWIFTSHADER_ICDS = ["/usr/lib/chromium/vk_swiftshader_icd.json", "/usr/lib/chromium-browser/vk_swiftshader_icd.json",
+                    "/snap/chromium/current/usr/lib/chromium-browser/vk_swiftshader_icd.json"]
+TEST_ADAPTER = os.environ.get("TABGPT_TEST_ADAPTER", "")
+if TEST_ADAPTER not in ("", "swiftshader"):
+    raise pytest.UsageError(f"TABGPT_TEST_ADAPTER={TEST_ADAPTER!r}: give swiftshader, or leave it unset for the "
+                            "default adapter (lavapipe on a machine without a GPU)")
+
+
+def swiftshader_icd() -> str:
+    """The SwiftShader ICD file of the installed Chromium (TABGPT_SWIFTSHADER_ICD names another)."""
+    icds = [os.environ.get("TABGPT_SWIFTSHADER_ICD", "")] + SWIFTSHADER_ICDS
+    for icd in icds:
+        if icd and Path(icd).is_file():
+            return icd
+    raise pytest.UsageError("TABGPT_TEST_ADAPTER=swiftshader: no vk_swiftshader_icd.json found (it comes with "
+                            f"Chromium: apt-get install chromium; looked in {', '.join(filter(None, icds))}); "
+                            "TABGPT_SWIFTSHADER_ICD=/path/to/vk_swiftshader_icd.json names it")
+
+
+if TEST_ADAPTER == "swiftshader":
+    os.environ["VK_ICD_FILENAMES"] = swiftshader_icd()
+
 
 @pytest.fixture(scope="session")
 def dev():
     """The native device held to WebGPU's default limits (what SwiftShader in Chromium grants), so that a
     kernel that would fail in the browser fails here too. Tests drive its coroutines with gpu.wait()."""
     from tabgpt import gpu
-    return gpu.wait(gpu.open_device(limits=gpu.DEFAULT_LIMITS))
+    d = gpu.wait(gpu.open_device(limits=gpu.DEFAULT_LIMITS))
+    if TEST_ADAPTER == "swiftshader" and "SwiftShader" not in d.info["device"]:
+        pytest.exit(f"TABGPT_TEST_ADAPTER=swiftshader, but wgpu opened {d.info['device']!r}", returncode=3)
+    return d
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TEST_ADAPTER == "swiftshader":
+        terminalreporter.write_line(f"native GPU tests ran on SwiftShader ({os.environ['VK_ICD_FILENAMES']})")
 
 
 # Browser fixtures, module-scoped: Playwright's sync API keeps an asyncio loop running while it is open, so each
