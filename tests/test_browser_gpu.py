@@ -23,6 +23,32 @@ def test_check_page_passes_the_selftest(check_page):
     assert check_page.guard.outside == []
 
 
+def test_measure_speed_times_checked_products_and_training_in_browser(check_page):
+    """The check page's "Measure speed" (tabgpt.speed in the worker): the trainer's products, each checked, and
+    training at the preset picked; SwiftShader is a fallback adapter, so the page offers tiny first."""
+    assert check_page.is_visible("#btn-speed")
+    assert check_page.eval_on_selector("#speed-preset", "e => e.value") == "tiny"
+    check_page.fill("#speed-seconds", "0")
+    check_page.click("#btn-speed")
+    assert "from 1 to 600 seconds" in check_page.inner_text("#speed-result")
+    check_page.fill("#speed-seconds", "2")
+    check_page.click("#btn-speed")
+    check_page.wait_for_function("window.tabgptCheck.speed !== null", timeout=240_000)
+    s = check_page.evaluate("window.tabgptCheck.speed")
+    assert "error" not in s, s
+    assert s["matmul"] and [m["n"] for m in s["matmul"]] == [256, 512, 1024][:len(s["matmul"])], s["matmul"]
+    assert all(m["ok"] and m["checked"] >= 16 and m["gflops"] > 0 for m in s["matmul"]), s["matmul"]
+    t = s["train"]
+    print("\n" + "; ".join(f"{m['n']}^3 {m['gflops']:.1f} GFLOP/s" for m in s["matmul"]) +
+          f"; tiny preset {t.get('tokens_per_s', 0):,.0f} tokens/s")
+    assert "error" not in t and t["preset"] == "tiny" and t["timed_steps"] >= 1 and t["tokens_per_s"] > 0, t
+    assert abs(t["gflops"] - t["tokens_per_s"] * t["flops_per_token"] / 1e9) < 1e-6 * t["gflops"]
+    text = check_page.inner_text("#speed-result")
+    assert "256 × 256 × 256" in text and "GFLOP/s" in text and "tokens/s" in text, text
+    assert "Speed measured" in check_page.inner_text("#status")
+    assert not check_page.is_disabled("#btn-speed")
+
+
 def test_same_matmul_kernel_matches_numpy_in_browser(check_page):
     M, N, K = 37, 45, 53
     rng = np.random.default_rng(7)

@@ -13,6 +13,13 @@ import sys
 
 def cmd_device(args) -> int:
     from tabgpt import gpu, selftest
+    from tabgpt.config import PRESETS
+    if args.speed and args.preset not in PRESETS:
+        print(f"error: unknown --preset {args.preset!r}: give one of {', '.join(PRESETS)}", file=sys.stderr)
+        return 1
+    if args.speed and not (0 < args.seconds < float("inf")):
+        print(f"error: --seconds must be a positive number of seconds, got {args.seconds:g}", file=sys.stderr)
+        return 1
     try:
         dev = gpu.wait(gpu.open_device())
     except gpu.GPUError as e:
@@ -20,29 +27,63 @@ def cmd_device(args) -> int:
         return 1
     res = gpu.wait(selftest.run_selftest(dev))
     cost = gpu.wait(selftest.dispatch_cost(dev))
+    ok = res["ok"] and cost["counter_ok"]
     if args.json:
-        print(json.dumps({"info": dev.info, "backend": dev.backend, "features": sorted(dev.features),
-                          "subgroup_ops": dev.has_subgroup_ops(), "subgroup_reductions": dev.subgroup_reductions(),
-                          "limits": dev.limits, "selftest": res, "dispatch": cost}, indent=1))
-    else:
-        info = dev.info
-        print(f"adapter   {info.get('device') or info.get('vendor')}  ({info.get('description', '')})")
-        print(f"backend   {dev.backend} / {info.get('backend_type', '')}, type {info.get('adapter_type', '')}")
-        print(f"features  {', '.join(sorted(dev.features)) or '(none of shader-f16, subgroups, timestamp-query)'}")
-        sg = ("subgroup operations" if dev.subgroup_reductions() else
-              "workgroup-memory trees" + (" (subgroup operations available: TABGPT_SUBGROUPS=1)"
-                                          if dev.has_subgroup_ops() else ""))
-        print(f"reductions {sg}  (layernorm, cross-entropy rows)")
-        print("limits")
-        for k, v in dev.limits.items():
-            print(f"  {k:40s} {v}")
-        print("self-test")
-        for c in res["checks"]:
-            print(f"  {'pass' if c['ok'] else 'FAIL'}  {c['name']:40s} max rel. error {c['max_rel_err']:.2e}"
-                  f" (tolerance {c['tol']:.0e})")
-        print(f"dispatch  {cost['us_per_dispatch']:.1f} us per replayed dispatch ({cost['dispatches']} in a sequence)")
-        print("OK" if res["ok"] else "FAILED: this device computes wrong results")
-    return 0 if res["ok"] and cost["counter_ok"] else 1
+        out = {"info": dev.info, "backend": dev.backend, "features": sorted(dev.features),
+               "subgroup_ops": dev.has_subgroup_ops(), "subgroup_reductions": dev.subgroup_reductions(),
+               "limits": dev.limits, "selftest": res, "dispatch": cost}
+        if args.speed and res["ok"]:
+            out["speed"] = speed = _measure_speed(dev, args, quiet=True)
+            ok = ok and speed["ok"]
+        print(json.dumps(out, indent=1))
+        return 0 if ok else 1
+    info = dev.info
+    print(f"adapter   {info.get('device') or info.get('vendor')}  ({info.get('description', '')})")
+    print(f"backend   {dev.backend} / {info.get('backend_type', '')}, type {info.get('adapter_type', '')}")
+    print(f"features  {', '.join(sorted(dev.features)) or '(none of shader-f16, subgroups, timestamp-query)'}")
+    sg = ("subgroup operations" if dev.subgroup_reductions() else
+          "workgroup-memory trees" + (" (subgroup operations available: TABGPT_SUBGROUPS=1)"
+                                      if dev.has_subgroup_ops() else ""))
+    print(f"reductions {sg}  (layernorm, cross-entropy rows)")
+    print("limits")
+    for k, v in dev.limits.items():
+        print(f"  {k:40s} {v}")
+    print("self-test")
+    for c in res["checks"]:
+        print(f"  {'pass' if c['ok'] else 'FAIL'}  {c['name']:40s} max rel. error {c['max_rel_err']:.2e}"
+              f" (tolerance {c['tol']:.0e})")
+    print(f"dispatch  {cost['us_per_dispatch']:.1f} us per replayed dispatch ({cost['dispatches']} in a sequence)")
+    print("OK" if res["ok"] else "FAILED: this device computes wrong results")
+    if args.speed and res["ok"]:
+        ok = _measure_speed(dev, args)["ok"] and ok
+    return 0 if ok else 1
+
+
+def _measure_speed(dev, args, quiet: bool = False) -> dict:
+    """`tabgpt device --speed`: tabgpt.speed's matrix products and training, printed unless quiet."""
+    from tabgpt import gpu, speed
+
+    def status(message):
+        if not quiet:
+            print(f"  ({message})", file=sys.stderr)
+    if not quiet:
+        print("speed     the trainer's matrix product, n x n x n f32 (sampled entries checked exactly)")
+    matmul = gpu.wait(speed.matmul_speed(dev))
+    for r in matmul:
+        if not quiet:
+            print(f"  {r['n']:5d}  {r['ms']:9.3f} ms  {r['gflops']:10,.1f} GFLOP/s  tiles {r['tiles']}, split-K "
+                  f"{r['splits']}  {'ok' if r['ok'] else 'WRONG: ' + '; '.join(r['wrong'])}")
+    train = gpu.wait(speed.train_speed(dev, args.preset, args.seconds, post=status))
+    if not quiet:
+        if "error" in train:
+            print(f"  training, preset {args.preset}: {train['error']}")
+        else:
+            print(f"  training, preset {args.preset} ({train['n_params'] / 1e6:.1f} M parameters, "
+                  f"{train['tokens_per_step']:,} tokens a step): {train['tokens_per_s']:,.0f} tokens/s, "
+                  f"{train['gflops']:,.1f} GFLOP/s, {train['step_ms']:.1f} ms a step over {train['timed_steps']} "
+                  f"steps (built in {train['compile_seconds']:.1f} s)")
+    ok = all(r["ok"] for r in matmul) and "error" not in train
+    return {"matmul": matmul, "train": train, "ok": ok}
 
 
 def _delegate(module: str, func: str = "cli_main"):
@@ -59,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("device", help="the WebGPU adapter, its features and limits, and a kernel self-test")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--speed", action="store_true",
+                   help="also time the matrix product (square sizes up to 4096) and training at --preset")
+    p.add_argument("--preset", default="browser", help="the preset --speed trains (default: browser)")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long --speed trains (default: 10)")
     p.set_defaults(func=cmd_device)
 
     p = sub.add_parser("fetch", help="get a corpus: the bundled default, Gutenberg books, a URL or a file")

@@ -74,6 +74,24 @@ async def check() -> str:
     return _dumps(out)
 
 
+async def speed(preset_name: str = "browser", seconds: float = 10.0) -> str:
+    """The check page's "Measure speed": the trainer's matrix product at growing square sizes and `seconds` of
+    training at a preset (tabgpt.speed), as JSON."""
+    from tabgpt import gpu
+    from tabgpt import speed as sp
+    from tabgpt.config import PRESETS
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}: give one of {', '.join(PRESETS)}")
+    dev = await gpu.open_device()
+
+    def status(message):
+        post({"type": "status", "message": message})
+    t0 = time.perf_counter()
+    matmul = await sp.matmul_speed(dev, post=status)
+    train = await sp.train_speed(dev, preset_name, float(seconds), post=status)
+    return _dumps({"matmul": matmul, "train": train, "seconds": time.perf_counter() - t0})
+
+
 # ---------------------------------------------------------------------------------------------
 # The demo's stages.
 
