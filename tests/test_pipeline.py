@@ -423,6 +423,20 @@ def test_cli_refuses_bad_paths_and_settings_before_any_work(cli_run, tmp_path):
     shutil.copytree(cli_run / "run", run)
     r = _cli("train", "--data", corpus, "--resume", "--out", run, "--n-layer", 4, "--preset", "small", check=False)
     assert r.returncode == 1 and "--n-layer, --preset cannot change when resuming" in r.stderr, r.stderr
+    r = _cli("train", "--data", corpus, "--resume", "--out", run, "--preset", "tiny", "--tokenizer", tmp_path / "t.json",
+             check=False)
+    assert r.returncode == 1 and "cannot read --tokenizer" in r.stderr, r.stderr
+    other_tok = tmp_path / "other-tokenizer.json"
+    assert _cli("tokenizer", "--input", corpus, "--vocab-size", 280, "--out", other_tok).returncode == 0
+    r = _cli("train", "--data", corpus, "--resume", "--out", run, "--tokenizer", other_tok, "--block-size", 64,
+             check=False)
+    assert r.returncode == 1 and "--block-size, --tokenizer cannot change when resuming" in r.stderr, r.stderr
+    before = _snapshot(run)
+    # the run's own command again with --resume appended: its sizes, preset and tokenizer are no change
+    r = _cli("train", "--data", corpus, "--preset", "tiny", "--vocab-size", 300, "--n-embd", 32, "--block-size", 32,
+             "--max-steps", 4, "--tokenizer", run / "tokenizer.json", "--resume", "--out", run, check=False)
+    assert r.returncode == 1 and "already at step 4" in r.stderr and "cannot change" not in r.stderr, r.stderr
+    assert _snapshot(run) == before
     r = _cli("train", "--data", corpus, "--resume", "--out", run, "--max-steps", 5, "--learning-rate", 1e-3,
              "--quiet")
     assert "resuming with learning_rate 0.001" in r.stderr

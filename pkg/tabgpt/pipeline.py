@@ -282,6 +282,18 @@ class ProgressPrinter:
         self.out.flush()
 
 
+def _same_tokenizer(path, run: RunFolder) -> bool:
+    """Whether the tokenizer.json at path is the run's own (the same vocabulary and merges)."""
+    from tabgpt import bpe
+    try:
+        given = bpe.Tokenizer.load(path)
+    except OSError as e:
+        raise RunError(f"cannot read --tokenizer {path}: {e.strerror or e}") from e
+    except ValueError:
+        return False
+    return given.to_json() == run.read_tokenizer().to_json()
+
+
 def cli_train(args) -> int:
     import signal
     import sys
@@ -301,8 +313,15 @@ def cli_train(args) -> int:
         if args.resume:
             pipe.run.check(need_state=True)
             base = pipe.run.read_config()
-            fixed = [f"--{k.replace('_', '-')}" for k in RESUME_FIXED if overrides.get(k) is not None]
-            fixed += [f"--{k}" for k in ("preset", "tokenizer") if getattr(args, k, None) is not None]
+            # the run's own command again with --resume: sizes, preset and tokenizer that match the run are fine
+            fixed = [f"--{k.replace('_', '-')}" for k in RESUME_FIXED
+                     if overrides.get(k) is not None and overrides[k] != getattr(base, k)]
+            if args.preset is not None:
+                sized = preset(args.preset, **{k: overrides[k] for k in RESUME_FIXED if overrides.get(k) is not None})
+                if any(getattr(sized, k) != getattr(base, k) for k in RESUME_FIXED if k != "vocab_size"):
+                    fixed.append("--preset")   # (its vocab_size is a request: the tokenizer trained may be smaller)
+            if args.tokenizer is not None and not _same_tokenizer(args.tokenizer, pipe.run):
+                fixed.append("--tokenizer")
             if fixed:
                 raise RunError(f"{', '.join(fixed)} cannot change when resuming: the checkpoint in {pipe.run.path} "
                                f"was trained with {base.model_dict()}. Drop {'it' if len(fixed) == 1 else 'them'}, "
