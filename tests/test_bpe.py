@@ -463,7 +463,7 @@ def test_cli_trains_writes_and_summarises(tmp_path, capsys):
     assert "bytes/token" in captured.out and "512 tokens" in captured.out and "merge" in captured.err
     assert HFTokenizer.from_file(str(out)).get_vocab_size() == 512
     assert (tmp_path / "tok.merges.txt").exists()
-    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=100, out=str(out))) == 2
+    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=100, out=str(out))) == 1
     assert "at least 257" in capsys.readouterr().err
 
     # read as `tabgpt fetch --file` reads: Latin-1 and UTF-16 without a byte-order mark converted, with a note
@@ -476,20 +476,20 @@ def test_cli_trains_writes_and_summarises(tmp_path, capsys):
 
     # refused before any work, the input untouched: binary data, --out the input itself or a folder
     (tmp_path / "prog").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4)
-    assert bpe.cli_main(argparse.Namespace(input=str(tmp_path / "prog"), vocab_size=300, out=str(out))) == 2
+    assert bpe.cli_main(argparse.Namespace(input=str(tmp_path / "prog"), vocab_size=300, out=str(out))) == 1
     assert "not text" in capsys.readouterr().err
     before = src.read_bytes()
-    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(src))) == 2
+    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(src))) == 1
     assert "is the input file" in capsys.readouterr().err and src.read_bytes() == before
-    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(tmp_path))) == 2
+    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(tmp_path))) == 1
     assert "is a folder" in capsys.readouterr().err
     other = tmp_path / "notes.txt"   # a file that is not a tokenizer (or its listing) is not overwritten
     other.write_text("my notes")
-    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(other))) == 2
+    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(other))) == 1
     assert "is not a tokenizer's JSON" in capsys.readouterr().err and other.read_text() == "my notes"
     listing = tmp_path / "tok2.merges.txt"
     listing.write_text("my list")
-    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(tmp_path / "tok2.json"))) == 2
+    assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(tmp_path / "tok2.json"))) == 1
     assert "merges listing" in capsys.readouterr().err and listing.read_text() == "my list"
     # what is not a tokenizer says so, with the file's name
     for bad, what in ((b'{"n_layer": 2}', "no 'model' entry"), (b"\x86\x00\xff", "binary data")):

@@ -665,7 +665,8 @@ def _check_replaceable(out: Path):
 
 
 def cli_main(args) -> int:
-    """Train on args.input, write args.out (+ the merges listing); progress to stderr, a summary to stdout."""
+    """Train on args.input, write args.out (+ the merges listing); progress to stderr, a summary to stdout. Exit
+    status 1 with a message on bad input, as every command (argparse's own usage errors are 2)."""
     from tabgpt.corpus import CorpusError, decode_bytes, prepare_out
     try:
         prepare_out(args.out, [args.input], example="tokenizer.json")
@@ -674,10 +675,10 @@ def cli_main(args) -> int:
         text, _, notice = decode_bytes(raw, args.input)   # as `tabgpt fetch --file` reads it
     except CorpusError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     except OSError as e:
         print(f"error: cannot read {args.input}: {e.strerror}", file=sys.stderr)
-        return 2
+        return 1
     if notice:
         print(f"note: {notice}", file=sys.stderr)
     verbose = getattr(args, "verbose", False)
@@ -694,13 +695,13 @@ def cli_main(args) -> int:
         seconds = time.perf_counter() - t0
     except (TypeError, ValueError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
-        return 2
+        return 1
     print(file=sys.stderr)
     try:
         tok.save(args.out)
     except OSError as e:
         print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        return 1
     t0 = time.perf_counter()
     n_tokens = len(tok.encode_array(text))
     enc_seconds = time.perf_counter() - t0
