@@ -19,6 +19,20 @@ CHROMIUM_ARGS = [
 ]
 
 
+# SwiftShader, the Vulkan driver Chromium ships (WebGPU's fallback adapter without a GPU): where Debian's and
+# Ubuntu's Chromium keep its ICD file, for native runs on it (tests/conftest.py, bench/bench_speed.py)
+SWIFTSHADER_ICDS = ["/usr/lib/chromium/vk_swiftshader_icd.json", "/usr/lib/chromium-browser/vk_swiftshader_icd.json",
+                    "/snap/chromium/current/usr/lib/chromium-browser/vk_swiftshader_icd.json"]
+
+
+def swiftshader_icd() -> str | None:
+    """The SwiftShader ICD file of the installed Chromium (TABGPT_SWIFTSHADER_ICD names another), or None."""
+    for icd in [os.environ.get("TABGPT_SWIFTSHADER_ICD", "")] + SWIFTSHADER_ICDS:
+        if icd and Path(icd).is_file():
+            return icd
+    return None
+
+
 def ensure_site() -> Path:
     """Build the site if it is missing or older than the package (make test builds it first anyway)."""
     manifest = SITE / "runtime" / "manifest.json"

@@ -16,27 +16,20 @@ os.makedirs(os.environ["XDG_RUNTIME_DIR"], mode=0o700, exist_ok=True)
 # browsers without a GPU fall back to (no shader-f16, subgroups of 4 lanes, 1 GiB bindings), instead of lavapipe:
 # `make test` runs the GPU tests on both. The Vulkan loader is pointed at SwiftShader's ICD alone, before wgpu
 # loads, and the CLI tests' processes inherit it.
-SWIFTSHADER_ICDS = ["/usr/lib/chromium/vk_swiftshader_icd.json", "/usr/lib/chromium-browser/vk_swiftshader_icd.json",
-                    "/snap/chromium/current/usr/lib/chromium-browser/vk_swiftshader_icd.json"]
 TEST_ADAPTER = os.environ.get("TABGPT_TEST_ADAPTER", "")
 if TEST_ADAPTER not in ("", "swiftshader"):
     raise pytest.UsageError(f"TABGPT_TEST_ADAPTER={TEST_ADAPTER!r}: give swiftshader, or leave it unset for the "
                             "default adapter (lavapipe on a machine without a GPU)")
 
 
-def swiftshader_icd() -> str:
-    """The SwiftShader ICD file of the installed Chromium (TABGPT_SWIFTSHADER_ICD names another)."""
-    icds = [os.environ.get("TABGPT_SWIFTSHADER_ICD", "")] + SWIFTSHADER_ICDS
-    for icd in icds:
-        if icd and Path(icd).is_file():
-            return icd
-    raise pytest.UsageError("TABGPT_TEST_ADAPTER=swiftshader: no vk_swiftshader_icd.json found (it comes with "
-                            f"Chromium: apt-get install chromium; looked in {', '.join(filter(None, icds))}); "
-                            "TABGPT_SWIFTSHADER_ICD=/path/to/vk_swiftshader_icd.json names it")
-
-
 if TEST_ADAPTER == "swiftshader":
-    os.environ["VK_ICD_FILENAMES"] = swiftshader_icd()
+    from browser_support import swiftshader_icd
+    icd = swiftshader_icd()
+    if icd is None:
+        raise pytest.UsageError("TABGPT_TEST_ADAPTER=swiftshader: no vk_swiftshader_icd.json found (it comes with "
+                                "Chromium: apt-get install chromium); TABGPT_SWIFTSHADER_ICD=/path/to/"
+                                "vk_swiftshader_icd.json names it")
+    os.environ["VK_ICD_FILENAMES"] = icd
 
 
 @pytest.fixture(scope="session")

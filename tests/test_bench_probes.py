@@ -136,3 +136,16 @@ def test_probe_epilogues_times_each_form_and_frees_the_arithmetic(monkeypatch, c
         dev._kernels.clear()
     with pytest.raises(ValueError, match="is not in"):
         pe.free_source("")
+
+
+def test_bench_speed_puts_each_adapter_in_a_row(monkeypatch, capsys):
+    """bench_speed.py natively (the default adapter, and SwiftShader where Chromium is installed), briefly."""
+    import bench_speed
+    out = run_main(bench_speed, monkeypatch, capsys, "--no-browser", "--seconds", "1", "--matmul-seconds", "0")
+    rows = [line for line in out.splitlines() if line.startswith("| native")]
+    assert len(rows) == (2 if bench_speed.swiftshader_icd() else 1), out
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[2]) > 0, row                              # 256^3 GFLOP/s (no time left for 512^3)
+        assert int(cells[3].replace(",", "")) > 0 and float(cells[4]) > 0, row   # training tokens/s, GFLOP/s
+    assert "| where | adapter | 256^3 GFLOP/s | training, preset tiny: tokens/s |" in out
