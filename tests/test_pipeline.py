@@ -595,3 +595,111 @@ def test_a_new_tokenizer_drops_the_model_and_new_text_needs_a_new_tokenizer(text
             await pipe.train()
 
     asyncio.run(go())
+
+
+def _hf_folder(src, dest, prefix=True, dtype=None, untie=False):
+    """A Hugging Face GPT-2 folder (transformers' own config.json, no tabgpt keys) with the weights that
+    --init-from takes from the run src (its best), and src's tokenizer; prefix False writes the hub's names
+    (without "transformer."), dtype another float type, untie an lm_head.weight of its own."""
+    import safetensors.torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = json.loads((src / "config.json").read_text())
+    model = GPT2LMHeadModel(GPT2Config(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+                                       n_positions=cfg["block_size"], vocab_size=cfg["vocab_size"],
+                                       bos_token_id=cfg["vocab_size"] - 1, eos_token_id=cfg["vocab_size"] - 1))
+    weights = src / ("best.safetensors" if (src / "best.safetensors").exists() else "model.safetensors")
+    state = safetensors.torch.load_file(weights)
+    state["transformer.wte.weight"] = state["transformer.wte.weight"][:cfg["vocab_size"]]
+    model.load_state_dict(state, strict=False)
+    model.save_pretrained(dest)
+    shutil.copy(src / "tokenizer.json", dest / "tokenizer.json")
+    if not prefix or dtype or untie:
+        tensors = safetensors.torch.load_file(dest / "model.safetensors")
+        if untie:
+            tensors["lm_head.weight"] = tensors["transformer.wte.weight"] + 1
+        if not prefix:
+            tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+        if dtype:
+            tensors = {k: v.to(dtype) for k, v in tensors.items()}
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, dest / "model.safetensors")
+    assert "format" not in json.loads((dest / "config.json").read_text())
+    return dest
+
+
+def test_init_from_a_run_or_a_hugging_face_folder_starts_from_its_weights(cli_run, tmp_path):
+    """`train --init-from`: a run folder, a folder transformers wrote and one with the hub's tensor names all
+    start a new run from the same weights (a step at a learning rate of 1e-12 leaves them as they were), with
+    the model's tokenizer and sizes; --block-size cuts the position embeddings."""
+    from tabgpt import safetensors as st
+    src, corpus = cli_run / "run", cli_run / "corpus.txt"
+    want, _ = st.load(src / "best.safetensors")
+    firsts = []
+    for init in (src, _hf_folder(src, tmp_path / "hf"), _hf_folder(src, tmp_path / "hub", prefix=False)):
+        out = tmp_path / f"from-{init.name}"
+        r = _cli("train", "--data", corpus, "--init-from", init, "--max-steps", 1, "--learning-rate", 1e-12,
+                 "--min-lr", 0, "--weight-decay", 0, "--out", out)
+        assert "init: " in r.stderr and "learning_rate" not in r.stderr.split("init: ")[1].split("\n")[0], r.stderr
+        got, _ = st.load(out / "model.safetensors")
+        assert set(got) == set(want)
+        for name in want:
+            a = np.frombuffer(bytes(got[name][2]), np.float32)
+            b = np.frombuffer(bytes(want[name][2]), np.float32)
+            assert np.abs(a - b).max() <= 1e-9, name
+        assert (out / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any(e["type"] == "init" and e["source"] == str(init) for e in metrics)
+        firsts.append(next(e["loss"] for e in metrics if e["type"] == "step"))
+    assert firsts[0] == firsts[1] == firsts[2], firsts      # the same weights and batch: the same loss, to the bit
+    # a shorter context: the first positions' embeddings; the fine-tuning rate unless one is given
+    out = tmp_path / "short"
+    r = _cli("train", "--data", corpus, "--init-from", tmp_path / "hf", "--block-size", 16, "--max-steps", 1,
+             "--out", out, "--quiet")
+    assert "context 16" in r.stderr and "learning_rate 6e-05; min_lr 6e-06" in r.stderr, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["block_size"], cfg["learning_rate"], cfg["n_embd"]) == (16, 6e-5, 32)
+    _, shape, wpe = st.load(out / "model.safetensors")[0]["transformer.wpe.weight"]
+    assert tuple(shape) == (16, 32)
+    first = np.frombuffer(bytes(want["transformer.wpe.weight"][2]), np.float32)[:16 * 32]
+    assert np.abs(np.frombuffer(bytes(wpe), np.float32) - first).max() < 1e-3     # one step at 6e-5 from them
+
+
+def test_init_from_refuses_what_it_cannot_start_from(cli_run, tmp_path):
+    from tabgpt.run import read_init
+    src, corpus = cli_run / "run", cli_run / "corpus.txt"
+    hf = _hf_folder(src, tmp_path / "hf")
+    sizes, tok, params, what = read_init(hf, 8)
+    assert sizes == {"n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": 300, "block_size": 8}
+    assert params["transformer.wpe.weight"][0] == (8, 32) and "Hugging Face" in what
+    bad = {}
+    for name, change in (("llama", lambda d: d.update(model_type="llama")),
+                         ("relu", lambda d: d.update(activation_function="relu")),
+                         ("sizes", lambda d: d.pop("n_embd")),
+                         ("vocab", lambda d: d.update(vocab_size=301))):
+        shutil.copytree(hf, tmp_path / name)
+        d = json.loads((tmp_path / name / "config.json").read_text())
+        change(d)
+        (tmp_path / name / "config.json").write_text(json.dumps(d))
+        bad[name] = tmp_path / name
+    bad["bin"] = tmp_path / "bin"
+    shutil.copytree(hf, bad["bin"])
+    (bad["bin"] / "model.safetensors").rename(bad["bin"] / "pytorch_model.bin")
+    import torch
+    bad["f16"] = _hf_folder(src, tmp_path / "f16", dtype=torch.float16)
+    bad["untied"] = _hf_folder(src, tmp_path / "untied", untie=True)
+    for name, message in (("llama", "only GPT-2"), ("relu", "activation_function 'relu'"),
+                          ("sizes", "lacks GPT-2's sizes"), ("vocab", "tokenizer.json has 300 tokens"),
+                          ("bin", "only safetensors weights are read"), ("f16", "only F32 weights"),
+                          ("untied", "ties them")):
+        with pytest.raises(RunError, match=re.escape(message)):
+            read_init(bad[name])
+    with pytest.raises(RunError, match="no such folder"):
+        read_init(tmp_path / "missing")
+    with pytest.raises(RunError, match="give at most 32"):
+        read_init(hf, 33)
+    # the command's own refusals, before any work and without writing --out
+    for args, message in ((("--resume",), "give one of them"), (("--n-layer", 3), "--n-layer: the model in"),
+                          (("--tokenizer", src / "tokenizer.json"), "drop --tokenizer"),
+                          (("--block-size", 64), "give at most 32")):
+        r = _cli("train", "--data", corpus, "--init-from", hf, *args, "--out", tmp_path / "x", check=False)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "x").exists()

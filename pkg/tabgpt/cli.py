@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a GPT; writes a run folder")
     p.add_argument("--data", required=True, help="a text file, or 'default' for the bundled corpus")
     p.add_argument("--tokenizer", help="an existing tokenizer.json (else one is trained)")
+    p.add_argument("--init-from", metavar="FOLDER",
+                   help="start from a trained model: a tabgpt run folder or a Hugging Face GPT-2 folder (config.json, "
+                        "model.safetensors, tokenizer.json); its sizes and tokenizer are kept (fine-tuning)")
     p.add_argument("--preset", default=None, help="tiny (the default), small, browser or gpt2")
     p.add_argument("--out", required=True, help="the run folder")
     p.add_argument("--resume", action="store_true",

@@ -11,7 +11,7 @@ import time
 
 import tabgpt
 from tabgpt.config import Config
-from tabgpt.run import RunError, RunFolder, check_tokenizer_matches
+from tabgpt.run import RunError, RunFolder, check_tokenizer_matches, read_init
 from tabgpt.train import Control, TokenData, TrainingError, train
 
 
@@ -87,7 +87,7 @@ class Pipeline:
                 "bytes_per_token": vb / max(1, len(val_ids)), "encode_seconds": time.perf_counter() - t0}
 
     # -- 3. model
-    async def build_model(self, cfg: Config, resume_from: RunFolder | None = None):
+    async def build_model(self, cfg: Config, resume_from: RunFolder | None = None, init_params: dict | None = None):
         from tabgpt import gpu
         from tabgpt.gpt import GPT
         if self.tokenizer is None:
@@ -110,6 +110,8 @@ class Pipeline:
             except ValueError as e:
                 raise RunError(f"{resume_from.path / 'state.safetensors'} does not belong to this run's model ({e}): "
                                f"it was copied from another run. Put back the run's own, or start a new run") from e
+        elif init_params is not None:     # a trained model to start from (run.read_init): weights only, step 0
+            model.load_params(init_params)
         else:
             await model.init_weights(cfg.seed)
         await self.dev.sync()   # where the GPU could not allocate the model, it says so here, not steps later
@@ -227,6 +229,9 @@ FLAG_NAMES = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_a
 
 # what a resumed run cannot change: the shapes of the checkpoint's weights
 RESUME_FIXED = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size"]
+# the settings a run started from a trained model (--init-from) takes unless they are given: nanoGPT fine-tunes
+# GPT-2 at 3e-5; a preset's rate for training from scratch (1e-3 and above) would undo much of what it learned
+FINETUNE = {"learning_rate": 6e-5, "min_lr": 6e-6}
 
 
 class ProgressPrinter:
@@ -309,8 +314,30 @@ def cli_train(args) -> int:
     pipe = Pipeline(printer, run_dir=args.out)
 
     async def main():
-        resume = None
-        if args.resume:
+        resume = init = None
+        if args.init_from is not None:
+            if args.resume:
+                raise RunError("--init-from starts a new run from a trained model, --resume continues a run: give "
+                               "one of them")
+            if args.tokenizer is not None:
+                raise RunError(f"--tokenizer: a model trained from --init-from keeps its own tokenizer (the one in "
+                               f"{args.init_from}); drop --tokenizer")
+            sizes, init_tok, init_params, what = read_init(args.init_from, overrides.get("block_size"))
+            clash = [f"--{k.replace('_', '-')}" for k in RESUME_FIXED if k != "block_size" and
+                     overrides.get(k) is not None and overrides[k] != sizes[k]]
+            if clash:
+                raise RunError(f"{', '.join(clash)}: the model in {args.init_from} has {sizes}; drop "
+                               f"{'it' if len(clash) == 1 else 'them'} (its sizes are the model's)")
+            init = (init_tok, init_params)
+            # a trained model is fine-tuned gently: a lower learning rate unless one is given
+            tune = {k: v for k, v in FINETUNE.items() if overrides.get(k) is None}
+            settings = {k: v for k, v in overrides.items() if k not in RESUME_FIXED}
+            cfg = preset(args.preset or "tiny", **{**settings, **tune}).replace(**sizes).validate()
+            print(f"init: {what}: {sizes['n_layer']} layers, {sizes['n_head']} heads, {sizes['n_embd']} wide, "
+                  f"context {sizes['block_size']}, vocabulary {sizes['vocab_size']}" +
+                  "".join(f"; {k} {v:g}" for k, v in tune.items()), file=sys.stderr)
+            pipe.run.check_new()
+        elif args.resume:
             pipe.run.check(need_state=True)
             base = pipe.run.read_config()
             # the run's own command again with --resume: sizes, preset and tokenizer that match the run are fine
@@ -356,6 +383,8 @@ def cli_train(args) -> int:
             tok = pipe.run.read_tokenizer()
             check_tokenizer_matches(tok, cfg, str(pipe.run.path / "tokenizer.json"))
             pipe.use_tokenizer(tok)
+        elif init is not None:
+            pipe.use_tokenizer(init[0])
         elif args.tokenizer:
             try:
                 tok = bpe.Tokenizer.load(args.tokenizer)
@@ -373,10 +402,13 @@ def cli_train(args) -> int:
             r = await pipe.train_tokenizer(cfg.vocab_size)
             print(f"\ntokenizer: {r['vocab_size']} tokens in {r['seconds']:.1f} s, "
                   f"{r['bytes_per_token']:.2f} bytes/token", file=sys.stderr)
-        m = await pipe.build_model(cfg, resume_from=resume)   # checks the data's size and the GPU's limits
+        # (checks the data's size and the GPU's limits)
+        m = await pipe.build_model(cfg, resume_from=resume, init_params=init[1] if init else None)
         if resume is None:   # the folder is written only once the run can start
             pipe.run.create(pipe.cfg, pipe.tokenizer.to_json())
         pipe.run.append_metrics(data_event)
+        if init is not None:
+            pipe.run.append_metrics({"type": "init", "source": str(args.init_from), "what": what})
         print(f"model: {m['n_params'] / 1e6:.2f} M parameters, {m['gpu_bytes'] / 2**20:.0f} MiB on "
               f"{pipe.dev.info.get('device') or pipe.dev.info.get('vendor')}, {m['kernels']} kernels compiled in "
               f"{m['compile_seconds']:.1f} s" + (f", resuming at step {m['step']}" if resume else ""),

@@ -268,6 +268,121 @@ class RunFolder:
         return out
 
 
+# ---------------------------------------------------------------------------------------------
+# `tabgpt train --init-from FOLDER`: a trained model to start from (fine-tuning), ours or Hugging Face GPT-2's
+
+MODEL_SIZES = ("n_layer", "n_head", "n_embd", "vocab_size")
+INIT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def read_init(path, block_size: int | None = None) -> tuple[dict, object, dict, str]:
+    """A trained GPT-2 to start a new run from: a tabgpt run folder (its best weights) or a Hugging Face GPT-2
+    folder as `save_pretrained` writes it (config.json, model.safetensors with or without the "transformer."
+    prefix, tokenizer.json). Returns (sizes: n_layer, n_head, n_embd, vocab_size and block_size, the tokenizer,
+    the weights for GPT.load_params, what it is). block_size (None: the model's context) may be shorter than the
+    context it was trained with: the position embeddings are cut to it."""
+    from tabgpt.bpe import Tokenizer
+    from tabgpt.gpt import parameter_specs
+    folder = Path(path)
+    hint = ("give a tabgpt run folder or a Hugging Face GPT-2 folder (config.json, model.safetensors and "
+            "tokenizer.json, as save_pretrained writes them)")
+    if not folder.is_dir():
+        raise RunError(f"--init-from {folder}: {'not a folder' if folder.exists() else 'no such folder'}; {hint}")
+    missing = [n for n in INIT_FILES if not (folder / n).is_file()]
+    if missing:
+        extra = (" (only safetensors weights are read: save the model with transformers' save_pretrained, which "
+                 "writes model.safetensors)") if "model.safetensors" in missing and \
+            (folder / "pytorch_model.bin").is_file() else ""
+        raise RunError(f"--init-from {folder}: {', '.join(missing)} missing{extra}; {hint}")
+    try:
+        d = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"--init-from {folder}: config.json is unreadable ({e})") from e
+    if not isinstance(d, dict):
+        raise RunError(f"--init-from {folder}: config.json holds no object; {hint}")
+    weights = folder / "model.safetensors"
+    if d.get("format") == FORMAT:          # one of our runs: its best weights, as sampling uses
+        run = RunFolder(folder)
+        cfg = run.read_config()
+        context = cfg.block_size
+        sizes = {k: getattr(cfg, k) for k in MODEL_SIZES}
+        if (folder / "best.safetensors").is_file():
+            weights = folder / "best.safetensors"
+        what = f"the tabgpt run {folder} ({weights.name})"
+    else:
+        if d.get("model_type") != "gpt2":
+            raise RunError(f"--init-from {folder}: config.json describes a {d.get('model_type')!r} model; only GPT-2 "
+                           f"(model_type gpt2) has the architecture trained here")
+        unlike = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
+                  "n_inner": (None,), "tie_word_embeddings": (True,), "scale_attn_weights": (True,),
+                  "scale_attn_by_inverse_layer_idx": (False,), "add_cross_attention": (False,)}
+        for key, allowed in unlike.items():
+            if key in d and d[key] not in allowed and not (key == "n_inner" and d[key] == 4 * d.get("n_embd", 0)):
+                raise RunError(f"--init-from {folder}: config.json has {key} {d[key]!r}; the GPT-2 trained here has "
+                               f"{allowed[0]!r}")
+        try:
+            sizes = {k: int(d[k]) for k in MODEL_SIZES}
+            context = int(d.get("n_positions", d.get("n_ctx")))
+        except (KeyError, TypeError, ValueError) as e:
+            raise RunError(f"--init-from {folder}: config.json lacks GPT-2's sizes (n_layer, n_head, n_embd, "
+                           f"vocab_size, n_positions): {e}") from e
+        what = f"the Hugging Face GPT-2 model in {folder}"
+    block = context if block_size is None else block_size
+    if not 1 <= block <= context:
+        raise RunError(f"--block-size {block}: the model in {folder} has position embeddings for {context} "
+                       f"positions; give at most {context} (or leave --block-size out)")
+    sizes["block_size"] = block
+    try:
+        cfg = Config(**sizes).validate()
+    except (TypeError, ValueError) as e:
+        raise RunError(f"--init-from {folder}: its sizes {sizes} are not a model trained here ({e})") from e
+    try:
+        tok = Tokenizer.from_json((folder / "tokenizer.json").read_text())
+    except Exception as e:
+        raise RunError(f"--init-from {folder}: tokenizer.json is not a byte-level BPE tokenizer ({e})") from e
+    if tok.vocab_size != cfg.vocab_size:
+        raise RunError(f"--init-from {folder}: tokenizer.json has {tok.vocab_size} tokens, config.json says "
+                       f"vocab_size {cfg.vocab_size}: they must be of the same model")
+    try:
+        tensors, _ = st.load(weights)
+    except CheckpointError as e:
+        raise RunError(f"--init-from: {e}") from e
+    named = {}
+    for name, t in tensors.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue                       # older transformers' causal-mask buffers, not weights
+        named[name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name] = t
+    specs, _ = parameter_specs(cfg)
+    out = {}
+    for spec in specs:
+        if spec.name not in named:
+            short = spec.name.removeprefix("transformer.")
+            raise RunError(f"--init-from {weights}: no tensor {spec.name} (or {short})")
+        dtype, shape, data = named.pop(spec.name)
+        want = spec.shape
+        if spec.name == "transformer.wte.weight":
+            want = (cfg.vocab_size, cfg.n_embd)
+        elif spec.name == "transformer.wpe.weight":
+            want = (context, cfg.n_embd)
+        if dtype != "F32":
+            raise RunError(f"--init-from {weights}: {spec.name} is {dtype}; only F32 weights are read (save the "
+                           f"model in float32: model.float().save_pretrained(...))")
+        if tuple(shape) != want:
+            raise RunError(f"--init-from {weights}: {spec.name} is {list(shape)}, config.json's sizes need "
+                           f"{list(want)}")
+        if spec.name == "transformer.wpe.weight":
+            data, want = data[:4 * block * cfg.n_embd], (block, cfg.n_embd)   # the first block positions
+        out[spec.name] = (want, data)
+    head = named.pop("lm_head.weight", None)
+    if head is not None and bytes(head[2]) != bytes(out["transformer.wte.weight"][1]):
+        raise RunError(f"--init-from {weights}: lm_head.weight differs from transformer.wte.weight; the GPT-2 "
+                       f"trained here ties them")
+    if named:
+        raise RunError(f"--init-from {weights}: tensors that no GPT-2 of these sizes has: "
+                       f"{', '.join(sorted(named)[:3])}")
+    return sizes, tok, out, what
+
+
 def check_tokenizer_matches(tokenizer, cfg: Config, where: str):
     if tokenizer.vocab_size != cfg.vocab_size:
         raise RunError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model expects "
