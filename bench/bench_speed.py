@@ -84,7 +84,8 @@ def report(rows: list[dict], args) -> str:
     lines = [head, "| --- | --- | " + " | ".join("---:" for _ in sizes) + " | ---: | ---: | ---: |"]
     for r in rows:
         by_n = {m["n"]: m for m in r["matmul"]}
-        cells = [(f"{by_n[n]['gflops']:.2f}" if by_n[n]["ok"] else "WRONG") if n in by_n else "" for n in sizes]
+        cells = [("failed" if "error" in by_n[n] else f"{by_n[n]['gflops']:.2f}" if by_n[n]["ok"] else "WRONG")
+                 if n in by_n else "" for n in sizes]
         t = r["train"]
         train = ([f"{t['tokens_per_s']:,.0f}", f"{t['gflops']:.2f}", f"{t['compile_seconds']:.1f}"]
                  if "error" not in t else [t["error"], "", ""])

@@ -90,3 +90,22 @@ def test_device_speed_prints_products_and_training_and_refuses_bad_settings():
                           (("--seconds", "inf"), "--seconds must")):
         r = _device("--speed", *args)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_size_the_gpu_cannot_run_ends_the_list_with_its_error(dev, monkeypatch):
+    from tabgpt.gpu import GPUError
+    real = Matmul.create
+
+    async def out_of_memory_at_64(dev_, M, N, K, *a, **kw):
+        if M == 64:
+            raise GPUError("out of memory (simulated)")
+        return await real(dev_, M, N, K, *a, **kw)
+    monkeypatch.setattr(Matmul, "create", out_of_memory_at_64)
+    rows = gpu.wait(speed.matmul_speed(dev, sizes=(20, 64, 100), seconds=60))
+    assert [r["n"] for r in rows] == [20, 64] and rows[0]["ok"]
+    assert rows[1] == {"n": 64, "ok": False, "error": "out of memory (simulated)"}
+
+
+def test_device_without_speed_refuses_its_settings():
+    r = _device("--preset", "tiny")
+    assert r.returncode == 1 and "add --speed" in r.stderr, r.stderr

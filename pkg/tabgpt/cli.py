@@ -14,6 +14,11 @@ import sys
 def cmd_device(args) -> int:
     from tabgpt import gpu, selftest
     from tabgpt.config import PRESETS
+    if not args.speed and (args.preset is not None or args.seconds is not None):
+        print("error: --preset and --seconds choose what --speed trains: add --speed", file=sys.stderr)
+        return 1
+    args.preset = "browser" if args.preset is None else args.preset
+    args.seconds = 10.0 if args.seconds is None else args.seconds
     if args.speed and args.preset not in PRESETS:
         print(f"error: unknown --preset {args.preset!r}: give one of {', '.join(PRESETS)}", file=sys.stderr)
         return 1
@@ -33,7 +38,11 @@ def cmd_device(args) -> int:
                "subgroup_ops": dev.has_subgroup_ops(), "subgroup_reductions": dev.subgroup_reductions(),
                "limits": dev.limits, "selftest": res, "dispatch": cost}
         if args.speed and res["ok"]:
-            out["speed"] = speed = _measure_speed(dev, args, quiet=True)
+            try:
+                out["speed"] = speed = _measure_speed(dev, args, quiet=True)
+            except gpu.GPUError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
             ok = ok and speed["ok"]
         print(json.dumps(out, indent=1))
         return 0 if ok else 1
@@ -55,7 +64,11 @@ def cmd_device(args) -> int:
     print(f"dispatch  {cost['us_per_dispatch']:.1f} us per replayed dispatch ({cost['dispatches']} in a sequence)")
     print("OK" if res["ok"] else "FAILED: this device computes wrong results")
     if args.speed and res["ok"]:
-        ok = _measure_speed(dev, args)["ok"] and ok
+        try:
+            ok = _measure_speed(dev, args)["ok"] and ok
+        except gpu.GPUError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     return 0 if ok else 1
 
 
@@ -68,9 +81,11 @@ def _measure_speed(dev, args, quiet: bool = False) -> dict:
             print(f"  ({message})", file=sys.stderr)
     if not quiet:
         print("speed     the trainer's matrix product, n x n x n f32 (sampled entries checked exactly)")
-    matmul = gpu.wait(speed.matmul_speed(dev))
+    matmul = gpu.wait(speed.matmul_speed(dev, post=status))
     for r in matmul:
-        if not quiet:
+        if not quiet and "error" in r:
+            print(f"  {r['n']:5d}  could not run: {r['error']}")
+        elif not quiet:
             print(f"  {r['n']:5d}  {r['ms']:9.3f} ms  {r['gflops']:10,.1f} GFLOP/s  tiles {r['tiles']}, split-K "
                   f"{r['splits']}  {'ok' if r['ok'] else 'WRONG: ' + '; '.join(r['wrong'])}")
     train = gpu.wait(speed.train_speed(dev, args.preset, args.seconds, post=status))
@@ -102,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--speed", action="store_true",
                    help="also time the matrix product (square sizes up to 4096) and training at --preset")
-    p.add_argument("--preset", default="browser", help="the preset --speed trains (default: browser)")
-    p.add_argument("--seconds", type=float, default=10.0, help="how long --speed trains (default: 10)")
+    p.add_argument("--preset", help="the preset --speed trains (default: browser)")
+    p.add_argument("--seconds", type=float, help="how long --speed trains (default: 10)")
     p.set_defaults(func=cmd_device)
 
     p = sub.add_parser("fetch", help="get a corpus: the bundled default, Gutenberg books, a URL or a file")

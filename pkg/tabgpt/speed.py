@@ -70,8 +70,10 @@ async def matmul_speed(dev: Device, sizes=SIZES, seconds: float = MATMUL_SECONDS
     """GFLOP/s of the trainer's matrix product (n x n times n x n, f32, the tiles training would use here: the
     autotuner's natively on a GPU, the adapter's defaults in the browser) for each n of sizes in turn, while the
     next size is expected to fit in what is left of `seconds` (each takes about 8 times the one before) and its
-    three matrices fit one binding each. post(message) reports progress."""
-    from tabgpt.ops.matmul import Matmul, tiles_label
+    three matrices fit one binding each (natively on a GPU, the first product of each size at or above
+    TUNE_MIN_FLOPS autotunes its tiles once for the adapter, which its time includes). A size the GPU cannot run
+    (out of memory, a lost device) ends the list with a row {"n", "error"}. post(message) reports progress."""
+    from tabgpt.ops.matmul import Matmul, autotune_enabled, tiles_label
     rows: list[dict] = []
     t_start = time.perf_counter()
     last = 0.0
@@ -82,21 +84,26 @@ async def matmul_speed(dev: Device, sizes=SIZES, seconds: float = MATMUL_SECONDS
         if rows and 8 * last > seconds - (time.perf_counter() - t_start):
             break
         if post:
-            post(f"timing the matrix product at {n} x {n} x {n}")
+            tuning = " (autotuning its tiles, once for this GPU)" if autotune_enabled(dev, 2.0 * n ** 3) else ""
+            post(f"timing the matrix product at {n} x {n} x {n}{tuning}")
         t0 = time.perf_counter()
-        a = dev.buffer(4 * n * n, "speed-a", pattern_matrix(n, n, A_P, A_MUL))
-        b = dev.buffer(4 * n * n, "speed-b", pattern_matrix(n, n, B_P, B_MUL))
-        out = dev.buffer(4 * n * n, "speed-out")
-        mm = await Matmul.create(dev, n, n, n, "nn")
-        seq = dev.sequence("speed-matmul")
-        mm.dispatch(seq, out=out, a=a, b=b)
-        await seq.build()
-        seq.run(1)               # the first run compiles where the driver defers it
-        await dev.sync()
-        _, best = await _best_time(dev, seq)
         picked = sorted({0, n - 1, rng.randrange(n), rng.randrange(n)})
         cols = sorted({0, n - 1, *(rng.randrange(n) for _ in range(6))})
-        got = {i: await dev.read_floats(out, 4 * i * n, n) for i in picked}
+        try:
+            a = dev.buffer(4 * n * n, "speed-a", pattern_matrix(n, n, A_P, A_MUL))
+            b = dev.buffer(4 * n * n, "speed-b", pattern_matrix(n, n, B_P, B_MUL))
+            out = dev.buffer(4 * n * n, "speed-out")
+            mm = await Matmul.create(dev, n, n, n, "nn")
+            seq = dev.sequence("speed-matmul")
+            mm.dispatch(seq, out=out, a=a, b=b)
+            await seq.build()
+            seq.run(1)               # the first run compiles where the driver defers it
+            await dev.sync()
+            _, best = await _best_time(dev, seq)
+            got = {i: await dev.read_floats(out, 4 * i * n, n) for i in picked}
+        except GPUError as e:
+            rows.append({"n": n, "ok": False, "error": str(e)})
+            break
         wrong = check_rows(n, got, cols)
         rows.append({"n": n, "ms": 1e3 * best, "gflops": 2.0 * n ** 3 / best / 1e9,
                      "tiles": tiles_label(mm.tiles) if mm.tiles else mm.variant,
@@ -152,6 +159,8 @@ async def train_speed(dev: Device, preset_name: str = "browser", seconds: float 
                     reads.append((ev["elapsed"], ev["step"]))
     except TrainingError as e:
         return {**out, "error": f"training did not run: {e}"}
+    except GPUError as e:
+        return {**out, "error": f"the GPU failed while training: {e}"}
     if len(reads) < 2:
         return {**out, "error": f"fewer than two read-backs of the loss in {seconds:g} s: give it more time"}
     (t_first, s_first), (t_last, s_last) = reads[0], reads[-1]
