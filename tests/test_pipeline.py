@@ -423,8 +423,8 @@ def test_cli_refuses_bad_paths_and_settings_before_any_work(cli_run, tmp_path):
     shutil.copytree(cli_run / "run", run)
     r = _cli("train", "--data", corpus, "--resume", "--out", run, "--n-layer", 4, "--preset", "small", check=False)
     assert r.returncode == 1 and "--n-layer, --preset cannot change when resuming" in r.stderr, r.stderr
-    r = _cli("train", "--data", corpus, "--resume", "--out", run, "--preset", "tiny", "--tokenizer", tmp_path / "t.json",
-             check=False)
+    r = _cli("train", "--data", corpus, "--resume", "--out", run, "--preset", "tiny",
+             "--tokenizer", tmp_path / "t.json", check=False)
     assert r.returncode == 1 and "cannot read --tokenizer" in r.stderr, r.stderr
     other_tok = tmp_path / "other-tokenizer.json"
     assert _cli("tokenizer", "--input", corpus, "--vocab-size", 280, "--out", other_tok).returncode == 0
@@ -650,6 +650,13 @@ def test_init_from_a_run_or_a_hugging_face_folder_starts_from_its_weights(cli_ru
         assert any(e["type"] == "init" and e["source"] == str(init) for e in metrics)
         firsts.append(next(e["loss"] for e in metrics if e["type"] == "step"))
     assert firsts[0] == firsts[1] == firsts[2], firsts      # the same weights and batch: the same loss, to the bit
+    # the first command again with --resume added (its --init-from too), and with the preset named: it goes on
+    first = ["train", "--data", corpus, "--init-from", tmp_path / "hf", "--learning-rate", 1e-12, "--min-lr", 0,
+             "--weight-decay", 0, "--out", tmp_path / "from-hf", "--quiet"]
+    r = _cli(*first, "--resume", "--max-steps", 2, "--preset", "tiny", check=False)
+    assert r.returncode == 0 and "cannot change" not in r.stderr, r.stderr
+    r = _cli(*first[:4], tmp_path / "hub", *first[5:], "--resume", "--max-steps", 3, check=False)
+    assert r.returncode == 1 and "that started from " + str(tmp_path / "hf") in r.stderr, r.stderr
     # a shorter context: the first positions' embeddings; the fine-tuning rate unless one is given
     out = tmp_path / "short"
     r = _cli("train", "--data", corpus, "--init-from", tmp_path / "hf", "--block-size", 16, "--max-steps", 1,
@@ -694,12 +701,62 @@ def test_init_from_refuses_what_it_cannot_start_from(cli_run, tmp_path):
             read_init(bad[name])
     with pytest.raises(RunError, match="no such folder"):
         read_init(tmp_path / "missing")
+    sharded = tmp_path / "sharded"
+    shutil.copytree(hf, sharded)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00001.safetensors")
+    (sharded / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(RunError, match="weights in shards are not read"):
+        read_init(sharded)
+    best_only = tmp_path / "best-only"          # a run stopped before its first checkpoint: its best weights
+    shutil.copytree(src, best_only)
+    (best_only / "model.safetensors").unlink()
+    assert "best.safetensors" in read_init(best_only)[3]
     with pytest.raises(RunError, match="give at most 32"):
         read_init(hf, 33)
     # the command's own refusals, before any work and without writing --out
-    for args, message in ((("--resume",), "give one of them"), (("--n-layer", 3), "--n-layer: the model in"),
+    shutil.copytree(src, tmp_path / "run")
+    before = _snapshot(tmp_path / "run")
+    r = _cli("train", "--data", corpus, "--init-from", hf, "--resume", "--out", tmp_path / "run", check=False)
+    assert r.returncode == 1 and "give one of them" in r.stderr, r.stderr     # a run that did not start from it
+    assert _snapshot(tmp_path / "run") == before
+    for args, message in ((("--n-layer", 3), "--n-layer: the model in"),
                           (("--tokenizer", src / "tokenizer.json"), "drop --tokenizer"),
                           (("--block-size", 64), "give at most 32")):
         r = _cli("train", "--data", corpus, "--init-from", hf, *args, "--out", tmp_path / "x", check=False)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert not (tmp_path / "x").exists()
+
+
+def test_fine_tuning_rates_fill_in_what_is_not_given_and_stay_ordered():
+    from tabgpt.pipeline import FINETUNE, finetune_rates
+    assert finetune_rates(None, None) == FINETUNE == {"learning_rate": 6e-5, "min_lr": 6e-6}
+    assert finetune_rates(3e-6, None) == {"min_lr": 3e-7}        # below the default floor: a tenth of it
+    assert finetune_rates(1e-4, None) == {"min_lr": 6e-6}
+    assert finetune_rates(None, 1e-4) == {"learning_rate": 1e-4}  # a floor above the default rate
+    assert finetune_rates(None, 1e-6) == {"learning_rate": 6e-5}
+    assert finetune_rates(1e-4, 1e-5) == {}
+    for lr, floor in ((3e-6, None), (None, 1e-4)):
+        rates = {"learning_rate": lr, "min_lr": floor}
+        rates.update(finetune_rates(lr, floor))
+        preset("tiny", **rates)                                 # valid: min_lr <= learning_rate
+
+
+def test_resume_takes_the_vocabulary_size_the_run_asked_for(cli_run, tmp_path):
+    """A run whose tokenizer came out smaller than --vocab-size asked (the text ran out of pairs) resumes with
+    its first command; a --tokenizer that is no tokenizer is named as such."""
+    corpus = cli_run / "corpus.txt"
+    first = ["train", "--data", corpus, "--preset", "tiny", "--vocab-size", 60000, "--n-embd", 32, "--block-size", 16,
+             "--eval-interval", 0, "--out", tmp_path / "run", "--quiet"]
+    _cli(*first, "--max-steps", 1)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["vocab_size"] < 60000
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"type": "tokenizer", "vocab_requested": 60000, "vocab_size": cfg["vocab_size"]} in events
+    r = _cli(*first, "--max-steps", 2, "--resume", check=False)
+    assert r.returncode == 0 and "note: resuming with vocab_size" not in r.stderr, r.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["vocab_size"] == cfg["vocab_size"]
+    r = _cli(*first, "--max-steps", 3, "--resume", "--vocab-size", 512, check=False)
+    assert r.returncode == 1 and "--vocab-size cannot change" in r.stderr, r.stderr
+    (tmp_path / "not.json").write_text('{"a": 1}')
+    r = _cli(*first, "--max-steps", 3, "--resume", "--tokenizer", tmp_path / "not.json", check=False)
+    assert r.returncode == 1 and str(tmp_path / "not.json") + " is not a tokenizer" in r.stderr, r.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 import array
 import hashlib
 import time
+from pathlib import Path
 
 import tabgpt
 from tabgpt.config import Config
@@ -234,6 +235,25 @@ RESUME_FIXED = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size"]
 FINETUNE = {"learning_rate": 6e-5, "min_lr": 6e-6}
 
 
+def finetune_rates(learning_rate: float | None, min_lr: float | None) -> dict:
+    """The rates of FINETUNE that were not given, kept consistent with the one that was (min_lr <= learning_rate):
+    a given learning rate below 6e-5 decays to a tenth of it, a given min_lr above 6e-5 is also the rate."""
+    if learning_rate is None and min_lr is None:
+        return dict(FINETUNE)
+    if learning_rate is None:
+        return {"learning_rate": max(FINETUNE["learning_rate"], min_lr)}
+    if min_lr is None:
+        return {"min_lr": min(FINETUNE["min_lr"], learning_rate / 10)}
+    return {}
+
+
+def _same_path(a, b) -> bool:
+    try:
+        return a is not None and Path(a).resolve() == Path(b).resolve()
+    except (OSError, ValueError):
+        return False
+
+
 class ProgressPrinter:
     """One updating line on stderr for steps; evaluations, samples and checkpoints on lines of their own."""
 
@@ -294,8 +314,8 @@ def _same_tokenizer(path, run: RunFolder) -> bool:
         given = bpe.Tokenizer.load(path)
     except OSError as e:
         raise RunError(f"cannot read --tokenizer {path}: {e.strerror or e}") from e
-    except ValueError:
-        return False
+    except ValueError as e:   # (its message names the file and what it should be)
+        raise RunError(str(e)) from e
     return given.to_json() == run.read_tokenizer().to_json()
 
 
@@ -314,36 +334,23 @@ def cli_train(args) -> int:
     pipe = Pipeline(printer, run_dir=args.out)
 
     async def main():
-        resume = init = None
-        if args.init_from is not None:
-            if args.resume:
-                raise RunError("--init-from starts a new run from a trained model, --resume continues a run: give "
-                               "one of them")
-            if args.tokenizer is not None:
-                raise RunError(f"--tokenizer: a model trained from --init-from keeps its own tokenizer (the one in "
-                               f"{args.init_from}); drop --tokenizer")
-            sizes, init_tok, init_params, what = read_init(args.init_from, overrides.get("block_size"))
-            clash = [f"--{k.replace('_', '-')}" for k in RESUME_FIXED if k != "block_size" and
-                     overrides.get(k) is not None and overrides[k] != sizes[k]]
-            if clash:
-                raise RunError(f"{', '.join(clash)}: the model in {args.init_from} has {sizes}; drop "
-                               f"{'it' if len(clash) == 1 else 'them'} (its sizes are the model's)")
-            init = (init_tok, init_params)
-            # a trained model is fine-tuned gently: a lower learning rate unless one is given
-            tune = {k: v for k, v in FINETUNE.items() if overrides.get(k) is None}
-            settings = {k: v for k, v in overrides.items() if k not in RESUME_FIXED}
-            cfg = preset(args.preset or "tiny", **{**settings, **tune}).replace(**sizes).validate()
-            print(f"init: {what}: {sizes['n_layer']} layers, {sizes['n_head']} heads, {sizes['n_embd']} wide, "
-                  f"context {sizes['block_size']}, vocabulary {sizes['vocab_size']}" +
-                  "".join(f"; {k} {v:g}" for k, v in tune.items()), file=sys.stderr)
-            pipe.run.check_new()
-        elif args.resume:
+        resume = init = tokenizer_event = None
+        if args.resume:
             pipe.run.check(need_state=True)
             base = pipe.run.read_config()
+            history = pipe.run.read_metrics()
+            started = next((e for e in reversed(history) if e.get("type") == "init"), None)
+            trained = next((e for e in reversed(history) if e.get("type") == "tokenizer"), {})
+            if args.init_from is not None and not (started and _same_path(started.get("source"), args.init_from)):
+                raise RunError(f"--init-from starts a new run from a trained model, --resume continues a run"
+                               f"{' that started from ' + str(started.get('source')) if started else ''}: give one "
+                               f"of them")
             # the run's own command again with --resume: sizes, preset and tokenizer that match the run are fine
+            # (and the vocabulary size it asked for, where its tokenizer came out smaller)
+            asked = {"vocab_size": {base.vocab_size, trained.get("vocab_requested", base.vocab_size)}}
             fixed = [f"--{k.replace('_', '-')}" for k in RESUME_FIXED
-                     if overrides.get(k) is not None and overrides[k] != getattr(base, k)]
-            if args.preset is not None:
+                     if overrides.get(k) is not None and overrides[k] not in asked.get(k, {getattr(base, k)})]
+            if args.preset is not None and started is None:   # (from --init-from, the preset set no sizes)
                 sized = preset(args.preset, **{k: overrides[k] for k in RESUME_FIXED if overrides.get(k) is not None})
                 if any(getattr(sized, k) != getattr(base, k) for k in RESUME_FIXED if k != "vocab_size"):
                     fixed.append("--preset")   # (its vocab_size is a request: the tokenizer trained may be smaller)
@@ -354,7 +361,8 @@ def cli_train(args) -> int:
                                f"was trained with {base.model_dict()}. Drop {'it' if len(fixed) == 1 else 'them'}, "
                                f"or train a new run into another --out")
             # the time limit is this session's, not the run's: it is not inherited from the last one
-            cfg = base.replace(time_limit=0.0).replace(**overrides).validate()
+            cfg = base.replace(time_limit=0.0).replace(**{k: v for k, v in overrides.items()
+                                                          if k not in RESUME_FIXED}).validate()
             step = pipe.run.checkpoint_step()   # (the header: the weights are read once, by build_model)
             if step is not None and cfg.max_steps <= step:
                 raise RunError(f"{pipe.run.path} is already at step {step}: give --max-steps above {step} to train "
@@ -363,6 +371,24 @@ def cli_train(args) -> int:
                 if getattr(cfg, k) != getattr(base, k):
                     print(f"note: resuming with {k} {getattr(cfg, k)} (was {getattr(base, k)})", file=sys.stderr)
             resume = pipe.run
+        elif args.init_from is not None:
+            if args.tokenizer is not None:
+                raise RunError(f"--tokenizer: a model trained from --init-from keeps its own tokenizer (the one in "
+                               f"{args.init_from}); drop --tokenizer")
+            pipe.run.check_new()   # before the weights are read
+            sizes, init_tok, init_params, what = read_init(args.init_from, overrides.get("block_size"))
+            clash = [f"--{k.replace('_', '-')}" for k in RESUME_FIXED if k != "block_size" and
+                     overrides.get(k) is not None and overrides[k] != sizes[k]]
+            if clash:
+                raise RunError(f"{', '.join(clash)}: the model in {args.init_from} has {sizes}; drop "
+                               f"{'it' if len(clash) == 1 else 'them'} (its sizes are the model's)")
+            init = (init_tok, init_params)
+            tune = finetune_rates(overrides.get("learning_rate"), overrides.get("min_lr"))
+            settings = {k: v for k, v in overrides.items() if k not in RESUME_FIXED}
+            cfg = preset(args.preset or "tiny", **{**settings, **tune}).replace(**sizes).validate()
+            print(f"init: {what}: {sizes['n_layer']} layers, {sizes['n_head']} heads, {sizes['n_embd']} wide, "
+                  f"context {sizes['block_size']}, vocabulary {sizes['vocab_size']}" +
+                  "".join(f"; {k} {v:g}" for k, v in tune.items()), file=sys.stderr)
         else:
             cfg = preset(args.preset or "tiny", **overrides)
             pipe.run.check_new()   # before any work: a path that a new run must not write into is refused now
@@ -400,6 +426,8 @@ def cli_train(args) -> int:
             pipe.use_tokenizer(tok)
         else:
             r = await pipe.train_tokenizer(cfg.vocab_size)
+            # what was asked for: `--resume` takes it again where the text gave fewer tokens
+            tokenizer_event = {"type": "tokenizer", "vocab_requested": cfg.vocab_size, "vocab_size": r["vocab_size"]}
             print(f"\ntokenizer: {r['vocab_size']} tokens in {r['seconds']:.1f} s, "
                   f"{r['bytes_per_token']:.2f} bytes/token", file=sys.stderr)
         # (checks the data's size and the GPU's limits)
@@ -407,8 +435,10 @@ def cli_train(args) -> int:
         if resume is None:   # the folder is written only once the run can start
             pipe.run.create(pipe.cfg, pipe.tokenizer.to_json())
         pipe.run.append_metrics(data_event)
+        if tokenizer_event:
+            pipe.run.append_metrics(tokenizer_event)
         if init is not None:
-            pipe.run.append_metrics({"type": "init", "source": str(args.init_from), "what": what})
+            pipe.run.append_metrics({"type": "init", "source": str(Path(args.init_from).resolve()), "what": what})
         print(f"model: {m['n_params'] / 1e6:.2f} M parameters, {m['gpu_bytes'] / 2**20:.0f} MiB on "
               f"{pipe.dev.info.get('device') or pipe.dev.info.get('vendor')}, {m['kernels']} kernels compiled in "
               f"{m['compile_seconds']:.1f} s" + (f", resuming at step {m['step']}" if resume else ""),

@@ -289,10 +289,16 @@ def read_init(path, block_size: int | None = None) -> tuple[dict, object, dict, 
     if not folder.is_dir():
         raise RunError(f"--init-from {folder}: {'not a folder' if folder.exists() else 'no such folder'}; {hint}")
     missing = [n for n in INIT_FILES if not (folder / n).is_file()]
+    if missing == ["model.safetensors"] and (folder / "best.safetensors").is_file():
+        missing = []                       # a run stopped before its first checkpoint: its best weights
     if missing:
-        extra = (" (only safetensors weights are read: save the model with transformers' save_pretrained, which "
-                 "writes model.safetensors)") if "model.safetensors" in missing and \
-            (folder / "pytorch_model.bin").is_file() else ""
+        extra = ""
+        if "model.safetensors" in missing and (folder / "model.safetensors.index.json").is_file():
+            extra = (" (weights in shards are not read: save them as one file, "
+                     "save_pretrained(..., max_shard_size=\"10GB\"))")
+        elif "model.safetensors" in missing and (folder / "pytorch_model.bin").is_file():
+            extra = (" (only safetensors weights are read: save the model with transformers' save_pretrained, "
+                     "which writes model.safetensors)")
         raise RunError(f"--init-from {folder}: {', '.join(missing)} missing{extra}; {hint}")
     try:
         d = json.loads((folder / "config.json").read_text())
@@ -306,7 +312,7 @@ def read_init(path, block_size: int | None = None) -> tuple[dict, object, dict, 
         cfg = run.read_config()
         context = cfg.block_size
         sizes = {k: getattr(cfg, k) for k in MODEL_SIZES}
-        if (folder / "best.safetensors").is_file():
+        if (folder / "best.safetensors").is_file() or not weights.is_file():
             weights = folder / "best.safetensors"
         what = f"the tabgpt run {folder} ({weights.name})"
     else:
@@ -347,6 +353,8 @@ def read_init(path, block_size: int | None = None) -> tuple[dict, object, dict, 
         tensors, _ = st.load(weights)
     except CheckpointError as e:
         raise RunError(f"--init-from: {e}") from e
+    except OSError as e:
+        raise RunError(f"--init-from: cannot read {weights}: {e.strerror or e}") from e
     named = {}
     for name, t in tensors.items():
         if name.endswith((".attn.bias", ".attn.masked_bias")):
