@@ -77,6 +77,18 @@ def wait(coro):
     raise RuntimeError("wait() got a coroutine that suspends; await it in an event loop instead")
 
 
+async def best_run_seconds(dev, seq, repeat: int, trials: int) -> float:
+    """The best over `trials` of: seq run `repeat` times in one submission, waited for, per run (seconds)."""
+    import time
+    best = float("inf")
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        seq.run(repeat)
+        await dev.sync()
+        best = min(best, (time.perf_counter() - t0) / repeat)
+    return best
+
+
 # ---------------------------------------------------------------------------------------------
 # WGSL sources: find files, parse bindings and which entry point uses which binding.
 

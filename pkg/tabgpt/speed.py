@@ -19,7 +19,7 @@ import array
 import random
 import time
 
-from tabgpt.gpu import Device, GPUError
+from tabgpt.gpu import Device, GPUError, best_run_seconds
 
 SIZES = (256, 512, 1024, 2048, 4096)
 TIMED_SECONDS = 0.1     # each size's timed submissions are about this long (short ones carry the round trip)
@@ -57,13 +57,7 @@ async def _best_time(dev: Device, seq) -> tuple[float, float]:
     await dev.sync()
     once = time.perf_counter() - t0
     repeat = max(1, min(100, int(TIMED_SECONDS / max(once, 1e-6))))
-    best = float("inf")
-    for _ in range(TRIALS):
-        t0 = time.perf_counter()
-        seq.run(repeat)
-        await dev.sync()
-        best = min(best, (time.perf_counter() - t0) / repeat)
-    return once, best
+    return once, await best_run_seconds(dev, seq, repeat, TRIALS)
 
 
 async def matmul_speed(dev: Device, sizes=SIZES, seconds: float = MATMUL_SECONDS, post=None) -> list[dict]:

@@ -36,7 +36,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from tabgpt.gpu import Buffer, Device, GPUError, Sequence, env_switch
+from tabgpt.gpu import Buffer, Device, GPUError, Sequence, best_run_seconds, env_switch
 from tabgpt.ops.elementwise import MAX_GROUPS, bound_at_least, fold_grid, span
 
 FILE = "matmul.wgsl"
@@ -280,13 +280,7 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
         return seq, max(1, min(200, int(TUNE_SECONDS / max(time.perf_counter() - t0, 1e-6)))), mm.splits
 
     async def clock(seq, repeat):
-        best = float("inf")
-        for _ in range(TUNE_TRIALS):
-            t0 = time.perf_counter()
-            seq.run(repeat)
-            await dev.sync()
-            best = min(best, (time.perf_counter() - t0) / repeat)
-        return best
+        return await best_run_seconds(dev, seq, repeat, TUNE_TRIALS)
 
     async def time_one(tiles, splits):
         seq, repeat, kept = await build(tiles, splits)
