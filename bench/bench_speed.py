@@ -7,6 +7,7 @@ native SwiftShader row and the browser row differ only by the browser's layers (
 shader translation with its bounds checks, Pyodide). One after the other, one run.
 
     python bench/bench_speed.py [--preset tiny] [--seconds 10] [--matmul-seconds 15] [--no-browser] [--write]
+                                [--dawn-features disable_workgroup_init ...]
 """
 
 from __future__ import annotations
@@ -58,19 +59,21 @@ def child(args):
                       "train": gpu.wait(speed.train_speed(dev, args.preset, args.seconds))}))
 
 
-def browser(args) -> dict:
+def browser(args, dawn_features: str = "") -> dict:
     from playwright.sync_api import sync_playwright
     import serve
     from browser_support import CHROMIUM, CHROMIUM_ARGS, ensure_site, run_py
     httpd, url = serve.start(ensure_site())
     try:
         with sync_playwright() as p:
-            b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            extra = [f"--enable-dawn-features={dawn_features}"] if dawn_features else []
+            b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + extra)
             page = b.new_page()
             page.goto(url + "/check/index.html")
             page.wait_for_function("window.tabgptCheck && window.tabgptCheck.stage !== 'loading'", timeout=180_000)
             r = run_py(page, MEASURE.format(**vars(args)), timeout_ms=1_800_000)
-            r["where"] = f"browser: Chromium {b.version} (headless), Pyodide"
+            r["where"] = f"browser: Chromium {b.version} (headless), Pyodide" + \
+                (f", Dawn features {dawn_features}" if dawn_features else "")
             b.close()
     finally:
         httpd.shutdown()
@@ -99,6 +102,10 @@ def main():
     ap.add_argument("--seconds", type=float, default=10.0, help="training time per row")
     ap.add_argument("--matmul-seconds", type=float, default=15.0, help="the products' budget per row")
     ap.add_argument("--no-browser", action="store_true")
+    ap.add_argument("--dawn-features", action="append", default=[], metavar="LIST",
+                    help="another browser row with these Dawn toggles on (comma-separated), for diagnosis: e.g. "
+                         "disable_workgroup_init (WebGPU zeroes workgroup memory at every workgroup's start) or "
+                         "disable_robustness (the index clamps); repeatable")
     ap.add_argument("--write", action="store_true", help="append the table to bench/results/speed.md")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -110,8 +117,9 @@ def main():
         rows.append(dict(native(args, icd), where="native (wgpu-py), SwiftShader"))
     if not args.no_browser:
         rows.append(browser(args))
+        rows += [browser(args, features) for features in args.dawn_features]
     text = (f"### tabgpt.speed natively and in the browser, {datetime.date.today()} "
-            f"(`bench/bench_speed.py --preset {args.preset} --seconds {args.seconds:g}`)\n\n" + report(rows, args))
+            f"(`bench/bench_speed.py {' '.join(sys.argv[1:])}`)\n\n" + report(rows, args))
     print(text)
     if args.write:
         print(f"appended to {append_result('speed', text)}")
