@@ -399,6 +399,13 @@ def test_config_beyond_the_gpu_limits_is_refused_with_advice():
     # a weight that outgrows a binding on its own: only n_embd sizes it
     with pytest.raises(RunError, match=r"MLP weight .* lower --n-embd$"):
         check_fits(Dev(), preset("tiny", n_layer=1, n_embd=2944, n_head=23, batch_size=1, block_size=8))
+    # a model whose sizes are given (--init-from, --resume): only the flags that can change are advised
+    with pytest.raises(RunError, match=r"logits .*: lower --batch-size or --block-size$"):
+        check_fits(Dev(), preset("gpt2"), ("--n-layer", "--n-head", "--n-embd", "--vocab-size"))
+    with pytest.raises(RunError, match=r"logits .*: lower --batch-size$"):
+        check_fits(Dev(), preset("gpt2"), ("--n-layer", "--n-head", "--n-embd", "--block-size", "--vocab-size"))
+    with pytest.raises(RunError, match=r"MLP weight .*: this model is too large for this GPU$"):
+        check_fits(Dev(), preset("tiny", n_layer=1, n_embd=2944, n_head=23, batch_size=1, block_size=8), ("--n-embd",))
 
 
 def test_cli_refuses_bad_paths_and_settings_before_any_work(cli_run, tmp_path):

@@ -24,6 +24,7 @@ class Pipeline:
     def __init__(self, emit=None, run_dir=None):
         self.emit = emit or _noop
         self.run = RunFolder(run_dir) if run_dir else None
+        self.fixed_flags = ()   # flags that cannot size this model (a model from --init-from): not advised
         self.corpus = None
         self.tokenizer = None
         self.data: TokenData | None = None
@@ -97,7 +98,7 @@ class Pipeline:
         if self.data is not None:
             self.data.check(cfg.block_size)
         self.dev = self.dev or await gpu.open_device()
-        check_fits(self.dev, cfg)
+        check_fits(self.dev, cfg, self.fixed_flags)
         # the checkpoint is read whole before anything is replaced: a bad one leaves the current model as it was
         resume = resume_from.read_resume(cfg) if resume_from is not None else None
         t0 = time.perf_counter()
@@ -202,22 +203,26 @@ class Pipeline:
                               max_tokens=max_tokens)
 
 
-def check_fits(dev, cfg: Config):
-    """Refuse configurations beyond the GPU's limits with a message that says what to change."""
+def check_fits(dev, cfg: Config, fixed=()):
+    """Refuse configurations beyond the GPU's limits with a message that says what to change; the flags of fixed
+    (a model from --init-from: its width and vocabulary) are not offered."""
     limit = dev.limits["max-storage-buffer-binding-size"]
     C, Vp, B, T = cfg.n_embd, cfg.padded_vocab_size, cfg.batch_size, cfg.block_size
     biggest = {   # what one binding of a kernel holds at once, and the settings that size it
         "the logits (batch_size x block_size x padded vocab)": (4 * B * T * Vp,
-                                                                  "--batch-size, --block-size or --vocab-size"),
+                                                                  ["--batch-size", "--block-size", "--vocab-size"]),
         "the MLP activations (batch_size x block_size x 4 n_embd)": (4 * B * T * 4 * C,
-                                                                       "--batch-size, --block-size or --n-embd"),
-        "the token embedding (vocab x n_embd)": (4 * Vp * C, "--vocab-size or --n-embd"),
-        "each MLP weight (n_embd x 4 n_embd)": (4 * C * 4 * C, "--n-embd"),
+                                                                       ["--batch-size", "--block-size", "--n-embd"]),
+        "the token embedding (vocab x n_embd)": (4 * Vp * C, ["--vocab-size", "--n-embd"]),
+        "each MLP weight (n_embd x 4 n_embd)": (4 * C * 4 * C, ["--n-embd"]),
     }
     for what, (nbytes, flags) in biggest.items():
         if nbytes > limit:
+            flags = [f for f in flags if f not in fixed]
+            advice = ("lower " + (", ".join(flags[:-1]) + " or " if len(flags) > 1 else "") + flags[-1] if flags
+                      else "this model is too large for this GPU")
             raise RunError(f"{what} need {nbytes / 2**20:.0f} MiB in one binding, above this GPU's limit of "
-                           f"{limit / 2**20:.0f} MiB: lower {flags}")
+                           f"{limit / 2**20:.0f} MiB: {advice}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +376,7 @@ def cli_train(args) -> int:
                 if getattr(cfg, k) != getattr(base, k):
                     print(f"note: resuming with {k} {getattr(cfg, k)} (was {getattr(base, k)})", file=sys.stderr)
             resume = pipe.run
+            pipe.fixed_flags = tuple(f"--{k.replace('_', '-')}" for k in RESUME_FIXED)
         elif args.init_from is not None:
             if args.tokenizer is not None:
                 raise RunError(f"--tokenizer: a model trained from --init-from keeps its own tokenizer (the one in "
@@ -383,6 +389,7 @@ def cli_train(args) -> int:
                 raise RunError(f"{', '.join(clash)}: the model in {args.init_from} has {sizes}; drop "
                                f"{'it' if len(clash) == 1 else 'them'} (its sizes are the model's)")
             init = (init_tok, init_params)
+            pipe.fixed_flags = ("--n-layer", "--n-head", "--n-embd", "--vocab-size")
             tune = finetune_rates(overrides.get("learning_rate"), overrides.get("min_lr"))
             settings = {k: v for k, v in overrides.items() if k not in RESUME_FIXED}
             cfg = preset(args.preset or "tiny", **{**settings, **tune}).replace(**sizes).validate()
