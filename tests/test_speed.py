@@ -36,7 +36,11 @@ def test_check_rows_names_each_wrong_entry():
 
 
 def test_matmul_speed_times_checked_products_within_its_budget(dev):
+    before = dev.bytes_allocated
     rows = gpu.wait(speed.matmul_speed(dev, sizes=(20, 64, 100), seconds=60))
+    # each size's matrices freed at once (Device.free): what stays is less than the smallest matrix (the
+    # products' own small placeholder buffers)
+    assert dev.bytes_allocated - before < 4 * 20 * 20
     assert [r["n"] for r in rows] == [20, 64, 100]
     for r in rows:
         assert r["ok"] and r["wrong"] == [] and r["checked"] >= 16, r

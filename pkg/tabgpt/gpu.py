@@ -512,6 +512,13 @@ class Device:
             self.write(buf, data)
         return buf
 
+    def free(self, *bufs: Buffer):
+        """Give storage buffers' memory back now (not when the garbage collector gets to them): for large scratch
+        buffers made and dropped while a page stays open. A freed buffer must not be used again."""
+        for buf in bufs:
+            buf.handle.destroy()
+            self.bytes_allocated -= buf.size
+
     def uniform(self, data, label: str = "params") -> Buffer:
         """A small uniform buffer (sizes, step, learning rate); update it with write()."""
         mv = _as_bytes(data)
