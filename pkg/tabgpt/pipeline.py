@@ -24,7 +24,6 @@ class Pipeline:
     def __init__(self, emit=None, run_dir=None):
         self.emit = emit or _noop
         self.run = RunFolder(run_dir) if run_dir else None
-        self.fixed_flags = ()   # flags that cannot size this model (a model from --init-from): not advised
         self.corpus = None
         self.tokenizer = None
         self.data: TokenData | None = None
@@ -98,7 +97,10 @@ class Pipeline:
         if self.data is not None:
             self.data.check(cfg.block_size)
         self.dev = self.dev or await gpu.open_device()
-        check_fits(self.dev, cfg, self.fixed_flags)
+        # the sizes of a resumed model, or of a trained one to start from (but its context), are not advised
+        fixed = [flag(k) for k in RESUME_FIXED] if resume_from is not None else \
+            [flag(k) for k in RESUME_FIXED if k != "block_size"] if init_params is not None else []
+        check_fits(self.dev, cfg, fixed)
         # the checkpoint is read whole before anything is replaced: a bad one leaves the current model as it was
         resume = resume_from.read_resume(cfg) if resume_from is not None else None
         t0 = time.perf_counter()
@@ -235,6 +237,11 @@ FLAG_NAMES = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_a
 
 # what a resumed run cannot change: the shapes of the checkpoint's weights
 RESUME_FIXED = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size"]
+
+
+def flag(name: str) -> str:
+    """The train command's flag of a Config field: n_embd -> --n-embd."""
+    return "--" + name.replace("_", "-")
 # the settings a run started from a trained model (--init-from) takes unless they are given: nanoGPT fine-tunes
 # GPT-2 at 3e-5; a preset's rate for training from scratch (1e-3 and above) would undo much of what it learned
 FINETUNE = {"learning_rate": 6e-5, "min_lr": 6e-6}
@@ -340,6 +347,7 @@ def cli_train(args) -> int:
 
     async def main():
         resume = init = tokenizer_event = None
+        history = []          # a resumed run's metrics
         if args.resume:
             pipe.run.check(need_state=True)
             base = pipe.run.read_config()
@@ -353,7 +361,7 @@ def cli_train(args) -> int:
             # the run's own command again with --resume: sizes, preset and tokenizer that match the run are fine
             # (and the vocabulary size it asked for, where its tokenizer came out smaller)
             asked = {"vocab_size": {base.vocab_size, trained.get("vocab_requested", base.vocab_size)}}
-            fixed = [f"--{k.replace('_', '-')}" for k in RESUME_FIXED
+            fixed = [flag(k) for k in RESUME_FIXED
                      if overrides.get(k) is not None and overrides[k] not in asked.get(k, {getattr(base, k)})]
             if args.preset is not None and started is None:   # (from --init-from, the preset set no sizes)
                 sized = preset(args.preset, **{k: overrides[k] for k in RESUME_FIXED if overrides.get(k) is not None})
@@ -376,20 +384,18 @@ def cli_train(args) -> int:
                 if getattr(cfg, k) != getattr(base, k):
                     print(f"note: resuming with {k} {getattr(cfg, k)} (was {getattr(base, k)})", file=sys.stderr)
             resume = pipe.run
-            pipe.fixed_flags = tuple(f"--{k.replace('_', '-')}" for k in RESUME_FIXED)
         elif args.init_from is not None:
             if args.tokenizer is not None:
                 raise RunError(f"--tokenizer: a model trained from --init-from keeps its own tokenizer (the one in "
                                f"{args.init_from}); drop --tokenizer")
             pipe.run.check_new()   # before the weights are read
             sizes, init_tok, init_params, what = read_init(args.init_from, overrides.get("block_size"))
-            clash = [f"--{k.replace('_', '-')}" for k in RESUME_FIXED if k != "block_size" and
+            clash = [flag(k) for k in RESUME_FIXED if k != "block_size" and
                      overrides.get(k) is not None and overrides[k] != sizes[k]]
             if clash:
                 raise RunError(f"{', '.join(clash)}: the model in {args.init_from} has {sizes}; drop "
                                f"{'it' if len(clash) == 1 else 'them'} (its sizes are the model's)")
             init = (init_tok, init_params)
-            pipe.fixed_flags = ("--n-layer", "--n-head", "--n-embd", "--vocab-size")
             tune = finetune_rates(overrides.get("learning_rate"), overrides.get("min_lr"))
             settings = {k: v for k, v in overrides.items() if k not in RESUME_FIXED}
             cfg = preset(args.preset or "tiny", **{**settings, **tune}).replace(**sizes).validate()
@@ -409,7 +415,7 @@ def cli_train(args) -> int:
                       "sha256": hashlib.sha256(pipe.corpus.text.encode()).hexdigest(),
                       "summary": pipe.corpus.summary()}
         if resume is not None:
-            earlier = [e for e in pipe.run.read_metrics() if e.get("type") == "data"]
+            earlier = [e for e in history if e.get("type") == "data"]
             if earlier and earlier[-1].get("sha256") != data_event["sha256"]:
                 print(f"note: this run was trained on {earlier[-1].get('source')} ({earlier[-1].get('summary')}); it "
                       f"goes on with other text, so its losses from here are of that", file=sys.stderr)
