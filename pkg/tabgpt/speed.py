@@ -115,7 +115,7 @@ async def train_speed(dev: Device, preset_name: str = "browser", seconds: float 
     fit this GPU's limits or memory."""
     from tabgpt.config import preset
     from tabgpt.gpt import GPT
-    from tabgpt.pipeline import RunError, check_fits
+    from tabgpt.pipeline import FLAG_NAMES, RunError, check_fits, flag
     from tabgpt.train import TokenData, TrainingError, train
     if not seconds > 0:
         raise ValueError(f"seconds must be positive, got {seconds!r}")
@@ -124,9 +124,9 @@ async def train_speed(dev: Device, preset_name: str = "browser", seconds: float 
     out = {"preset": preset_name, "n_params": cfg.n_params(), "tokens_per_step": cfg.batch_size * cfg.block_size
            * cfg.grad_accum, "flops_per_token": cfg.flops_per_token()}
     try:
-        check_fits(dev, cfg)
-    except RunError as e:   # its advice names the train command's flags, which mean nothing here
-        return {**out, "error": f"the {preset_name} preset does not fit this GPU: {str(e).split(': lower ')[0]}"}
+        check_fits(dev, cfg, fixed=[flag(k) for k in FLAG_NAMES])   # (the train command's flags mean nothing here)
+    except RunError as e:
+        return {**out, "error": f"the {preset_name} preset does not fit this GPU: {e}"}
     if post:
         post(f"building the {preset_name} preset's model ({cfg.n_params() / 1e6:.1f} M parameters)")
     rng = random.Random(0)
