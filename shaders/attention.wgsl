@@ -79,6 +79,7 @@ override SMS: u32 = 1u;      // f32s of `mat`
 override SMP: u32 = 1u;      // vec4s of `pt`
 override PIPELINE: bool = false;  // inner loops read their next step's values during the current step's FMAs
 override PREFETCH: bool = false;  // the next streamed tile is read into registers during the current one
+override HEAVY_FIRST: bool = false;  // row blocks launched heaviest first across all heads (block_order)
 override H4: u32 = HS / 4u;
 override H4P: u32 = H4 + 1u;
 override BR: u32 = RPT * NR;
@@ -308,8 +309,27 @@ fn max4(s: vec4<f32>) -> f32 {
     return max(max(s.x, s.y), max(s.z, s.w));
 }
 
+// The workgroup's (block, y, z) in a grid (blocks, y, z). Causal blocks differ in work (a query block's keys grow
+// with its index, a key block's queries shrink), and a GPU starts workgroups in the order of their linear index
+// (x fastest): launched as they are numbered, every head's heaviest block comes among the last. HEAVY_FIRST maps
+// the linear index so that the blocks' index is the slowest and the heaviest blocks of every head start first,
+// the lightest last (longest job first: the last wave holds the shortest). heavy_high: the heavy blocks are the
+// high indices. Which workgroup computes what changes, not what is computed: the results are bit-identical.
+fn block_order(wg: vec3u, nwg: vec3u, heavy_high: bool) -> vec3u {
+    if (!HEAVY_FIRST) {
+        return wg;
+    }
+    let rest = nwg.y * nwg.z;
+    let lin = wg.x + nwg.x * (wg.y + nwg.y * wg.z);
+    let i = lin / rest;
+    let r = lin % rest;
+    return vec3u(select(i, nwg.x - 1u - i, heavy_high), r % nwg.y, r / nwg.y);
+}
+
 @compute @workgroup_size(NR * TC)
-fn attention_forward(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
+fn attention_forward(@builtin(workgroup_id) wg_id: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+    let wg = block_order(wg_id, nwg, true);
     let Q0 = 0u;
     let K0 = BR * H4P;
     let V0 = K0 + BS * H4P;
@@ -528,7 +548,9 @@ fn attention_backward_delta(@builtin(workgroup_id) wg: vec3u, @builtin(num_workg
 
 // dq: a workgroup per BR queries. tiles: Q (BR) | dO (BR) | K (BS) | V (BS). pt: dS.
 @compute @workgroup_size(NR * TC)
-fn attention_backward_dq(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
+fn attention_backward_dq(@builtin(workgroup_id) wg_id: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+    let wg = block_order(wg_id, nwg, true);
     let Q0 = 0u;
     let DO0 = BR * H4P;
     let K0 = DO0 + BR * H4P;
@@ -764,7 +786,9 @@ fn put_stats(l0: u32, i: u32, v: vec2<f32>) {
 // dk, dv: a workgroup per BR keys; the thread's rows a, b (c, d) are keys, streamed tiles are BS queries.
 // tiles: K (BR) | V (BR) | Q (BS) | dO (BS). pt: P | dS. mat: lse (BS) | delta (BS).
 @compute @workgroup_size(NR * TC)
-fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
+fn attention_backward_dkv(@builtin(workgroup_id) wg_id: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+    let wg = block_order(wg_id, nwg, false);
     let K0 = 0u;
     let V0 = BR * H4P;
     let Q0 = V0 + BR * H4P;
@@ -1094,7 +1118,9 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoc
 // Each query sums its keys 0..q in order, dS entries above the diagonal are taken as zero (never read from ds_in:
 // dkv did not write them), and each product is one fma: attention_backward_dq's chain, so both give the same dQ.
 @compute @workgroup_size((QB / RQ) * H4)
-fn attention_backward_dq_ds(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
+fn attention_backward_dq_ds(@builtin(workgroup_id) wg_id: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+    let wg = block_order(wg_id, nwg, true);
     let KO = 0u;
     let DO = KS * H4;
     let b = wg.z;

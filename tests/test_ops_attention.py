@@ -37,12 +37,13 @@ def tiles_of(tile):
 
 
 def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True, pipeline=True, prefetch=False,
-                  dq="auto", dq_rows=None, backward="auto"):
+                  dq="auto", dq_rows=None, backward="auto", heavy_first=None):
     """Forward and backward on the GPU; returns (out (B, T, C), lse (B, NH, T), dqkv (B, T, 3C)).
     tile: a Tile forced on all three tiled kernels, or {entry: Tile} (None: each picks its own);
     pipeline, prefetch: the PIPELINE and PREFETCH overrides (PREFETCH only where the tile allows it)."""
     attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tiles_of(tile), pipeline=pipeline,
-                                 prefetch=prefetch, dq=dq, dq_rows=dq_rows, backward=backward))
+                                 prefetch=prefetch, dq=dq, dq_rows=dq_rows, backward=backward,
+                                 heavy_first=heavy_first))
     assert dq == "auto" or attn.dq == dq
     assert backward == "auto" or attn.backward_mode == backward
     assert all(attn.k[e].constants["PIPELINE"] is pipeline for e in attn.tiles)
@@ -472,6 +473,40 @@ def test_attention_prefetch_is_bit_identical(dev_full, B, T, C, NH, tile):
             differ = int((a.view(np.uint32) != b.view(np.uint32)).sum())
             assert differ == 0, (f"{name}: PIPELINE={pipeline} PREFETCH={prefetch} differ from both false in "
                                  f"{differ} of {a.size} elements")
+
+
+@pytest.mark.parametrize("B,T,C,NH,tile,dq", [
+    (2, 29, 64, 2, Tile(4, 8), "ds"),            # hs=32, T=29 cuts the last blocks; dQ from the stored dS
+    (3, 37, 72, 3, None, "recompute"),           # hs=24, attention_backward_dq
+    (2, 37, 64, 2, Tile(8, 2, 4), "ds"),         # RPT=4: blocks of 8 rows against streamed tiles of 32
+    (2, 29, 40, 2, Tile(1, 2, 4), "recompute"),  # hs=20, heads split into 3 chunks (wg.y = h * DS + chunk)
+    (1, 70, 128, 2, None, "ds"),                 # hs=64, the tiles the device picks
+], ids=["T29-hs32-ds", "T37-hs24-dq", "T37-rpt4-ds", "T29-hs20-chunks-dq", "T70-hs64-ds"])
+def test_heavy_first_is_bit_identical(dev_full, B, T, C, NH, tile, dq):
+    # HEAVY_FIRST changes which workgroup computes which block (each block still computed once, the same way):
+    # out, lse and dqkv agree to the bit with it off, which matches the reference.
+    skip_unless_fits(dev_full, C // NH, tile)
+    qkv, dout = inputs(B, T, C, seed=T + C + 2)
+    base = run_attention(dev_full, B, T, C, NH, qkv, dout, tile, pipeline=False, prefetch=True, dq=dq,
+                         heavy_first=False)
+    ref_out, att = reference.attention_forward(qkv, NH)
+    assert rel_err(base[0], ref_out) < TOL_OUT
+    assert rel_err(base[2], reference.attention_backward(dout, qkv, att, NH)) < TOL_GRAD
+    got = run_attention(dev_full, B, T, C, NH, qkv, dout, tile, pipeline=False, prefetch=True, dq=dq,
+                        heavy_first=True)
+    for name, a, b in zip(("out", "lse", "dqkv"), got, base):
+        assert np.isfinite(a).all(), f"{name}: non-finite entries"
+        differ = int((a.view(np.uint32) != b.view(np.uint32)).sum())
+        assert differ == 0, f"{name}: HEAVY_FIRST differs from the launch order in {differ} of {a.size} elements"
+
+
+def test_order_switch_is_checked(monkeypatch):
+    monkeypatch.setenv("TABGPT_ATTENTION_ORDER", "yes")
+    with pytest.raises(gpu.GPUError, match="TABGPT_ATTENTION_ORDER must be 0 or 1"):
+        attention_op.heavy_first_enabled()
+    monkeypatch.setenv("TABGPT_ATTENTION_ORDER", "1")
+    assert attention_op.heavy_first_enabled() is True
+    assert attention_op.heavy_first_enabled(False) is False
 
 
 def test_prefetch_vec4s():

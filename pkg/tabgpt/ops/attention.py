@@ -146,6 +146,17 @@ DS_MAX_BYTES = 512 << 20      # "auto" stores dS up to this size (and the bindin
 PRODUCTS_MIN_T = 384
 
 
+def heavy_first_enabled(heavy_first: bool | None = None) -> bool:
+    """Whether the causal kernels launch their row blocks heaviest first across all heads (attention.wgsl
+    block_order; the same results): heavy_first, else TABGPT_ATTENTION_ORDER (0 or 1; default 0)."""
+    if heavy_first is None:
+        env = os.environ.get("TABGPT_ATTENTION_ORDER", "0")
+        if env not in ("0", "1"):
+            raise GPUError(f"TABGPT_ATTENTION_ORDER must be 0 or 1, got {env!r}")
+        heavy_first = env == "1"
+    return bool(heavy_first)
+
+
 def dq_ds_vec4s(hs: int) -> int:
     """attention_backward_dq_ds's workgroup memory in vec4s (SMV): KS staged keys of K rows and of dS rows."""
     return DQ_KS * (hs // 4 + DQ_QB // 4)
@@ -291,7 +302,8 @@ class Attention:
     @classmethod
     async def create(cls, dev: Device, B: int, T: int, C: int, n_head: int,
                      tiles: dict | None = None, pipeline: bool = False, prefetch: bool = True,
-                     dq: str = "auto", dq_rows: int | None = None, backward: str = "auto") -> "Attention":
+                     dq: str = "auto", dq_rows: int | None = None, backward: str = "auto",
+                     heavy_first: bool | None = None) -> "Attention":
         """Compile the kernels for this shape. tiles={entry: Tile} forces tile shapes (tests, benchmarks);
         pipeline=True compiles the inner loops with software pipelining (override PIPELINE, same results);
         prefetch=True reads the next streamed tile into registers during the current one (override PREFETCH,
@@ -314,6 +326,7 @@ class Attention:
             raise GPUError(f"attention: qkv of {4 * B * T * 3 * C} bytes exceeds this device's storage binding "
                            "limit; use a smaller batch")
         mode = backward_mode(dev, B, T, n_head, backward)
+        order = {"HEAVY_FIRST": heavy_first_enabled(heavy_first)}
         dq = dq_mode(dev, B, T, n_head, hs, dq, dq_rows) if mode == "flash" else "recompute"
         kernels, chosen, prefetched = {}, {}, {}
         entries = {"flash": ENTRIES if dq == "recompute" else ("attention_forward", "attention_backward_dkv"),
@@ -331,12 +344,12 @@ class Attention:
             kernels[entry] = await dev.kernel(FILE, entry, constants={
                 "HS": hs, "TC": t.TC, "NR": t.NR, "RPT": t.RPT, "DS": t.chunks(hs), "SMV": smv,
                 "SMS": max(1, sms), "SMP": smp, "PIPELINE": bool(pipeline), "PREFETCH": prefetched[entry],
-                **({"STORE_DS": True} if dq == "ds" and entry == "attention_backward_dkv" else {})})
+                **({"STORE_DS": True} if dq == "ds" and entry == "attention_backward_dkv" else {}), **order})
         ds = no_ds = None
         if dq == "ds":
             rq = dq_ds_shape(hs, dev.limits, dq_rows)[0]          # dq_mode found that it fits
             kernels["attention_backward_dq_ds"] = await dev.kernel(FILE, "attention_backward_dq_ds", constants={
-                "HS": hs, "QB": DQ_QB, "RQ": rq, "KS": DQ_KS, "SMV": dq_ds_vec4s(hs), "SMS": 1})
+                "HS": hs, "QB": DQ_QB, "RQ": rq, "KS": DQ_KS, "SMV": dq_ds_vec4s(hs), "SMS": 1, **order})
             ds = dev.buffer(ds_bytes(B, n_head, T), "attention-ds")
         elif mode == "flash":
             no_ds = dev.buffer(16, "attention-no-ds")
