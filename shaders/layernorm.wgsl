@@ -8,8 +8,13 @@
 //                        -> dinp (N, C) f32 ACCUMULATED (+=, the residual stream's gradient),
 //                           partial (n_blocks, 2, C) f32 WRITTEN: per block of rows_per_block rows,
 //                           [blk, 0] = sum of dout * norm (for dweight), [blk, 1] = sum of dout (for dbias)
-// layernorm_param_grads: partial (n_blocks, 2, C) f32 -> dweight (C,) f32 +=, dbias (C,) f32 +=
+// layernorm_param_grads: partial_in (n_blocks, 2, C) f32 -> dweight (C,) f32 +=, dbias (C,) f32 +=
 //                        (blocks summed in order: deterministic, no atomics)
+// layernorm_param_grads_deferred: the same for up to MAX_DEFERRED layernorms at once, workgroup row k of the grid
+//                        for layernorm k of the `deferred` table: its partial sums at vec4 partial_at of
+//                        partial_in, its dweight and dbias at vec4s dweight_at and dbias_at of grads. So that the
+//                        parameter gradients of all a model's layernorms are one dispatch at the end of its
+//                        backward instead of one after each layernorm's backward, each waiting for the one before.
 //
 // Row reductions: a 64-thread workgroup works on R = WG / TPR rows at once, TPR threads per row (TPR, an override
 // constant, a power of two in 1..64, chosen on the Python side: for the forward the smallest that covers a row
@@ -44,6 +49,12 @@ struct LNParams { N: u32, C4: u32, rows_per_block: u32, n_blocks: u32 }
 @group(0) @binding(9) var<storage, read_write> partial: array<vec4<f32>>;
 @group(0) @binding(10) var<storage, read_write> dweight: array<vec4<f32>>;
 @group(0) @binding(11) var<storage, read_write> dbias: array<vec4<f32>>;
+@group(0) @binding(12) var<storage, read> partial_in: array<vec4<f32>>;
+@group(0) @binding(13) var<storage, read_write> grads: array<vec4<f32>>;
+@group(0) @binding(14) var<uniform> deferred: array<Deferred, MAX_DEFERRED>;
+
+struct Deferred { partial_at: u32, dweight_at: u32, dbias_at: u32, _pad: u32 }   // vec4 indices
+const MAX_DEFERRED: u32 = 64u;
 
 override TPR: u32 = 16u;     // threads per row: a power of two, 1..WG (the Python side sets it)
 const WG: u32 = 64u;
@@ -270,23 +281,41 @@ fn row_grad(r: u32, idx: u32, x: vec4<f32>, d: vec4<f32>, g: vec4<f32>, w: vec4<
 // fixed tree adds the threads' sums, and the total is added to the gradient.
 @compute @workgroup_size(WG)
 fn layernorm_param_grads(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec3u) {
-    let which = wg.x / lp.C4;   // 0: dweight, 1: dbias
-    let c = wg.x % lp.C4;
-    var acc = vec4(0.0);
-    for (var blk = lid.x; blk < lp.n_blocks; blk += WG) {
-        acc += partial[(2u * blk + which) * lp.C4 + c];
-    }
-    red4[lid.x] = acc;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid.x < s) { red4[lid.x] += red4[lid.x + s]; }
-        workgroupBarrier();
-    }
+    let total = param_total(0u, wg.x, lid.x);
     if (lid.x == 0u) {
-        if (which == 0u) {
-            dweight[c] += red4[0];
+        if (wg.x < lp.C4) {
+            dweight[wg.x] += total;
         } else {
-            dbias[c] += red4[0];
+            dbias[wg.x - lp.C4] += total;
         }
     }
+}
+
+// Grid (2 C4, layernorms): workgroup (j, k) makes vec4 j of layernorm k's [dweight | dbias].
+@compute @workgroup_size(WG)
+fn layernorm_param_grads_deferred(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec3u) {
+    let d = deferred[wg.y];
+    let total = param_total(d.partial_at, wg.x, lid.x);
+    if (lid.x == 0u) {
+        let at = select(d.dbias_at + wg.x - lp.C4, d.dweight_at + wg.x, wg.x < lp.C4);
+        grads[at] += total;
+    }
+}
+
+// The sum over the blocks of the partial sums at vec4 base of partial_in, for vec4 j of [dweight | dbias] (valid
+// in thread 0): thread t sums blocks t, t + WG, ... in order, then a fixed tree adds the threads' sums.
+fn param_total(base: u32, j: u32, lid: u32) -> vec4<f32> {
+    let which = j / lp.C4;   // 0: dweight, 1: dbias
+    let c = j % lp.C4;
+    var acc = vec4(0.0);
+    for (var blk = lid; blk < lp.n_blocks; blk += WG) {
+        acc += partial_in[base + (2u * blk + which) * lp.C4 + c];
+    }
+    red4[lid] = acc;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) { red4[lid] += red4[lid + s]; }
+        workgroupBarrier();
+    }
+    return red4[0];
 }

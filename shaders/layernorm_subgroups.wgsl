@@ -116,7 +116,7 @@ fn layernorm_param_grads_sg(@builtin(workgroup_id) wg: vec3u, @builtin(local_inv
     let c = wg.x % lp.C4;
     var acc = vec4(0.0);
     for (var blk = lid.x; blk < lp.n_blocks; blk += WG) {
-        acc += partial[(2u * blk + which) * lp.C4 + c];
+        acc += partial_in[(2u * blk + which) * lp.C4 + c];
     }
     let s = subgroupAdd(acc);
     if (lane == 0u) { red4_sg[sid] = s; }

@@ -170,6 +170,26 @@ def test_every_gradient_matches_reference_with_subgroup_reductions(dev, monkeypa
     test_forward_logits_and_loss_match_reference(m)
 
 
+def test_deferred_layernorm_gradients_are_bit_identical(dev, model, monkeypatch):
+    """TABGPT_LAYERNORM_FOLD=1: the layernorms' parameter gradients made together at the end of the backward (one
+    dispatch for all 2 L + 1 of them): every gradient matches the reference and agrees to the bit with the
+    default's, over two accumulated micro-batches."""
+    monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", "1")
+    m = wait(GPT.create(dev, config(), B, T))
+    assert m.ops.ln.defers and not model.ops.ln.defers
+    check_every_gradient(m)
+    got = []
+    for each in (model, m):
+        upload(each, noisy_params(3))
+        each.run_zero_grad()
+        for seed in (4, 5):
+            each.set_batch(*(u32(a) for a in batch(seed)))
+            each.run_forward_backward()
+        got.append(as_numpy(wait(each.get_grads())))
+    for name in got[0]:
+        assert got[0][name].tobytes() == got[1][name].tobytes(), f"{name}: deferred differs from the default"
+
+
 def check_every_gradient(model):
     params = noisy_params()
     x, y = batch(2)

@@ -312,6 +312,103 @@ def test_layernorm_is_bit_identical(dev, n, c, rows_per_block, tpr, subgroups):
         assert a.tobytes() == b.tobytes(), f"layernorm {name} differs between two runs"
 
 
+@pytest.mark.parametrize("n,c,rows_per_block,layers,max_binding", [
+    (45, 64, 5, 3, None), (23, 384, 8, 3, None), (130, 12, 64, 5, None), (11, 1040, 3, 2, None),
+    (45, 64, 5, 5, 4096),   # a small binding limit: the gradients' span splits the layernorms into several dispatches
+], ids=["C64", "C384", "C12-5ln", "C1040", "C64-split"])
+def test_layernorm_deferred_param_grads_are_bit_identical(dev, monkeypatch, n, c, rows_per_block, layers,
+                                                          max_binding):
+    """Several layernorms' backwards in one sequence, each leaving its dweight / dbias to finish(), which makes
+    them in one dispatch (layernorm_param_grads_deferred): the same bits as plain backwards, which match the
+    reference. The gradients lie in one buffer as a model's do (each tensor 256-byte aligned), one pair of them
+    given apart (their own buffers: made on their own by finish)."""
+    if max_binding:
+        monkeypatch.setitem(dev.limits, "max-storage-buffer-binding-size", max_binding)
+    inputs = [layernorm_inputs(20 + i, n, c, loc=1.0, scale=2.0) for i in range(layers)]
+    stride = -(-4 * c // 256) * 256
+
+    def go(fold):
+        ln = wait(LayerNorm.create(dev, n, c, rows_per_block, subgroups=False, deferred=layers, fold=fold))
+        assert ln.defers is fold
+        grads = dev.buffer(2 * layers * stride, "grads")
+        for i, (*_, dw0, db0) in enumerate(inputs):
+            dev.write(grads, dw0, 2 * i * stride)
+            dev.write(grads, db0, (2 * i + 1) * stride)
+        bufs = [dict(x=upload(dev, x), w=upload(dev, w), b=upload(dev, b), dout=upload(dev, dout),
+                     dinp=upload(dev, dinp0), out=dev.buffer(4 * n * c, "out"), mean=dev.buffer(4 * n, "mean"),
+                     rstd=dev.buffer(4 * n, "rstd"),
+                     dw=grads.view(2 * i * stride, 4 * c), db=grads.view((2 * i + 1) * stride, 4 * c))
+                for i, (x, w, b, dout, dinp0, dw0, db0) in enumerate(inputs)]
+        apart = bufs[1]
+        apart["dw"], apart["db"] = upload(dev, inputs[1][5]), upload(dev, inputs[1][6])
+
+        def append(s):
+            for t in bufs:
+                ln.forward(s, out=t["out"], mean=t["mean"], rstd=t["rstd"], inp=t["x"], weight=t["w"], bias=t["b"])
+            for t in bufs:
+                ln.backward(s, dinp=t["dinp"], dweight=t["dw"], dbias=t["db"], dout=t["dout"], inp=t["x"],
+                            weight=t["w"], mean=t["mean"], rstd=t["rstd"], defer=True)
+            assert len(ln.pending) == (layers if fold else 0)
+            before = len(s.ops)
+            ln.finish(s)
+            assert not ln.pending
+            made = [op.label for op in s.ops[before:]]
+            if not fold:
+                assert made == []
+            elif not max_binding:   # the pair apart on its own, then all the others in one dispatch
+                assert made == ["layernorm_param_grads", "layernorm_param_grads_deferred"], made
+            else:
+                assert made.count("layernorm_param_grads_deferred") > 1, made
+        run(dev, append)
+        return [[download(dev, t["dinp"], shape=(n, c)), download_view(dev, t["dw"]), download_view(dev, t["db"])]
+                for t in bufs]
+
+    plain, folded = go(False), go(True)
+    for i, ((x, w, b, dout, dinp0, dw0, db0), p, f) in enumerate(zip(inputs, plain, folded)):
+        ref_out, ref_mean, ref_rstd = reference.layernorm_forward(x, w, b)
+        ref = reference.layernorm_backward(dout, x, w, ref_mean, ref_rstd)
+        for name, got, want, start in zip(("dinp", "dweight", "dbias"), p, ref, (dinp0, dw0, db0)):
+            assert_close(f"layer {i} {name}", got, start + want, atol=1e-4, rtol=1e-5)
+        for name, a, b in zip(("dinp", "dweight", "dbias"), p, f):
+            assert a.tobytes() == b.tobytes(), f"layer {i} {name}: deferred differs from plain"
+
+
+def download_view(dev, x):
+    """A buffer's or view's f32s."""
+    if hasattr(x, "buffer"):
+        data = np.frombuffer(wait(dev.read(x.buffer)), dtype=np.float32)
+        return data[x.offset // 4:(x.offset + x.size) // 4].copy()
+    return download(dev, x)
+
+
+def test_layernorm_deferral_is_checked(dev, monkeypatch):
+    ln = wait(LayerNorm.create(dev, 8, 16, subgroups=False, deferred=2, fold=True))
+    big = {k: dev.buffer(4 * 8 * 16, k) for k in ("x", "dout", "dinp")}
+    small = {k: dev.buffer(4 * 16, k) for k in ("w", "dw", "db")}
+    stats = {k: dev.buffer(4 * 8, k) for k in ("mean", "rstd")}
+    s1, s2 = dev.sequence("one"), dev.sequence("two")
+    kw = dict(dinp=big["dinp"], dweight=small["dw"], dbias=small["db"], dout=big["dout"], inp=big["x"],
+              weight=small["w"], mean=stats["mean"], rstd=stats["rstd"])
+    ln.backward(s1, **kw, defer=True)
+    with pytest.raises(GPUError, match="pending on another sequence"):
+        ln.backward(s2, **kw)
+    with pytest.raises(GPUError, match="recorded on another sequence"):
+        ln.finish(s2)
+    ln.backward(s1, **kw, defer=True)
+    with pytest.raises(GPUError, match="more than 2 deferred layernorm backwards"):
+        ln.backward(s1, **kw, defer=True)
+    ln.finish(s1)
+    ln.finish(s2)   # nothing pending: nothing to do
+    monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", "on")
+    with pytest.raises(GPUError, match="TABGPT_LAYERNORM_FOLD must be 0 or 1"):
+        wait(LayerNorm.create(dev, 8, 16, subgroups=False, deferred=2))
+    monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", "1")
+    assert wait(LayerNorm.create(dev, 8, 16, subgroups=False, deferred=2)).defers
+    assert not wait(LayerNorm.create(dev, 8, 16, subgroups=False)).defers          # no slots asked for
+    if dev.has_subgroup_ops():
+        assert not wait(LayerNorm.create(dev, 8, 16, subgroups=True, deferred=2)).defers   # not the subgroup kernels
+
+
 def test_layernorm_threads_per_row_choice():
     from tabgpt.ops.layernorm import pick_threads_per_row
     assert [pick_threads_per_row(c) for c in (4, 32, 36, 64, 72, 128, 384, 768, 2048, 4096)] == \

@@ -186,7 +186,7 @@ class Ops:
         C, NH, V, Vp = cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.padded_vocab_size
         N = B * T
         self.ew = await Elementwise.create(dev)
-        self.ln = await LayerNorm.create(dev, N, C)
+        self.ln = await LayerNorm.create(dev, N, C, deferred=2 * cfg.n_layer + 1 if backward else 0)
         if sequence:
             self.emb = await Embedding.create(dev, B, T, C, Vp)
             # a forward only (prompts, evaluation): no backward kernels, no stored dS or products' scratches
@@ -257,6 +257,8 @@ def forward(seq: Sequence, o: Ops, a: Activations, p: dict, cfg: Config):
 def backward(seq: Sequence, o: Ops, a: Activations, p: dict, g: dict, cfg: Config):
     """From a.logits holding dlogits: every gradient ACCUMULATED into g (so that micro-batches add up).
 
+    The layernorms' parameter gradients are deferred (LayerNorm.backward's defer, where the op defers) and made
+    together at the end (LayerNorm.finish).
     The residual stream's gradient a.dres collects, in each layer, what flows past the block unchanged plus what
     comes back through ln_2 and ln_1 (their backward adds into it)."""
     C, N = cfg.n_embd, a.N
@@ -264,7 +266,8 @@ def backward(seq: Sequence, o: Ops, a: Activations, p: dict, g: dict, cfg: Confi
     o.lm_head.backward(seq, dx=a.dC, dwte=g["transformer.wte.weight"], dlogits=a.logits, x=a.lnf,
                        wte=p["transformer.wte.weight"])
     o.ln.backward(seq, dinp=a.dres, dweight=g["transformer.ln_f.weight"], dbias=g["transformer.ln_f.bias"],
-                  dout=a.dC, inp=a.res3[-1], weight=p["transformer.ln_f.weight"], mean=a.lnf_mean, rstd=a.lnf_rstd)
+                  dout=a.dC, inp=a.res3[-1], weight=p["transformer.ln_f.weight"], mean=a.lnf_mean, rstd=a.lnf_rstd,
+                  defer=True)
     for l in reversed(range(cfg.n_layer)):
         h = f"transformer.h.{l}."
         x = a.encoded if l == 0 else a.res3[l - 1]
@@ -280,7 +283,8 @@ def backward(seq: Sequence, o: Ops, a: Activations, p: dict, g: dict, cfg: Confi
                                 b1=a.dres, out2=weight_and_bias(g[fc + "weight"], g[fc + "bias"]), a2=a.ln2[l],
                                 b2=a.d4C)
         o.ln.backward(seq, dinp=a.dres, dweight=g[h + "ln_2.weight"], dbias=g[h + "ln_2.bias"], dout=a.dC,
-                      inp=a.res2[l], weight=p[h + "ln_2.weight"], mean=a.ln2_mean[l], rstd=a.ln2_rstd[l])
+                      inp=a.res2[l], weight=p[h + "ln_2.weight"], mean=a.ln2_mean[l], rstd=a.ln2_rstd[l],
+                      defer=True)
         # a.dres is now the gradient of res2: back through attention
         o.attn_proj.backward(seq, dinp=a.dC, dweight=g[ap + "weight"], dbias=g[ap + "bias"], dout=a.dres,
                              inp=a.atty[l], weight=p[ap + "weight"], weight_grad=not paired)
@@ -292,8 +296,9 @@ def backward(seq: Sequence, o: Ops, a: Activations, p: dict, g: dict, cfg: Confi
                                  b1=a.d3C, out2=weight_and_bias(g[ap + "weight"], g[ap + "bias"]), a2=a.atty[l],
                                  b2=a.dres)
         o.ln.backward(seq, dinp=a.dres, dweight=g[h + "ln_1.weight"], dbias=g[h + "ln_1.bias"], dout=a.dC,
-                      inp=x, weight=p[h + "ln_1.weight"], mean=a.ln1_mean[l], rstd=a.ln1_rstd[l])
+                      inp=x, weight=p[h + "ln_1.weight"], mean=a.ln1_mean[l], rstd=a.ln1_rstd[l], defer=True)
     o.emb.backward(seq, dwte=g["transformer.wte.weight"], dwpe=g["transformer.wpe.weight"], dout=a.dres, idx=a.idx)
+    o.ln.finish(seq)   # the deferred layernorm parameter gradients, in one dispatch
 
 
 # ------------------------------------------------------------------------------------------------------------

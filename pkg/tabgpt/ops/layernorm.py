@@ -9,6 +9,14 @@ The backward ACCUMULATES into dinp (the residual stream's gradient, as llm.c) an
 (gradient accumulation over micro-batches). dweight/dbias are reduced without atomics: per block of rows
 into a scratch buffer, then the blocks summed in a fixed order, so results are bit-identical run to run.
 
+A model's layernorms can make their parameter gradients together: created with deferred=K, backward(...,
+defer=True) writes its block sums into the next of K slots of one scratch and leaves dweight and dbias pending, and
+finish(seq) makes every pending one's in one dispatch (layernorm_param_grads_deferred, a table of where each one's
+sums and gradients lie). So the 2 L + 1 layernorms of a model's backward cost 2 L + 2 dispatches instead of 4 L + 2,
+each of which waits for the one before; K slots cost K x n_blocks x 2C floats (39 MB at the browser preset). Same
+sums in the same order: bit-identical. Not with the subgroup kernels; on where deferred > 0 and fold=True, or
+TABGPT_LAYERNORM_FOLD=1 (default 0).
+
 Row reductions use TPR threads per row, R = 64 / TPR rows per workgroup at once (the WGSL's header). The
 forward's TPR is the smallest power of two with TPR * KMAX >= C / 4, at most 64: a thread holds at most KMAX = 8
 vec4s of a row (32 floats in registers) and the per-row trees are as short as that allows, log2(TPR) barrier levels
@@ -29,10 +37,11 @@ on one device.
 
 from __future__ import annotations
 
+import os
 import struct
 
 from tabgpt.gpu import Device, GPUError, Sequence
-from tabgpt.ops.elementwise import fold_grid
+from tabgpt.ops.elementwise import fold_grid, span
 
 FILE = "layernorm.wgsl"
 SG_FILE = "layernorm_subgroups.wgsl"
@@ -50,6 +59,19 @@ def pick_threads_per_row(C: int) -> int:
     return tpr
 
 
+MAX_DEFERRED = 64   # layernorms per deferred dispatch (MAX_DEFERRED in the WGSL)
+
+
+def fold_enabled(fold: bool | None = None) -> bool:
+    """Whether deferred parameter gradients are made together: fold, else TABGPT_LAYERNORM_FOLD (0 or 1)."""
+    if fold is None:
+        env = os.environ.get("TABGPT_LAYERNORM_FOLD", "0")
+        if env not in ("0", "1"):
+            raise GPUError(f"TABGPT_LAYERNORM_FOLD must be 0 or 1, got {env!r}")
+        fold = env == "1"
+    return bool(fold)
+
+
 class LayerNorm:
     def __init__(self, dev, N, C, rows_per_block, tpr, kernels, params, partial, subgroups=False):
         self.dev, self.N, self.C = dev, N, C
@@ -62,13 +84,17 @@ class LayerNorm:
         self.k = kernels
         self.params = params      # uniform LNParams
         self.partial = partial    # scratch (n_blocks, 2, C) f32
+        self.slots = None         # deferred: a scratch of slots, each a partial, and the slot's bytes
+        self.pending = []         # (sequence, dweight, dbias, slot) of each deferred backward
 
     @classmethod
     async def create(cls, dev: Device, N: int, C: int, rows_per_block: int | None = None,
-                     threads_per_row: int | None = None, subgroups: bool | None = None) -> "LayerNorm":
+                     threads_per_row: int | None = None, subgroups: bool | None = None, deferred: int = 0,
+                     fold: bool | None = None) -> "LayerNorm":
         """threads_per_row (the forward's TPR, a power of two in 1..64) overrides the choice above (tests);
         subgroups picks the subgroup kernels (True) or the workgroup-memory trees (False) instead of the device's
-        default (Device.subgroup_reductions)."""
+        default (Device.subgroup_reductions); deferred: how many backwards may defer their parameter gradients
+        to finish() (above; fold, else TABGPT_LAYERNORM_FOLD, turns it on; not with the subgroup kernels)."""
         if C % 4:
             raise GPUError(f"LayerNorm needs C (n_embd) to be a multiple of 4, got {C}")
         # About 1024 row blocks: enough workgroups to fill a GPU, and partial sums (2C per block) that cost
@@ -96,7 +122,16 @@ class LayerNorm:
                       "layernorm_backward": await dev.kernel(FILE, "layernorm_backward",
                                                              constants={"TPR": self.tpr_backward}),
                       "layernorm_param_grads": await dev.kernel(FILE, "layernorm_param_grads")}
+            if deferred > 0 and fold_enabled(fold):
+                slot = -(-partial.size // 256) * 256      # each slot's partial at a binding offset
+                self.k["layernorm_param_grads_deferred"] = await dev.kernel(FILE, "layernorm_param_grads_deferred")
+                self.slots = (dev.buffer(deferred * slot, "layernorm-deferred-partials"), slot, deferred)
         return self
+
+    @property
+    def defers(self) -> bool:
+        """Whether backward(defer=True) leaves the parameter gradients to finish()."""
+        return self.slots is not None
 
     def forward(self, seq: Sequence, out, mean, rstd, inp, weight, bias):
         """out (N, C) = layernorm(inp (N, C)) * weight (C,) + bias (C,); writes mean, rstd (N,) for the backward."""
@@ -104,9 +139,72 @@ class LayerNorm:
         seq.dispatch(self.k["layernorm_forward"], fold_grid(groups), lp=self.params,
                      out=out, mean=mean, rstd=rstd, inp=inp, weight=weight, bias=bias)
 
-    def backward(self, seq: Sequence, dinp, dweight, dbias, dout, inp, weight, mean, rstd):
-        """dinp (N, C) += d/dinp; dweight, dbias (C,) += their gradients. Two dispatches."""
+    def backward(self, seq: Sequence, dinp, dweight, dbias, dout, inp, weight, mean, rstd, defer: bool = False):
+        """dinp (N, C) += d/dinp; dweight, dbias (C,) += their gradients. Two dispatches; one with defer=True
+        where the op defers (self.defers), and dweight, dbias complete only after finish(seq)."""
+        if self.pending and self.pending[0][0] is not seq:
+            raise GPUError("layernorm backwards are pending on another sequence: call finish() on that one first")
+        defer = defer and self.defers
+        if defer:
+            scratch, slot, count = self.slots
+            if len(self.pending) == count:
+                raise GPUError(f"more than {count} deferred layernorm backwards: call finish() first, or create "
+                               f"the LayerNorm with more (deferred=)")
+            part = scratch.view(len(self.pending) * slot, self.partial.size)
+        else:
+            part = self.partial
         seq.dispatch(self.k["layernorm_backward"], fold_grid(self.n_blocks), lp=self.params,
-                     dinp=dinp, partial=self.partial, dout=dout, inp=inp, weight=weight, mean=mean, rstd=rstd)
+                     dinp=dinp, partial=part, dout=dout, inp=inp, weight=weight, mean=mean, rstd=rstd)
+        if defer:
+            self.pending.append((seq, dweight, dbias, part))
+        else:
+            self._param_grads(seq, part, dweight, dbias)
+
+    def _param_grads(self, seq, part, dweight, dbias):
         seq.dispatch(self.k["layernorm_param_grads"], (2 * self.C // 4,), lp=self.params,
-                     partial=self.partial, dweight=dweight, dbias=dbias)
+                     partial_in=part, dweight=dweight, dbias=dbias)
+
+    def finish(self, seq: Sequence):
+        """The parameter gradients of every backward deferred on seq (none: nothing): one dispatch for as many as
+        one binding of their gradients and one of their sums hold (MAX_DEFERRED at most), one each for any whose
+        gradients are not 16-byte aligned in one buffer."""
+        if not self.pending:
+            return
+        if self.pending[0][0] is not seq:
+            raise GPUError("the pending layernorm backwards were recorded on another sequence")
+        pending, self.pending = self.pending, []
+        limit = self.dev.limits["max-storage-buffer-binding-size"]
+        group = []
+
+        def flush():
+            if group:
+                self._param_grads_together(seq, group)
+                group.clear()
+        for _, dweight, dbias, part in pending:
+            (wbuf, woff, wsize), (bbuf, boff, bsize) = span(dweight), span(dbias)
+            if wbuf is not bbuf or woff % 16 or boff % 16:   # on its own (the group goes on: each gradient's
+                self._param_grads(seq, part, dweight, dbias)    # sums are its own, in any order)
+                continue
+            entry = (wbuf, woff, wsize, boff, bsize, part)
+            trial = group + [entry]
+            lo = min(min(e[1], e[3]) for e in trial) // 256 * 256
+            hi = max(max(e[1] + e[2], e[3] + e[4]) for e in trial)
+            p_lo, p_hi = trial[0][5].offset, trial[-1][5].offset + trial[-1][5].size
+            if group and (wbuf is not group[0][0] or len(trial) > MAX_DEFERRED or hi - lo > limit
+                          or p_hi - p_lo > limit):
+                flush()
+            group.append(entry)
+        flush()
+
+    def _param_grads_together(self, seq, group):
+        buf = group[0][0]
+        lo = min(min(e[1], e[3]) for e in group) // 256 * 256
+        hi = max(max(e[1] + e[2], e[3] + e[4]) for e in group)
+        parts = [e[5] for e in group]
+        p_lo = parts[0].offset
+        table = b"".join(struct.pack("<4I", (p.offset - p_lo) // 16, (woff - lo) // 16, (boff - lo) // 16, 0)
+                         for (_, woff, _, boff, _, _), p in zip(group, parts))
+        seq.dispatch(self.k["layernorm_param_grads_deferred"], (2 * self.C // 4, len(group)), lp=self.params,
+                     partial_in=parts[0].buffer.view(p_lo, parts[-1].offset + parts[-1].size - p_lo),
+                     grads=buf.view(lo, hi - lo), deferred=self.dev.uniform(table.ljust(16 * MAX_DEFERRED, b"\0"),
+                                                                             "layernorm-deferred"))
