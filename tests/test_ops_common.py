@@ -416,6 +416,16 @@ def download_view(dev, x):
     return download(dev, x)
 
 
+def test_layernorm_deferred_scratch_is_in_the_memory_estimate(dev, monkeypatch):
+    from tabgpt.config import preset
+    from tabgpt.ops.layernorm import deferred_bytes
+    ln = wait(LayerNorm.create(dev, 8192, 384, subgroups=False, deferred=13, fold=True))
+    assert ln.slots[0].size == deferred_bytes(8192, 384, 13, fold=True) == 13 * 1024 * 2 * 384 * 4
+    base = preset("browser").gpu_bytes_estimate()
+    monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", "1")
+    assert preset("browser").gpu_bytes_estimate() - base == ln.slots[0].size
+
+
 def test_layernorm_deferral_is_checked(dev, monkeypatch):
     ln = wait(LayerNorm.create(dev, 8, 16, subgroups=False, deferred=2, fold=True))
     big = {k: dev.buffer(4 * 8 * 16, k) for k in ("x", "dout", "dinp")}

@@ -132,7 +132,9 @@ class Config:
         # the attention backward's (B, n_head, T, T) scratches (the stored dS, or the products' S and dP), as "auto"
         # allocates them within WebGPU's default 128 MiB binding
         from tabgpt.ops.attention import backward_scratch_bytes
-        return 4 * (4 * P + acts) + backward_scratch_bytes(self.batch_size, self.n_head, self.block_size, 128 << 20)
+        from tabgpt.ops.layernorm import deferred_bytes
+        return (4 * (4 * P + acts) + backward_scratch_bytes(self.batch_size, self.n_head, self.block_size, 128 << 20)
+                + deferred_bytes(tokens, self.n_embd, 2 * self.n_layer + 1))
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the weights plus attention (PaLM appendix B, as nanoGPT)."""

@@ -62,6 +62,19 @@ def pick_threads_per_row(C: int) -> int:
 MAX_DEFERRED = 64   # layernorms per deferred dispatch (MAX_DEFERRED in the WGSL)
 
 
+def rows_per_block_for(N: int) -> int:
+    """The backward's rows per block: about 1024 blocks, enough workgroups to fill a GPU, and partial sums (2C per
+    block) that cost little next to the (N, C) tensors read."""
+    return min(MAX_ROWS, max(1, -(-N // 1024)))
+
+
+def deferred_bytes(N: int, C: int, count: int, fold: bool | None = None) -> int:
+    """The scratch of `count` deferred backwards' partial sums (LayerNorm.create's deferred=), where they defer."""
+    if not fold_enabled(fold):
+        return 0
+    return count * -(-4 * -(-N // rows_per_block_for(N)) * 2 * C // 256) * 256
+
+
 def fold_enabled(fold: bool | None = None) -> bool:
     """Whether deferred parameter gradients are made together: fold, else TABGPT_LAYERNORM_FOLD (0 or 1)."""
     if fold is None:
@@ -97,9 +110,7 @@ class LayerNorm:
         to finish() (above; fold, else TABGPT_LAYERNORM_FOLD, turns it on; not with the subgroup kernels)."""
         if C % 4:
             raise GPUError(f"LayerNorm needs C (n_embd) to be a multiple of 4, got {C}")
-        # About 1024 row blocks: enough workgroups to fill a GPU, and partial sums (2C per block) that cost
-        # little next to the (N, C) tensors read.
-        rows_per_block = rows_per_block or min(MAX_ROWS, max(1, -(-N // 1024)))
+        rows_per_block = rows_per_block or rows_per_block_for(N)
         if not 1 <= rows_per_block <= MAX_ROWS:
             raise GPUError(f"rows_per_block must be in 1..{MAX_ROWS}, got {rows_per_block}")
         tpr = threads_per_row or pick_threads_per_row(C)
