@@ -44,7 +44,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from tabgpt.gpu import Device, GPUError, Sequence
+from tabgpt.gpu import Device, GPUError, Sequence, env_switch
 from tabgpt.ops.elementwise import bound_at_least, fold_grid
 from tabgpt.ops.matmul import BatchedMatmul, Strided, pairs_enabled
 
@@ -149,12 +149,7 @@ PRODUCTS_MIN_T = 384
 def heavy_first_enabled(heavy_first: bool | None = None) -> bool:
     """Whether the causal kernels launch their row blocks heaviest first across all heads (attention.wgsl
     block_order; the same results): heavy_first, else TABGPT_ATTENTION_ORDER (0 or 1; default 0)."""
-    if heavy_first is None:
-        env = os.environ.get("TABGPT_ATTENTION_ORDER", "0")
-        if env not in ("0", "1"):
-            raise GPUError(f"TABGPT_ATTENTION_ORDER must be 0 or 1, got {env!r}")
-        heavy_first = env == "1"
-    return bool(heavy_first)
+    return env_switch("TABGPT_ATTENTION_ORDER", heavy_first)
 
 
 def dq_ds_vec4s(hs: int) -> int:

@@ -19,10 +19,9 @@ batch and pass presorted=True to backward, which then skips the sort's dispatche
 from __future__ import annotations
 
 import array
-import os
 import struct
 
-from tabgpt.gpu import Device, GPUError, Sequence
+from tabgpt.gpu import Device, GPUError, Sequence, env_switch
 from tabgpt.ops.elementwise import fold_grid
 
 FILE = "embedding.wgsl"
@@ -36,12 +35,7 @@ NO_KEY = 0xFFFFFFFF   # NO_KEY in the WGSL: the padding past the sorted keys (an
 
 def presort_enabled(presort: bool | None = None) -> bool:
     """Whether a training batch's embedding keys are sorted on the CPU: presort, else TABGPT_EMBEDDING_PRESORT."""
-    if presort is None:
-        env = os.environ.get("TABGPT_EMBEDDING_PRESORT", "0")
-        if env not in ("0", "1"):
-            raise GPUError(f"TABGPT_EMBEDDING_PRESORT must be 0 or 1, got {env!r}")
-        presort = env == "1"
-    return bool(presort)
+    return env_switch("TABGPT_EMBEDDING_PRESORT", presort)
 
 
 class Embedding:

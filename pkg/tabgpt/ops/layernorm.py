@@ -37,10 +37,9 @@ on one device.
 
 from __future__ import annotations
 
-import os
 import struct
 
-from tabgpt.gpu import Device, GPUError, Sequence
+from tabgpt.gpu import Device, GPUError, Sequence, env_switch
 from tabgpt.ops.elementwise import fold_grid, span
 
 FILE = "layernorm.wgsl"
@@ -77,12 +76,7 @@ def deferred_bytes(N: int, C: int, count: int, fold: bool | None = None) -> int:
 
 def fold_enabled(fold: bool | None = None) -> bool:
     """Whether deferred parameter gradients are made together: fold, else TABGPT_LAYERNORM_FOLD (0 or 1)."""
-    if fold is None:
-        env = os.environ.get("TABGPT_LAYERNORM_FOLD", "0")
-        if env not in ("0", "1"):
-            raise GPUError(f"TABGPT_LAYERNORM_FOLD must be 0 or 1, got {env!r}")
-        fold = env == "1"
-    return bool(fold)
+    return env_switch("TABGPT_LAYERNORM_FOLD", fold)
 
 
 class LayerNorm:
