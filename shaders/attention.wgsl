@@ -80,6 +80,7 @@ override SMP: u32 = 1u;      // vec4s of `pt`
 override PIPELINE: bool = false;  // inner loops read their next step's values during the current step's FMAs
 override PREFETCH: bool = false;  // the next streamed tile is read into registers during the current one
 override HEAVY_FIRST: bool = false;  // row blocks launched heaviest first across all heads (block_order)
+override HEAVY_GROUP: u32 = 0u;      // HEAVY_FIRST within groups of this many heads (0: all)
 override H4: u32 = HS / 4u;
 override H4P: u32 = H4 + 1u;
 override BR: u32 = RPT * NR;
@@ -314,15 +315,22 @@ fn max4(s: vec4<f32>) -> f32 {
 // (x fastest): launched as they are numbered, every head's heaviest block comes among the last. HEAVY_FIRST maps
 // the linear index so that the blocks' index is the slowest and the heaviest blocks of every head start first,
 // the lightest last (longest job first: the last wave holds the shortest). heavy_high: the heavy blocks are the
-// high indices. Which workgroup computes what changes, not what is computed: the results are bit-identical.
+// high indices. HEAVY_GROUP > 0 does so within groups of that many (y, z) pairs (heads), one group after the
+// other, so that the heads in flight at once, whose K and V the GPU's cache holds, stay that many. Which
+// workgroup computes what changes, not what is computed: the results are bit-identical.
 fn block_order(wg: vec3u, nwg: vec3u, heavy_high: bool) -> vec3u {
     if (!HEAVY_FIRST) {
         return wg;
     }
-    let rest = nwg.y * nwg.z;
+    let pairs = nwg.y * nwg.z;
     let lin = wg.x + nwg.x * (wg.y + nwg.y * wg.z);
-    let i = lin / rest;
-    let r = lin % rest;
+    let size = select(pairs, min(HEAVY_GROUP, pairs), HEAVY_GROUP > 0u);   // pairs per group
+    let group = lin / (nwg.x * size);
+    let first = group * size;                  // the group's first pair
+    let n = min(size, pairs - first);          // its pairs (the last group may have fewer)
+    let within = lin - first * nwg.x;
+    let i = within / n;
+    let r = first + within % n;
     return vec3u(select(i, nwg.x - 1u - i, heavy_high), r % nwg.y, r / nwg.y);
 }
 

@@ -37,13 +37,13 @@ def tiles_of(tile):
 
 
 def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True, pipeline=True, prefetch=False,
-                  dq="auto", dq_rows=None, backward="auto", heavy_first=None):
+                  dq="auto", dq_rows=None, backward="auto", heavy_first=None, heavy_group=None):
     """Forward and backward on the GPU; returns (out (B, T, C), lse (B, NH, T), dqkv (B, T, 3C)).
     tile: a Tile forced on all three tiled kernels, or {entry: Tile} (None: each picks its own);
     pipeline, prefetch: the PIPELINE and PREFETCH overrides (PREFETCH only where the tile allows it)."""
     attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tiles_of(tile), pipeline=pipeline,
                                  prefetch=prefetch, dq=dq, dq_rows=dq_rows, backward=backward,
-                                 heavy_first=heavy_first))
+                                 heavy_first=heavy_first, heavy_group_size=heavy_group))
     assert dq == "auto" or attn.dq == dq
     assert backward == "auto" or attn.backward_mode == backward
     assert all(attn.k[e].constants["PIPELINE"] is pipeline for e in attn.tiles)
@@ -492,12 +492,14 @@ def test_heavy_first_is_bit_identical(dev_full, B, T, C, NH, tile, dq):
     ref_out, att = reference.attention_forward(qkv, NH)
     assert rel_err(base[0], ref_out) < TOL_OUT
     assert rel_err(base[2], reference.attention_backward(dout, qkv, att, NH)) < TOL_GRAD
-    got = run_attention(dev_full, B, T, C, NH, qkv, dout, tile, pipeline=False, prefetch=True, dq=dq,
-                        heavy_first=True)
-    for name, a, b in zip(("out", "lse", "dqkv"), got, base):
-        assert np.isfinite(a).all(), f"{name}: non-finite entries"
-        differ = int((a.view(np.uint32) != b.view(np.uint32)).sum())
-        assert differ == 0, f"{name}: HEAVY_FIRST differs from the launch order in {differ} of {a.size} elements"
+    for group in (0, 1, 4):   # all heads at once; one head a group; groups of 4 (the last one short)
+        got = run_attention(dev_full, B, T, C, NH, qkv, dout, tile, pipeline=False, prefetch=True, dq=dq,
+                            heavy_first=True, heavy_group=group)
+        for name, a, b in zip(("out", "lse", "dqkv"), got, base):
+            assert np.isfinite(a).all(), f"{name}: non-finite entries"
+            differ = int((a.view(np.uint32) != b.view(np.uint32)).sum())
+            assert differ == 0, (f"{name}: HEAVY_FIRST (groups of {group}) differs from the launch order in {differ} "
+                                 f"of {a.size} elements")
 
 
 def test_order_switch_is_checked(monkeypatch):
@@ -507,6 +509,11 @@ def test_order_switch_is_checked(monkeypatch):
     monkeypatch.setenv("TABGPT_ATTENTION_ORDER", "1")
     assert attention_op.heavy_first_enabled() is True
     assert attention_op.heavy_first_enabled(False) is False
+    monkeypatch.setenv("TABGPT_ATTENTION_ORDER_GROUP", "-2")
+    with pytest.raises(gpu.GPUError, match="TABGPT_ATTENTION_ORDER_GROUP must be a count of heads"):
+        attention_op.heavy_group()
+    monkeypatch.setenv("TABGPT_ATTENTION_ORDER_GROUP", "16")
+    assert attention_op.heavy_group() == 16 and attention_op.heavy_group(0) == 0
 
 
 def test_prefetch_vec4s():

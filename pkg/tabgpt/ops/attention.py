@@ -146,6 +146,19 @@ DS_MAX_BYTES = 512 << 20      # "auto" stores dS up to this size (and the bindin
 PRODUCTS_MIN_T = 384
 
 
+def heavy_group(group: int | None = None) -> int:
+    """HEAVY_FIRST's heads per group (attention.wgsl block_order; 0: all of them): group, else
+    TABGPT_ATTENTION_ORDER_GROUP (default 0)."""
+    if group is None:
+        env = os.environ.get("TABGPT_ATTENTION_ORDER_GROUP", "0")
+        if not env.isdigit():
+            raise GPUError(f"TABGPT_ATTENTION_ORDER_GROUP must be a count of heads (0: all), got {env!r}")
+        group = int(env)
+    if group < 0:
+        raise GPUError(f"the heads per group must be 0 (all) or more, got {group}")
+    return int(group)
+
+
 def heavy_first_enabled(heavy_first: bool | None = None) -> bool:
     """Whether the causal kernels launch their row blocks heaviest first across all heads (attention.wgsl
     block_order; the same results): heavy_first, else TABGPT_ATTENTION_ORDER (0 or 1; default 0)."""
@@ -298,7 +311,7 @@ class Attention:
     async def create(cls, dev: Device, B: int, T: int, C: int, n_head: int,
                      tiles: dict | None = None, pipeline: bool = False, prefetch: bool = True,
                      dq: str = "auto", dq_rows: int | None = None, backward: str = "auto",
-                     heavy_first: bool | None = None) -> "Attention":
+                     heavy_first: bool | None = None, heavy_group_size: int | None = None) -> "Attention":
         """Compile the kernels for this shape. tiles={entry: Tile} forces tile shapes (tests, benchmarks);
         pipeline=True compiles the inner loops with software pipelining (override PIPELINE, same results);
         prefetch=True reads the next streamed tile into registers during the current one (override PREFETCH,
@@ -321,7 +334,7 @@ class Attention:
             raise GPUError(f"attention: qkv of {4 * B * T * 3 * C} bytes exceeds this device's storage binding "
                            "limit; use a smaller batch")
         mode = backward_mode(dev, B, T, n_head, backward)
-        order = {"HEAVY_FIRST": heavy_first_enabled(heavy_first)}
+        order = {"HEAVY_FIRST": heavy_first_enabled(heavy_first), "HEAVY_GROUP": heavy_group(heavy_group_size)}
         dq = dq_mode(dev, B, T, n_head, hs, dq, dq_rows) if mode == "flash" else "recompute"
         kernels, chosen, prefetched = {}, {}, {}
         entries = {"flash": ENTRIES if dq == "recompute" else ("attention_forward", "attention_backward_dkv"),
