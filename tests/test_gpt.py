@@ -176,7 +176,8 @@ def test_deferred_layernorm_gradients_and_presorted_keys_are_bit_identical(dev, 
     dispatch for all 2 L + 1 of them); TABGPT_EMBEDDING_PRESORT=1: the embedding backward's keys sorted by
     set_batch on the CPU. Either way every gradient matches the reference and agrees to the bit with the
     default's, over two accumulated micro-batches."""
-    monkeypatch.setenv(env, "1")
+    for name in ("TABGPT_LAYERNORM_FOLD", "TABGPT_EMBEDDING_PRESORT"):
+        monkeypatch.setenv(name, "1" if name == env else "0")
     m = wait(GPT.create(dev, config(), B, T))
     assert (m.ops.ln.defers, m.ops.presorted) == (env == "TABGPT_LAYERNORM_FOLD", env == "TABGPT_EMBEDDING_PRESORT")
     assert not model.ops.ln.defers and not model.ops.presorted

@@ -421,6 +421,7 @@ def test_layernorm_deferred_scratch_is_in_the_memory_estimate(dev, monkeypatch):
     from tabgpt.ops.layernorm import deferred_bytes
     ln = wait(LayerNorm.create(dev, 8192, 384, subgroups=False, deferred=13, fold=True))
     assert ln.slots[0].size == deferred_bytes(8192, 384, 13, fold=True) == 13 * 1024 * 2 * 384 * 4
+    monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", "0")
     base = preset("browser").gpu_bytes_estimate()
     monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", "1")
     assert preset("browser").gpu_bytes_estimate() - base == ln.slots[0].size
