@@ -13,7 +13,9 @@ added up in order. The result is bit-identical run to run.
 Where the token ids come from the CPU anyway (a training batch), the CPU can sort the keys instead: sorted_keys(idx)
 makes the same array (the keys are distinct, so any sort gives the same order), write it to emb.keys with the
 batch and pass presorted=True to backward, which then skips the sort's dispatches (about 2 + log2(n_pad / 1024)
-(log2(n_pad / 1024) + 3) / 2 of them: 10 at 8192 rows). The same gradients to the bit.
+(log2(n_pad / 1024) + 3) / 2 of them: 10 at 8192 rows). The same gradients to the bit. Its price is CPU time:
+8,192 ids take 1.3 ms natively and 2.3 ms in Pyodide (314.0.7, CPython 3.14, on Node 20; 2-core Xeon), spent while
+the GPU still runs the steps before (the trainer reads losses an interval behind), so free where the GPU is the bound.
 """
 
 from __future__ import annotations
