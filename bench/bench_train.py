@@ -38,12 +38,7 @@ def native_trainer(cfg):
     y = array.array("I", (rng.randrange(cfg.vocab_size) for _ in range(n)))
 
     def step(s):
-        model.set_step(s, cfg.learning_rate * 0.1)
-        model.run_zero_grad()
-        for _ in range(cfg.grad_accum):
-            model.set_batch(x, y)
-            model.run_forward_backward()
-        model.run_update(slot=s)
+        model.train_step(s, cfg.learning_rate * 0.1, [(x, y)] * cfg.grad_accum)
 
     def seconds(first, count):
         gpu.wait(dev.sync())

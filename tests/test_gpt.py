@@ -98,14 +98,24 @@ def read_floats(model, buf, count=None):
     return np.frombuffer(wait(model.dev.read(buf, 0, None if count is None else 4 * count)), np.float32)
 
 
-def train_gpu(model, batches, n, lr):
-    """n steps on the GPU as tabgpt.train drives them; returns the (loss, norm, skipped) of each."""
+def train_gpu(model, batches, n, lr, micro=1):
+    """n steps on the GPU as tabgpt.train drives them (train_step, `micro` micro-batches each: one submission a
+    step for one); returns the (loss, norm, skipped) of each."""
+    for step in range(n):
+        model.train_step(step, lr(step + 1), [tuple(u32(a) for a in batches[(step * micro + i) % len(batches)])
+                                              for i in range(micro)])
+    return wait(model.read_step_stats(range(n)))
+
+
+def train_apart(model, batches, n, lr, micro=1):
+    """train_gpu's steps made from the separate sequences: zero_grad, forward-backward per micro-batch, update
+    (three submissions a step or more)."""
     for step in range(n):
         model.set_step(step, lr(step + 1))
         model.run_zero_grad()
-        x, y = batches[step % len(batches)]
-        model.set_batch(u32(x), u32(y))
-        model.run_forward_backward()
+        for i in range(micro):
+            model.set_batch(*(u32(a) for a in batches[(step * micro + i) % len(batches)]))
+            model.run_forward_backward()
         model.run_update(slot=step)
     return wait(model.read_step_stats(range(n)))
 
@@ -269,6 +279,23 @@ def test_same_seed_gives_bit_identical_losses(model):
     wait(model.init_weights(1235))
     other = train_gpu(model, [(x, y)], 1, lambda t: 3e-3)
     assert struct.pack("<2f", *other[0][:2]) != runs[0][0], "another seed should give other weights"
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_train_step_is_the_separate_sequences(model, micro):
+    """train_step (one submission a step for one micro-batch, step_seq) trains to the bit as the separate
+    zero_grad, forward-backward and update sequences do: stats of every step and the parameters after them."""
+    batches = [batch(20), batch(21), batch(22)]
+    lr = lambda t: 2e-3 * min(1.0, t / 2)   # noqa: E731
+    got = []
+    for run in (train_gpu, train_apart):
+        upload(model, noisy_params(6))
+        stats = run(model, batches, 3, lr, micro)
+        params = wait(model.get_params(padded=True))
+        got.append(([struct.pack("<2f?", *s) for s in stats], params))
+    assert got[0][0] == got[1][0], f"step stats differ: {got[0][0]} against {got[1][0]}"
+    assert got[0][1] == got[1][1], "parameters differ after three steps"
+    assert len(model.step_seq) == len(model.zero_seq) + len(model.fwd_bwd_seq) + len(model.update_seq)
 
 
 def test_init_statistics(model):

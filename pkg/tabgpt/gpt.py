@@ -3,10 +3,7 @@ backward written out explicitly (as llm.c), built once into dispatch sequences a
 
     model = await GPT.create(dev, cfg, B, T)          # buffers allocated, kernels compiled, sequences built
     await model.init_weights(seed)
-    model.set_step(step, lr); model.run_zero_grad()
-    for x, y in micro_batches:                        # array('I') of B*T token ids and targets
-        model.set_batch(x, y); model.run_forward_backward()
-    model.run_update(slot=step)
+    model.train_step(step, lr, micro_batches)         # [(x, y)]: array('I') of B*T token ids and targets
     (loss, grad_norm, skipped), = await model.read_step_stats([step])   # later: the GPU runs ahead meanwhile
     logits = await model.prefill(prompt); logits = await model.decode(token)   # generation, Vp floats each
 
@@ -369,7 +366,12 @@ class GPT:
         o.ce_eval.forward(s, losses=a.losses, logits=a.logits, targets=a.targets)
         s.dispatch(self.k_top1, fold_grid(N), tp=top1_params, logits=a.logits, targets=a.targets, correct=a.correct)
 
-        self.sequences = [self.zero_seq, self.fwd_bwd_seq, self.update_seq, self.eval_seq, self.metrics_seq]
+        # a whole step of one micro-batch as one submission: zero_grad, forward-backward and update in one command
+        # buffer (train_step), where three submissions each begin and end their own
+        self.step_seq = dev.sequence("step").extend(self.zero_seq).extend(self.fwd_bwd_seq).extend(self.update_seq)
+
+        self.sequences = [self.zero_seq, self.fwd_bwd_seq, self.update_seq, self.eval_seq, self.metrics_seq,
+                          self.step_seq]
         for s in self.sequences:
             await s.build()
         self.gen = None                                    # generation state, made by the first prefill
@@ -435,6 +437,22 @@ class GPT:
         """Clip + AdamW, and store (loss, grad norm, skipped) of this step at ring slot % RING."""
         self.dev.write(self.record_params, struct.pack("<4I", slot % RING, RING, 0, 0))
         self.update_seq.run()
+
+    def train_step(self, step: int, lr: float, batches):
+        """One whole training step without waiting for the GPU: zero_grad, a forward-backward of each micro-batch
+        (x, y) of `batches` (gradients added up), clip + AdamW at rate lr, its stats at ring slot step % RING.
+        One micro-batch is one submission (step_seq); more take one each, since each needs its own set_batch."""
+        self.set_step(step, lr)
+        if len(batches) == 1:
+            self.set_batch(*batches[0])
+            self.dev.write(self.record_params, struct.pack("<4I", step % RING, RING, 0, 0))
+            self.step_seq.run()
+            return
+        self.run_zero_grad()
+        for x, y in batches:
+            self.set_batch(x, y)
+            self.run_forward_backward()
+        self.run_update(slot=step)
 
     async def read_step_stats(self, steps) -> list[tuple[float, float, bool]]:
         """(loss, grad norm, skipped) of each step in `steps`, which must be among the last RING recorded."""

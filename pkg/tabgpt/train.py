@@ -179,13 +179,8 @@ async def train(model, data: TokenData, cfg: Config, control: Control | None = N
         if control.stop:  # stopped while paused: no further step
             break
         lr = get_lr(step, cfg)
-        model.set_step(step, lr)
-        model.run_zero_grad()
-        for micro in range(cfg.grad_accum):
-            x, y = get_batch(data.train, B, T, cfg.seed, step, micro)
-            model.set_batch(x, y)
-            model.run_forward_backward()
-        model.run_update(slot=step)
+        model.train_step(step, lr, [get_batch(data.train, B, T, cfg.seed, step, micro)
+                                    for micro in range(cfg.grad_accum)])
         pending.append(step)
         step += 1
 
