@@ -22,7 +22,8 @@ TOL_LOGITS = 1e-4   # logits after three steps at lr 1e-2, relative to the large
 
 RUN_STEPS = '''
 async def run_steps(dev):
-    """Three training steps, an eval loss and eval metrics, then a prefill and two cached decode steps."""
+    """Three training steps (train_step and the separate sequences), an eval loss and eval metrics, then a prefill
+    and two cached decode steps."""
     import array, hashlib, random
     from tabgpt.config import Config
     from tabgpt.gpt import GPT
@@ -33,7 +34,10 @@ async def run_steps(dev):
     rng = random.Random(0)
     batches = [(array.array("I", [rng.randrange(300) for _ in range(32)]),
                 array.array("I", [rng.randrange(300) for _ in range(32)])) for _ in range(2)]
-    for step in range(3):
+    for step in range(3):   # steps 0 and 2 as one submission each (train_step), step 1 from the separate sequences
+        if step != 1:
+            model.train_step(step, 1e-2, [batches[step % 2]])
+            continue
         model.set_step(step, 1e-2)
         model.run_zero_grad()
         model.set_batch(*batches[step % 2])
