@@ -180,17 +180,13 @@ def test_every_gradient_matches_reference_with_subgroup_reductions(dev, monkeypa
     test_forward_logits_and_loss_match_reference(m)
 
 
-@pytest.mark.parametrize("env", ["TABGPT_LAYERNORM_FOLD", "TABGPT_EMBEDDING_PRESORT"])
-def test_deferred_layernorm_gradients_and_presorted_keys_are_bit_identical(dev, model, monkeypatch, env):
+def test_deferred_layernorm_gradients_are_bit_identical(dev, model, monkeypatch):
     """TABGPT_LAYERNORM_FOLD=1: the layernorms' parameter gradients made together at the end of the backward (one
-    dispatch for all 2 L + 1 of them); TABGPT_EMBEDDING_PRESORT=1: the embedding backward's keys sorted by
-    set_batch on the CPU. Either way every gradient matches the reference and agrees to the bit with the
+    dispatch for all 2 L + 1 of them): every gradient matches the reference and agrees to the bit with the
     default's, over two accumulated micro-batches."""
-    for name in ("TABGPT_LAYERNORM_FOLD", "TABGPT_EMBEDDING_PRESORT"):
-        monkeypatch.setenv(name, "1" if name == env else "0")
+    monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", "1")
     m = wait(GPT.create(dev, config(), B, T))
-    assert (m.ops.ln.defers, m.ops.presorted) == (env == "TABGPT_LAYERNORM_FOLD", env == "TABGPT_EMBEDDING_PRESORT")
-    assert not model.ops.ln.defers and not model.ops.presorted
+    assert m.ops.ln.defers and not model.ops.ln.defers
     check_every_gradient(m)
     got = []
     for each in (model, m):

@@ -3,7 +3,6 @@ embedding, layernorm, GELU / residual / fill, fused softmax + cross-entropy, and
 clipping. Awkward shapes on purpose (B=3, T=37, C=72, V=1001, Vp=1024); every backward accumulates into
 gradients that already hold values, and every reduction is checked to be bit-identical run to run."""
 
-import array
 import math
 
 import numpy as np
@@ -145,40 +144,6 @@ def test_embedding_backward_sort_across_several_blocks(dev):
     assert_close("dwte (long runs)", got_wte, ref_wte, atol=2e-5, rtol=1e-5)
     assert_close("dwpe", got_wpe, ref_wpe, atol=1e-5, rtol=1e-5)
     assert not got_wte[50:].any(), "tokens never seen got a gradient"
-
-
-@pytest.mark.parametrize("Bb,Tt,Cc,Vpp", [(B, T, C, Vp), (4, 700, 8, 64), (1, 3, 4, 16)])
-def test_embedding_presorted_keys_are_the_sorts(dev, Bb, Tt, Cc, Vpp):
-    """Embedding.sorted_keys (the CPU's sort, for a training batch) is the array the GPU's sort makes, tokens past
-    the vocabulary dropped as there, and backward(presorted=True) on it gives the same bits without the sort."""
-    r = rng(9)
-    n = Bb * Tt
-    idx = r.integers(0, Vpp, n).astype(np.uint32)
-    idx[::7] = r.integers(0, 3, idx[::7].shape)        # long runs
-    idx[1] = Vpp + 5                                   # out of the vocabulary: no key, no gradient
-    dout = r.standard_normal((n, Cc)).astype(np.float32)
-    dwte0, dwpe0 = r.standard_normal((Vpp, Cc)).astype(np.float32), r.standard_normal((Tt, Cc)).astype(np.float32)
-    emb = wait(Embedding.create(dev, Bb, Tt, Cc, Vpp))
-    results = []
-    for presorted in (False, True):
-        dwte, dwpe = upload(dev, dwte0, "dwte"), upload(dev, dwpe0, "dwpe")
-        dev.write(emb.keys, np.zeros(emb.n_pad, np.uint32))
-        if presorted:
-            dev.write(emb.keys, emb.sorted_keys(array.array("I", idx.tobytes())))
-
-        def append(s):
-            before = len(s.ops)
-            emb.backward(s, dwte=dwte, dwpe=dwpe, dout=upload(dev, dout), idx=upload(dev, idx), presorted=presorted)
-            sorts = [op.label for op in s.ops[before:] if op.label.startswith("sort")]
-            assert bool(sorts) is not presorted, sorts
-        run(dev, append)
-        results.append((download(dev, emb.keys, np.uint32), download(dev, dwte), download(dev, dwpe)))
-    (keys, *grads), (keys2, *grads2) = results
-    assert np.array_equal(keys, keys2), f"keys differ at {np.flatnonzero(keys != keys2)[:10]}"
-    for name, a, b in zip(("dwte", "dwpe"), grads, grads2):
-        assert a.tobytes() == b.tobytes(), f"{name}: presorted differs from the GPU's sort"
-    with pytest.raises(GPUError, match="needs B\\*T"):
-        emb.sorted_keys([0] * (n + 1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from tabgpt.gpu import Buffer, Device, GPUError, Sequence, View
 from tabgpt.ops.attention import Attention
 from tabgpt.ops.crossentropy import CrossEntropy
 from tabgpt.ops.elementwise import Elementwise, fold_grid
-from tabgpt.ops.embedding import Embedding, presort_enabled
+from tabgpt.ops.embedding import Embedding
 from tabgpt.ops.layernorm import LayerNorm
 from tabgpt.ops.matmul import Conv1D, LMHead, Matmul, MatmulPair, pairs_enabled, weight_and_bias
 from tabgpt.ops.optim import AdamW
@@ -188,8 +188,6 @@ class Ops:
             self.emb = await Embedding.create(dev, B, T, C, Vp)
             # a forward only (prompts, evaluation): no backward kernels, no stored dS or products' scratches
             self.attn = await Attention.create(dev, B, T, C, NH, backward="auto" if backward else "none")
-        # the embedding backward's keys sorted on the CPU by set_batch, which has the token ids anyway
-        self.presorted = sequence and backward and presort_enabled()
         # fused: residual adds after both c_proj, GELU after c_fc, and the GELU's backward into mlp c_proj's dinp;
         # each bias gradient comes out of its weight gradient's product, where the bias lies right after the
         # weight in the gradients (every weight is C x kC floats: no alignment gap when C % 8 == 0)
@@ -296,8 +294,7 @@ def backward(seq: Sequence, o: Ops, a: Activations, p: dict, g: dict, cfg: Confi
                                  b2=a.dres)
         o.ln.backward(seq, dinp=a.dres, dweight=g[h + "ln_1.weight"], dbias=g[h + "ln_1.bias"], dout=a.dC,
                       inp=x, weight=p[h + "ln_1.weight"], mean=a.ln1_mean[l], rstd=a.ln1_rstd[l], defer=True)
-    o.emb.backward(seq, dwte=g["transformer.wte.weight"], dwpe=g["transformer.wpe.weight"], dout=a.dres, idx=a.idx,
-                   presorted=o.presorted)
+    o.emb.backward(seq, dwte=g["transformer.wte.weight"], dwpe=g["transformer.wpe.weight"], dout=a.dres, idx=a.idx)
     o.ln.finish(seq)   # the deferred layernorm parameter gradients, in one dispatch
 
 
@@ -423,10 +420,7 @@ class GPT:
         if len(x) != N or (y is not None and len(y) != N):
             raise ValueError(f"set_batch needs B*T = {N} inputs and targets, got {len(x)} and "
                              f"{len(y) if y is not None else None}")
-        x = _u32(x)
-        self.dev.write(self.acts.idx, x)
-        if self.ops.presorted:   # what the embedding backward's sort would make of x (Embedding.sorted_keys)
-            self.dev.write(self.ops.emb.keys, self.ops.emb.sorted_keys(x))
+        self.dev.write(self.acts.idx, _u32(x))
         if y is not None:
             self.dev.write(self.acts.targets, _u32(y))
 

@@ -9,35 +9,19 @@ of 4. The backward ACCUMULATES into dwte and dwpe. Without float atomics, the to
 the keys tok * B*T + n are sorted (bitonic, in about (log2 n_pad)^2 / 2 stages, most in workgroup memory), then
 each token's run of rows is summed in sorted order, long runs in pieces of 32 rows by many workgroups and the pieces
 added up in order. The result is bit-identical run to run.
-
-Where the token ids come from the CPU anyway (a training batch), the CPU can sort the keys instead: sorted_keys(idx)
-makes the same array (the keys are distinct, so any sort gives the same order), write it to emb.keys with the
-batch and pass presorted=True to backward, which then skips the sort's dispatches (about 2 + log2(n_pad / 1024)
-(log2(n_pad / 1024) + 3) / 2 of them: 10 at 8192 rows). The same gradients to the bit. Its price is CPU time:
-8,192 ids take 1.3 ms natively and 2.3 ms in Pyodide (314.0.7, CPython 3.14, on Node 20; 2-core Xeon), spent while
-the GPU still runs the steps before (the trainer reads losses an interval behind), so free where the GPU is the bound.
 """
 
 from __future__ import annotations
 
-import array
 import struct
 
-from tabgpt.gpu import Device, GPUError, Sequence, env_switch
+from tabgpt.gpu import Device, GPUError, Sequence
 from tabgpt.ops.elementwise import fold_grid
 
 FILE = "embedding.wgsl"
 WG = 256        # WG in the WGSL
 BLOCK = 1024    # BLOCK in the WGSL: keys sorted per workgroup
 SEG = 32        # SEG in the WGSL: sorted rows per segment of the dwte sums
-
-
-NO_KEY = 0xFFFFFFFF   # NO_KEY in the WGSL: the padding past the sorted keys (and rows whose token is >= Vp)
-
-
-def presort_enabled(presort: bool | None = None) -> bool:
-    """Whether a training batch's embedding keys are sorted on the CPU: presort, else TABGPT_EMBEDDING_PRESORT."""
-    return env_switch("TABGPT_EMBEDDING_PRESORT", presort)
 
 
 class Embedding:
@@ -89,22 +73,11 @@ class Embedding:
         seq.dispatch(self.k["encoder_forward"], fold_grid((self.N * self.C // 4 + WG - 1) // WG), ep=self.params,
                      out=out, idx=idx, wte=wte, wpe=wpe)
 
-    def sorted_keys(self, idx) -> bytes:
-        """The keys array that the sort makes from these B*T token ids (the sequence of u32s of idx): tok * B*T + n
-        for every row n whose token is in the vocabulary, ascending, then NO_KEY to n_pad entries."""
-        N, Vp = self.N, self.Vp
-        if len(idx) != N:
-            raise GPUError(f"sorted_keys needs B*T = {N} token ids, got {len(idx)}")
-        keys = array.array("I", sorted([tok * N + n for n, tok in enumerate(idx) if tok < Vp]))
-        keys.extend([NO_KEY] * (self.n_pad - len(keys)))
-        return keys.tobytes()
-
-    def backward(self, seq: Sequence, dwte, dwpe, dout, idx, presorted: bool = False):
-        """dwpe[t] += sum_b dout[b*T + t]; dwte[v] += sum of the dout rows whose token is v. presorted: self.keys
-        already holds sorted_keys(idx) (written by the caller before each run), so the sort is not dispatched."""
+    def backward(self, seq: Sequence, dwte, dwpe, dout, idx):
+        """dwpe[t] += sum_b dout[b*T + t]; dwte[v] += sum of the dout rows whose token is v."""
         seq.dispatch(self.k["encoder_backward_wpe"], fold_grid((self.T * self.C // 4 + WG - 1) // WG),
                      ep=self.params, dwpe=dwpe, dout=dout)
-        for entry, sort_params, groups in ([] if presorted else self.sort_passes):
+        for entry, sort_params, groups in self.sort_passes:
             seq.dispatch(self.k[entry], groups, ep=self.params, sp=sort_params, idx=idx, keys=self.keys)
         for entry in ("encoder_backward_wte", "encoder_backward_wte_runs"):
             seq.dispatch(self.k[entry], fold_grid(self.N), ep=self.params, keys=self.keys, pieces=self.pieces,
