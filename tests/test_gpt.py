@@ -181,15 +181,19 @@ def test_every_gradient_matches_reference_with_subgroup_reductions(dev, monkeypa
 
 
 def test_deferred_layernorm_gradients_are_bit_identical(dev, model, monkeypatch):
-    """TABGPT_LAYERNORM_FOLD=1: the layernorms' parameter gradients made together at the end of the backward (one
-    dispatch for all 2 L + 1 of them): every gradient matches the reference and agrees to the bit with the
-    default's, over two accumulated micro-batches."""
-    monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", "1")
-    m = wait(GPT.create(dev, config(), B, T))
-    assert m.ops.ln.defers and not model.ops.ln.defers
-    check_every_gradient(m)
+    """The layernorms' parameter gradients made together at the end of the backward (one dispatch for all 2 L + 1
+    of them; TABGPT_LAYERNORM_FOLD, on by default) or each after its backward (TABGPT_LAYERNORM_FOLD=0): every
+    gradient matches the reference either way, and the two agree to the bit over two accumulated micro-batches."""
+    models = []
+    for fold in ("0", "1"):
+        monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", fold)
+        models.append(wait(GPT.create(dev, config(), B, T)))
+    monkeypatch.delenv("TABGPT_LAYERNORM_FOLD")
+    assert [m.ops.ln.defers for m in models] == [False, True]
+    assert model.ops.ln.defers, "folded by default"
+    check_every_gradient(models[0])
     got = []
-    for each in (model, m):
+    for each in models:
         upload(each, noisy_params(3))
         each.run_zero_grad()
         for seed in (4, 5):

@@ -506,8 +506,11 @@ def test_order_switch_is_checked(monkeypatch):
     monkeypatch.setenv("TABGPT_ATTENTION_ORDER", "yes")
     with pytest.raises(gpu.GPUError, match="TABGPT_ATTENTION_ORDER must be 0 or 1"):
         attention_op.heavy_first_enabled()
-    monkeypatch.setenv("TABGPT_ATTENTION_ORDER", "1")
-    assert attention_op.heavy_first_enabled() is True
+    monkeypatch.setenv("TABGPT_ATTENTION_ORDER", "0")
+    assert attention_op.heavy_first_enabled() is False
+    assert attention_op.heavy_first_enabled(True) is True
+    monkeypatch.delenv("TABGPT_ATTENTION_ORDER")
+    assert attention_op.heavy_first_enabled() is True, "heaviest first by default"
     assert attention_op.heavy_first_enabled(False) is False
     monkeypatch.setenv("TABGPT_ATTENTION_ORDER_GROUP", "-2")
     with pytest.raises(gpu.GPUError, match="TABGPT_ATTENTION_ORDER_GROUP must be a count of heads"):
