@@ -149,3 +149,14 @@ def test_bench_speed_puts_each_adapter_in_a_row(monkeypatch, capsys):
         assert float(cells[2]) > 0, row                              # 256^3 GFLOP/s (no time left for 512^3)
         assert int(cells[3].replace(",", "")) > 0 and float(cells[4]) > 0, row   # training tokens/s, GFLOP/s
     assert "| where | adapter | 256^3 GFLOP/s | training, preset tiny: tokens/s |" in out
+
+
+def test_probe_submit_times_each_way_of_submitting_a_step(monkeypatch, capsys):
+    import probe_submit
+    out = run_main(probe_submit, monkeypatch, capsys, "--quick")
+    rows = [r for r in out.splitlines() if r.startswith("| ") and not r.startswith(("| submitted", "| ---"))]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["three submissions", "one submission of three command buffers",
+                                                      "one command buffer (train_step)"]
+    for r in rows:
+        rate, cpu = (float(v.replace(",", "")) for v in r.strip("| ").split(" | ")[1:])
+        assert rate > 0 and cpu > 0
