@@ -416,6 +416,9 @@ def test_layernorm_deferral_is_checked(dev, monkeypatch):
     monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", "1")
     assert wait(LayerNorm.create(dev, 8, 16, subgroups=False, deferred=2)).defers
     assert not wait(LayerNorm.create(dev, 8, 16, subgroups=False)).defers          # no slots asked for
+    slots = wait(LayerNorm.create(dev, 8, 16, subgroups=False, deferred=2)).slots
+    monkeypatch.setitem(dev.limits, "max-buffer-size", slots[0].size - 4)   # slots that outgrow one buffer
+    assert not wait(LayerNorm.create(dev, 8, 16, subgroups=False, deferred=2)).defers   # each makes its own
     if dev.has_subgroup_ops():
         assert not wait(LayerNorm.create(dev, 8, 16, subgroups=True, deferred=2)).defers   # not the subgroup kernels
 

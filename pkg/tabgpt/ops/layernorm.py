@@ -128,8 +128,9 @@ class LayerNorm:
                       "layernorm_backward": await dev.kernel(FILE, "layernorm_backward",
                                                              constants={"TPR": self.tpr_backward}),
                       "layernorm_param_grads": await dev.kernel(FILE, "layernorm_param_grads")}
-            if deferred > 0 and fold_enabled(fold):
-                slot = -(-partial.size // 256) * 256      # each slot's partial at a binding offset
+            slot = -(-partial.size // 256) * 256          # each slot's partial at a binding offset
+            # (where the slots outgrow one buffer, as for very large models in a browser, each makes its own)
+            if deferred > 0 and fold_enabled(fold) and deferred * slot <= dev.limits["max-buffer-size"]:
                 self.k["layernorm_param_grads_deferred"] = await dev.kernel(FILE, "layernorm_param_grads_deferred")
                 self.slots = (dev.buffer(deferred * slot, "layernorm-deferred-partials"), slot, deferred)
         return self
