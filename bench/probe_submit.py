@@ -3,7 +3,8 @@
 One model of the preset (one autotune) runs its steps three ways, each for --steps steps per round, in turn:
 "three submissions" (zero_grad, forward-backward and update submitted apart, as before GPT.train_step), "one
 submission of three command buffers" (natively: queue.submit of the three at once) and "one command buffer"
-(GPT.train_step, what the trainer runs). Each keeps its best round. Same steps, same bits.
+(GPT.train_step, what the trainer runs). Each keeps its best round. The same steps (tests/test_gpt.py checks
+that train_step and the separate sequences give the same bits).
 
     python bench/probe_submit.py                      # browser preset, 30 steps a round, 3 rounds
     python bench/probe_submit.py --quick              # tiny preset, 2 steps, 1 round (lavapipe): checks that it runs

@@ -185,12 +185,13 @@ def test_deferred_layernorm_gradients_are_bit_identical(dev, model, monkeypatch)
     of them; TABGPT_LAYERNORM_FOLD, on by default) or each after its backward (TABGPT_LAYERNORM_FOLD=0): every
     gradient matches the reference either way, and the two agree to the bit over two accumulated micro-batches."""
     models = []
+    monkeypatch.setenv("TABGPT_SUBGROUPS", "0")   # the subgroup kernels do not defer
     for fold in ("0", "1"):
         monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", fold)
         models.append(wait(GPT.create(dev, config(), B, T)))
     monkeypatch.delenv("TABGPT_LAYERNORM_FOLD")
     assert [m.ops.ln.defers for m in models] == [False, True]
-    assert model.ops.ln.defers, "folded by default"
+    assert model.ops.ln.defers is not model.ops.ln.subgroups, "folded by default (not with the subgroup kernels)"
     check_every_gradient(models[0])
     got = []
     for each in models:
@@ -281,21 +282,23 @@ def test_same_seed_gives_bit_identical_losses(model):
     assert struct.pack("<2f", *other[0][:2]) != runs[0][0], "another seed should give other weights"
 
 
-@pytest.mark.parametrize("micro", [1, 2])
-def test_train_step_is_the_separate_sequences(model, micro):
+def test_train_step_is_the_separate_sequences(model):
     """train_step (one submission a step for one micro-batch, step_seq) trains to the bit as the separate
-    zero_grad, forward-backward and update sequences do: stats of every step and the parameters after them."""
+    zero_grad, forward-backward and update sequences do: stats of every step and the parameters after them.
+    It takes as many micro-batches as the model's grad_accum (its loss scale), no other number."""
     batches = [batch(20), batch(21), batch(22)]
     lr = lambda t: 2e-3 * min(1.0, t / 2)   # noqa: E731
     got = []
     for run in (train_gpu, train_apart):
         upload(model, noisy_params(6))
-        stats = run(model, batches, 3, lr, micro)
+        stats = run(model, batches, 3, lr)
         params = wait(model.get_params(padded=True))
         got.append(([struct.pack("<2f?", *s) for s in stats], params))
     assert got[0][0] == got[1][0], f"step stats differ: {got[0][0]} against {got[1][0]}"
     assert got[0][1] == got[1][1], "parameters differ after three steps"
     assert len(model.step_seq) == len(model.zero_seq) + len(model.fwd_bwd_seq) + len(model.update_seq)
+    with pytest.raises(ValueError, match="grad_accum = 1 micro-batches, got 2"):
+        model.train_step(0, 1e-3, [tuple(u32(a) for a in b) for b in batches[:2]])
 
 
 def test_init_statistics(model):

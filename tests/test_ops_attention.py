@@ -47,6 +47,9 @@ def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True, pip
     assert dq == "auto" or attn.dq == dq
     assert backward == "auto" or attn.backward_mode == backward
     assert all(attn.k[e].constants["PIPELINE"] is pipeline for e in attn.tiles)
+    if heavy_first is not None:
+        assert all(attn.k[e].constants["HEAVY_FIRST"] is heavy_first for e in attn.tiles)
+        assert all(attn.k[e].constants["HEAVY_GROUP"] == (heavy_group or 0) for e in attn.tiles)
     hs = C // NH
     assert attn.prefetch == {e: prefetch and not attention_op.prefetch_problem(hs, attn.tiles[e]) for e in attn.tiles}
     assert all(attn.k[e].constants["PREFETCH"] is attn.prefetch[e] for e in attn.tiles)

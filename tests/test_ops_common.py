@@ -410,6 +410,13 @@ def test_layernorm_deferral_is_checked(dev, monkeypatch):
         ln.backward(s1, **kw, defer=True)
     ln.finish(s1)
     ln.finish(s2)   # nothing pending: nothing to do
+    grads = dev.buffer(512, "grads")   # dweight and dbias in one buffer, as a model's
+    both = dict(kw, dweight=grads.view(0, 4 * 16), dbias=grads.view(256, 4 * 16))
+    ln.backward(s1, **both, defer=True)
+    ln.backward(s1, **both, defer=True)
+    before = len(s1.ops)
+    ln.finish(s1)   # both into the same gradients: one dispatch each, in order (one together would race)
+    assert [op.label for op in s1.ops[before:]] == ["layernorm_param_grads_deferred"] * 2
     monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", "on")
     with pytest.raises(GPUError, match="TABGPT_LAYERNORM_FOLD must be 0 or 1"):
         wait(LayerNorm.create(dev, 8, 16, subgroups=False, deferred=2))

@@ -435,7 +435,10 @@ class GPT:
     def train_step(self, step: int, lr: float, batches):
         """One whole training step without waiting for the GPU: zero_grad, a forward-backward of each micro-batch
         (x, y) of `batches` (gradients added up), clip + AdamW at rate lr, its stats at ring slot step % RING.
-        One micro-batch is one submission (step_seq); more take one each, since each needs its own set_batch."""
+        One micro-batch is one submission (step_seq); more take one each, since each needs its own set_batch.
+        There must be cfg.grad_accum of them: the loss and gradients are scaled by 1 / (B T grad_accum)."""
+        if len(batches) != self.cfg.grad_accum:
+            raise ValueError(f"train_step takes grad_accum = {self.cfg.grad_accum} micro-batches, got {len(batches)}")
         self.set_step(step, lr)
         if len(batches) == 1:
             self.set_batch(*batches[0])

@@ -147,8 +147,8 @@ PRODUCTS_MIN_T = 384
 
 
 def heavy_group(group: int | None = None) -> int:
-    """HEAVY_FIRST's heads per group (attention.wgsl block_order; 0: all of them): group, else
-    TABGPT_ATTENTION_ORDER_GROUP (default 0)."""
+    """HEAVY_FIRST's heads per group (attention.wgsl block_order; 0: all of them; strictly, workgroup columns of the
+    grid, several a head where its dims are split into chunks): group, else TABGPT_ATTENTION_ORDER_GROUP (default 0)."""
     if group is None:
         env = os.environ.get("TABGPT_ATTENTION_ORDER_GROUP", "0")
         if not env.isdigit():

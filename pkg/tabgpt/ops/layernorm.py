@@ -197,8 +197,11 @@ class LayerNorm:
             lo = min(min(e[1], e[3]) for e in trial) // 256 * 256
             hi = max(max(e[1] + e[2], e[3] + e[4]) for e in trial)
             p_lo, p_hi = trial[0][5].offset, trial[-1][5].offset + trial[-1][5].size
+            # two backwards into the same gradients (never in a model) stay in different dispatches, in order
+            shared = any(a < b + m and b < a + n for e in group for b, m in ((e[1], e[2]), (e[3], e[4]))
+                         for a, n in ((woff, wsize), (boff, bsize)))
             if group and (wbuf is not group[0][0] or len(trial) > MAX_DEFERRED or hi - lo > limit
-                          or p_hi - p_lo > limit):
+                          or p_hi - p_lo > limit or shared):
                 flush()
             group.append(entry)
         flush()
