@@ -13,7 +13,7 @@ A model's layernorms can make their parameter gradients together: created with d
 defer=True) writes its block sums into the next of K slots of one scratch and leaves dweight and dbias pending, and
 finish(seq) makes every pending one's in one dispatch (layernorm_param_grads_deferred, a table of where each one's
 sums and gradients lie). So the 2 L + 1 layernorms of a model's backward cost 2 L + 2 dispatches instead of 4 L + 2,
-each of which waits for the one before; K slots cost K x n_blocks x 2C floats (39 MB at the browser preset). Same
+each of which waits for the one before; K slots cost K x n_blocks x 2C floats (41 MB at the browser preset). Same
 sums in the same order: bit-identical. Not with the subgroup kernels; on where deferred > 0 and fold=True, or
 TABGPT_LAYERNORM_FOLD (default 1; 0 turns it off).
 
