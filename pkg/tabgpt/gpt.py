@@ -429,8 +429,12 @@ class GPT:
 
     def run_update(self, slot: int):
         """Clip + AdamW, and store (loss, grad norm, skipped) of this step at ring slot % RING."""
-        self.dev.write(self.record_params, struct.pack("<4I", slot % RING, RING, 0, 0))
+        self._record_at(slot)
         self.update_seq.run()
+
+    def _record_at(self, slot: int):
+        """The ring slot (slot % RING) where the next update stores its step's stats."""
+        self.dev.write(self.record_params, struct.pack("<4I", slot % RING, RING, 0, 0))
 
     def train_step(self, step: int, lr: float, batches):
         """One whole training step without waiting for the GPU: zero_grad, a forward-backward of each micro-batch
@@ -442,7 +446,7 @@ class GPT:
         self.set_step(step, lr)
         if len(batches) == 1:
             self.set_batch(*batches[0])
-            self.dev.write(self.record_params, struct.pack("<4I", step % RING, RING, 0, 0))
+            self._record_at(step)
             self.step_seq.run()
             return
         self.run_zero_grad()

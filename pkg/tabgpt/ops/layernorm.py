@@ -67,17 +67,28 @@ def rows_per_block_for(N: int) -> int:
     return min(MAX_ROWS, max(1, -(-N // 1024)))
 
 
+def slot_bytes(N: int, C: int, rows_per_block: int) -> int:
+    """One deferred backward's slot: its partial sums (n_blocks, 2, C) f32, rounded up to a binding offset."""
+    return -(-4 * -(-N // rows_per_block) * 2 * C // 256) * 256
+
+
 def deferred_bytes(N: int, C: int, count: int, fold: bool | None = None) -> int:
     """The scratch of `count` deferred backwards' partial sums (LayerNorm.create's deferred=), where they defer."""
     if not fold_enabled(fold):
         return 0
-    return count * -(-4 * -(-N // rows_per_block_for(N)) * 2 * C // 256) * 256
+    return count * slot_bytes(N, C, rows_per_block_for(N))
 
 
 def fold_enabled(fold: bool | None = None) -> bool:
     """Whether deferred parameter gradients are made together: fold, else TABGPT_LAYERNORM_FOLD (0 or 1; default 1:
     with the attention's heaviest blocks first, training 1.0% faster on an H200, bench/results/h200/run80_*)."""
     return env_switch("TABGPT_LAYERNORM_FOLD", fold, default=True)
+
+
+def grads_extent(entries) -> tuple[int, int]:
+    """(start rounded down to a binding offset, end) of the gradients of LayerNorm.finish's entries
+    (buffer, dweight offset, size, dbias offset, size, partial)."""
+    return (min(min(e[1], e[3]) for e in entries) // 256 * 256, max(max(e[1] + e[2], e[3] + e[4]) for e in entries))
 
 
 class LayerNorm:
@@ -128,7 +139,7 @@ class LayerNorm:
                       "layernorm_backward": await dev.kernel(FILE, "layernorm_backward",
                                                              constants={"TPR": self.tpr_backward}),
                       "layernorm_param_grads": await dev.kernel(FILE, "layernorm_param_grads")}
-            slot = -(-partial.size // 256) * 256          # each slot's partial at a binding offset
+            slot = slot_bytes(N, C, rows_per_block)
             # (where the slots outgrow one buffer, as for very large models in a browser, each makes its own)
             if deferred > 0 and fold_enabled(fold) and deferred * slot <= dev.limits["max-buffer-size"]:
                 self.k["layernorm_param_grads_deferred"] = await dev.kernel(FILE, "layernorm_param_grads_deferred")
@@ -194,8 +205,7 @@ class LayerNorm:
                 continue
             entry = (wbuf, woff, wsize, boff, bsize, part)
             trial = group + [entry]
-            lo = min(min(e[1], e[3]) for e in trial) // 256 * 256
-            hi = max(max(e[1] + e[2], e[3] + e[4]) for e in trial)
+            lo, hi = grads_extent(trial)
             p_lo, p_hi = trial[0][5].offset, trial[-1][5].offset + trial[-1][5].size
             # two backwards into the same gradients (never in a model) stay in different dispatches, in order
             shared = any(a < b + m and b < a + n for e in group for b, m in ((e[1], e[2]), (e[3], e[4]))
@@ -208,8 +218,7 @@ class LayerNorm:
 
     def _param_grads_together(self, seq, group):
         buf = group[0][0]
-        lo = min(min(e[1], e[3]) for e in group) // 256 * 256
-        hi = max(max(e[1] + e[2], e[3] + e[4]) for e in group)
+        lo, hi = grads_extent(group)
         parts = [e[5] for e in group]
         p_lo = parts[0].offset
         table = b"".join(struct.pack("<4I", (p.offset - p_lo) // 16, (woff - lo) // 16, (boff - lo) // 16, 0)
