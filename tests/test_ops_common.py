@@ -408,7 +408,12 @@ def test_layernorm_deferral_is_checked(dev, monkeypatch):
     ln.backward(s1, **kw, defer=True)
     with pytest.raises(GPUError, match="more than 2 deferred layernorm backwards"):
         ln.backward(s1, **kw, defer=True)
+    # gradients left pending would never be made: the sequence refuses to build, run or be appended
+    for use in (lambda: wait(s1.build()), lambda: s1.run(), lambda: dev.sequence("three").extend(s1)):
+        with pytest.raises(GPUError, match="'one' has unfinished work: deferred layernorm backwards pending"):
+            use()
     ln.finish(s1)
+    wait(s1.build())
     ln.finish(s2)   # nothing pending: nothing to do
     grads = dev.buffer(512, "grads")   # dweight and dbias in one buffer, as a model's
     both = dict(kw, dweight=grads.view(0, 4 * 16), dbias=grads.view(256, 4 * 16))

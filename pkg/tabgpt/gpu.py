@@ -371,6 +371,7 @@ class Sequence:
         self.label = label
         self.ops: list[_Op] = []
         self._built = False
+        self.owed: dict[int, str] = {}   # work an op left to finish on this sequence (id of the op: what to call)
 
     def dispatch(self, kernel: Kernel, groups, **bindings) -> "Sequence":
         groups = tuple(int(g) for g in (groups if isinstance(groups, (tuple, list)) else (groups,)))
@@ -406,18 +407,26 @@ class Sequence:
         return self
 
     def extend(self, other: "Sequence") -> "Sequence":
+        other._check_owed()
         self.ops.extend(other.ops)
         self._built = False
         return self
 
+    def _check_owed(self):
+        if self.owed:
+            raise GPUError(f"sequence {self.label!r} has unfinished work: " + "; ".join(self.owed.values()))
+
     async def build(self) -> "Sequence":
-        """Encode once without submitting, so that validation errors surface here as GPUError."""
+        """Encode once without submitting, so that validation errors surface here as GPUError; refused while an op
+        has left work to finish on it (a LayerNorm's deferred backwards: their gradients would never be made)."""
+        self._check_owed()
         await self.device._validate(self)
         self._built = True
         return self
 
     def run(self, repeat: int = 1):
         """Submit the whole sequence (repeat times) without waiting for the GPU."""
+        self._check_owed()
         self.device._submit(self, repeat)
 
     def __len__(self):

@@ -12,7 +12,7 @@ into a scratch buffer, then the blocks summed in a fixed order, so results are b
 A model's layernorms can make their parameter gradients together: created with deferred=K, backward(...,
 defer=True) writes its block sums into the next of K slots of one scratch and leaves dweight and dbias pending, and
 finish(seq) makes every pending one's in one dispatch (layernorm_param_grads_deferred, a table of where each one's
-sums and gradients lie). So the 2 L + 1 layernorms of a model's backward cost 2 L + 2 dispatches instead of 4 L + 2,
+sums and gradients lie); until then the sequence refuses to build, run or be appended to another. So the 2 L + 1 layernorms of a model's backward cost 2 L + 2 dispatches instead of 4 L + 2,
 each of which waits for the one before; K slots cost K x n_blocks x 2C floats (41 MB at the browser preset). Same
 sums in the same order: bit-identical. Not with the subgroup kernels; on where deferred > 0 and fold=True, or
 TABGPT_LAYERNORM_FOLD (default 1; 0 turns it off).
@@ -175,6 +175,7 @@ class LayerNorm:
                      dinp=dinp, partial=part, dout=dout, inp=inp, weight=weight, mean=mean, rstd=rstd)
         if defer:
             self.pending.append((seq, dweight, dbias, part))
+            seq.owed[id(self)] = "deferred layernorm backwards pending: call LayerNorm.finish(seq)"
         else:
             self._param_grads(seq, part, dweight, dbias)
 
@@ -191,6 +192,7 @@ class LayerNorm:
         if self.pending[0][0] is not seq:
             raise GPUError("the pending layernorm backwards were recorded on another sequence")
         pending, self.pending = self.pending, []
+        seq.owed.pop(id(self), None)
         limit = self.dev.limits["max-storage-buffer-binding-size"]
         group = []
 
