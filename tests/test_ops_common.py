@@ -390,6 +390,14 @@ def test_layernorm_deferred_scratch_is_in_the_memory_estimate(dev, monkeypatch):
     base = preset("browser").gpu_bytes_estimate()
     monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", "1")
     assert preset("browser").gpu_bytes_estimate() - base == ln.slots[0].size
+    # 49 layernorms of 1024 channels: 49 x 1024 blocks x 2 x 1024 x 4 bytes = 392 MiB, over WebGPU's default 256 MiB
+    # buffer, where each backward makes its own gradients: not counted
+    big = preset("gpt2").replace(n_layer=24, n_embd=1024, n_head=16)
+    assert big.n_layernorms == 49 and deferred_bytes(big.batch_size * big.block_size, 1024, 49) == 392 << 20
+    monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", "0")
+    without = big.gpu_bytes_estimate()
+    monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", "1")
+    assert big.gpu_bytes_estimate() == without
 
 
 def test_layernorm_deferral_is_checked(dev, monkeypatch):

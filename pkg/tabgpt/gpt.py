@@ -183,7 +183,7 @@ class Ops:
         C, NH, V, Vp = cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.padded_vocab_size
         N = B * T
         self.ew = await Elementwise.create(dev)
-        self.ln = await LayerNorm.create(dev, N, C, deferred=2 * cfg.n_layer + 1 if backward else 0)
+        self.ln = await LayerNorm.create(dev, N, C, deferred=cfg.n_layernorms if backward else 0)
         if sequence:
             self.emb = await Embedding.create(dev, B, T, C, Vp)
             # a forward only (prompts, evaluation): no backward kernels, no stored dS or products' scratches

@@ -72,11 +72,13 @@ def slot_bytes(N: int, C: int, rows_per_block: int) -> int:
     return -(-4 * -(-N // rows_per_block) * 2 * C // 256) * 256
 
 
-def deferred_bytes(N: int, C: int, count: int, fold: bool | None = None) -> int:
-    """The scratch of `count` deferred backwards' partial sums (LayerNorm.create's deferred=), where they defer."""
-    if not fold_enabled(fold):
+def deferred_bytes(N: int, C: int, count: int, fold: bool | None = None, max_buffer: int | None = None) -> int:
+    """The scratch of `count` deferred backwards' partial sums (LayerNorm.create's deferred=), where they defer:
+    folding on, and the slots within max_buffer (the device's max-buffer-size) where given."""
+    size = count * slot_bytes(N, C, rows_per_block_for(N))
+    if not fold_enabled(fold) or (max_buffer is not None and size > max_buffer):
         return 0
-    return count * slot_bytes(N, C, rows_per_block_for(N))
+    return size
 
 
 def fold_enabled(fold: bool | None = None) -> bool:
