@@ -18,7 +18,7 @@ $(STAMPS)/venv: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
 	# PyTorch (CPU) and transformers: references for the kernel and checkpoint tests only.
-	$(PY) -m pip install -q torch==2.13.0 transformers
+	$(PY) -m pip install -q torch==2.13.0 transformers==5.25.0
 	@mkdir -p $(STAMPS) && touch $@
 
 $(STAMPS)/npm: build/package.json build/package-lock.json
