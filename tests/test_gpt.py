@@ -492,3 +492,14 @@ def test_attention_stores_ds_only_where_there_is_a_backward(dev):
     long_prompt = wait(Ops.create(dev, cfg.replace(block_size=1024), 1, 1024, backward=False, head=False))
     assert long_train.attn.backward_mode == "products" and long_train.attn.products is not None
     assert long_prompt.attn.backward_mode == "none" and long_prompt.attn.products is None
+
+
+def test_free_gives_the_models_own_storage_back(dev):
+    m = wait(GPT.create(dev, config(), B, T))
+    wait(m.init_weights(0))
+    wait(m.generate([1, 2, 3], 2))               # its generation's caches are its own too
+    before, P = dev.bytes_allocated, m.P
+    m.free()
+    freed = before - dev.bytes_allocated
+    assert freed >= 16 * P + m.acts.logits.size + len(m.acts.qkv) * m.acts.qkv[0].size
+    assert m.gen is None

@@ -65,9 +65,12 @@ def test_a_kernel_that_computes_wrong_products_is_reported_wrong(dev, monkeypatc
 
 
 def test_train_speed_runs_the_trainer_and_counts_from_the_first_read_back(dev):
+    before = dev.bytes_allocated
     r = gpu.wait(speed.train_speed(dev, "tiny", 2.0))
     cfg = preset("tiny")
     assert "error" not in r, r
+    # its model's weights, moments and activations are given back (the kernels' small scratch is collected later)
+    assert dev.bytes_allocated - before < r["gpu_bytes"] / 4, (dev.bytes_allocated - before, r["gpu_bytes"])
     assert r["tokens_per_step"] == cfg.batch_size * cfg.block_size and r["n_params"] == cfg.n_params()
     assert r["timed_steps"] >= 1 and r["steps"] > r["timed_steps"] and r["compile_seconds"] > 0
     assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / (r["step_ms"] / 1e3))

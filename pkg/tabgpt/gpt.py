@@ -375,6 +375,20 @@ class GPT:
         self.gpu_bytes = dev.bytes_allocated - bytes_before
         return self
 
+    def free(self):
+        """Give the model's own storage back to the GPU now, not when the garbage collector gets to it: parameters,
+        gradients, AdamW moments, activations and the generation's caches (the bulk of gpu_bytes; the kernels'
+        scratch, which products share, is left to the collector). For a model made and dropped while a page stays
+        open (the speed measure). The model must not be used again."""
+        seen: dict[int, Buffer] = {}
+        for holder in (self, self.acts, self.gen, self.gen and self.gen.acts):
+            for value in vars(holder).values() if holder else ():
+                for b in value if isinstance(value, list) else (value,):
+                    if isinstance(b, Buffer) and not b.uniform:
+                        seen[id(b)] = b
+        self.dev.free(*seen.values())
+        self.gen = None
+
     @property
     def kernel_count(self) -> int:
         """Distinct compiled kernels in this model's sequences."""

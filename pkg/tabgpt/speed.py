@@ -116,7 +116,7 @@ async def train_speed(dev: Device, preset_name: str = "browser", seconds: float 
     from tabgpt.config import preset
     from tabgpt.gpt import GPT
     from tabgpt.pipeline import FLAG_NAMES, RunError, check_fits, flag
-    from tabgpt.train import TokenData, TrainingError, train
+    from tabgpt.train import TokenData
     if not seconds > 0:
         raise ValueError(f"seconds must be positive, got {seconds!r}")
     cfg = preset(preset_name).replace(max_steps=10 ** 9, warmup_steps=10, eval_interval=0, sample_interval=0,
@@ -140,6 +140,15 @@ async def train_speed(dev: Device, preset_name: str = "browser", seconds: float 
         await dev.sync()
     except GPUError as e:
         return {**out, "error": f"the {preset_name} preset's model could not be built on this GPU: {e}"}
+    try:
+        return await _timed_training(model, data, cfg, out, t0, seconds, post)
+    finally:
+        model.free()   # the page's own model may be on this GPU too: give this one's memory back now
+
+
+async def _timed_training(model, data, cfg, out: dict, t0: float, seconds: float, post) -> dict:
+    from tabgpt.train import TrainingError, train
+    preset_name = out["preset"]
     out["compile_seconds"] = time.perf_counter() - t0
     out["gpu_bytes"] = model.gpu_bytes
     if post:
