@@ -767,3 +767,23 @@ def test_resume_takes_the_vocabulary_size_the_run_asked_for(cli_run, tmp_path):
     (tmp_path / "not.json").write_text('{"a": 1}')
     r = _cli(*first, "--max-steps", 3, "--resume", "--tokenizer", tmp_path / "not.json", check=False)
     assert r.returncode == 1 and str(tmp_path / "not.json") + " is not a tokenizer" in r.stderr, r.stderr
+
+
+def test_building_again_gives_the_replaced_models_memory_back(text):
+    cfg = tiny_cfg(max_steps=2)
+
+    async def go():
+        pipe = await _pipeline(text, None, cfg=cfg)
+        first, dev = pipe.model, pipe.dev
+        after_first = dev.bytes_allocated
+        await pipe.build_model(cfg)
+        grown = dev.bytes_allocated - after_first
+        with pytest.raises(RunError):       # a build that fails keeps the model it would have replaced
+            await pipe.build_model(cfg.replace(batch_size=200_000))   # beyond this GPU
+        kept = pipe.model
+        await pipe.train()
+        return first, kept, pipe.model, grown, pipe.step
+
+    first, kept, model, grown, step = asyncio.run(go())
+    assert model is kept and model is not first and step == 2
+    assert grown < model.gpu_bytes / 4, (grown, model.gpu_bytes)

@@ -65,7 +65,9 @@ class Pipeline:
 
         self.tokenizer = await bpe.train_tokenizer_async(self.corpus.train_text, vocab_size, progress=progress,
                                                          should_stop=lambda: self.control.stop)
-        self.model = None   # a model speaks the old tokenizer's ids: it goes with it
+        if self.model is not None:   # a model speaks the old tokenizer's ids: it goes with it, memory and all
+            self.model.free()
+            self.model = None
         seconds = time.perf_counter() - t0
         summary = self.tokenize()
         preview_text = self.corpus.val_text[:600]
@@ -119,7 +121,10 @@ class Pipeline:
         else:
             await model.init_weights(cfg.seed)
         await self.dev.sync()   # where the GPU could not allocate the model, it says so here, not steps later
-        self.model, self.cfg, self.step = model, cfg, resume[2] if resume is not None else 0
+        replaced, self.model = self.model, model
+        self.cfg, self.step = cfg, resume[2] if resume is not None else 0
+        if replaced is not None:
+            replaced.free()     # a page that builds again holds one model's memory, not every one it built
         return {"config": cfg.to_dict(), "n_params": cfg.n_params(), "gpu_bytes": self.model.gpu_bytes,
                 "kernels": self.model.kernel_count, "compile_seconds": time.perf_counter() - t0, "step": self.step,
                 "autotuned": self.dev.tune_log[tuned_before:]}
