@@ -496,10 +496,19 @@ def test_attention_stores_ds_only_where_there_is_a_backward(dev):
 
 def test_free_gives_the_models_own_storage_back(dev):
     m = wait(GPT.create(dev, config(), B, T))
-    wait(m.init_weights(0))
+    other = wait(GPT.create(dev, config(), B, T))     # may share m's split-K scratch
+    for x in (m, other):
+        wait(x.init_weights(0))
     wait(m.generate([1, 2, 3], 2))               # its generation's caches are its own too
-    before, P = dev.bytes_allocated, m.P
+    before, own = dev.bytes_allocated, list(m.own)
+    labels = {b.label for b in own}
+    assert {"params", "adam_v", "logits", "layernorm-deferred-partials", "kv_cache.0"} <= labels, labels
     m.free()
-    freed = before - dev.bytes_allocated
-    assert freed >= 16 * P + m.acts.logits.size + len(m.acts.qkv) * m.acts.qkv[0].size
-    assert m.gen is None
+    assert all(b.freed != b.shared for b in own) and not m.own and m.gen is None
+    freed, shared = before - dev.bytes_allocated, sum(b.size for b in own if b.shared)
+    assert freed == sum(b.size for b in own if not b.shared) > m.gpu_bytes - shared, (freed, shared, m.gpu_bytes)
+    # the other model still trains: nothing it uses was given back
+    tokens = np.arange(B * (T + 1)).reshape(B, T + 1) % V
+    other.train_step(0, 1e-3, [(u32(tokens[:, :-1]), u32(tokens[:, 1:]))])
+    loss, norm, skipped = wait(other.read_step_stats([0]))[0]
+    assert math.isfinite(loss) and norm > 0 and not skipped

@@ -1312,3 +1312,17 @@ def test_batched_matmul_refuses_unaligned_strides_and_small_buffers(dev):
     with pytest.raises(GPUError, match="binds 256 bytes"):
         mm.dispatch(seq, out=dev.buffer(512), a=dev.buffer(256), b=dev.buffer(256))
     assert len(seq) == 0
+
+
+def test_autotune_gives_its_trial_buffers_back(dev, tune_cache):
+    from tabgpt.ops import matmul
+    matmul._tuned.pop(dev, None)
+    M = N = 32
+    K = 4096
+    before = dev.bytes_allocated
+    with dev.recording() as outer:
+        wait(matmul.autotune(dev, M, N, K, "tn", persist=False))
+    # its operands (512 KiB each) and trial products' buffers are freed; what stays is the split-K scratch that
+    # products share (up to TUNE_FINE_SPLITS slices of the 4 KiB output, 128 KiB, and smaller ones made before it),
+    # none of it the caller's
+    assert dev.bytes_allocated - before < 2 * 4 * matmul.TUNE_FINE_SPLITS * M * N < 4 * K * M and outer == []

@@ -307,6 +307,10 @@ class GPT:
     @classmethod
     async def create(cls, dev: Device, cfg: Config, B: int | None = None, T: int | None = None) -> "GPT":
         self = cls()
+        with dev.recording() as self.own:      # every storage buffer made for this model (free)
+            return await self._create(dev, cfg, B, T)
+
+    async def _create(self, dev: Device, cfg: Config, B: int | None, T: int | None) -> "GPT":
         cfg.validate()
         B = cfg.batch_size if B is None else B
         T = cfg.block_size if T is None else T
@@ -376,18 +380,12 @@ class GPT:
         return self
 
     def free(self):
-        """Give the model's own storage back to the GPU now, not when the garbage collector gets to it: parameters,
-        gradients, AdamW moments, activations and the generation's caches (the bulk of gpu_bytes; the kernels'
-        scratch, which products share, is left to the collector). For a model made and dropped while a page stays
-        open (the speed measure). The model must not be used again."""
-        seen: dict[int, Buffer] = {}
-        for holder in (self, self.acts, self.gen, self.gen and self.gen.acts):
-            for value in vars(holder).values() if holder else ():
-                for b in value if isinstance(value, list) else (value,):
-                    if isinstance(b, Buffer) and not b.uniform:
-                        seen[id(b)] = b
-        self.dev.free(*seen.values())
-        self.gen = None
+        """Give every storage buffer made for the model back to the GPU now, not when the garbage collector gets to
+        it: parameters, gradients, AdamW moments, activations, the kernels' scratch and the generation's caches
+        (the products' shared split-K scratch is left to the collector). For a model made and dropped while a page
+        stays open (one built again, the speed measure's). The model must not be used again."""
+        self.dev.free(*self.own)
+        self.own, self.gen = [], None
 
     @property
     def kernel_count(self) -> int:
@@ -623,7 +621,9 @@ class GPT:
 
     async def _generation(self) -> "Generation":
         if self.gen is None:
-            self.gen = await Generation.create(self)
+            with self.dev.recording() as made:
+                self.gen = await Generation.create(self)
+            self.own += made
         return self.gen
 
 
@@ -691,7 +691,9 @@ class Generation:
         """The forward over a prompt padded to Tp tokens (qkv into the cache), then the head on its last row."""
         model = self.model
         dev, cfg = model.dev, model.cfg
-        o = await Ops.create(dev, cfg, 1, Tp, backward=False, head=False)
+        with dev.recording() as made:
+            o = await Ops.create(dev, cfg, 1, Tp, backward=False, head=False)
+        model.own += made
         s = dev.sequence(f"prefill-{Tp}")
         forward_blocks(s, o, self.acts, model.p, cfg)
         s.dispatch(self.k["pick_row"], (-(-cfg.n_embd // 64),), dp=self.params, rows=self.acts.encoded, xrow=self.x)

@@ -26,6 +26,8 @@ an event loop (handy for tests and the CLI).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import re
 import struct
@@ -312,12 +314,16 @@ def prepare_source(src: str, features: set[str]) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 # Backend-neutral objects.
 
+_recording: contextvars.ContextVar = contextvars.ContextVar("tabgpt_recording", default=None)   # Device.recording
+
 @dataclass(eq=False)
 class Buffer:
     handle: object
     size: int
     label: str
     uniform: bool = False
+    shared: bool = False   # used by more than its maker (the products' split-K scratch): Device.recording skips it
+    freed: bool = False
 
     def view(self, offset: int, size: int) -> "View":
         if offset < 0 or size <= 0 or offset + size > self.size:
@@ -517,15 +523,34 @@ class Device:
                            f"of {self.limits['max-buffer-size'] / 2**20:.0f} MiB; use a smaller model or batch")
         buf = Buffer(self._create_buffer(nbytes, label, uniform=False), nbytes, label)
         self.bytes_allocated += nbytes
+        made = _recording.get()
+        if made is not None:
+            made.append(buf)
         if data is not None:
             self.write(buf, data)
         return buf
 
+    @staticmethod
+    @contextlib.contextmanager
+    def recording():
+        """with dev.recording() as made: the storage buffers created inside (by this task: an asyncio task of its own
+        records apart; an inner recording takes its buffers from the outer one), to free() together later."""
+        made: list[Buffer] = []
+        token = _recording.set(made)
+        try:
+            yield made
+        finally:
+            _recording.reset(token)
+
     def free(self, *bufs: Buffer):
         """Give storage buffers' memory back now (not when the garbage collector gets to them): for large scratch
-        buffers made and dropped while a page stays open. A freed buffer must not be used again."""
+        buffers made and dropped while a page stays open. A freed buffer must not be used again; shared ones
+        (Buffer.shared) and ones already freed are left as they are."""
         for buf in bufs:
+            if buf.freed or buf.shared:
+                continue
             buf.handle.destroy()
+            buf.freed = True
             self.bytes_allocated -= buf.size
 
     def uniform(self, data, label: str = "params") -> Buffer:
@@ -756,6 +781,7 @@ class NativeDevice(Device):
         """Wait until the GPU has finished all submitted work."""
         if not hasattr(self, "_sync_buf"):
             self._sync_buf = self.buffer(4, "sync")
+            self._sync_buf.shared = True
         self.device.queue.read_buffer(self._sync_buf.handle, 0, 4)
 
     def destroy(self):

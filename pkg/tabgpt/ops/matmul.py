@@ -97,6 +97,7 @@ def shared_scratch(dev: Device, nbytes: int) -> Buffer:
     if fits:
         return min(fits, key=lambda f: f[0])[1]
     buf = pool[nbytes] = dev.buffer(nbytes, "matmul-split-k")
+    buf.shared = True     # not its first user's to free (GPT.free)
     return buf
 
 
@@ -248,6 +249,15 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
             return dict(t), int(splits)
         except (GPUError, TypeError, ValueError, KeyError):
             del choices[key]
+    with dev.recording() as trial:    # its operands and the trial products' own buffers, given back when it is done
+        try:
+            return await _tune(dev, M, N, K, layout, candidates, persist, bias_row, pair, choices, key)
+        finally:
+            dev.free(*trial)
+
+
+async def _tune(dev, M, N, K, layout, candidates, persist, bias_row, pair, choices, key) -> tuple[dict, int]:
+    """autotune's timings, for a shape it has no choice for."""
     a_shape = (K, M) if layout == "tn" else (M, K)
     b_shape = (N, K) if layout == "nt" else (K, N)
     a = dev.buffer(4 * a_shape[0] * a_shape[1], "tune-a")
