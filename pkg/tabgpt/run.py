@@ -228,9 +228,7 @@ class RunFolder:
             if spec.name not in tensors:
                 raise RunError(f"{path} has no tensor {spec.name}: it was not written for this config.json")
             dtype, shape, data = tensors[spec.name]
-            want = spec.shape
-            if spec.name == "transformer.wte.weight":
-                want = (cfg.vocab_size, cfg.n_embd)
+            want = stored_shape(spec, cfg)
             if tuple(shape) != want or dtype != "F32":
                 raise RunError(f"{path}: {spec.name} is {dtype}{list(shape)}, config.json needs F32{list(want)}")
             out[spec.name] = (want, data)  # GPT.load_params zeroes wte's padding rows
@@ -273,6 +271,16 @@ class RunFolder:
 
 MODEL_SIZES = ("n_layer", "n_head", "n_embd", "vocab_size")
 INIT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def stored_shape(spec, cfg: Config, positions: int | None = None) -> tuple:
+    """The shape a checkpoint holds spec's tensor in: wte without the GPU's padding rows (vocab_size rows), wpe with
+    `positions` rows (None: block_size)."""
+    if spec.name == "transformer.wte.weight":
+        return (cfg.vocab_size, cfg.n_embd)
+    if spec.name == "transformer.wpe.weight" and positions is not None:
+        return (positions, cfg.n_embd)
+    return tuple(spec.shape)
 
 
 def read_init(path, block_size: int | None = None) -> tuple[dict, object, dict, str]:
@@ -367,11 +375,7 @@ def read_init(path, block_size: int | None = None) -> tuple[dict, object, dict, 
             short = spec.name.removeprefix("transformer.")
             raise RunError(f"--init-from {weights}: no tensor {spec.name} (or {short})")
         dtype, shape, data = named.pop(spec.name)
-        want = spec.shape
-        if spec.name == "transformer.wte.weight":
-            want = (cfg.vocab_size, cfg.n_embd)
-        elif spec.name == "transformer.wpe.weight":
-            want = (context, cfg.n_embd)
+        want = stored_shape(spec, cfg, positions=context)
         if dtype != "F32":
             raise RunError(f"--init-from {weights}: {spec.name} is {dtype}; only F32 weights are read (save the "
                            f"model in float32: model.float().save_pretrained(...))")
