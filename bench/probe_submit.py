@@ -74,6 +74,9 @@ def main():
     args = probe_args(ap)
     name, steps = ("tiny", 2) if args.quick else (args.preset, args.steps)
     cfg = preset(name)
+    if cfg.grad_accum != 1:
+        ap.error(f"the {name} preset takes {cfg.grad_accum} micro-batches a step; the arms compare the submissions "
+                 f"of one: give a preset with grad_accum 1")
     dev = gpu.wait(gpu.open_device())
     model = gpu.wait(GPT.create(dev, cfg, B=cfg.batch_size, T=cfg.block_size))
     gpu.wait(model.init_weights(1))

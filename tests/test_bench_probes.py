@@ -160,3 +160,9 @@ def test_probe_submit_times_each_way_of_submitting_a_step(monkeypatch, capsys):
     for r in rows:
         rate, cpu = (float(v.replace(",", "")) for v in r.strip("| ").split(" | ")[1:])
         assert rate > 0 and cpu > 0
+    # its arms submit one micro-batch a step: a preset of several is refused with what to give
+    from tabgpt import config
+    monkeypatch.setitem(config.PRESETS, "tiny", dict(config.PRESETS["tiny"], grad_accum=2))
+    with pytest.raises(SystemExit):
+        run_main(probe_submit, monkeypatch, capsys, "--quick")
+    assert "takes 2 micro-batches a step" in capsys.readouterr().err
