@@ -495,6 +495,11 @@ def test_attention_stores_ds_only_where_there_is_a_backward(dev):
 
 
 def test_free_gives_the_models_own_storage_back(dev):
+    import gc
+    from tabgpt.gpu import GPUError
+    wait(dev.sync())
+    gc.collect()
+    start = dev.bytes_allocated
     m = wait(GPT.create(dev, config(), B, T))
     other = wait(GPT.create(dev, config(), B, T))     # may share m's split-K scratch
     for x in (m, other):
@@ -504,7 +509,13 @@ def test_free_gives_the_models_own_storage_back(dev):
     labels = {b.label for b in own}
     assert {"params", "adam_v", "logits", "layernorm-deferred-partials", "kv_cache.0"} <= labels, labels
     m.free()
-    assert all(b.freed != b.shared for b in own) and not m.own and m.gen is None
+    assert all(b.freed != b.shared for b in own)
+    # a freed model says so at any use, instead of reaching buffers that are gone; its sizes remain
+    assert m.cfg == config() and m.P > 0
+    m.free()                                     # twice: nothing more to give
+    for use in (lambda: m.train_step, lambda: m.run_eval(), lambda: wait(m.generate([1], 1)), lambda: m.own):
+        with pytest.raises(GPUError, match="given back .GPT.free.*build a new model"):
+            use()
     freed, shared = before - dev.bytes_allocated, sum(b.size for b in own if b.shared)
     assert freed == sum(b.size for b in own if not b.shared) > m.gpu_bytes - shared, (freed, shared, m.gpu_bytes)
     # the other model still trains: nothing it uses was given back
@@ -512,3 +523,8 @@ def test_free_gives_the_models_own_storage_back(dev):
     other.train_step(0, 1e-3, [(u32(tokens[:, :-1]), u32(tokens[:, 1:]))])
     loss, norm, skipped = wait(other.read_step_stats([0]))[0]
     assert math.isfinite(loss) and norm > 0 and not skipped
+    # once both are gone, the shared scratch goes with the last user: back to where it started
+    other.free()
+    del m, other, own, x
+    gc.collect()
+    assert dev.bytes_allocated == start

@@ -270,13 +270,17 @@ def test_attention_memory_is_linear_in_T_when_dq_is_recomputed(dev):
     # backward "flash", dq "recompute": no (T, T) buffer anywhere, the op's only scratch is delta (B, NH, T) (and a
     # 16-byte dummy); dq "ds": the stored dS (B, NH, T, T) besides.
     # backward "products" (the default from T = 384 where it fits): two (B, NH, T, T) scratches instead.
+    # (each op kept while the next is made: Device.bytes_allocated counts a collected one out)
+    kept = []
     before = dev.bytes_allocated
     attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4, dq="recompute", backward="flash"))
     assert attn.dq == "recompute" and attn.ds is None
     assert dev.bytes_allocated - before <= 16 + 16 + 4 * 2 * 4 * 1024, dev.bytes_allocated - before
+    kept.append(attn)
     before = dev.bytes_allocated
     attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4, backward="flash"))
     assert attn.dq == "ds" and dev.bytes_allocated - before == 4 * 2 * 4 * 1024 * (1 + 1024)   # delta, dS
+    kept.append(attn)
     before = dev.bytes_allocated
     attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4))
     assert attn.backward_mode == "products" and attn.ds is None
@@ -284,6 +288,7 @@ def test_attention_memory_is_linear_in_T_when_dq_is_recomputed(dev):
     # four products, dV's and dK's a pair
     assert sorted(k for k in attn.products if not k.endswith("_buf")) == ["dp", "dq", "dvk", "s"]
     assert dev.bytes_allocated - before == 4 * 2 * 4 * 1024 * (1 + 2 * 1024) + 4 * 32
+    kept.append(attn)
     before = dev.bytes_allocated
     attn = wait(Attention.create(dev, B=2, T=1024, C=64, n_head=4, backward="none"))
     assert dev.bytes_allocated == before                              # forward only: nothing besides its params

@@ -2,6 +2,7 @@
 compatible), sampling, evaluation, the CLI, and bad inputs (clear errors, nothing overwritten)."""
 
 import asyncio
+import gc
 import json
 import math
 import os
@@ -780,7 +781,12 @@ def test_building_again_gives_the_replaced_models_memory_back(text):
         grown = dev.bytes_allocated - after_first
         with pytest.raises(RunError):       # a build that fails keeps the model it would have replaced
             await pipe.build_model(cfg.replace(batch_size=200_000))   # beyond this GPU
-        kept = pipe.model
+        gc.collect()                        # (earlier tests' garbage is counted out when collected)
+        kept, before = pipe.model, dev.bytes_allocated
+        with pytest.raises(ValueError):     # and one that fails once made gives its own memory back
+            await pipe.build_model(cfg, init_params={"transformer.wte.weight": ((3, 3), bytes(36))})
+        gc.collect()
+        assert pipe.model is kept and dev.bytes_allocated == before
         await pipe.train()
         return first, kept, pipe.model, grown, pipe.step
 

@@ -128,19 +128,21 @@ class Config:
         """Two a block and the final one (the backward defers all their parameter gradients, ops/layernorm)."""
         return 2 * self.n_layer + 1
 
-    def gpu_bytes_estimate(self) -> int:
+    def gpu_bytes_estimate(self, max_buffer: int = 256 << 20) -> int:
         """GPU memory for training, roughly: parameters, gradients and two AdamW moments, plus the activations
-        kept for the backward (about 17 n_embd floats per token per layer, the embeddings and the logits)."""
+        kept for the backward (about 17 n_embd floats per token per layer, the embeddings and the logits).
+        max_buffer: the device's max-buffer-size (default WebGPU's 256 MiB), which decides whether the layernorms'
+        deferred sums are made (LayerNorm.create's rule)."""
         P = self.n_params()
         tokens = self.batch_size * self.block_size
         acts = tokens * (17 * self.n_layer * self.n_embd + 4 * self.n_embd + self.padded_vocab_size)
         # the attention backward's (B, n_head, T, T) scratches (the stored dS, or the products' S and dP), as "auto"
-        # allocates them within WebGPU's default 128 MiB binding; the layernorms' deferred sums where they fit
-        # WebGPU's default 256 MiB buffer (LayerNorm.create's rule)
+        # allocates them within WebGPU's default 128 MiB binding; the layernorms' deferred sums where they fit one
+        # buffer
         from tabgpt.ops.attention import backward_scratch_bytes
         from tabgpt.ops.layernorm import deferred_bytes
         return (4 * (4 * P + acts) + backward_scratch_bytes(self.batch_size, self.n_head, self.block_size, 128 << 20)
-                + deferred_bytes(tokens, self.n_embd, self.n_layernorms, max_buffer=256 << 20))
+                + deferred_bytes(tokens, self.n_embd, self.n_layernorms, max_buffer=max_buffer))
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the weights plus attention (PaLM appendix B, as nanoGPT)."""

@@ -308,7 +308,11 @@ class GPT:
     async def create(cls, dev: Device, cfg: Config, B: int | None = None, T: int | None = None) -> "GPT":
         self = cls()
         with dev.recording() as self.own:      # every storage buffer made for this model (free)
-            return await self._create(dev, cfg, B, T)
+            try:
+                return await self._create(dev, cfg, B, T)
+            except BaseException:
+                dev.free(*self.own)            # a model that could not be built gives back what it had
+                raise
 
     async def _create(self, dev: Device, cfg: Config, B: int | None, T: int | None) -> "GPT":
         cfg.validate()
@@ -383,9 +387,13 @@ class GPT:
         """Give every storage buffer made for the model back to the GPU now, not when the garbage collector gets to
         it: parameters, gradients, AdamW moments, activations, the kernels' scratch and the generation's caches
         (the products' shared split-K scratch is left to the collector). For a model made and dropped while a page
-        stays open (one built again, the speed measure's). The model must not be used again."""
+        stays open (one built again, the speed measure's). The model cannot be used afterwards: it becomes a
+        FreedModel, whose every use raises GPUError (where its sequences would reach buffers that are gone)."""
         self.dev.free(*self.own)
-        self.own, self.gen = [], None
+        kept = {k: self.__dict__[k] for k in FreedModel.KEEP if k in self.__dict__}
+        self.__dict__.clear()
+        self.__dict__.update(kept)
+        self.__class__ = FreedModel
 
     @property
     def kernel_count(self) -> int:
@@ -625,6 +633,19 @@ class GPT:
                 self.gen = await Generation.create(self)
             self.own += made
         return self.gen
+
+
+class FreedModel:
+    """A GPT after free(): its sizes remain; anything else says the model is gone instead of reaching freed buffers."""
+    KEEP = ("cfg", "B", "T", "P", "n_params", "gpu_bytes", "dev")
+
+    def __getattribute__(self, name):
+        if name in FreedModel.KEEP or name == "free" or name.startswith("__"):
+            return object.__getattribute__(self, name)
+        raise GPUError(f"this model's GPU memory was given back (GPT.free), so it has no {name!r}: build a new model")
+
+    def free(self):
+        """Already done."""
 
 
 class Generation:

@@ -32,6 +32,7 @@ import os
 import re
 import struct
 import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -322,8 +323,9 @@ class Buffer:
     size: int
     label: str
     uniform: bool = False
-    shared: bool = False   # used by more than its maker (the products' split-K scratch): Device.recording skips it
+    shared: bool = False   # used by more than its maker (the products' split-K scratch): Device.free skips it
     freed: bool = False
+    release: object = field(default=None, repr=False)   # counts it out of Device.bytes_allocated, once
 
     def view(self, offset: int, size: int) -> "View":
         if offset < 0 or size <= 0 or offset + size > self.size:
@@ -523,6 +525,8 @@ class Device:
                            f"of {self.limits['max-buffer-size'] / 2**20:.0f} MiB; use a smaller model or batch")
         buf = Buffer(self._create_buffer(nbytes, label, uniform=False), nbytes, label)
         self.bytes_allocated += nbytes
+        # counted out when freed, or else when the collector takes it (the GPU's memory goes with the handle)
+        buf.release = weakref.finalize(buf, self._count_out, nbytes)
         made = _recording.get()
         if made is not None:
             made.append(buf)
@@ -551,7 +555,10 @@ class Device:
                 continue
             buf.handle.destroy()
             buf.freed = True
-            self.bytes_allocated -= buf.size
+            buf.release()
+
+    def _count_out(self, nbytes: int):
+        self.bytes_allocated -= nbytes
 
     def uniform(self, data, label: str = "params") -> Buffer:
         """A small uniform buffer (sizes, step, learning rate); update it with write()."""

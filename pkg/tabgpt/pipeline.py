@@ -108,6 +108,21 @@ class Pipeline:
         t0 = time.perf_counter()
         tuned_before = len(self.dev.tune_log)
         model = await GPT.create(self.dev, cfg, B=cfg.batch_size, T=cfg.block_size)
+        try:
+            await self._load_into(model, cfg, resume, resume_from, init_params)
+        except BaseException:
+            model.free()        # the current model stays; the one that failed gives its memory back now
+            raise
+        replaced, self.model = self.model, model
+        self.cfg, self.step = cfg, resume[2] if resume is not None else 0
+        if replaced is not None:
+            replaced.free()     # a page that builds again holds one model's memory, not every one it built
+        return {"config": cfg.to_dict(), "n_params": cfg.n_params(), "gpu_bytes": self.model.gpu_bytes,
+                "kernels": self.model.kernel_count, "compile_seconds": time.perf_counter() - t0, "step": self.step,
+                "autotuned": self.dev.tune_log[tuned_before:]}
+
+    async def _load_into(self, model, cfg: Config, resume, resume_from, init_params):
+        """The new model's weights (and optimizer state) from the checkpoint, the trained model, or the init."""
         if resume is not None:
             params, state, step = resume
             model.load_params(params)
@@ -121,13 +136,6 @@ class Pipeline:
         else:
             await model.init_weights(cfg.seed)
         await self.dev.sync()   # where the GPU could not allocate the model, it says so here, not steps later
-        replaced, self.model = self.model, model
-        self.cfg, self.step = cfg, resume[2] if resume is not None else 0
-        if replaced is not None:
-            replaced.free()     # a page that builds again holds one model's memory, not every one it built
-        return {"config": cfg.to_dict(), "n_params": cfg.n_params(), "gpu_bytes": self.model.gpu_bytes,
-                "kernels": self.model.kernel_count, "compile_seconds": time.perf_counter() - t0, "step": self.step,
-                "autotuned": self.dev.tune_log[tuned_before:]}
 
     # -- 4. training
     async def train(self, sample_prompt: str = "\n"):

@@ -136,11 +136,14 @@ async def train_speed(dev: Device, preset_name: str = "browser", seconds: float 
     t0 = time.perf_counter()
     try:
         model = await GPT.create(dev, cfg, B, T)
-        await model.init_weights(cfg.seed)
-        await dev.sync()
     except GPUError as e:
         return {**out, "error": f"the {preset_name} preset's model could not be built on this GPU: {e}"}
     try:
+        try:
+            await model.init_weights(cfg.seed)
+            await dev.sync()
+        except GPUError as e:
+            return {**out, "error": f"the {preset_name} preset's model could not be built on this GPU: {e}"}
         return await _timed_training(model, data, cfg, out, t0, seconds, post)
     finally:
         model.free()   # the page's own model may be on this GPU too: give this one's memory back now

@@ -110,7 +110,8 @@ async def open_session() -> str:
         except Exception:
             fits = False
         presets[name] = {**cfg.model_dict(), "max_steps": cfg.max_steps, "n_params": cfg.n_params(), "fits": fits,
-                         "gpu_bytes": cfg.gpu_bytes_estimate(), "batch_size": cfg.batch_size}
+                         "gpu_bytes": cfg.gpu_bytes_estimate(pipe.dev.limits["max-buffer-size"]),
+                         "batch_size": cfg.batch_size}
     info = pipe.dev.info
     fallback = bool(info.get("is_fallback_adapter")) or info.get("architecture") == "swiftshader"
     saved = await _saved_run_info()

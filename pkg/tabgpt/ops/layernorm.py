@@ -194,7 +194,6 @@ class LayerNorm:
         if self.pending[0][0] is not seq:
             raise GPUError("the pending layernorm backwards were recorded on another sequence")
         pending, self.pending = self.pending, []
-        seq.owed.pop(id(self), None)
         limit = self.dev.limits["max-storage-buffer-binding-size"]
         group = []
 
@@ -219,6 +218,7 @@ class LayerNorm:
                 flush()
             group.append(entry)
         flush()
+        seq.owed.pop(id(self), None)     # (a dispatch that failed above leaves the sequence refusing to run)
 
     def _param_grads_together(self, seq, group):
         buf = group[0][0]
