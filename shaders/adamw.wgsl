@@ -36,7 +36,7 @@ struct Stats { norm: f32, scale: f32, skip: u32, skipped: u32, history: array<f3
 @group(0) @binding(7) var<storage, read_write> v: array<f32>;
 @group(0) @binding(8) var<storage, read> decay: array<u32>;
 
-const WG: u32 = 256u;
+override WG: u32 = 256u;        // threads a workgroup: 256 on GPUs, fewer on CPU drivers (ops/optim.py)
 const PER_THREAD: u32 = 16u;   // PART = WG * PER_THREAD elements per partial sum
 
 var<workgroup> red: array<f32, WG>;

@@ -25,7 +25,7 @@ struct MeanParams { n: u32, accumulate: u32, scale: f32, _p: u32 }
 @group(0) @binding(5) var<uniform> mp: MeanParams;
 @group(0) @binding(6) var<storage, read_write> loss: array<f32>;
 
-const WG: u32 = 256u;
+override WG: u32 = 256u;        // threads a row (a power of two); fewer on CPU drivers (ops/crossentropy.py)
 const NEG_BIG: f32 = -3.0e38;   // a finite "minus infinity": exp(NEG_BIG - m) is 0, never NaN
 
 var<workgroup> red: array<vec2<f32>, WG>;

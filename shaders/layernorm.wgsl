@@ -58,6 +58,8 @@ const MAX_DEFERRED: u32 = 64u;
 
 override TPR: u32 = 16u;     // threads per row: a power of two, 1..WG (the Python side sets it)
 const WG: u32 = 64u;
+override PWG: u32 = 64u;     // threads of the parameter-gradient kernels: a power of two, 1..WG, at least n_blocks
+                             // where that is below WG (the threads beyond would add zeros: the same sums)
 const KMAX: u32 = 8u;        // vec4s of a row a thread keeps in registers (forward)
 const MAX_ROWS: u32 = 64u;   // rows_per_block is at most this
 const EPS: f32 = 1e-5;
@@ -277,9 +279,9 @@ fn row_grad(r: u32, idx: u32, x: vec4<f32>, d: vec4<f32>, g: vec4<f32>, w: vec4<
     return norm;
 }
 
-// One workgroup per (dweight or dbias, vec4 of channels): thread t sums blocks t, t + WG, ... in order, then a
+// One workgroup per (dweight or dbias, vec4 of channels): thread t sums blocks t, t + PWG, ... in order, then a
 // fixed tree adds the threads' sums, and the total is added to the gradient.
-@compute @workgroup_size(WG)
+@compute @workgroup_size(PWG)
 fn layernorm_param_grads(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec3u) {
     let total = param_total(0u, wg.x, lid.x);
     if (lid.x == 0u) {
@@ -292,7 +294,7 @@ fn layernorm_param_grads(@builtin(workgroup_id) wg: vec3u, @builtin(local_invoca
 }
 
 // Grid (2 C4, layernorms): workgroup (j, k) makes vec4 j of layernorm k's [dweight | dbias].
-@compute @workgroup_size(WG)
+@compute @workgroup_size(PWG)
 fn layernorm_param_grads_deferred(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec3u) {
     let d = deferred[wg.y];
     let total = param_total(d.partial_at, wg.x, lid.x);
@@ -303,17 +305,17 @@ fn layernorm_param_grads_deferred(@builtin(workgroup_id) wg: vec3u, @builtin(loc
 }
 
 // The sum over the blocks of the partial sums at vec4 base of partial_in, for vec4 j of [dweight | dbias] (valid
-// in thread 0): thread t sums blocks t, t + WG, ... in order, then a fixed tree adds the threads' sums.
+// in thread 0): thread t sums blocks t, t + PWG, ... in order, then a fixed tree adds the threads' sums.
 fn param_total(base: u32, j: u32, lid: u32) -> vec4<f32> {
     let which = j / lp.C4;   // 0: dweight, 1: dbias
     let c = j % lp.C4;
     var acc = vec4(0.0);
-    for (var blk = lid; blk < lp.n_blocks; blk += WG) {
+    for (var blk = lid; blk < lp.n_blocks; blk += PWG) {
         acc += partial_in[base + (2u * blk + which) * lp.C4 + c];
     }
     red4[lid] = acc;
     workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+    for (var s = PWG / 2u; s > 0u; s >>= 1u) {
         if (lid < s) { red4[lid] += red4[lid + s]; }
         workgroupBarrier();
     }

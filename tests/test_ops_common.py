@@ -383,8 +383,10 @@ def download_view(dev, x):
 
 def test_layernorm_deferred_scratch_is_in_the_memory_estimate(dev, monkeypatch):
     from tabgpt.config import preset
-    from tabgpt.ops.layernorm import deferred_bytes
-    ln = wait(LayerNorm.create(dev, 8192, 384, subgroups=False, deferred=13, fold=True))
+    from tabgpt.ops.layernorm import deferred_bytes, rows_per_block_for
+    # (the GPUs' blocks, as the estimate counts them; CPU drivers make fewer, larger ones)
+    ln = wait(LayerNorm.create(dev, 8192, 384, rows_per_block=rows_per_block_for(8192), subgroups=False, deferred=13,
+                               fold=True))
     assert ln.slots[0].size == deferred_bytes(8192, 384, 13, fold=True) == 13 * 1024 * 2 * 384 * 4
     monkeypatch.setenv("TABGPT_LAYERNORM_FOLD", "0")
     base = preset("browser").gpu_bytes_estimate()
@@ -400,6 +402,16 @@ def test_layernorm_deferred_scratch_is_in_the_memory_estimate(dev, monkeypatch):
     assert big.gpu_bytes_estimate() == without
     # where the device's buffers are larger (limits raised to the adapter's), it makes them: counted
     assert big.gpu_bytes_estimate(max_buffer=1 << 30) - without == 392 << 20
+
+
+def test_layernorm_blocks_are_larger_on_cpu_drivers(dev):
+    from tabgpt.ops.layernorm import rows_per_block_for
+    from tabgpt.ops.matmul import is_cpu_adapter
+    # GPUs: about 1024 blocks; CPU drivers: about 16 blocks of 16 to 64 rows (fewer threads a row, shorter trees)
+    assert [rows_per_block_for(n) for n in (8, 256, 8192, 10 ** 6)] == [1, 1, 8, 64]
+    assert [rows_per_block_for(n, cpu=True) for n in (8, 256, 1000, 8192)] == [16, 16, 63, 64]
+    ln = wait(LayerNorm.create(dev, 256, 64, subgroups=False))
+    assert ln.rows_per_block == rows_per_block_for(256, is_cpu_adapter(dev))
 
 
 def test_layernorm_deferral_is_checked(dev, monkeypatch):
@@ -543,11 +555,13 @@ def make_crossentropy(dev, subgroups, v=V, vp=Vp, **kw):
 
 # V 1001: 251 vec4s, fewer than the 256 threads (the last five read nothing); V 3001 in Vp 3008: the two running
 # pairs per thread both in use, padding inside the last vec4.
-@pytest.mark.parametrize("subgroups", [False, True], ids=["trees", "subgroups"])
+# threads a row: a GPU's 256, a CPU driver's 32, and 1 (no tree); the subgroup kernels with a GPU's
+@pytest.mark.parametrize("subgroups,threads", [(False, 256), (False, 32), (False, 1), (True, 256)],
+                         ids=["trees", "trees-32", "trees-1", "subgroups"])
 @pytest.mark.parametrize("v,vp", [(V, Vp), (3001, 3008)])
-def test_crossentropy_forward_backward_and_mean(dev, subgroups, v, vp):
+def test_crossentropy_forward_backward_and_mean(dev, subgroups, v, vp, threads):
     logits, targets = crossentropy_inputs(8, v, vp)
-    ce = make_crossentropy(dev, subgroups, v, vp)
+    ce = make_crossentropy(dev, subgroups, v, vp, threads=threads)
     if ce is None:
         return
     blog, bt = upload(dev, logits), upload(dev, targets)
@@ -612,7 +626,7 @@ def test_decay_mask_bits_follow_the_ranges():
 class AdamWRun:
     """params, grads, m, v on the GPU plus their NumPy twins (the reference's AdamW), stepped together."""
 
-    def __init__(self, dev, seed, max_binding=None):
+    def __init__(self, dev, seed, max_binding=None, threads=None):
         r = rng(seed)
         self.dev = dev
         self.p = r.standard_normal(P).astype(np.float32)
@@ -621,7 +635,7 @@ class AdamWRun:
         self.ref_p = self.p.copy()
         self.bufs = {"params": upload(dev, self.p, "params"), "grads": dev.buffer(4 * P, "grads"),
                      "m": dev.buffer(4 * P, "m"), "v": dev.buffer(4 * P, "v")}
-        self.opt = wait(AdamW.create(dev, P, DECAY, ring=8, max_binding=max_binding))
+        self.opt = wait(AdamW.create(dev, P, DECAY, ring=8, max_binding=max_binding, threads=threads))
         self.seq = dev.sequence("adamw")
         self.opt.step(self.seq, **self.bufs)
         wait(self.seq.build())
@@ -645,11 +659,13 @@ class AdamWRun:
         return {name: download(self.dev, self.bufs[name]) for name in ("params", "m", "v")}
 
 
+# threads: a GPU's 256 and a CPU driver's 32 (every device runs both)
+@pytest.mark.parametrize("threads", [256, 32])
 @pytest.mark.parametrize("max_norm,clipped", [(1.0, True), (1e6, False), (0.0, False)])
-def test_adamw_three_steps_match_numpy(dev, max_norm, clipped):
+def test_adamw_three_steps_match_numpy(dev, max_norm, clipped, threads):
     # max_binding 4096 bytes: the 5003 parameters are bound in 5 chunks of views, as a 124M model would be
-    run_ = AdamWRun(dev, seed=10, max_binding=4096)
-    assert len(run_.opt.pieces) == 5
+    run_ = AdamWRun(dev, seed=10, max_binding=4096, threads=threads)
+    assert len(run_.opt.pieces) == 5 and run_.opt.wg == threads
     for t in (1, 2, 3):
         lr = 1e-2 * t
         g = run_.step(t, lr, max_norm, scale=0.5)
@@ -666,6 +682,19 @@ def test_adamw_three_steps_match_numpy(dev, max_norm, clipped):
         assert_close(f"v after step {t}", got["v"], run_.v, atol=1e-9, rtol=1e-4)
     norms = wait(run_.opt.read_norms([1, 2, 3]))
     assert norms[2] == wait(run_.opt.read_stats())["norm"] and all(n > 0 for n in norms)
+
+
+def test_cpu_drivers_get_shorter_trees_and_bad_thread_counts_are_refused(dev):
+    from tabgpt.ops import crossentropy, optim
+    from tabgpt.ops.matmul import is_cpu_adapter
+    cpu = is_cpu_adapter(dev)
+    assert wait(AdamW.create(dev, P)).wg == (optim.WG_CPU if cpu else optim.WG) and optim.WG_CPU < optim.WG
+    assert crossentropy._threads(dev, None, False) == (crossentropy.WG_CPU if cpu else crossentropy.WG)
+    for bad in (3, 512):
+        with pytest.raises(GPUError, match="power of two in 1..256"):
+            wait(AdamW.create(dev, P, threads=bad))
+        with pytest.raises(GPUError, match="power of two in 1..256"):
+            wait(CrossEntropy.create(dev, N, V, Vp, threads=bad))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -16,14 +16,16 @@ import pytest
 
 import reference
 from tabgpt.gpu import DEFAULT_LIMITS, GPUError, wait
-from tabgpt.ops.matmul import (TILES_CPU, TILES_LARGE, TILES_MEDIUM, TUNE_TILES, BiasGrad, Conv1D, LMHead, Matmul,
-                               MatmulPair, check_tiles, default_splits, default_tiles, is_cpu_adapter)
+from tabgpt.ops.matmul import (TILES_CPU, TILES_LARGE, TILES_MEDIUM, TILES_SWIFTSHADER, TUNE_TILES, BiasGrad, Conv1D,
+                               LMHead, Matmul, MatmulPair, check_tiles, cpu_tiles, default_splits, default_tiles,
+                               is_cpu_adapter)
 
 RTOL = 1e-5
 B, T, C, Vp = 3, 37, 72, 1024
 M = B * T  # 111 rows
 TILE_SHAPES = {
-    "cpu": TILES_CPU,                                            # 64x64x8, 8x8 per thread
+    "cpu": TILES_CPU,                                            # 64x64x16, 8x8 per thread (lavapipe)
+    "swiftshader": TILES_SWIFTSHADER,                            # 64x64x32, 8x8 per thread: 16 KiB
     "medium": TILES_MEDIUM,                                      # 64x64x8, 4x4, prefetch
     "large": TILES_LARGE,                                        # 128x128x8, 8x8, 256 threads, spread, prefetch, double
     "uneven": {"BM": 16, "BN": 64, "BK": 12, "TM": 8, "TN": 4},  # BK not a power of 2, BM != BN, TM != TN
@@ -126,6 +128,8 @@ def test_tiled_product_is_right_with_spread_threads_and_prefetch(dev, layout, ti
     t = dict(TILE_SHAPES[tiles], **flags)
     if tiles == "uneven":
         t["TM"] = 4
+    if tiles == "swiftshader" and flags.get("PREFETCH"):
+        t["BK"] = 16        # the prefetch holds at most 4 vec4s a thread: 16 deep at 64 threads
     got, ref, scale, mm = product(dev, layout, Mm, N, K, seed=16, variant="tiled", tiles=t, bias=layout == "nn")
     assert mm.tiles == t
     assert_product(f"{layout} tiled {t} {Mm}x{N}x{K}", got, ref, scale)
@@ -300,7 +304,7 @@ def test_split_k_slices_summed_in_order_match(dev, layout, bias, accumulate):
     Mm, N, K = SHAPES[layout]
     init = np.random.default_rng(14).standard_normal((Mm, N)).astype(np.float32)
     got, ref, scale, mm = product(dev, layout, Mm, N, K, seed=14, bias=bias, accumulate=accumulate, init=init,
-                                  variant="tiled", splits=3, times=2)
+                                  variant="tiled", splits=3, times=2, tiles=dict(TILES_CPU, BK=8))
     assert mm.splits == 3 and mm.chunks[0][3][2] == 3, (mm.splits, mm.chunks[0][3])
     assert_product(f"{layout} split-K x3, bias={bias}, accumulate={accumulate}", got, ref, scale)
 
@@ -363,6 +367,11 @@ def test_default_split_k_fills_a_gpu_but_not_a_cpu():
     assert default_splits(browser_cpu, 36, 8192) == 1
     assert default_splits(gpu, 144, 8192) == 7                  # C x 4C weight gradient at B*T = 8192, C = 768
     assert default_splits(gpu, 1152, 768) == 1                  # enough workgroups already
+    # CPU drivers: deeper slices of K between barriers, deepest on SwiftShader (natively and in a browser)
+    native_ss = FakeAdapter(vendor="Google", device="SwiftShader Device (Subzero)", adapter_type="CPU")
+    assert default_tiles(cpu, 8192, 768, 768) == TILES_CPU and TILES_CPU["BK"] == 16
+    assert default_tiles(browser_cpu, 8192, 768, 768) == default_tiles(native_ss, 64, 64) == TILES_SWIFTSHADER
+    assert TILES_SWIFTSHADER["BK"] == 32
     assert default_splits(gpu, 4, 600) == 2                     # slices of at least 256
 
 
@@ -487,7 +496,7 @@ def test_every_preset_tile_shape_fits_the_webgpu_default_limits(dev):
     for name, t in TILE_SHAPES.items():
         check_tiles(dev, t)   # the fixture device holds exactly the default limits; raises if a shape exceeds them
     # the CPU tiles on a CPU adapter (lavapipe, SwiftShader); on a GPU (these tests also run on an H200) the large
-    assert default_tiles(dev, 8192, 768, 768) == (TILES_CPU if is_cpu_adapter(dev) else TILES_LARGE)
+    assert default_tiles(dev, 8192, 768, 768) == (cpu_tiles(dev) if is_cpu_adapter(dev) else TILES_LARGE)
 
 
 def test_default_tiles_are_large_where_they_fill_a_gpu():

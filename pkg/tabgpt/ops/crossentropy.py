@@ -27,6 +27,18 @@ SG_FILE = "crossentropy_subgroups.wgsl"
 ROW_KERNELS = ("crossentropy_forward", "crossentropy_forward_backward")
 
 
+WG = 256          # a row's threads on GPUs
+WG_CPU = 32       # on CPU drivers, where a barrier switches between the workgroup's threads: shorter trees
+
+
+def _threads(dev: Device, threads: int | None, subgroups: bool) -> int:
+    from tabgpt.ops.matmul import is_cpu_adapter
+    wg = threads or (WG_CPU if is_cpu_adapter(dev) and not subgroups else WG)
+    if not (1 <= wg <= 256 and wg & (wg - 1) == 0):
+        raise GPUError(f"CrossEntropy threads must be a power of two in 1..256, got {wg}")
+    return wg
+
+
 class CrossEntropy:
     def __init__(self, dev, N, V, Vp, kernels, params, mean_params, subgroups=False):
         self.dev, self.N, self.V, self.Vp = dev, N, V, Vp
@@ -37,8 +49,10 @@ class CrossEntropy:
 
     @classmethod
     async def create(cls, dev: Device, N: int, V: int, Vp: int, grad_scale: float | None = None,
-                     loss_scale: float | None = None, subgroups: bool | None = None) -> "CrossEntropy":
-        """subgroups: the subgroup kernels (True) or the trees (False) instead of the device's default."""
+                     loss_scale: float | None = None, subgroups: bool | None = None,
+                     threads: int | None = None) -> "CrossEntropy":
+        """subgroups: the subgroup kernels (True) or the trees (False) instead of the device's default; threads:
+        a row's threads (a power of two, 1..256) instead of the adapter's (_threads)."""
         if Vp % 4 or not 0 < V <= Vp:
             raise GPUError(f"CrossEntropy needs 0 < V <= Vp and Vp a multiple of 4, got V={V}, Vp={Vp}")
         if subgroups is None:
@@ -48,10 +62,11 @@ class CrossEntropy:
                            "builtin): create CrossEntropy with subgroups=False")
         grad_scale = 1.0 / N if grad_scale is None else grad_scale
         loss_scale = 1.0 / N if loss_scale is None else loss_scale
-        kernels = {"loss_mean": await dev.kernel(FILE, "loss_mean")}
+        wg = {"WG": _threads(dev, threads, subgroups)}
+        kernels = {"loss_mean": await dev.kernel(FILE, "loss_mean", constants=wg)}
         for name in ROW_KERNELS:
-            kernels[name] = (await dev.kernel_of([SG_FILE, FILE], name + "_sg") if subgroups
-                             else await dev.kernel(FILE, name))
+            kernels[name] = (await dev.kernel_of([SG_FILE, FILE], name + "_sg", constants=wg) if subgroups
+                             else await dev.kernel(FILE, name, constants=wg))
         params = dev.uniform(struct.pack("<3If", N, V, Vp // 4, grad_scale), "crossentropy-params")
         mean_params = {acc: dev.uniform(struct.pack("<2IfI", N, int(acc), loss_scale, 0), "loss-mean-params")
                        for acc in (False, True)}

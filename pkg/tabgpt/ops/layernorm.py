@@ -61,9 +61,13 @@ def pick_threads_per_row(C: int) -> int:
 MAX_DEFERRED = 64   # layernorms per deferred dispatch (MAX_DEFERRED in the WGSL)
 
 
-def rows_per_block_for(N: int) -> int:
+def rows_per_block_for(N: int, cpu: bool = False) -> int:
     """The backward's rows per block: about 1024 blocks, enough workgroups to fill a GPU, and partial sums (2C per
-    block) that cost little next to the (N, C) tensors read."""
+    block) that cost little next to the (N, C) tensors read. On CPU drivers (cpu=True), where each barrier switches
+    between the workgroup's threads, blocks of 16 to 64 rows (about 16 blocks: a CPU's cores): fewer threads a
+    row, shorter trees."""
+    if cpu:
+        return min(MAX_ROWS, max(16, -(-N // 16)))
     return min(MAX_ROWS, max(1, -(-N // 1024)))
 
 
@@ -118,7 +122,8 @@ class LayerNorm:
         to finish() (above; fold, else TABGPT_LAYERNORM_FOLD, turns it on; not with the subgroup kernels)."""
         if C % 4:
             raise GPUError(f"LayerNorm needs C (n_embd) to be a multiple of 4, got {C}")
-        rows_per_block = rows_per_block or rows_per_block_for(N)
+        from tabgpt.ops.matmul import is_cpu_adapter
+        rows_per_block = rows_per_block or rows_per_block_for(N, is_cpu_adapter(dev))
         if not 1 <= rows_per_block <= MAX_ROWS:
             raise GPUError(f"rows_per_block must be in 1..{MAX_ROWS}, got {rows_per_block}")
         tpr = threads_per_row or pick_threads_per_row(C)
@@ -137,14 +142,17 @@ class LayerNorm:
             self.k = {name: await dev.kernel_of([SG_FILE, FILE], name + "_sg")
                       for name in ("layernorm_forward", "layernorm_backward", "layernorm_param_grads")}
         else:
+            # the parameter gradients' threads: no more than the blocks they sum (the same sums, fewer barriers)
+            pwg = {"PWG": min(WG, 1 << (self.n_blocks - 1).bit_length())}
             self.k = {"layernorm_forward": await dev.kernel(FILE, "layernorm_forward", constants={"TPR": tpr}),
                       "layernorm_backward": await dev.kernel(FILE, "layernorm_backward",
                                                              constants={"TPR": self.tpr_backward}),
-                      "layernorm_param_grads": await dev.kernel(FILE, "layernorm_param_grads")}
+                      "layernorm_param_grads": await dev.kernel(FILE, "layernorm_param_grads", constants=pwg)}
             slot = slot_bytes(N, C, rows_per_block)
             # (where the slots outgrow one buffer, as for very large models in a browser, each makes its own)
             if deferred > 0 and fold_enabled(fold) and deferred * slot <= dev.limits["max-buffer-size"]:
-                self.k["layernorm_param_grads_deferred"] = await dev.kernel(FILE, "layernorm_param_grads_deferred")
+                self.k["layernorm_param_grads_deferred"] = await dev.kernel(FILE, "layernorm_param_grads_deferred",
+                                                                            constants=pwg)
                 self.slots = (dev.buffer(deferred * slot, "layernorm-deferred-partials"), slot, deferred)
         return self
 

@@ -54,25 +54,38 @@ ROW_ALIGN = 64        # chunks start at multiples of 64 rows: 64 * 4 bytes * any
 # the fastest of the shapes measured on an H100 (bench/results/matmul.md: 1-14% over one copy of 16-deep tiles;
 # BK = 32, 128 x 64 blocks and two copies of 16-deep tiles were slower); 64 x 64 when even split-K leaves too few
 # workgroups to fill the GPU (prefetch: 5-8% faster). Natively on GPUs the autotuner picks among these per shape.
-# On lavapipe 64 x 64 x 8 with 8 x 8 per thread was fastest (2-3x over 32 x 32 / 4 x 4).
+# On lavapipe 64 x 64 blocks with 8 x 8 per thread were fastest (2-3x over 32 x 32 / 4 x 4); on CPU drivers each
+# barrier switches between the workgroup's threads, so deeper slices pay: 16 on lavapipe, 32 on SwiftShader
+# (cpu_tiles; training the tiny preset 1.1-1.2x as fast as 8-deep slices, BENCHMARKS.md).
 TILES_LARGE = {"BM": 128, "BN": 128, "BK": 8, "TM": 8, "TN": 8, "SPREAD": True, "PREFETCH": True,
                "DOUBLE_BUFFER": True}
 TILES_MEDIUM = {"BM": 64, "BN": 64, "BK": 8, "TM": 4, "TN": 4, "PREFETCH": True}
-TILES_CPU = {"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}
+TILES_CPU = {"BM": 64, "BN": 64, "BK": 16, "TM": 8, "TN": 8}           # lavapipe (llvmpipe)
+TILES_SWIFTSHADER = {"BM": 64, "BN": 64, "BK": 32, "TM": 8, "TN": 8}    # SwiftShader, browsers' CPU driver
 
 
 def is_cpu_adapter(dev: Device) -> bool:
-    info = dev.info
-    names = " ".join(str(info.get(k, "")) for k in ("vendor", "architecture", "device")).lower()
+    info, names = dev.info, _adapter_names(dev)
     return (info.get("adapter_type") == "CPU" or bool(info.get("is_fallback_adapter"))
             or "llvmpipe" in names or "swiftshader" in names)
+
+
+def cpu_tiles(dev: Device) -> dict:
+    """The tiles of CPU drivers, where each barrier switches between a workgroup's threads (fibers of a few SIMD
+    lanes) and so a longer slice of K between barriers pays: 16 deep on lavapipe, 32 on SwiftShader (the most that
+    WebGPU's default 16 KiB of workgroup memory holds)."""
+    return dict(TILES_SWIFTSHADER if "swiftshader" in _adapter_names(dev) else TILES_CPU)
+
+
+def _adapter_names(dev: Device) -> str:
+    return " ".join(str(dev.info.get(k, "")) for k in ("vendor", "architecture", "device", "description")).lower()
 
 
 def default_tiles(dev: Device, M: int, N: int, K: int = 1) -> dict:
     """Tile sizes for an out (M, N) = (M, K) @ (K, N) product on this adapter (measured on an H100 and lavapipe;
     a starting point elsewhere). Large tiles wherever they, split-K included, make enough workgroups."""
     if is_cpu_adapter(dev):
-        return dict(TILES_CPU)
+        return cpu_tiles(dev)
     workgroups = -(-M // TILES_LARGE["BM"]) * -(-N // TILES_LARGE["BN"]) * max(1, min(16, K // 256))
     return dict(TILES_LARGE if workgroups >= 256 else TILES_MEDIUM)
 
@@ -773,7 +786,7 @@ class BatchedMatmul:
             raise GPUError(f"batched matmul: {n_products} products ({batches} x {heads}"
                            f"{' x 2' if second else ''}) exceed the workgroup grid limit")
         if tiles is None:
-            tiles = dict(TILES_CPU) if is_cpu_adapter(dev) else \
+            tiles = cpu_tiles(dev) if is_cpu_adapter(dev) else \
                 {"BM": 128, "BN": 128 if N >= 128 else 64, "BK": 16, "TM": 8, "TN": 8, "SPREAD": True,
                  "PREFETCH": True}
         tiles = dict(tiles)

@@ -28,8 +28,9 @@ from tabgpt.gpu import Device, GPUError, Sequence
 from tabgpt.ops.elementwise import chunk_views, fold_grid
 
 FILE = "adamw.wgsl"
-WG = 256
-PART = 256 * 16   # elements per partial sum of squares (WG * PER_THREAD in the WGSL)
+WG = 256          # threads a workgroup (WG in the WGSL) on GPUs
+WG_CPU = 32       # on CPU drivers, where a barrier switches between the workgroup's threads: shorter trees
+PER_THREAD = 16   # elements a thread adds to a partial sum of squares (PER_THREAD in the WGSL)
 STATS_HEADER = 16  # bytes before the history ring: norm f32, scale f32, skip u32, skipped u32
 
 
@@ -54,8 +55,9 @@ def decay_mask(n_params: int, decay_ranges) -> array.array:
 
 
 class AdamW:
-    def __init__(self, dev, n_params, kernels, pieces, hyper, chunk_params, partials, stats, decay, ring, limit):
+    def __init__(self, dev, n_params, kernels, pieces, hyper, chunk_params, partials, stats, decay, ring, limit, wg):
         self.dev, self.n_params = dev, n_params
+        self.wg, self.part = wg, wg * PER_THREAD   # threads a workgroup; elements a partial sum of squares
         self.k = kernels
         self.pieces = pieces              # [(base element, count)] one per binding chunk
         self.hyper = hyper                # uniform Hyper, rewritten by write_step()
@@ -70,9 +72,10 @@ class AdamW:
 
     @classmethod
     async def create(cls, dev: Device, n_params: int, decay_ranges=(), ring: int = 256,
-                     max_binding: int | None = None) -> "AdamW":
+                     max_binding: int | None = None, threads: int | None = None) -> "AdamW":
         """decay_ranges: (offset, count) element ranges of the flat vector that get weight decay (the 2-D weights).
-        ring: how many past steps' norms stay readable. max_binding: bytes per chunk (default: the device limit)."""
+        ring: how many past steps' norms stay readable. max_binding: bytes per chunk (default: the device limit).
+        threads: a workgroup's (a power of two, 1..256) instead of the adapter's (WG, WG_CPU on CPU drivers)."""
         if n_params >= 1 << 32:
             raise GPUError(f"{n_params} parameters do not fit 32-bit indices")
         if ring < 1:
@@ -80,17 +83,21 @@ class AdamW:
         limit = (max_binding or dev.limits["max-storage-buffer-binding-size"]) // 256 * 256
         per_piece = limit // 4
         pieces = [(s, min(per_piece, n_params - s)) for s in range(0, n_params, per_piece)]
-        kernels = {name: await dev.kernel(FILE, name)
+        from tabgpt.ops.matmul import is_cpu_adapter
+        wg = threads or (WG_CPU if is_cpu_adapter(dev) else WG)
+        if not (1 <= wg <= 256 and wg & (wg - 1) == 0):
+            raise GPUError(f"AdamW threads must be a power of two in 1..256, got {wg}")
+        kernels = {name: await dev.kernel(FILE, name, constants={"WG": wg})
                    for name in ("grad_norm_partial", "grad_norm_finish", "adamw_update")}
         chunk_params, part_base = [], 0
         for base, count in pieces:
             chunk_params.append(dev.uniform(struct.pack("<4I", base, count, part_base, 0), "adamw-chunk"))
-            part_base += (count + PART - 1) // PART
+            part_base += -(-count // (wg * PER_THREAD))
         partials = dev.buffer(4 * part_base, "grad-norm-partials")
         stats = dev.buffer(STATS_HEADER + 4 * ring, "grad-stats")
         decay = dev.buffer(4 * ((n_params + 31) // 32), "decay-mask", decay_mask(n_params, decay_ranges))
         hyper = dev.uniform(bytes(48), "adamw-hyper")
-        return cls(dev, n_params, kernels, pieces, hyper, chunk_params, partials, stats, decay, ring, limit)
+        return cls(dev, n_params, kernels, pieces, hyper, chunk_params, partials, stats, decay, ring, limit, wg)
 
     def write_step(self, t: int, lr: float, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
                    weight_decay: float = 0.1, max_norm: float = 1.0):
@@ -108,7 +115,7 @@ class AdamW:
         for (base, count), cp, (_, views) in zip(self.pieces, self.chunk_params,
                                                  chunk_views(self.dev, self.n_params, {"grads": grads},
                                                              limit=self.limit)):
-            seq.dispatch(self.k["grad_norm_partial"], fold_grid((count + PART - 1) // PART), ck=cp,
+            seq.dispatch(self.k["grad_norm_partial"], fold_grid(-(-count // self.part)), ck=cp,
                          partials=self.partials, **views)
         seq.dispatch(self.k["grad_norm_finish"], (1,), hp=self.hyper, partials=self.partials, stats=self.stats)
 
@@ -117,7 +124,7 @@ class AdamW:
         operands = {"params": params, "grads": grads, "m": m, "v": v}
         for (base, count), cp, (_, views) in zip(self.pieces, self.chunk_params,
                                                  chunk_views(self.dev, self.n_params, operands, limit=self.limit)):
-            seq.dispatch(self.k["adamw_update"], fold_grid((count + WG - 1) // WG), hp=self.hyper, ck=cp,
+            seq.dispatch(self.k["adamw_update"], fold_grid(-(-count // self.wg)), hp=self.hyper, ck=cp,
                          stats=self.stats, decay=self.decay, **views)
 
     def step(self, seq: Sequence, params, grads, m, v):
