@@ -34,6 +34,15 @@ class RunError(Exception):
     """A run folder is missing, incomplete, corrupt or does not match; the message says what to do."""
 
 
+def is_run_folder(folder) -> bool:
+    """Whether folder holds the config.json of a tabgpt run (what `tabgpt train` writes when a run starts)."""
+    try:
+        d = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("format") == FORMAT
+
+
 def json_safe(value):
     """value with every float that is not finite (a NaN loss) as None: JSON has no NaN, and JSON.parse refuses it."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -91,12 +100,7 @@ class RunFolder:
         if not names:
             return
         foreign = [n for n in names if n not in RUN_FILES and not (n.startswith(".") and n.endswith(".tmp"))]
-        ours = False
-        try:
-            ours = json.loads((self.path / "config.json").read_text()).get("format") == FORMAT
-        except (OSError, ValueError, AttributeError):
-            pass
-        if foreign or not ours:
+        if foreign or not is_run_folder(self.path):
             shown = ", ".join((foreign or names)[:5]) + (" ..." if len(foreign or names) > 5 else "")
             raise RunError(f"--out {self.path} already holds files that are not a tabgpt run ({shown}): choose a "
                            f"new or empty folder, so that nothing in it is overwritten")
