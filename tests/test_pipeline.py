@@ -244,6 +244,16 @@ def test_bad_settings_are_refused_with_what_to_do():
     with pytest.raises(ValueError, match="min_lr"):
         preset("tiny", min_lr=0.5)   # above the learning rate
     preset("tiny", min_lr=0.0, warmup_steps=0, eval_interval=0)   # zero is a choice
+    # AdamW's decoupled decay multiplies the weights by 1 - learning_rate x weight_decay each step
+    with pytest.raises(ValueError, match=r"weight_decay \(-0.1\) must not be negative: give a --weight-decay"):
+        preset("tiny", weight_decay=-0.1)
+    with pytest.raises(ValueError, match=r"weight_decay \(1000000.0\) times learning_rate \(0.003\) must be below 1"
+                                         r".* give a --weight-decay below 333.3"):
+        preset("tiny", weight_decay=1e6)
+    with pytest.raises(ValueError, match="--weight-decay below 1.25"):
+        preset("tiny", weight_decay=1.25, learning_rate=0.8, min_lr=0)   # exactly 1: every weight zeroed
+    preset("tiny", weight_decay=0.0)
+    preset("tiny", weight_decay=300.0)
 
     from tabgpt.metrics import check_sampling
     for kw, message in ((dict(top_k=-5), "top_k"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
