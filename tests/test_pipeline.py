@@ -759,6 +759,28 @@ def test_fine_tuning_rates_fill_in_what_is_not_given_and_stay_ordered():
         preset("tiny", **rates)                                 # valid: min_lr <= learning_rate
 
 
+def test_a_learning_rate_below_min_lr_takes_min_lr_down_with_it(cli_run, tmp_path):
+    """--learning-rate below the preset's (or the resumed run's) min_lr without --min-lr: min_lr keeps its ratio to
+    the rate (it used to be refused, naming no flag); a min_lr given above the rate is refused naming --min-lr."""
+    from tabgpt.pipeline import scaled_min_lr
+    tiny = preset("tiny")
+    assert scaled_min_lr(1e-4, None, tiny) == {"min_lr": 1e-5}
+    assert scaled_min_lr(1e-3, None, tiny) == {} and scaled_min_lr(1e-4, 5e-5, tiny) == {}
+    assert scaled_min_lr(None, None, tiny) == {} and scaled_min_lr(-1.0, None, tiny) == {}
+    missing = tmp_path / "missing.txt"   # the settings are taken, then the data is looked for: nothing trains
+    r = _cli("train", "--data", missing, "--learning-rate", 1e-4, "--out", tmp_path / "a", check=False)
+    assert r.returncode == 1 and "note: min_lr 1e-05, 0.1 x --learning-rate as in preset tiny" in r.stderr, r.stderr
+    assert "missing.txt does not exist" in r.stderr and "must be in" not in r.stderr, r.stderr
+    r = _cli("train", "--data", missing, "--learning-rate", 1e-4, "--min-lr", 1e-3, "--out", tmp_path / "a",
+             check=False)
+    assert r.returncode == 1 and "give a --min-lr from 0 to the --learning-rate" in r.stderr, r.stderr
+    run = tmp_path / "run"
+    shutil.copytree(cli_run / "run", run)
+    r = _cli("train", "--data", missing, "--resume", "--out", run, "--max-steps", 8, "--learning-rate", 1e-4,
+             check=False)
+    assert "resuming with min_lr 1e-05 (was 0.0003)" in r.stderr and "must be in" not in r.stderr, r.stderr
+
+
 def test_resume_takes_the_vocabulary_size_the_run_asked_for(cli_run, tmp_path):
     """A run whose tokenizer came out smaller than --vocab-size asked (the text ran out of pairs) resumes with
     its first command; a --tokenizer that is no tokenizer is named as such."""

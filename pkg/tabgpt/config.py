@@ -82,7 +82,7 @@ class Config:
             problems.append(f"learning_rate ({self.learning_rate}) must be in (0, 1)")
         if not 0 <= self.min_lr <= self.learning_rate:
             problems.append(f"min_lr ({self.min_lr}) must be in [0, learning_rate = {self.learning_rate}]: the "
-                            f"cosine decay ends there")
+                            f"cosine decay ends there; give a --min-lr from 0 to the --learning-rate")
         if self.weight_decay < 0:
             problems.append(f"weight_decay ({self.weight_decay}) must not be negative: give a --weight-decay of 0 "
                             f"(none) or more (0.1 is usual)")

@@ -272,6 +272,14 @@ def finetune_rates(learning_rate: float | None, min_lr: float | None) -> dict:
     return {}
 
 
+def scaled_min_lr(learning_rate: float | None, min_lr: float | None, base: Config) -> dict:
+    """min_lr for a learning rate given without min_lr that falls below base's min_lr (a preset's, or a resumed
+    run's): base's ratio min_lr / learning_rate kept, so that the cosine still decays from the rate given."""
+    if learning_rate is None or min_lr is not None or not 0 < learning_rate < base.min_lr:
+        return {}
+    return {"min_lr": float(f"{learning_rate * base.min_lr / base.learning_rate:.12g}")}
+
+
 def _same_path(a, b) -> bool:
     try:
         return a is not None and Path(a).resolve() == Path(b).resolve()
@@ -348,7 +356,7 @@ def cli_train(args) -> int:
     import signal
     import sys
     from tabgpt import bpe, corpus as corpus_mod
-    from tabgpt.config import preset
+    from tabgpt.config import PRESETS, preset
     from tabgpt.gpu import GPUError
 
     overrides = {name: getattr(args, name, None) for name in FLAG_NAMES}
@@ -387,7 +395,8 @@ def cli_train(args) -> int:
                                f"was trained with {base.model_dict()}. Drop {'it' if len(fixed) == 1 else 'them'}, "
                                f"or train a new run into another --out")
             # the time limit is this session's, not the run's: it is not inherited from the last one
-            cfg = base.replace(time_limit=0.0).replace(**{k: v for k, v in overrides.items()
+            tune = scaled_min_lr(overrides.get("learning_rate"), overrides.get("min_lr"), base)
+            cfg = base.replace(time_limit=0.0).replace(**{k: v for k, v in {**overrides, **tune}.items()
                                                           if k not in RESUME_FIXED}).validate()
             step = pipe.run.checkpoint_step()   # (the header: the weights are read once, by build_model)
             if step is not None and cfg.max_steps <= step:
@@ -416,7 +425,15 @@ def cli_train(args) -> int:
                   f"context {sizes['block_size']}, vocabulary {sizes['vocab_size']}" +
                   "".join(f"; {k} {v:g}" for k, v in tune.items()), file=sys.stderr)
         else:
-            cfg = preset(args.preset or "tiny", **overrides)
+            name = args.preset or "tiny"
+            tune = scaled_min_lr(overrides.get("learning_rate"), overrides.get("min_lr"),
+                                 Config(**PRESETS[name])) if name in PRESETS else {}
+            cfg = preset(name, **{**overrides, **tune})
+            if tune:
+                given = PRESETS[name]
+                print(f"note: min_lr {cfg.min_lr:g}, {cfg.min_lr / cfg.learning_rate:g} x --learning-rate as in "
+                      f"preset {name} (its min_lr {given.get('min_lr', Config.min_lr):g} is above the rate given); "
+                      f"--min-lr sets another", file=sys.stderr)
             pipe.run.check_new()   # before any work: a path that a new run must not write into is refused now
         source = "default" if args.data == "default" else args.data
         info = await pipe.load_data(source)
