@@ -399,6 +399,28 @@ def test_bad_inputs_give_clear_errors_and_overwrite_nothing(cli_run, tmp_path):
     assert before["model.safetensors"] == (cli_run / "run" / "model.safetensors").read_bytes()
 
 
+def test_weights_that_config_json_does_not_describe_are_refused_naming_both(cli_run, tmp_path):
+    """A config.json edited to fewer layers: sampling and evaluation used to drop the extra layers' weights
+    silently, and resuming blamed state.safetensors; the weights are checked against config.json first."""
+    run = tmp_path / "run"
+    shutil.copytree(cli_run / "run", run)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["n_layer"] == 2
+    (run / "config.json").write_text(json.dumps({**cfg, "n_layer": 1}))
+    before = _snapshot(run)
+    for args in (("eval", "--run", run, "--data", cli_run / "corpus.txt", "--max-tokens", 500),
+                 ("sample", "--run", run, "--max-new-tokens", 5),
+                 ("train", "--data", cli_run / "corpus.txt", "--resume", "--out", run, "--max-steps", 8)):
+        r = _cli(*args, check=False)
+        assert r.returncode == 1 and "holds tensors that the model of config.json" in r.stderr, (args, r.stderr)
+        assert "transformer.h.1." in r.stderr and "are not of the same model" in r.stderr, r.stderr
+        assert "state.safetensors" not in r.stderr, r.stderr
+    assert _snapshot(run) == before
+    (run / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))   # more layers than the weights have
+    r = _cli("sample", "--run", run, "--max-new-tokens", 5, check=False)
+    assert r.returncode == 1 and "has no tensor transformer.h.2." in r.stderr, r.stderr
+
+
 def test_config_beyond_the_gpu_limits_is_refused_with_advice():
     from tabgpt.pipeline import check_fits
 

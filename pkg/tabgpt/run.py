@@ -227,14 +227,27 @@ class RunFolder:
             raise RunError(str(e)) from e
         from tabgpt.gpt import parameter_specs
         specs, _ = parameter_specs(cfg)
+        # config.json edited, or one of the two copied from another run: the weights are checked against the
+        # model config.json describes before anything else (the optimizer state, the GPU) is
+        unlike = (f"config.json and {path.name} in {self.path} are not of the same model (config.json edited, or "
+                  f"one of them copied from another run): put back the run's own config.json, whose sizes "
+                  f"{path.name} was trained with")
+        extra = sorted(set(tensors) - {spec.name for spec in specs})
+        if extra:
+            raise RunError(f"{path} holds tensors that the model of config.json ({cfg.model_dict()}) does not have "
+                           f"({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}): {unlike}")
         out = {}
         for spec in specs:
             if spec.name not in tensors:
-                raise RunError(f"{path} has no tensor {spec.name}: it was not written for this config.json")
+                raise RunError(f"{path} has no tensor {spec.name}, which the model of config.json "
+                               f"({cfg.model_dict()}) has: {unlike}")
             dtype, shape, data = tensors[spec.name]
             want = stored_shape(spec, cfg)
-            if tuple(shape) != want or dtype != "F32":
-                raise RunError(f"{path}: {spec.name} is {dtype}{list(shape)}, config.json needs F32{list(want)}")
+            if dtype != "F32":
+                raise RunError(f"{path}: {spec.name} is {dtype}; a run's weights are F32: put back the run's own "
+                               f"{path.name}")
+            if tuple(shape) != want:
+                raise RunError(f"{path}: {spec.name} is {list(shape)}, config.json needs {list(want)}: {unlike}")
             out[spec.name] = (want, data)  # GPT.load_params zeroes wte's padding rows
         return out, int((meta or {}).get("step", 0))
 
