@@ -220,6 +220,45 @@ def test_divergence_keeps_the_last_checkpoint_and_a_non_finite_one_is_named(tmp_
     assert saved[0] != (run_dir / "model.safetensors").read_bytes()   # (the poisoned save above did land)
 
 
+def test_a_divergence_before_the_first_checkpoint_says_to_start_again_and_its_best_weights_serve(tmp_path, text):
+    """No checkpoint to resume from: the advice is to start again with other settings (it used to say to resume
+    from the last checkpoint, then that there was none), elsewhere where the folder keeps best weights; sampling
+    and evaluation use those best weights (they used to ask for model.safetensors)."""
+    cfg = tiny_cfg(max_steps=30, eval_interval=2, checkpoint_interval=0)
+    run_dir = tmp_path / "dv"
+
+    async def diverge(elsewhere):
+        pipe = await _pipeline(text, run_dir, cfg=cfg)
+        pipe.elsewhere = elsewhere
+
+        def emit(ev):
+            if ev["type"] == "step" and ev["step"] == 3:   # after the evaluation at step 2 saved best.safetensors
+                spec = pipe.model.specs[3]
+                pipe.model.dev.write(pipe.model.params, np.full(spec.numel, np.nan, np.float32).tobytes(),
+                                     4 * spec.offset)
+        pipe.emit = emit
+        with pytest.raises(TrainingError) as e:
+            await pipe.train()
+        return str(e.value)
+
+    err = asyncio.run(diverge("into another --out"))
+    assert err.startswith("training diverged: 5 steps in a row"), err
+    assert (f"No checkpoint had been saved in {run_dir} yet (a run saves at its end and every checkpoint interval), "
+            f"so there is nothing to resume: start the run again with a lower learning rate (now 0.005) or a longer "
+            f"warmup (now 2 steps) into another --out ({run_dir} keeps this run's best weights") in err, err
+    assert "resume from" not in err and "Lower the learning rate" not in err, err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.safetensors", "config.json", "metrics.jsonl",
+                                                          "tokenizer.json"]
+    r = _cli("sample", "--run", run_dir, "--max-new-tokens", 5)
+    assert "step 2]" in r.stderr, r.stderr
+    r = _cli("eval", "--run", run_dir, "--data", "default", "--max-tokens", 500)
+    assert json.loads(r.stdout)["step"] == 2
+    shutil.rmtree(run_dir)
+    err = asyncio.run(diverge(None))      # the page: it replaces its run's files when it starts again
+    assert err.endswith("start the run again with a lower learning rate (now 0.005) or a longer warmup (now 2 "
+                        "steps)"), err
+
+
 def test_a_one_token_context_samples(text):
     """block_size 1: the context refills from the last token (it was emptied: window[-0:] kept everything)."""
     cfg = tiny_cfg(block_size=1, max_steps=2, eval_interval=0)
@@ -419,6 +458,40 @@ def test_weights_that_config_json_does_not_describe_are_refused_naming_both(cli_
     (run / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))   # more layers than the weights have
     r = _cli("sample", "--run", run, "--max-new-tokens", 5, check=False)
     assert r.returncode == 1 and "has no tensor transformer.h.2." in r.stderr, r.stderr
+
+
+def test_a_run_without_a_checkpoint_samples_from_its_best_weights_and_says_how_to_go_on(cli_run, tmp_path):
+    """A run killed before its first checkpoint holds best.safetensors alone: sample and eval use it, and what
+    cannot go on (resuming, a new run in the same folder) points to what can, not back to itself."""
+    corpus, run = cli_run / "corpus.txt", tmp_path / "run"
+    shutil.copytree(cli_run / "run", run)
+    (run / "model.safetensors").unlink()
+    (run / "state.safetensors").unlink()
+    best_step = RunFolder(run).read_model(RunFolder(run).read_config(), best=True)[1]
+    r = _cli("sample", "--run", run, "--prompt", "KING", "--max-new-tokens", 5)
+    assert r.stdout.startswith("KING") and f"step {best_step}]" in r.stderr, r.stderr
+    r = _cli("eval", "--run", run, "--data", corpus, "--max-tokens", 500)
+    assert json.loads(r.stdout)["step"] == best_step
+    r = _cli("train", "--data", corpus, "--resume", "--out", run, "--max-steps", 8, check=False)
+    assert r.returncode == 1 and "the run stopped before its first checkpoint" in r.stderr, r.stderr
+    assert f"`--init-from {run}` and another --out" in r.stderr and "tabgpt train --out" not in r.stderr, r.stderr
+    r = _cli("train", "--data", corpus, "--out", run, "--max-steps", 8, check=False)
+    assert r.returncode == 1 and "choose another --out" in r.stderr and f"--init-from {run}" in r.stderr, r.stderr
+    r = _cli("train", "--data", corpus, "--init-from", run, "--out", tmp_path / "new", "--max-steps", 2,
+             "--eval-interval", 0, "--quiet")
+    assert (tmp_path / "new" / "model.safetensors").is_file()
+    # a folder whose run never saved is reused by a new run, as the message says
+    (run / "best.safetensors").unlink()
+    for args in (("sample", "--run", run), ("train", "--data", corpus, "--resume", "--out", run)):
+        r = _cli(*args, check=False)
+        assert r.returncode == 1 and "no weights were saved in it yet" in r.stderr, r.stderr
+        assert f"train with `tabgpt train --out {run}`" in r.stderr, r.stderr
+    RunFolder(run).check_new()
+    # the run's own files missing beside its weights: put them back, or a new run elsewhere
+    (run / "config.json").unlink()
+    (run / "model.safetensors").write_bytes((cli_run / "run" / "model.safetensors").read_bytes())
+    r = _cli("sample", "--run", run, check=False)
+    assert r.returncode == 1 and "config.json missing; put back the run's own config.json" in r.stderr, r.stderr
 
 
 def test_config_beyond_the_gpu_limits_is_refused_with_advice():

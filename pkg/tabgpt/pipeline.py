@@ -33,6 +33,9 @@ class Pipeline:
         self.step = 0
         self.control = Control()
         self.history: list[dict] = []
+        # where a new run goes when a run folder that keeps best weights has no checkpoint to resume from (the CLI:
+        # "into another --out"; the page replaces its run's files)
+        self.elsewhere: str | None = None
 
     # -- 1. data
     async def load_data(self, source="default"):
@@ -177,7 +180,10 @@ class Pipeline:
             # No checkpoint here: the weights that diverged would replace the last good ones.
             if run is None:
                 raise
-            err = TrainingError(f"{e}. {run.checkpoint_note()}")
+            if e.settings is not None and run.checkpoint_step() is None:   # diverged: start again, not resume
+                err = TrainingError(f"{e.cause}. {run.checkpoint_note(e.settings, self.elsewhere)}")
+            else:
+                err = TrainingError(f"{e}. {run.checkpoint_note(elsewhere=self.elsewhere)}")
             run.append_metrics({"type": "error", "message": str(err)})
             raise err from e
         self.step = last["step"] if last else self.step
@@ -365,6 +371,7 @@ def cli_train(args) -> int:
         return 1
     printer = ProgressPrinter(quiet=args.quiet)
     pipe = Pipeline(printer, run_dir=args.out)
+    pipe.elsewhere = "into another --out"
 
     async def main():
         resume = init = tokenizer_event = None
