@@ -612,10 +612,24 @@ def test_ctrl_c_before_training_stops_at_once_and_a_kill_while_training_saves(cl
     _wait_for(log, "training ", p)
     time.sleep(1)
     p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=240) == 0, log.read_text()[-2000:]
+    # the exit status says it was stopped (`train ... && next` does not go on), as a shell's: 128 + the signal
+    assert p.wait(timeout=240) == 143, log.read_text()[-2000:]
     assert "interrupted (SIGTERM)" in log.read_text()
     checkpoints = [e for e in RunFolder(out).read_metrics() if e["type"] == "checkpoint"]
     assert checkpoints and checkpoints[-1]["reason"] == "stop" and (out / "state.safetensors").is_file()
+    go_on = re.search(r"interrupted at step (\d+); its checkpoint is in .*: go on with `tabgpt (train [^`]*)`",
+                      log.read_text())
+    assert go_on and int(go_on[1]) == checkpoints[-1]["step"], log.read_text()[-2000:]
+    # the command it printed goes on from there; Ctrl+C while training stops it again, exit status 130
+    assert go_on[2] == f"train --data {cli_run / 'corpus.txt'} --resume --out {out}"
+    log = tmp_path / "int2.log"
+    p = _start(go_on[2].split(), log)
+    _wait_for(log, "training ", p)
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=240) == 130, log.read_text()[-2000:]
+    assert "interrupted (Ctrl+C)" in log.read_text() and f"resuming at step {go_on[1]}" in log.read_text()
+    assert RunFolder(out).checkpoint_step() > int(go_on[1])
 
 
 def test_what_a_run_folder_holds_decides_what_may_start_in_it(tmp_path):

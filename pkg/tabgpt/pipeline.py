@@ -501,8 +501,11 @@ def cli_train(args) -> int:
                 print(f"  {line}", file=sys.stderr)
         pipe.run.write_config(pipe.cfg)
 
+        signalled = []   # the signal that stopped training: the exit status says so (130 or 143, as a shell's)
+
         def on_signal(signum, _frame):
             what = "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
+            signalled.append(signum)
             pipe.control.request_stop(f"interrupted ({what}); a checkpoint is being written")
 
         # while training, Ctrl+C (and a plain kill, SIGTERM) stop at the next step with a checkpoint
@@ -512,6 +515,11 @@ def cli_train(args) -> int:
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
+        interrupted = signalled[0] if signalled and last and last["type"] == "stopped" else None
+        if interrupted is not None:
+            import shlex
+            print(f"\ninterrupted at step {pipe.step}; its checkpoint is in {pipe.run.path}: go on with `tabgpt train "
+                  f"--data {shlex.quote(str(args.data))} --resume --out {shlex.quote(str(args.out))}`", file=sys.stderr)
         best_step = await pipe.use_best_weights()
         if best_step is not None:
             print(f"\nsampling and evaluating the best weights (step {best_step}, validation loss "
@@ -530,6 +538,8 @@ def cli_train(args) -> int:
               f"lzma {b['lzma']:.3f}), top-1 {100 * ev['top1']:.1f}%, real words "
               f"{100 * ev.get('real_word_share', 0):.1f}%")
         print(f"run folder: {pipe.run.path}")
+        if interrupted is not None:
+            return 128 + interrupted
         return 0 if last and last["type"] in ("done", "stopped") else 1
 
     try:
