@@ -491,6 +491,18 @@ def test_cli_trains_writes_and_summarises(tmp_path, capsys):
     listing.write_text("my list")
     assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(tmp_path / "tok2.json"))) == 1
     assert "merges listing" in capsys.readouterr().err and listing.read_text() == "my list"
+    # nothing is written into a tabgpt run folder: its model was trained with the tokenizer.json there
+    run = tmp_path / "run"
+    run.mkdir()
+    from tabgpt.run import FORMAT
+    (run / "config.json").write_text(json.dumps({"format": FORMAT}))
+    (run / "tokenizer.json").write_bytes(out.read_bytes())          # a tokenizer, which it would otherwise replace
+    kept = (run / "tokenizer.json").read_bytes()
+    for target in (run / "tokenizer.json", run / "new.json"):
+        assert bpe.cli_main(argparse.Namespace(input=str(src), vocab_size=300, out=str(target))) == 1
+        err = capsys.readouterr().err
+        assert "is in the tabgpt run folder" in err and "outside the run folder" in err, err
+    assert (run / "tokenizer.json").read_bytes() == kept and not (run / "new.json").exists()
     # what is not a tokenizer says so, with the file's name
     for bad, what in ((b'{"n_layer": 2}', "no 'model' entry"), (b"\x86\x00\xff", "binary data")):
         (tmp_path / "bad.json").write_bytes(bad)

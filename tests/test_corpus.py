@@ -491,6 +491,25 @@ def test_cli_fetch(mirror, tmp_path, monkeypatch, capsys):
     assert "is a folder" in capsys.readouterr().err
     assert C.cli_main(fetch_args(file=str(out), out=str(tmp_path / "a" / "b.txt"))) == 0
     assert (tmp_path / "a" / "b.txt").read_text(encoding="utf-8").strip() == before.decode().strip()
+    # an existing --out is replaced only where it is text as fetch writes it, outside a tabgpt run folder
+    assert C.cli_main(fetch_args(default=True, out=str(tmp_path / "a" / "b.txt"))) == 0      # a corpus: replaced
+    assert (tmp_path / "a" / "b.txt").read_text(encoding="utf-8") == C.load_default()
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + bytes(range(256)) * 8)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 100)
+    run = tmp_path / "run"
+    run.mkdir()
+    from tabgpt.run import FORMAT
+    (run / "config.json").write_text(json.dumps({"format": FORMAT, "n_layer": 2}))
+    (run / "metrics.jsonl").write_text('{"type": "step"}\n')            # text, but one of the run's files
+    for target, message in ((weights, "exists and is not UTF-8 text"), (latin1, "exists and is not UTF-8 text"),
+                            (run / "metrics.jsonl", "is in the tabgpt run folder")):
+        kept = target.read_bytes()
+        assert C.cli_main(fetch_args(file=str(out), out=str(target))) == 1
+        err = capsys.readouterr().err
+        assert message in err and "choose another --out" in err, err
+        assert target.read_bytes() == kept
 
 
 # ---------------------------------------------------------------------------------------------

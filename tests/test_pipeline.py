@@ -220,6 +220,45 @@ def test_divergence_keeps_the_last_checkpoint_and_a_non_finite_one_is_named(tmp_
     assert saved[0] != (run_dir / "model.safetensors").read_bytes()   # (the poisoned save above did land)
 
 
+def test_a_divergence_before_the_first_checkpoint_says_to_start_again_and_its_best_weights_serve(tmp_path, text):
+    """No checkpoint to resume from: the advice is to start again with other settings (it used to say to resume
+    from the last checkpoint, then that there was none), elsewhere where the folder keeps best weights; sampling
+    and evaluation use those best weights (they used to ask for model.safetensors)."""
+    cfg = tiny_cfg(max_steps=30, eval_interval=2, checkpoint_interval=0)
+    run_dir = tmp_path / "dv"
+
+    async def diverge(elsewhere):
+        pipe = await _pipeline(text, run_dir, cfg=cfg)
+        pipe.elsewhere = elsewhere
+
+        def emit(ev):
+            if ev["type"] == "step" and ev["step"] == 3:   # after the evaluation at step 2 saved best.safetensors
+                spec = pipe.model.specs[3]
+                pipe.model.dev.write(pipe.model.params, np.full(spec.numel, np.nan, np.float32).tobytes(),
+                                     4 * spec.offset)
+        pipe.emit = emit
+        with pytest.raises(TrainingError) as e:
+            await pipe.train()
+        return str(e.value)
+
+    err = asyncio.run(diverge("into another --out"))
+    assert err.startswith("training diverged: 5 steps in a row"), err
+    assert (f"No checkpoint had been saved in {run_dir} yet (a run saves at its end and every checkpoint interval), "
+            f"so there is nothing to resume: start the run again with a lower learning rate (now 0.005) or a longer "
+            f"warmup (now 2 steps) into another --out ({run_dir} keeps this run's best weights") in err, err
+    assert "resume from" not in err and "Lower the learning rate" not in err, err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.safetensors", "config.json", "metrics.jsonl",
+                                                          "tokenizer.json"]
+    r = _cli("sample", "--run", run_dir, "--max-new-tokens", 5)
+    assert "step 2]" in r.stderr, r.stderr
+    r = _cli("eval", "--run", run_dir, "--data", "default", "--max-tokens", 500)
+    assert json.loads(r.stdout)["step"] == 2
+    shutil.rmtree(run_dir)
+    err = asyncio.run(diverge(None))      # the page: it replaces its run's files when it starts again
+    assert err.endswith("start the run again with a lower learning rate (now 0.005) or a longer warmup (now 2 "
+                        "steps)"), err
+
+
 def test_a_one_token_context_samples(text):
     """block_size 1: the context refills from the last token (it was emptied: window[-0:] kept everything)."""
     cfg = tiny_cfg(block_size=1, max_steps=2, eval_interval=0)
@@ -244,6 +283,16 @@ def test_bad_settings_are_refused_with_what_to_do():
     with pytest.raises(ValueError, match="min_lr"):
         preset("tiny", min_lr=0.5)   # above the learning rate
     preset("tiny", min_lr=0.0, warmup_steps=0, eval_interval=0)   # zero is a choice
+    # AdamW's decoupled decay multiplies the weights by 1 - learning_rate x weight_decay each step
+    with pytest.raises(ValueError, match=r"weight_decay \(-0.1\) must not be negative: give a --weight-decay"):
+        preset("tiny", weight_decay=-0.1)
+    with pytest.raises(ValueError, match=r"weight_decay \(1000000.0\) times learning_rate \(0.003\) must be below 1"
+                                         r".* give a --weight-decay below 333.3"):
+        preset("tiny", weight_decay=1e6)
+    with pytest.raises(ValueError, match="--weight-decay below 1.25"):
+        preset("tiny", weight_decay=1.25, learning_rate=0.8, min_lr=0)   # exactly 1: every weight zeroed
+    preset("tiny", weight_decay=0.0)
+    preset("tiny", weight_decay=300.0)
 
     from tabgpt.metrics import check_sampling
     for kw, message in ((dict(top_k=-5), "top_k"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
@@ -389,6 +438,62 @@ def test_bad_inputs_give_clear_errors_and_overwrite_nothing(cli_run, tmp_path):
     assert before["model.safetensors"] == (cli_run / "run" / "model.safetensors").read_bytes()
 
 
+def test_weights_that_config_json_does_not_describe_are_refused_naming_both(cli_run, tmp_path):
+    """A config.json edited to fewer layers: sampling and evaluation used to drop the extra layers' weights
+    silently, and resuming blamed state.safetensors; the weights are checked against config.json first."""
+    run = tmp_path / "run"
+    shutil.copytree(cli_run / "run", run)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["n_layer"] == 2
+    (run / "config.json").write_text(json.dumps({**cfg, "n_layer": 1}))
+    before = _snapshot(run)
+    for args in (("eval", "--run", run, "--data", cli_run / "corpus.txt", "--max-tokens", 500),
+                 ("sample", "--run", run, "--max-new-tokens", 5),
+                 ("train", "--data", cli_run / "corpus.txt", "--resume", "--out", run, "--max-steps", 8)):
+        r = _cli(*args, check=False)
+        assert r.returncode == 1 and "holds tensors that the model of config.json" in r.stderr, (args, r.stderr)
+        assert "transformer.h.1." in r.stderr and "are not of the same model" in r.stderr, r.stderr
+        assert "state.safetensors" not in r.stderr, r.stderr
+    assert _snapshot(run) == before
+    (run / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))   # more layers than the weights have
+    r = _cli("sample", "--run", run, "--max-new-tokens", 5, check=False)
+    assert r.returncode == 1 and "has no tensor transformer.h.2." in r.stderr, r.stderr
+
+
+def test_a_run_without_a_checkpoint_samples_from_its_best_weights_and_says_how_to_go_on(cli_run, tmp_path):
+    """A run killed before its first checkpoint holds best.safetensors alone: sample and eval use it, and what
+    cannot go on (resuming, a new run in the same folder) points to what can, not back to itself."""
+    corpus, run = cli_run / "corpus.txt", tmp_path / "run"
+    shutil.copytree(cli_run / "run", run)
+    (run / "model.safetensors").unlink()
+    (run / "state.safetensors").unlink()
+    best_step = RunFolder(run).read_model(RunFolder(run).read_config(), best=True)[1]
+    r = _cli("sample", "--run", run, "--prompt", "KING", "--max-new-tokens", 5)
+    assert r.stdout.startswith("KING") and f"step {best_step}]" in r.stderr, r.stderr
+    r = _cli("eval", "--run", run, "--data", corpus, "--max-tokens", 500)
+    assert json.loads(r.stdout)["step"] == best_step
+    r = _cli("train", "--data", corpus, "--resume", "--out", run, "--max-steps", 8, check=False)
+    assert r.returncode == 1 and "the run stopped before its first checkpoint" in r.stderr, r.stderr
+    assert f"`--init-from {run}` and another --out" in r.stderr and "tabgpt train --out" not in r.stderr, r.stderr
+    r = _cli("train", "--data", corpus, "--out", run, "--max-steps", 8, check=False)
+    assert r.returncode == 1 and "choose another --out" in r.stderr and f"--init-from {run}" in r.stderr, r.stderr
+    r = _cli("train", "--data", corpus, "--init-from", run, "--out", tmp_path / "new", "--max-steps", 2,
+             "--eval-interval", 0, "--quiet")
+    assert (tmp_path / "new" / "model.safetensors").is_file()
+    # a folder whose run never saved is reused by a new run, as the message says
+    (run / "best.safetensors").unlink()
+    for args in (("sample", "--run", run), ("train", "--data", corpus, "--resume", "--out", run)):
+        r = _cli(*args, check=False)
+        assert r.returncode == 1 and "no weights were saved in it yet" in r.stderr, r.stderr
+        assert f"train with `tabgpt train --out {run}`" in r.stderr, r.stderr
+    RunFolder(run).check_new()
+    # the run's own files missing beside its weights: put them back, or a new run elsewhere
+    (run / "config.json").unlink()
+    (run / "model.safetensors").write_bytes((cli_run / "run" / "model.safetensors").read_bytes())
+    r = _cli("sample", "--run", run, check=False)
+    assert r.returncode == 1 and "config.json missing; put back the run's own config.json" in r.stderr, r.stderr
+
+
 def test_config_beyond_the_gpu_limits_is_refused_with_advice():
     from tabgpt.pipeline import check_fits
 
@@ -507,10 +612,24 @@ def test_ctrl_c_before_training_stops_at_once_and_a_kill_while_training_saves(cl
     _wait_for(log, "training ", p)
     time.sleep(1)
     p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=240) == 0, log.read_text()[-2000:]
+    # the exit status says it was stopped (`train ... && next` does not go on), as a shell's: 128 + the signal
+    assert p.wait(timeout=240) == 143, log.read_text()[-2000:]
     assert "interrupted (SIGTERM)" in log.read_text()
     checkpoints = [e for e in RunFolder(out).read_metrics() if e["type"] == "checkpoint"]
     assert checkpoints and checkpoints[-1]["reason"] == "stop" and (out / "state.safetensors").is_file()
+    go_on = re.search(r"interrupted at step (\d+); its checkpoint is in .*: go on with `tabgpt (train [^`]*)`",
+                      log.read_text())
+    assert go_on and int(go_on[1]) == checkpoints[-1]["step"], log.read_text()[-2000:]
+    # the command it printed goes on from there; Ctrl+C while training stops it again, exit status 130
+    assert go_on[2] == f"train --data {cli_run / 'corpus.txt'} --resume --out {out}"
+    log = tmp_path / "int2.log"
+    p = _start(go_on[2].split(), log)
+    _wait_for(log, "training ", p)
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=240) == 130, log.read_text()[-2000:]
+    assert "interrupted (Ctrl+C)" in log.read_text() and f"resuming at step {go_on[1]}" in log.read_text()
+    assert RunFolder(out).checkpoint_step() > int(go_on[1])
 
 
 def test_what_a_run_folder_holds_decides_what_may_start_in_it(tmp_path):
@@ -747,6 +866,28 @@ def test_fine_tuning_rates_fill_in_what_is_not_given_and_stay_ordered():
         rates = {"learning_rate": lr, "min_lr": floor}
         rates.update(finetune_rates(lr, floor))
         preset("tiny", **rates)                                 # valid: min_lr <= learning_rate
+
+
+def test_a_learning_rate_below_min_lr_takes_min_lr_down_with_it(cli_run, tmp_path):
+    """--learning-rate below the preset's (or the resumed run's) min_lr without --min-lr: min_lr keeps its ratio to
+    the rate (it used to be refused, naming no flag); a min_lr given above the rate is refused naming --min-lr."""
+    from tabgpt.pipeline import scaled_min_lr
+    tiny = preset("tiny")
+    assert scaled_min_lr(1e-4, None, tiny) == {"min_lr": 1e-5}
+    assert scaled_min_lr(1e-3, None, tiny) == {} and scaled_min_lr(1e-4, 5e-5, tiny) == {}
+    assert scaled_min_lr(None, None, tiny) == {} and scaled_min_lr(-1.0, None, tiny) == {}
+    missing = tmp_path / "missing.txt"   # the settings are taken, then the data is looked for: nothing trains
+    r = _cli("train", "--data", missing, "--learning-rate", 1e-4, "--out", tmp_path / "a", check=False)
+    assert r.returncode == 1 and "note: min_lr 1e-05, 0.1 x --learning-rate as in preset tiny" in r.stderr, r.stderr
+    assert "missing.txt does not exist" in r.stderr and "must be in" not in r.stderr, r.stderr
+    r = _cli("train", "--data", missing, "--learning-rate", 1e-4, "--min-lr", 1e-3, "--out", tmp_path / "a",
+             check=False)
+    assert r.returncode == 1 and "give a --min-lr from 0 to the --learning-rate" in r.stderr, r.stderr
+    run = tmp_path / "run"
+    shutil.copytree(cli_run / "run", run)
+    r = _cli("train", "--data", missing, "--resume", "--out", run, "--max-steps", 8, "--learning-rate", 1e-4,
+             check=False)
+    assert "resuming with min_lr 1e-05 (was 0.0003)" in r.stderr and "must be in" not in r.stderr, r.stderr
 
 
 def test_resume_takes_the_vocabulary_size_the_run_asked_for(cli_run, tmp_path):

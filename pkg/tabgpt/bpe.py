@@ -646,8 +646,14 @@ class Tokenizer:
 
 
 def _check_replaceable(out: Path):
-    """The tokenizer command replaces an earlier tokenizer (and its merges listing), never another kind of file."""
+    """The tokenizer command replaces an earlier tokenizer (and its merges listing), never another kind of file, and
+    writes nothing into a tabgpt run folder (a run's model was trained with the run's own tokenizer.json)."""
     from tabgpt.corpus import CorpusError
+    from tabgpt.run import is_run_folder
+    if is_run_folder(out.parent):
+        raise CorpusError(f"--out {out} is in the tabgpt run folder {out.parent} (beside its config.json): the run's "
+                          f"model was trained with the tokenizer.json there, and another tokenizer would give it "
+                          f"other tokens (wrong losses and samples); choose an --out outside the run folder")
     listing = out.with_name(out.name.removesuffix(".json") + ".merges.txt")
     for path, looks_right in ((out, lambda t: Tokenizer.from_json(t) is not None),
                               (listing, lambda t: t.startswith("# byte-level BPE"))):

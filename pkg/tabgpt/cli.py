@@ -11,7 +11,23 @@ import json
 import sys
 
 
+# the on/off environment switches (README): each is 0 or 1, anything else is refused
+ENV_SWITCHES = ("TABGPT_SUBGROUPS", "TABGPT_MATMUL_PAIRS", "TABGPT_ATTENTION_ORDER", "TABGPT_LAYERNORM_FOLD")
+
+
 def cmd_device(args) -> int:
+    """`tabgpt device`; a GPUError (no adapter, a bad environment switch) is an `error:` line and exit status 1."""
+    from tabgpt import gpu
+    try:
+        for name in ENV_SWITCHES:   # before the self-test, which would run with some of them only
+            gpu.env_switch(name)
+        return _device(args)
+    except gpu.GPUError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _device(args) -> int:
     from tabgpt import gpu, selftest
     from tabgpt.config import PRESETS
     if not args.speed and (args.preset is not None or args.seconds is not None):

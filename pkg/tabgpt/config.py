@@ -82,12 +82,20 @@ class Config:
             problems.append(f"learning_rate ({self.learning_rate}) must be in (0, 1)")
         if not 0 <= self.min_lr <= self.learning_rate:
             problems.append(f"min_lr ({self.min_lr}) must be in [0, learning_rate = {self.learning_rate}]: the "
-                            f"cosine decay ends there")
+                            f"cosine decay ends there; give a --min-lr from 0 to the --learning-rate")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay ({self.weight_decay}) must not be negative: give a --weight-decay of 0 "
+                            f"(none) or more (0.1 is usual)")
+        elif self.learning_rate * self.weight_decay >= 1:
+            problems.append(f"weight_decay ({self.weight_decay}) times learning_rate ({self.learning_rate}) must be "
+                            f"below 1: AdamW multiplies the decayed weights (the matrices) by 1 - learning_rate x "
+                            f"weight_decay each step, which would zero or flip them; give a --weight-decay below "
+                            f"{1 / self.learning_rate:.4g} (0.1 is usual)")
         if self.eval_steps < 1:
             problems.append(f"eval_steps ({self.eval_steps}) must be at least 1 (batches per validation loss); "
                             f"eval_interval 0 turns evaluations off")
         for name in ("warmup_steps", "eval_interval", "sample_interval", "checkpoint_interval", "sample_tokens",
-                     "weight_decay", "grad_clip", "time_limit", "eps"):
+                     "grad_clip", "time_limit", "eps"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.log_interval < 1:

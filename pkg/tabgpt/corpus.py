@@ -173,6 +173,46 @@ def prepare_out(out, inputs=(), example: str = "out.txt") -> Path:
     return path
 
 
+def check_replaceable_text(out) -> None:
+    """`tabgpt fetch --out` replaces a corpus written before (UTF-8 text), never a file of another kind nor one of a
+    tabgpt run's files (a file beside a run's config.json). CorpusError says what to do otherwise."""
+    from tabgpt.run import is_run_folder
+    path = Path(out)
+    if not path.is_file():
+        return
+    if is_run_folder(path.parent):
+        raise CorpusError(f"--out {out} is in the tabgpt run folder {path.parent} (beside its config.json): writing "
+                          f"the corpus there would replace one of the run's files; choose another --out, outside "
+                          f"the run folder")
+    try:
+        with open(path, "rb") as f:
+            text = _utf8_text(f)
+    except OSError as e:
+        raise CorpusError(f"cannot read --out {out} to check what it holds: {e.strerror or e}; choose another "
+                          f"--out") from e
+    if not text:
+        raise CorpusError(f"--out {out} exists and is not UTF-8 text (a corpus that `tabgpt fetch` wrote): choose "
+                          f"another --out, or delete the file if it is no longer needed, so that it is not "
+                          f"overwritten")
+
+
+def _utf8_text(f) -> bool:
+    """Whether the binary file f holds UTF-8 text throughout (mostly text at its start, as _mostly_text)."""
+    import codecs
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    chunk = f.read(65536)
+    if not _mostly_text(chunk):
+        return False
+    try:
+        while chunk:
+            decoder.decode(chunk)
+            chunk = f.read(1 << 20)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _mostly_text(data: bytes) -> bool:
     """No NUL bytes and under 1% other control bytes in the first 64 KiB."""
     head = data[:65536]
@@ -797,6 +837,7 @@ def cli_main(args) -> int:
     try:
         if getattr(args, "out", None):
             prepare_out(args.out, [getattr(args, "file", None)])
+            check_replaceable_text(args.out)
         corpus = load_corpus_sync(source, progress=show)
     except CorpusError as e:
         print(f"\nerror: {e}", file=sys.stderr)

@@ -104,7 +104,8 @@ def env_switch(name: str, value: bool | None = None, default: bool = False) -> b
     if env is None:
         return default
     if env not in ("0", "1"):
-        raise GPUError(f"{name} must be 0 or 1, got {env!r}")
+        raise GPUError(f"{name} must be 0 or 1, got {env!r}: set it to 0 (off) or 1 (on), or unset it (the default, "
+                       f"{int(default)})")
     return env == "1"
 
 

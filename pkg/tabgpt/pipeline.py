@@ -33,6 +33,9 @@ class Pipeline:
         self.step = 0
         self.control = Control()
         self.history: list[dict] = []
+        # where a new run goes when a run folder that keeps best weights has no checkpoint to resume from (the CLI:
+        # "into another --out"; the page replaces its run's files)
+        self.elsewhere: str | None = None
 
     # -- 1. data
     async def load_data(self, source="default"):
@@ -177,7 +180,10 @@ class Pipeline:
             # No checkpoint here: the weights that diverged would replace the last good ones.
             if run is None:
                 raise
-            err = TrainingError(f"{e}. {run.checkpoint_note()}")
+            if e.settings is not None and run.checkpoint_step() is None:   # diverged: start again, not resume
+                err = TrainingError(f"{e.cause}. {run.checkpoint_note(e.settings, self.elsewhere)}")
+            else:
+                err = TrainingError(f"{e}. {run.checkpoint_note(elsewhere=self.elsewhere)}")
             run.append_metrics({"type": "error", "message": str(err)})
             raise err from e
         self.step = last["step"] if last else self.step
@@ -272,6 +278,14 @@ def finetune_rates(learning_rate: float | None, min_lr: float | None) -> dict:
     return {}
 
 
+def scaled_min_lr(learning_rate: float | None, min_lr: float | None, base: Config) -> dict:
+    """min_lr for a learning rate given without min_lr that falls below base's min_lr (a preset's, or a resumed
+    run's): base's ratio min_lr / learning_rate kept, so that the cosine still decays from the rate given."""
+    if learning_rate is None or min_lr is not None or not 0 < learning_rate < base.min_lr:
+        return {}
+    return {"min_lr": float(f"{learning_rate * base.min_lr / base.learning_rate:.12g}")}
+
+
 def _same_path(a, b) -> bool:
     try:
         return a is not None and Path(a).resolve() == Path(b).resolve()
@@ -348,7 +362,7 @@ def cli_train(args) -> int:
     import signal
     import sys
     from tabgpt import bpe, corpus as corpus_mod
-    from tabgpt.config import preset
+    from tabgpt.config import PRESETS, preset
     from tabgpt.gpu import GPUError
 
     overrides = {name: getattr(args, name, None) for name in FLAG_NAMES}
@@ -357,6 +371,7 @@ def cli_train(args) -> int:
         return 1
     printer = ProgressPrinter(quiet=args.quiet)
     pipe = Pipeline(printer, run_dir=args.out)
+    pipe.elsewhere = "into another --out"
 
     async def main():
         resume = init = tokenizer_event = None
@@ -387,7 +402,8 @@ def cli_train(args) -> int:
                                f"was trained with {base.model_dict()}. Drop {'it' if len(fixed) == 1 else 'them'}, "
                                f"or train a new run into another --out")
             # the time limit is this session's, not the run's: it is not inherited from the last one
-            cfg = base.replace(time_limit=0.0).replace(**{k: v for k, v in overrides.items()
+            tune = scaled_min_lr(overrides.get("learning_rate"), overrides.get("min_lr"), base)
+            cfg = base.replace(time_limit=0.0).replace(**{k: v for k, v in {**overrides, **tune}.items()
                                                           if k not in RESUME_FIXED}).validate()
             step = pipe.run.checkpoint_step()   # (the header: the weights are read once, by build_model)
             if step is not None and cfg.max_steps <= step:
@@ -416,7 +432,15 @@ def cli_train(args) -> int:
                   f"context {sizes['block_size']}, vocabulary {sizes['vocab_size']}" +
                   "".join(f"; {k} {v:g}" for k, v in tune.items()), file=sys.stderr)
         else:
-            cfg = preset(args.preset or "tiny", **overrides)
+            name = args.preset or "tiny"
+            tune = scaled_min_lr(overrides.get("learning_rate"), overrides.get("min_lr"),
+                                 Config(**PRESETS[name])) if name in PRESETS else {}
+            cfg = preset(name, **{**overrides, **tune})
+            if tune:
+                given = PRESETS[name]
+                print(f"note: min_lr {cfg.min_lr:g}, {cfg.min_lr / cfg.learning_rate:g} x --learning-rate as in "
+                      f"preset {name} (its min_lr {given.get('min_lr', Config.min_lr):g} is above the rate given); "
+                      f"--min-lr sets another", file=sys.stderr)
             pipe.run.check_new()   # before any work: a path that a new run must not write into is refused now
         source = "default" if args.data == "default" else args.data
         info = await pipe.load_data(source)
@@ -477,8 +501,11 @@ def cli_train(args) -> int:
                 print(f"  {line}", file=sys.stderr)
         pipe.run.write_config(pipe.cfg)
 
+        signalled = []   # the signal that stopped training: the exit status says so (130 or 143, as a shell's)
+
         def on_signal(signum, _frame):
             what = "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
+            signalled.append(signum)
             pipe.control.request_stop(f"interrupted ({what}); a checkpoint is being written")
 
         # while training, Ctrl+C (and a plain kill, SIGTERM) stop at the next step with a checkpoint
@@ -488,6 +515,11 @@ def cli_train(args) -> int:
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
+        interrupted = signalled[0] if signalled and last and last["type"] == "stopped" else None
+        if interrupted is not None:
+            import shlex
+            print(f"\ninterrupted at step {pipe.step}; its checkpoint is in {pipe.run.path}: go on with `tabgpt train "
+                  f"--data {shlex.quote(str(args.data))} --resume --out {shlex.quote(str(args.out))}`", file=sys.stderr)
         best_step = await pipe.use_best_weights()
         if best_step is not None:
             print(f"\nsampling and evaluating the best weights (step {best_step}, validation loss "
@@ -506,6 +538,8 @@ def cli_train(args) -> int:
               f"lzma {b['lzma']:.3f}), top-1 {100 * ev['top1']:.1f}%, real words "
               f"{100 * ev.get('real_word_share', 0):.1f}%")
         print(f"run folder: {pipe.run.path}")
+        if interrupted is not None:
+            return 128 + interrupted
         return 0 if last and last["type"] in ("done", "stopped") else 1
 
     try:

@@ -34,6 +34,15 @@ class RunError(Exception):
     """A run folder is missing, incomplete, corrupt or does not match; the message says what to do."""
 
 
+def is_run_folder(folder) -> bool:
+    """Whether folder holds the config.json of a tabgpt run (what `tabgpt train` writes when a run starts)."""
+    try:
+        d = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("format") == FORMAT
+
+
 def json_safe(value):
     """value with every float that is not finite (a NaN loss) as None: JSON has no NaN, and JSON.parse refuses it."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -85,18 +94,13 @@ class RunFolder:
             return
         if (self.path / "best.safetensors").exists():
             raise RunError(f"{self.path} holds best.safetensors of a run that stopped before its first checkpoint: "
-                           f"`tabgpt sample` and `tabgpt eval` can still use it; for a new run choose another --out "
-                           f"(or delete it)")
+                           f"`tabgpt sample` and `tabgpt eval` use it; for a new run choose another --out (or delete "
+                           f"{self.path}; `--init-from {self.path}` starts the new run from those weights)")
         names = sorted(p.name for p in self.path.iterdir())
         if not names:
             return
         foreign = [n for n in names if n not in RUN_FILES and not (n.startswith(".") and n.endswith(".tmp"))]
-        ours = False
-        try:
-            ours = json.loads((self.path / "config.json").read_text()).get("format") == FORMAT
-        except (OSError, ValueError, AttributeError):
-            pass
-        if foreign or not ours:
+        if foreign or not is_run_folder(self.path):
             shown = ", ".join((foreign or names)[:5]) + (" ..." if len(foreign or names) > 5 else "")
             raise RunError(f"--out {self.path} already holds files that are not a tabgpt run ({shown}): choose a "
                            f"new or empty folder, so that nothing in it is overwritten")
@@ -167,26 +171,59 @@ class RunFolder:
         except (CheckpointError, OSError, ValueError):
             return None
 
-    def checkpoint_note(self) -> str:
-        """Where training can go on from: the last checkpoint's step, or that there is none yet."""
+    def checkpoint_note(self, settings: str | None = None, elsewhere: str | None = None) -> str:
+        """Where training can go on from: the last checkpoint's step, or that there is none yet and the run starts
+        again (with settings: what to change, such as a lower learning rate; elsewhere: where a new run goes while
+        this folder keeps its best.safetensors, such as "into another --out")."""
         step = self.checkpoint_step()
         if step is not None:
             return (f"The last checkpoint, step {step}, is untouched in {self.path} (a run saves at its end and every "
                     f"checkpoint interval)")
-        return (f"No checkpoint had been saved in {self.path} yet (a run saves at its end and every checkpoint "
-                f"interval): start the run again")
+        note = (f"No checkpoint had been saved in {self.path} yet (a run saves at its end and every checkpoint "
+                f"interval), so there is nothing to resume: start the run again"
+                + (f" with {settings}" if settings else ""))
+        if elsewhere and (self.path / "best.safetensors").is_file():
+            note += (f" {elsewhere} ({self.path} keeps this run's best weights, best.safetensors, for sampling and "
+                     f"evaluation; or delete {self.path} first)")
+        return note
 
     def check(self, need_state: bool = False):
+        """Refuse a folder that sampling and evaluation (need_state: resuming training) cannot use, saying what to
+        do. Sampling and evaluation take best.safetensors where model.safetensors is missing (a run that stopped
+        before its first checkpoint)."""
         if self.path.exists() and not self.path.is_dir():
             raise RunError(f"{self.path} is a file, not a run folder: give the folder that `tabgpt train --out` made")
         if not self.path.is_dir():
             raise RunError(f"run folder {self.path} does not exist: train one with `tabgpt train --out {self.path}`")
-        need = ["config.json", "tokenizer.json", "model.safetensors"] + (["state.safetensors"] if need_state else [])
-        missing = [n for n in need if not (self.path / n).is_file()]
-        if missing:
-            raise RunError(f"run folder {self.path} is incomplete: {', '.join(missing)} missing. Train with "
-                           f"`tabgpt train --out {self.path}` (a run saves at its end and every "
-                           f"--checkpoint-interval steps)")
+
+        def has(name):
+            return (self.path / name).is_file()
+        weights = [n for n in ("model.safetensors", "best.safetensors") if has(n)]
+        need = ["config.json", "tokenizer.json", weights[0] if weights and not need_state else "model.safetensors"]
+        missing = [n for n in need + (["state.safetensors"] if need_state else []) if not has(n)]
+        if not missing:
+            return
+        try:
+            self.check_new()
+            fresh = True                  # a new run may start here: a run that never saved, or an empty folder
+        except RunError:
+            fresh = False
+        if weights and ("config.json" in missing or "tokenizer.json" in missing):
+            advice = (f"put back the run's own config.json and tokenizer.json (a run writes them when it starts), or "
+                      f"train a new run into another --out")
+        elif fresh:
+            advice = (f"no weights were saved in it yet (a run saves at its end and every --checkpoint-interval "
+                      f"steps): train with `tabgpt train --out {self.path}`")
+        elif weights:                     # (resuming) weights to sample, but no checkpoint to train on from
+            why = ("a save was cut short, or the disk was full" if weights[0] == "model.safetensors" else
+                   "the run stopped before its first checkpoint (a run saves at its end and every "
+                   "--checkpoint-interval steps)")
+            advice = (f"{why}. `tabgpt sample` and `tabgpt eval` use its {weights[0]}, but training cannot resume "
+                      f"without model.safetensors and state.safetensors: start a new run from those weights with "
+                      f"`--init-from {self.path}` and another --out, or from scratch into another --out")
+        else:
+            advice = "give the folder that `tabgpt train --out` made"
+        raise RunError(f"run folder {self.path} is incomplete: {', '.join(missing)} missing; {advice}")
 
     def read_config(self) -> Config:
         try:
@@ -217,20 +254,33 @@ class RunFolder:
         try:
             tensors, meta = st.load(path)
         except CheckpointError as e:
-            if path.name == "best.safetensors":
+            if path.name == "best.safetensors" and (self.path / "model.safetensors").is_file():
                 raise RunError(f"{e}. The last step's weights in model.safetensors are separate: delete "
                                f"{path} to sample and evaluate with those") from e
             raise RunError(str(e)) from e
         from tabgpt.gpt import parameter_specs
         specs, _ = parameter_specs(cfg)
+        # config.json edited, or one of the two copied from another run: the weights are checked against the
+        # model config.json describes before anything else (the optimizer state, the GPU) is
+        unlike = (f"config.json and {path.name} in {self.path} are not of the same model (config.json edited, or "
+                  f"one of them copied from another run): put back the run's own config.json, whose sizes "
+                  f"{path.name} was trained with")
+        extra = sorted(set(tensors) - {spec.name for spec in specs})
+        if extra:
+            raise RunError(f"{path} holds tensors that the model of config.json ({cfg.model_dict()}) does not have "
+                           f"({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}): {unlike}")
         out = {}
         for spec in specs:
             if spec.name not in tensors:
-                raise RunError(f"{path} has no tensor {spec.name}: it was not written for this config.json")
+                raise RunError(f"{path} has no tensor {spec.name}, which the model of config.json "
+                               f"({cfg.model_dict()}) has: {unlike}")
             dtype, shape, data = tensors[spec.name]
             want = stored_shape(spec, cfg)
-            if tuple(shape) != want or dtype != "F32":
-                raise RunError(f"{path}: {spec.name} is {dtype}{list(shape)}, config.json needs F32{list(want)}")
+            if dtype != "F32":
+                raise RunError(f"{path}: {spec.name} is {dtype}; a run's weights are F32: put back the run's own "
+                               f"{path.name}")
+            if tuple(shape) != want:
+                raise RunError(f"{path}: {spec.name} is {list(shape)}, config.json needs {list(want)}: {unlike}")
             out[spec.name] = (want, data)  # GPT.load_params zeroes wte's padding rows
         return out, int((meta or {}).get("step", 0))
 

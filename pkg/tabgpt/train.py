@@ -21,7 +21,13 @@ from tabgpt.config import Config
 
 
 class TrainingError(Exception):
-    """Training cannot go on (diverged, or the data is unusable); the message says what to try."""
+    """Training cannot go on (diverged, or the data is unusable); the message says what to try. A divergence also
+    gives its cause and the settings to change (settings), for a front end that knows how the run goes on."""
+
+    def __init__(self, message: str, cause: str | None = None, settings: str | None = None):
+        super().__init__(message)
+        self.cause = cause
+        self.settings = settings
 
 
 @dataclass
@@ -158,10 +164,13 @@ async def train(model, data: TokenData, cfg: Config, control: Control | None = N
                         f"probably not finite (a corrupt or diverged checkpoint). Resume from an earlier copy "
                         f"of the run, or start a new one")
                 if bad_streak >= 5:
+                    cause = (f"training diverged: {bad_streak} steps in a row had a non-finite loss or gradient "
+                             f"(last at step {s})")
                     raise TrainingError(
-                        f"training diverged: {bad_streak} steps in a row had a non-finite loss or gradient "
-                        f"(last at step {s}). Lower the learning rate (now {cfg.learning_rate}) or raise the "
-                        f"warmup (now {cfg.warmup_steps} steps), then resume from the last checkpoint")
+                        f"{cause}. Lower the learning rate (now {cfg.learning_rate}) or raise the warmup (now "
+                        f"{cfg.warmup_steps} steps), then resume from the last checkpoint", cause=cause,
+                        settings=f"a lower learning rate (now {cfg.learning_rate}) or a longer warmup (now "
+                                 f"{cfg.warmup_steps} steps)")
                 continue
             bad_streak = 0
             last_loss = loss
