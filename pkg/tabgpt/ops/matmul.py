@@ -54,14 +54,12 @@ ROW_ALIGN = 64        # chunks start at multiples of 64 rows: 64 * 4 bytes * any
 # the fastest of the shapes measured on an H100 (bench/results/matmul.md: 1-14% over one copy of 16-deep tiles;
 # BK = 32, 128 x 64 blocks and two copies of 16-deep tiles were slower); 64 x 64 when even split-K leaves too few
 # workgroups to fill the GPU (prefetch: 5-8% faster). Natively on GPUs the autotuner picks among these per shape.
-# On lavapipe 64 x 64 blocks with 8 x 8 per thread were fastest (2-3x over 32 x 32 / 4 x 4); on CPU drivers each
-# barrier switches between the workgroup's threads, so deeper slices pay: 16 on lavapipe, 32 on SwiftShader
-# (cpu_tiles; training the tiny preset 1.1-1.2x as fast as 8-deep slices, BENCHMARKS.md).
+# On lavapipe 64 x 64 blocks with 8 x 8 per thread were fastest (2-3x over 32 x 32 / 4 x 4), 16 deep (cpu_tiles).
 TILES_LARGE = {"BM": 128, "BN": 128, "BK": 8, "TM": 8, "TN": 8, "SPREAD": True, "PREFETCH": True,
                "DOUBLE_BUFFER": True}
 TILES_MEDIUM = {"BM": 64, "BN": 64, "BK": 8, "TM": 4, "TN": 4, "PREFETCH": True}
 TILES_CPU = {"BM": 64, "BN": 64, "BK": 16, "TM": 8, "TN": 8}           # lavapipe (llvmpipe)
-TILES_SWIFTSHADER = {"BM": 64, "BN": 64, "BK": 32, "TM": 8, "TN": 8}    # SwiftShader, browsers' CPU driver
+TILES_SWIFTSHADER = {"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}    # SwiftShader, browsers' CPU driver
 
 
 def is_cpu_adapter(dev: Device) -> bool:
@@ -72,8 +70,10 @@ def is_cpu_adapter(dev: Device) -> bool:
 
 def cpu_tiles(dev: Device) -> dict:
     """The tiles of CPU drivers, where each barrier switches between a workgroup's threads (fibers of a few SIMD
-    lanes) and so a longer slice of K between barriers pays: 16 deep on lavapipe, 32 on SwiftShader (the most that
-    WebGPU's default 16 KiB of workgroup memory holds)."""
+    lanes), so that a longer slice of K between barriers pays: 16 deep on lavapipe (training 1.1x as fast as 8).
+    SwiftShader keeps 8: natively 16 was 1.1x as fast, but in Chromium, the driver of browsers without a GPU, it
+    trained no faster and the model took 14 s to build instead of 11 (the larger workgroup arrays that WebGPU
+    zeroes); 32 took 21 s."""
     return dict(TILES_SWIFTSHADER if "swiftshader" in _adapter_names(dev) else TILES_CPU)
 
 
