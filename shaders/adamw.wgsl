@@ -3,7 +3,7 @@
 // the storage binding limit), chunk ck covering elements ck.base .. ck.base + ck.n of the whole vector.
 //
 // grad_norm_partial: grads (n,) f32 of one chunk -> partials[ck.part_base + w] f32: workgroup w's sum of squares
-//                    of its PART = 256 * 16 consecutive elements
+//                    of its WG * PER_THREAD consecutive elements (256 * 16 on GPUs)
 // grad_norm_finish:  partials (n_partials,) f32 -> stats: norm = sqrt(sum of all partials), the clip scale
 //                    min(1, max_norm / (norm + 1e-6)) (1 when max_norm <= 0), skip = 1 when norm is not finite
 //                    (a NaN or inf gradient), skipped += skip, history[t % ring] = norm

@@ -510,6 +510,9 @@ def test_cli_fetch(mirror, tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err
         assert message in err and "choose another --out" in err, err
         assert target.read_bytes() == kept
+    # nor is a new file written into a run folder
+    assert C.cli_main(fetch_args(file=str(out), out=str(run / "corpus.txt"))) == 1
+    assert "is in the tabgpt run folder" in capsys.readouterr().err and not (run / "corpus.txt").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,16 +11,22 @@ import json
 import sys
 
 
-# the on/off environment switches (README): each is 0 or 1, anything else is refused
-ENV_SWITCHES = ("TABGPT_SUBGROUPS", "TABGPT_MATMUL_PAIRS", "TABGPT_ATTENTION_ORDER", "TABGPT_LAYERNORM_FOLD")
+def check_switches():
+    """The on/off environment switches (README), each read by the function that uses it (with its default): a
+    value other than 0 or 1 raises GPUError."""
+    from tabgpt import gpu
+    from tabgpt.ops import attention, layernorm, matmul
+    gpu.env_switch("TABGPT_SUBGROUPS")       # (Device.subgroup_reductions: off by default)
+    matmul.pairs_enabled()
+    attention.heavy_first_enabled()
+    layernorm.fold_enabled()
 
 
 def cmd_device(args) -> int:
     """`tabgpt device`; a GPUError (no adapter, a bad environment switch) is an `error:` line and exit status 1."""
     from tabgpt import gpu
     try:
-        for name in ENV_SWITCHES:   # before the self-test, which would run with some of them only
-            gpu.env_switch(name)
+        check_switches()    # before the self-test, which would run with some of them only
         return _device(args)
     except gpu.GPUError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -90,7 +90,7 @@ class Config:
             problems.append(f"weight_decay ({self.weight_decay}) times learning_rate ({self.learning_rate}) must be "
                             f"below 1: AdamW multiplies the decayed weights (the matrices) by 1 - learning_rate x "
                             f"weight_decay each step, which would zero or flip them; give a --weight-decay below "
-                            f"{1 / self.learning_rate:.4g} (0.1 is usual)")
+                            f"{_floor4(1 / self.learning_rate):g} (0.1 is usual)")
         if self.eval_steps < 1:
             problems.append(f"eval_steps ({self.eval_steps}) must be at least 1 (batches per validation loss); "
                             f"eval_interval 0 turns evaluations off")
@@ -156,6 +156,12 @@ class Config:
         """Training FLOPs per token: 6N for the weights plus attention (PaLM appendix B, as nanoGPT)."""
         N = self.n_params(include_embeddings=False) + self.padded_vocab_size * self.n_embd  # lm_head is a matmul
         return 6 * N + 12 * self.n_layer * self.n_embd * self.block_size
+
+
+def _floor4(x: float) -> float:
+    """x > 0 rounded down to four significant digits (a bound that its printed form does not exceed)."""
+    scale = 10.0 ** (3 - math.floor(math.log10(x)))
+    return math.floor(x * scale) / scale
 
 
 # Presets: tiny runs in seconds on a CPU Vulkan driver (CI); small in minutes there; browser suits a laptop GPU;

@@ -174,16 +174,16 @@ def prepare_out(out, inputs=(), example: str = "out.txt") -> Path:
 
 
 def check_replaceable_text(out) -> None:
-    """`tabgpt fetch --out` replaces a corpus written before (UTF-8 text), never a file of another kind nor one of a
-    tabgpt run's files (a file beside a run's config.json). CorpusError says what to do otherwise."""
+    """`tabgpt fetch --out` replaces a corpus written before (UTF-8 text), never a file of another kind, and writes
+    nothing into a tabgpt run folder (beside a run's config.json). CorpusError says what to do otherwise."""
     from tabgpt.run import is_run_folder
     path = Path(out)
+    if is_run_folder(path.parent):
+        raise CorpusError(f"--out {out} is in the tabgpt run folder {path.parent} (beside its config.json): the corpus "
+                          f"would go among (or replace one of) the run's files; choose another --out, outside the "
+                          f"run folder")
     if not path.is_file():
         return
-    if is_run_folder(path.parent):
-        raise CorpusError(f"--out {out} is in the tabgpt run folder {path.parent} (beside its config.json): writing "
-                          f"the corpus there would replace one of the run's files; choose another --out, outside "
-                          f"the run folder")
     try:
         with open(path, "rb") as f:
             text = _utf8_text(f)

@@ -320,7 +320,6 @@ class GPT:
         T = cfg.block_size if T is None else T
         if not 1 <= T <= cfg.block_size:
             raise GPUError(f"T = {T} must be in 1..block_size ({cfg.block_size})")
-        bytes_before = dev.bytes_allocated
         self.dev, self.cfg, self.B, self.T = dev, cfg, B, T
         self.specs, self.P = parameter_specs(cfg)
         self.n_params = sum(s.numel for s in self.specs)
@@ -380,7 +379,8 @@ class GPT:
         for s in self.sequences:
             await s.build()
         self.gen = None                                    # generation state, made by the first prefill
-        self.gpu_bytes = dev.bytes_allocated - bytes_before
+        # (what was made for it, not a difference of dev.bytes_allocated, which the collector may lower meanwhile)
+        self.gpu_bytes = sum(b.size for b in self.own if not b.freed)
         return self
 
     def free(self):

@@ -64,8 +64,8 @@ MAX_DEFERRED = 64   # layernorms per deferred dispatch (MAX_DEFERRED in the WGSL
 def rows_per_block_for(N: int, cpu: bool = False) -> int:
     """The backward's rows per block: about 1024 blocks, enough workgroups to fill a GPU, and partial sums (2C per
     block) that cost little next to the (N, C) tensors read. On CPU drivers (cpu=True), where each barrier switches
-    between the workgroup's threads, blocks of 16 to 64 rows (about 16 blocks: a CPU's cores): fewer threads a
-    row, shorter trees."""
+    between the workgroup's threads, blocks of 16 to 64 rows (16 blocks, a CPU's cores, up to 1024 rows; more
+    beyond): fewer threads a row, shorter trees."""
     if cpu:
         return min(MAX_ROWS, max(16, -(-N // 16)))
     return min(MAX_ROWS, max(1, -(-N // 1024)))

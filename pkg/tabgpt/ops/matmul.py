@@ -54,12 +54,13 @@ ROW_ALIGN = 64        # chunks start at multiples of 64 rows: 64 * 4 bytes * any
 # the fastest of the shapes measured on an H100 (bench/results/matmul.md: 1-14% over one copy of 16-deep tiles;
 # BK = 32, 128 x 64 blocks and two copies of 16-deep tiles were slower); 64 x 64 when even split-K leaves too few
 # workgroups to fill the GPU (prefetch: 5-8% faster). Natively on GPUs the autotuner picks among these per shape.
-# On lavapipe 64 x 64 blocks with 8 x 8 per thread were fastest (2-3x over 32 x 32 / 4 x 4), 16 deep (cpu_tiles).
+# On lavapipe 64 x 64 blocks with 8 x 8 per thread were fastest (2-3x over 32 x 32 / 4 x 4); 16 deep natively, 8 in
+# a browser (cpu_tiles).
 TILES_LARGE = {"BM": 128, "BN": 128, "BK": 8, "TM": 8, "TN": 8, "SPREAD": True, "PREFETCH": True,
                "DOUBLE_BUFFER": True}
 TILES_MEDIUM = {"BM": 64, "BN": 64, "BK": 8, "TM": 4, "TN": 4, "PREFETCH": True}
-TILES_CPU = {"BM": 64, "BN": 64, "BK": 16, "TM": 8, "TN": 8}           # lavapipe (llvmpipe)
-TILES_SWIFTSHADER = {"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}    # SwiftShader, browsers' CPU driver
+TILES_CPU = {"BM": 64, "BN": 64, "BK": 16, "TM": 8, "TN": 8}           # a CPU driver natively (lavapipe, SwiftShader)
+TILES_CPU_BROWSER = {"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}    # a CPU driver in a browser (SwiftShader)
 
 
 def is_cpu_adapter(dev: Device) -> bool:
@@ -70,11 +71,11 @@ def is_cpu_adapter(dev: Device) -> bool:
 
 def cpu_tiles(dev: Device) -> dict:
     """The tiles of CPU drivers, where each barrier switches between a workgroup's threads (fibers of a few SIMD
-    lanes), so that a longer slice of K between barriers pays: 16 deep on lavapipe (training 1.1x as fast as 8).
-    SwiftShader keeps 8: natively 16 was 1.1x as fast, but in Chromium, the driver of browsers without a GPU, it
-    trained no faster and the model took 14 s to build instead of 11 (the larger workgroup arrays that WebGPU
-    zeroes); 32 took 21 s."""
-    return dict(TILES_SWIFTSHADER if "swiftshader" in _adapter_names(dev) else TILES_CPU)
+    lanes), so that a longer slice of K between barriers pays natively: 16 deep (training 1.1x as fast as 8 on
+    lavapipe and on SwiftShader). In a browser 8: on SwiftShader in Chromium 16 or 32 deep trained no faster and
+    the model took 14 or 21 s to build instead of 11 (WebGPU zeroes every workgroup array at each workgroup's start,
+    and larger arrays cost the browser's shader build)."""
+    return dict(TILES_CPU if dev.backend == "wgpu-native" else TILES_CPU_BROWSER)
 
 
 def _adapter_names(dev: Device) -> str:
@@ -104,7 +105,8 @@ _scratch: "weakref.WeakKeyDictionary[Device, weakref.WeakValueDictionary]" = wea
 def shared_scratch(dev: Device, nbytes: int) -> Buffer:
     """A split-K scratch buffer of at least nbytes: every product of a sequence runs one after another, so the
     products of all layers share one (the smallest that is large enough, else a new one). The pool holds them
-    weakly: a buffer lives as long as a product that uses it (the autotuner's trial products free theirs)."""
+    weakly: a buffer lives as long as a product that uses it (Buffer.shared: no model's or autotune's free() takes
+    it; it goes with its last user, to the collector)."""
     pool = _scratch.setdefault(dev, weakref.WeakValueDictionary())
     fits = [(size, buf) for size, buf in pool.items() if size >= nbytes]     # strong references from here on
     if fits:
