@@ -689,7 +689,8 @@ def test_cpu_drivers_get_shorter_trees_and_bad_thread_counts_are_refused(dev):
     from tabgpt.ops.matmul import is_cpu_adapter
     cpu = is_cpu_adapter(dev)
     assert wait(AdamW.create(dev, P)).wg == (optim.WG_CPU if cpu else optim.WG) and optim.WG_CPU < optim.WG
-    assert crossentropy._threads(dev, None, False) == (crossentropy.WG_CPU if cpu else crossentropy.WG)
+    ce = wait(CrossEntropy.create(dev, N, V, Vp, subgroups=False))
+    assert ce.k["crossentropy_forward_backward"].constants["WG"] == (crossentropy.WG_CPU if cpu else crossentropy.WG)
     for bad in (3, 512):
         with pytest.raises(GPUError, match="power of two in 1..256"):
             wait(AdamW.create(dev, P, threads=bad))

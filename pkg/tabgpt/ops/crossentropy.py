@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 
 from tabgpt.gpu import Device, GPUError, Sequence
-from tabgpt.ops.elementwise import fold_grid
+from tabgpt.ops.elementwise import fold_grid, workgroup_threads
 
 FILE = "crossentropy.wgsl"
 SG_FILE = "crossentropy_subgroups.wgsl"
@@ -29,14 +29,6 @@ ROW_KERNELS = ("crossentropy_forward", "crossentropy_forward_backward")
 
 WG = 256          # a row's threads on GPUs
 WG_CPU = 32       # on CPU drivers, where a barrier switches between the workgroup's threads: shorter trees
-
-
-def _threads(dev: Device, threads: int | None, subgroups: bool) -> int:
-    from tabgpt.ops.matmul import is_cpu_adapter
-    wg = threads or (WG_CPU if is_cpu_adapter(dev) and not subgroups else WG)
-    if not (1 <= wg <= 256 and wg & (wg - 1) == 0):
-        raise GPUError(f"CrossEntropy threads must be a power of two in 1..256, got {wg}")
-    return wg
 
 
 class CrossEntropy:
@@ -52,7 +44,8 @@ class CrossEntropy:
                      loss_scale: float | None = None, subgroups: bool | None = None,
                      threads: int | None = None) -> "CrossEntropy":
         """subgroups: the subgroup kernels (True) or the trees (False) instead of the device's default; threads:
-        a row's threads (a power of two, 1..256) instead of the adapter's (_threads)."""
+        a row's threads (a power of two, 1..256) instead of the adapter's (WG; WG_CPU on CPU drivers, but for the
+        subgroup kernels)."""
         if Vp % 4 or not 0 < V <= Vp:
             raise GPUError(f"CrossEntropy needs 0 < V <= Vp and Vp a multiple of 4, got V={V}, Vp={Vp}")
         if subgroups is None:
@@ -62,7 +55,7 @@ class CrossEntropy:
                            "builtin): create CrossEntropy with subgroups=False")
         grad_scale = 1.0 / N if grad_scale is None else grad_scale
         loss_scale = 1.0 / N if loss_scale is None else loss_scale
-        wg = {"WG": _threads(dev, threads, subgroups)}
+        wg = {"WG": workgroup_threads(dev, threads, WG, WG if subgroups else WG_CPU, "CrossEntropy")}
         kernels = {"loss_mean": await dev.kernel(FILE, "loss_mean", constants=wg)}
         for name in ROW_KERNELS:
             kernels[name] = (await dev.kernel_of([SG_FILE, FILE], name + "_sg", constants=wg) if subgroups

@@ -25,7 +25,7 @@ import math
 import struct
 
 from tabgpt.gpu import Device, GPUError, Sequence
-from tabgpt.ops.elementwise import chunk_views, fold_grid
+from tabgpt.ops.elementwise import chunk_views, fold_grid, workgroup_threads
 
 FILE = "adamw.wgsl"
 WG = 256          # threads a workgroup (WG in the WGSL) on GPUs
@@ -83,10 +83,7 @@ class AdamW:
         limit = (max_binding or dev.limits["max-storage-buffer-binding-size"]) // 256 * 256
         per_piece = limit // 4
         pieces = [(s, min(per_piece, n_params - s)) for s in range(0, n_params, per_piece)]
-        from tabgpt.ops.matmul import is_cpu_adapter
-        wg = threads or (WG_CPU if is_cpu_adapter(dev) else WG)
-        if not (1 <= wg <= 256 and wg & (wg - 1) == 0):
-            raise GPUError(f"AdamW threads must be a power of two in 1..256, got {wg}")
+        wg = workgroup_threads(dev, threads, WG, WG_CPU, "AdamW")
         kernels = {name: await dev.kernel(FILE, name, constants={"WG": wg})
                    for name in ("grad_norm_partial", "grad_norm_finish", "adamw_update")}
         chunk_params, part_base = [], 0
