@@ -380,7 +380,7 @@ class GPT:
             await s.build()
         self.gen = None                                    # generation state, made by the first prefill
         # (what was made for it, not a difference of dev.bytes_allocated, which the collector may lower meanwhile)
-        self.gpu_bytes = sum(b.size for b in self.own if not b.freed)
+        self.gpu_bytes = sum(b.size for b in self.own)
         return self
 
     def free(self):

@@ -325,8 +325,12 @@ class Buffer:
     label: str
     uniform: bool = False
     shared: bool = False   # used by more than its maker (the products' split-K scratch): Device.free skips it
-    freed: bool = False
     release: object = field(default=None, repr=False)   # counts it out of Device.bytes_allocated, once
+
+    @property
+    def freed(self) -> bool:
+        """Given back by Device.free (its count released)."""
+        return self.release is not None and not self.release.alive
 
     def view(self, offset: int, size: int) -> "View":
         if offset < 0 or size <= 0 or offset + size > self.size:
@@ -555,7 +559,6 @@ class Device:
             if buf.freed or buf.shared:
                 continue
             buf.handle.destroy()
-            buf.freed = True
             buf.release()
 
     def _count_out(self, nbytes: int):

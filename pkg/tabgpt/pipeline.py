@@ -362,7 +362,7 @@ def cli_train(args) -> int:
     import signal
     import sys
     from tabgpt import bpe, corpus as corpus_mod
-    from tabgpt.config import PRESETS, preset
+    from tabgpt.config import preset
     from tabgpt.gpu import GPUError
 
     overrides = {name: getattr(args, name, None) for name in FLAG_NAMES}
@@ -433,13 +433,12 @@ def cli_train(args) -> int:
                   "".join(f"; {k} {v:g}" for k, v in tune.items()), file=sys.stderr)
         else:
             name = args.preset or "tiny"
-            tune = scaled_min_lr(overrides.get("learning_rate"), overrides.get("min_lr"),
-                                 Config(**PRESETS[name])) if name in PRESETS else {}
+            given = preset(name)
+            tune = scaled_min_lr(overrides.get("learning_rate"), overrides.get("min_lr"), given)
             cfg = preset(name, **{**overrides, **tune})
             if tune:
-                given = PRESETS[name]
                 print(f"note: min_lr {cfg.min_lr:g}, {cfg.min_lr / cfg.learning_rate:g} x --learning-rate as in "
-                      f"preset {name} (its min_lr {given.get('min_lr', Config.min_lr):g} is above the rate given); "
+                      f"preset {name} (its min_lr {given.min_lr:g} is above the rate given); "
                       f"--min-lr sets another", file=sys.stderr)
             pipe.run.check_new()   # before any work: a path that a new run must not write into is refused now
         source = "default" if args.data == "default" else args.data

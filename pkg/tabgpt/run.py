@@ -209,8 +209,8 @@ class RunFolder:
         except RunError:
             fresh = False
         if weights and ("config.json" in missing or "tokenizer.json" in missing):
-            advice = (f"put back the run's own config.json and tokenizer.json (a run writes them when it starts), or "
-                      f"train a new run into another --out")
+            advice = ("put back the run's own config.json and tokenizer.json (a run writes them when it starts), or "
+                      "train a new run into another --out")
         elif fresh:
             advice = (f"no weights were saved in it yet (a run saves at its end and every --checkpoint-interval "
                       f"steps): train with `tabgpt train --out {self.path}`")

@@ -134,19 +134,18 @@ async def train_speed(dev: Device, preset_name: str = "browser", seconds: float 
     data = TokenData(array.array("I", (rng.randrange(V) for _ in range(8 * B * T + 1))),
                      array.array("I", (rng.randrange(V) for _ in range(T + 1))))
     t0 = time.perf_counter()
-    try:
-        model = await GPT.create(dev, cfg, B, T)
-    except GPUError as e:
-        return {**out, "error": f"the {preset_name} preset's model could not be built on this GPU: {e}"}
+    model = None
     try:
         try:
+            model = await GPT.create(dev, cfg, B, T)
             await model.init_weights(cfg.seed)
             await dev.sync()
         except GPUError as e:
             return {**out, "error": f"the {preset_name} preset's model could not be built on this GPU: {e}"}
         return await _timed_training(model, data, cfg, out, t0, seconds, post)
     finally:
-        model.free()   # the page's own model may be on this GPU too: give this one's memory back now
+        if model is not None:
+            model.free()   # the page's own model may be on this GPU too: give this one's memory back now
 
 
 async def _timed_training(model, data, cfg, out: dict, t0: float, seconds: float, post) -> dict:

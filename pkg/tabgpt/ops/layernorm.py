@@ -12,9 +12,10 @@ into a scratch buffer, then the blocks summed in a fixed order, so results are b
 A model's layernorms can make their parameter gradients together: created with deferred=K, backward(...,
 defer=True) writes its block sums into the next of K slots of one scratch and leaves dweight and dbias pending, and
 finish(seq) makes every pending one's in one dispatch (layernorm_param_grads_deferred, a table of where each one's
-sums and gradients lie); until then the sequence refuses to build, run or be appended to another. So the 2 L + 1 layernorms of a model's backward cost 2 L + 2 dispatches instead of 4 L + 2,
-each of which waits for the one before; K slots cost K x n_blocks x 2C floats (41 MB at the browser preset). Same
-sums in the same order: bit-identical. Not with the subgroup kernels; on where deferred > 0 and fold=True, or
+sums and gradients lie); until then the sequence refuses to build, run or be appended to another. So the 2 L + 1
+layernorms of a model's backward cost 2 L + 2 dispatches instead of 4 L + 2, each of which waits for the one
+before; K slots cost K x n_blocks x 2C floats (41 MB at the browser preset). Same sums in the same order:
+bit-identical. Not with the subgroup kernels; on where deferred > 0 and fold=True, or
 TABGPT_LAYERNORM_FOLD (default 1; 0 turns it off).
 
 Row reductions use TPR threads per row, R = 64 / TPR rows per workgroup at once (the WGSL's header). The
@@ -76,10 +77,12 @@ def slot_bytes(N: int, C: int, rows_per_block: int) -> int:
     return -(-4 * -(-N // rows_per_block) * 2 * C // 256) * 256
 
 
-def deferred_bytes(N: int, C: int, count: int, fold: bool | None = None, max_buffer: int | None = None) -> int:
+def deferred_bytes(N: int, C: int, count: int, fold: bool | None = None, max_buffer: int | None = None,
+                   rows_per_block: int | None = None) -> int:
     """The scratch of `count` deferred backwards' partial sums (LayerNorm.create's deferred=), where they defer:
-    folding on, and the slots within max_buffer (the device's max-buffer-size) where given."""
-    size = count * slot_bytes(N, C, rows_per_block_for(N))
+    folding on, and the slots within max_buffer (the device's max-buffer-size) where given; blocks of
+    rows_per_block rows (default: a GPU's, rows_per_block_for)."""
+    size = count * slot_bytes(N, C, rows_per_block or rows_per_block_for(N))
     if not fold_enabled(fold) or (max_buffer is not None and size > max_buffer):
         return 0
     return size
@@ -148,9 +151,9 @@ class LayerNorm:
                       "layernorm_backward": await dev.kernel(FILE, "layernorm_backward",
                                                              constants={"TPR": self.tpr_backward}),
                       "layernorm_param_grads": await dev.kernel(FILE, "layernorm_param_grads", constants=pwg)}
-            slot = slot_bytes(N, C, rows_per_block)
             # (where the slots outgrow one buffer, as for very large models in a browser, each makes its own)
-            if deferred > 0 and fold_enabled(fold) and deferred * slot <= dev.limits["max-buffer-size"]:
+            if deferred > 0 and deferred_bytes(N, C, deferred, fold, dev.limits["max-buffer-size"], rows_per_block):
+                slot = slot_bytes(N, C, rows_per_block)
                 self.k["layernorm_param_grads_deferred"] = await dev.kernel(FILE, "layernorm_param_grads_deferred",
                                                                             constants=pwg)
                 self.slots = (dev.buffer(deferred * slot, "layernorm-deferred-partials"), slot, deferred)
