@@ -6,7 +6,9 @@
 // sort_start, sort_merge_global, sort_merge_local:
 //                       idx (N,) u32 -> keys (n_pad,) u32: the keys tok * N + n in ascending order, so that the
 //                       rows of one token lie side by side in increasing n (a bitonic sort; n_pad is a power of
-//                       two >= BLOCK and the padding keys are 0xffffffff; needs Vp * N < 2^32)
+//                       two >= BLOCK and the padding keys are 0xffffffff; needs Vp * N < 2^32). BLOCK keys are
+//                       sorted in one workgroup's memory by SWG threads: where n_pad == BLOCK, sort_start alone
+//                       sorts them all (one dispatch instead of one per long-range stage)
 // encoder_backward_wte, encoder_backward_wte_runs:
 //                       keys (n_pad,) u32, dout (N, C) f32 -> dwte (Vp, C) f32 +=: each token's run of rows summed in
 //                       sorted order (pieces of at most SEG rows, then the pieces in order), scratch
@@ -29,9 +31,10 @@ struct SortParams { n_pad: u32, k: u32, j: u32, _p: u32 }
 @group(0) @binding(9) var<uniform> sp: SortParams;
 @group(0) @binding(10) var<storage, read_write> pieces: array<vec4<f32>>;
 
-const WG: u32 = 256u;        // encoder_forward, encoder_backward_wpe, the sort kernels
+const WG: u32 = 256u;        // encoder_forward, encoder_backward_wpe, sort_merge_global
 const ROW_WG: u32 = 64u;     // encoder_backward_wte: threads over the channels of one row
-const BLOCK: u32 = 1024u;    // keys sorted in workgroup memory by one workgroup
+override BLOCK: u32 = 1024u; // keys sorted in workgroup memory by one workgroup (a power of two)
+override SWG: u32 = 256u;    // threads of sort_start and sort_merge_local (a power of two, at most BLOCK / 2)
 const SEG: u32 = 32u;        // sorted rows per segment: the longest sum one workgroup does in the dwte backward
 const NO_KEY: u32 = 0xffffffffu;
 
@@ -81,8 +84,8 @@ fn make_key(n: u32) -> u32 {
 
 // One stage (k, j) on the tile of the block starting at global index base; then a barrier.
 fn tile_stage(base: u32, k: u32, j: u32, lid: u32) {
-    for (var q = 0u; q < BLOCK / 2u / WG; q++) {
-        let p = lid + q * WG;                     // pair number within the block
+    for (var q = 0u; q < BLOCK / 2u / SWG; q++) {
+        let p = lid + q * SWG;                    // pair number within the block
         let i = (p / j) * 2u * j + p % j;
         let a = tile[i];
         let b = tile[i + j];
@@ -95,11 +98,11 @@ fn tile_stage(base: u32, k: u32, j: u32, lid: u32) {
 }
 
 // Each block of BLOCK keys, made from idx and sorted in workgroup memory (all stages with k <= BLOCK).
-@compute @workgroup_size(WG)
+@compute @workgroup_size(SWG)
 fn sort_start(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec3u) {
     let base = wg.x * BLOCK;
-    for (var q = 0u; q < BLOCK / WG; q++) {
-        let e = lid.x + q * WG;
+    for (var q = 0u; q < BLOCK / SWG; q++) {
+        let e = lid.x + q * SWG;
         tile[e] = make_key(base + e);
     }
     workgroupBarrier();
@@ -108,8 +111,8 @@ fn sort_start(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) li
             tile_stage(base, k, j, lid.x);
         }
     }
-    for (var q = 0u; q < BLOCK / WG; q++) {
-        let e = lid.x + q * WG;
+    for (var q = 0u; q < BLOCK / SWG; q++) {
+        let e = lid.x + q * SWG;
         keys[base + e] = tile[e];
     }
 }
@@ -131,19 +134,19 @@ fn sort_merge_global(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) 
 }
 
 // The stages (sp.k, j) for j = BLOCK/2 ... 1, each block in workgroup memory.
-@compute @workgroup_size(WG)
+@compute @workgroup_size(SWG)
 fn sort_merge_local(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec3u) {
     let base = wg.x * BLOCK;
-    for (var q = 0u; q < BLOCK / WG; q++) {
-        let e = lid.x + q * WG;
+    for (var q = 0u; q < BLOCK / SWG; q++) {
+        let e = lid.x + q * SWG;
         tile[e] = keys[base + e];
     }
     workgroupBarrier();
     for (var j = BLOCK / 2u; j > 0u; j >>= 1u) {
         tile_stage(base, sp.k, j, lid.x);
     }
-    for (var q = 0u; q < BLOCK / WG; q++) {
-        let e = lid.x + q * WG;
+    for (var q = 0u; q < BLOCK / SWG; q++) {
+        let e = lid.x + q * SWG;
         keys[base + e] = tile[e];
     }
 }

@@ -10,6 +10,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from tabgpt.gpu import wait  # noqa: E402
 
+import bench_embedding  # noqa: E402
 import probe_bias_rows  # noqa: E402
 import probe_nt_as_nn  # noqa: E402
 import probe_pair_sum  # noqa: E402
@@ -166,3 +167,15 @@ def test_probe_submit_times_each_way_of_submitting_a_step(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         run_main(probe_submit, monkeypatch, capsys, "--quick")
     assert "takes 2 micro-batches a step" in capsys.readouterr().err
+
+
+def test_bench_embedding_times_both_sort_blocks_and_compares_the_gradients(monkeypatch, capsys):
+    out = run_main(bench_embedding, monkeypatch, capsys, "--quick", "--no-write", "--no-torch", "--trials", "1",
+                   "--block", "2048")
+    rows = [line for line in out.splitlines() if line.startswith("| quick")]
+    assert len(rows) == 2                                   # uniform and Zipf-like tokens
+    for row in rows:
+        cells = row.strip("| ").split(" | ")
+        assert cells[3] == "6 / 4" and cells[4] == "2048, 256"   # 1200 keys: one block of 2048 sorts them all
+        assert float(cells[5]) > 0 and float(cells[6]) > 0
+        assert cells[-1] == "same bits"

@@ -93,8 +93,8 @@ def test_embedding_forward_adds_token_and_position_rows(dev):
     assert_close("embedding out", download(dev, out, shape=(N, C)), ref, atol=1e-6)
 
 
-def embedding_backward(dev, Bb, Tt, Cc, Vpp, idx, dout, dwte0, dwpe0):
-    emb = wait(Embedding.create(dev, Bb, Tt, Cc, Vpp))
+def embedding_backward(dev, Bb, Tt, Cc, Vpp, idx, dout, dwte0, dwpe0, block=None, threads=None):
+    emb = wait(Embedding.create(dev, Bb, Tt, Cc, Vpp, block=block, threads=threads))
     dwte, dwpe = upload(dev, dwte0, "dwte"), upload(dev, dwpe0, "dwpe")
     run(dev, lambda s: emb.backward(s, dwte=dwte, dwpe=dwpe, dout=upload(dev, dout), idx=upload(dev, idx)))
     # The rows of each token must end up side by side: the sorted keys tok * N + n, then the padding.
@@ -144,6 +144,54 @@ def test_embedding_backward_sort_across_several_blocks(dev):
     assert_close("dwte (long runs)", got_wte, ref_wte, atol=2e-5, rtol=1e-5)
     assert_close("dwpe", got_wpe, ref_wpe, atol=1e-5, rtol=1e-5)
     assert not got_wte[50:].any(), "tokens never seen got a gradient"
+
+
+@pytest.mark.parametrize("block, threads", [(64, None), (512, None), (2048, 64), (4096, None), (4096, 1024)])
+def test_embedding_backward_any_sort_block_gives_the_same_bits(dev, block, threads):
+    # The keys are unique, so every block size sorts them into the same order and the sums run in the same order:
+    # bit-identical gradients. 2800 rows padded to 4096 keys: blocks of 64 take many long-range stages (dispatches),
+    # 4096 none (one workgroup sorts them all, as a GPU's 8192 keys of the presets are).
+    Bb, Tt, Cc, Vpp = 4, 700, 8, 64
+    r = rng(2)
+    idx = r.integers(0, 50, Bb * Tt).astype(np.uint32)
+    dout = r.standard_normal((Bb * Tt, Cc)).astype(np.float32)
+    dwte0 = r.standard_normal((Vpp, Cc)).astype(np.float32)
+    dwpe0 = np.zeros((Tt, Cc), np.float32)
+    if 4 * block > dev.limits["max-compute-workgroup-storage-size"]:
+        with pytest.raises(GPUError, match="fit the workgroup memory"):
+            Embedding.create(dev, Bb, Tt, Cc, Vpp, block=block)
+        return
+    got, _ = embedding_backward(dev, Bb, Tt, Cc, Vpp, idx, dout, dwte0, dwpe0, block=block, threads=threads)
+    want, _ = embedding_backward(dev, Bb, Tt, Cc, Vpp, idx, dout, dwte0, dwpe0, block=1024)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), f"blocks of {block} sum differently"
+    ref_wte, _ = embedding_backward_ref(idx, dout, dwte0, dwpe0, Tt)
+    assert_close("dwte", got, ref_wte, atol=2e-5, rtol=1e-5)
+
+
+class _Limits:
+    """A device with the given workgroup limits, CPU driver or GPU, for sort_shape."""
+
+    def __init__(self, storage, threads, cpu=False):
+        self.limits = {"max-compute-workgroup-storage-size": storage, "max-compute-invocations-per-workgroup": threads,
+                       "max-compute-workgroup-size-x": threads}
+        self.info = {"adapter_type": "CPU" if cpu else "DiscreteGPU", "device": "", "description": ""}
+        self.backend = "wgpu-native"
+
+
+def test_embedding_sort_shape_fills_the_workgroup_memory_on_gpus():
+    from tabgpt.ops.embedding import sort_shape
+    assert sort_shape(_Limits(32768, 1024), 8192) == (8192, 1024)     # the presets' batches: one workgroup
+    assert sort_shape(_Limits(49152, 1024), 8192) == (8192, 1024)
+    assert sort_shape(_Limits(49152, 1024), 65536) == (8192, 1024)    # larger batches: blocks of 8192 keys
+    assert sort_shape(_Limits(16384, 256), 8192) == (4096, 256)       # WebGPU's default limits
+    assert sort_shape(_Limits(32768, 1024), 3000) == (4096, 1024)     # no larger than the padded keys
+    assert sort_shape(_Limits(32768, 1024), 100) == (1024, 256)
+    assert sort_shape(_Limits(32768, 1024, cpu=True), 8192) == (1024, 256)   # CPU drivers: as before
+    assert sort_shape(_Limits(32768, 1024), 8192, block=64) == (64, 32)
+    assert sort_shape(_Limits(32768, 256), 8192, threads=1024) == (8192, 256)
+    assert sort_shape(_Limits(32768, 1024), 8192, threads=100) == (8192, 64)
+    with pytest.raises(GPUError, match="power of two"):
+        sort_shape(_Limits(32768, 1024), 8192, block=3000)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ of 4. The backward ACCUMULATES into dwte and dwpe. Without float atomics, the to
 the keys tok * B*T + n are sorted (bitonic, in about (log2 n_pad)^2 / 2 stages, most in workgroup memory), then
 each token's run of rows is summed in sorted order, long runs in pieces of 32 rows by many workgroups and the pieces
 added up in order. The result is bit-identical run to run.
+
+A workgroup sorts a block of keys in its memory, and blocks are as large as the device's workgroup memory holds
+(`sort_shape`: 8192 keys in 32 KiB), so that on a GPU the 8192 keys of the presets' batches are sorted by one
+dispatch of one workgroup, where blocks of 1024 keys took ten dispatches. CPU drivers keep blocks of 1024 keys and
+256 threads (each barrier switches between all of a workgroup's threads there).
 """
 
 from __future__ import annotations
@@ -20,12 +25,37 @@ from tabgpt.ops.elementwise import fold_grid
 
 FILE = "embedding.wgsl"
 WG = 256        # WG in the WGSL
-BLOCK = 1024    # BLOCK in the WGSL: keys sorted per workgroup
+BLOCK = 1024    # BLOCK in the WGSL: keys sorted per workgroup (at least; CPU drivers' size)
+SORT_WG = 256   # SWG in the WGSL: threads sorting a block of BLOCK keys
+MAX_SORT_WG = 1024
 SEG = 32        # SEG in the WGSL: sorted rows per segment of the dwte sums
 
 
+def sort_shape(dev: Device, N: int, block: int | None = None, threads: int | None = None) -> tuple[int, int]:
+    """(keys per block, threads per block) of the embedding backward's sort of N keys. The block: given, else 1024
+    on CPU drivers, else the largest power of two from 1024 whose keys fit the device's workgroup memory, no larger
+    than N's next power of two. The threads: given, else 256 for 1024 keys or on CPU drivers, else up to 1024; half
+    the block at most, and within the device's limits."""
+    from tabgpt.ops.matmul import is_cpu_adapter
+    lim = dev.limits
+    storage = lim["max-compute-workgroup-storage-size"]
+    cpu = is_cpu_adapter(dev)
+    if block is None:
+        block = BLOCK
+        while not cpu and block < N and 8 * block <= storage:
+            block *= 2
+    if block < 2 or block & (block - 1) or 4 * block > storage:
+        raise GPUError(f"the embedding sort's block must be a power of two whose keys fit the workgroup memory "
+                       f"({storage} bytes), got {block}")
+    if threads is None:
+        threads = SORT_WG if cpu or block <= BLOCK else MAX_SORT_WG
+    threads = min(threads, block // 2, lim["max-compute-invocations-per-workgroup"],
+                  lim["max-compute-workgroup-size-x"])
+    return block, 1 << (threads.bit_length() - 1)
+
+
 class Embedding:
-    def __init__(self, dev, B, T, C, Vp, kernels, params, keys, pieces, sort_passes):
+    def __init__(self, dev, B, T, C, Vp, kernels, params, keys, pieces, sort_passes, block):
         self.dev, self.B, self.T, self.C, self.Vp = dev, B, T, C, Vp
         self.N = B * T
         self.k = kernels
@@ -34,9 +64,12 @@ class Embedding:
         self.n_pad = keys.size // 4
         self.pieces = pieces            # scratch (2 * ceil(N / SEG), C) f32: partial sums of long runs
         self.sort_passes = sort_passes  # [(entry, uniform SortParams, workgroups)]
+        self.block = block              # keys sorted in one workgroup's memory
 
     @classmethod
-    async def create(cls, dev: Device, B: int, T: int, C: int, Vp: int) -> "Embedding":
+    async def create(cls, dev: Device, B: int, T: int, C: int, Vp: int, block: int | None = None,
+                     threads: int | None = None) -> "Embedding":
+        """block, threads: the keys a workgroup sorts and its threads (sort_shape's choice unless given)."""
         N = B * T
         if C % 4:
             raise GPUError(f"Embedding needs C (n_embd) to be a multiple of 4, got {C}")
@@ -45,28 +78,31 @@ class Embedding:
                            f"large; use a smaller batch or vocabulary")
         names = ("encoder_forward", "encoder_backward_wpe", "sort_start", "sort_merge_global", "sort_merge_local",
                  "encoder_backward_wte", "encoder_backward_wte_runs")
-        kernels = {name: await dev.kernel(FILE, name) for name in names}
+        block, threads = sort_shape(dev, N, block, threads)
+        sorting = {"BLOCK": block, "SWG": threads}
+        kernels = {name: await dev.kernel(FILE, name, sorting if name in ("sort_start", "sort_merge_local") else None)
+                   for name in names}
         params = dev.uniform(struct.pack("<4I", N, T, C // 4, Vp), "embedding-params")
-        n_pad = BLOCK
+        n_pad = block
         while n_pad < N:
             n_pad *= 2
         keys = dev.buffer(4 * n_pad, "embedding-sort-keys")
         pieces = dev.buffer(4 * 2 * ((N + SEG - 1) // SEG) * C, "embedding-run-pieces")
         # The bitonic network: blocks sorted locally, then for each larger k the long-range stages one dispatch
         # each, and the stages that fit a block together.
-        blocks = n_pad // BLOCK
+        blocks = n_pad // block
         passes = [("sort_start", dev.uniform(struct.pack("<4I", n_pad, 0, 0, 0), "sort-params"), (blocks,))]
-        k = 2 * BLOCK
+        k = 2 * block
         while k <= n_pad:
             j = k // 2
-            while j >= BLOCK:
+            while j >= block:
                 u = dev.uniform(struct.pack("<4I", n_pad, k, j, 0), "sort-params")
                 passes.append(("sort_merge_global", u, fold_grid((n_pad // 2 + WG - 1) // WG)))
                 j //= 2
             passes.append(("sort_merge_local", dev.uniform(struct.pack("<4I", n_pad, k, 0, 0), "sort-params"),
                            (blocks,)))
             k *= 2
-        return cls(dev, B, T, C, Vp, kernels, params, keys, pieces, passes)
+        return cls(dev, B, T, C, Vp, kernels, params, keys, pieces, passes, block)
 
     def forward(self, seq: Sequence, out, idx, wte, wpe):
         """out (B*T, C) = wte[idx] + wpe[t] for row n = b*T + t."""
