@@ -4,10 +4,12 @@ One model of the preset (one autotune) runs its steps three ways, each for --ste
 "three submissions" (zero_grad, forward-backward and update submitted apart, as before GPT.train_step), "one
 submission of three command buffers" (natively: queue.submit of the three at once) and "one command buffer"
 (GPT.train_step, what the trainer runs). Each keeps its best round. The same steps (tests/test_gpt.py checks
-that train_step and the separate sequences give the same bits).
+that train_step and the separate sequences give the same bits). Two diagnostics beside them, which a trainer
+cannot do (its batches change each step): the step's command buffer without the writes of its batch, step number
+and ring slot (what those writes cost), and ten steps in one command buffer (what a submission costs).
 
     python bench/probe_submit.py                      # browser preset, 30 steps a round, 3 rounds
-    python bench/probe_submit.py --quick              # tiny preset, 2 steps, 1 round (lavapipe): checks that it runs
+    python bench/probe_submit.py --quick              # tiny preset, 10 steps, 1 round (lavapipe): checks that it runs
 """
 
 from __future__ import annotations
@@ -49,8 +51,17 @@ def arms_of(model, x, y):
     def one(s):
         model.train_step(s, 1e-4, [(x, y)])
 
+    def no_writes(s):
+        model.step_seq.run()
+
+    def ten(s):
+        if s % 10 == 9:
+            model.step_seq.run(repeat=10)
+
     arms = {"three submissions": three, "one submission of three command buffers": buffers,
-            "one command buffer (train_step)": one}
+            "one command buffer (train_step)": one,
+            "diagnostic: one command buffer, no writes (the same batch, step and ring slot)": no_writes,
+            "diagnostic: ten steps a command buffer, no writes": ten}
     if dev.backend != "wgpu-native":
         del arms["one submission of three command buffers"]
     return arms
@@ -70,9 +81,9 @@ def timed(dev, step, steps):
 def main():
     ap = probe_parser(__doc__)
     ap.add_argument("--preset", default="browser")
-    ap.add_argument("--steps", type=int, default=30, help="steps a round and arm")
+    ap.add_argument("--steps", type=int, default=30, help="steps a round and arm (rounded up to tens)")
     args = probe_args(ap)
-    name, steps = ("tiny", 2) if args.quick else (args.preset, args.steps)
+    name, steps = ("tiny", 10) if args.quick else (args.preset, -(-args.steps // 10) * 10)
     cfg = preset(name)
     if cfg.grad_accum != 1:
         ap.error(f"the {name} preset takes {cfg.grad_accum} micro-batches a step; the arms compare the submissions "
@@ -86,7 +97,7 @@ def main():
     y = array.array("I", (rng.randrange(cfg.vocab_size) for _ in range(n)))
     arms = arms_of(model, x, y)
     for step in arms.values():          # warm-up
-        timed(dev, step, 2)
+        timed(dev, step, 10)
     best = {k: (0.0, 0.0) for k in arms}
     for _ in range(args.rounds):
         for k, step in arms.items():

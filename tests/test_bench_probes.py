@@ -156,8 +156,10 @@ def test_probe_submit_times_each_way_of_submitting_a_step(monkeypatch, capsys):
     import probe_submit
     out = run_main(probe_submit, monkeypatch, capsys, "--quick")
     rows = [r for r in out.splitlines() if r.startswith("| ") and not r.startswith(("| submitted", "| ---"))]
-    assert [r.split(" | ")[0][2:] for r in rows] == ["three submissions", "one submission of three command buffers",
-                                                      "one command buffer (train_step)"]
+    assert [r.split(" | ")[0][2:] for r in rows] == [
+        "three submissions", "one submission of three command buffers", "one command buffer (train_step)",
+        "diagnostic: one command buffer, no writes (the same batch, step and ring slot)",
+        "diagnostic: ten steps a command buffer, no writes"]
     for r in rows:
         rate, cpu = (float(v.replace(",", "")) for v in r.strip("| ").split(" | ")[1:])
         assert rate > 0 and cpu > 0
