@@ -6,9 +6,10 @@
 // sort_start, sort_merge_global, sort_merge_local:
 //                       idx (N,) u32 -> keys (n_pad,) u32: the keys tok * N + n in ascending order, so that the
 //                       rows of one token lie side by side in increasing n (a bitonic sort; n_pad is a power of
-//                       two >= BLOCK and the padding keys are 0xffffffff; needs Vp * N < 2^32). BLOCK keys are
-//                       sorted in one workgroup's memory by SWG threads: where n_pad == BLOCK, sort_start alone
-//                       sorts them all (one dispatch instead of one per long-range stage)
+//                       two and the padding keys are 0xffffffff; needs Vp * N < 2^32). Each kernel works on
+//                       blocks of BLOCK keys in one workgroup's memory with SWG threads, override constants set
+//                       per kernel: sort_start on blocks of 1024 (many workgroups), sort_merge_local on blocks as
+//                       large as the device allows, where it makes every stage up to k = BLOCK in one dispatch
 // encoder_backward_wte, encoder_backward_wte_runs:
 //                       keys (n_pad,) u32, dout (N, C) f32 -> dwte (Vp, C) f32 +=: each token's run of rows summed in
 //                       sorted order (pieces of at most SEG rows, then the pieces in order), scratch
@@ -17,7 +18,7 @@
 // Tokens >= Vp read as a zero wte row and get no gradient. Grids may be folded into 2-D (x, y).
 
 struct EmbParams { N: u32, T: u32, C4: u32, Vp: u32 }
-struct SortParams { n_pad: u32, k: u32, j: u32, _p: u32 }
+struct SortParams { n_pad: u32, k: u32, j: u32, k_end: u32 }
 
 @group(0) @binding(0) var<uniform> ep: EmbParams;
 @group(0) @binding(1) var<storage, read> idx: array<u32>;
@@ -86,7 +87,7 @@ fn make_key(n: u32) -> u32 {
 fn tile_stage(base: u32, k: u32, j: u32, lid: u32) {
     for (var q = 0u; q < BLOCK / 2u / SWG; q++) {
         let p = lid + q * SWG;                    // pair number within the block
-        let i = (p / j) * 2u * j + p % j;
+        let i = 2u * p - (p & (j - 1u));          // (p / j) 2j + p % j, j a power of two: no divisions
         let a = tile[i];
         let b = tile[i + j];
         if ((a > b) == (((base + i) & k) == 0u)) {
@@ -124,7 +125,7 @@ fn sort_merge_global(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) 
     let p = flat_index(wg, nwg, lid);
     if (p >= sp.n_pad / 2u) { return; }
     let j = sp.j;
-    let i = (p / j) * 2u * j + p % j;
+    let i = 2u * p - (p & (j - 1u));
     let a = keys[i];
     let b = keys[i + j];
     if ((a > b) == ((i & sp.k) == 0u)) {
@@ -133,7 +134,9 @@ fn sort_merge_global(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) 
     }
 }
 
-// The stages (sp.k, j) for j = BLOCK/2 ... 1, each block in workgroup memory.
+// The stages (k, j) for k = sp.k, 2 sp.k, ..., sp.k_end and j = min(k, BLOCK)/2 ... 1, each block in workgroup
+// memory: after sort_start's smaller blocks, the stages of every k up to BLOCK in one dispatch; beyond BLOCK one
+// k a dispatch, after its long-range stages.
 @compute @workgroup_size(SWG)
 fn sort_merge_local(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec3u) {
     let base = wg.x * BLOCK;
@@ -142,8 +145,10 @@ fn sort_merge_local(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_
         tile[e] = keys[base + e];
     }
     workgroupBarrier();
-    for (var j = BLOCK / 2u; j > 0u; j >>= 1u) {
-        tile_stage(base, sp.k, j, lid.x);
+    for (var k = sp.k; k <= sp.k_end; k <<= 1u) {
+        for (var j = min(k, BLOCK) >> 1u; j > 0u; j >>= 1u) {
+            tile_stage(base, k, j, lid.x);
+        }
     }
     for (var q = 0u; q < BLOCK / SWG; q++) {
         let e = lid.x + q * SWG;

@@ -10,10 +10,11 @@ the keys tok * B*T + n are sorted (bitonic, in about (log2 n_pad)^2 / 2 stages, 
 each token's run of rows is summed in sorted order, long runs in pieces of 32 rows by many workgroups and the pieces
 added up in order. The result is bit-identical run to run.
 
-A workgroup sorts a block of keys in its memory, and blocks are as large as the device's workgroup memory holds
-(`sort_shape`: 8192 keys in 32 KiB), so that on a GPU the 8192 keys of the presets' batches are sorted by one
-dispatch of one workgroup, where blocks of 1024 keys took ten dispatches. CPU drivers keep blocks of 1024 keys and
-256 threads (each barrier switches between all of a workgroup's threads there).
+The sort's first kernel sorts blocks of 1024 keys (a workgroup each); the stages that follow run in blocks as large
+as the device's workgroup memory holds (`sort_shape`: 8192 keys in 32 KiB), so that on a GPU the 8192 keys of the
+presets' batches are sorted by two dispatches, where blocks of 1024 keys throughout took ten (one per stage whose
+pairs lie blocks apart). CPU drivers keep blocks of 1024 keys and 256 threads (each barrier switches between all of
+a workgroup's threads there).
 """
 
 from __future__ import annotations
@@ -79,28 +80,31 @@ class Embedding:
         names = ("encoder_forward", "encoder_backward_wpe", "sort_start", "sort_merge_global", "sort_merge_local",
                  "encoder_backward_wte", "encoder_backward_wte_runs")
         block, threads = sort_shape(dev, N, block, threads)
-        sorting = {"BLOCK": block, "SWG": threads}
-        kernels = {name: await dev.kernel(FILE, name, sorting if name in ("sort_start", "sort_merge_local") else None)
-                   for name in names}
+        start = min(block, BLOCK)     # sort_start's blocks: many workgroups at once, then merged in the large ones
+        constants = {"sort_start": {"BLOCK": start, "SWG": min(SORT_WG, start // 2, threads)},
+                     "sort_merge_local": {"BLOCK": block, "SWG": threads}}
+        kernels = {name: await dev.kernel(FILE, name, constants.get(name)) for name in names}
         params = dev.uniform(struct.pack("<4I", N, T, C // 4, Vp), "embedding-params")
         n_pad = block
         while n_pad < N:
             n_pad *= 2
         keys = dev.buffer(4 * n_pad, "embedding-sort-keys")
         pieces = dev.buffer(4 * 2 * ((N + SEG - 1) // SEG) * C, "embedding-run-pieces")
-        # The bitonic network: blocks sorted locally, then for each larger k the long-range stages one dispatch
-        # each, and the stages that fit a block together.
+        # The bitonic network: sort_start's blocks sorted (every k up to `start`), then every k up to `block` in
+        # the large blocks at once, then for each larger k the long-range stages one dispatch each and the stages
+        # that fit a block together.
         blocks = n_pad // block
-        passes = [("sort_start", dev.uniform(struct.pack("<4I", n_pad, 0, 0, 0), "sort-params"), (blocks,))]
+        sp = lambda k, j, k_end: dev.uniform(struct.pack("<4I", n_pad, k, j, k_end), "sort-params")  # noqa: E731
+        passes = [("sort_start", sp(0, 0, 0), (n_pad // start,))]
+        if start < min(block, n_pad):
+            passes.append(("sort_merge_local", sp(2 * start, 0, min(block, n_pad)), (blocks,)))
         k = 2 * block
         while k <= n_pad:
             j = k // 2
             while j >= block:
-                u = dev.uniform(struct.pack("<4I", n_pad, k, j, 0), "sort-params")
-                passes.append(("sort_merge_global", u, fold_grid((n_pad // 2 + WG - 1) // WG)))
+                passes.append(("sort_merge_global", sp(k, j, 0), fold_grid((n_pad // 2 + WG - 1) // WG)))
                 j //= 2
-            passes.append(("sort_merge_local", dev.uniform(struct.pack("<4I", n_pad, k, 0, 0), "sort-params"),
-                           (blocks,)))
+            passes.append(("sort_merge_local", sp(k, 0, k), (blocks,)))
             k *= 2
         return cls(dev, B, T, C, Vp, kernels, params, keys, pieces, passes, block)
 
