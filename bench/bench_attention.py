@@ -188,7 +188,8 @@ def main():
 
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
-    lines = [f"## Causal attention f32, {datetime.date.today()}, {device} ({dev.backend})", "",
+    backend = "" if dev.backend == "wgpu-native" else f" ({dev.backend})"     # device_label names wgpu-native
+    lines = [f"## Causal attention f32, {datetime.date.today()}, {device}{backend}", "",
              f"`python bench/bench_attention.py {' '.join(sys.argv[1:])}`: best of {trials}; PyTorch "
              "scaled_dot_product_attention fp32 (is_causal, TF32 off); tiles: kernel TC,NR,RPT; loops: inner loops "
              "software-pipelined (PIPELINE) or plain; loads: streamed tiles prefetched into registers one tile "
