@@ -5,7 +5,7 @@ The whole backward of one step is timed: the position rows' sums, the sort of th
 sums, at the presets' shapes, on uniformly random tokens and on a Zipf-like stream (a few tokens very frequent, as
 in text: long runs). The arms are timed in turn for --trials rounds, each keeping its best (bench/common.py
 best_seconds), and their gradients are compared bit for bit. PyTorch (CUDA, fp32): the gradients of
-wte[idx] + wpe[t] with respect to wte and wpe through autograd.
+F.embedding(idx, wte) + F.embedding(t, wpe) with respect to wte and wpe through autograd (nn.Embedding's backward).
 
     python bench/bench_embedding.py [--trials 5] [--no-torch] [--no-write] [--quick] [--block KEYS] [--threads N]
 """
@@ -39,7 +39,9 @@ def tokens(kind: str, n: int, V: int) -> np.ndarray:
     r = np.random.default_rng(0)
     if kind == "uniform":
         return r.integers(0, V, n).astype(np.uint32)
-    ranks = np.minimum(r.zipf(1.2, n), V) - 1           # rank 0 most frequent, as in text
+    ranks = r.zipf(1.2, n) - 1                          # rank 0 most frequent, as in text
+    while (far := ranks >= V).any():                    # redrawn past the vocabulary (not piled on its last rank)
+        ranks[far] = r.zipf(1.2, int(far.sum())) - 1
     return r.permutation(V)[ranks].astype(np.uint32)
 
 
@@ -56,12 +58,13 @@ def build(dev, B, T, C, Vp, idx, dout, block, threads):
 
 def time_torch(B, T, C, Vp, idx, trials):
     import torch
+    import torch.nn.functional as F
     if not torch.cuda.is_available():
         return None
     wte = torch.randn(Vp, C, device="cuda", requires_grad=True)
     wpe = torch.randn(T, C, device="cuda", requires_grad=True)
     ix = torch.from_numpy(idx.astype(np.int64)).cuda().view(B, T)
-    x = wte[ix] + wpe[torch.arange(T, device="cuda")]
+    x = F.embedding(ix, wte) + F.embedding(torch.arange(T, device="cuda"), wpe)   # as nn.Embedding
     g = torch.randn(B, T, C, device="cuda")
 
     def bwd(n):
@@ -113,8 +116,8 @@ def main():
                      f"| {best[0] * 1e3:.3f} | {best[1] * 1e3:.3f} | {best[0] / best[1]:.2f}x | {torch_ms} | {ratio} "
                      f"| {same} |")
     head = (f"## Embedding backward, {datetime.date.today()}, {device_label(dev)}\n\n"
-            f"Command: `python bench/bench_embedding.py{' --quick' if args.quick else ''}`; best of {args.trials} "
-            f"rounds, arms in turn\n")
+            f"Command: `python bench/bench_embedding.py {' '.join(sys.argv[1:])}`; best of {args.trials} rounds, arms "
+            f"in turn\n")
     text = head + "\n" + "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

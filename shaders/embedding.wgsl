@@ -8,8 +8,9 @@
 //                       rows of one token lie side by side in increasing n (a bitonic sort; n_pad is a power of
 //                       two and the padding keys are 0xffffffff; needs Vp * N < 2^32). Each kernel works on
 //                       blocks of BLOCK keys in one workgroup's memory with SWG threads, override constants set
-//                       per kernel: sort_start on blocks of 1024 (many workgroups), sort_merge_local on blocks as
-//                       large as the device allows, where it makes every stage up to k = BLOCK in one dispatch
+//                       per kernel: sort_start on blocks of at most 1024 (many workgroups), sort_merge_local on
+//                       blocks as large as the device allows, where it makes every stage up to k = BLOCK in one
+//                       dispatch
 // encoder_backward_wte, encoder_backward_wte_runs:
 //                       keys (n_pad,) u32, dout (N, C) f32 -> dwte (Vp, C) f32 +=: each token's run of rows summed in
 //                       sorted order (pieces of at most SEG rows, then the pieces in order), scratch

@@ -173,7 +173,7 @@ def test_probe_submit_times_each_way_of_submitting_a_step(monkeypatch, capsys):
 
 def test_bench_embedding_times_both_sort_blocks_and_compares_the_gradients(monkeypatch, capsys):
     out = run_main(bench_embedding, monkeypatch, capsys, "--quick", "--no-write", "--no-torch", "--trials", "1",
-                   "--block", "2048")
+                   "--block", "2048", "--threads", "256")
     rows = [line for line in out.splitlines() if line.startswith("| quick")]
     assert len(rows) == 2                                   # uniform and Zipf-like tokens
     for row in rows:

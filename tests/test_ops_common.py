@@ -146,11 +146,12 @@ def test_embedding_backward_sort_across_several_blocks(dev):
     assert not got_wte[50:].any(), "tokens never seen got a gradient"
 
 
-@pytest.mark.parametrize("block, threads", [(64, None), (512, None), (2048, 64), (4096, None), (4096, 1024)])
+@pytest.mark.parametrize("block, threads", [(64, None), (512, None), (2048, 64), (4096, None), (8192, None)])
 def test_embedding_backward_any_sort_block_gives_the_same_bits(dev, block, threads):
     # The keys are unique, so every block size sorts them into the same order and the sums run in the same order:
     # bit-identical gradients. 2800 rows padded to 4096 keys: blocks of 64 take many long-range stages (dispatches),
-    # 4096 none (one workgroup sorts them all, as a GPU's 8192 keys of the presets are).
+    # 4096 none (blocks of 1024, then one workgroup merges them all, as a GPU's 8192 keys of the presets are). The
+    # device held to WebGPU's default limits (16 KiB of workgroup memory) refuses blocks of 8192.
     Bb, Tt, Cc, Vpp = 4, 700, 8, 64
     r = rng(2)
     idx = r.integers(0, 50, Bb * Tt).astype(np.uint32)
@@ -159,13 +160,40 @@ def test_embedding_backward_any_sort_block_gives_the_same_bits(dev, block, threa
     dwpe0 = np.zeros((Tt, Cc), np.float32)
     if 4 * block > dev.limits["max-compute-workgroup-storage-size"]:
         with pytest.raises(GPUError, match="fit the workgroup memory"):
-            Embedding.create(dev, Bb, Tt, Cc, Vpp, block=block)
+            wait(Embedding.create(dev, Bb, Tt, Cc, Vpp, block=block))
         return
     got, _ = embedding_backward(dev, Bb, Tt, Cc, Vpp, idx, dout, dwte0, dwpe0, block=block, threads=threads)
     want, _ = embedding_backward(dev, Bb, Tt, Cc, Vpp, idx, dout, dwte0, dwpe0, block=1024)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), f"blocks of {block} sum differently"
     ref_wte, _ = embedding_backward_ref(idx, dout, dwte0, dwpe0, Tt)
     assert_close("dwte", got, ref_wte, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("Bb, Tt", [(8, 1024), (20, 1000)])
+def test_embedding_backward_with_the_adapters_own_limits(Bb, Tt):
+    # What a GPU runs: the device opened with the adapter's limits, blocks of 8192 keys (32 KiB) and as many threads
+    # as it allows up to 1024 (lavapipe 1024, SwiftShader 256). 8192 keys: blocks of 1024, then one workgroup merges
+    # all; 20000: padded to 32768, so long-range stages (dispatches) run between the large blocks' merges too.
+    from tabgpt import gpu
+    from tabgpt.ops.embedding import sort_shape
+    full = wait(gpu.open_device())
+    lim = full.limits
+    if lim["max-compute-workgroup-storage-size"] < 4 * 8192:
+        pytest.skip("this adapter's workgroup memory holds fewer than 8192 keys")
+    threads = min(1024, lim["max-compute-invocations-per-workgroup"], lim["max-compute-workgroup-size-x"])
+    assert sort_shape(full, Bb * Tt, 8192, threads) == (8192, threads)     # nothing cut
+    Cc, Vpp = 4, 64
+    r = rng(4)
+    idx = np.where(r.random(Bb * Tt) < 0.5, r.integers(0, 8, Bb * Tt), r.integers(0, Vpp, Bb * Tt)).astype(np.uint32)
+    dout = r.standard_normal((Bb * Tt, Cc)).astype(np.float32)
+    dwte0 = r.standard_normal((Vpp, Cc)).astype(np.float32)
+    dwpe0 = r.standard_normal((Tt, Cc)).astype(np.float32)
+    got_wte, got_wpe = embedding_backward(full, Bb, Tt, Cc, Vpp, idx, dout, dwte0, dwpe0, block=8192, threads=threads)
+    want_wte, want_wpe = embedding_backward(full, Bb, Tt, Cc, Vpp, idx, dout, dwte0, dwpe0, block=1024, threads=256)
+    assert np.array_equal(got_wte.view(np.uint32), want_wte.view(np.uint32)), "large blocks sum differently"
+    ref_wte, ref_wpe = embedding_backward_ref(idx, dout, dwte0, dwpe0, Tt)
+    assert_close("dwte", got_wte, ref_wte, atol=1e-4, rtol=1e-5)
+    assert_close("dwpe", got_wpe, ref_wpe, atol=1e-5, rtol=1e-5)
 
 
 class _Limits:
@@ -192,6 +220,8 @@ def test_embedding_sort_shape_fills_the_workgroup_memory_on_gpus():
     assert sort_shape(_Limits(32768, 1024), 8192, threads=100) == (8192, 64)
     with pytest.raises(GPUError, match="power of two"):
         sort_shape(_Limits(32768, 1024), 8192, block=3000)
+    with pytest.raises(GPUError, match="at least one thread"):
+        sort_shape(_Limits(32768, 1024), 8192, threads=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ added up in order. The result is bit-identical run to run.
 
 The sort's first kernel sorts blocks of 1024 keys (a workgroup each); the stages that follow run in blocks as large
 as the device's workgroup memory holds (`sort_shape`: 8192 keys in 32 KiB), so that on a GPU the 8192 keys of the
-presets' batches are sorted by two dispatches, where blocks of 1024 keys throughout took ten (one per stage whose
-pairs lie blocks apart). CPU drivers keep blocks of 1024 keys and 256 threads (each barrier switches between all of
-a workgroup's threads there).
+presets' batches are sorted by two dispatches, where blocks of 1024 keys throughout took ten (the blocks' sort, six
+stages whose pairs lie blocks apart, three merges in the blocks). CPU drivers keep blocks of 1024 keys and 256
+threads (each barrier switches between all of a workgroup's threads there).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def sort_shape(dev: Device, N: int, block: int | None = None, threads: int | Non
                        f"({storage} bytes), got {block}")
     if threads is None:
         threads = SORT_WG if cpu or block <= BLOCK else MAX_SORT_WG
+    if threads < 1:
+        raise GPUError(f"the embedding sort needs at least one thread a workgroup, got {threads}")
     threads = min(threads, block // 2, lim["max-compute-invocations-per-workgroup"],
                   lim["max-compute-workgroup-size-x"])
     return block, 1 << (threads.bit_length() - 1)
