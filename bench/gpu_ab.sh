@@ -3,13 +3,16 @@
 # one process after the other in one lease, each with a fresh autotune file (as a new user's first run), kept in
 # $OUT/tune_N_LABEL (the tile shapes and split-K counts that arm's products ran with).
 # Prepare the base here:  rm -rf .dev/base && mkdir -p .dev/base && git archive BASE pkg shaders bench | tar -x -C .dev/base
-# then carry .gl, .whl and .dev:  bash bench/gpu_ab.sh [check|train|attention|gpt2|matmul|profile|all]
+# then carry .gl, .whl and .dev:  bash bench/gpu_ab.sh [check|train|attention|gpt2|matmul|profile|embedding|all]
+# STEPS=N sets the timed steps of each browser-preset arm (default 30; 100 weighs the first step's encoding, which
+# the GPU waits for, a third as much).
 # ALT="NAME=value" adds a third arm to `train`: the working tree with that environment variable set; several arms
 # are separated by ';' and each may set several variables: ALT="A=1;B=1;A=1 B=1" (arms alt1, alt2, alt3).
 set -uo pipefail
 source bench/h100_env.sh
 WHAT=${1:-all}
 ALT=${ALT:-}
+STEPS=${STEPS:-30}
 ARM=0
 train() {   # train TREE LABEL [ARGS]: bench_train from TREE's bench/ (and so its pkg/); prints tokens/s and wall time
   local tree=$1 label=$2; shift 2
@@ -18,7 +21,7 @@ train() {   # train TREE LABEL [ARGS]: bench_train from TREE's bench/ (and so it
   local cache="$OUT/tune_${ARM}_$label"    # a fresh autotune file, kept: what this arm's products ran with
   mkdir -p "$cache"
   echo "== $label: bench_train $* (tune file: $cache)"
-  TABGPT_CACHE="$cache" python3 "$tree/bench/bench_train.py" --steps 30 "$@" 2>&1 \
+  TABGPT_CACHE="$cache" python3 "$tree/bench/bench_train.py" --steps "$STEPS" "$@" 2>&1 \
     | tee -a "$OUT/train_$label.txt" | grep -E '^\| (tabgpt|PyTorch)'
   echo "   wall $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s (start-up, autotune, steps)"
 }
@@ -56,6 +59,10 @@ fi
 if [ "$WHAT" = matmul ] || [ "$WHAT" = all ]; then
   TABGPT_CACHE=$(mktemp -d) python3 bench/bench_matmul.py --trials 3 --seconds 0.1 --squares \
     --tiles 128,128,8,8,8,spread,prefetch,double --tiles auto 2>&1 | tee -a "$OUT/matmul_new.txt" | grep -E '^\| nn'
+fi
+if [ "$WHAT" = embedding ] || [ "$WHAT" = all ]; then
+  # the embedding backward: its sort's blocks of 1024 keys against the device's, beside PyTorch's
+  python3 bench/bench_embedding.py --trials 5 2>&1 | tee -a "$OUT/embedding_new.txt" | grep -E '^\| (browser|gpt2)'
 fi
 if [ "$WHAT" = profile ] || [ "$WHAT" = all ]; then
   TABGPT_CACHE=$(mktemp -d) python3 bench/profile_step.py --preset browser 2>&1 | tee -a "$OUT/profile_new.txt" \
