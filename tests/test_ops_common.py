@@ -484,7 +484,7 @@ def test_layernorm_deferred_scratch_is_in_the_memory_estimate(dev, monkeypatch):
 
 def test_layernorm_blocks_are_larger_on_cpu_drivers(dev):
     from tabgpt.ops.layernorm import rows_per_block_for
-    from tabgpt.ops.matmul import is_cpu_adapter
+    from tabgpt.gpu import is_cpu_adapter
     # GPUs: about 1024 blocks; CPU drivers: about 16 blocks of 16 to 64 rows (fewer threads a row, shorter trees)
     assert [rows_per_block_for(n) for n in (8, 256, 8192, 10 ** 6)] == [1, 1, 8, 64]
     assert [rows_per_block_for(n, cpu=True) for n in (8, 256, 1000, 8192)] == [16, 16, 63, 64]
@@ -764,7 +764,7 @@ def test_adamw_three_steps_match_numpy(dev, max_norm, clipped, threads):
 
 def test_cpu_drivers_get_shorter_trees_and_bad_thread_counts_are_refused(dev):
     from tabgpt.ops import crossentropy, optim
-    from tabgpt.ops.matmul import is_cpu_adapter
+    from tabgpt.gpu import is_cpu_adapter
     cpu = is_cpu_adapter(dev)
     assert wait(AdamW.create(dev, P)).wg == (optim.WG_CPU if cpu else optim.WG) and optim.WG_CPU < optim.WG
     ce = wait(CrossEntropy.create(dev, N, V, Vp, subgroups=False))

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 
 import reference
-from tabgpt.gpu import DEFAULT_LIMITS, GPUError, wait
+from tabgpt.gpu import DEFAULT_LIMITS, GPUError, is_cpu_adapter, wait
 from tabgpt.ops.matmul import (TILES_CPU, TILES_LARGE, TILES_MEDIUM, TILES_CPU_BROWSER, TUNE_TILES, BiasGrad, Conv1D,
-                               LMHead, Matmul, MatmulPair, check_tiles, cpu_tiles, default_splits, default_tiles,
-                               is_cpu_adapter)
+                               LMHead, Matmul, MatmulPair, check_tiles, cpu_tiles, default_splits, default_tiles)
 
 RTOL = 1e-5
 B, T, C, Vp = 3, 37, 72, 1024
@@ -368,6 +367,8 @@ def test_default_split_k_fills_a_gpu_but_not_a_cpu():
     assert default_splits(gpu, 1152, 768) == 1                  # enough workgroups already
     # CPU drivers: 16-deep slices of K between barriers natively, 8 in a browser (where deeper ones built slowly)
     native_ss = FakeAdapter(vendor="Google", device="SwiftShader Device (Subzero)", adapter_type="CPU")
+    assert [is_cpu_adapter(a) for a in (gpu, cpu, browser_cpu, native_ss)] == [False, True, True, True]
+    assert is_cpu_adapter(FakeAdapter(vendor="mesa", description="llvmpipe (LLVM 19)"))   # by name alone
     assert default_tiles(cpu, 8192, 768, 768) == default_tiles(native_ss, 64, 64) == TILES_CPU
     assert default_tiles(browser_cpu, 8192, 768, 768) == TILES_CPU_BROWSER
     assert (TILES_CPU["BK"], TILES_CPU_BROWSER["BK"]) == (16, 8)

@@ -446,6 +446,17 @@ class Sequence:
         return len(self.ops)
 
 
+def is_cpu_adapter(dev: "Device") -> bool:
+    """Whether dev runs on a CPU driver (lavapipe, SwiftShader: a browser's fallback adapter), where a workgroup's
+    threads are fibers of a few SIMD lanes and each barrier switches between all of them: the kernels then take
+    barrier-light shapes (ops: matmul tiles, layernorm blocks, cross-entropy and AdamW workgroups, the embedding
+    sort's blocks), and the page proposes the tiny preset."""
+    info = dev.info
+    names = " ".join(str(info.get(k, "")) for k in ("vendor", "architecture", "device", "description")).lower()
+    return (info.get("adapter_type") == "CPU" or bool(info.get("is_fallback_adapter"))
+            or "llvmpipe" in names or "swiftshader" in names)
+
+
 class Device:
     """Common part of both backends: buffers, kernels, sequences."""
 

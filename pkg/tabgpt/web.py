@@ -113,7 +113,7 @@ async def open_session() -> str:
                          "gpu_bytes": cfg.gpu_bytes_estimate(pipe.dev.limits["max-buffer-size"]),
                          "batch_size": cfg.batch_size}
     info = pipe.dev.info
-    fallback = bool(info.get("is_fallback_adapter")) or info.get("architecture") == "swiftshader"
+    fallback = gpu.is_cpu_adapter(pipe.dev)    # a CPU driver: the tiny preset proposed
     saved = await _saved_run_info()
     name = (info.get("description") or info.get("device")
             or " ".join(x for x in (info.get("vendor"), info.get("architecture")) if x) or "unknown")

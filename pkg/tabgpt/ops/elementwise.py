@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import struct
 
-from tabgpt.gpu import Buffer, Device, GPUError, Sequence, View
+from tabgpt.gpu import Buffer, Device, GPUError, Sequence, View, is_cpu_adapter
 
 FILE = "elementwise.wgsl"
 WG = 256  # invocations per workgroup in every kernel here
@@ -27,7 +27,6 @@ MAX_GROUPS = 65535
 def workgroup_threads(dev: Device, threads: int | None, gpu: int, cpu: int, what: str) -> int:
     """A kernel's threads a workgroup: `threads` where given, else `cpu` on CPU drivers (where each barrier switches
     between all of a workgroup's threads: shorter trees pay) and `gpu` elsewhere; a power of two in 1..256."""
-    from tabgpt.ops.matmul import is_cpu_adapter
     wg = threads or (cpu if is_cpu_adapter(dev) else gpu)
     if not (1 <= wg <= 256 and wg & (wg - 1) == 0):
         raise GPUError(f"{what} threads must be a power of two in 1..256, got {wg}")

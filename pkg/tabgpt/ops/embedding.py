@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 
-from tabgpt.gpu import Device, GPUError, Sequence
+from tabgpt.gpu import Device, GPUError, Sequence, is_cpu_adapter
 from tabgpt.ops.elementwise import fold_grid
 
 FILE = "embedding.wgsl"
@@ -37,7 +37,6 @@ def sort_shape(dev: Device, N: int, block: int | None = None, threads: int | Non
     on CPU drivers, else the largest power of two from 1024 whose keys fit the device's workgroup memory, no larger
     than N's next power of two. The threads: given, else 256 for 1024 keys or on CPU drivers, else up to 1024; half
     the block at most, and within the device's limits."""
-    from tabgpt.ops.matmul import is_cpu_adapter
     lim = dev.limits
     storage = lim["max-compute-workgroup-storage-size"]
     cpu = is_cpu_adapter(dev)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import struct
 
-from tabgpt.gpu import Device, GPUError, Sequence, env_switch
+from tabgpt.gpu import Device, GPUError, Sequence, env_switch, is_cpu_adapter
 from tabgpt.ops.elementwise import fold_grid, span
 
 FILE = "layernorm.wgsl"
@@ -125,7 +125,6 @@ class LayerNorm:
         to finish() (above; fold, else TABGPT_LAYERNORM_FOLD, turns it on; not with the subgroup kernels)."""
         if C % 4:
             raise GPUError(f"LayerNorm needs C (n_embd) to be a multiple of 4, got {C}")
-        from tabgpt.ops.matmul import is_cpu_adapter
         rows_per_block = rows_per_block or rows_per_block_for(N, is_cpu_adapter(dev))
         if not 1 <= rows_per_block <= MAX_ROWS:
             raise GPUError(f"rows_per_block must be in 1..{MAX_ROWS}, got {rows_per_block}")

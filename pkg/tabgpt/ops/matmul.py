@@ -36,7 +36,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from tabgpt.gpu import Buffer, Device, GPUError, Sequence, best_run_seconds, env_switch
+from tabgpt.gpu import Buffer, Device, GPUError, Sequence, best_run_seconds, env_switch, is_cpu_adapter
 from tabgpt.ops.elementwise import MAX_GROUPS, bound_at_least, fold_grid, span
 
 FILE = "matmul.wgsl"
@@ -63,12 +63,6 @@ TILES_CPU = {"BM": 64, "BN": 64, "BK": 16, "TM": 8, "TN": 8}           # a CPU d
 TILES_CPU_BROWSER = {"BM": 64, "BN": 64, "BK": 8, "TM": 8, "TN": 8}    # a CPU driver in a browser (SwiftShader)
 
 
-def is_cpu_adapter(dev: Device) -> bool:
-    info, names = dev.info, _adapter_names(dev)
-    return (info.get("adapter_type") == "CPU" or bool(info.get("is_fallback_adapter"))
-            or "llvmpipe" in names or "swiftshader" in names)
-
-
 def cpu_tiles(dev: Device) -> dict:
     """The tiles of CPU drivers, where each barrier switches between a workgroup's threads (fibers of a few SIMD
     lanes), so that a longer slice of K between barriers pays natively: 16 deep (training 1.1x as fast as 8 on
@@ -76,10 +70,6 @@ def cpu_tiles(dev: Device) -> dict:
     the model took 14 or 21 s to build instead of 11 (WebGPU zeroes every workgroup array at each workgroup's start,
     and larger arrays cost the browser's shader build)."""
     return dict(TILES_CPU if dev.backend == "wgpu-native" else TILES_CPU_BROWSER)
-
-
-def _adapter_names(dev: Device) -> str:
-    return " ".join(str(dev.info.get(k, "")) for k in ("vendor", "architecture", "device", "description")).lower()
 
 
 def default_tiles(dev: Device, M: int, N: int, K: int = 1) -> dict:
