@@ -57,7 +57,7 @@ def sort_shape(dev: Device, N: int, block: int | None = None, threads: int | Non
 
 
 class Embedding:
-    def __init__(self, dev, B, T, C, Vp, kernels, params, keys, pieces, sort_passes, block):
+    def __init__(self, dev, B, T, C, Vp, kernels, params, keys, pieces, sort_passes):
         self.dev, self.B, self.T, self.C, self.Vp = dev, B, T, C, Vp
         self.N = B * T
         self.k = kernels
@@ -66,7 +66,6 @@ class Embedding:
         self.n_pad = keys.size // 4
         self.pieces = pieces            # scratch (2 * ceil(N / SEG), C) f32: partial sums of long runs
         self.sort_passes = sort_passes  # [(entry, uniform SortParams, workgroups)]
-        self.block = block              # keys sorted in one workgroup's memory
 
     @classmethod
     async def create(cls, dev: Device, B: int, T: int, C: int, Vp: int, block: int | None = None,
@@ -86,7 +85,7 @@ class Embedding:
                      "sort_merge_local": {"BLOCK": block, "SWG": threads}}
         kernels = {name: await dev.kernel(FILE, name, constants.get(name)) for name in names}
         params = dev.uniform(struct.pack("<4I", N, T, C // 4, Vp), "embedding-params")
-        n_pad = block
+        n_pad = block                 # at least one block
         while n_pad < N:
             n_pad *= 2
         keys = dev.buffer(4 * n_pad, "embedding-sort-keys")
@@ -97,8 +96,8 @@ class Embedding:
         blocks = n_pad // block
         sp = lambda k, j, k_end: dev.uniform(struct.pack("<4I", n_pad, k, j, k_end), "sort-params")  # noqa: E731
         passes = [("sort_start", sp(0, 0, 0), (n_pad // start,))]
-        if start < min(block, n_pad):
-            passes.append(("sort_merge_local", sp(2 * start, 0, min(block, n_pad)), (blocks,)))
+        if start < block:
+            passes.append(("sort_merge_local", sp(2 * start, 0, block), (blocks,)))
         k = 2 * block
         while k <= n_pad:
             j = k // 2
@@ -107,7 +106,7 @@ class Embedding:
                 j //= 2
             passes.append(("sort_merge_local", sp(k, 0, k), (blocks,)))
             k *= 2
-        return cls(dev, B, T, C, Vp, kernels, params, keys, pieces, passes, block)
+        return cls(dev, B, T, C, Vp, kernels, params, keys, pieces, passes)
 
     def forward(self, seq: Sequence, out, idx, wte, wpe):
         """out (B*T, C) = wte[idx] + wpe[t] for row n = b*T + t."""
