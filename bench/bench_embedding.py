@@ -12,7 +12,6 @@ F.embedding(idx, wte) + F.embedding(t, wpe) with respect to wte and wpe through 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pkg"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import append_result, best_seconds, device_label  # noqa: E402
+from common import append_result, best_seconds, device_label, side_by_side_parser  # noqa: E402
 
 from tabgpt import gpu  # noqa: E402
 from tabgpt.gpu import wait  # noqa: E402
@@ -74,11 +73,7 @@ def time_torch(B, T, C, Vp, idx, trials):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
-    ap.add_argument("--no-write", action="store_true", help="do not append to bench/results/embedding.md")
-    ap.add_argument("--quick", action="store_true", help="one small shape (checks that it runs)")
+    ap = side_by_side_parser(__doc__, "embedding")
     ap.add_argument("--block", type=int, default=None, help="the second arm's keys per block (default: the device's)")
     ap.add_argument("--threads", type=int, default=None, help="the second arm's threads per block (likewise)")
     args = ap.parse_args()

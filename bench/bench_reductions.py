@@ -14,7 +14,6 @@ and written once).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pkg"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import append_result, best_seconds, device_label  # noqa: E402
+from common import append_result, best_seconds, device_label, side_by_side_parser  # noqa: E402
 
 from tabgpt import gpu  # noqa: E402
 from tabgpt.gpu import wait  # noqa: E402
@@ -121,12 +120,7 @@ def min_bytes(op, N, C, Vp):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
-    ap.add_argument("--no-write", action="store_true", help="do not append to bench/results/reductions.md")
-    ap.add_argument("--quick", action="store_true", help="one small shape (checks that it runs)")
-    args = ap.parse_args()
+    args = side_by_side_parser(__doc__, "reductions").parse_args()
     shapes = [("quick", 64, 384, 1001, 1024)] if args.quick else SHAPES
     dev = wait(gpu.open_device())
     if not ("subgroups" in dev.features and dev.subgroup_ids):
