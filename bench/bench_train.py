@@ -61,7 +61,10 @@ def bench_ours(cfg, steps):
     return steps * cfg.tokens_per_step / dt, device_label(dev)
 
 
-def bench_torch(cfg, steps, bf16):
+def torch_trainer(cfg, bf16):
+    """(step, sync) for timing PyTorch eager on cfg: the same GPT (nanoGPT-style, tied lm_head, SDPA, fused AdamW)
+    on random tokens; step() runs one whole training step (zero-grad, grad_accum forward-backwards, clip, AdamW)
+    without waiting, sync() waits for the GPU. fp32 with TF32 off, or bf16 autocast."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -116,9 +119,13 @@ def bench_torch(cfg, steps, bf16):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
+    return step, (torch.cuda.synchronize if dev == "cuda" else (lambda: None))
+
+
+def bench_torch(cfg, steps, bf16):
+    step, sync = torch_trainer(cfg, bf16)
     for _ in range(3):
         step()
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
