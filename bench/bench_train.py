@@ -4,6 +4,12 @@ Tokens per second of full training steps (forward, backward, clip, AdamW) on ran
   - tabgpt: the native trainer (wgpu-py; Vulkan on NVIDIA), losses read back at the end only
   - PyTorch eager fp32 (TF32 off), and eager with bf16 autocast, the same model (nanoGPT-style, fused AdamW)
 Usage: python bench/bench_train.py --preset browser [--steps 20] [--no-torch] [--write]
+
+--rounds N (N >= 2) measures the ratio to PyTorch eager fp32 as a paired comparison: both trainers are built and
+warmed up in the process once, then each round times `steps` steps of one and then of the other, the order
+alternating from round to round (a drift of the GPU's clocks or temperature over the run weighs on both alike),
+and the table gives every round's ratio with their median, lowest and highest. A single ratio from one run of each
+(the default) carries the noise between runs, about 1% on an H100.
 """
 
 from __future__ import annotations
@@ -134,6 +140,58 @@ def bench_torch(cfg, steps, bf16):
     return steps * cfg.tokens_per_step / (time.perf_counter() - t0)
 
 
+def paired_rounds(cfg, steps: int, rounds: int):
+    """[(ours tokens/s, PyTorch eager fp32 tokens/s)] per round, and the device label: both trainers in this process,
+    warmed up, then `rounds` rounds of `steps` steps each, ours first in even rounds and PyTorch first in odd ones."""
+    from tabgpt import gpu
+    dev, model, step, seconds = native_trainer(cfg)
+    tstep, tsync = torch_trainer(cfg, bf16=False)
+    seconds(0, 3)
+    for _ in range(3):
+        tstep()
+    tsync()
+
+    def theirs():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tstep()
+        tsync()
+        return time.perf_counter() - t0
+
+    out, first = [], 3
+    for r in range(rounds):
+        if r % 2 == 0:
+            ours_dt = seconds(first, steps)
+            theirs_dt = theirs()
+        else:
+            theirs_dt = theirs()
+            ours_dt = seconds(first, steps)
+        first += steps
+        out.append((steps * cfg.tokens_per_step / ours_dt, steps * cfg.tokens_per_step / theirs_dt))
+    stats = gpu.wait(model.read_step_stats(list(range(first - 3, first))))
+    assert all(math.isfinite(l) for l, _, _ in stats), stats
+    return out, device_label(dev)
+
+
+def rounds_table(cfg, args, pairs, device) -> str:
+    """The paired rounds as a table: each round's tokens/s and ratio, then the median, lowest and highest ratio."""
+    ratios = sorted(o / t for o, t in pairs)
+    n = len(ratios)
+    median = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    lines = [f"## Training throughput, paired rounds, preset {args.preset}, {datetime.date.today()}, {device}", "",
+             f"n_layer {cfg.n_layer}, n_head {cfg.n_head}, n_embd {cfg.n_embd}, block {cfg.block_size}, "
+             f"vocab {cfg.vocab_size}, batch {cfg.batch_size} x {cfg.grad_accum}; both trainers in one process, "
+             f"{args.rounds} rounds of {args.steps} steps each after 3 warm-up steps, the order alternating "
+             "(tabgpt first in rounds 1, 3, ...)", "",
+             "| round | tabgpt tokens/s | PyTorch eager fp32 tokens/s | tabgpt / PyTorch |",
+             "| ---: | ---: | ---: | ---: |"]
+    for i, (o, t) in enumerate(pairs):
+        lines.append(f"| {i + 1} | {o:,.0f} | {t:,.0f} | {o / t:.3f}x |")
+    lines += ["", f"tabgpt / PyTorch eager fp32: median {median:.3f}x, lowest {ratios[0]:.3f}x, highest "
+              f"{ratios[-1]:.3f}x over {n} rounds; {sum(r >= 1.0 for r in ratios)} of {n} at or above 1.0x."]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     from tabgpt.config import preset
     ap = argparse.ArgumentParser()
@@ -141,9 +199,20 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="N >= 2: the ratio to PyTorch eager fp32 as N paired rounds in one process (see above)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     cfg = preset(args.preset, batch_size=args.batch_size)
+    if args.rounds > 1:
+        if args.no_torch:
+            sys.exit("--rounds compares with PyTorch: leave out --no-torch")
+        pairs, device = paired_rounds(cfg, args.steps, args.rounds)
+        text = rounds_table(cfg, args, pairs, device)
+        print(text)
+        if args.write:
+            append_result("train", text)
+        return
     ours, device = bench_ours(cfg, args.steps)
     rows = [("tabgpt (WGSL, wgpu-native)", ours)]
     if not args.no_torch:

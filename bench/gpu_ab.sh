@@ -3,7 +3,7 @@
 # one process after the other in one lease, each with a fresh autotune file (as a new user's first run), kept in
 # $OUT/tune_N_LABEL (the tile shapes and split-K counts that arm's products ran with).
 # Prepare the base here:  rm -rf .dev/base && mkdir -p .dev/base && git archive BASE pkg shaders bench | tar -x -C .dev/base
-# then carry .gl, .whl and .dev:  bash bench/gpu_ab.sh [check|train|attention|gpt2|matmul|profile|torch|embedding|all]
+# then carry .gl, .whl and .dev:  bash bench/gpu_ab.sh [check|train|pair|attention|gpt2|matmul|profile|torch|embedding|all]
 # STEPS=N sets the timed steps of each browser-preset arm (default 30; 100 weighs the first step's encoding, which
 # the GPU waits for, a third as much).
 # ALT="NAME=value" adds a third arm to `train`: the working tree with that environment variable set; several arms
@@ -67,6 +67,11 @@ fi
 if [ "$WHAT" = profile ] || [ "$WHAT" = all ]; then
   TABGPT_CACHE=$(mktemp -d) python3 bench/profile_step.py --preset browser 2>&1 | tee -a "$OUT/profile_new.txt" \
     | grep -E 'Whole step|^\| (matmul|attention|layernorm)'
+fi
+if [ "$WHAT" = pair ] || [ "$WHAT" = all ]; then
+  # the ratio to PyTorch eager fp32 as paired rounds in one process (ROUNDS, default 8), in alternating order
+  TABGPT_CACHE=$(mktemp -d) python3 bench/bench_train.py --preset browser --steps "$STEPS" --rounds "${ROUNDS:-8}" \
+    2>&1 | tee -a "$OUT/train_pair.txt" | grep -E '^(\| [0-9]|tabgpt / PyTorch)'
 fi
 if [ "$WHAT" = torch ] || [ "$WHAT" = all ]; then
   # the step by kind of kernel, ours beside PyTorch eager fp32's (torch.profiler)
