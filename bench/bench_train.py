@@ -128,16 +128,20 @@ def torch_trainer(cfg, bf16):
     return step, (torch.cuda.synchronize if dev == "cuda" else (lambda: None))
 
 
-def bench_torch(cfg, steps, bf16):
-    step, sync = torch_trainer(cfg, bf16)
-    for _ in range(3):
-        step()
+def torch_seconds(step, sync, steps: int) -> float:
+    """Wall seconds of `steps` calls of a torch_trainer's step, the GPU waited for."""
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     sync()
-    return steps * cfg.tokens_per_step / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+
+def bench_torch(cfg, steps, bf16):
+    step, sync = torch_trainer(cfg, bf16)
+    torch_seconds(step, sync, 3)        # warm-up
+    return steps * cfg.tokens_per_step / torch_seconds(step, sync, steps)
 
 
 def paired_rounds(cfg, steps: int, rounds: int):
@@ -146,25 +150,15 @@ def paired_rounds(cfg, steps: int, rounds: int):
     from tabgpt import gpu
     dev, model, step, seconds = native_trainer(cfg)
     tstep, tsync = torch_trainer(cfg, bf16=False)
-    seconds(0, 3)
-    for _ in range(3):
-        tstep()
-    tsync()
-
-    def theirs():
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            tstep()
-        tsync()
-        return time.perf_counter() - t0
-
+    seconds(0, 3)                       # warm-up, both
+    torch_seconds(tstep, tsync, 3)
     out, first = [], 3
     for r in range(rounds):
         if r % 2 == 0:
             ours_dt = seconds(first, steps)
-            theirs_dt = theirs()
+            theirs_dt = torch_seconds(tstep, tsync, steps)
         else:
-            theirs_dt = theirs()
+            theirs_dt = torch_seconds(tstep, tsync, steps)
             ours_dt = seconds(first, steps)
         first += steps
         out.append((steps * cfg.tokens_per_step / ours_dt, steps * cfg.tokens_per_step / theirs_dt))

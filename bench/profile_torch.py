@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pkg"))
 
-from bench_train import native_trainer, torch_trainer  # noqa: E402  (bench/bench_train.py)
+from bench_train import native_trainer, torch_seconds, torch_trainer  # noqa: E402  (bench/bench_train.py)
 from common import append_result, device_label  # noqa: E402  (bench/common.py)
 from profile_step import profile_timestamps  # noqa: E402  (bench/profile_step.py)
 
@@ -93,14 +92,8 @@ def profile_torch(cfg, steps: int, bf16: bool):
     import torch
     from torch.profiler import ProfilerActivity, profile
     step, sync = torch_trainer(cfg, bf16)
-    for _ in range(3):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    wall_ms = (time.perf_counter() - t0) / steps * 1e3
+    torch_seconds(step, sync, 3)        # warm-up
+    wall_ms = torch_seconds(step, sync, steps) / steps * 1e3
     cuda = torch.cuda.is_available()
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
