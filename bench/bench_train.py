@@ -3,13 +3,13 @@
 Tokens per second of full training steps (forward, backward, clip, AdamW) on random tokens, after warm-up:
   - tabgpt: the native trainer (wgpu-py; Vulkan on NVIDIA), losses read back at the end only
   - PyTorch eager fp32 (TF32 off), and eager with bf16 autocast, the same model (nanoGPT-style, fused AdamW)
-Usage: python bench/bench_train.py --preset browser [--steps 20] [--no-torch] [--write]
+Usage: python bench/bench_train.py --preset browser [--steps 20] [--no-torch] [--rounds N] [--write]
 
 --rounds N (N >= 2) measures the ratio to PyTorch eager fp32 as a paired comparison: both trainers are built and
 warmed up in the process once, then each round times `steps` steps of one and then of the other, the order
 alternating from round to round (a drift of the GPU's clocks or temperature over the run weighs on both alike),
 and the table gives every round's ratio with their median, lowest and highest. A single ratio from one run of each
-(the default) carries the noise between runs, about 1% on an H100.
+(the default) carries the noise between runs, 1-2% on an H100.
 """
 
 from __future__ import annotations
@@ -197,6 +197,8 @@ def main():
                     help="N >= 2: the ratio to PyTorch eager fp32 as N paired rounds in one process (see above)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
+    if args.steps < 1 or args.rounds < 1:
+        sys.exit("--steps and --rounds must be at least 1")
     cfg = preset(args.preset, batch_size=args.batch_size)
     if args.rounds > 1:
         if args.no_torch:

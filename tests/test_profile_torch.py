@@ -22,9 +22,17 @@ import profile_torch  # noqa: E402
     ("adamw:grad_norm_partial", "optimizer"),
     ("metrics:record_step", "optimizer"),
     ("elementwise:fill", "elementwise"),
+    ("layernorm_subgroups:layernorm_backward_sg", "layernorm"),
+    ("crossentropy_subgroups:crossentropy_forward_backward_sg", "cross-entropy"),
 ])
 def test_our_kernels_are_grouped_by_their_shader(label, group):
-    assert profile_torch.our_group(label) == group
+    assert profile_torch.our_group(label, {"A_T": False}) == group
+
+
+def test_our_batched_products_are_the_attention_backward():
+    # ops/attention.py's backward "products" runs on matmul.wgsl's batched products, the only ones with CAUSAL
+    assert profile_torch.our_group("matmul:matmul_tiled [A_T]", {"A_T": True, "CAUSAL": 0}) == "attention"
+    assert profile_torch.our_group("matmul:matmul_tiled [A_T]", {"A_T": True}) == "matrix products"
 
 
 @pytest.mark.parametrize("name, group", [
@@ -52,6 +60,17 @@ def test_our_kernels_are_grouped_by_their_shader(label, group):
      "...)", "elementwise"),
     ("aten::mm", "matrix products"),
     ("aten::native_layer_norm_backward", "layernorm"),
+    ("void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernel_32x32<float, float>(long, long, float "
+     "const*, float const*, float const*, float const*, float*, float*)", "layernorm"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float, float>(long, float, float const*, "
+     "float*, float*)", "layernorm"),
+    ("void at::native::(anonymous namespace)::compute_grad_weight<float, float, long>(long const*, float const*, "
+     "long const*, long, long, long const*, long const*, float*)", "embedding"),
+    ("void at::native::(anonymous namespace)::krn_partials_per_segment<long>(long*, long const*, long, long)",
+     "embedding"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps<float, float, "
+     "float>, unsigned int, float, 4, 4>>(...)", "optimizer"),
+    ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNN", "matrix products"),
 ])
 def test_pytorch_kernels_are_grouped_by_name(name, group):
     assert profile_torch.torch_group(name) == group
@@ -70,4 +89,28 @@ def test_it_profiles_both_trainers_side_by_side():
     cells = [c.strip() for c in rows["all"].split("|")[1:-1]]
     dispatches, ours_ms, kernels, theirs_ms = int(cells[1]), float(cells[2]), float(cells[3]), float(cells[4])
     assert dispatches > 20 and ours_ms > 0 and kernels > 20 and theirs_ms > 0
+    # every kind of our kernels is found in a step (the tiny preset has them all), and PyTorch's products
+    for group in profile_torch.GROUPS:
+        cells = [c.strip() for c in rows[group].split("|")[1:-1]]
+        if group != "elementwise":
+            assert int(cells[1]) > 0 and float(cells[2]) > 0, rows[group]
+    products = [c.strip() for c in rows["matrix products"].split("|")[1:-1]]
+    assert float(products[3]) > 0 and float(products[4]) > 0, rows["matrix products"]
     assert "CPU operators" in r.stdout or "CUDA kernels" in r.stdout
+
+
+class Avg:
+    def __init__(self, key, count, **times):
+        self.key, self.count = key, count
+        for k, v in times.items():
+            setattr(self, k, v)
+
+
+def test_profiled_kernels_take_each_kernels_own_time_per_step():
+    evs = [Avg("sgemm_kernel", 10, self_device_time_total=2000.0), Avg("cudaLaunchKernel", 40,
+           self_device_time_total=0.0), Avg("old_name_kernel", 4, self_cuda_time_total=500.0)]
+    got = profile_torch.profiled_kernels(evs, cuda=True, steps=2)
+    assert got == [("sgemm_kernel", 5.0, 1.0), ("old_name_kernel", 2.0, 0.25)]
+    cpu = [Avg("aten::mm", 6, self_cpu_time_total=300.0), Avg("aten::linear", 6, self_cpu_time_total=50.0),
+           Avg("Optimizer.step#AdamW.step", 1, self_cpu_time_total=80.0)]
+    assert profile_torch.profiled_kernels(cpu, cuda=False, steps=3) == [("aten::mm", 2.0, pytest.approx(0.1))]
