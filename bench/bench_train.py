@@ -57,13 +57,18 @@ def native_trainer(cfg):
     return dev, model, step, seconds
 
 
-def bench_ours(cfg, steps):
+def check_finite(model, end: int):
+    """The three steps before step `end` trained to finite losses: what was timed was real training."""
     from tabgpt import gpu
+    stats = gpu.wait(model.read_step_stats(list(range(end - 3, end))))
+    assert all(math.isfinite(l) for l, _, _ in stats), stats
+
+
+def bench_ours(cfg, steps):
     dev, model, step, seconds = native_trainer(cfg)
     seconds(0, 3)                       # warm-up
     dt = seconds(3, steps)
-    stats = gpu.wait(model.read_step_stats(list(range(3 + steps - 3, 3 + steps))))
-    assert all(math.isfinite(l) for l, _, _ in stats), stats
+    check_finite(model, 3 + steps)
     return steps * cfg.tokens_per_step / dt, device_label(dev)
 
 
@@ -147,7 +152,6 @@ def bench_torch(cfg, steps, bf16):
 def paired_rounds(cfg, steps: int, rounds: int):
     """[(ours tokens/s, PyTorch eager fp32 tokens/s)] per round, and the device label: both trainers in this process,
     warmed up, then `rounds` rounds of `steps` steps each, ours first in even rounds and PyTorch first in odd ones."""
-    from tabgpt import gpu
     dev, model, step, seconds = native_trainer(cfg)
     tstep, tsync = torch_trainer(cfg, bf16=False)
     seconds(0, 3)                       # warm-up, both
@@ -162,8 +166,7 @@ def paired_rounds(cfg, steps: int, rounds: int):
             ours_dt = seconds(first, steps)
         first += steps
         out.append((steps * cfg.tokens_per_step / ours_dt, steps * cfg.tokens_per_step / theirs_dt))
-    stats = gpu.wait(model.read_step_stats(list(range(first - 3, first))))
-    assert all(math.isfinite(l) for l, _, _ in stats), stats
+    check_finite(model, first)
     return out, device_label(dev)
 
 
