@@ -78,6 +78,15 @@ def torch_group(name: str) -> str:
     return "elementwise"
 
 
+def by_group(items) -> dict:
+    """{group: [count, ms]} summed over (group, count, ms) items."""
+    groups = defaultdict(lambda: [0, 0.0])
+    for group, count, ms in items:
+        groups[group][0] += count
+        groups[group][1] += ms
+    return dict(groups)
+
+
 def profile_ours(cfg, trials: int):
     """({group: (dispatches, run ms) per step}, CPU ms per step, device label, GPU span ms)."""
     dev, model, step, seconds = native_trainer(cfg)
@@ -86,12 +95,8 @@ def profile_ours(cfg, trials: int):
     seconds(0, 3)
     step_ms = seconds(3, 10) / 10 * 1e3
     span, _, rows = profile_timestamps(dev, model, cfg, trials)
-    groups = defaultdict(lambda: [0, 0.0])
-    for name, op, _, run_ns in rows:
-        g = groups[our_group(name, op.kernel.constants)]
-        g[0] += 1
-        g[1] += run_ns / 1e6
-    return dict(groups), step_ms, device_label(dev), span / 1e6
+    groups = by_group((our_group(name, op.kernel.constants), 1, run_ns / 1e6) for name, op, _, run_ns in rows)
+    return groups, step_ms, device_label(dev), span / 1e6
 
 
 def profiled_kernels(averages, cuda: bool, steps: int) -> list[tuple[str, float, float]]:
@@ -129,13 +134,9 @@ def profile_torch(cfg, steps: int, bf16: bool):
     kernels = profiled_kernels(prof.key_averages(), cuda, steps)
     if cuda and not kernels:
         sys.exit("torch.profiler recorded no CUDA kernels (is CUPTI available to PyTorch here?)")
-    groups = defaultdict(lambda: [0.0, 0.0])
-    for name, calls, ms in kernels:
-        g = groups[torch_group(name)]
-        g[0] += calls
-        g[1] += ms
+    groups = by_group((torch_group(name), calls, ms) for name, calls, ms in kernels)
     kernels.sort(key=lambda k: -k[2])
-    return dict(groups), wall_ms, kernels, "CUDA kernels" if cuda else "CPU operators"
+    return groups, wall_ms, kernels, "CUDA kernels" if cuda else "CPU operators"
 
 
 def table(args, cfg, ours, theirs) -> str:
@@ -151,18 +152,14 @@ def table(args, cfg, ours, theirs) -> str:
              f"Command: `python bench/profile_torch.py {' '.join(sys.argv[1:])}`", "",
              "| kind | tabgpt dispatches | tabgpt ms | PyTorch kernels | PyTorch ms | tabgpt ms / PyTorch ms |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    total_ours = sum(g[1] for g in groups.values())
-    total_theirs = sum(g[1] for g in tgroups.values())
-    for name in GROUPS:
-        n, ms = groups.get(name, (0, 0.0))
-        tn, tms = tgroups.get(name, (0, 0.0))
+    def total(g):
+        return sum(v[0] for v in g.values()), sum(v[1] for v in g.values())
+
+    rows = [(name, groups.get(name, (0, 0.0)), tgroups.get(name, (0, 0.0))) for name in GROUPS]
+    rows.append(("all", total(groups), total(tgroups)))
+    for name, (n, ms), (tn, tms) in rows:
         ratio = f"{ms / tms:.2f}x" if tms > 0 and ms > 0 else "-"
         lines.append(f"| {name} | {n} | {ms:.3f} | {tn:.0f} | {tms:.3f} | {ratio} |")
-    n_ours = sum(g[0] for g in groups.values())
-    n_theirs = sum(g[0] for g in tgroups.values())
-    lines.append(f"| all | {n_ours} | {total_ours:.3f} | {n_theirs:.0f} | {total_theirs:.3f} | "
-                 f"{total_ours / total_theirs:.2f}x |" if total_theirs else f"| all | {n_ours} | {total_ours:.3f} "
-                 f"| 0 | 0 | - |")
     lines += ["", f"PyTorch's {args.top} slowest {kind} (per step):", "",
               "| kernel | kind | calls | ms |", "| --- | --- | ---: | ---: |"]
     for name, calls, ms in kernels[:args.top]:
