@@ -1,0 +1,92 @@
+"""Does a CUDA context beside ours slow our trainer? Our tokens/s, one model, through phases in this order:
+
+  alone                 nothing else on the GPU
+  CUDA in another       a child process holds a CUDA context (torch.zeros on the GPU) and waits
+  child gone            that process has exited
+  torch imported        `import torch` in this process, no CUDA yet
+  CUDA in this process  torch.zeros on the GPU in this process (a live, idle CUDA context)
+  PyTorch trained       the bench_train PyTorch trainer built here and run 20 steps (its memory held, idle)
+  PyTorch released      the trainer deleted and torch.cuda.empty_cache() (the context stays)
+
+Each phase times --rounds rounds of --steps steps and prints every round, so that a phase's cost shows as a ratio
+to "alone" within one run. bench_train.py --rounds runs both trainers in one process; this says whether that
+arrangement weighs on ours.
+
+    python bench/probe_context.py [--preset browser] [--steps 100] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "pkg"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_train import native_trainer, check_finite  # noqa: E402
+
+CHILD = "import sys, torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize(); print('ready', flush=True); " \
+        "sys.stdin.read()"
+
+
+def main():
+    from tabgpt.config import preset
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="browser")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    cfg = preset(args.preset)
+    dev, model, step, seconds = native_trainer(cfg)
+    seconds(0, 3)
+    state = {"first": 3}
+    results = []
+
+    def phase(name):
+        tps = []
+        for _ in range(args.rounds):
+            dt = seconds(state["first"], args.steps)
+            state["first"] += args.steps
+            tps.append(args.steps * cfg.tokens_per_step / dt)
+        results.append((name, tps))
+        print(f"{name:22s} " + " ".join(f"{t:,.0f}" for t in tps), flush=True)
+
+    phase("alone")
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if child.stdout.readline().strip() != "ready":
+        sys.exit("the child process could not open CUDA")
+    phase("CUDA in another")
+    child.stdin.close()
+    child.wait()
+    time.sleep(1.0)
+    phase("child gone")
+    import torch
+    phase("torch imported")
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    phase("CUDA in this process")
+    from bench_train import torch_trainer, torch_seconds
+    tstep, tsync = torch_trainer(cfg, bf16=False)
+    torch_seconds(tstep, tsync, 20)
+    phase("PyTorch trained")
+    del tstep, tsync
+    gc.collect()
+    torch.cuda.empty_cache()
+    phase("PyTorch released")
+    check_finite(model, state["first"])
+    base = statistics.median(results[0][1])
+    print(f"\n## Our trainer beside a CUDA context, preset {args.preset}, {args.rounds} rounds of {args.steps} steps\n")
+    print("| phase | tokens/s, each round | median | vs alone |\n| --- | --- | ---: | ---: |")
+    for name, tps in results:
+        m = statistics.median(tps)
+        print(f"| {name} | {' / '.join(f'{t:,.0f}' for t in tps)} | {m:,.0f} | {m / base:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()
