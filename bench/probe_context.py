@@ -35,6 +35,28 @@ CHILD = "import sys, torch; torch.zeros(1, device='cuda'); torch.cuda.synchroniz
         "sys.stdin.read()"
 
 
+def need_cuda():
+    """Exit with what to do unless PyTorch sees a CUDA GPU (before any model is built)."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is None or not torch.cuda.is_available():
+        sys.exit("probe_context.py puts CUDA contexts beside our trainer: it needs PyTorch with a CUDA GPU "
+                 "(pip install torch, on a machine with an NVIDIA GPU)")
+
+
+def table(preset_name: str, rounds: int, steps: int, results) -> str:
+    """The phases as a table: each round's tokens/s, their median, and the median's ratio to the first phase's."""
+    base = statistics.median(results[0][1])
+    lines = [f"## Our trainer beside a CUDA context, preset {preset_name}, {rounds} rounds of {steps} steps", "",
+             "| phase | tokens/s, each round | median | vs alone |", "| --- | --- | ---: | ---: |"]
+    for name, tps in results:
+        m = statistics.median(tps)
+        lines.append(f"| {name} | {' / '.join(f'{t:,.0f}' for t in tps)} | {m:,.0f} | {m / base:.3f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     from tabgpt.config import preset
     ap = argparse.ArgumentParser()
@@ -42,6 +64,9 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.steps < 1 or args.rounds < 1:
+        sys.exit("--steps and --rounds must be at least 1")
+    need_cuda()
     cfg = preset(args.preset)
     dev, model, step, seconds = native_trainer(cfg)
     seconds(0, 3)
@@ -80,12 +105,8 @@ def main():
     torch.cuda.empty_cache()
     phase("PyTorch released")
     check_finite(model, state["first"])
-    base = statistics.median(results[0][1])
-    print(f"\n## Our trainer beside a CUDA context, preset {args.preset}, {args.rounds} rounds of {args.steps} steps\n")
-    print("| phase | tokens/s, each round | median | vs alone |\n| --- | --- | ---: | ---: |")
-    for name, tps in results:
-        m = statistics.median(tps)
-        print(f"| {name} | {' / '.join(f'{t:,.0f}' for t in tps)} | {m:,.0f} | {m / base:.3f}x |")
+    print()
+    print(table(args.preset, args.rounds, args.steps, results))
 
 
 if __name__ == "__main__":

@@ -181,3 +181,30 @@ def test_bench_embedding_times_both_sort_blocks_and_compares_the_gradients(monke
         assert cells[3] == "6 / 5" and cells[4] == "2048, 256"   # 1200 keys: blocks of 1024, then one of 2048
         assert float(cells[5]) > 0 and float(cells[6]) > 0
         assert cells[-1] == "same bits"
+
+
+def test_probe_context_needs_cuda_and_says_so(monkeypatch, capsys):
+    """Without a CUDA GPU (CI, lavapipe) the probe stops before building a model, saying what it needs."""
+    import probe_context
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        run_main(probe_context, monkeypatch, capsys, "--preset", "tiny")
+    assert "needs PyTorch with a CUDA GPU" in str(e.value)
+    monkeypatch.setitem(sys.modules, "torch", None)          # PyTorch not installed at all
+    with pytest.raises(SystemExit) as e:
+        run_main(probe_context, monkeypatch, capsys, "--preset", "tiny")
+    assert "pip install torch" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        run_main(probe_context, monkeypatch, capsys, "--rounds", "0")
+    assert "at least 1" in str(e.value)
+
+
+def test_probe_context_table_compares_each_phase_with_the_first():
+    import probe_context
+    text = probe_context.table("browser", 3, 100, [("alone", [400.0, 410.0, 405.0]),
+                                                  ("CUDA in this process", [390.0, 396.9, 380.0])])
+    rows = [line for line in text.splitlines() if line.startswith("| alone") or line.startswith("| CUDA")]
+    assert rows[0].endswith("| 405 | 1.000x |")             # median of its rounds, not the mean or the first
+    assert rows[1].endswith("| 390 | 0.963x |")             # 390 / 405
+    assert "400 / 410 / 405" in rows[0]                      # every round, in order
