@@ -68,6 +68,7 @@ struct AttnParams { B: u32, T: u32, NH: u32, _pad: u32 }
 @group(0) @binding(9) var<storage, read_write> dqkv: array<vec4<f32>>;
 @group(0) @binding(10) var<storage, read_write> ds_out: array<f32>;   // dkv, STORE_DS: dS (B, NH, T keys, T queries)
 @group(0) @binding(11) var<storage, read> ds_in: array<f32>;          // attention_backward_dq_ds: the same
+@group(0) @binding(12) var<storage, read> ds_in4: array<vec4<f32>>;   //   the same buffer as vec4s (DS_VEC4)
 
 override HS: u32 = 64u;      // head size, a multiple of 4
 override TC: u32 = 8u;       // threads per row pair; streamed tiles hold BS = 4 TC rows
@@ -94,6 +95,11 @@ override STORE_DS: bool = false;  // dkv also writes each tile's dS to ds_out, f
 override QB: u32 = 64u;           // attention_backward_dq_ds: queries per workgroup
 override RQ: u32 = 4u;            //   query rows per thread (4 or 8): (QB / RQ) x H4 threads
 override KS: u32 = 16u;           //   keys per staged step
+override DQ_PREFETCH: bool = false;  //   the next staged keys read into registers during the current ones
+override DS_VEC4: bool = false;   //   T % 4 == 0: dS read as aligned vec4s (ds_in4)
+override DQ_NK: u32 = (KS * H4 + (QB / RQ) * H4 - 1u) / ((QB / RQ) * H4);         // DQ_PREFETCH: K vec4s a thread
+override DQ_ND: u32 = (KS * (QB / 4u) + (QB / RQ) * H4 - 1u) / ((QB / RQ) * H4);  //   and dS vec4s a thread stages
+override DQ_PF: bool = DQ_PREFETCH && DQ_NK <= 2u && DQ_ND <= 2u;                  // DQ_PREFETCH in effect
 const NEG: f32 = -1e30;      // below every real score; masked entries are excluded explicitly
 
 var<workgroup> tiles: array<vec4<f32>, SMV>;
@@ -1120,11 +1126,49 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg_id: vec3u, @builtin(num_work
     }
 }
 
+// vec4 i of the KS keys' K rows staged from key kt: K[kt + i / H4, dims vec4 i % H4] of head h (zeros past T and
+// past the staged keys: a thread's last share may lie there when threads do not divide them).
+fn dq_fetch_k(b: u32, h: u32, kt: u32, i: u32) -> vec4<f32> {
+    let t = kt + i / H4;
+    var v = vec4(0.0);
+    if (i < KS * H4 && t < ap.T) { v = qkv[(b * ap.T + t) * 3u * ap.NH * H4 + ap.NH * H4 + h * H4 + i % H4]; }
+    return v;
+}
+
+// vec4 i of the KS keys' dS rows staged from key kt: dS[key kt + i / (QB/4), queries q0 + 4 (i % (QB/4)) .. + 3]
+// as dkv stored them (ds_in[b, h, key, query], base = (b NH + h) T T). Entries before the key (above the diagonal:
+// never written) and past T are zero, not read. DS_VEC4 (T % 4 == 0: every such group of 4 starts 16-byte aligned)
+// reads a whole group as one vec4 (ds_in4, the same buffer) where the scalar form makes four reads.
+fn dq_fetch_ds(base: u32, q0: u32, kt: u32, i: u32) -> vec4<f32> {
+    let k = kt + i / (QB / 4u);
+    let q = q0 + 4u * (i % (QB / 4u));
+    var v = vec4(0.0);
+    if (i < KS * (QB / 4u) && k < ap.T) {
+        let o = base + k * ap.T + q;
+        if (q >= k && q + 3u < ap.T) {
+            if (DS_VEC4) {
+                v = ds_in4[o / 4u];
+            } else {
+                v = vec4(ds_in[o], ds_in[o + 1u], ds_in[o + 2u], ds_in[o + 3u]);
+            }
+        } else {
+            if (q >= k && q < ap.T) { v.x = ds_in[o]; }
+            if (q + 1u >= k && q + 1u < ap.T) { v.y = ds_in[o + 1u]; }
+            if (q + 2u >= k && q + 2u < ap.T) { v.z = ds_in[o + 2u]; }
+            if (q + 3u >= k && q + 3u < ap.T) { v.w = ds_in[o + 3u]; }
+        }
+    }
+    return v;
+}
+
 // dQ = scale dS K from the dS that dkv stored (STORE_DS): a workgroup per QB queries of one head, thread (tq, td)
 // owns queries q0 + RQ tq .. + RQ - 1 and dims vec4 td of the head. Keys are staged KS at a time: K rows as they
 // are (tiles[KO + k H4 + d4]) and dS rows as dkv stored them, queries along vec4s (tiles[DO + k QB/4 + q/4]).
 // Each query sums its keys 0..q in order, dS entries above the diagonal are taken as zero (never read from ds_in:
 // dkv did not write them), and each product is one fma: attention_backward_dq's chain, so both give the same dQ.
+// DQ_PREFETCH: each thread reads its share of the NEXT keys' K and dS (at most 2 vec4s of each: DQ_PF) into
+// registers while the current keys are multiplied, and stores them after the next barrier (as PREFETCH does for
+// the tiled kernels); the same values in the same places, so the same dQ to the bit.
 @compute @workgroup_size((QB / RQ) * H4)
 fn attention_backward_dq_ds(@builtin(workgroup_id) wg_id: vec3u, @builtin(num_workgroups) nwg: vec3u,
         @builtin(local_invocation_index) lid: u32) {
@@ -1147,34 +1191,35 @@ fn attention_backward_dq_ds(@builtin(workgroup_id) wg_id: vec3u, @builtin(num_wo
     var acc6 = vec4(0.0);
     var acc7 = vec4(0.0);
     let k_end = min(q0 + QB, ap.T);
+    var pk0 = vec4(0.0);
+    var pk1 = vec4(0.0);
+    var pd0 = vec4(0.0);
+    var pd1 = vec4(0.0);
+    if (DQ_PF) {
+        pk0 = dq_fetch_k(b, h, 0u, lid);
+        pd0 = dq_fetch_ds(base, q0, 0u, lid);
+        if (DQ_NK > 1u) { pk1 = dq_fetch_k(b, h, 0u, lid + NTH); }
+        if (DQ_ND > 1u) { pd1 = dq_fetch_ds(base, q0, 0u, lid + NTH); }
+    }
     for (var kt = 0u; kt < k_end; kt += KS) {
         workgroupBarrier();
-        for (var i = lid; i < KS * H4; i += NTH) {
-            let t = kt + i / H4;
-            var v = vec4(0.0);
-            if (t < ap.T) { v = qkv[(b * ap.T + t) * 3u * ap.NH * H4 + ap.NH * H4 + h * H4 + i % H4]; }
-            tiles[KO + i] = v;
-        }
-        for (var i = lid; i < KS * (QB / 4u); i += NTH) {
-            // dS rows are keys (ds_in[b, h, key, query]): 4 neighbouring queries of key k as one vec4, those
-            // before k (above the diagonal: never written) and past T taken as zero, not read.
-            let k = kt + i / (QB / 4u);
-            let q = q0 + 4u * (i % (QB / 4u));
-            var v = vec4(0.0);
-            if (k < ap.T) {
-                let o = base + k * ap.T + q;
-                if (q >= k && q + 3u < ap.T) {
-                    v = vec4(ds_in[o], ds_in[o + 1u], ds_in[o + 2u], ds_in[o + 3u]);
-                } else {
-                    if (q >= k && q < ap.T) { v.x = ds_in[o]; }
-                    if (q + 1u >= k && q + 1u < ap.T) { v.y = ds_in[o + 1u]; }
-                    if (q + 2u >= k && q + 2u < ap.T) { v.z = ds_in[o + 2u]; }
-                    if (q + 3u >= k && q + 3u < ap.T) { v.w = ds_in[o + 3u]; }
-                }
-            }
-            tiles[DO + i] = v;
+        if (DQ_PF) {
+            if (lid < KS * H4) { tiles[KO + lid] = pk0; }
+            if (DQ_NK > 1u && lid + NTH < KS * H4) { tiles[KO + lid + NTH] = pk1; }
+            if (lid < KS * (QB / 4u)) { tiles[DO + lid] = pd0; }
+            if (DQ_ND > 1u && lid + NTH < KS * (QB / 4u)) { tiles[DO + lid + NTH] = pd1; }
+        } else {
+            for (var i = lid; i < KS * H4; i += NTH) { tiles[KO + i] = dq_fetch_k(b, h, kt, i); }
+            for (var i = lid; i < KS * (QB / 4u); i += NTH) { tiles[DO + i] = dq_fetch_ds(base, q0, kt, i); }
         }
         workgroupBarrier();
+        if (DQ_PF) {   // also after the last keys (never used; rows past T read zeros), as the tiled kernels do
+            let kn = kt + KS;
+            pk0 = dq_fetch_k(b, h, kn, lid);
+            pd0 = dq_fetch_ds(base, q0, kn, lid);
+            if (DQ_NK > 1u) { pk1 = dq_fetch_k(b, h, kn, lid + NTH); }
+            if (DQ_ND > 1u) { pd1 = dq_fetch_ds(base, q0, kn, lid + NTH); }
+        }
         for (var kk = 0u; kk < KS; kk++) {
             let kv = tiles[KO + kk * H4 + td];
             let d_lo = tiles[DO + kk * (QB / 4u) + tq * (RQ / 4u)];

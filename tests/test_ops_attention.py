@@ -37,14 +37,18 @@ def tiles_of(tile):
 
 
 def run_attention(dev, B, T, C, NH, qkv, dout, tile=None, garbage_dqkv=True, pipeline=True, prefetch=False,
-                  dq="auto", dq_rows=None, backward="auto", heavy_first=None, heavy_group=None):
+                  dq="auto", dq_rows=None, backward="auto", heavy_first=None, heavy_group=None, dq_options=None):
     """Forward and backward on the GPU; returns (out (B, T, C), lse (B, NH, T), dqkv (B, T, 3C)).
     tile: a Tile forced on all three tiled kernels, or {entry: Tile} (None: each picks its own);
     pipeline, prefetch: the PIPELINE and PREFETCH overrides (PREFETCH only where the tile allows it)."""
     attn = wait(Attention.create(dev, B=B, T=T, C=C, n_head=NH, tiles=tiles_of(tile), pipeline=pipeline,
                                  prefetch=prefetch, dq=dq, dq_rows=dq_rows, backward=backward,
-                                 heavy_first=heavy_first, heavy_group_size=heavy_group))
+                                 heavy_first=heavy_first, heavy_group_size=heavy_group, dq_options=dq_options))
     assert dq == "auto" or attn.dq == dq
+    if dq_options is not None:
+        c = attn.k["attention_backward_dq_ds"].constants
+        want = attention_op.dq_ds_options(**dq_options, hs=C // NH, limits=dev.limits)
+        assert (c["KS"], c["DQ_PREFETCH"], c["DS_VEC4"]) == (want["ks"], want["prefetch"], want["vec4"] and T % 4 == 0)
     assert backward == "auto" or attn.backward_mode == backward
     assert all(attn.k[e].constants["PIPELINE"] is pipeline for e in attn.tiles)
     if heavy_first is not None:
@@ -319,6 +323,42 @@ def test_dq_from_stored_ds_with_eight_rows_per_thread(dev, B, T, C, NH):
         wait(Attention.create(dev, B=1, T=8, C=C, n_head=NH, dq="ds", dq_rows=2))
     with pytest.raises(gpu.GPUError, match="512 threads"):     # hs 128: 16 x 32 threads with 4 rows each
         wait(Attention.create(dev, B=1, T=8, C=256, n_head=2, dq="ds", dq_rows=4))
+
+
+@pytest.mark.parametrize("B,T,C,NH,rows", [(3, 37, 72, 3, 4), (2, 130, 128, 2, 4), (2, 132, 128, 2, 8),
+                                           (1, 64, 64, 1, 4), (2, 67, 128, 2, 8), (1, 1, 32, 2, 4)])
+@pytest.mark.parametrize("opts", [{"prefetch": False, "vec4": False, "ks": 16}, {"prefetch": True, "vec4": False, "ks": 16},
+                                  {"prefetch": False, "vec4": True, "ks": 16}, {"prefetch": False, "vec4": False, "ks": 32},
+                                  {"prefetch": True, "vec4": False, "ks": 32}, {}])
+def test_dq_from_stored_ds_loading_options_give_the_same_bits(dev, B, T, C, NH, rows, opts):
+    # Prefetched keys (1 or 2 vec4s a thread of K and of dS: hs 24 and 64, 4 and 8 rows, KS 16 and 32), dS read as
+    # vec4s (T % 4 == 0: 132, 64; T = 37, 130, 67, 1 keep the scalar reads), 32 keys a step: only how K and dS
+    # reach workgroup memory changes, so dQ equals attention_backward_dq's to the bit, with blocks cut by T.
+    qkv, dout = inputs(B, T, C, seed=T + 7)
+    _, _, d_rec = run_attention(dev, B, T, C, NH, qkv, dout, dq="recompute")
+    _, _, d_ds = run_attention(dev, B, T, C, NH, qkv, dout, dq="ds", dq_rows=rows, dq_options=opts)
+    assert not np.isnan(d_ds).any(), "dqkv not written everywhere"
+    assert np.array_equal(d_rec.view(np.uint32), d_ds.view(np.uint32)), \
+        f"dqkv differs in {(d_rec != d_ds).sum()} of {d_rec.size} (max {np.abs(d_rec - d_ds).max():.3g})"
+
+
+def test_dq_ds_options_come_from_the_environment_and_refuse_what_they_do_not_know(monkeypatch):
+    assert attention_op.dq_ds_options() == {"prefetch": True, "vec4": True, "ks": 32}       # DQ_LOADING
+    small = {"max-compute-workgroup-storage-size": 16384}                                  # WebGPU's default
+    assert attention_op.dq_ds_options(hs=64, limits=small)["ks"] == 32                     # 32 x 32 vec4s: 16 KiB
+    assert attention_op.dq_ds_options(hs=128, limits=small)["ks"] == 16                    # 32 x 48 would not fit
+    monkeypatch.setenv("TABGPT_ATTENTION_DQ_PREFETCH", "0")
+    monkeypatch.setenv("TABGPT_ATTENTION_DS_VEC4", "0")
+    monkeypatch.setenv("TABGPT_ATTENTION_DQ_KS", "16")
+    assert attention_op.dq_ds_options() == {"prefetch": False, "vec4": False, "ks": 16}
+    assert attention_op.dq_ds_options(prefetch=True, ks=32) == {"prefetch": True, "vec4": False, "ks": 32}
+    monkeypatch.setenv("TABGPT_ATTENTION_DQ_KS", "24")
+    with pytest.raises(gpu.GPUError, match="16 or 32 keys"):
+        attention_op.dq_ds_options()
+    monkeypatch.setenv("TABGPT_ATTENTION_DQ_KS", "32")
+    monkeypatch.setenv("TABGPT_ATTENTION_DS_VEC4", "yes")
+    with pytest.raises(gpu.GPUError, match="TABGPT_ATTENTION_DS_VEC4 must be 0 or 1"):
+        attention_op.dq_ds_options()
 
 
 def test_the_pages_memory_estimate_counts_the_stored_ds_where_auto_keeps_it(monkeypatch):

@@ -135,7 +135,13 @@ def pick_tile(entry: str, hs: int, T: int, limits: dict, rpt: int | None = None)
 
 
 DQ_QB = 64                    # attention_backward_dq_ds: queries per workgroup
-DQ_KS = 16                    #   keys per staged step
+DQ_KS = 16                    #   keys per staged step where 32 do not fit (TABGPT_ATTENTION_DQ_KS: 16 or 32)
+DQ_KS_CHOICES = (16, 32)
+# attention_backward_dq_ds's loading by default (dq_ds_options): the next keys prefetched into registers, dS read as
+# vec4s, 32 keys a step where they fit. On an H100 at the browser preset the backward took 0.305 / 0.307 ms against
+# 0.315 / 0.318 with none of them (two rounds, arms in turn), and training 415,379 / 415,421 tokens/s against
+# 414,019 / 414,342 (+0.3%, the same tune file: bench/results/h100/run89_*); bit-identical either way.
+DQ_LOADING = {"prefetch": True, "vec4": True, "ks": 32}
 DQ_ROWS = (4, 8)              #   query rows per thread, the first whose threads fit
 DS_MAX_BYTES = 512 << 20      # "auto" stores dS up to this size (and the binding limit): GPT-2 small, T = 1024: 402 MB
 # The backward through batched products ("products", backward_mode) by default from this sequence length, where each
@@ -166,12 +172,35 @@ def heavy_first_enabled(heavy_first: bool | None = None) -> bool:
     return env_switch("TABGPT_ATTENTION_ORDER", heavy_first, default=True)
 
 
-def dq_ds_vec4s(hs: int) -> int:
+def dq_ds_vec4s(hs: int, ks: int = DQ_KS) -> int:
     """attention_backward_dq_ds's workgroup memory in vec4s (SMV): KS staged keys of K rows and of dS rows."""
-    return DQ_KS * (hs // 4 + DQ_QB // 4)
+    return ks * (hs // 4 + DQ_QB // 4)
 
 
-def dq_ds_shape(hs: int, limits: dict, rows: int | None = None) -> tuple[int, str]:
+def dq_ds_options(prefetch: bool | None = None, vec4: bool | None = None, ks: int | None = None,
+                  hs: int | None = None, limits: dict | None = None) -> dict:
+    """attention_backward_dq_ds's loading options: {"prefetch": the next staged keys' K and dS read into registers
+    during the current ones (override DQ_PREFETCH), "vec4": dS read as aligned vec4s where T % 4 == 0 (DS_VEC4),
+    "ks": keys per staged step (KS)}; each the argument where given, else TABGPT_ATTENTION_DQ_PREFETCH,
+    TABGPT_ATTENTION_DS_VEC4 (0 or 1) and TABGPT_ATTENTION_DQ_KS (16 or 32), else DQ_LOADING's, whose 32 keys
+    become 16 where their workgroup memory at head size hs exceeds limits' (WebGPU's default 16 KiB from hs 72).
+    Every choice gives the same dQ to the bit (the same fmas in the same order; only how the operands reach
+    workgroup memory differs)."""
+    if ks is None:
+        env = os.environ.get("TABGPT_ATTENTION_DQ_KS", "")
+        ks = int(env) if env.isdigit() else env if env else None
+        if ks is None:
+            ks = DQ_LOADING["ks"]
+            if hs is not None and limits and 16 * dq_ds_vec4s(hs, ks) > limits["max-compute-workgroup-storage-size"]:
+                ks = DQ_KS
+    if ks not in DQ_KS_CHOICES:
+        raise GPUError(f"attention_backward_dq_ds stages {' or '.join(map(str, DQ_KS_CHOICES))} keys a step "
+                       f"(TABGPT_ATTENTION_DQ_KS), got {ks!r}")
+    return {"prefetch": env_switch("TABGPT_ATTENTION_DQ_PREFETCH", prefetch, default=DQ_LOADING["prefetch"]),
+            "vec4": env_switch("TABGPT_ATTENTION_DS_VEC4", vec4, default=DQ_LOADING["vec4"]), "ks": int(ks)}
+
+
+def dq_ds_shape(hs: int, limits: dict, rows: int | None = None, ks: int = DQ_KS) -> tuple[int, str]:
     """(RQ, problem) of attention_backward_dq_ds at head size hs: query rows per thread (rows, or the fewest of
     DQ_ROWS), so that (QB / RQ) x hs/4 threads fit the device, and why it cannot run here ("" if it can)."""
     h4 = hs // 4
@@ -184,7 +213,7 @@ def dq_ds_shape(hs: int, limits: dict, rows: int | None = None) -> tuple[int, st
                        f"TABGPT_ATTENTION_DQ_ROWS), got {rows!r}")
     for rq in (rows,) if rows else DQ_ROWS:
         if (DQ_QB // rq) * h4 <= max_threads:
-            smem = 16 * dq_ds_vec4s(hs)
+            smem = 16 * dq_ds_vec4s(hs, ks)
             if smem > limits["max-compute-workgroup-storage-size"]:
                 return rq, f"{smem} bytes of workgroup memory"
             return rq, ""
@@ -203,7 +232,8 @@ def ds_by_default(B: int, n_head: int, T: int, binding: int) -> bool:
     return ds_bytes(B, n_head, T) <= min(binding, DS_MAX_BYTES)
 
 
-def dq_mode(dev: Device, B: int, T: int, n_head: int, hs: int, dq: str = "auto", rows: int | None = None) -> str:
+def dq_mode(dev: Device, B: int, T: int, n_head: int, hs: int, dq: str = "auto", rows: int | None = None,
+            ks: int = DQ_KS) -> str:
     """How the backward makes dQ: "ds" (dkv stores dS, attention_backward_dq_ds multiplies it by K: one product
     instead of four) where the (B, NH, T, T) dS fits a binding and DS_MAX_BYTES and the kernel's workgroup (with
     `rows` query rows per thread, dq_ds_shape) fits the device, else "recompute" (attention_backward_dq recomputes
@@ -215,7 +245,7 @@ def dq_mode(dev: Device, B: int, T: int, n_head: int, hs: int, dq: str = "auto",
         raise GPUError(f"the attention dq mode must be auto, ds or recompute, got {dq!r}")
     nbytes = ds_bytes(B, n_head, T)
     binding = dev.limits["max-storage-buffer-binding-size"]
-    rq, problem = dq_ds_shape(hs, dev.limits, rows)
+    rq, problem = dq_ds_shape(hs, dev.limits, rows, ks)
     if dq == "ds" and (nbytes > binding or problem):      # asked for: any size that one binding holds
         why = [f"{nbytes} bytes of dS in one binding, where this device binds at most {binding}: use a smaller "
                "batch"] if nbytes > binding else []
@@ -312,12 +342,14 @@ class Attention:
     async def create(cls, dev: Device, B: int, T: int, C: int, n_head: int,
                      tiles: dict | None = None, pipeline: bool = False, prefetch: bool = True,
                      dq: str = "auto", dq_rows: int | None = None, backward: str = "auto",
-                     heavy_first: bool | None = None, heavy_group_size: int | None = None) -> "Attention":
+                     heavy_first: bool | None = None, heavy_group_size: int | None = None,
+                     dq_options: dict | None = None) -> "Attention":
         """Compile the kernels for this shape. tiles={entry: Tile} forces tile shapes (tests, benchmarks);
         pipeline=True compiles the inner loops with software pipelining (override PIPELINE, same results);
         prefetch=True reads the next streamed tile into registers during the current one (override PREFETCH,
         same results) in each kernel whose tile allows it (prefetch_problem; the others load as without).
         dq: "auto", "ds" or "recompute" (dq_mode): how the backward makes dQ; both give the same values.
+        dq_options: attention_backward_dq_ds's loading options (dq_ds_options' arguments; benchmarks, tests).
         dq_rows: attention_backward_dq_ds's query rows per thread (4 or 8; benchmarks), else dq_ds_shape's; with
         dq "auto", rows that do not fit the device mean "recompute". backward: "auto", "flash", "products" or
         "none" (backward_mode); with "products" or "none" dq is unused. Only the kernels that the modes run are
@@ -336,7 +368,8 @@ class Attention:
                            "limit; use a smaller batch")
         mode = backward_mode(dev, B, T, n_head, backward)
         order = {"HEAVY_FIRST": heavy_first_enabled(heavy_first), "HEAVY_GROUP": heavy_group(heavy_group_size)}
-        dq = dq_mode(dev, B, T, n_head, hs, dq, dq_rows) if mode == "flash" else "recompute"
+        dq_opts = dq_ds_options(**(dq_options or {}), hs=hs, limits=dev.limits)
+        dq = dq_mode(dev, B, T, n_head, hs, dq, dq_rows, dq_opts["ks"]) if mode == "flash" else "recompute"
         kernels, chosen, prefetched = {}, {}, {}
         entries = {"flash": ENTRIES if dq == "recompute" else ("attention_forward", "attention_backward_dkv"),
                    "products": ENTRIES[:1], "none": ENTRIES[:1]}[mode]
@@ -356,10 +389,13 @@ class Attention:
                 **({"STORE_DS": True} if dq == "ds" and entry == "attention_backward_dkv" else {}), **order})
         ds = no_ds = None
         if dq == "ds":
-            rq = dq_ds_shape(hs, dev.limits, dq_rows)[0]          # dq_mode found that it fits
+            rq = dq_ds_shape(hs, dev.limits, dq_rows, dq_opts["ks"])[0]          # dq_mode found that it fits
+            o = dq_opts
             kernels["attention_backward_dq_ds"] = await dev.kernel(FILE, "attention_backward_dq_ds", constants={
-                "HS": hs, "QB": DQ_QB, "RQ": rq, "KS": DQ_KS, "SMV": dq_ds_vec4s(hs), "SMS": 1, **order})
-            ds = dev.buffer(ds_bytes(B, n_head, T), "attention-ds")
+                "HS": hs, "QB": DQ_QB, "RQ": rq, "KS": o["ks"], "SMV": dq_ds_vec4s(hs, o["ks"]), "SMS": 1,
+                "DQ_PREFETCH": o["prefetch"], "DS_VEC4": o["vec4"] and T % 4 == 0, **order})
+            # rounded up to whole vec4s: the kernel also binds it as an array of vec4s (ds_in4)
+            ds = dev.buffer(-(-ds_bytes(B, n_head, T) // 16) * 16, "attention-ds")
         elif mode == "flash":
             no_ds = dev.buffer(16, "attention-no-ds")
         if mode != "none":
@@ -447,7 +483,7 @@ class Attention:
         if self.dq == "ds":
             dkv()
             seq.dispatch(self.k["attention_backward_dq_ds"], (-(-self.T // DQ_QB), self.n_head, self.B),
-                         ap=self.params, qkv=qkv, ds_in=self.ds, dqkv=dqkv)
+                         ap=self.params, qkv=qkv, ds_in=self.ds, ds_in4=self.ds, dqkv=dqkv)
         else:
             e_q = "attention_backward_dq"
             seq.dispatch(self.k[e_q], self._grid(e_q), ap=self.params, qkv=qkv, dout=dout, lse_in=lse,
