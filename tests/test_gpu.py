@@ -221,11 +221,15 @@ def test_cli_device_passes_and_exits_zero():
     # a bad environment switch: an error line and exit status 1, as for every command (it was a traceback)
     import os
     for name, default in (("TABGPT_SUBGROUPS", 0), ("TABGPT_LAYERNORM_FOLD", 1), ("TABGPT_ATTENTION_ORDER", 1),
-                          ("TABGPT_MATMUL_PAIRS", 1)):
+                          ("TABGPT_MATMUL_PAIRS", 1), ("TABGPT_ATTENTION_DQ_PREFETCH", 1),
+                          ("TABGPT_ATTENTION_DS_VEC4", 1)):
         r = subprocess.run([sys.executable, "-m", "tabgpt", "device"], capture_output=True, text=True, timeout=120,
                            env={**os.environ, name: "2"})
         assert r.returncode == 1 and f"error: {name} must be 0 or 1, got '2': set it to 0" in r.stderr, r.stderr
         assert f"unset it (the default, {default})" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "tabgpt", "device"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "TABGPT_ATTENTION_DQ_KS": "24"})
+    assert r.returncode == 1 and "error: attention_backward_dq_ds stages 16 or 32 keys" in r.stderr, r.stderr
 
 
 def test_parameters_and_locals_that_shadow_a_binding_are_not_uses():

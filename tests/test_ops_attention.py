@@ -327,13 +327,14 @@ def test_dq_from_stored_ds_with_eight_rows_per_thread(dev, B, T, C, NH):
 
 @pytest.mark.parametrize("B,T,C,NH,rows", [(3, 37, 72, 3, 4), (2, 130, 128, 2, 4), (2, 132, 128, 2, 8),
                                            (1, 64, 64, 1, 4), (2, 67, 128, 2, 8), (1, 1, 32, 2, 4)])
-@pytest.mark.parametrize("opts", [{"prefetch": False, "vec4": False, "ks": 16}, {"prefetch": True, "vec4": False, "ks": 16},
-                                  {"prefetch": False, "vec4": True, "ks": 16}, {"prefetch": False, "vec4": False, "ks": 32},
-                                  {"prefetch": True, "vec4": False, "ks": 32}, {}])
+@pytest.mark.parametrize("opts", [dict(prefetch=False, vec4=False, ks=16), dict(prefetch=True, vec4=False, ks=16),
+                                  dict(prefetch=False, vec4=True, ks=16), dict(prefetch=False, vec4=False, ks=32),
+                                  dict(prefetch=True, vec4=False, ks=32), {}])
 def test_dq_from_stored_ds_loading_options_give_the_same_bits(dev, B, T, C, NH, rows, opts):
-    # Prefetched keys (1 or 2 vec4s a thread of K and of dS: hs 24 and 64, 4 and 8 rows, KS 16 and 32), dS read as
-    # vec4s (T % 4 == 0: 132, 64; T = 37, 130, 67, 1 keep the scalar reads), 32 keys a step: only how K and dS
-    # reach workgroup memory changes, so dQ equals attention_backward_dq's to the bit, with blocks cut by T.
+    # Prefetched keys (1 or 2 vec4s a thread of K and of dS: hs 16, 24 and 64, 4 and 8 rows, KS 16 and 32; beyond 2
+    # the plain loads), dS read as vec4s (T % 4 == 0: 132, 64; T = 37, 130, 67, 1 keep the scalar reads), 32 keys a
+    # step, and {}: the defaults (all three here). Only how K and dS reach workgroup memory changes, so dQ equals
+    # attention_backward_dq's to the bit, with blocks cut by T.
     qkv, dout = inputs(B, T, C, seed=T + 7)
     _, _, d_rec = run_attention(dev, B, T, C, NH, qkv, dout, dq="recompute")
     _, _, d_ds = run_attention(dev, B, T, C, NH, qkv, dout, dq="ds", dq_rows=rows, dq_options=opts)

@@ -19,6 +19,7 @@ def check_switches():
     gpu.env_switch("TABGPT_SUBGROUPS")       # (Device.subgroup_reductions: off by default)
     matmul.pairs_enabled()
     attention.heavy_first_enabled()
+    attention.dq_ds_options()                # TABGPT_ATTENTION_DQ_PREFETCH, _DS_VEC4 (and _DQ_KS: 16 or 32)
     layernorm.fold_enabled()
 
 
