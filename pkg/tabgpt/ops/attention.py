@@ -389,11 +389,11 @@ class Attention:
                 **({"STORE_DS": True} if dq == "ds" and entry == "attention_backward_dkv" else {}), **order})
         ds = no_ds = None
         if dq == "ds":
-            rq = dq_ds_shape(hs, dev.limits, dq_rows, dq_opts["ks"])[0]          # dq_mode found that it fits
-            o = dq_opts
+            ks = dq_opts["ks"]
+            rq = dq_ds_shape(hs, dev.limits, dq_rows, ks)[0]          # dq_mode found that it fits
             kernels["attention_backward_dq_ds"] = await dev.kernel(FILE, "attention_backward_dq_ds", constants={
-                "HS": hs, "QB": DQ_QB, "RQ": rq, "KS": o["ks"], "SMV": dq_ds_vec4s(hs, o["ks"]), "SMS": 1,
-                "DQ_PREFETCH": o["prefetch"], "DS_VEC4": o["vec4"] and T % 4 == 0, **order})
+                "HS": hs, "QB": DQ_QB, "RQ": rq, "KS": ks, "SMV": dq_ds_vec4s(hs, ks), "SMS": 1,
+                "DQ_PREFETCH": dq_opts["prefetch"], "DS_VEC4": dq_opts["vec4"] and T % 4 == 0, **order})
             # rounded up to whole vec4s: the kernel also binds it as an array of vec4s (ds_in4)
             ds = dev.buffer(-(-ds_bytes(B, n_head, T) // 16) * 16, "attention-ds")
         elif mode == "flash":
