@@ -629,6 +629,7 @@ def test_ctrl_c_before_training_stops_at_once_and_a_kill_while_training_saves(cl
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=240) == 130, log.read_text()[-2000:]
     assert "interrupted (Ctrl+C)" in log.read_text() and f"resuming at step {go_on[1]}" in log.read_text()
+    assert "a second Ctrl+C or kill skips them: the checkpoint is saved" in log.read_text()    # how to skip
     assert RunFolder(out).checkpoint_step() > int(go_on[1])
 
 

@@ -523,6 +523,9 @@ def cli_train(args) -> int:
         if best_step is not None:
             print(f"\nsampling and evaluating the best weights (step {best_step}, validation loss "
                   f"{pipe.best_val:.4f})", file=sys.stderr)
+        if interrupted is not None:    # the handlers are back: a second signal ends the process here
+            print("(samples and a held-out evaluation follow; a second Ctrl+C or kill skips them: the checkpoint "
+                  "is saved)", file=sys.stderr)
         samples = []
         for seed in range(3):
             samples.append(await pipe.sample("\n", max_new_tokens=120, temperature=0.8, top_k=50, seed=seed,
