@@ -763,12 +763,12 @@ def test_adamw_three_steps_match_numpy(dev, max_norm, clipped, threads):
 
 
 def test_cpu_drivers_get_shorter_trees_and_bad_thread_counts_are_refused(dev):
-    from tabgpt.ops import crossentropy, optim
+    from tabgpt.ops.elementwise import TREE_WG, TREE_WG_CPU
     from tabgpt.gpu import is_cpu_adapter
     cpu = is_cpu_adapter(dev)
-    assert wait(AdamW.create(dev, P)).wg == (optim.WG_CPU if cpu else optim.WG) and optim.WG_CPU < optim.WG
+    assert wait(AdamW.create(dev, P)).wg == (TREE_WG_CPU if cpu else TREE_WG) and TREE_WG_CPU < TREE_WG
     ce = wait(CrossEntropy.create(dev, N, V, Vp, subgroups=False))
-    assert ce.k["crossentropy_forward_backward"].constants["WG"] == (crossentropy.WG_CPU if cpu else crossentropy.WG)
+    assert ce.k["crossentropy_forward_backward"].constants["WG"] == (TREE_WG_CPU if cpu else TREE_WG)
     for bad in (3, 512):
         with pytest.raises(GPUError, match="power of two in 1..256"):
             wait(AdamW.create(dev, P, threads=bad))

@@ -20,15 +20,13 @@ from __future__ import annotations
 import struct
 
 from tabgpt.gpu import Device, GPUError, Sequence
-from tabgpt.ops.elementwise import fold_grid, workgroup_threads
+from tabgpt.ops.elementwise import TREE_WG, TREE_WG_CPU, fold_grid, workgroup_threads
 
 FILE = "crossentropy.wgsl"
 SG_FILE = "crossentropy_subgroups.wgsl"
 ROW_KERNELS = ("crossentropy_forward", "crossentropy_forward_backward")
 
 
-WG = 256          # a row's threads on GPUs
-WG_CPU = 32       # on CPU drivers, where a barrier switches between the workgroup's threads: shorter trees
 
 
 class CrossEntropy:
@@ -44,8 +42,8 @@ class CrossEntropy:
                      loss_scale: float | None = None, subgroups: bool | None = None,
                      threads: int | None = None) -> "CrossEntropy":
         """subgroups: the subgroup kernels (True) or the trees (False) instead of the device's default; threads:
-        a row's threads (a power of two, 1..256) instead of the adapter's (WG; WG_CPU on CPU drivers, but for the
-        subgroup kernels)."""
+        a row's threads (a power of two, 1..256) instead of the adapter's (elementwise.TREE_WG; TREE_WG_CPU on CPU
+        drivers, but for the subgroup kernels)."""
         if Vp % 4 or not 0 < V <= Vp:
             raise GPUError(f"CrossEntropy needs 0 < V <= Vp and Vp a multiple of 4, got V={V}, Vp={Vp}")
         if subgroups is None:
@@ -55,7 +53,7 @@ class CrossEntropy:
                            "builtin): create CrossEntropy with subgroups=False")
         grad_scale = 1.0 / N if grad_scale is None else grad_scale
         loss_scale = 1.0 / N if loss_scale is None else loss_scale
-        wg = {"WG": workgroup_threads(dev, threads, WG, WG if subgroups else WG_CPU, "CrossEntropy")}
+        wg = {"WG": workgroup_threads(dev, threads, "CrossEntropy", cpu=TREE_WG if subgroups else TREE_WG_CPU)}
         kernels = {"loss_mean": await dev.kernel(FILE, "loss_mean", constants=wg)}
         for name in ROW_KERNELS:
             kernels[name] = (await dev.kernel_of([SG_FILE, FILE], name + "_sg", constants=wg) if subgroups

@@ -24,7 +24,12 @@ WG = 256  # invocations per workgroup in every kernel here
 MAX_GROUPS = 65535
 
 
-def workgroup_threads(dev: Device, threads: int | None, gpu: int, cpu: int, what: str) -> int:
+TREE_WG = 256      # threads of a workgroup that sums a row by a tree (cross-entropy, AdamW's norm) on GPUs
+TREE_WG_CPU = 32   # on CPU drivers, where a barrier switches between the workgroup's threads: shorter trees
+
+
+def workgroup_threads(dev: Device, threads: int | None, what: str, gpu: int = TREE_WG,
+                      cpu: int = TREE_WG_CPU) -> int:
     """A kernel's threads a workgroup: `threads` where given, else `cpu` on CPU drivers (where each barrier switches
     between all of a workgroup's threads: shorter trees pay) and `gpu` elsewhere; a power of two in 1..256."""
     wg = threads or (cpu if is_cpu_adapter(dev) else gpu)

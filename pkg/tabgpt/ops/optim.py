@@ -28,8 +28,6 @@ from tabgpt.gpu import Device, GPUError, Sequence
 from tabgpt.ops.elementwise import chunk_views, fold_grid, workgroup_threads
 
 FILE = "adamw.wgsl"
-WG = 256          # threads a workgroup (WG in the WGSL) on GPUs
-WG_CPU = 32       # on CPU drivers, where a barrier switches between the workgroup's threads: shorter trees
 PER_THREAD = 16   # elements a thread adds to a partial sum of squares (PER_THREAD in the WGSL)
 STATS_HEADER = 16  # bytes before the history ring: norm f32, scale f32, skip u32, skipped u32
 
@@ -75,7 +73,8 @@ class AdamW:
                      max_binding: int | None = None, threads: int | None = None) -> "AdamW":
         """decay_ranges: (offset, count) element ranges of the flat vector that get weight decay (the 2-D weights).
         ring: how many past steps' norms stay readable. max_binding: bytes per chunk (default: the device limit).
-        threads: a workgroup's (a power of two, 1..256) instead of the adapter's (WG, WG_CPU on CPU drivers)."""
+        threads: a workgroup's (a power of two, 1..256) instead of the adapter's (elementwise.TREE_WG, TREE_WG_CPU
+        on CPU drivers)."""
         if n_params >= 1 << 32:
             raise GPUError(f"{n_params} parameters do not fit 32-bit indices")
         if ring < 1:
@@ -83,7 +82,7 @@ class AdamW:
         limit = (max_binding or dev.limits["max-storage-buffer-binding-size"]) // 256 * 256
         per_piece = limit // 4
         pieces = [(s, min(per_piece, n_params - s)) for s in range(0, n_params, per_piece)]
-        wg = workgroup_threads(dev, threads, WG, WG_CPU, "AdamW")
+        wg = workgroup_threads(dev, threads, "AdamW")
         kernels = {name: await dev.kernel(FILE, name, constants={"WG": wg})
                    for name in ("grad_norm_partial", "grad_norm_finish", "adamw_update")}
         chunk_params, part_base = [], 0
