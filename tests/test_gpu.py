@@ -230,6 +230,11 @@ def test_cli_device_passes_and_exits_zero():
     r = subprocess.run([sys.executable, "-m", "tabgpt", "device"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "TABGPT_ATTENTION_DQ_KS": "24"})
     assert r.returncode == 1 and "error: attention_backward_dq_ds stages 16 or 32 keys" in r.stderr, r.stderr
+    # a device that cannot be opened as asked (here: an unknown shader-check mode): the same error line
+    r = subprocess.run([sys.executable, "-m", "tabgpt", "device", "--json"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "TABGPT_SHADER_CHECKS": "bogus"})
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert "error: TABGPT_SHADER_CHECKS must be one of all, bounds, none, got 'bogus'" in r.stderr, r.stderr
 
 
 def test_parameters_and_locals_that_shadow_a_binding_are_not_uses():
