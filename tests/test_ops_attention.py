@@ -422,6 +422,17 @@ def test_dq_mode_follows_the_binding_limit_and_refuses_what_does_not_fit(dev, mo
         attention_op.dq_mode(dev, 2, 1024, 4, 16)
 
 
+def test_dq_kernel_stages_16_keys_where_32_would_not_fit(dev, monkeypatch):
+    # WebGPU's default 16 KiB of workgroup memory: 32 keys of K and dS rows fit at head size 64 (16 KiB), not at
+    # 128 (24 KiB), where the kernel stages 16 (12 KiB) as before rather than leaving the stored dS for recompute.
+    monkeypatch.setattr(dev, "limits", {**dev.limits, "max-compute-workgroup-storage-size": 16384})
+    for C, ks in ((128, 32), (256, 16)):
+        attn = wait(Attention.create(dev, B=1, T=8, C=C, n_head=2))
+        assert attn.dq == "ds" and attn.k["attention_backward_dq_ds"].constants["KS"] == ks, (C, attn.dq)
+    with pytest.raises(gpu.GPUError, match="24576 bytes of workgroup memory"):     # 32 asked for by name
+        wait(Attention.create(dev, B=1, T=8, C=256, n_head=2, dq="ds", dq_options={"ks": 32}))
+
+
 def test_attention_is_deterministic(dev):
     B, T, C, NH = 2, 45, 48, 3
     rng = np.random.default_rng(3)
