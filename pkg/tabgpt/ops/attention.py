@@ -172,6 +172,13 @@ def heavy_first_enabled(heavy_first: bool | None = None) -> bool:
     return env_switch("TABGPT_ATTENTION_ORDER", heavy_first, default=True)
 
 
+def env_count(name: str) -> int | str | None:
+    """The environment variable `name` as an int where it is digits, None where unset or empty, else its text (for
+    the caller's error message)."""
+    env = os.environ.get(name, "")
+    return int(env) if env.isdigit() else env or None
+
+
 def dq_ds_vec4s(hs: int, ks: int = DQ_KS) -> int:
     """attention_backward_dq_ds's workgroup memory in vec4s (SMV): KS staged keys of K rows and of dS rows."""
     return ks * (hs // 4 + DQ_QB // 4)
@@ -187,12 +194,11 @@ def dq_ds_options(prefetch: bool | None = None, vec4: bool | None = None, ks: in
     Every choice gives the same dQ to the bit (the same fmas in the same order; only how the operands reach
     workgroup memory differs)."""
     if ks is None:
-        env = os.environ.get("TABGPT_ATTENTION_DQ_KS", "")
-        ks = int(env) if env.isdigit() else env if env else None
-        if ks is None:
-            ks = DQ_LOADING["ks"]
-            if hs is not None and limits and 16 * dq_ds_vec4s(hs, ks) > limits["max-compute-workgroup-storage-size"]:
-                ks = DQ_KS
+        ks = env_count("TABGPT_ATTENTION_DQ_KS")
+    if ks is None:
+        ks = DQ_LOADING["ks"]
+        if hs is not None and limits and 16 * dq_ds_vec4s(hs, ks) > limits["max-compute-workgroup-storage-size"]:
+            ks = DQ_KS
     if ks not in DQ_KS_CHOICES:
         raise GPUError(f"attention_backward_dq_ds stages {' or '.join(map(str, DQ_KS_CHOICES))} keys a step "
                        f"(TABGPT_ATTENTION_DQ_KS), got {ks!r}")
@@ -206,8 +212,7 @@ def dq_ds_shape(hs: int, limits: dict, rows: int | None = None, ks: int = DQ_KS)
     h4 = hs // 4
     max_threads = min(limits["max-compute-invocations-per-workgroup"], limits["max-compute-workgroup-size-x"])
     if rows is None:                                   # TABGPT_ATTENTION_DQ_ROWS: benchmarks' A/B
-        env = os.environ.get("TABGPT_ATTENTION_DQ_ROWS", "")
-        rows = int(env) if env.isdigit() else None if env == "" else env
+        rows = env_count("TABGPT_ATTENTION_DQ_ROWS")
     if rows not in (None, 4, 8):
         raise GPUError(f"attention_backward_dq_ds takes 4 or 8 query rows per thread (dq_rows or "
                        f"TABGPT_ATTENTION_DQ_ROWS), got {rows!r}")

@@ -27,8 +27,6 @@ SG_FILE = "crossentropy_subgroups.wgsl"
 ROW_KERNELS = ("crossentropy_forward", "crossentropy_forward_backward")
 
 
-
-
 class CrossEntropy:
     def __init__(self, dev, N, V, Vp, kernels, params, mean_params, subgroups=False):
         self.dev, self.N, self.V, self.Vp = dev, N, V, Vp
