@@ -19,6 +19,7 @@ import array
 import datetime
 import math
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -174,7 +175,7 @@ def rounds_table(cfg, args, pairs, device) -> str:
     """The paired rounds as a table: each round's tokens/s and ratio, then the median, lowest and highest ratio."""
     ratios = sorted(o / t for o, t in pairs)
     n = len(ratios)
-    median = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    median = statistics.median(ratios)
     lines = [f"## Training throughput, paired rounds, preset {args.preset}, {datetime.date.today()}, {device}", "",
              f"n_layer {cfg.n_layer}, n_head {cfg.n_head}, n_embd {cfg.n_embd}, block {cfg.block_size}, "
              f"vocab {cfg.vocab_size}, batch {cfg.batch_size} x {cfg.grad_accum}; both trainers in one process, "
