@@ -1,5 +1,6 @@
 """The bench probes in their quick modes (tiny sizes, lavapipe), and bench_matmul_variants.py's sources."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -208,3 +209,50 @@ def test_probe_context_table_compares_each_phase_with_the_first():
     assert rows[0].endswith("| 405 | 1.000x |")             # median of its rounds, not the mean or the first
     assert rows[1].endswith("| 390 | 0.963x |")             # 390 / 405
     assert "400 / 410 / 405" in rows[0]                      # every round, in order
+
+
+def test_probe_ab_parses_arms_and_refuses_bad_ones_before_building(monkeypatch, capsys):
+    import probe_ab
+    assert probe_ab.parse_arm("") == {}
+    assert probe_ab.parse_arm("A=1, B=0") == {"A": "1", "B": "0"}
+    assert probe_ab.parse_arm("candidates=literal") == {"candidates": "literal"}
+    for bad, says in (("A", "NAME=VALUE"), ("=1", "NAME=VALUE"), ("candidates=all", "trial, literal, no128")):
+        with pytest.raises(ValueError, match=says):
+            probe_ab.parse_arm(bad)
+    monkeypatch.setattr(probe_ab, "native_trainer", lambda cfg: pytest.fail("built a model for bad arguments"))
+    for argv, says in ((["--arm", ""], "two arms or more"), (["--arm", "", "--arm", "X"], "NAME=VALUE"),
+                       (["--arm", "", "--arm", "", "--rounds", "0"], "at least 1")):
+        with pytest.raises(SystemExit) as e:
+            run_main(probe_ab, monkeypatch, capsys, *argv)
+        assert says in str(e.value)
+
+
+def test_probe_ab_table_gives_each_arm_its_median_ratio_to_the_first():
+    import probe_ab
+    text = probe_ab.table("browser", 3, 100, ["", "A=1"], [[400.0, 410.0, 405.0], [404.0, 410.0, 400.95]])
+    rows = [line for line in text.splitlines() if line.startswith("| (as set)") or line.startswith("| A=1")]
+    assert rows[0] == "| (as set) | 400 / 410 / 405 | 405 | 1.000x |"
+    assert rows[1] == "| A=1 | 404 / 410 / 401 | 404 | 1.000x |"   # ratios 1.010, 1.000, 0.990: their median
+
+
+def test_probe_ab_tunes_each_arm_from_its_own_file_and_restores_the_environment(monkeypatch, capsys, tmp_path):
+    """Two arms in one process on lavapipe (the autotuner forced on): each arm's products tuned into its own file,
+    the second among the written-out candidates only; the environment as it was afterwards."""
+    import json
+    import probe_ab
+    from tabgpt.ops import matmul
+    monkeypatch.delenv("TABGPT_AUTOTUNE", raising=False)
+    monkeypatch.setenv("TABGPT_CACHE", str(tmp_path / "shared"))
+    tiles_before = matmul.TUNE_TILES
+    a, b = tmp_path / "a", tmp_path / "b"
+    out = run_main(probe_ab, monkeypatch, capsys, "--preset", "tiny", "--steps", "1", "--rounds", "2",
+                   "--arm", f"TABGPT_CACHE={a},TABGPT_AUTOTUNE=force",
+                   "--arm", f"TABGPT_CACHE={b},TABGPT_AUTOTUNE=force,candidates=literal")
+    assert [line[:8] for line in out.splitlines() if line.startswith("round ")] == ["round 1:", "round 2:"]
+    assert "| --- |" in out
+    picks = [list(json.loads((d / "matmul-tune.json").read_text()).values())[0] for d in (a, b)]
+    assert picks[0] and picks[1]
+    assert all(t.get("LITERAL") for t, _ in picks[1].values())
+    assert not (tmp_path / "shared").exists()
+    assert matmul.TUNE_TILES is tiles_before
+    assert "TABGPT_AUTOTUNE" not in os.environ and os.environ["TABGPT_CACHE"] == str(tmp_path / "shared")
