@@ -4,8 +4,9 @@
     python bench/bench_coop.py --quick --out /tmp/coop.md      # anywhere: runs the plumbing, reports what failed
     python bench/bench_coop.py --naga-check                    # no GPU: each kernel through naga's SPIR-V writer
 
-The kernels are bench/matmul_coop.wgsl (an experiment, not shipped): out (M, N) f32 = A (M, K) @ B (K, N) with f16 inputs and f32
-accumulation, from a naive one-tile-per-subgroup kernel to one staging 128x128 blocks in workgroup memory.
+The kernels are bench/matmul_coop.wgsl (an experiment, not shipped): out (M, N) f32 = A (M, K) @ B (K, N) with f16
+inputs and f32 accumulation, from a naive one-tile-per-subgroup kernel to one staging 128x128 blocks in workgroup
+memory.
 Every step runs in its own process, so that a compile error, a driver crash or a hang costs one row of the
 table and not the run; each error is printed and written down, and the run goes on:
 
@@ -150,7 +151,8 @@ def with_layout(src: str, layout: str) -> str:
     if layout != "plain":
         return src
     src = src.replace("coopLoadT<", "coopLoad@<").replace("coopLoad<", "coopLoadT<").replace("coopLoad@<", "coopLoad<")
-    return src.replace("coopStoreT(", "coopStore@(").replace("coopStore(", "coopStoreT(").replace("coopStore@(", "coopStore(")
+    swapped = src.replace("coopStoreT(", "coopStore@(").replace("coopStore(", "coopStoreT(")
+    return swapped.replace("coopStore@(", "coopStore(")
 
 
 def open_device(capture_log: bool = False):

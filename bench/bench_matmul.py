@@ -221,8 +221,9 @@ def main():
              "of cuBLAS | max rel err |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         share = None if r["cublas_gflops"] is None else 100 * r["gflops"] / r["cublas_gflops"]
-        lines.append(f"| {r['layout']} | {r['size']} | {r['kernel']} | {r['splits']} | {r['ms']:.3f} | {r['gflops']:.1f} | {fmt(r['cublas_ms'], '.3f')} "
-                     f"| {fmt(r['cublas_gflops'], '.1f')} | {fmt(share, '.0f')}{'' if share is None else '%'} "
+        pct = fmt(share, '.0f') + ('' if share is None else '%')
+        lines.append(f"| {r['layout']} | {r['size']} | {r['kernel']} | {r['splits']} | {r['ms']:.3f} "
+                     f"| {r['gflops']:.1f} | {fmt(r['cublas_ms'], '.3f')} | {fmt(r['cublas_gflops'], '.1f')} | {pct} "
                      f"| {r['err']:.1e} |")
     text = "\n".join(lines) + "\n"
     print()

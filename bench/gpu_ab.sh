@@ -2,7 +2,8 @@
 # A/B on the GPU machine: the working tree ("new") against a copy of an earlier commit in .dev/base ("base"),
 # one process after the other in one lease, each with a fresh autotune file (as a new user's first run), kept in
 # $OUT/tune_N_LABEL (the tile shapes and split-K counts that arm's products ran with).
-# Prepare the base here:  rm -rf .dev/base && mkdir -p .dev/base && git archive BASE pkg shaders bench | tar -x -C .dev/base
+# Prepare the base here:
+#   rm -rf .dev/base && mkdir -p .dev/base && git archive BASE pkg shaders bench | tar -x -C .dev/base
 # then carry .gl, .whl and .dev:  bash bench/gpu_ab.sh TARGET, TARGET one of
 #   check, train, pair, attention, gpt2, matmul, profile, torch, embedding, all
 # STEPS=N sets the timed steps of each browser-preset arm (default 30; 100 weighs the first step's encoding, which
