@@ -31,9 +31,9 @@ from bench_train import native_trainer, check_finite  # noqa: E402
 from tabgpt.ops.matmul import TILES_LARGE  # noqa: E402
 
 # "candidates=trial": more written-out tile shapes, where fewer threads leave each more registers. On an H100
-# (2026-12-05) the autotuner picked some of them for 6 of the browser preset's 15 products, which then measured
-# 2% faster in all (bench_matmul.py, run91_matmul.txt), but training was no faster (arms in separate processes,
-# 421,088 / 422,515 against 423,385 / 426,402 tokens/s: run92_train_*.txt).
+# (2026-12-05) the autotuner picked them for 7 of the browser preset's 15 products, whose sum over a step, each
+# timed alone, fell 2% (16.58 to 16.19 ms: bench_matmul.py, run91_matmul.txt), but training was no faster (arms in
+# separate processes, 421,088 / 422,515 against 423,385 / 426,402 tokens/s: run92_train_*.txt).
 TRIAL_TILES = [dict(TILES_LARGE, LITERAL=True, **shape) for shape in (
     {"TN": 16}, {"BM": 64, "TN": 16}, {"BM": 64, "BN": 64}, {"BN": 64, "BK": 16}, {"BM": 64, "BK": 16}, {"BN": 96},
     {"BM": 96})]
