@@ -13,6 +13,8 @@ arm's in the same rounds. Separate processes differ by up to 4% on an H100, most
 
     python bench/probe_ab.py --arm "" --arm TABGPT_ATTENTION_DQ_PREFETCH=0 [--preset browser] [--steps 100]
     python bench/probe_ab.py --arm TABGPT_CACHE=/tmp/t1 --arm TABGPT_CACHE=/tmp/t2 --arm TABGPT_CACHE=/tmp/t3
+    python bench/probe_ab.py --arm TABGPT_CACHE=/tmp/z1 --arm TABGPT_CACHE=/tmp/n1,TABGPT_AUTOTUNE_DATA=normal
+        # fresh tunings timed on zeros and on N(0, 1) operands (several of each: one tuning is one draw)
 """
 
 from __future__ import annotations

@@ -230,6 +230,9 @@ def test_cli_device_passes_and_exits_zero():
     r = subprocess.run([sys.executable, "-m", "tabgpt", "device"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "TABGPT_ATTENTION_DQ_KS": "24"})
     assert r.returncode == 1 and "error: attention_backward_dq_ds stages 16 or 32 keys" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "tabgpt", "device"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "TABGPT_AUTOTUNE_DATA": "ones"})
+    assert r.returncode == 1 and "error: TABGPT_AUTOTUNE_DATA must be zeros (the default) or normal" in r.stderr
     # a device that cannot be opened as asked (here: an unknown shader-check mode): the same error line
     r = subprocess.run([sys.executable, "-m", "tabgpt", "device", "--json"], capture_output=True, text=True,
                        timeout=120, env={**os.environ, "TABGPT_SHADER_CHECKS": "bogus"})

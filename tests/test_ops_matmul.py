@@ -555,6 +555,38 @@ def test_every_autotune_candidate_matches_numpy(dev, layout, candidate):
     assert_product(f"{layout} {t}", got, ref, scale)
 
 
+def test_autotune_on_normal_operands_tunes_into_its_own_section(dev, tune_cache, monkeypatch):
+    """TABGPT_AUTOTUNE_DATA=normal: the trial operands filled with N(0, 1) floats on the GPU, the choices kept apart
+    from those made on zeros (another section of the file); anything but zeros or normal refused."""
+    from tabgpt.ops import matmul
+    bufs = [dev.buffer(4 * 3000, "a"), dev.buffer(4 * 1000, "b")]
+    wait(matmul.fill_tune_operands(dev, bufs))
+    vals = [np.frombuffer(wait(dev.read(b)), dtype=np.float32) for b in bufs]
+    for v in vals:
+        assert np.isfinite(v).all() and np.count_nonzero(v) == v.size
+        assert abs(v.mean()) < 0.15 and 0.85 < v.std() < 1.15 and np.abs(v).max() <= 6.0
+    assert not np.array_equal(vals[0][:1000], vals[1])               # a stream of its own per buffer
+    matmul._tuned.pop(dev, None)
+    got, ref, scale, mm = product(dev, "nn", 64, 96, 40, seed=5, tiles="auto")          # on zeros
+    filled = []
+    fill = matmul.fill_tune_operands
+    monkeypatch.setattr(matmul, "fill_tune_operands", lambda d, b, seed=1: filled.append(len(b)) or fill(d, b, seed))
+    monkeypatch.setenv("TABGPT_AUTOTUNE_DATA", "normal")
+    matmul._tuned.pop(dev, None)
+    got, ref, scale, mm = product(dev, "nn", 64, 96, 40, seed=5, tiles="auto")          # tuned again
+    assert filled == [2]                                                                  # on filled a and b
+    wait(MatmulPair.create(dev, (16, 24), (8, 32), 64, accumulate=False, tiles="auto"))
+    assert filled == [2, 4]                                                      # a pair: both members' operands
+    assert_product("autotuned on normal operands", got, ref, scale)
+    sections = json.loads(tune_cache.read_text())
+    assert len(sections) == 2 and sum(k.endswith(" / data normal") for k in sections) == 1
+    assert all("nn:64x96x40" in choices for choices in sections.values())
+    monkeypatch.setenv("TABGPT_AUTOTUNE_DATA", "ones")
+    with pytest.raises(GPUError, match="TABGPT_AUTOTUNE_DATA must be zeros"):
+        matmul.tune_data()
+    matmul._tuned.pop(dev, None)
+
+
 def test_autotune_survives_a_corrupt_cache_file_and_can_be_turned_off(dev, tune_cache, monkeypatch):
     from tabgpt.ops import matmul
     matmul._tuned.pop(dev, None)

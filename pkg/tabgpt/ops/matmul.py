@@ -203,14 +203,42 @@ def autotune_enabled(dev: Device, flops: float | None = None) -> bool:
     return dev.backend == "wgpu-native" and not is_cpu_adapter(dev)
 
 
+TUNE_DATA = ("zeros", "normal")
+
+
+def tune_data() -> str:
+    """What the autotuner's trial operands hold: TABGPT_AUTOTUNE_DATA, "zeros" (the default: buffers as created) or
+    "normal" (N(0, 1) values made on the GPU by init.wgsl, like the data a product meets in training). An A/B
+    switch: on an H100 fresh tunings on zeros trained up to 4% apart (BENCHMARKS.md, 2026-12-05 evening), and
+    whether timing on real-looking data narrows that is for bench/probe_ab.py to tell (not yet measured)."""
+    mode = os.environ.get("TABGPT_AUTOTUNE_DATA", TUNE_DATA[0])
+    if mode not in TUNE_DATA:
+        raise GPUError(f"TABGPT_AUTOTUNE_DATA must be zeros (the default) or normal, got {mode!r}")
+    return mode
+
+
+async def fill_tune_operands(dev: Device, buffers: list[Buffer], seed: int = 1):
+    """Fill each buffer with N(0, 1) floats on the GPU (init.wgsl fill_normal, a stream per buffer)."""
+    k = await dev.kernel("init.wgsl", "fill_normal")
+    seq = dev.sequence("tune-operands")
+    for i, buf in enumerate(buffers):
+        n = buf.size // 4
+        ip = dev.uniform(struct.pack("<2I2f", n, (seed + i * 0x9E3779B1) & 0xFFFFFFFF, 1.0, 0.0), "tune-fill")
+        seq.dispatch(k, fold_grid(-(-n // 256)), ip=ip, dst=buf)
+    await seq.build()
+    seq.run(1)
+    await dev.sync()
+
+
 def _adapter_key(dev: Device) -> str:
     i = dev.info
     # The candidates' fingerprint: a file tuned among other candidates is tuned again.
     cands = hashlib.sha1(json.dumps([TUNE_TILES, TUNE_REFINE, TUNE_SPLITS, TUNE_SPLIT_SHAPES, TUNE_FINE_SPLITS,
                                      TUNE_FINE_SCRATCH, TUNE_RUNOFF, TUNE_RUNOFF_ROUNDS],
                                     sort_keys=True).encode()).hexdigest()[:8]
+    data = "" if tune_data() == TUNE_DATA[0] else f" / data {tune_data()}"    # zeros: the keys of earlier files
     return " / ".join(str(i.get(k, "")) for k in ("vendor", "device", "description", "backend_type")) + \
-        f" / checks {getattr(dev, 'shader_checks', 'all')} / candidates {cands}"
+        f" / checks {getattr(dev, 'shader_checks', 'all')} / candidates {cands}{data}"
 
 
 def _load_tune_file(dev: Device) -> dict:
@@ -241,8 +269,9 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
                    persist: bool = True, bias_row: bool = False,
                    pair: tuple[int, int] | None = None) -> tuple[dict, int]:
     """(tiles, splits) of the fastest candidate for an out (M, N) = op(A) (M, K) @ op(B) (K, N) product on dev,
-    timed on zero-filled operands; remembered per device (and on disk when persist). pair (M2, N2): the same for a
-    MatmulPair of this tn product and an (M2, N2) one with the same K, timed together."""
+    timed on zero-filled operands (or N(0, 1) ones: tune_data); remembered per device (and on disk when persist).
+    pair (M2, N2): the same for a MatmulPair of this tn product and an (M2, N2) one with the same K, timed
+    together."""
     choices = _tuned.get(dev)
     if choices is None:
         choices = _tuned[dev] = _load_tune_file(dev) if persist else {}
@@ -274,6 +303,8 @@ async def _tune(dev, M, N, K, layout, candidates, persist, bias_row, pair, choic
         a2, b2 = dev.buffer(4 * K * M2, "tune-a2"), dev.buffer(4 * K * N2, "tune-b2")
         out2 = dev.buffer(4 * (M2 + bias_row) * N2, "tune-out2")
         flops += 2.0 * M2 * N2 * K
+    if tune_data() == "normal":
+        await fill_tune_operands(dev, [a, b] + ([a2, b2] if pair else []))
     results = []
 
     async def build(tiles, splits):
