@@ -256,3 +256,32 @@ def test_probe_ab_tunes_each_arm_from_its_own_file_and_restores_the_environment(
     assert not (tmp_path / "shared").exists()
     assert matmul.TUNE_TILES is tiles_before
     assert "TABGPT_AUTOTUNE" not in os.environ and os.environ["TABGPT_CACHE"] == str(tmp_path / "shared")
+
+
+def test_tune_in_steps_tries_finalists_in_steps_and_writes_what_it_kept(monkeypatch, capsys, tmp_path):
+    """On lavapipe (the autotuner forced on; one finalist besides each pick): every finalist tried in steps, and with
+    a threshold that keeps any, the refined tune file holds the last finalist of each product tried."""
+    import json
+    import tune_in_steps
+    from tabgpt.ops import matmul
+    monkeypatch.setenv("TABGPT_AUTOTUNE", "force")
+    monkeypatch.setenv("TABGPT_CACHE", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(matmul, "TUNE_RUNOFF", 2)
+    out = tmp_path / "tuned"
+    text = run_main(tune_in_steps, monkeypatch, capsys, "--preset", "tiny", "--out", str(out), "--steps", "1",
+                    "--rounds", "1", "--within", "10", "--threshold", "-1")
+    rows = [line.strip("| ").split(" | ") for line in text.splitlines()
+            if line[:5] in ("| nn:", "| nt:", "| tn:")]
+    assert rows and all(r[5] == "yes" for r in rows)
+    saved = list(json.loads((out / "matmul-tune.json").read_text()).values())[0]
+    for key in {r[0] for r in rows}:
+        last = [r for r in rows if r[0] == key][-1]
+        assert matmul.tiles_label(saved[key][0]) == last[1] and str(saved[key][1]) == last[2]
+    assert os.environ["TABGPT_CACHE"] == str(tmp_path / "elsewhere")
+    with pytest.raises(SystemExit) as e:                      # a tune file there already: refused, untouched
+        run_main(tune_in_steps, monkeypatch, capsys, "--preset", "tiny", "--out", str(out))
+    assert "exists: give a folder without one" in str(e.value)
+    monkeypatch.delenv("TABGPT_AUTOTUNE")                    # lavapipe does not tune unless forced
+    with pytest.raises(SystemExit) as e:
+        run_main(tune_in_steps, monkeypatch, capsys, "--preset", "tiny", "--out", str(tmp_path / "cpu"))
+    assert "nothing was tuned" in str(e.value)

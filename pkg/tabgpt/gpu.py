@@ -470,6 +470,7 @@ class Device:
         self._kernels: dict[tuple, Kernel] = {}
         self.bytes_allocated = 0
         self.tune_log: list[str] = []   # what autotuned kernels chose (ops/matmul.autotune)
+        self.tune_finalists: dict = {}  # per tuned product: its runoff's [seconds, tiles, splits], fastest first
         self.shader_checks = "all"   # natively: the runtime checks of our shader modules (NativeDevice.open)
         self.subgroup_ids = False    # the WGSL builtins subgroup_id and num_subgroups compile here
 

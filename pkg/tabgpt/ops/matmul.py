@@ -383,6 +383,7 @@ async def _tune(dev, M, N, K, layout, candidates, persist, bias_row, pair, choic
             f[0] = min(f[0], await clock(seq, repeat))
     del runs
     best, tiles, splits = min(finalists or results, key=lambda r: r[0])
+    dev.tune_finalists[key] = sorted(finalists, key=lambda f: f[0])    # for bench/tune_in_steps.py
     choices[key] = [tiles, splits]
     if persist and dev.backend == "wgpu-native":
         _save_tune_file(dev, choices)
