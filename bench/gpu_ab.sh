@@ -5,7 +5,9 @@
 # Prepare the base here:
 #   rm -rf .dev/base && mkdir -p .dev/base && git archive BASE pkg shaders bench | tar -x -C .dev/base
 # then carry .gl, .whl and .dev:  bash bench/gpu_ab.sh TARGET, TARGET one of
-#   check, train, pair, attention, gpt2, matmul, profile, torch, embedding, all
+#   check, train, pair, attention, gpt2, matmul, profile, torch, embedding, all; and tunes (not in all): the
+#   spread of fresh autotunings of the working tree, on zeros and on N(0, 1) operands, and a tune_in_steps.py
+#   refinement against plain tunings, each in one process (probe_ab.py)
 # STEPS=N sets the timed steps of each browser-preset arm (default 30; 100 weighs the first step's encoding, which
 # the GPU waits for, a third as much).
 # ALT="NAME=value" adds a third arm to `train`: the working tree with that environment variable set; several arms
@@ -79,6 +81,19 @@ if [ "$WHAT" = torch ] || [ "$WHAT" = all ]; then
   # the step by kind of kernel, ours beside PyTorch eager fp32's (torch.profiler)
   TABGPT_CACHE=$(mktemp -d) python3 bench/profile_torch.py --preset browser 2>&1 | tee -a "$OUT/profile_torch.txt" \
     | grep -E '^\| [a-z]'
+fi
+if [ "$WHAT" = tunes ]; then
+  T=/tmp/tunes; rm -rf $T; mkdir -p $T
+  arms=()
+  for i in 1 2 3; do arms+=(--arm "TABGPT_CACHE=$T/z$i" --arm "TABGPT_CACHE=$T/n$i,TABGPT_AUTOTUNE_DATA=normal"); done
+  python3 bench/probe_ab.py --preset browser --steps 100 --rounds 4 "${arms[@]}" 2>&1 \
+    | tee -a "$OUT/probe_tunes.txt" | grep -E '^\| TABGPT'
+  python3 bench/tune_in_steps.py --preset browser --out $T/refined 2>&1 | tee -a "$OUT/tune_in_steps.txt" \
+    | grep -E '^\| (nn|nt|tn):'
+  python3 bench/probe_ab.py --preset browser --steps 100 --rounds 4 --arm TABGPT_CACHE=$T/z1 \
+    --arm TABGPT_CACHE=$T/z2 --arm TABGPT_CACHE=$T/z3 --arm TABGPT_CACHE=$T/refined 2>&1 \
+    | tee -a "$OUT/probe_refined.txt" | grep -E '^\| TABGPT'
+  for d in $T/*/; do cp "$d/matmul-tune.json" "$OUT/tune_$(basename "$d").json" 2>/dev/null; done
 fi
 tar czf "$OUT/results.tgz" bench/results
 true
