@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -29,17 +28,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pkg"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_train import native_trainer, check_finite  # noqa: E402
+from bench_train import check_finite  # noqa: E402
+from probe_ab import build  # noqa: E402
 
 
 class Trainer:
-    """A model built from a tune file, with its own step count."""
+    """A model built from a tune file (read, or tuned into it where it has no choices), with its own step count."""
 
     def __init__(self, cfg, cache: Path):
-        from tabgpt.ops import matmul
-        os.environ["TABGPT_CACHE"] = str(cache)
-        matmul._tuned.clear()                    # read (or tuned) from this file, not from the process's memory
-        self.dev, self.model, _, self.seconds = native_trainer(cfg)
+        self.dev, self.model, _, self.seconds = build(cfg, {"TABGPT_CACHE": str(cache)})
         self.tokens = cfg.tokens_per_step
         self.next = 0
         self.run(3)                              # warm-up
@@ -137,14 +134,7 @@ def main():
         sys.exit(f"{out / 'matmul-tune.json'} exists: give a folder without one (the refinement starts from a fresh "
                  "tuning, whose finalists it tries)")
     out.mkdir(parents=True, exist_ok=True)
-    cache = os.environ.get("TABGPT_CACHE")
-    try:
-        _, rows = refine(preset(args.preset), out, args.steps, args.rounds, args.within, args.threshold)
-    finally:
-        if cache is None:
-            os.environ.pop("TABGPT_CACHE", None)
-        else:
-            os.environ["TABGPT_CACHE"] = cache
+    _, rows = refine(preset(args.preset), out, args.steps, args.rounds, args.within, args.threshold)
     print()
     print(table(args.preset, args.steps, args.rounds, rows))
     print(f"the refined tune file: {out / 'matmul-tune.json'} (TABGPT_CACHE={out})")
