@@ -65,6 +65,24 @@ def check_finite(model, end: int):
     assert all(math.isfinite(l) for l, _, _ in stats), stats
 
 
+class Steps:
+    """A native_trainer's (dev, model, step, seconds) with its own count of steps made: run(count) times the next
+    `count` steps and gives their tokens/s; check() checks that the last three trained to finite losses."""
+
+    def __init__(self, cfg, trainer):
+        self.dev, self.model, _, self._seconds = trainer
+        self.tokens_per_step = cfg.tokens_per_step
+        self.done = 0
+
+    def run(self, count: int) -> float:
+        dt = self._seconds(self.done, count)
+        self.done += count
+        return count * self.tokens_per_step / dt
+
+    def check(self):
+        check_finite(self.model, self.done)
+
+
 def bench_ours(cfg, steps):
     dev, model, step, seconds = native_trainer(cfg)
     seconds(0, 3)                       # warm-up

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pkg"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_train import native_trainer, check_finite  # noqa: E402
+from bench_train import Steps, native_trainer  # noqa: E402
 from tabgpt.ops.matmul import TILES_LARGE  # noqa: E402
 
 # "candidates=trial": more written-out tile shapes, where fewer threads leave each more registers. On an H100
@@ -84,6 +84,18 @@ def build(cfg, arm: dict):
                 os.environ[k] = v
 
 
+def rounds_in_turn(arms: list[Steps], steps: int, rounds: int, report=None) -> list[list[float]]:
+    """Each arm's tokens/s per round: every round times `steps` steps of every arm, the order rotating from round to
+    round (with two arms, alternating); report(round, tps) after each round."""
+    tps = [[] for _ in arms]
+    for r in range(rounds):
+        for i in [(r + j) % len(arms) for j in range(len(arms))]:
+            tps[i].append(arms[i].run(steps))
+        if report:
+            report(r, tps)
+    return tps
+
+
 def table(preset_name: str, rounds: int, steps: int, names: list[str], tps: list[list[float]]) -> str:
     """Each arm's tokens/s per round, its median, and the median of its per-round ratios to the first arm's."""
     lines = [f"## Settings side by side in one process, preset {preset_name}, {rounds} rounds of {steps} steps, "
@@ -111,20 +123,17 @@ def main():
     except ValueError as e:
         sys.exit(str(e))
     cfg = preset(args.preset)
-    trainers = [build(cfg, arm) for arm in arms]
-    for _, _, _, seconds in trainers:
-        seconds(0, 3)                                   # warm-up
-    first = 3
-    tps = [[] for _ in arms]
-    for r in range(args.rounds):
-        order = [(r + i) % len(arms) for i in range(len(arms))]
-        for i in order:
-            tps[i].append(args.steps * cfg.tokens_per_step / trainers[i][3](first, args.steps))
-        first += args.steps
+    trainers = [Steps(cfg, build(cfg, arm)) for arm in arms]
+    for t in trainers:
+        t.run(3)                                        # warm-up
+
+    def report(r, tps):
         print(f"round {r + 1}: " + "  ".join(f"{name or '(as set)'} {t[-1]:,.0f}" for name, t in zip(args.arm, tps)),
               flush=True)
-    for _, model, _, _ in trainers:
-        check_finite(model, first)
+
+    tps = rounds_in_turn(trainers, args.steps, args.rounds, report)
+    for t in trainers:
+        t.check()
     print()
     print(table(args.preset, args.rounds, args.steps, args.arm, tps))
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pkg"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_train import native_trainer, check_finite  # noqa: E402
+from bench_train import Steps, native_trainer  # noqa: E402
 
 CHILD = "import sys, torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize(); print('ready', flush=True); " \
         "sys.stdin.read()"
@@ -68,17 +68,12 @@ def main():
         sys.exit("--steps and --rounds must be at least 1")
     need_cuda()
     cfg = preset(args.preset)
-    dev, model, step, seconds = native_trainer(cfg)
-    seconds(0, 3)
-    state = {"first": 3}
+    ours = Steps(cfg, native_trainer(cfg))
+    ours.run(3)                                         # warm-up
     results = []
 
     def phase(name):
-        tps = []
-        for _ in range(args.rounds):
-            dt = seconds(state["first"], args.steps)
-            state["first"] += args.steps
-            tps.append(args.steps * cfg.tokens_per_step / dt)
+        tps = [ours.run(args.steps) for _ in range(args.rounds)]
         results.append((name, tps))
         print(f"{name:22s} " + " ".join(f"{t:,.0f}" for t in tps), flush=True)
 
@@ -104,7 +99,7 @@ def main():
     gc.collect()
     torch.cuda.empty_cache()
     phase("PyTorch released")
-    check_finite(model, state["first"])
+    ours.check()
     print()
     print(table(args.preset, args.rounds, args.steps, results))
 

@@ -28,51 +28,35 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pkg"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_train import check_finite  # noqa: E402
-from probe_ab import build  # noqa: E402
+from bench_train import Steps  # noqa: E402
+from probe_ab import build, rounds_in_turn  # noqa: E402
 
 
-class Trainer:
-    """A model built from a tune file (read, or tuned into it where it has no choices), with its own step count."""
-
-    def __init__(self, cfg, cache: Path):
-        self.dev, self.model, _, self.seconds = build(cfg, {"TABGPT_CACHE": str(cache)})
-        self.tokens = cfg.tokens_per_step
-        self.next = 0
-        self.run(3)                              # warm-up
-
-    def run(self, steps: int) -> float:
-        """tokens/s over `steps` steps."""
-        dt = self.seconds(self.next, steps)
-        self.next += steps
-        return steps * self.tokens / dt
-
-    def free(self):
-        check_finite(self.model, self.next)
-        self.model.free()
+def trainer(cfg, cache: Path) -> Steps:
+    """A model built from a tune file (read, or tuned into it where it has no choices), warmed up."""
+    t = Steps(cfg, build(cfg, {"TABGPT_CACHE": str(cache)}))
+    t.run(3)
+    return t
 
 
-def ratio_in_turn(base: Trainer, alt: Trainer, steps: int, rounds: int) -> float:
+def release(t: Steps):
+    t.check()
+    t.model.free()
+
+
+def ratio_in_turn(base: Steps, alt: Steps, steps: int, rounds: int) -> float:
     """Median over rounds of alt's tokens/s over base's, each round timing both, the order alternating."""
-    ratios = []
-    for r in range(rounds):
-        if r % 2 == 0:
-            b = base.run(steps)
-            a = alt.run(steps)
-        else:
-            a = alt.run(steps)
-            b = base.run(steps)
-        ratios.append(a / b)
-    return statistics.median(ratios)
+    b, a = rounds_in_turn([base, alt], steps, rounds)
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def refine(cfg, out: Path, steps: int, rounds: int, within: float, threshold: float) -> tuple[dict, list]:
     """(the refined choices, one row per finalist tried): see the module's docstring."""
     from tabgpt.ops import matmul
-    base = Trainer(cfg, out)
+    base = trainer(cfg, out)
     section = matmul._adapter_key(base.dev)
     if not (out / "matmul-tune.json").exists():
-        base.free()
+        release(base)
         sys.exit("nothing was tuned: the autotuner is off on this adapter (a CPU driver) or by TABGPT_AUTOTUNE=0; "
                  "TABGPT_AUTOTUNE=force tunes anyway")
     choices = json.loads((out / "matmul-tune.json").read_text())[section]
@@ -88,18 +72,18 @@ def refine(cfg, out: Path, steps: int, rounds: int, within: float, threshold: fl
                 folder = Path(tmp) / f"trial{len(rows)}"
                 folder.mkdir()
                 (folder / "matmul-tune.json").write_text(json.dumps({section: trial}, sort_keys=True))
-                alt = Trainer(cfg, folder)
+                alt = trainer(cfg, folder)
                 ratio = ratio_in_turn(base, alt, steps, rounds)
                 kept = ratio > 1 + threshold
                 rows.append((key, matmul.tiles_label(tiles), splits, seconds / pick_s, ratio, kept))
                 print(f"{key}: {matmul.tiles_label(tiles)} split-K {splits}, alone {seconds / pick_s:.3f}x the "
                       f"pick's time, in steps {ratio:.4f}x: {'kept' if kept else 'not kept'}", flush=True)
                 if kept:
-                    base.free()
+                    release(base)
                     base, choices = alt, trial
                 else:
-                    alt.free()
-    base.free()
+                    release(alt)
+    release(base)
     data = json.loads((out / "matmul-tune.json").read_text())
     data[section] = choices
     (out / "matmul-tune.json").write_text(json.dumps(data, indent=1, sort_keys=True))
