@@ -236,7 +236,8 @@ def _adapter_key(dev: Device) -> str:
     cands = hashlib.sha1(json.dumps([TUNE_TILES, TUNE_REFINE, TUNE_SPLITS, TUNE_SPLIT_SHAPES, TUNE_FINE_SPLITS,
                                      TUNE_FINE_SCRATCH, TUNE_RUNOFF, TUNE_RUNOFF_ROUNDS],
                                     sort_keys=True).encode()).hexdigest()[:8]
-    data = "" if tune_data() == TUNE_DATA[0] else f" / data {tune_data()}"    # zeros: the keys of earlier files
+    mode = tune_data()
+    data = "" if mode == TUNE_DATA[0] else f" / data {mode}"    # zeros: the keys of earlier files
     return " / ".join(str(i.get(k, "")) for k in ("vendor", "device", "description", "backend_type")) + \
         f" / checks {getattr(dev, 'shader_checks', 'all')} / candidates {cands}{data}"
 
