@@ -221,7 +221,7 @@ def test_cli_device_passes_and_exits_zero():
     # a bad environment switch: an error line and exit status 1, as for every command (it was a traceback)
     import os
     for name, default in (("TABGPT_SUBGROUPS", 0), ("TABGPT_LAYERNORM_FOLD", 1), ("TABGPT_ATTENTION_ORDER", 1),
-                          ("TABGPT_MATMUL_PAIRS", 1), ("TABGPT_ATTENTION_DQ_PREFETCH", 1),
+                          ("TABGPT_MATMUL_PAIRS", 1), ("TABGPT_ATTENTION_DQ_PREFETCH", 1), ("TABGPT_TUNE_FLUSH", 0),
                           ("TABGPT_ATTENTION_DS_VEC4", 1)):
         r = subprocess.run([sys.executable, "-m", "tabgpt", "device"], capture_output=True, text=True, timeout=120,
                            env={**os.environ, name: "2"})
@@ -232,7 +232,12 @@ def test_cli_device_passes_and_exits_zero():
     assert r.returncode == 1 and "error: attention_backward_dq_ds stages 16 or 32 keys" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "-m", "tabgpt", "device"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "TABGPT_AUTOTUNE_DATA": "ones"})
-    assert r.returncode == 1 and "error: TABGPT_AUTOTUNE_DATA must be zeros (the default) or normal" in r.stderr
+    assert r.returncode == 1 and "error: TABGPT_AUTOTUNE_DATA must be normal (the default) or zeros" in r.stderr
+    for margin in ("0.5", "-0.01", "one"):
+        r = subprocess.run([sys.executable, "-m", "tabgpt", "device"], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "TABGPT_TUNE_MARGIN": margin})
+        assert r.returncode == 1 and "error: TABGPT_TUNE_MARGIN must be a fraction from 0 (off, the default) to 0.1, " \
+            f"e.g. 0.01, got '{margin}'" in r.stderr, r.stderr
     # a device that cannot be opened as asked (here: an unknown shader-check mode): the same error line
     r = subprocess.run([sys.executable, "-m", "tabgpt", "device", "--json"], capture_output=True, text=True,
                        timeout=120, env={**os.environ, "TABGPT_SHADER_CHECKS": "bogus"})

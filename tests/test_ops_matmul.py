@@ -3,8 +3,9 @@
 Every layout (nn, nt, tn) with both kernels (tiled and simple) and several tile shapes, on awkward sizes
 (M = B*T = 111, C = 72, 3C = 216, Vp = 1024); bias and no bias; accumulation (+= twice gives twice); products
 split into row chunks; the Conv1D and lm_head forward and backward against tests/reference.py; bit-identical
-results run to run, and between the PREFETCH kernel and its DOUBLE_BUFFER variant. Tolerance: |got - ref| <= RTOL * (|A| @ |B| + |bias|) elementwise, a bound that scales with
-the length and size of each dot product (f32 rounding of K terms is about sqrt(K) * 6e-8 of it).
+results run to run, and between the PREFETCH kernel and its DOUBLE_BUFFER variant. Tolerance: |got - ref| <= RTOL *
+(|A| @ |B| + |bias|) elementwise, a bound that scales with the length and size of each dot product (f32 rounding of
+K terms is about sqrt(K) * 6e-8 of it).
 """
 
 import gc
@@ -555,9 +556,12 @@ def test_every_autotune_candidate_matches_numpy(dev, layout, candidate):
     assert_product(f"{layout} {t}", got, ref, scale)
 
 
-def test_autotune_on_normal_operands_tunes_into_its_own_section(dev, tune_cache, monkeypatch):
-    """TABGPT_AUTOTUNE_DATA=normal: the trial operands filled with N(0, 1) floats on the GPU, the choices kept apart
-    from those made on zeros (another section of the file); anything but zeros or normal refused."""
+def test_autotune_times_on_normal_operands_by_default_and_each_setting_tunes_into_its_own_section(dev, tune_cache,
+                                                                                                  monkeypatch):
+    """The trial operands filled with N(0, 1) floats on the GPU (TABGPT_AUTOTUNE_DATA=normal, the default), or left
+    as zeros; TABGPT_TUNE_FLUSH=1 copies a buffer bigger than the GPU's cache before each timed run; each setting
+    keeps its choices in a section of the tune file of its own; bad values refused."""
+    from tabgpt import gpu
     from tabgpt.ops import matmul
     bufs = [dev.buffer(4 * 3000, "a"), dev.buffer(4 * 1000, "b")]
     wait(matmul.fill_tune_operands(dev, bufs))
@@ -566,25 +570,55 @@ def test_autotune_on_normal_operands_tunes_into_its_own_section(dev, tune_cache,
         assert np.isfinite(v).all() and np.count_nonzero(v) == v.size
         assert abs(v.mean()) < 0.15 and 0.85 < v.std() < 1.15 and np.abs(v).max() <= 6.0
     assert not np.array_equal(vals[0][:1000], vals[1])               # a stream of its own per buffer
-    matmul._tuned.pop(dev, None)
-    got, ref, scale, mm = product(dev, "nn", 64, 96, 40, seed=5, tiles="auto")          # on zeros
-    filled = []
-    fill = matmul.fill_tune_operands
+    filled, copies = [], []
+    fill, copy = matmul.fill_tune_operands, gpu.Sequence.copy
     monkeypatch.setattr(matmul, "fill_tune_operands", lambda d, b, seed=1: filled.append(len(b)) or fill(d, b, seed))
-    monkeypatch.setenv("TABGPT_AUTOTUNE_DATA", "normal")
+    monkeypatch.setattr(gpu.Sequence, "copy", lambda seq, src, dst, *a: copies.append((src.size, dst.size)) or
+                        copy(seq, src, dst, *a))
+    monkeypatch.delenv("TABGPT_AUTOTUNE_DATA", raising=False)
     matmul._tuned.pop(dev, None)
-    got, ref, scale, mm = product(dev, "nn", 64, 96, 40, seed=5, tiles="auto")          # tuned again
-    assert filled == [2]                                                                  # on filled a and b
+    got, ref, scale, mm = product(dev, "nn", 64, 96, 40, seed=5, tiles="auto")            # the default: normal
+    assert filled == [2] and copies == []                                                  # on filled a and b
+    assert_product("autotuned on normal operands", got, ref, scale)
     wait(MatmulPair.create(dev, (16, 24), (8, 32), 64, accumulate=False, tiles="auto"))
     assert filled == [2, 4]                                                      # a pair: both members' operands
-    assert_product("autotuned on normal operands", got, ref, scale)
-    sections = json.loads(tune_cache.read_text())
-    assert len(sections) == 2 and sum(k.endswith(" / data normal") for k in sections) == 1
-    assert all("nn:64x96x40" in choices for choices in sections.values())
-    monkeypatch.setenv("TABGPT_AUTOTUNE_DATA", "ones")
-    with pytest.raises(GPUError, match="TABGPT_AUTOTUNE_DATA must be zeros"):
-        matmul.tune_data()
+    monkeypatch.setenv("TABGPT_AUTOTUNE_DATA", "zeros")
     matmul._tuned.pop(dev, None)
+    got, ref, scale, mm = product(dev, "nn", 64, 96, 40, seed=5, tiles="auto")           # tuned again, on zeros
+    assert filled == [2, 4] and copies == []
+    assert_product("autotuned on zeros", got, ref, scale)
+    monkeypatch.setenv("TABGPT_TUNE_FLUSH", "1")
+    matmul._tuned.pop(dev, None)
+    got, ref, scale, mm = product(dev, "nn", 64, 96, 40, seed=5, tiles="auto")           # again, with the flush
+    flush = min(matmul.TUNE_FLUSH_BYTES, dev.limits["max-buffer-size"])
+    assert len(copies) >= 2 and set(copies) == {(flush, flush)}             # in every candidate's sequence
+    assert_product("autotuned with the flush", got, ref, scale)
+    monkeypatch.setenv("TABGPT_TUNE_MARGIN", "0.01")
+    matmul._tuned.pop(dev, None)
+    product(dev, "nn", 64, 96, 40, seed=5, tiles="auto")
+    sections = json.loads(tune_cache.read_text())
+    suffixes = sorted(k.split(" / candidates ")[1][8:] for k in sections)
+    assert suffixes == ["", " / data normal", " / flush", " / flush / margin 0.01"], suffixes
+    assert all("nn:64x96x40" in choices for choices in sections.values())
+    for name, bad, message in (("TABGPT_AUTOTUNE_DATA", "ones", "TABGPT_AUTOTUNE_DATA must be normal"),
+                               ("TABGPT_TUNE_FLUSH", "yes", "TABGPT_TUNE_FLUSH must be 0 or 1"),
+                               ("TABGPT_TUNE_MARGIN", "0.2", "TABGPT_TUNE_MARGIN must be a fraction from 0"),
+                               ("TABGPT_TUNE_MARGIN", "nan", "TABGPT_TUNE_MARGIN must be a fraction from 0")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(GPUError, match=message):
+            matmul._adapter_key(dev)
+        monkeypatch.delenv(name)
+    matmul._tuned.pop(dev, None)
+
+
+def test_pick_finalist_keeps_the_fastest_or_within_a_margin_the_fewest_slices():
+    from tabgpt.ops import matmul
+    f = [[1.000, "a", 11], [1.004, "b", 2], [1.008, "c", 1], [1.030, "d", 1]]
+    assert matmul.pick_finalist(f)[1] == "a"
+    assert matmul.pick_finalist(f, 0.005)[1] == "b"          # within half a percent: 2 slices rather than 11
+    assert matmul.pick_finalist(f, 0.01)[1] == "c"
+    assert matmul.pick_finalist(f, 0.1)[1] == "c"            # the fewest slices, and of those the fastest
+    assert matmul.pick_finalist([[2.0, "x", 4]], 0.01)[1] == "x"
 
 
 def test_autotune_survives_a_corrupt_cache_file_and_can_be_turned_off(dev, tune_cache, monkeypatch):

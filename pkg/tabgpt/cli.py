@@ -18,7 +18,9 @@ def check_switches():
     from tabgpt.ops import attention, layernorm, matmul
     gpu.env_switch("TABGPT_SUBGROUPS")       # (Device.subgroup_reductions: off by default)
     matmul.pairs_enabled()
-    matmul.tune_data()                       # TABGPT_AUTOTUNE_DATA: zeros or normal
+    matmul.tune_data()                       # TABGPT_AUTOTUNE_DATA: normal or zeros
+    matmul.tune_flush()                      # TABGPT_TUNE_FLUSH
+    matmul.tune_margin()                     # TABGPT_TUNE_MARGIN: a fraction from 0 to 0.1
     attention.heavy_first_enabled()
     attention.dq_ds_options()                # TABGPT_ATTENTION_DQ_PREFETCH, _DS_VEC4 (and _DQ_KS: 16 or 32)
     layernorm.fold_enabled()

@@ -203,18 +203,54 @@ def autotune_enabled(dev: Device, flops: float | None = None) -> bool:
     return dev.backend == "wgpu-native" and not is_cpu_adapter(dev)
 
 
-TUNE_DATA = ("zeros", "normal")
+TUNE_DATA = ("normal", "zeros")     # the default first
+# The flush before each timed run of a candidate (TABGPT_TUNE_FLUSH=1): a copy between two buffers of this size,
+# more than the last-level cache of the GPUs it runs on (50 MB on an H100), within WebGPU's default binding limit.
+TUNE_FLUSH_BYTES = 64 * 2**20
+TUNE_MARGIN_MAX = 0.1
 
 
 def tune_data() -> str:
-    """What the autotuner's trial operands hold: TABGPT_AUTOTUNE_DATA, "zeros" (the default: buffers as created) or
-    "normal" (N(0, 1) values made on the GPU by init.wgsl, like the data a product meets in training). An A/B
-    switch: on an H100 fresh tunings on zeros trained up to 4% apart (BENCHMARKS.md, 2026-12-05 evening), and
-    whether timing on real-looking data narrows that is for bench/probe_ab.py to tell (not yet measured)."""
+    """What the autotuner's trial operands hold: TABGPT_AUTOTUNE_DATA, "normal" (the default: N(0, 1) values made
+    on the GPU by init.wgsl, like the data a product meets in training) or "zeros" (buffers as created, the default
+    before 2026-12-05). On an H100, 3 of 10 fresh tunings on zeros trained the browser preset below 416,000 tokens/s
+    (410,574-415,058) and none of 8 on N(0, 1) did (418,810-427,714; BENCHMARKS.md, 2026-12-05 night)."""
     mode = os.environ.get("TABGPT_AUTOTUNE_DATA", TUNE_DATA[0])
     if mode not in TUNE_DATA:
-        raise GPUError(f"TABGPT_AUTOTUNE_DATA must be zeros (the default) or normal, got {mode!r}")
+        raise GPUError(f"TABGPT_AUTOTUNE_DATA must be normal (the default) or zeros, got {mode!r}")
     return mode
+
+
+def tune_flush() -> bool:
+    """TABGPT_TUNE_FLUSH=1: each timed run of a candidate starts by copying TUNE_FLUSH_BYTES between two buffers,
+    so that the product meets its operands (and its split-K slabs) out of the cache, as in a training step where
+    other products' data came in between. An A/B switch (off by default), for bench/probe_ab.py to weigh."""
+    return env_switch("TABGPT_TUNE_FLUSH")
+
+
+def tune_margin() -> float:
+    """TABGPT_TUNE_MARGIN=F (0 to TUNE_MARGIN_MAX; 0, the default, is off): of the runoff's finalists within this
+    fraction of the fastest, the one with the fewest split-K slices is kept (the fastest among those). An A/B
+    switch: the tunings that trained slowest on an H100 split the lm_head's weight gradient into the most slices
+    (BENCHMARKS.md, 2026-12-05 evening)."""
+    env = os.environ.get("TABGPT_TUNE_MARGIN", "0")
+    try:
+        margin = float(env)
+    except ValueError:
+        margin = -1.0
+    if not 0.0 <= margin <= TUNE_MARGIN_MAX:
+        raise GPUError(f"TABGPT_TUNE_MARGIN must be a fraction from 0 (off, the default) to {TUNE_MARGIN_MAX}, "
+                       f"e.g. 0.01, got {env!r}")
+    return margin
+
+
+def pick_finalist(finalists: list, margin: float = 0.0):
+    """The autotuner's pick of [seconds, tiles, splits] entries: the fastest; with a margin, the fewest splits of
+    those within margin of the fastest, and the fastest of these."""
+    best = min(finalists, key=lambda r: r[0])
+    if not margin:
+        return best
+    return min((f for f in finalists if f[0] <= best[0] * (1 + margin)), key=lambda r: (r[2], r[0]))
 
 
 async def fill_tune_operands(dev: Device, buffers: list[Buffer], seed: int = 1):
@@ -237,7 +273,9 @@ def _adapter_key(dev: Device) -> str:
                                      TUNE_FINE_SCRATCH, TUNE_RUNOFF, TUNE_RUNOFF_ROUNDS],
                                     sort_keys=True).encode()).hexdigest()[:8]
     mode = tune_data()
-    data = "" if mode == TUNE_DATA[0] else f" / data {mode}"    # zeros: the keys of earlier files
+    data = "" if mode == "zeros" else f" / data {mode}"    # zeros: the keys of files made before they had a choice
+    data += " / flush" if tune_flush() else ""
+    data += f" / margin {tune_margin():g}" if tune_margin() else ""
     return " / ".join(str(i.get(k, "")) for k in ("vendor", "device", "description", "backend_type")) + \
         f" / checks {getattr(dev, 'shader_checks', 'all')} / candidates {cands}{data}"
 
@@ -270,7 +308,7 @@ async def autotune(dev: Device, M: int, N: int, K: int, layout: str, candidates:
                    persist: bool = True, bias_row: bool = False,
                    pair: tuple[int, int] | None = None) -> tuple[dict, int]:
     """(tiles, splits) of the fastest candidate for an out (M, N) = op(A) (M, K) @ op(B) (K, N) product on dev,
-    timed on zero-filled operands (or N(0, 1) ones: tune_data); remembered per device (and on disk when persist).
+    timed on N(0, 1) operands (or zero-filled ones: tune_data); remembered per device (and on disk when persist).
     pair (M2, N2): the same for a MatmulPair of this tn product and an (M2, N2) one with the same K, timed
     together."""
     choices = _tuned.get(dev)
@@ -306,11 +344,18 @@ async def _tune(dev, M, N, K, layout, candidates, persist, bias_row, pair, choic
         flops += 2.0 * M2 * N2 * K
     if tune_data() == "normal":
         await fill_tune_operands(dev, [a, b] + ([a2, b2] if pair else []))
+    flush = tune_flush()
+    if flush:
+        nbytes = min(TUNE_FLUSH_BYTES, dev.limits["max-buffer-size"]) // 4 * 4
+        flush_from, flush_to = dev.buffer(nbytes, "tune-flush-from"), dev.buffer(nbytes, "tune-flush-to")
+    margin = tune_margin()
     results = []
 
     async def build(tiles, splits):
         """(sequence running the candidate once, submissions per timing, the splits Matmul.create kept)."""
         seq = dev.sequence("autotune")
+        if flush:
+            seq.copy(flush_from, flush_to)
         if pair:
             mm = await MatmulPair.create(dev, (M, N), pair, K, accumulate=False, bias_row=bias_row, tiles=tiles,
                                          splits=splits)
@@ -383,7 +428,7 @@ async def _tune(dev, M, N, K, layout, candidates, persist, bias_row, pair, choic
         for f, (seq, repeat, _) in zip(finalists, runs):
             f[0] = min(f[0], await clock(seq, repeat))
     del runs
-    best, tiles, splits = min(finalists or results, key=lambda r: r[0])
+    best, tiles, splits = pick_finalist(finalists or results, margin)
     dev.tune_finalists[key] = sorted(finalists, key=lambda f: f[0])    # for bench/tune_in_steps.py
     choices[key] = [tiles, splits]
     if persist and dev.backend == "wgpu-native":
