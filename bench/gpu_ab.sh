@@ -5,9 +5,11 @@
 # Prepare the base here:
 #   rm -rf .dev/base && mkdir -p .dev/base && git archive BASE pkg shaders bench | tar -x -C .dev/base
 # then carry .gl, .whl and .dev:  bash bench/gpu_ab.sh TARGET, TARGET one of
-#   check, train, pair, attention, gpt2, matmul, profile, torch, embedding, all; and tunes (not in all): the
-#   spread of fresh autotunings of the working tree, on zeros and on N(0, 1) operands, and a tune_in_steps.py
-#   refinement against plain tunings, each in one process (probe_ab.py)
+#   check, train, pair, attention, gpt2, matmul, profile, torch, embedding, all; and, not in all: tunes (the
+#   spread of fresh autotunings of the working tree, on N(0, 1) operands and on zeros, and a tune_in_steps.py
+#   refinement against plain tunings, each in one process: probe_ab.py) and variants (the autotuner's A/B
+#   switches TABGPT_TUNE_FLUSH and TABGPT_TUNE_MARGIN, three fresh tunings each, then paired rounds against
+#   PyTorch with the one whose lowest draw was highest)
 # STEPS=N sets the timed steps of each browser-preset arm (default 30; 100 weighs the first step's encoding, which
 # the GPU waits for, a third as much).
 # ALT="NAME=value" adds a third arm to `train`: the working tree with that environment variable set; several arms
@@ -85,15 +87,34 @@ fi
 if [ "$WHAT" = tunes ]; then
   T=/tmp/tunes; rm -rf $T; mkdir -p $T
   arms=()
-  for i in 1 2 3; do arms+=(--arm "TABGPT_CACHE=$T/z$i" --arm "TABGPT_CACHE=$T/n$i,TABGPT_AUTOTUNE_DATA=normal"); done
+  for i in 1 2 3; do arms+=(--arm "TABGPT_CACHE=$T/n$i" --arm "TABGPT_CACHE=$T/z$i,TABGPT_AUTOTUNE_DATA=zeros"); done
   python3 bench/probe_ab.py --preset browser --steps 100 --rounds 4 "${arms[@]}" 2>&1 \
-    | tee -a "$OUT/probe_tunes.txt" | grep -E '^\| TABGPT'
+    | tee -a "$OUT/probe_tunes.txt" | grep -E '^[|] (TABGPT|[(]as set)|^the setting'
   python3 bench/tune_in_steps.py --preset browser --out $T/refined 2>&1 | tee -a "$OUT/tune_in_steps.txt" \
     | grep -E '^\| (nn|nt|tn):'
-  python3 bench/probe_ab.py --preset browser --steps 100 --rounds 4 --arm TABGPT_CACHE=$T/z1 \
-    --arm TABGPT_CACHE=$T/z2 --arm TABGPT_CACHE=$T/z3 --arm TABGPT_CACHE=$T/refined 2>&1 \
+  python3 bench/probe_ab.py --preset browser --steps 100 --rounds 4 --arm TABGPT_CACHE=$T/n1 \
+    --arm TABGPT_CACHE=$T/n2 --arm TABGPT_CACHE=$T/n3 --arm TABGPT_CACHE=$T/refined 2>&1 \
     | tee -a "$OUT/probe_refined.txt" | grep -E '^\| TABGPT'
-  for d in $T/*/; do cp "$d/matmul-tune.json" "$OUT/tune_$(basename "$d").json" 2>/dev/null; done
+  (cd $T && tar czf "$OUT/tunes.tgz" */matmul-tune.json)
+fi
+if [ "$WHAT" = variants ]; then
+  # the autotuner's A/B switches, three fresh tunings each (about 6 minutes on an H100), then paired rounds against
+  # PyTorch with a fresh tuning of the setting whose lowest draw was highest
+  T=/tmp/variants; rm -rf $T; mkdir -p $T
+  arms=()
+  for i in 1 2 3; do
+    arms+=(--arm "TABGPT_CACHE=$T/n$i" --arm "TABGPT_CACHE=$T/f$i,TABGPT_TUNE_FLUSH=1"
+           --arm "TABGPT_CACHE=$T/m$i,TABGPT_TUNE_MARGIN=0.01"
+           --arm "TABGPT_CACHE=$T/fm$i,TABGPT_TUNE_FLUSH=1,TABGPT_TUNE_MARGIN=0.01")
+  done
+  python3 bench/probe_ab.py --preset browser --steps 100 --rounds 3 "${arms[@]}" 2>&1 \
+    | tee -a "$OUT/probe_variants.txt" | grep -E '^[|] (TABGPT|[(]as set)|^the setting'
+  (cd $T && tar czf "$OUT/tunes.tgz" */matmul-tune.json)
+  best=$(sed -n 's/^the setting with the highest lowest draw: //p' "$OUT/probe_variants.txt" | tr ',' ' ')
+  [ "$best" = "(as set)" ] && best=
+  mkdir -p $T/pair
+  env $best TABGPT_CACHE=$T/pair python3 bench/bench_train.py --preset browser --steps 100 --rounds 6 2>&1 \
+    | tee -a "$OUT/train_pair_variant.txt" | tail -3
 fi
 tar czf "$OUT/results.tgz" bench/results
 true

@@ -13,8 +13,10 @@ arm's in the same rounds. Separate processes differ by up to 4% on an H100, most
 
     python bench/probe_ab.py --arm "" --arm TABGPT_ATTENTION_DQ_PREFETCH=0 [--preset browser] [--steps 100]
     python bench/probe_ab.py --arm TABGPT_CACHE=/tmp/t1 --arm TABGPT_CACHE=/tmp/t2 --arm TABGPT_CACHE=/tmp/t3
-    python bench/probe_ab.py --arm TABGPT_CACHE=/tmp/z1 --arm TABGPT_CACHE=/tmp/n1,TABGPT_AUTOTUNE_DATA=normal
-        # fresh tunings timed on zeros and on N(0, 1) operands (several of each: one tuning is one draw)
+    python bench/probe_ab.py --arm TABGPT_CACHE=/tmp/n1 --arm TABGPT_CACHE=/tmp/z1,TABGPT_AUTOTUNE_DATA=zeros \
+        --arm TABGPT_CACHE=/tmp/n2 --arm TABGPT_CACHE=/tmp/z2,TABGPT_AUTOTUNE_DATA=zeros
+        # fresh tunings timed on N(0, 1) operands and on zeros (several of each: one tuning is one draw); a second
+        # table then gives each setting's lowest, median and highest draw
 """
 
 from __future__ import annotations
@@ -108,6 +110,31 @@ def table(preset_name: str, rounds: int, steps: int, names: list[str], tps: list
     return "\n".join(lines) + "\n"
 
 
+def setting(arm: str) -> str:
+    """An arm's settings apart from its tune file: "TABGPT_CACHE=/tmp/f1,TABGPT_TUNE_FLUSH=1" ->
+    "TABGPT_TUNE_FLUSH=1"."""
+    return ",".join(f"{k}={v}" for k, v in parse_arm(arm).items() if k != "TABGPT_CACHE")
+
+
+def settings_table(names: list[str], tps: list[list[float]]) -> str:
+    """Where arms repeat a setting with tune files of their own (fresh tunings), each setting's draws: the lowest,
+    median and highest of its arms' median tokens/s, and the setting whose lowest is highest; "" where no setting
+    has two arms."""
+    groups: dict[str, list[float]] = {}
+    for name, t in zip(names, tps):
+        groups.setdefault(setting(name), []).append(statistics.median(t))
+    if max(len(v) for v in groups.values()) < 2:
+        return ""
+    lines = ["## Each setting's fresh tunings (the median tokens/s of each of its arms)", "",
+             "| setting | tunings | lowest | median | highest | highest / lowest |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for g, v in groups.items():
+        lines.append(f"| {g or '(as set)'} | {len(v)} | {min(v):,.0f} | {statistics.median(v):,.0f} | {max(v):,.0f} "
+                     f"| {max(v) / min(v):.3f}x |")
+    best = max(groups, key=lambda g: min(groups[g]))
+    return "\n".join(lines) + f"\n\nthe setting with the highest lowest draw: {best or '(as set)'}\n"
+
+
 def main():
     from tabgpt.config import preset
     ap = argparse.ArgumentParser()
@@ -136,6 +163,7 @@ def main():
         t.check()
     print()
     print(table(args.preset, args.rounds, args.steps, args.arm, tps))
+    print(settings_table(args.arm, tps))
 
 
 if __name__ == "__main__":

@@ -235,6 +235,19 @@ def test_probe_ab_table_gives_each_arm_its_median_ratio_to_the_first():
     assert rows[1] == "| A=1 | 404 / 410 / 401 | 404 | 1.000x |"   # ratios 1.010, 1.000, 0.990: their median
 
 
+def test_probe_ab_settings_table_gives_each_settings_draws_and_the_highest_lowest():
+    import probe_ab
+    names = ["TABGPT_CACHE=/t/n1", "TABGPT_CACHE=/t/f1,TABGPT_TUNE_FLUSH=1", "TABGPT_CACHE=/t/n2",
+             "TABGPT_CACHE=/t/f2,TABGPT_TUNE_FLUSH=1", "TABGPT_CACHE=/t/n3"]
+    tps = [[410.0, 412.0, 411.0], [420.0, 421.0, 419.0], [430.0, 429.0, 431.0], [418.0, 418.0, 418.0],
+           [425.0, 425.0, 425.0]]
+    text = probe_ab.settings_table(names, tps)
+    assert "| (as set) | 3 | 411 | 425 | 430 | 1.046x |" in text
+    assert "| TABGPT_TUNE_FLUSH=1 | 2 | 418 | 419 | 420 | 1.005x |" in text       # median of two: their mean
+    assert text.endswith("the setting with the highest lowest draw: TABGPT_TUNE_FLUSH=1\n")
+    assert probe_ab.settings_table(["", "A=1"], tps[:2]) == ""                     # no setting drawn twice
+
+
 def test_probe_ab_tunes_each_arm_from_its_own_file_and_restores_the_environment(monkeypatch, capsys, tmp_path):
     """Two arms in one process on lavapipe (the autotuner forced on): each arm's products tuned into its own file,
     the second among the written-out candidates only; the environment as it was afterwards."""
