@@ -51,8 +51,8 @@ async def run_steps(dev):
     logits = [list(await model.prefill(batches[0][0][:5]))]
     for t in batches[0][0][5:7]:
         logits.append(list(await model.decode(t)))
-    return {"init_sha": init_sha, "stats": stats, "eval_loss": eval_loss, "metrics": [loss_sum, n, correct], "logits": logits,
-            "kernels": model.kernel_count}
+    return {"init_sha": init_sha, "stats": stats, "eval_loss": eval_loss, "metrics": [loss_sum, n, correct],
+            "logits": logits, "kernels": model.kernel_count}
 '''
 
 
