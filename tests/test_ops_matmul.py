@@ -595,7 +595,10 @@ def test_autotune_times_on_normal_operands_by_default_and_each_setting_tunes_int
     assert_product("autotuned with the flush", got, ref, scale)
     monkeypatch.setenv("TABGPT_TUNE_MARGIN", "0.01")
     matmul._tuned.pop(dev, None)
+    margins, pick = [], matmul.pick_finalist
+    monkeypatch.setattr(matmul, "pick_finalist", lambda f, m=0.0: margins.append(m) or pick(f, m))
     product(dev, "nn", 64, 96, 40, seed=5, tiles="auto")
+    assert margins == [0.01]                                                # the pick made with the margin
     sections = json.loads(tune_cache.read_text())
     suffixes = sorted(k.split(" / candidates ")[1][8:] for k in sections)
     assert suffixes == ["", " / data normal", " / flush", " / flush / margin 0.01"], suffixes
