@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "pkg"))
 
 from tabgpt import gpu  # noqa: E402
 
-from common import append_result, device_label, best_seconds  # noqa: E402  (bench/common.py)
+from common import append_result, best_seconds, device_label, side_by_side_parser  # noqa: E402  (bench/common.py)
 from tabgpt.gpu import wait  # noqa: E402
 from tabgpt.ops.attention import ENTRIES, Attention, Tile  # noqa: E402
 
@@ -138,9 +138,8 @@ def rel_err(got, ref):
 
 def main():
     global TARGET_SECONDS
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = side_by_side_parser(__doc__, "attention")          # --trials, --no-torch, --no-write, --quick
     ap.add_argument("--sizes", nargs="+", help="BxTxNHxhs, e.g. 8x1024x12x64")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, one trial: a smoke run for CPU adapters")
     ap.add_argument("--tile", action="append", type=parse_tile,
                     help="TC,NR[,RPT] for all three kernels, or forward/dq/dkv joined by /; repeat to compare "
                          "several (default: per device)")
@@ -154,10 +153,7 @@ def main():
                          "barriers (off), or both, timed side by side")
     ap.add_argument("--dq-rows", type=int, action="append", choices=[4, 8],
                     help="query rows per thread of the dq-from-dS kernel (repeat to compare; default: its own)")
-    ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=TARGET_SECONDS, help="time per timed submission")
-    ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--no-write", action="store_true", help="do not append to bench/results/attention.md")
     args = ap.parse_args()
     sizes = [parse_size(s) for s in (args.sizes or (QUICK_SIZES if args.quick else SIZES))]
     trials = 1 if args.quick else args.trials

@@ -43,14 +43,14 @@ def probe_parser(doc: str, rounds: int = 3, seconds: float = 0.05):
 
 def side_by_side_parser(doc: str, results: str):
     """The arguments of the benchmarks that time our kernels beside PyTorch's at a few shapes (bench_reductions.py,
-    bench_embedding.py): --trials (rounds, arms in turn), --no-torch, --no-write (of bench/results/RESULTS.md) and
-    --quick (one small shape)."""
+    bench_embedding.py, bench_attention.py): --trials (rounds, arms in turn), --no-torch, --no-write (of
+    bench/results/RESULTS.md) and --quick (small shapes)."""
     import argparse
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
     ap.add_argument("--no-write", action="store_true", help=f"do not append to bench/results/{results}.md")
-    ap.add_argument("--quick", action="store_true", help="one small shape (checks that it runs)")
+    ap.add_argument("--quick", action="store_true", help="small shapes (checks that it runs)")
     return ap
 
 
