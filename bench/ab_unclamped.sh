@@ -1,7 +1,11 @@
 # Run on the GPU machine after `source bench/h100_env.sh` (bench/results/h100/ab_unclamped.txt holds the output).
 # A/B: matmul.wgsl with index clamps ("clamped", UNCLAMPED_FILES emptied) and without (the new default)
 for mode in clamped unclamped; do
-  for args in "bench/bench_matmul.py --no-write --trials 3 --sizes 4096x4096x4096 nt:8192x768x3072 tn:768x3072x8192 --tiles 128,128,8,8,8,spread,prefetch,double" "bench/bench_train.py --preset browser --steps 30 --no-torch" "bench/bench_train.py --preset gpt2 --steps 6 --no-torch"; do
+  for args in \
+      "bench/bench_matmul.py --no-write --trials 3 --sizes 4096x4096x4096 nt:8192x768x3072 tn:768x3072x8192 \
+--tiles 128,128,8,8,8,spread,prefetch,double" \
+      "bench/bench_train.py --preset browser --steps 30 --no-torch" \
+      "bench/bench_train.py --preset gpt2 --steps 6 --no-torch"; do
     echo "== $mode: $args"
     python3 -c "
 import sys, runpy

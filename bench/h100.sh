@@ -29,7 +29,8 @@ if [ "$STAGE" = 1 ]; then
       --checkpoint-interval 500 --time-limit ${SEG1:-300} --out $RUN 2>&1 | tee "$OUT/train1.log"
 else
   python3 -m tabgpt train --data default --resume --time-limit $BUDGET --out $RUN 2>&1 | tee "$OUT/train2.log"
-  python3 -m tabgpt sample --run $RUN --prompt "ROMEO:" --num-samples 3 --max-new-tokens 150 --top-k 50 2>&1 | tee "$OUT/samples.txt"
+  python3 -m tabgpt sample --run $RUN --prompt "ROMEO:" --num-samples 3 --max-new-tokens 150 --top-k 50 2>&1 \
+    | tee "$OUT/samples.txt"
   python3 -m tabgpt eval --run $RUN --data default 2>&1 | tee "$OUT/eval.json"
 fi
 cp $RUN/metrics.jsonl $RUN/config.json "$OUT/" 2>/dev/null

@@ -19,9 +19,12 @@ if [ "$WHAT" = checks ]; then
   for m in all bounds none; do
     TABGPT_SHADER_CHECKS=$m python3 bench/profile_step.py --preset browser --write 2>&1 | tee -a "$OUT/profile.txt"
   done
-  TABGPT_SHADER_CHECKS=all python3 bench/bench_train.py --preset browser --steps 30 --no-torch --write 2>&1 | tee -a "$OUT/train.txt"
-  TABGPT_SHADER_CHECKS=none python3 bench/bench_train.py --preset browser --steps 30 --no-torch --write 2>&1 | tee -a "$OUT/train.txt"
-  TABGPT_SHADER_CHECKS=bounds python3 bench/bench_train.py --preset browser --steps 30 --write 2>&1 | tee -a "$OUT/train.txt"
+  TABGPT_SHADER_CHECKS=all python3 bench/bench_train.py --preset browser --steps 30 --no-torch --write 2>&1 \
+    | tee -a "$OUT/train.txt"
+  TABGPT_SHADER_CHECKS=none python3 bench/bench_train.py --preset browser --steps 30 --no-torch --write 2>&1 \
+    | tee -a "$OUT/train.txt"
+  TABGPT_SHADER_CHECKS=bounds python3 bench/bench_train.py --preset browser --steps 30 --write 2>&1 \
+    | tee -a "$OUT/train.txt"
   for m in all bounds; do
     TABGPT_SHADER_CHECKS=$m python3 bench/bench_attention.py --trials 3 2>&1 | tee -a "$OUT/attention.txt"
   done
