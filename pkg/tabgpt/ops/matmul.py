@@ -275,7 +275,8 @@ def _adapter_key(dev: Device) -> str:
     mode = tune_data()
     data = "" if mode == "zeros" else f" / data {mode}"    # zeros: the keys of files made before they had a choice
     data += " / flush" if tune_flush() else ""
-    data += f" / margin {tune_margin():g}" if tune_margin() else ""
+    margin = tune_margin()
+    data += f" / margin {margin:g}" if margin else ""
     return " / ".join(str(i.get(k, "")) for k in ("vendor", "device", "description", "backend_type")) + \
         f" / checks {getattr(dev, 'shader_checks', 'all')} / candidates {cands}{data}"
 
