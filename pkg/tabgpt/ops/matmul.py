@@ -214,7 +214,7 @@ def tune_data() -> str:
     """What the autotuner's trial operands hold: TABGPT_AUTOTUNE_DATA, "normal" (the default: N(0, 1) values made
     on the GPU by init.wgsl, like the data a product meets in training) or "zeros" (buffers as created, the default
     until 2026-12-05). On an H100, 3 of 10 fresh tunings on zeros trained the browser preset below 416,000 tokens/s
-    (410,574-415,058) and none of 8 on N(0, 1) did (418,810-427,714; BENCHMARKS.md, 2026-12-05 night)."""
+    (410,574-415,058) and none of 10 on N(0, 1) did (418,810-430,265; BENCHMARKS.md, 2026-12-05 night)."""
     mode = os.environ.get("TABGPT_AUTOTUNE_DATA", TUNE_DATA[0])
     if mode not in TUNE_DATA:
         raise GPUError(f"TABGPT_AUTOTUNE_DATA must be normal (the default) or zeros, got {mode!r}")
