@@ -459,7 +459,7 @@ fn mm_gelu_grad(x: vec4<f32>) -> vec4<f32> {
 }
 
 // The fused epilogue on the final value y of out4[o] (after bias and accumulation); returns what out4[o] gets.
-// Called by store4 and matmul_split_sum only (the entry points that bind aux4).
+// Called by matmul_split_sum only (store_pre applies the same steps to values it read beforehand).
 fn epilogue4(o: u32, y: vec4<f32>) -> vec4<f32> {
     if (EPILOGUE == 1u) { aux4[o] = mm_gelu(y); }
     if (EPILOGUE == 2u) { return y + aux4[o]; }
@@ -467,31 +467,82 @@ fn epilogue4(o: u32, y: vec4<f32>) -> vec4<f32> {
     return y;
 }
 
-// out[m, n..n+4] (+)= v (+ bias), if inside: N % 4 == 0, so 4 columns are wholly inside or wholly outside.
-// Then the epilogue (EPILOGUE is 0 with split-K: the slabs are partial sums).
-fn store4(slab: u32, m: u32, n: u32, v: vec4<f32>) {
+// out4's index of out[m, n..n+4] (in the slab) and whether it is inside out: N % 4 == 0, so 4 columns are wholly
+// inside or wholly outside.
+fn out_at(slab: u32, m: u32, n: u32) -> u32 {
     // #if GROUPED
-    if (m >= select(dim_m(), dim_m() - 1u, BIAS_ROW) || n >= dim_n()) { return; }
-    // #else
-    if (m >= select(mp.M, mp.M - 1u, BIAS_ROW) || n >= mp.N) { return; }
-    // #endif
-    var y = v;
-    if (HAS_BIAS) { y += bias4[n / 4u]; }
-    // #if GROUPED
-    let o = slab + (m * dim_n() + n) / 4u;
+    return slab + (m * dim_n() + n) / 4u;
     // #elif BATCHED
-    let o = (c_off + m * bp.ldc + n) / 4u;
+    return (c_off + m * bp.ldc + n) / 4u;
     // #else
-    let o = slab + (m * mp.N + n) / 4u;
+    return slab + (m * mp.N + n) / 4u;
     // #endif
-    if (ACCUMULATE) { y += out4[o]; }
-    if (EPILOGUE != 0u) { y = epilogue4(o, y); }
+}
+
+fn out_has(m: u32, n: u32) -> bool {
+    // #if GROUPED
+    return m < select(dim_m(), dim_m() - 1u, BIAS_ROW) && n < dim_n();
+    // #else
+    return m < select(mp.M, mp.M - 1u, BIAS_ROW) && n < mp.N;
+    // #endif
+}
+
+// What storing out4[o] reads first: out4[o] itself (ACCUMULATE) and aux4[o] (the RESIDUAL and GELU_GRAD
+// epilogues, SOFTMAX_DS), zeros where not read or outside out.
+struct Pre { acc: vec4<f32>, aux: vec4<f32> }
+
+fn pre_read(inside: bool, o: u32) -> Pre {
+    var p = Pre(vec4(0.0), vec4(0.0));
+    if (inside) {
+        if (ACCUMULATE) { p.acc = out4[o]; }
+        if (EPILOGUE == 2u || EPILOGUE == 3u) { p.aux = aux4[o]; }
+        // #if SOFTMAX_DS
+        p.aux = aux4[o];
+        // #endif
+    }
+    return p;
+}
+
+// out[m, n..n+4] (+)= v (+ bias4[n / 4], read beforehand as bv), if inside, from its reads p (pre_read): then the
+// epilogue (EPILOGUE is 0 with split-K: the slabs are partial sums).
+fn store_pre(o: u32, inside: bool, m: u32, n: u32, v: vec4<f32>, bv: vec4<f32>, p: Pre) {
+    if (!inside) { return; }
+    var y = v;
+    if (HAS_BIAS) { y += bv; }
+    if (ACCUMULATE) { y += p.acc; }
+    if (EPILOGUE == 1u) { aux4[o] = mm_gelu(y); }
+    if (EPILOGUE == 2u) { y = y + p.aux; }
+    if (EPILOGUE == 3u) { y = y * mm_gelu_grad(p.aux); }
     // #if SOFTMAX_DS
-    y = select(vec4(0.0), softmax_scale() * aux4[o] * (y - row_in[z_row + m]), on_or_below(m, n));
+    y = select(vec4(0.0), softmax_scale() * p.aux * (y - row_in[z_row + m]), on_or_below(m, n));
     // #elif SOFTMAX
     y = select(vec4(0.0), exp(softmax_scale() * y - row_in[z_row + m]), on_or_below(m, n));
     // #endif
     out4[o] = y;
+}
+
+// Rows m .. m + 3 of out at columns n .. n + 3 from v0 .. v3: the four rows' reads (and the bias) first, then
+// their stores, so that the reads are in flight together, where four store4-like steps (each reading, then
+// storing) could each wait for its read in turn. The same values either way.
+fn store_rows4(slab: u32, m: u32, n: u32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) {
+    let o0 = out_at(slab, m, n);
+    let o1 = out_at(slab, m + 1u, n);
+    let o2 = out_at(slab, m + 2u, n);
+    let o3 = out_at(slab, m + 3u, n);
+    let in0 = out_has(m, n);
+    let in1 = out_has(m + 1u, n);
+    let in2 = out_has(m + 2u, n);
+    let in3 = out_has(m + 3u, n);
+    let p0 = pre_read(in0, o0);
+    let p1 = pre_read(in1, o1);
+    let p2 = pre_read(in2, o2);
+    let p3 = pre_read(in3, o3);
+    var bv = vec4(0.0);
+    if (HAS_BIAS && in0) { bv = bias4[n / 4u]; }
+    store_pre(o0, in0, m, n, v0, bv, p0);
+    store_pre(o1, in1, m + 1u, n, v1, bv, p1);
+    store_pre(o2, in2, m + 2u, n, v2, bv, p2);
+    store_pre(o3, in3, m + 3u, n, v3, bv, p3);
 }
 
 // BIAS_ROW: out's last row (mp.M - 1)[n..n+4] (+)= v.
@@ -811,50 +862,22 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
     }
     let m = m0 + 4u * ga_lo;
     let n = n0 + 4u * gb_lo;
-    store4(slab, m, n, acc[0]);
-    store4(slab, m + 1u, n, acc[2]);
-    store4(slab, m + 2u, n, acc[4]);
-    store4(slab, m + 3u, n, acc[6]);
+    store_rows4(slab, m, n, acc[0], acc[2], acc[4], acc[6]);
     let m_hi = m0 + 4u * ga_hi;
     let n_hi = n0 + 4u * gb_hi;
-    if (TN >= 8u) {
-        store4(slab, m, n_hi, acc[1]);
-        store4(slab, m + 1u, n_hi, acc[3]);
-        store4(slab, m + 2u, n_hi, acc[5]);
-        store4(slab, m + 3u, n_hi, acc[7]);
-    }
+    if (TN >= 8u) { store_rows4(slab, m, n_hi, acc[1], acc[3], acc[5], acc[7]); }
     if (TM == 8u) {
-        store4(slab, m_hi, n, acc[8]);
-        store4(slab, m_hi + 1u, n, acc[10]);
-        store4(slab, m_hi + 2u, n, acc[12]);
-        store4(slab, m_hi + 3u, n, acc[14]);
-        if (TN >= 8u) {
-            store4(slab, m_hi, n_hi, acc[9]);
-            store4(slab, m_hi + 1u, n_hi, acc[11]);
-            store4(slab, m_hi + 2u, n_hi, acc[13]);
-            store4(slab, m_hi + 3u, n_hi, acc[15]);
-        }
+        store_rows4(slab, m_hi, n, acc[8], acc[10], acc[12], acc[14]);
+        if (TN >= 8u) { store_rows4(slab, m_hi, n_hi, acc[9], acc[11], acc[13], acc[15]); }
     }
     if (TN == 16u) {
         let n_2 = n0 + 4u * gb_2;
         let n_3 = n0 + 4u * gb_3;
-        store4(slab, m, n_2, acc[16]);
-        store4(slab, m, n_3, acc[17]);
-        store4(slab, m + 1u, n_2, acc[18]);
-        store4(slab, m + 1u, n_3, acc[19]);
-        store4(slab, m + 2u, n_2, acc[20]);
-        store4(slab, m + 2u, n_3, acc[21]);
-        store4(slab, m + 3u, n_2, acc[22]);
-        store4(slab, m + 3u, n_3, acc[23]);
+        store_rows4(slab, m, n_2, acc[16], acc[18], acc[20], acc[22]);
+        store_rows4(slab, m, n_3, acc[17], acc[19], acc[21], acc[23]);
         if (TM == 8u) {
-            store4(slab, m_hi, n_2, acc[24]);
-            store4(slab, m_hi, n_3, acc[25]);
-            store4(slab, m_hi + 1u, n_2, acc[26]);
-            store4(slab, m_hi + 1u, n_3, acc[27]);
-            store4(slab, m_hi + 2u, n_2, acc[28]);
-            store4(slab, m_hi + 2u, n_3, acc[29]);
-            store4(slab, m_hi + 3u, n_2, acc[30]);
-            store4(slab, m_hi + 3u, n_3, acc[31]);
+            store_rows4(slab, m_hi, n_2, acc[24], acc[26], acc[28], acc[30]);
+            store_rows4(slab, m_hi, n_3, acc[25], acc[27], acc[29], acc[31]);
         }
     }
 }

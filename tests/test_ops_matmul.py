@@ -747,7 +747,7 @@ EPILOGUE_CASES = [(lay, ep) for ep in ("gelu", "residual", "gelu_grad") for lay 
 @pytest.mark.parametrize("splits", [1, 3], ids=["whole-K", "split-K"])
 @pytest.mark.parametrize("layout,epilogue", EPILOGUE_CASES)
 def test_epilogue_matches_numpy(dev, layout, epilogue, splits, bias):
-    # In store4 (whole K) or in matmul_split_sum (split-K: the slabs hold partial sums, the epilogue comes once).
+    # In store_rows4 (whole K) or in matmul_split_sum (split-K: the slabs hold partial sums, the epilogue comes once).
     Mm, N, K = EPILOGUE_SHAPES[layout]
     mm, _ = epilogue_product(dev, layout, Mm, N, K, seed=40, epilogue=epilogue, bias=bias, splits=splits)
     assert mm.splits == splits and len(mm.chunks) == 1
