@@ -458,12 +458,12 @@ fn mm_gelu_grad(x: vec4<f32>) -> vec4<f32> {
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
 }
 
-// The fused epilogue on the final value y of out4[o] (after bias and accumulation); returns what out4[o] gets.
-// Called by matmul_split_sum only (store_pre applies the same steps to values it read beforehand).
-fn epilogue4(o: u32, y: vec4<f32>) -> vec4<f32> {
+// The fused epilogue on the final value y of out4[o] (after bias and accumulation), aux = aux4[o] read beforehand
+// (RESIDUAL, GELU_GRAD): returns what out4[o] gets (GELU also writes aux4[o]). store_pre and matmul_split_sum.
+fn epilogue4(o: u32, y: vec4<f32>, aux: vec4<f32>) -> vec4<f32> {
     if (EPILOGUE == 1u) { aux4[o] = mm_gelu(y); }
-    if (EPILOGUE == 2u) { return y + aux4[o]; }
-    if (EPILOGUE == 3u) { return y * mm_gelu_grad(aux4[o]); }
+    if (EPILOGUE == 2u) { return y + aux; }
+    if (EPILOGUE == 3u) { return y * mm_gelu_grad(aux); }
     return y;
 }
 
@@ -510,9 +510,7 @@ fn store_pre(o: u32, inside: bool, m: u32, n: u32, v: vec4<f32>, bv: vec4<f32>, 
     var y = v;
     if (HAS_BIAS) { y += bv; }
     if (ACCUMULATE) { y += p.acc; }
-    if (EPILOGUE == 1u) { aux4[o] = mm_gelu(y); }
-    if (EPILOGUE == 2u) { y = y + p.aux; }
-    if (EPILOGUE == 3u) { y = y * mm_gelu_grad(p.aux); }
+    if (EPILOGUE != 0u) { y = epilogue4(o, y, p.aux); }
     // #if SOFTMAX_DS
     y = select(vec4(0.0), softmax_scale() * p.aux * (y - row_in[z_row + m]), on_or_below(m, n));
     // #elif SOFTMAX
@@ -911,6 +909,18 @@ fn matmul_split_sum(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) n
     // the loads read the last slab again (in range) and are not added: the same sum to the bit.
     let last = n_slices - 1u;
     var y = split4[j];
+    // What is added after the slices (out with ACCUMULATE, aux for the epilogue), read with the first slab so that
+    // its latency is not waited for on its own after them.
+    var prev = vec4(0.0);
+    var aux = vec4(0.0);
+    // #if GROUPED
+    if (ACCUMULATE) {
+        if (second) { prev = out4_2[i]; } else { prev = out4[i]; }
+    }
+    // #else
+    if (ACCUMULATE) { prev = out4[i]; }
+    // #endif
+    if (EPILOGUE == 2u || EPILOGUE == 3u) { aux = aux4[i]; }
     for (var z = 1u; z < n_slices; z += 8u) {
         let x0 = split4[z * n4 + j];
         let x1 = split4[min(z + 1u, last) * n4 + j];
@@ -931,14 +941,14 @@ fn matmul_split_sum(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) n
     }
     // #if GROUPED
     if (second) {                   // a pair's sums: no bias, no epilogue
-        if (ACCUMULATE) { y += out4_2[i]; }
+        if (ACCUMULATE) { y += prev; }
         out4_2[i] = y;
         return;
     }
     // #endif
     if (HAS_BIAS) { y += bias4[i % (mp.N / 4u)]; }
-    if (ACCUMULATE) { y += out4[i]; }
-    if (EPILOGUE != 0u) { y = epilogue4(i, y); }
+    if (ACCUMULATE) { y += prev; }
+    if (EPILOGUE != 0u) { y = epilogue4(i, y, aux); }
     out4[i] = y;
 }
 
