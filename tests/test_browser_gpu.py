@@ -63,7 +63,8 @@ b = array.array('f', base64.b64decode('{__import__("base64").b64encode(b.tobytes
 k = await dev.kernel('selftest.wgsl', 'matmul')
 out = dev.buffer(4 * {M * N}, 'out')
 seq = dev.sequence('t').dispatch(k, ({(N + 15) // 16}, {(M + 15) // 16}),
-    mp=dev.uniform(struct.pack('<4I', {M}, {N}, {K}, 0)), a=dev.buffer(len(a) * 4, 'a', a), b=dev.buffer(len(b) * 4, 'b', b), out=out)
+    mp=dev.uniform(struct.pack('<4I', {M}, {N}, {K}, 0)), a=dev.buffer(len(a) * 4, 'a', a),
+    b=dev.buffer(len(b) * 4, 'b', b), out=out)
 await seq.build()
 seq.run()
 base64.b64encode(await dev.read(out)).decode()
@@ -85,7 +86,8 @@ def test_wgsl_error_is_a_readable_exception_in_browser(check_page):
     r = run_py(check_page, """
 from tabgpt import gpu
 dev = await gpu.open_device()
-bad = "@group(0) @binding(0) var<storage, read_write> x: array<f32>;\\n@compute @workgroup_size(1) fn main() { x[0] = undefined_thing; }\\n"
+bad = ("@group(0) @binding(0) var<storage, read_write> x: array<f32>;\\n"
+       "@compute @workgroup_size(1) fn main() { x[0] = undefined_thing; }\\n")
 try:
     await dev.kernel('bad.wgsl', 'main', source=bad)
     msg = 'no error'
@@ -230,7 +232,8 @@ up = lambda k: dev.buffer(len(base64.b64decode(enc[k])), k, base64.b64decode(enc
 res = {{}}
 for mode in ("flash", "products"):
     attn = await Attention.create(dev, B={B}, T={T}, C={C}, n_head={NH}, backward=mode)
-    out, lse, dqkv, qkv = dev.buffer(4 * {B * T * C}), dev.buffer(4 * {B * NH * T}), dev.buffer(4 * {B * T * 3 * C}), up("qkv")
+    out, lse = dev.buffer(4 * {B * T * C}), dev.buffer(4 * {B * NH * T})
+    dqkv, qkv = dev.buffer(4 * {B * T * 3 * C}), up("qkv")
     seq = dev.sequence("t")
     attn.forward(seq, out=out, lse=lse, qkv=qkv)
     attn.backward(seq, dqkv=dqkv, dout=up("dout"), qkv=qkv, out=out, lse=lse)
