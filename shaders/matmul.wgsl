@@ -520,8 +520,8 @@ fn store_pre(o: u32, inside: bool, m: u32, n: u32, v: vec4<f32>, bv: vec4<f32>, 
 }
 
 // Rows m .. m + 3 of out at columns n .. n + 3 from v0 .. v3: the four rows' reads (and the bias) first, then
-// their stores, so that the reads are in flight together, where four store4-like steps (each reading, then
-// storing) could each wait for its read in turn. The same values either way.
+// their stores, so that the reads are in flight together, where storing row by row (each row's read, then its
+// store) could wait for each read in turn. The same values either way (bench/results/h200/run81_*).
 fn store_rows4(slab: u32, m: u32, n: u32, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) {
     let o0 = out_at(slab, m, n);
     let o1 = out_at(slab, m + 1u, n);
