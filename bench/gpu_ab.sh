@@ -10,6 +10,9 @@
 #   refinement against plain tunings, each in one process: probe_ab.py) and variants (the autotuner's A/B
 #   switches TABGPT_TUNE_FLUSH and TABGPT_TUNE_MARGIN, three fresh tunings each, then paired rounds against
 #   PyTorch with the one whose lowest draw was highest)
+# DRAWS=N sets the fresh tunings of each setting in `tunes` and `variants` (default 3; each adds about two minutes
+# to `variants` on an H100, a minute to `tunes`); VARIANTS="margin" (or "flush", "both", space-separated) keeps
+# only those settings beside the default in `variants`.
 # STEPS=N sets the timed steps of each browser-preset arm (default 30; 100 weighs the first step's encoding, which
 # the GPU waits for, a third as much).
 # ALT="NAME=value" adds a third arm to `train`: the working tree with that environment variable set; several arms
@@ -87,7 +90,9 @@ fi
 if [ "$WHAT" = tunes ]; then
   T=/tmp/tunes; rm -rf $T; mkdir -p $T
   arms=()
-  for i in 1 2 3; do arms+=(--arm "TABGPT_CACHE=$T/n$i" --arm "TABGPT_CACHE=$T/z$i,TABGPT_AUTOTUNE_DATA=zeros"); done
+  for i in $(seq "${DRAWS:-3}"); do
+    arms+=(--arm "TABGPT_CACHE=$T/n$i" --arm "TABGPT_CACHE=$T/z$i,TABGPT_AUTOTUNE_DATA=zeros")
+  done
   python3 bench/probe_ab.py --preset browser --steps 100 --rounds 4 "${arms[@]}" 2>&1 \
     | tee -a "$OUT/probe_tunes.txt" | grep -E '^[|] (TABGPT|[(]as set)|^the setting'
   python3 bench/tune_in_steps.py --preset browser --out $T/refined 2>&1 | tee -a "$OUT/tune_in_steps.txt" \
@@ -102,10 +107,12 @@ if [ "$WHAT" = variants ]; then
   # PyTorch with a fresh tuning of the setting whose lowest draw was highest
   T=/tmp/variants; rm -rf $T; mkdir -p $T
   arms=()
-  for i in 1 2 3; do
-    arms+=(--arm "TABGPT_CACHE=$T/n$i" --arm "TABGPT_CACHE=$T/f$i,TABGPT_TUNE_FLUSH=1"
-           --arm "TABGPT_CACHE=$T/m$i,TABGPT_TUNE_MARGIN=0.01"
-           --arm "TABGPT_CACHE=$T/fm$i,TABGPT_TUNE_FLUSH=1,TABGPT_TUNE_MARGIN=0.01")
+  settings=" ${VARIANTS:-flush margin both} "
+  for i in $(seq "${DRAWS:-3}"); do
+    arms+=(--arm "TABGPT_CACHE=$T/n$i")
+    [[ $settings == *" flush "* ]] && arms+=(--arm "TABGPT_CACHE=$T/f$i,TABGPT_TUNE_FLUSH=1")
+    [[ $settings == *" margin "* ]] && arms+=(--arm "TABGPT_CACHE=$T/m$i,TABGPT_TUNE_MARGIN=0.01")
+    [[ $settings == *" both "* ]] && arms+=(--arm "TABGPT_CACHE=$T/fm$i,TABGPT_TUNE_FLUSH=1,TABGPT_TUNE_MARGIN=0.01")
   done
   python3 bench/probe_ab.py --preset browser --steps 100 --rounds 3 "${arms[@]}" 2>&1 \
     | tee -a "$OUT/probe_variants.txt" | grep -E '^[|] (TABGPT|[(]as set)|^the setting'
