@@ -18,6 +18,17 @@
 # ALT="NAME=value" adds a third arm to `train`: the working tree with that environment variable set; several arms
 # are separated by ';' and each may set several variables: ALT="A=1;B=1;A=1 B=1" (arms alt1, alt2, alt3).
 set -uo pipefail
+# the tunes and variants settings, checked before the set-up
+DRAWS=${DRAWS:-3}
+VARIANTS=${VARIANTS:-flush margin both}
+declare -A setting=([flush]=TABGPT_TUNE_FLUSH=1 [margin]=TABGPT_TUNE_MARGIN=0.01
+                    [both]=TABGPT_TUNE_FLUSH=1,TABGPT_TUNE_MARGIN=0.01)
+if ! [[ $DRAWS =~ ^[1-9][0-9]*$ ]]; then
+  echo "DRAWS must be a whole number of fresh tunings, 1 or more, got '$DRAWS'" >&2; exit 2
+fi
+for s in $VARIANTS; do
+  [ -n "${setting[$s]:-}" ] || { echo "VARIANTS takes flush, margin or both (space-separated), got '$s'" >&2; exit 2; }
+done
 source bench/h100_env.sh
 WHAT=${1:-all}
 ALT=${ALT:-}
@@ -90,7 +101,7 @@ fi
 if [ "$WHAT" = tunes ]; then
   T=/tmp/tunes; rm -rf $T; mkdir -p $T
   arms=()
-  for i in $(seq "${DRAWS:-3}"); do
+  for i in $(seq "$DRAWS"); do
     arms+=(--arm "TABGPT_CACHE=$T/n$i" --arm "TABGPT_CACHE=$T/z$i,TABGPT_AUTOTUNE_DATA=zeros")
   done
   python3 bench/probe_ab.py --preset browser --steps 100 --rounds 4 "${arms[@]}" 2>&1 \
@@ -107,12 +118,9 @@ if [ "$WHAT" = variants ]; then
   # PyTorch with a fresh tuning of the setting whose lowest draw was highest
   T=/tmp/variants; rm -rf $T; mkdir -p $T
   arms=()
-  settings=" ${VARIANTS:-flush margin both} "
-  for i in $(seq "${DRAWS:-3}"); do
+  for i in $(seq "$DRAWS"); do
     arms+=(--arm "TABGPT_CACHE=$T/n$i")
-    [[ $settings == *" flush "* ]] && arms+=(--arm "TABGPT_CACHE=$T/f$i,TABGPT_TUNE_FLUSH=1")
-    [[ $settings == *" margin "* ]] && arms+=(--arm "TABGPT_CACHE=$T/m$i,TABGPT_TUNE_MARGIN=0.01")
-    [[ $settings == *" both "* ]] && arms+=(--arm "TABGPT_CACHE=$T/fm$i,TABGPT_TUNE_FLUSH=1,TABGPT_TUNE_MARGIN=0.01")
+    for s in $VARIANTS; do arms+=(--arm "TABGPT_CACHE=$T/$s$i,${setting[$s]}"); done
   done
   python3 bench/probe_ab.py --preset browser --steps 100 --rounds 3 "${arms[@]}" 2>&1 \
     | tee -a "$OUT/probe_variants.txt" | grep -E '^[|] (TABGPT|[(]as set)|^the setting'
