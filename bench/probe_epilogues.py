@@ -1,12 +1,14 @@
 """What the fused epilogues cost: the browser preset's products that carry one, with it and without, in turn.
 
-Each product made as training makes it (c_fc's forward with its bias and GELU: pre-activation and activation
-written at once; mlp c_proj's dinp times GELU' of the pre-activation; both c_proj forwards with the residual added),
-autotuned with its epilogue, then timed in rounds in four forms with those same tiles and split-K count:
+Each product made as training makes it (c_fc's forward with its bias and GELU: GELU' of the pre-activation and
+the activation written at once, "gelu_keep"; mlp c_proj's dinp times that GELU', "mul"; both c_proj forwards with
+the residual added), and the GELU pair as a forward-only model makes it, the form training used before (c_fc
+writing the pre-activation, "gelu"; the dinp making GELU' of it, "gelu_grad"), each autotuned with its epilogue,
+then timed in rounds in four forms with those same tiles and split-K count:
   epilogue   as training runs it
   none       the same product without the epilogue (no aux read or written)
   free       the epilogue's memory traffic kept, its arithmetic left out (GELU and GELU' the identity: a diagnostic,
-             wrong results; the residual has no arithmetic to leave out)
+             wrong results; the residual and the multiply have no arithmetic to leave out)
   autotuned  the product without the epilogue, autotuned on its own (what it costs alone)
 each keeping its best round. So the gap epilogue - none splits into its arithmetic (epilogue - free) and its
 memory traffic (free - none).
@@ -34,16 +36,22 @@ from common import device_label, probe_args, probe_parser, time_in_turn  # noqa:
 from probe_pair_sum import QUICK_FIXED as PAIR_FIXED  # noqa: E402
 
 # name: (layout, M, N, K, bias, epilogue), the browser preset's (B*T = 8192, C = 384)
-PRODUCTS = {"c_fc forward": ("nn", 8192, 1536, 384, True, "gelu"),
-            "mlp c_proj dinp": ("nt", 8192, 1536, 384, False, "gelu_grad"),
+PRODUCTS = {"c_fc forward": ("nn", 8192, 1536, 384, True, "gelu_keep"),
+            "c_fc forward (gelu)": ("nn", 8192, 1536, 384, True, "gelu"),
+            "mlp c_proj dinp": ("nt", 8192, 1536, 384, False, "mul"),
+            "mlp c_proj dinp (gelu_grad)": ("nt", 8192, 1536, 384, False, "gelu_grad"),
             "mlp c_proj forward": ("nn", 8192, 384, 1536, True, "residual"),
             "attn c_proj forward": ("nn", 8192, 384, 384, True, "residual")}
 QUICK_PRODUCTS = {"small gelu": ("nn", 40, 24, 12, True, "gelu"), "small gelu_grad": ("nt", 40, 24, 12, False,
-                                                                                       "gelu_grad")}
+                                                                                       "gelu_grad"),
+                  "small gelu_keep": ("nn", 40, 24, 12, True, "gelu_keep"), "small mul": ("nt", 40, 24, 12, False,
+                                                                                         "mul")}
 QUICK_FIXED = dict(PAIR_FIXED, splits=1)   # --quick: no autotune (probe_pair_sum's tiles)
 FREE = [(r"fn mm_gelu\(x: vec4<f32>\) -> vec4<f32> \{", "fn mm_gelu(x: vec4<f32>) -> vec4<f32> {\n    return x;"),
         (r"fn mm_gelu_grad\(x: vec4<f32>\) -> vec4<f32> \{",
-         "fn mm_gelu_grad(x: vec4<f32>) -> vec4<f32> {\n    return x;")]
+         "fn mm_gelu_grad(x: vec4<f32>) -> vec4<f32> {\n    return x;"),
+        (r"fn mm_gelu_keep\(x: vec4<f32>\) -> GeluKeep \{",
+         "fn mm_gelu_keep(x: vec4<f32>) -> GeluKeep {\n    return GeluKeep(x, x);")]
 
 
 def free_source(src: str) -> str:
@@ -75,7 +83,7 @@ def main():
             if form == "epilogue":
                 mm = first
             elif form == "free":
-                if epilogue == "residual":
+                if epilogue in ("residual", "mul"):
                     continue
                 dev._sources[FILE] = free_source(base_src)   # its kernels compiled from the free source, then
                 dev._kernels.clear()                         # the device's own source and cache back

@@ -35,7 +35,10 @@
 //   EPILOGUE 1 GELU       out = y, aux4 = gelu(y)        c_fc forward: pre-activation and activation at once
 //   EPILOGUE 2 RESIDUAL   out = y + aux4                 c_proj forward: the residual stream written directly
 //   EPILOGUE 3 GELU_GRAD  out = y * gelu'(aux4)          mlp c_proj dinp (nt) times gelu' of the pre-activation
-// gelu and gelu' are elementwise.wgsl's tanh formulas, copied (mm_gelu, mm_gelu_grad).
+//   EPILOGUE 4 GELU_KEEP  out = gelu'(y), aux4 = gelu(y) c_fc forward in training: the activation, and in place of
+//                                                       the pre-activation what the backward needs of it, from one tanh
+//   EPILOGUE 5 MUL        out = y * aux4                 mlp c_proj dinp (nt) times the gelu' that GELU_KEEP stored
+// gelu and gelu' are elementwise.wgsl's tanh formulas, copied (mm_gelu, mm_gelu_grad; mm_gelu_keep both at once).
 
 struct MatmulParams {
     M: u32,
@@ -70,7 +73,7 @@ override B_T: bool = false;         // B stored (N, K)
 override HAS_BIAS: bool = false;    // out += bias broadcast over rows
 override ACCUMULATE: bool = false;  // out += product (parameter gradients) instead of out = product
 override BIAS_ROW: bool = false;    // with A_T: out has a last row more, (+)= the column sums of B (see matmul_tiled)
-override EPILOGUE: u32 = 0u;        // then 0 none, 1 GELU, 2 RESIDUAL, 3 GELU_GRAD (header comment)
+override EPILOGUE: u32 = 0u;        // then 0 none, 1 GELU, 2 RESIDUAL, 3 GELU_GRAD, 4 GELU_KEEP, 5 MUL (header)
 
 // GROUPED, a conditional block (`// #if GROUPED`, kept only in the kernel compiled with that define: ops/matmul.py
 // MatmulPair; gpu.select_blocks): matmul_tiled with A_T and split-K slabs makes two weight-gradient products with
@@ -458,12 +461,29 @@ fn mm_gelu_grad(x: vec4<f32>) -> vec4<f32> {
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
 }
 
+// gelu(x) and gelu'(x) at once, the same expressions as mm_gelu's and mm_gelu_grad's with one tanh for both.
+struct GeluKeep { value: vec4<f32>, grad: vec4<f32> }
+
+fn mm_gelu_keep(x: vec4<f32>) -> GeluKeep {
+    let u = MM_GELU_SCALE * (x + 0.044715 * x * x * x);
+    let t = tanh(clamp(u, vec4(-10.0), vec4(10.0)));
+    let du = MM_GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
+    return GeluKeep(0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+}
+
 // The fused epilogue on the final value y of out4[o] (after bias and accumulation), aux = aux4[o] read beforehand
-// (RESIDUAL, GELU_GRAD): returns what out4[o] gets (GELU also writes aux4[o]). store_pre and matmul_split_sum.
+// (RESIDUAL, GELU_GRAD, MUL): returns what out4[o] gets (GELU and GELU_KEEP also write aux4[o]). store_pre and
+// matmul_split_sum.
 fn epilogue4(o: u32, y: vec4<f32>, aux: vec4<f32>) -> vec4<f32> {
     if (EPILOGUE == 1u) { aux4[o] = mm_gelu(y); }
     if (EPILOGUE == 2u) { return y + aux; }
     if (EPILOGUE == 3u) { return y * mm_gelu_grad(aux); }
+    if (EPILOGUE == 4u) {
+        let g = mm_gelu_keep(y);
+        aux4[o] = g.value;
+        return g.grad;
+    }
+    if (EPILOGUE == 5u) { return y * aux; }
     return y;
 }
 
@@ -487,7 +507,7 @@ fn out_has(m: u32, n: u32) -> bool {
     // #endif
 }
 
-// What storing out4[o] reads first: out4[o] itself (ACCUMULATE) and aux4[o] (the RESIDUAL and GELU_GRAD
+// What storing out4[o] reads first: out4[o] itself (ACCUMULATE) and aux4[o] (the RESIDUAL, GELU_GRAD and MUL
 // epilogues, SOFTMAX_DS), zeros where not read or outside out.
 struct Pre { acc: vec4<f32>, aux: vec4<f32> }
 
@@ -495,7 +515,7 @@ fn pre_read(inside: bool, o: u32) -> Pre {
     var p = Pre(vec4(0.0), vec4(0.0));
     if (inside) {
         if (ACCUMULATE) { p.acc = out4[o]; }
-        if (EPILOGUE == 2u || EPILOGUE == 3u) { p.aux = aux4[o]; }
+        if (EPILOGUE == 2u || EPILOGUE == 3u || EPILOGUE == 5u) { p.aux = aux4[o]; }
         // #if SOFTMAX_DS
         p.aux = aux4[o];
         // #endif
@@ -920,7 +940,7 @@ fn matmul_split_sum(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) n
     // #else
     if (ACCUMULATE) { prev = out4[i]; }
     // #endif
-    if (EPILOGUE == 2u || EPILOGUE == 3u) { aux = aux4[i]; }
+    if (EPILOGUE == 2u || EPILOGUE == 3u || EPILOGUE == 5u) { aux = aux4[i]; }
     for (var z = 1u; z < n_slices; z += 8u) {
         let x0 = split4[z * n4 + j];
         let x1 = split4[min(z + 1u, last) * n4 + j];

@@ -115,8 +115,9 @@ def test_probe_epilogues_times_each_form_and_frees_the_arithmetic(monkeypatch, c
     from tabgpt.ops.matmul import FILE, Matmul
     out = run_main(pe, monkeypatch, capsys, "--quick")
     rows = [line.split(" | ")[:2] for line in out.splitlines() if line.startswith("| small")]
-    assert rows == [["| small gelu", f] for f in ("epilogue", "none", "free", "autotuned")] + \
-        [["| small gelu_grad", f] for f in ("epilogue", "none", "free", "autotuned")], rows
+    assert rows == [[f"| small {ep}", f] for ep in ("gelu", "gelu_grad", "gelu_keep")
+                    for f in ("epilogue", "none", "free", "autotuned")] + \
+        [["| small mul", f] for f in ("epilogue", "none", "autotuned")], rows
     # the free source's GELU is the identity: the activation written beside the pre-activation equals it
     base = dev.source(FILE)
     try:

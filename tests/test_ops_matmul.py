@@ -687,7 +687,8 @@ def test_sixteen_columns_per_thread_match_numpy(dev, layout, name, splits):
 # ---------------------------------------------------------------------------------------------
 # Fused epilogues (EPILOGUE, aux4): after product, bias and accumulation, in the product's stores or, with split-K,
 # in the sum of the slices. "gelu": out = y, aux = gelu(y); "residual": out = y + aux; "gelu_grad":
-# out = y * gelu'(aux). Against float64 NumPy (tanh GELU, as tests/reference.py).
+# out = y * gelu'(aux); "gelu_keep": out = gelu'(y), aux = gelu(y); "mul": out = y * aux. Against float64 NumPy
+# (tanh GELU, as tests/reference.py).
 
 GELU_SCALE = np.sqrt(2.0 / np.pi)
 # (M, N, K) per layout, no multiple of any tile edge, K long enough for 3 slices of BK = 8
@@ -724,15 +725,21 @@ def epilogue_product(dev, layout, Mm, N, K, seed, epilogue, bias=False, accumula
     got, got_aux = download(dev, out, (Mm, N)), download(dev, baux, (Mm, N))
     name = f"{layout} {epilogue} {Mm}x{N}x{K} bias={bias} accumulate={accumulate} x{mm.splits}"
     aux64 = aux.astype(np.float64)
-    if epilogue == "gelu":
-        assert_product(name + " out", got, y, scale)
-        # |gelu'| <= 1.13 carries out's error; f32 tanh adds a few ulp (as tests/test_ops_common.py allows)
+    if epilogue in ("gelu", "gelu_keep"):
+        if epilogue == "gelu":
+            assert_product(name + " out", got, y, scale)
+        else:
+            # |gelu''| <= 0.8 carries y's error; gelu' in f32 is good to about 1e-5 absolute
+            assert_product(name + " out = gelu'(y)", got, gelu_grad64(y), 0.8 * scale + 1e-5 / RTOL)
+        # |gelu'| <= 1.13 carries y's error; f32 tanh adds a few ulp (as tests/test_ops_common.py allows)
         g = gelu64(y)
-        assert_product(name + " aux = gelu(out)", got_aux, g, 1.13 * scale + (2e-6 + 1e-5 * np.abs(g)) / RTOL)
+        assert_product(name + " aux = gelu(y)", got_aux, g, 1.13 * scale + (2e-6 + 1e-5 * np.abs(g)) / RTOL)
     else:
         assert np.array_equal(got_aux, aux), f"{name}: aux was written"
         if epilogue == "residual":
             assert_product(name, got, y + aux64, scale + np.abs(aux64))
+        elif epilogue == "mul":
+            assert_product(name, got, y * aux64, scale * np.abs(aux64))
         else:
             # gelu' in f32 is good to about 1e-5 absolute (a difference of O(1) terms)
             gg = gelu_grad64(aux64)
@@ -740,7 +747,7 @@ def epilogue_product(dev, layout, Mm, N, K, seed, epilogue, bias=False, accumula
     return mm, (got, got_aux)
 
 
-EPILOGUE_CASES = [(lay, ep) for ep in ("gelu", "residual", "gelu_grad") for lay in ("nn", "nt", "tn")]
+EPILOGUE_CASES = [(lay, ep) for ep in Matmul.EPILOGUES for lay in ("nn", "nt", "tn")]
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
@@ -755,7 +762,7 @@ def test_epilogue_matches_numpy(dev, layout, epilogue, splits, bias):
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["whole-K", "split-K"])
 @pytest.mark.parametrize("layout,epilogue", [("tn", "gelu"), ("tn", "residual"), ("nn", "gelu_grad"),
-                                             ("nt", "residual")])
+                                             ("nt", "residual"), ("tn", "gelu_keep"), ("nn", "mul")])
 def test_epilogue_comes_after_bias_and_accumulation(dev, layout, epilogue, splits):
     # out = epilogue(init + product + bias): the epilogue sees the accumulated value.
     Mm, N, K = EPILOGUE_SHAPES[layout]
@@ -763,7 +770,8 @@ def test_epilogue_comes_after_bias_and_accumulation(dev, layout, epilogue, split
 
 
 @pytest.mark.parametrize("tiles", ["large", "medium", "uneven"])
-@pytest.mark.parametrize("layout,epilogue", [("nn", "gelu"), ("nn", "residual"), ("nt", "gelu_grad")])
+@pytest.mark.parametrize("layout,epilogue", [("nn", "gelu"), ("nn", "residual"), ("nt", "gelu_grad"),
+                                             ("nn", "gelu_keep"), ("nt", "mul")])
 def test_epilogue_with_other_tile_shapes(dev, layout, epilogue, tiles):
     # Every store of the thread's TM x TN block (spread groups, 8 x 8, 4 x 4) goes through the epilogue once.
     Mm, N, K = EPILOGUE_SHAPES[layout]
@@ -774,7 +782,8 @@ def test_epilogue_with_other_tile_shapes(dev, layout, epilogue, tiles):
 @pytest.mark.parametrize("splits", [1, 2], ids=["whole-K", "split-K"])
 @pytest.mark.parametrize("layout,epilogue", [("nn", "gelu"), ("nn", "residual"), ("nt", "gelu_grad"),
                                              ("nt", "gelu"), ("tn", "gelu"), ("tn", "residual"),
-                                             ("tn", "gelu_grad")])
+                                             ("tn", "gelu_grad"), ("nn", "gelu_keep"), ("tn", "gelu_keep"),
+                                             ("nt", "mul"), ("tn", "mul")])
 def test_epilogue_with_row_chunks(dev, layout, epilogue, splits):
     # nn/nt: chunks of out rows, aux chunked the same way; tn: chunks of the reduction add into out, and only the
     # last applies the epilogue (to the whole sum, bias added once by the first).
@@ -786,10 +795,12 @@ def test_epilogue_with_row_chunks(dev, layout, epilogue, splits):
 
 @pytest.mark.parametrize("splits", [1, 3], ids=["whole-K", "split-K"])
 def test_epilogues_are_bit_identical_to_the_separate_elementwise_passes(dev, splits):
-    # The copied GELU formulas and the add give exactly what the product followed by elementwise.wgsl gave.
+    # The copied GELU formulas and the add give exactly what the product followed by elementwise.wgsl gave; the
+    # multiply exactly the product times aux in f32.
     from tabgpt.ops.elementwise import Elementwise
     ew = wait(Elementwise.create(dev))
-    for layout, epilogue in (("nn", "gelu"), ("nn", "residual"), ("nt", "gelu_grad")):
+    for layout, epilogue in (("nn", "gelu"), ("nn", "residual"), ("nt", "gelu_grad"), ("nn", "gelu_keep"),
+                             ("nt", "mul")):
         Mm, N, K = EPILOGUE_SHAPES[layout]
         a, b, _, _ = operands(layout, Mm, N, K, seed=44)
         rng = np.random.default_rng(45)
@@ -810,10 +821,19 @@ def test_epilogues_are_bit_identical_to_the_separate_elementwise_passes(dev, spl
             elif epilogue == "residual":
                 plain.dispatch(seq, out=y, a=ba, b=bb, bias=bbias)
                 ew.add(seq, out=out_p, a=aux_p, b=y, n=Mm * N)
-            else:
+            elif epilogue == "gelu_grad":
                 plain.dispatch(seq, out=out_p, a=ba, b=bb, bias=bbias)
                 ew.gelu_backward_inplace(seq, dinout=out_p, inp=aux_p, n=Mm * N)
+            elif epilogue == "gelu_keep":   # aux_p = gelu(y), out_p = gelu'(y) * 1
+                plain.dispatch(seq, out=y, a=ba, b=bb, bias=bbias)
+                ew.gelu_forward(seq, out=aux_p, inp=y, n=Mm * N)
+                ew.fill(seq, out_p, 1.0, n=Mm * N)
+                ew.gelu_backward_inplace(seq, dinout=out_p, inp=y, n=Mm * N)
+            else:
+                plain.dispatch(seq, out=y, a=ba, b=bb, bias=bbias)
         run(dev, append)
+        if epilogue == "mul":
+            out_p = upload(dev, download(dev, y, (Mm, N)) * aux, "out_p")   # f32 times f32, rounded once
         for what, f, p in (("out", out_f, out_p), ("aux", aux_f, aux_p)):
             got_f, got_p = download(dev, f, (Mm, N)), download(dev, p, (Mm, N))
             differ = got_f.view(np.uint32) != got_p.view(np.uint32)
@@ -842,11 +862,27 @@ def test_epilogue_misuse_is_refused(dev):
         fc.forward(dev.sequence(), out=x, inp=y, weight=y, bias=y)
     with pytest.raises(GPUError, match="residual needs forward_epilogue='residual'"):
         fc.forward(dev.sequence(), out=x, inp=y, weight=y, bias=y, gelu_out=y, residual=y)
+    with pytest.raises(GPUError, match="gelu_out needs forward_epilogue='gelu' or 'gelu_keep'"):
+        plain_fc = wait(Conv1D.create(dev, 8, 8, 8, backward=False))
+        plain_fc.forward(dev.sequence(), out=x, inp=y, weight=y, bias=y, gelu_out=y)
+    with pytest.raises(GPUError, match="dinp_gelu_grad must be False, True or 'kept'"):
+        wait(Conv1D.create(dev, 8, 8, 8, dinp_gelu_grad="stored"))
+    kept = wait(Conv1D.create(dev, 8, 8, 8, dinp_gelu_grad="kept"))
+    computed = wait(Conv1D.create(dev, 8, 8, 8, dinp_gelu_grad=True))
+    grads = dict(dinp=x, dweight=x, dbias=x, dout=y, inp=y, weight=y)
+    with pytest.raises(GPUError, match="dinp_gelu_grad='kept': pass gelu_grad"):
+        kept.backward(dev.sequence(), **grads, gelu_pre=y)
+    with pytest.raises(GPUError, match="gelu_grad needs a Conv1D created with dinp_gelu_grad='kept'"):
+        computed.backward(dev.sequence(), **grads, gelu_pre=y, gelu_grad=y)
+    with pytest.raises(GPUError, match="gelu_pre needs a Conv1D created with dinp_gelu_grad=True"):
+        wait(Conv1D.create(dev, 8, 8, 8)).backward(dev.sequence(), **grads, gelu_pre=y)
 
 
-def test_conv1d_fused_epilogues_match_reference(dev):
+@pytest.mark.parametrize("keep", [False, True], ids=["gelu", "gelu_keep"])
+def test_conv1d_fused_epilogues_match_reference(dev, keep):
     # The MLP as the model runs it: h = c_fc(x) with gelu(h) written alongside; out = res + c_proj(gelu(h));
-    # backward: d4C = (dout @ W_proj^T) * gelu'(h) in the dinp product.
+    # backward: d4C = (dout @ W_proj^T) * gelu'(h) in the dinp product. keep (as the model trains): c_fc writes
+    # gelu'(h) in place of h, and the dinp product multiplies by it.
     rng = np.random.default_rng(46)
     x = rng.standard_normal((M, C)).astype(np.float32)
     res = rng.standard_normal((M, C)).astype(np.float32)
@@ -855,8 +891,8 @@ def test_conv1d_fused_epilogues_match_reference(dev):
     w_pr = (0.1 * rng.standard_normal((4 * C, C))).astype(np.float32)
     b_pr = rng.standard_normal(C).astype(np.float32)
     dout = rng.standard_normal((M, C)).astype(np.float32)
-    fc = wait(Conv1D.create(dev, M, C, 4 * C, forward_epilogue="gelu"))
-    pr = wait(Conv1D.create(dev, M, 4 * C, C, forward_epilogue="residual", dinp_gelu_grad=True))
+    fc = wait(Conv1D.create(dev, M, C, 4 * C, forward_epilogue="gelu_keep" if keep else "gelu"))
+    pr = wait(Conv1D.create(dev, M, 4 * C, C, forward_epilogue="residual", dinp_gelu_grad="kept" if keep else True))
     b = {k: upload(dev, v, k) for k, v in dict(x=x, res=res, w_fc=w_fc, b_fc=b_fc, w_pr=w_pr, b_pr=b_pr,
                                                 dout=dout).items()}
     for name, n in (("h", 4 * C), ("g", 4 * C), ("out", C), ("dh", 4 * C), ("dw", 4 * C * C), ("db", C)):
@@ -865,22 +901,33 @@ def test_conv1d_fused_epilogues_match_reference(dev):
         fc.forward(seq, out=b["h"], inp=b["x"], weight=b["w_fc"], bias=b["b_fc"], gelu_out=b["g"]),
         pr.forward(seq, out=b["out"], inp=b["g"], weight=b["w_pr"], bias=b["b_pr"], residual=b["res"]),
         pr.backward(seq, dinp=b["dh"], dweight=b["dw"], dbias=b["db"], dout=b["dout"], inp=b["g"],
-                    weight=b["w_pr"], gelu_pre=b["h"])))
-    h = download(dev, b["h"], (M, 4 * C))
+                    weight=b["w_pr"], **{"gelu_grad" if keep else "gelu_pre": b["h"]})))
     g = download(dev, b["g"], (M, 4 * C))
     xa, wfa, wpa, da = (np.abs(v.astype(np.float64)) for v in (x, w_fc, w_pr, dout))
     h_scale = xa @ wfa + np.abs(b_fc)
-    assert_product("c_fc out", h, reference.matmul_forward(x, w_fc, b_fc).astype(np.float64), h_scale)
-    g_ref = reference.gelu_forward(h).astype(np.float64)          # of the GPU's h: the GELU alone
-    assert_product("c_fc gelu", g, g_ref, (2e-6 + 1e-5 * np.abs(g_ref)) / RTOL)
+    h_ref = reference.matmul_forward(x, w_fc, b_fc).astype(np.float64)
+    if keep:
+        # h is not kept: gelu'(h) is, made from the same tanh as gelu(h) (|gelu''| <= 0.8, |gelu'| <= 1.13)
+        h = h_ref.astype(np.float32)
+        assert_product("c_fc gelu'", download(dev, b["h"], (M, 4 * C)), gelu_grad64(h_ref),
+                       0.8 * h_scale + 1e-5 / RTOL)
+        g_ref = gelu64(h_ref)
+        assert_product("c_fc gelu", g, g_ref, 1.13 * h_scale + (2e-6 + 1e-5 * np.abs(g_ref)) / RTOL)
+    else:
+        h = download(dev, b["h"], (M, 4 * C))
+        assert_product("c_fc out", h, h_ref, h_scale)
+        g_ref = reference.gelu_forward(h).astype(np.float64)          # of the GPU's h: the GELU alone
+        assert_product("c_fc gelu", g, g_ref, (2e-6 + 1e-5 * np.abs(g_ref)) / RTOL)
     out_ref = res.astype(np.float64) + reference.matmul_forward(g, w_pr, b_pr)
     assert_product("c_proj + residual", download(dev, b["out"], (M, C)), out_ref,
                    np.abs(g.astype(np.float64)) @ wpa + np.abs(b_pr) + np.abs(res) + 1e-7 / RTOL)
     dg, dw_ref, db_ref = reference.matmul_backward(dout, g, w_pr)
     dh_ref = reference.gelu_backward(dg, h).astype(np.float64)
     gg = np.abs(gelu_grad64(h.astype(np.float64)))
+    # keep: h is the float64 reference's rounded, gelu'(h) carries c_fc's error times |gelu''| <= 0.8
+    h_err = 0.8 * h_scale * np.abs(dg.astype(np.float64)) if keep else 0.0
     assert_product("dinp * gelu'", download(dev, b["dh"], (M, 4 * C)), dh_ref,
-                   (da @ wpa.T) * gg + np.abs(dg.astype(np.float64)) * 1e-5 / RTOL + 1e-7 / RTOL)
+                   (da @ wpa.T) * gg + np.abs(dg.astype(np.float64)) * 1e-5 / RTOL + 1e-7 / RTOL + h_err)
     assert_product("dweight", download(dev, b["dw"], (4 * C, C)), dw_ref.astype(np.float64),
                    np.abs(g.astype(np.float64)).T @ da)
     assert_product("dbias", download(dev, b["db"], (C,)), db_ref.astype(np.float64), da.sum(0))

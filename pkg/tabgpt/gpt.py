@@ -16,11 +16,14 @@ dispatch may not read and write the same buffer, so activations cannot share one
     idx, targets (N,) u32; encoded (N, C) = wte[idx] + wpe
     per layer l: ln1 (N, C), ln1_mean/ln1_rstd (N,), qkv (N, 3C), atty (N, C), lse (B, NH, T),
                  res2 (N, C) = residual after attention, ln2 (N, C), ln2_mean/ln2_rstd (N,),
-                 fch (N, 4C) before GELU, fch_gelu (N, 4C), res3 (N, C) = residual after the MLP (layer l+1's input)
+                 fch (N, 4C): GELU' of the pre-activation in training (what the backward needs of it), the
+                 pre-activation itself in a forward-only model; fch_gelu (N, 4C) the activation;
+                 res3 (N, C) = residual after the MLP (layer l+1's input)
     lnf (N, C), lnf_mean/lnf_rstd (N,), logits (N, Vp) (overwritten by dlogits in the backward), losses (N,)
     scratch for the backward: dres (N, C) (the residual stream's gradient), dC (N, C), d3C (N, 3C), d4C (N, 4C)
-The products fuse their elementwise neighbours (ops.matmul epilogues): c_fc writes fch and fch_gelu at once, the
-c_proj products add the residual and write res2 / res3 directly, and mlp c_proj's dinp multiplies by gelu'(fch).
+The products fuse their elementwise neighbours (ops.matmul epilogues): c_fc writes fch and fch_gelu at once (from
+one tanh), the c_proj products add the residual and write res2 / res3 directly, and mlp c_proj's dinp multiplies by
+fch (GELU' made in the forward, where the tanh it needs was made anyway: none in the backward).
 
 Sequences replayed by the training loop (see tabgpt.train):
     zero_grad     grads = 0, loss = 0                            once per optimizer step
@@ -194,9 +197,10 @@ class Ops:
         fb = C % 8 == 0
         self.c_attn = await conv1d(dev, N, C, 3 * C, backward, fuse_bias_grad=fb)
         self.attn_proj = await conv1d(dev, N, C, C, backward, forward_epilogue="residual", fuse_bias_grad=fb)
-        self.c_fc = await conv1d(dev, N, C, 4 * C, backward, forward_epilogue="gelu", fuse_bias_grad=fb)
-        self.mlp_proj = await conv1d(dev, N, 4 * C, C, backward, forward_epilogue="residual", dinp_gelu_grad=True,
-                                     fuse_bias_grad=fb)
+        self.c_fc = await conv1d(dev, N, C, 4 * C, backward, forward_epilogue="gelu_keep" if backward else "gelu",
+                                 fuse_bias_grad=fb)
+        self.mlp_proj = await conv1d(dev, N, 4 * C, C, backward, forward_epilogue="residual",
+                                     dinp_gelu_grad="kept" if backward else False, fuse_bias_grad=fb)
         # the weight gradients of the MLP's two products in one dispatch, and of attention's two in another (the
         # products of a layer's backward that have their operands at the same time): MatmulPair
         self.mlp_pair = self.attn_pair = None
@@ -268,11 +272,12 @@ def backward(seq: Sequence, o: Ops, a: Activations, p: dict, g: dict, cfg: Confi
     for l in reversed(range(cfg.n_layer)):
         h = f"transformer.h.{l}."
         x = a.encoded if l == 0 else a.res3[l - 1]
-        # a.dres is the gradient of res3: back through the MLP (d4C: the gradient of fch, through the GELU)
+        # a.dres is the gradient of res3: back through the MLP (d4C: the gradient of the pre-activation, through
+        # the GELU: times its derivative, which the forward kept in fch)
         mp, fc, ap, ca = (h + n for n in ("mlp.c_proj.", "mlp.c_fc.", "attn.c_proj.", "attn.c_attn."))
         paired = o.mlp_pair is not None
         o.mlp_proj.backward(seq, dinp=a.d4C, dweight=g[mp + "weight"], dbias=g[mp + "bias"], dout=a.dres,
-                            inp=a.fch_gelu[l], weight=p[mp + "weight"], gelu_pre=a.fch[l], weight_grad=not paired)
+                            inp=a.fch_gelu[l], weight=p[mp + "weight"], gelu_grad=a.fch[l], weight_grad=not paired)
         o.c_fc.backward(seq, dinp=a.dC, dweight=g[fc + "weight"], dbias=g[fc + "bias"], dout=a.d4C, inp=a.ln2[l],
                         weight=p[fc + "weight"], weight_grad=not paired)
         if paired:        # both weight gradients, before ln_2's backward adds into a.dres

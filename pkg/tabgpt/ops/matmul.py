@@ -11,8 +11,9 @@
 The backwards WRITE the input gradient (dinp, dx: the next op's layernorm backward adds it into the residual
 stream) and ACCUMULATE the parameter gradients (dweight, dbias, dwte: grad += ..., so that micro-batches add up;
 zero them once per optimizer step). Epilogues fuse the model's elementwise neighbours into the products: GELU after
-c_fc (forward_epilogue="gelu": pre-activation and activation written at once), the residual add after c_proj
-(forward_epilogue="residual"), and the GELU's backward into mlp c_proj's dinp (dinp_gelu_grad=True).
+c_fc (forward_epilogue="gelu": pre-activation and activation written at once; in training "gelu_keep": the
+activation and GELU' of the pre-activation), the residual add after c_proj (forward_epilogue="residual"), and the
+GELU's backward into mlp c_proj's dinp (dinp_gelu_grad="kept": times that GELU'; True: GELU' made there).
 
 Both build on Matmul, one product of fixed shape and layout: out (M, N) [+]= op(A) (M, K) @ op(B) (K, N) [+ bias],
 layout "nn", "nt" (B stored (N, K)) or "tn" (A stored (K, M)). Two kernels compute it: "tiled" (register-blocked,
@@ -507,10 +508,13 @@ class Matmul:
     layout "nn": A (M, K), B (K, N); "nt": A (M, K), B (N, K); "tn": A (K, M), B (K, N). All f32, row-major.
     accumulate=True adds into out (out += ...); otherwise out is written.
     epilogue (tiled kernel only), applied last to y, the final value of out, with aux (M, N) laid out as out:
-    "gelu": out = y and aux = gelu(y); "residual": out = y + aux; "gelu_grad": out = y * gelu'(aux) (tanh GELU).
+    "gelu": out = y and aux = gelu(y); "residual": out = y + aux; "gelu_grad": out = y * gelu'(aux) (tanh GELU);
+    "gelu_keep": out = gelu'(y) and aux = gelu(y) (one tanh for both: a training forward keeps, in place of the
+    pre-activation, what the backward needs of it); "mul": out = y * aux (times the gelu' that "gelu_keep" kept).
     """
 
-    EPILOGUES = {"gelu": 1, "residual": 2, "gelu_grad": 3}   # override EPILOGUE of matmul.wgsl
+    # override EPILOGUE of matmul.wgsl
+    EPILOGUES = {"gelu": 1, "residual": 2, "gelu_grad": 3, "gelu_keep": 4, "mul": 5}
 
     def __init__(self, dev, M, N, K, layout, bias, variant, tiles, splits, kernels, chunks, no_bias, scratch,
                  epilogue=None, no_aux=None, bias_row=False):
@@ -521,7 +525,7 @@ class Matmul:
         self.chunks = chunks      # [(start row, rows, params uniform, product grid, sum grid)]
         self.no_bias = no_bias    # bound in place of the bias when there is none (never read)
         self.scratch = scratch    # (splits, rows, N) f32 partial products, or None
-        self.epilogue = epilogue  # None, "gelu", "residual" or "gelu_grad"
+        self.epilogue = epilogue  # None or a key of EPILOGUES
         self.no_aux = no_aux      # bound in place of aux without an epilogue (never read)
         self.bias_row = bias_row  # out has a last row more: the column sums of B (a Conv1D's bias gradient)
         self.out_rows = M + 1 if bias_row else M
@@ -534,8 +538,8 @@ class Matmul:
         """variant None picks "tiled" where every stored row length is a multiple of 4, else "simple".
         splits: the tiled kernel cuts the reduction into this many slices run side by side (more workgroups when
         out is small), then sums them in order; None picks it per adapter and shape. max_binding (bytes) caps the
-        bytes bound per operand below the device limit (tests use it to force row chunks). epilogue: None,
-        "gelu", "residual" or "gelu_grad" (see the class docstring; dispatch then takes aux).
+        bytes bound per operand below the device limit (tests use it to force row chunks). epilogue: None or a
+        key of EPILOGUES (see the class docstring; dispatch then takes aux).
         bias_row (layout tn, the weight gradient): out has M + 1 rows and the last one (+)= the column sums of B
         (summed from the staged tiles by the first block row's workgroups): a Conv1D's bias gradient in the same
         pass as its weight gradient, where the bias lies right after the weight (out then binds both)."""
@@ -949,10 +953,14 @@ class Conv1D:
     """Hugging Face GPT-2's Conv1D: out (M, N) = inp (M, K) @ weight (K, N) + bias (N,), weight stored (in, out).
 
     Fused epilogues (the model's elementwise neighbours, in the products' stores):
-      forward_epilogue "gelu":      forward also writes gelu_out = gelu(out)          (mlp c_fc)
+      forward_epilogue "gelu":      forward also writes gelu_out = gelu(out)          (mlp c_fc, forward only)
+      forward_epilogue "gelu_keep": gelu_out = gelu(y) and out = gelu'(y), y = inp @ weight + bias (mlp c_fc in
+                                    training: what the backward needs of the pre-activation, from the same tanh)
       forward_epilogue "residual":  out = residual + inp @ weight + bias              (attn and mlp c_proj)
-      dinp_gelu_grad:               dinp = (dout @ weight^T) * gelu'(gelu_pre)         (mlp c_proj: the gradient of
+      dinp_gelu_grad True:          dinp = (dout @ weight^T) * gelu'(gelu_pre)         (mlp c_proj: the gradient of
                                     the c_fc output, through the GELU of its pre-activation gelu_pre)
+      dinp_gelu_grad "kept":        dinp = (dout @ weight^T) * gelu_grad               (the same, with gelu_grad the
+                                    out of a "gelu_keep" c_fc: no tanh in the backward)
     backward=False: the forward product only. fuse_bias_grad (with a bias): the bias gradient comes out of the
     weight-gradient product (Matmul bias_row), which then needs dbias stored right after dweight in one buffer
     (as the model's gradients are), instead of two passes of its own over dout."""
@@ -962,16 +970,20 @@ class Conv1D:
 
     @classmethod
     async def create(cls, dev: Device, M: int, K: int, N: int, bias: bool = True, variant: str | None = None,
-                     tiles: dict | None = None, forward_epilogue: str | None = None, dinp_gelu_grad: bool = False,
+                     tiles: dict | None = None, forward_epilogue: str | None = None,
+                     dinp_gelu_grad: bool | str = False,
                      backward: bool = True, fuse_bias_grad: bool = False) -> "Conv1D":
-        if forward_epilogue not in (None, "gelu", "residual"):
-            raise GPUError(f"forward_epilogue must be None, 'gelu' or 'residual', got {forward_epilogue!r}")
+        if forward_epilogue not in (None, "gelu", "gelu_keep", "residual"):
+            raise GPUError(f"forward_epilogue must be None, 'gelu', 'gelu_keep' or 'residual', "
+                           f"got {forward_epilogue!r}")
+        if dinp_gelu_grad not in (False, True, "kept"):
+            raise GPUError(f"dinp_gelu_grad must be False, True or 'kept', got {dinp_gelu_grad!r}")
         fwd = await Matmul.create(dev, M, N, K, "nn", bias=bias, variant=variant, tiles=tiles,
                                   epilogue=forward_epilogue)
         if not backward:
             return cls(fwd, None, None, None)
         dinp = await Matmul.create(dev, M, K, N, "nt", variant=variant, tiles=tiles,
-                                   epilogue="gelu_grad" if dinp_gelu_grad else None)
+                                   epilogue={False: None, True: "gelu_grad", "kept": "mul"}[dinp_gelu_grad])
         fuse = fuse_bias_grad and bias and fwd.variant == "tiled"
         dweight = await Matmul.create(dev, K, N, M, "tn", accumulate=True, variant=variant, tiles=tiles,
                                       bias_row=fuse)
@@ -980,26 +992,34 @@ class Conv1D:
 
     def forward(self, seq: Sequence, out, inp, weight, bias=None, gelu_out=None, residual=None):
         """out (M, N) = [residual (M, N) +] inp (M, K) @ weight (K, N) + bias (N,): written; with the "gelu"
-        epilogue also gelu_out (M, N) = gelu(out). residual and gelu_out: buffers other than out."""
+        epilogue also gelu_out (M, N) = gelu(out); with "gelu_keep" gelu_out = gelu(y) and out = gelu'(y) for
+        y = inp @ weight + bias. residual and gelu_out: buffers other than out."""
         ep = self.fwd.epilogue
-        for name, x, want in (("gelu_out", gelu_out, "gelu"), ("residual", residual, "residual")):
-            if (x is None) != (ep != want):
+        gelu = ep in ("gelu", "gelu_keep")
+        for name, x, want, wanted in (("gelu_out", gelu_out, gelu, "'gelu' or 'gelu_keep'"),
+                                      ("residual", residual, ep == "residual", "'residual'")):
+            if (x is None) == want:
                 raise GPUError(f"Conv1D forward with forward_epilogue={ep!r}: "
-                               + (f"pass {name}" if x is None else f"{name} needs forward_epilogue={want!r}"))
-        self.fwd.dispatch(seq, out=out, a=inp, b=weight, bias=bias, aux=gelu_out if ep == "gelu" else residual)
+                               + (f"pass {name}" if x is None else f"{name} needs forward_epilogue={wanted}"))
+        self.fwd.dispatch(seq, out=out, a=inp, b=weight, bias=bias, aux=gelu_out if gelu else residual)
 
     def backward(self, seq: Sequence, dinp, dweight, dout, inp, weight, dbias=None, gelu_pre=None,
-                 weight_grad: bool = True):
-        """dinp (M, K) = dout @ weight^T (WRITTEN; with dinp_gelu_grad times gelu'(gelu_pre (M, K)));
-        dweight (K, N) += inp^T @ dout; dbias (N,) += sum of dout rows. weight_grad=False: dinp only (the
-        weight and bias gradients are made elsewhere, e.g. by a MatmulPair with another Conv1D's)."""
+                 gelu_grad=None, weight_grad: bool = True):
+        """dinp (M, K) = dout @ weight^T (WRITTEN; with dinp_gelu_grad=True times gelu'(gelu_pre (M, K)), with
+        "kept" times gelu_grad (M, K)); dweight (K, N) += inp^T @ dout; dbias (N,) += sum of dout rows.
+        weight_grad=False: dinp only (the weight and bias gradients are made elsewhere, e.g. by a MatmulPair with
+        another Conv1D's)."""
         if self.dinp is None:
             raise GPUError("this Conv1D was created with backward=False")
-        fused = self.dinp.epilogue == "gelu_grad"
-        if (gelu_pre is None) == fused:
-            raise GPUError("Conv1D with dinp_gelu_grad: pass gelu_pre" if fused else
-                           "gelu_pre needs a Conv1D created with dinp_gelu_grad=True")
-        self.dinp.dispatch(seq, out=dinp, a=dout, b=weight, aux=gelu_pre)
+        given = {"gelu_pre": gelu_pre, "gelu_grad": gelu_grad}
+        form = {"gelu_pre": "True", "gelu_grad": "'kept'"}                  # what each is passed with
+        want = {"gelu_grad": "gelu_pre", "mul": "gelu_grad"}.get(self.dinp.epilogue)
+        if want and given[want] is None:
+            raise GPUError(f"Conv1D with dinp_gelu_grad={form[want]}: pass {want}")
+        for name, x in given.items():
+            if x is not None and name != want:
+                raise GPUError(f"{name} needs a Conv1D created with dinp_gelu_grad={form[name]}")
+        self.dinp.dispatch(seq, out=dinp, a=dout, b=weight, aux=gelu_pre if gelu_grad is None else gelu_grad)
         if not weight_grad:
             return
         if self.dweight.bias_row:
