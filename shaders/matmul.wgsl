@@ -449,19 +449,8 @@ fn outer4(acc: vec4<f32>, x: f32, y: vec4<f32>) -> vec4<f32> {
 // GELU, tanh form, and its derivative: elementwise.wgsl's gelu and gelu_grad, the same expressions.
 const MM_GELU_SCALE: f32 = 0.7978845608028654;   // sqrt(2 / pi)
 
-fn mm_gelu(x: vec4<f32>) -> vec4<f32> {
-    let u = MM_GELU_SCALE * (x + 0.044715 * x * x * x);
-    return 0.5 * x * (1.0 + tanh(clamp(u, vec4(-10.0), vec4(10.0))));
-}
-
-fn mm_gelu_grad(x: vec4<f32>) -> vec4<f32> {
-    let u = MM_GELU_SCALE * (x + 0.044715 * x * x * x);
-    let t = tanh(clamp(u, vec4(-10.0), vec4(10.0)));
-    let du = MM_GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
-}
-
-// gelu(x) and gelu'(x) at once, the same expressions as mm_gelu's and mm_gelu_grad's with one tanh for both.
+// gelu(x) and gelu'(x) at once, from one tanh (GELU_KEEP); mm_gelu and mm_gelu_grad take one of them (the
+// compiler drops the other's arithmetic).
 struct GeluKeep { value: vec4<f32>, grad: vec4<f32> }
 
 fn mm_gelu_keep(x: vec4<f32>) -> GeluKeep {
@@ -469,6 +458,14 @@ fn mm_gelu_keep(x: vec4<f32>) -> GeluKeep {
     let t = tanh(clamp(u, vec4(-10.0), vec4(10.0)));
     let du = MM_GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
     return GeluKeep(0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+}
+
+fn mm_gelu(x: vec4<f32>) -> vec4<f32> {
+    return mm_gelu_keep(x).value;
+}
+
+fn mm_gelu_grad(x: vec4<f32>) -> vec4<f32> {
+    return mm_gelu_keep(x).grad;
 }
 
 // The fused epilogue on the final value y of out4[o] (after bias and accumulation), aux = aux4[o] read beforehand
