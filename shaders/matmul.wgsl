@@ -74,6 +74,7 @@ override HAS_BIAS: bool = false;    // out += bias broadcast over rows
 override ACCUMULATE: bool = false;  // out += product (parameter gradients) instead of out = product
 override BIAS_ROW: bool = false;    // with A_T: out has a last row more, (+)= the column sums of B (see matmul_tiled)
 override EPILOGUE: u32 = 0u;        // then 0 none, 1 GELU, 2 RESIDUAL, 3 GELU_GRAD, 4 GELU_KEEP, 5 MUL (header)
+override READS_AUX: bool = EPILOGUE == 2u || EPILOGUE == 3u || EPILOGUE == 5u;   // the epilogues that read aux4
 
 // GROUPED, a conditional block (`// #if GROUPED`, kept only in the kernel compiled with that define: ops/matmul.py
 // MatmulPair; gpu.select_blocks): matmul_tiled with A_T and split-K slabs makes two weight-gradient products with
@@ -512,7 +513,7 @@ fn pre_read(inside: bool, o: u32) -> Pre {
     var p = Pre(vec4(0.0), vec4(0.0));
     if (inside) {
         if (ACCUMULATE) { p.acc = out4[o]; }
-        if (EPILOGUE == 2u || EPILOGUE == 3u || EPILOGUE == 5u) { p.aux = aux4[o]; }
+        if (READS_AUX) { p.aux = aux4[o]; }
         // #if SOFTMAX_DS
         p.aux = aux4[o];
         // #endif
@@ -937,7 +938,7 @@ fn matmul_split_sum(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) n
     // #else
     if (ACCUMULATE) { prev = out4[i]; }
     // #endif
-    if (EPILOGUE == 2u || EPILOGUE == 3u || EPILOGUE == 5u) { aux = aux4[i]; }
+    if (READS_AUX) { aux = aux4[i]; }
     for (var z = 1u; z < n_slices; z += 8u) {
         let x0 = split4[z * n4 + j];
         let x1 = split4[min(z + 1u, last) * n4 + j];

@@ -965,6 +965,9 @@ class Conv1D:
     weight-gradient product (Matmul bias_row), which then needs dbias stored right after dweight in one buffer
     (as the model's gradients are), instead of two passes of its own over dout."""
 
+    # dinp_gelu_grad's values other than False: (the dinp product's epilogue, the backward argument it multiplies by)
+    DINP_GELU = {True: ("gelu_grad", "gelu_pre"), "kept": ("mul", "gelu_grad")}
+
     def __init__(self, fwd, dinp, dweight, dbias):
         self.fwd, self.dinp, self.dweight, self.dbias = fwd, dinp, dweight, dbias
 
@@ -976,14 +979,14 @@ class Conv1D:
         if forward_epilogue not in (None, "gelu", "gelu_keep", "residual"):
             raise GPUError(f"forward_epilogue must be None, 'gelu', 'gelu_keep' or 'residual', "
                            f"got {forward_epilogue!r}")
-        if dinp_gelu_grad not in (False, True, "kept"):
+        if dinp_gelu_grad not in (False, *cls.DINP_GELU):
             raise GPUError(f"dinp_gelu_grad must be False, True or 'kept', got {dinp_gelu_grad!r}")
         fwd = await Matmul.create(dev, M, N, K, "nn", bias=bias, variant=variant, tiles=tiles,
                                   epilogue=forward_epilogue)
         if not backward:
             return cls(fwd, None, None, None)
         dinp = await Matmul.create(dev, M, K, N, "nt", variant=variant, tiles=tiles,
-                                   epilogue={False: None, True: "gelu_grad", "kept": "mul"}[dinp_gelu_grad])
+                                   epilogue=cls.DINP_GELU[dinp_gelu_grad][0] if dinp_gelu_grad else None)
         fuse = fuse_bias_grad and bias and fwd.variant == "tiled"
         dweight = await Matmul.create(dev, K, N, M, "tn", accumulate=True, variant=variant, tiles=tiles,
                                       bias_row=fuse)
@@ -1012,13 +1015,13 @@ class Conv1D:
         if self.dinp is None:
             raise GPUError("this Conv1D was created with backward=False")
         given = {"gelu_pre": gelu_pre, "gelu_grad": gelu_grad}
-        form = {"gelu_pre": "True", "gelu_grad": "'kept'"}                  # what each is passed with
-        want = {"gelu_grad": "gelu_pre", "mul": "gelu_grad"}.get(self.dinp.epilogue)
+        form = {arg: value for value, (_, arg) in self.DINP_GELU.items()}     # the dinp_gelu_grad each is passed with
+        want = next((arg for ep, arg in self.DINP_GELU.values() if ep == self.dinp.epilogue), None)
         if want and given[want] is None:
-            raise GPUError(f"Conv1D with dinp_gelu_grad={form[want]}: pass {want}")
+            raise GPUError(f"Conv1D with dinp_gelu_grad={form[want]!r}: pass {want}")
         for name, x in given.items():
             if x is not None and name != want:
-                raise GPUError(f"{name} needs a Conv1D created with dinp_gelu_grad={form[name]}")
+                raise GPUError(f"{name} needs a Conv1D created with dinp_gelu_grad={form[name]!r}")
         self.dinp.dispatch(seq, out=dinp, a=dout, b=weight, aux=gelu_pre if gelu_grad is None else gelu_grad)
         if not weight_grad:
             return
